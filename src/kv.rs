@@ -1,0 +1,380 @@
+//! The KV abstraction: one paged cache layout and one CSR page table for every kernel.
+//!
+//! A cache holds `num_pages` pages of `page_size` token slots. Keys and values either share one
+//! buffer (`[num_pages, 2, page_size, kv_heads, head_dim]` in NHD, or
+//! `[num_pages, 2, kv_heads, page_size, head_dim]` in HND) or live in two buffers of the same
+//! layout without the `2` (needed when the key and value head dims differ, e.g. 192/128). A
+//! request owns the pages `indices[indptr[b]..indptr[b+1]]`, in order; its last page holds
+//! `last_page_len[b]` tokens. Queries are ragged: request `b` owns query tokens
+//! `qo_indptr[b]..qo_indptr[b+1]`, and its query `i` sits at position `kv_len - q_len + i`.
+//!
+//! **Invariant:** nothing reaches a kernel or the reference before [`validate`] accepted it.
+
+use half::{bf16, f16};
+
+/// Token-major (`[page, slot, head, dim]`) or head-major (`[page, head, slot, dim]`) pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvLayout {
+    Nhd,
+    Hnd,
+}
+
+impl KvLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvLayout::Nhd => "nhd",
+            KvLayout::Hnd => "hnd",
+        }
+    }
+}
+
+impl std::str::FromStr for KvLayout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "nhd" => Ok(KvLayout::Nhd),
+            "hnd" => Ok(KvLayout::Hnd),
+            _ => Err(format!("unknown KV layout `{s}` (expected nhd or hnd)")),
+        }
+    }
+}
+
+/// Element types of queries, keys, values and outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+            DType::F32 => "f32",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            _ => 2,
+        }
+    }
+
+    /// The C++ type the kernels use.
+    pub fn cuda_type(self) -> &'static str {
+        match self {
+            DType::F16 => "__half",
+            DType::Bf16 => "__nv_bfloat16",
+            DType::F32 => "float",
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" | "fp16" | "half" => Ok(DType::F16),
+            "bf16" => Ok(DType::Bf16),
+            "f32" | "fp32" => Ok(DType::F32),
+            _ => Err(format!("unknown dtype `{s}` (expected f16 or bf16)")),
+        }
+    }
+}
+
+/// A storage element: `f16`, `bf16` or `f32`.
+pub trait Element: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
+    const DTYPE: DType;
+    fn to_f64(self) -> f64;
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f64(self) -> f64 {
+        f64::from(self.to_f32())
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::Bf16;
+    fn to_f64(self) -> f64 {
+        f64::from(self.to_f32())
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+/// The geometry of a paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KvShape {
+    pub layout: KvLayout,
+    /// Keys and values share one buffer, `[num_pages, 2, …]`; needs `head_dim_qk == head_dim_vo`.
+    pub interleaved: bool,
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub kv_heads: usize,
+    pub head_dim_qk: usize,
+    pub head_dim_vo: usize,
+}
+
+impl KvShape {
+    fn page_elems(&self, dim: usize) -> usize {
+        self.page_size * self.kv_heads * dim
+    }
+
+    /// Elements between consecutive pages in the K (or V) buffer.
+    pub fn page_stride(&self, dim: usize) -> usize {
+        if self.interleaved {
+            2 * self.page_elems(dim)
+        } else {
+            self.page_elems(dim)
+        }
+    }
+
+    /// `(slot stride, head stride)` inside a page, in elements.
+    pub fn strides(&self, dim: usize) -> (usize, usize) {
+        match self.layout {
+            KvLayout::Nhd => (self.kv_heads * dim, dim),
+            KvLayout::Hnd => (dim, self.page_size * dim),
+        }
+    }
+
+    /// Offset of V inside the buffer when interleaved (0 for a separate V buffer).
+    pub fn v_base(&self) -> usize {
+        if self.interleaved {
+            self.page_elems(self.head_dim_vo)
+        } else {
+            0
+        }
+    }
+
+    /// Required length of the K buffer (the whole shared buffer when interleaved).
+    pub fn k_len(&self) -> usize {
+        self.num_pages * self.page_stride(self.head_dim_qk)
+    }
+
+    /// Required length of the V buffer (the whole shared buffer when interleaved).
+    pub fn v_len(&self) -> usize {
+        self.num_pages * self.page_stride(self.head_dim_vo)
+    }
+
+    /// Start of the key vector of (`page`, `slot`, `head`) in the K buffer.
+    pub fn k_index(&self, page: usize, slot: usize, head: usize) -> usize {
+        let (s, h) = self.strides(self.head_dim_qk);
+        page * self.page_stride(self.head_dim_qk) + slot * s + head * h
+    }
+
+    /// Start of the value vector of (`page`, `slot`, `head`) in the V buffer.
+    pub fn v_index(&self, page: usize, slot: usize, head: usize) -> usize {
+        let (s, h) = self.strides(self.head_dim_vo);
+        self.v_base() + page * self.page_stride(self.head_dim_vo) + slot * s + head * h
+    }
+}
+
+/// A CSR page table: request `b` owns pages `indices[indptr[b]..indptr[b+1]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PageTable {
+    pub indptr: Vec<i32>,
+    pub indices: Vec<i32>,
+    pub last_page_len: Vec<i32>,
+}
+
+impl PageTable {
+    pub fn batch_size(&self) -> usize {
+        self.indptr.len().saturating_sub(1)
+    }
+
+    /// Pages of request `b` (valid only after validation).
+    pub fn pages(&self, b: usize) -> &[i32] {
+        &self.indices[self.indptr[b] as usize..self.indptr[b + 1] as usize]
+    }
+
+    /// Tokens of request `b` (valid only after validation).
+    pub fn kv_len(&self, b: usize, page_size: usize) -> usize {
+        let n = self.pages(b).len();
+        if n == 0 {
+            0
+        } else {
+            (n - 1) * page_size + self.last_page_len[b] as usize
+        }
+    }
+
+    /// Builds the table for requests of the given lengths, taking pages in the order `pages`
+    /// yields them (pass a permutation to scatter requests over the cache).
+    pub fn from_lens(lens: &[usize], page_size: usize, pages: &mut impl Iterator<Item = usize>) -> PageTable {
+        let mut t = PageTable { indptr: vec![0], ..Default::default() };
+        for &len in lens {
+            let n = len.div_ceil(page_size);
+            t.indices.extend(pages.by_ref().take(n).map(|p| p as i32));
+            t.indptr.push(t.indices.len() as i32);
+            t.last_page_len.push(if n == 0 { 0 } else { (len - (n - 1) * page_size) as i32 });
+        }
+        t
+    }
+}
+
+/// Why a batch description was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayoutError {
+    #[error("{what} is empty; it needs batch_size + 1 entries, starting with 0")]
+    EmptyIndptr { what: &'static str },
+    #[error("{what}[0] is {first}; it must be 0")]
+    IndptrStart { what: &'static str, first: i32 },
+    #[error("{what} is not monotone: {what}[{at}] = {next} < {what}[{}] = {prev}", at - 1)]
+    NonMonotone { what: &'static str, at: usize, prev: i32, next: i32 },
+    #[error("{what} ends at {last}, but {len} entries were given")]
+    IndptrEnd { what: &'static str, last: i32, len: usize },
+    #[error("request {req}: page index {index} (at indices[{pos}]) is outside 0..{num_pages}")]
+    PageIndex { req: usize, pos: usize, index: i32, num_pages: usize },
+    #[error("request {req}: last_page_len is {value}; {}", if *empty { "a request with no pages must have 0".to_string() } else { format!("it must be in 1..={page_size}") })]
+    LastPageLen { req: usize, value: i32, page_size: usize, empty: bool },
+    #[error("{what}: expected {expected}, got {got}")]
+    Mismatch { what: &'static str, expected: usize, got: usize },
+    #[error("qo_heads ({qo_heads}) is not a multiple of kv_heads ({kv_heads})")]
+    HeadsNotDivisible { qo_heads: usize, kv_heads: usize },
+    #[error("{what} must be at least 1")]
+    Zero { what: &'static str },
+    #[error("an interleaved K/V buffer needs equal head dims, got qk {qk} and vo {vo}; use separate K and V buffers")]
+    InterleavedDims { qk: usize, vo: usize },
+}
+
+/// A batch of attention problems: ragged queries over one paged cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub qo_indptr: &'a [i32],
+    pub pages: &'a PageTable,
+    pub kv: KvShape,
+    pub qo_heads: usize,
+}
+
+impl Batch<'_> {
+    pub fn batch_size(&self) -> usize {
+        self.pages.batch_size()
+    }
+
+    pub fn total_q(&self) -> usize {
+        self.qo_indptr.last().map_or(0, |&x| x as usize)
+    }
+
+    pub fn q_len(&self, b: usize) -> usize {
+        (self.qo_indptr[b + 1] - self.qo_indptr[b]) as usize
+    }
+
+    pub fn kv_len(&self, b: usize) -> usize {
+        self.pages.kv_len(b, self.kv.page_size)
+    }
+
+    pub fn group(&self) -> usize {
+        self.qo_heads / self.kv.kv_heads
+    }
+
+    /// Elements of the query buffer `[total_q, qo_heads, head_dim_qk]`.
+    pub fn q_elems(&self) -> usize {
+        self.total_q() * self.qo_heads * self.kv.head_dim_qk
+    }
+
+    /// Elements of the output buffer `[total_q, qo_heads, head_dim_vo]`.
+    pub fn o_elems(&self) -> usize {
+        self.total_q() * self.qo_heads * self.kv.head_dim_vo
+    }
+
+    /// Checks every index and size; see [`validate`].
+    pub fn validate(&self, q_len: usize, k_len: usize, v_len: usize) -> Result<(), LayoutError> {
+        validate(self, q_len, k_len, v_len)
+    }
+}
+
+fn check_indptr(what: &'static str, indptr: &[i32], len: usize) -> Result<(), LayoutError> {
+    let first = *indptr.first().ok_or(LayoutError::EmptyIndptr { what })?;
+    if first != 0 {
+        return Err(LayoutError::IndptrStart { what, first });
+    }
+    for (at, w) in indptr.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(LayoutError::NonMonotone { what, at: at + 1, prev: w[0], next: w[1] });
+        }
+    }
+    let last = *indptr.last().unwrap_or(&0);
+    if last as usize != len {
+        return Err(LayoutError::IndptrEnd { what, last, len });
+    }
+    Ok(())
+}
+
+/// Validates a batch against its buffers' lengths (in elements). Every malformed table is an
+/// error here, so kernels and the reference can index without checks.
+pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Result<(), LayoutError> {
+    let kv = &b.kv;
+    for (what, v) in [
+        ("page_size", kv.page_size),
+        ("kv_heads", kv.kv_heads),
+        ("qo_heads", b.qo_heads),
+        ("head_dim_qk", kv.head_dim_qk),
+        ("head_dim_vo", kv.head_dim_vo),
+    ] {
+        if v == 0 {
+            return Err(LayoutError::Zero { what });
+        }
+    }
+    if b.qo_heads % kv.kv_heads != 0 {
+        return Err(LayoutError::HeadsNotDivisible { qo_heads: b.qo_heads, kv_heads: kv.kv_heads });
+    }
+    if kv.interleaved && kv.head_dim_qk != kv.head_dim_vo {
+        return Err(LayoutError::InterleavedDims { qk: kv.head_dim_qk, vo: kv.head_dim_vo });
+    }
+    let t = b.pages;
+    check_indptr("indptr", &t.indptr, t.indices.len())?;
+    let batch = t.batch_size();
+    if t.last_page_len.len() != batch {
+        return Err(LayoutError::Mismatch { what: "last_page_len length (batch size)", expected: batch, got: t.last_page_len.len() });
+    }
+    if b.qo_indptr.len() != batch + 1 {
+        return Err(LayoutError::Mismatch { what: "qo_indptr length (batch size + 1)", expected: batch + 1, got: b.qo_indptr.len() });
+    }
+    let total_q = b.qo_indptr.last().copied().unwrap_or(0).max(0) as usize;
+    check_indptr("qo_indptr", b.qo_indptr, total_q)?;
+    for req in 0..batch {
+        let (s, e) = (t.indptr[req] as usize, t.indptr[req + 1] as usize);
+        for pos in s..e {
+            let index = t.indices[pos];
+            if index < 0 || index as usize >= kv.num_pages {
+                return Err(LayoutError::PageIndex { req, pos, index, num_pages: kv.num_pages });
+            }
+        }
+        let value = t.last_page_len[req];
+        let empty = s == e;
+        let ok = if empty { value == 0 } else { value >= 1 && value as usize <= kv.page_size };
+        if !ok {
+            return Err(LayoutError::LastPageLen { req, value, page_size: kv.page_size, empty });
+        }
+    }
+    for (what, expected, got) in [
+        ("query buffer length [total_q, qo_heads, head_dim_qk]", b.q_elems(), q_len),
+        ("K buffer length", kv.k_len(), k_len),
+        ("V buffer length", kv.v_len(), v_len),
+    ] {
+        if expected != got {
+            return Err(LayoutError::Mismatch { what, expected, got });
+        }
+    }
+    Ok(())
+}

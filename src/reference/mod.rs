@@ -1,0 +1,160 @@
+//! The CPU reference: batch attention over the paged cache, evaluating the same [`Variant`] the
+//! kernels are rendered from.
+//!
+//! Everything runs in `f64` (hooks included), so the reference is the yardstick for the GPU at
+//! either precision. Semantics, shared with every kernel:
+//!
+//! - query `i` of request `b` sits at `q_pos = kv_len - q_len + i`;
+//! - key `kv_pos` is visible iff it lies in `kv_range` (when declared) and `mask` holds;
+//! - `softmax`: `o = Σ e^(l_j - m) v_j / (Σ e^(l_j - m) + e^(sink - m))`, `lse` = log of the
+//!   denominator (sink included), natural log;
+//! - `none`: `o = Σ l_j v_j`, `lse = 0`;
+//! - a row with no visible key gives `o = 0`, `lse = -inf`, never NaN. So does a softmax row
+//!   whose visible logits are all `-inf` and that has no sink.
+
+use rayon::prelude::*;
+
+use crate::kv::{Batch, Element};
+use crate::spec::eval::{eval, Env};
+use crate::spec::params::{Dims, ParamValues};
+use crate::spec::{HookExpr, Normalize, Variant};
+use crate::{Error, Result};
+
+/// Attention output `[total_q, qo_heads, head_dim_vo]` and LSE `[total_q, qo_heads]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnOutput {
+    pub o: Vec<f32>,
+    pub lse: Vec<f32>,
+}
+
+/// The default softmax scale, `1/sqrt(head_dim_qk)`.
+pub fn default_sm_scale(head_dim_qk: usize) -> f32 {
+    1.0 / (head_dim_qk as f32).sqrt()
+}
+
+/// Runs the reference. Validates the batch and the parameters first.
+pub fn attention<T: Element>(
+    variant: &Variant,
+    params: &ParamValues,
+    batch: &Batch<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    sm_scale: Option<f32>,
+) -> Result<AttnOutput> {
+    batch.validate(q.len(), k.len(), v.len())?;
+    let dims = Dims { qo_heads: batch.qo_heads, kv_heads: batch.kv.kv_heads, batch: batch.batch_size() };
+    params.fits(&variant.params, dims).map_err(Error::Param)?;
+    let sm_scale = f64::from(sm_scale.unwrap_or_else(|| default_sm_scale(batch.kv.head_dim_qk)));
+
+    let total_q = batch.total_q();
+    let mut token_req = vec![0usize; total_q];
+    for b in 0..batch.batch_size() {
+        for t in batch.qo_indptr[b] as usize..batch.qo_indptr[b + 1] as usize {
+            token_req[t] = b;
+        }
+    }
+    let heads = batch.qo_heads;
+    let dvo = batch.kv.head_dim_vo;
+    let mut out = AttnOutput { o: vec![0.0; total_q * heads * dvo], lse: vec![0.0; total_q * heads] };
+    let ctx = RowCtx { variant, params, batch, q, k, v, sm_scale };
+    out.o
+        .par_chunks_mut(dvo.max(1))
+        .zip(out.lse.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, (o_row, lse))| {
+            let (t, h) = (r / heads, r % heads);
+            *lse = ctx.row(token_req[t], t, h, o_row);
+        });
+    Ok(out)
+}
+
+struct RowCtx<'a, T> {
+    variant: &'a Variant,
+    params: &'a ParamValues,
+    batch: &'a Batch<'a>,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    sm_scale: f64,
+}
+
+impl<T: Element> RowCtx<'_, T> {
+    /// Computes one output row (token `t`, head `h` of request `b`) and returns its LSE.
+    fn row(&self, b: usize, t: usize, h: usize, o_row: &mut [f32]) -> f32 {
+        let batch = self.batch;
+        let kv = &batch.kv;
+        let (dqk, dvo) = (kv.head_dim_qk, kv.head_dim_vo);
+        let kv_len = batch.kv_len(b);
+        let q_len = batch.q_len(b);
+        let i = t - batch.qo_indptr[b] as usize;
+        let kv_head = h / batch.group();
+        let mut env = Env {
+            score: 0.0f64,
+            sm_scale: self.sm_scale,
+            q_pos: kv_len as i32 - q_len as i32 + i as i32,
+            kv_pos: 0,
+            qo_head: h as i32,
+            kv_head: kv_head as i32,
+            req: b as i32,
+            q_len: q_len as i32,
+            kv_len: kv_len as i32,
+            params: self.params,
+        };
+        let bound = |e: &Option<HookExpr>, env: &Env<'_, f64>, open: i64| {
+            e.as_ref().map_or(open, |h| i64::from(eval(&h.typed, env).as_i()))
+        };
+        let (lo, hi) = match &self.variant.kv_range {
+            None => (0, kv_len as i64 - 1),
+            Some(r) => (bound(&r.lo, &env, 0).max(0), bound(&r.hi, &env, i64::MAX).min(kv_len as i64 - 1)),
+        };
+        let qv: Vec<f64> = (0..dqk).map(|d| self.q[(t * batch.qo_heads + h) * dqk + d].to_f64()).collect();
+        let pages = batch.pages.pages(b);
+        let locate = |pos: usize| (pages[pos / kv.page_size] as usize, pos % kv.page_size);
+
+        let mut visible: Vec<(usize, f64)> = Vec::new();
+        for pos in lo.max(0)..=hi {
+            env.kv_pos = pos as i32;
+            if let Some(m) = &self.variant.mask {
+                if !eval(&m.typed, &env).as_b() {
+                    continue;
+                }
+            }
+            let (page, slot) = locate(pos as usize);
+            let base = kv.k_index(page, slot, kv_head);
+            env.score = (0..dqk).map(|d| qv[d] * self.k[base + d].to_f64()).sum();
+            visible.push((pos as usize, eval(&self.variant.logits.typed, &env).as_f()));
+        }
+
+        o_row.iter_mut().for_each(|x| *x = 0.0);
+        if visible.is_empty() {
+            return f32::NEG_INFINITY;
+        }
+        let sink = self.variant.sink.as_ref().map(|s| eval(&s.typed, &env).as_f());
+        let (weights, lse) = match self.variant.normalize {
+            Normalize::None => (visible.iter().map(|&(_, l)| l).collect::<Vec<_>>(), 0.0),
+            Normalize::Softmax => {
+                let m = visible.iter().map(|&(_, l)| l).fold(f64::NEG_INFINITY, f64::max);
+                let m = sink.map_or(m, |s| m.max(s));
+                if m == f64::NEG_INFINITY {
+                    return f32::NEG_INFINITY;
+                }
+                let e: Vec<f64> = visible.iter().map(|&(_, l)| (l - m).exp()).collect();
+                let denom = e.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - m).exp());
+                (e.iter().map(|x| x / denom).collect(), m + denom.ln())
+            }
+        };
+        let mut acc = vec![0.0f64; dvo];
+        for (&(pos, _), w) in visible.iter().zip(&weights) {
+            let (page, slot) = locate(pos);
+            let base = kv.v_index(page, slot, kv_head);
+            for (d, a) in acc.iter_mut().enumerate() {
+                *a += w * self.v[base + d].to_f64();
+            }
+        }
+        for (o, a) in o_row.iter_mut().zip(&acc) {
+            *o = *a as f32;
+        }
+        lse as f32
+    }
+}

@@ -1,0 +1,256 @@
+//! Runtime parameters: their declarations in a spec, and their values for one launch.
+//!
+//! Every numeric constant of a model is a parameter, so changing a value never recompiles. A
+//! declaration gives the type (`"f32"`, `"i32"`, or an array such as `"f32[qo_heads]"`), and
+//! optionally a `default`, a valid `range` and a `sample` range for random testing.
+
+use std::collections::HashMap;
+
+use super::eval::{Real, Val};
+use super::typed::{Builtin, ParamDim, ParamTy, Ty};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamDecl {
+    pub name: String,
+    pub ty: ParamTy,
+    pub description: String,
+    /// Used when a launch does not give the parameter; a scalar default fills an array.
+    pub default: Option<f64>,
+    /// Inclusive bounds every value must satisfy.
+    pub range: Option<(f64, f64)>,
+    /// Inclusive bounds for random values in tests and demos (defaults to `range`).
+    pub sample: Option<(f64, f64)>,
+}
+
+impl ParamDecl {
+    /// Bounds for random values: `sample`, else `range`, else a small default.
+    pub fn sample_bounds(&self) -> (f64, f64) {
+        self.sample.or(self.range).unwrap_or(match self.ty.elem {
+            Ty::I32 => (0.0, 64.0),
+            _ => (-1.0, 1.0),
+        })
+    }
+}
+
+/// The sizes that array parameters are indexed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub qo_heads: usize,
+    pub kv_heads: usize,
+    pub batch: usize,
+}
+
+impl Dims {
+    pub fn len(&self, d: ParamDim) -> usize {
+        match d {
+            ParamDim::QoHeads => self.qo_heads,
+            ParamDim::KvHeads => self.kv_heads,
+            ParamDim::Batch => self.batch,
+        }
+    }
+}
+
+/// A value as a user gives it: one number, or one per element.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamInput {
+    Scalar(f64),
+    List(Vec<f64>),
+}
+
+impl ParamInput {
+    /// Parses `30`, `-1.5` or `0.5,0.25,0.125`.
+    pub fn parse(text: &str) -> Result<ParamInput, String> {
+        let nums = text
+            .split(',')
+            .map(|s| {
+                s.trim().parse::<f64>().map_err(|_| format!("`{}` is not a number", s.trim()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(match nums.as_slice() {
+            [x] if !text.contains(',') => ParamInput::Scalar(*x),
+            _ => ParamInput::List(nums),
+        })
+    }
+}
+
+/// One bound parameter value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamValue {
+    I32(i32),
+    F32(f32),
+    I32s(Vec<i32>),
+    F32s(Vec<f32>),
+}
+
+/// The values of all of a variant's parameters, in declaration order, checked against the
+/// declarations (types, lengths, ranges). Only [`bind`] and [`sample`] make one.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ParamValues {
+    values: Vec<(ParamValue, Option<ParamDim>)>,
+}
+
+impl ParamValues {
+    pub fn values(&self) -> impl Iterator<Item = &ParamValue> {
+        self.values.iter().map(|(v, _)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The value of parameter `i` for the element `index` selects (arrays are indexed by
+    /// `qo_head`, `kv_head` or `req`).
+    pub fn get<F: Real>(&self, i: usize, index: impl Fn(Builtin) -> i32) -> Val<F> {
+        let Some((v, dim)) = self.values.get(i) else { return Val::I(0) };
+        let at = dim.map_or(0, |d| usize::try_from(index(d.index())).unwrap_or(usize::MAX));
+        match v {
+            ParamValue::I32(x) => Val::I(*x),
+            ParamValue::F32(x) => Val::F(F::from_f32(*x)),
+            ParamValue::I32s(xs) => Val::I(xs.get(at).copied().unwrap_or(0)),
+            ParamValue::F32s(xs) => Val::F(F::from_f32(xs.get(at).copied().unwrap_or(0.0))),
+        }
+    }
+}
+
+/// Binds user-given values to a variant's declarations. Unknown names, missing values without a
+/// default, non-integers for `i32`, wrong array lengths and out-of-range values are errors.
+pub fn bind(
+    variant: &str,
+    decls: &[ParamDecl],
+    given: &HashMap<String, ParamInput>,
+    dims: Dims,
+) -> Result<ParamValues, String> {
+    for name in given.keys() {
+        if !decls.iter().any(|d| &d.name == name) {
+            let declared: Vec<&str> = decls.iter().map(|d| d.name.as_str()).collect();
+            return Err(format!(
+                "unknown parameter `{name}`: variant `{variant}` declares {}",
+                if declared.is_empty() { "no parameters".into() } else { declared.join(", ") }
+            ));
+        }
+    }
+    let mut values = Vec::with_capacity(decls.len());
+    for d in decls {
+        let input = match (given.get(&d.name), d.default) {
+            (Some(v), _) => v.clone(),
+            (None, Some(x)) => ParamInput::Scalar(x),
+            (None, None) => {
+                return Err(format!(
+                    "missing parameter `{}` ({}) of variant `{variant}`; it has no default",
+                    d.name, d.ty
+                ))
+            }
+        };
+        let nums = match (input, d.ty.dim) {
+            (ParamInput::Scalar(x), None) => vec![x],
+            (ParamInput::Scalar(x), Some(dim)) => vec![x; dims.len(dim)],
+            (ParamInput::List(xs), Some(dim)) if xs.len() == dims.len(dim) => xs,
+            (ParamInput::List(xs), Some(dim)) => {
+                return Err(format!(
+                    "parameter `{}` has {} values, expected {} (one per {})",
+                    d.name,
+                    xs.len(),
+                    dims.len(dim),
+                    dim.index().name()
+                ))
+            }
+            (ParamInput::List(xs), None) => {
+                return Err(format!(
+                    "parameter `{}` is a scalar ({}), but {} values were given",
+                    d.name,
+                    d.ty,
+                    xs.len()
+                ))
+            }
+        };
+        for &x in &nums {
+            check_value(d, x)?;
+        }
+        values.push((to_value(d, &nums), d.ty.dim));
+    }
+    Ok(ParamValues { values })
+}
+
+fn check_value(d: &ParamDecl, x: f64) -> Result<(), String> {
+    if !x.is_finite() {
+        return Err(format!("parameter `{}` = {x} is not finite", d.name));
+    }
+    if d.ty.elem == Ty::I32 && (x.fract() != 0.0 || x < i32::MIN as f64 || x > i32::MAX as f64) {
+        return Err(format!("parameter `{}` is {}, so {x} is not allowed (not an i32)", d.name, d.ty));
+    }
+    if d.ty.elem == Ty::F32 && x.abs() > f32::MAX as f64 {
+        return Err(format!("parameter `{}` = {x} does not fit in f32", d.name));
+    }
+    if let Some((lo, hi)) = d.range {
+        if x < lo || x > hi {
+            return Err(format!(
+                "parameter `{}` = {x} is outside its declared range [{lo}, {hi}]",
+                d.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn to_value(d: &ParamDecl, nums: &[f64]) -> ParamValue {
+    match (d.ty.elem, d.ty.dim) {
+        (Ty::I32, None) => ParamValue::I32(nums[0] as i32),
+        (Ty::I32, Some(_)) => ParamValue::I32s(nums.iter().map(|&x| x as i32).collect()),
+        (_, None) => ParamValue::F32(nums[0] as f32),
+        (_, Some(_)) => ParamValue::F32s(nums.iter().map(|&x| x as f32).collect()),
+    }
+}
+
+/// Random values within each declaration's sample bounds, for tests and demos. `uniform(lo, hi)`
+/// must return a value in `[lo, hi]`.
+pub fn sample(decls: &[ParamDecl], dims: Dims, mut uniform: impl FnMut(f64, f64) -> f64) -> ParamValues {
+    let values = decls
+        .iter()
+        .map(|d| {
+            let (lo, hi) = d.sample_bounds();
+            let n = d.ty.dim.map_or(1, |dim| dims.len(dim));
+            let nums: Vec<f64> = (0..n)
+                .map(|_| {
+                    let x = uniform(lo, hi);
+                    if d.ty.elem == Ty::I32 {
+                        x.round().clamp(lo.ceil(), hi.floor())
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            (to_value(d, &nums), d.ty.dim)
+        })
+        .collect();
+    ParamValues { values }
+}
+
+impl ParamValues {
+    /// Checks that these values were bound for `decls` and arrays match `dims`, so that a value
+    /// bound for another batch or variant is an error rather than a silent wrong index.
+    pub fn fits(&self, decls: &[ParamDecl], dims: Dims) -> Result<(), String> {
+        if self.values.len() != decls.len() {
+            return Err(format!(
+                "{} parameter values given for {} declared parameters",
+                self.values.len(),
+                decls.len()
+            ));
+        }
+        for (d, (v, _)) in decls.iter().zip(&self.values) {
+            let n = match v {
+                ParamValue::I32s(xs) => xs.len(),
+                ParamValue::F32s(xs) => xs.len(),
+                _ => 1,
+            };
+            let want = d.ty.dim.map_or(1, |dim| dims.len(dim));
+            if n != want {
+                return Err(format!("parameter `{}` has {n} values, expected {want}", d.name));
+            }
+        }
+        Ok(())
+    }
+}

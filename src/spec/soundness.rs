@@ -1,0 +1,127 @@
+//! Checks that a declared `kv_range` never hides a key the `mask` admits.
+//!
+//! `kv_range` lets kernels skip whole pages, so it must contain every visible key. The check
+//! evaluates both hooks over many sampled shapes and parameter values (the same sampling the
+//! property tests use) and reports the first counterexample. It is a test, not a proof: it can
+//! miss a bound that fails only for shapes it never drew.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::eval::{eval, Env};
+use super::params::{sample, Dims};
+use super::{HookExpr, Variant};
+
+/// A query and key where the mask says visible but the range says skip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Counterexample {
+    pub q_pos: i32,
+    pub kv_pos: i32,
+    pub q_len: i32,
+    pub kv_len: i32,
+    pub req: i32,
+    pub qo_head: i32,
+    pub kv_head: i32,
+    pub lo: i64,
+    pub hi: i64,
+    pub params: String,
+}
+
+impl std::fmt::Display for Counterexample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "kv_range hides a visible key: with {}q_pos = {} (q_len {}, kv_len {}, req {}, qo_head {}, \
+             kv_head {}) the mask admits kv_pos = {} but kv_range is [{}, {}]",
+            if self.params.is_empty() { String::new() } else { format!("{}, ", self.params) },
+            self.q_pos,
+            self.q_len,
+            self.kv_len,
+            self.req,
+            self.qo_head,
+            self.kv_head,
+            self.kv_pos,
+            self.lo,
+            self.hi
+        )
+    }
+}
+
+/// Samples `trials` random shapes; returns the first counterexample found.
+pub fn check_kv_range(v: &Variant, trials: usize, seed: u64) -> Result<(), Box<Counterexample>> {
+    let Some(range) = &v.kv_range else { return Ok(()) };
+    let mut rng = StdRng::seed_from_u64(seed);
+    for _ in 0..trials {
+        let kv_heads = rng.random_range(1..=2usize);
+        let group = rng.random_range(1..=3usize);
+        let dims = Dims { qo_heads: kv_heads * group, kv_heads, batch: rng.random_range(1..=3) };
+        let params = sample(&v.params, dims, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
+        let req = rng.random_range(0..dims.batch) as i32;
+        let kv_len = rng.random_range(0..=160i32);
+        let q_len = rng.random_range(1..=kv_len.clamp(1, 48));
+        let describe = || {
+            v.params
+                .iter()
+                .zip(params.values())
+                .map(|(d, x)| format!("{} = {}", d.name, value_text(x)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for i in 0..q_len {
+            for kv_head in 0..kv_heads as i32 {
+                let mut env = Env {
+                    score: 0.0f64,
+                    sm_scale: 0.125,
+                    q_pos: kv_len - q_len + i,
+                    kv_pos: 0,
+                    qo_head: kv_head * group as i32,
+                    kv_head,
+                    req,
+                    q_len,
+                    kv_len,
+                    params: &params,
+                };
+                let bound = |h: &Option<HookExpr>, env: &Env<'_, f64>, open: i64| {
+                    h.as_ref().map_or(open, |h| i64::from(eval(&h.typed, env).as_i()))
+                };
+                let lo = bound(&range.lo, &env, i64::MIN);
+                let hi = bound(&range.hi, &env, i64::MAX);
+                for kv_pos in 0..kv_len {
+                    if (lo..=hi).contains(&i64::from(kv_pos)) {
+                        continue;
+                    }
+                    env.kv_pos = kv_pos;
+                    for g in 0..group as i32 {
+                        env.qo_head = kv_head * group as i32 + g;
+                        let visible = v.mask.as_ref().is_none_or(|m| eval(&m.typed, &env).as_b());
+                        if visible {
+                            return Err(Box::new(Counterexample {
+                                q_pos: env.q_pos,
+                                kv_pos,
+                                q_len,
+                                kv_len,
+                                req,
+                                qo_head: env.qo_head,
+                                kv_head,
+                                lo,
+                                hi,
+                                params: describe(),
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn value_text(v: &super::params::ParamValue) -> String {
+    use super::params::ParamValue::*;
+    match v {
+        I32(x) => x.to_string(),
+        F32(x) => x.to_string(),
+        I32s(xs) => format!("{xs:?}"),
+        F32s(xs) => format!("{xs:?}"),
+    }
+}

@@ -1,0 +1,567 @@
+//! The type checker: untyped [`Expr`] → typed [`TExpr`].
+//!
+//! Every implicit conversion the language allows (an `i32` meeting an `f32` in arithmetic or a
+//! comparison, an integer literal where a float is wanted) is made explicit here as a
+//! [`TKind::ToF32`] node, so the CUDA emitter and the CPU evaluator never decide a type on their
+//! own and cannot disagree about one.
+
+use super::ast::{BinOp, Expr, ExprKind, Lit, Span, UnOp};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ty {
+    Bool,
+    I32,
+    F32,
+}
+
+impl Ty {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ty::Bool => "bool",
+            Ty::I32 => "i32",
+            Ty::F32 => "f32",
+        }
+    }
+
+    fn is_numeric(self) -> bool {
+        self != Ty::Bool
+    }
+}
+
+/// Values every hook may read (subject to [`Hook::allows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Builtin {
+    Score,
+    SmScale,
+    QPos,
+    KvPos,
+    QoHead,
+    KvHead,
+    Req,
+    QLen,
+    KvLen,
+}
+
+impl Builtin {
+    pub const ALL: [Builtin; 9] = [
+        Builtin::Score,
+        Builtin::SmScale,
+        Builtin::QPos,
+        Builtin::KvPos,
+        Builtin::QoHead,
+        Builtin::KvHead,
+        Builtin::Req,
+        Builtin::QLen,
+        Builtin::KvLen,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Builtin::Score => "score",
+            Builtin::SmScale => "sm_scale",
+            Builtin::QPos => "q_pos",
+            Builtin::KvPos => "kv_pos",
+            Builtin::QoHead => "qo_head",
+            Builtin::KvHead => "kv_head",
+            Builtin::Req => "req",
+            Builtin::QLen => "q_len",
+            Builtin::KvLen => "kv_len",
+        }
+    }
+
+    pub fn ty(self) -> Ty {
+        match self {
+            Builtin::Score | Builtin::SmScale => Ty::F32,
+            _ => Ty::I32,
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Builtin> {
+        Builtin::ALL.into_iter().find(|b| b.name() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Func {
+    Tanh,
+    Exp,
+    Exp2,
+    Log,
+    Log2,
+    Sqrt,
+    Abs,
+    Min,
+    Max,
+    Floor,
+    Sigmoid,
+    Select,
+    Float,
+    Int,
+}
+
+impl Func {
+    pub const ALL: [Func; 14] = [
+        Func::Tanh,
+        Func::Exp,
+        Func::Exp2,
+        Func::Log,
+        Func::Log2,
+        Func::Sqrt,
+        Func::Abs,
+        Func::Min,
+        Func::Max,
+        Func::Floor,
+        Func::Sigmoid,
+        Func::Select,
+        Func::Float,
+        Func::Int,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Func::Tanh => "tanh",
+            Func::Exp => "exp",
+            Func::Exp2 => "exp2",
+            Func::Log => "log",
+            Func::Log2 => "log2",
+            Func::Sqrt => "sqrt",
+            Func::Abs => "abs",
+            Func::Min => "min",
+            Func::Max => "max",
+            Func::Floor => "floor",
+            Func::Sigmoid => "sigmoid",
+            Func::Select => "select",
+            Func::Float => "float",
+            Func::Int => "int",
+        }
+    }
+
+    pub fn arity(self) -> usize {
+        match self {
+            Func::Min | Func::Max => 2,
+            Func::Select => 3,
+            _ => 1,
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Func> {
+        Func::ALL.into_iter().find(|f| f.name() == s)
+    }
+}
+
+/// The hooks of a variant; each has its own result type and its own set of readable values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Logits,
+    Mask,
+    KvLo,
+    KvHi,
+    Sink,
+}
+
+impl Hook {
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Logits => "logits",
+            Hook::Mask => "mask",
+            Hook::KvLo => "kv_range.lo",
+            Hook::KvHi => "kv_range.hi",
+            Hook::Sink => "sink",
+        }
+    }
+
+    /// Whether this hook may read `b`, and if not, why.
+    pub fn allows(self, b: Builtin) -> Result<(), &'static str> {
+        use Builtin::*;
+        match (self, b) {
+            (Hook::Mask, Score) => Err("a mask depends on positions only, never on the data"),
+            (Hook::KvLo | Hook::KvHi, Score | KvPos) => {
+                Err("kv_range bounds the visible kv_pos for a query, so it cannot depend on a key")
+            }
+            (Hook::KvLo | Hook::KvHi, QoHead) => Err(
+                "the query heads of one kv head share every KV load, so kv_range may depend on \
+                 kv_head but not qo_head",
+            ),
+            (Hook::Sink, Score | KvPos) => {
+                Err("a sink is one logit per query row, so it cannot depend on a key")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn result(self) -> Ty {
+        match self {
+            Hook::Logits | Hook::Sink => Ty::F32,
+            Hook::Mask => Ty::Bool,
+            Hook::KvLo | Hook::KvHi => Ty::I32,
+        }
+    }
+}
+
+/// What a per-element parameter array is indexed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamDim {
+    QoHeads,
+    KvHeads,
+    Batch,
+}
+
+impl ParamDim {
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamDim::QoHeads => "qo_heads",
+            ParamDim::KvHeads => "kv_heads",
+            ParamDim::Batch => "batch",
+        }
+    }
+
+    /// The built-in that indexes an array of this dimension.
+    pub fn index(self) -> Builtin {
+        match self {
+            ParamDim::QoHeads => Builtin::QoHead,
+            ParamDim::KvHeads => Builtin::KvHead,
+            ParamDim::Batch => Builtin::Req,
+        }
+    }
+}
+
+/// The declared type of a runtime parameter: a scalar, or an array indexed implicitly by
+/// `qo_head`, `kv_head` or `req`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ParamTy {
+    pub elem: Ty,
+    pub dim: Option<ParamDim>,
+}
+
+impl std::fmt::Display for ParamTy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.dim {
+            None => f.write_str(self.elem.name()),
+            Some(d) => write!(f, "{}[{}]", self.elem.name(), d.name()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TExpr {
+    pub ty: Ty,
+    pub kind: TKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TKind {
+    Lit(Lit),
+    Builtin(Builtin),
+    /// Index into the variant's parameter list.
+    Param(usize),
+    Unary(UnOp, Box<TExpr>),
+    Binary(BinOp, Box<TExpr>, Box<TExpr>),
+    Call(Func, Vec<TExpr>),
+    /// An `i32` used where an `f32` is wanted.
+    ToF32(Box<TExpr>),
+}
+
+impl TExpr {
+    /// Calls `f` on every node, children first.
+    pub fn visit(&self, f: &mut dyn FnMut(&TExpr)) {
+        match &self.kind {
+            TKind::Unary(_, a) | TKind::ToF32(a) => a.visit(f),
+            TKind::Binary(_, a, b) => {
+                a.visit(f);
+                b.visit(f);
+            }
+            TKind::Call(_, args) => args.iter().for_each(|a| a.visit(f)),
+            TKind::Lit(_) | TKind::Builtin(_) | TKind::Param(_) => {}
+        }
+        f(self);
+    }
+
+    /// Whether the expression reads built-in `b`.
+    pub fn reads(&self, b: Builtin) -> bool {
+        let mut found = false;
+        self.visit(&mut |e| found |= e.kind == TKind::Builtin(b));
+        found
+    }
+}
+
+/// A type error: where, and what was expected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeError {
+    pub span: Span,
+    pub message: String,
+}
+
+/// A parameter as the checker sees it: its name and type.
+pub struct ParamSig<'a> {
+    pub name: &'a str,
+    pub ty: ParamTy,
+}
+
+pub fn check(e: &Expr, hook: Hook, params: &[ParamSig<'_>]) -> Result<TExpr, TypeError> {
+    let t = Checker { hook, params }.expr(e)?;
+    let want = hook.result();
+    match (want, t.ty) {
+        (w, got) if w == got => Ok(t),
+        (Ty::F32, Ty::I32) => Ok(to_f32(t)),
+        (Ty::Bool, got) => Err(TypeError {
+            span: e.span,
+            message: format!(
+                "hook `{}` must be a bool, found {} (compare it, e.g. `x > 0`)",
+                hook.name(),
+                got.name()
+            ),
+        }),
+        (Ty::I32, Ty::F32) => Err(TypeError {
+            span: e.span,
+            message: format!(
+                "hook `{}` must be an i32 position, found f32 (convert with int(...))",
+                hook.name()
+            ),
+        }),
+        (w, got) => Err(TypeError {
+            span: e.span,
+            message: format!("hook `{}` must be {}, found {}", hook.name(), w.name(), got.name()),
+        }),
+    }
+}
+
+fn to_f32(t: TExpr) -> TExpr {
+    if t.ty == Ty::I32 {
+        TExpr { ty: Ty::F32, kind: TKind::ToF32(Box::new(t)) }
+    } else {
+        t
+    }
+}
+
+fn err<T>(span: Span, message: String) -> Result<T, TypeError> {
+    Err(TypeError { span, message })
+}
+
+struct Checker<'a> {
+    hook: Hook,
+    params: &'a [ParamSig<'a>],
+}
+
+impl Checker<'_> {
+    fn expr(&self, e: &Expr) -> Result<TExpr, TypeError> {
+        match &e.kind {
+            ExprKind::Lit(l) => {
+                let ty = match l {
+                    Lit::Bool(_) => Ty::Bool,
+                    Lit::Int(_) => Ty::I32,
+                    Lit::Float(_) => Ty::F32,
+                };
+                Ok(TExpr { ty, kind: TKind::Lit(*l) })
+            }
+            ExprKind::Ident(name) => self.ident(name, e.span),
+            ExprKind::Unary(op, a) => {
+                let a = self.expr(a)?;
+                match (op, a.ty) {
+                    (UnOp::Neg, Ty::Bool) => err(
+                        e.span,
+                        "bool used as a number: `-` needs an i32 or f32 operand".into(),
+                    ),
+                    (UnOp::Not, t) if t != Ty::Bool => err(
+                        e.span,
+                        format!("`!` needs a bool operand, found {} (compare it first)", t.name()),
+                    ),
+                    _ => Ok(TExpr { ty: a.ty, kind: TKind::Unary(*op, Box::new(a)) }),
+                }
+            }
+            ExprKind::Binary(op, a, b) => self.binary(*op, a, b, e.span),
+            ExprKind::Call(name, args) => self.call(name, args, e.span),
+        }
+    }
+
+    fn ident(&self, name: &str, span: Span) -> Result<TExpr, TypeError> {
+        if let Some(b) = Builtin::from_name(name) {
+            if let Err(why) = self.hook.allows(b) {
+                return err(span, format!("hook `{}` cannot read `{name}`: {why}", self.hook.name()));
+            }
+            return Ok(TExpr { ty: b.ty(), kind: TKind::Builtin(b) });
+        }
+        if let Some(i) = self.params.iter().position(|p| p.name == name) {
+            let ty = self.params[i].ty;
+            if let Some(dim) = ty.dim {
+                if let Err(why) = self.hook.allows(dim.index()) {
+                    return err(
+                        span,
+                        format!(
+                            "hook `{}` cannot read `{name}`, an array indexed by {}: {why}",
+                            self.hook.name(),
+                            dim.index().name()
+                        ),
+                    );
+                }
+            }
+            return Ok(TExpr { ty: ty.elem, kind: TKind::Param(i) });
+        }
+        if Func::from_name(name).is_some() {
+            return err(span, format!("`{name}` is a function: call it as `{name}(...)`"));
+        }
+        let mut known: Vec<&str> = Builtin::ALL.iter().map(|b| b.name()).collect();
+        known.extend(self.params.iter().map(|p| p.name));
+        err(span, format!("unknown identifier `{name}`{}", suggest(name, &known)))
+    }
+
+    fn binary(&self, op: BinOp, a: &Expr, b: &Expr, span: Span) -> Result<TExpr, TypeError> {
+        let ta = self.expr(a)?;
+        let tb = self.expr(b)?;
+        let sym = op.symbol();
+        let mk = |ty, x, y| Ok(TExpr { ty, kind: TKind::Binary(op, Box::new(x), Box::new(y)) });
+        match op {
+            BinOp::And | BinOp::Or => {
+                for (t, e) in [(&ta, a), (&tb, b)] {
+                    if t.ty != Ty::Bool {
+                        return err(
+                            e.span,
+                            format!("`{sym}` needs bool operands, found {}", t.ty.name()),
+                        );
+                    }
+                }
+                mk(Ty::Bool, ta, tb)
+            }
+            BinOp::Eq | BinOp::Ne if ta.ty == Ty::Bool && tb.ty == Ty::Bool => mk(Ty::Bool, ta, tb),
+            _ => {
+                for (t, e) in [(&ta, a), (&tb, b)] {
+                    if t.ty == Ty::Bool {
+                        return err(
+                            e.span,
+                            format!("bool used as a number: `{sym}` needs i32 or f32 operands"),
+                        );
+                    }
+                }
+                if op == BinOp::Rem && (ta.ty == Ty::F32 || tb.ty == Ty::F32) {
+                    let e = if ta.ty == Ty::F32 { a } else { b };
+                    return err(e.span, "`%` needs i32 operands, found f32".into());
+                }
+                if op == BinOp::Div
+                    && ta.ty == Ty::I32
+                    && tb.ty == Ty::F32
+                    && !matches!(a.kind, ExprKind::Lit(_))
+                {
+                    return err(
+                        span,
+                        format!(
+                            "integer division by a float: `{a}` is i32 and `{b}` is f32; write \
+                             `float({a}) / {b}` to divide as floats or `{a} / int({b})` to divide \
+                             as integers"
+                        ),
+                    );
+                }
+                let (ta, tb, ty) = unify(ta, tb);
+                mk(if op.is_comparison() { Ty::Bool } else { ty }, ta, tb)
+            }
+        }
+    }
+
+    fn call(&self, name: &str, args: &[Expr], span: Span) -> Result<TExpr, TypeError> {
+        let Some(f) = Func::from_name(name) else {
+            let known: Vec<&str> = Func::ALL.iter().map(|f| f.name()).collect();
+            return err(span, format!("unknown function `{name}`{}", suggest(name, &known)));
+        };
+        if args.len() != f.arity() {
+            return err(
+                span,
+                format!(
+                    "wrong number of arguments: `{name}` takes {}, found {}",
+                    f.arity(),
+                    args.len()
+                ),
+            );
+        }
+        let mut targs = args.iter().map(|a| self.expr(a)).collect::<Result<Vec<_>, _>>()?;
+        let numeric = |i: usize, t: &TExpr| {
+            if t.ty.is_numeric() {
+                Ok(())
+            } else {
+                err(args[i].span, format!("bool used as a number: `{name}` needs i32 or f32"))
+            }
+        };
+        let ty = match f {
+            Func::Select => {
+                if targs[0].ty != Ty::Bool {
+                    return err(
+                        args[0].span,
+                        format!("`select` needs a bool condition, found {}", targs[0].ty.name()),
+                    );
+                }
+                let c = targs.remove(0);
+                let (x, y) = (targs.remove(0), targs.remove(0));
+                if (x.ty == Ty::Bool) != (y.ty == Ty::Bool) {
+                    return err(
+                        span,
+                        format!(
+                            "`select` branches must have one type, found {} and {}",
+                            x.ty.name(),
+                            y.ty.name()
+                        ),
+                    );
+                }
+                let (x, y, ty) = if x.ty == Ty::Bool { (x, y, Ty::Bool) } else { unify(x, y) };
+                return Ok(TExpr { ty, kind: TKind::Call(f, vec![c, x, y]) });
+            }
+            Func::Min | Func::Max => {
+                numeric(0, &targs[0])?;
+                numeric(1, &targs[1])?;
+                let (y, x) = (targs.pop().unwrap_or_else(dummy), targs.pop().unwrap_or_else(dummy));
+                let (x, y, ty) = unify(x, y);
+                return Ok(TExpr { ty, kind: TKind::Call(f, vec![x, y]) });
+            }
+            Func::Abs => {
+                numeric(0, &targs[0])?;
+                targs[0].ty
+            }
+            Func::Int => {
+                numeric(0, &targs[0])?;
+                Ty::I32
+            }
+            _ => {
+                numeric(0, &targs[0])?;
+                let a = targs.pop().unwrap_or_else(dummy);
+                return Ok(TExpr { ty: Ty::F32, kind: TKind::Call(f, vec![to_f32(a)]) });
+            }
+        };
+        Ok(TExpr { ty, kind: TKind::Call(f, targs) })
+    }
+}
+
+/// Never reached (arity is checked first); keeps the checker free of panics.
+fn dummy() -> TExpr {
+    TExpr { ty: Ty::I32, kind: TKind::Lit(Lit::Int(0)) }
+}
+
+/// Brings two numeric operands to one type: `f32` if either is.
+fn unify(a: TExpr, b: TExpr) -> (TExpr, TExpr, Ty) {
+    if a.ty == Ty::F32 || b.ty == Ty::F32 {
+        (to_f32(a), to_f32(b), Ty::F32)
+    } else {
+        (a, b, Ty::I32)
+    }
+}
+
+/// ", did you mean `x`?" for the closest known name, or the list of known names.
+fn suggest(name: &str, known: &[&str]) -> String {
+    let best = known
+        .iter()
+        .map(|k| (edit_distance(name, k), *k))
+        .min()
+        .filter(|(d, _)| *d <= 2.max(name.len() / 3));
+    match best {
+        Some((_, k)) => format!(", did you mean `{k}`?"),
+        None => format!(" (expected one of: {})", known.join(", ")),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

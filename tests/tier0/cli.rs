@@ -1,0 +1,72 @@
+//! The command line, run as a user would.
+
+use std::process::Command;
+
+fn attnforge(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_attnforge")).args(args).output().expect("spawn attnforge");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_accepts_every_shipped_spec_file() {
+    let files: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/variants"))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    assert_eq!(files.len(), 10);
+    let args: Vec<&str> = std::iter::once("check").chain(files.iter().map(String::as_str)).collect();
+    let (ok, text) = attnforge(&args);
+    assert!(ok, "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("ok ")).count(), 10, "{text}");
+}
+
+#[test]
+fn check_reports_an_unsound_kv_range_and_a_type_error() {
+    let dir = std::env::temp_dir().join(format!("attnforge-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_range = dir.join("bad_range.json");
+    std::fs::write(
+        &bad_range,
+        r#"{ "name": "bad_range", "mask": "kv_pos <= q_pos", "kv_range": { "hi": "q_pos - 1" } }"#,
+    )
+    .unwrap();
+    let bad_type = dir.join("bad_type.json");
+    std::fs::write(&bad_type, "{\n \"name\": \"bad_type\",\n \"mask\": \"kv_pos + 1\"\n}").unwrap();
+    let (ok, text) = attnforge(&["check", "causal", bad_range.to_str().unwrap(), bad_type.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(text.contains("ok    causal"), "{text}");
+    assert!(text.contains("the mask admits kv_pos"), "{text}");
+    assert!(text.contains("bad_type.json:3: hook `mask`, column 1: hook `mask` must be a bool, found i32"), "{text}");
+    assert!(text.contains("2 of 3 specs failed"), "{text}");
+}
+
+#[test]
+fn run_cpu_summarises_and_rejects_bad_parameters() {
+    let (ok, text) = attnforge(&["run", "gemma2", "--cpu", "--batch", "2", "--kv-len", "100", "--qo-heads", "4", "--kv-heads", "2", "--head-dim", "64", "--param", "window=8"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("8 rows"), "{text}");
+    let (ok, text) = attnforge(&["run", "gemma2", "--cpu", "--param", "windw=8"]);
+    assert!(!ok);
+    assert!(text.contains("unknown parameter `windw`: variant `gemma2` declares soft_cap, window"), "{text}");
+    let (ok, text) = attnforge(&["run", "sliding_window", "--cpu", "--param", "window=0"]);
+    assert!(!ok);
+    assert!(text.contains("outside its declared range"), "{text}");
+    let (ok, text) = attnforge(&["run", "alibi", "--cpu", "--qo-heads", "4", "--kv-heads", "2", "--param", "slopes=0.5,0.25"]);
+    assert!(!ok);
+    assert!(text.contains("has 2 values, expected 4 (one per qo_head)"), "{text}");
+    let (ok, text) = attnforge(&["run", "alibi", "--cpu", "--qo-heads", "3", "--kv-heads", "2"]);
+    assert!(!ok, "{text}");
+    let (ok, text) = attnforge(&["run", "no_such_variant", "--cpu"]);
+    assert!(!ok);
+    assert!(text.contains("no shipped variant of that name"), "{text}");
+}
+
+#[test]
+fn the_demo_runs_every_shipped_variant() {
+    let (ok, text) = attnforge(&[]);
+    assert!(ok, "{text}");
+    for (name, _) in attnforge::spec::shipped::SHIPPED {
+        assert!(text.lines().any(|l| l.starts_with(name)), "{name} missing from:\n{text}");
+    }
+}

@@ -1,0 +1,88 @@
+//! Page-table and shape validation: every malformed batch is an error naming what is wrong.
+
+use attnforge::kv::{validate, Batch, KvLayout, KvShape, LayoutError, PageTable};
+
+fn shape() -> KvShape {
+    KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: 6, page_size: 4, kv_heads: 2, head_dim_qk: 16, head_dim_vo: 16 }
+}
+
+/// A valid table: request 0 has 2 pages (6 tokens), request 1 is empty, request 2 has 1 page.
+fn table() -> PageTable {
+    PageTable { indptr: vec![0, 2, 2, 3], indices: vec![5, 0, 3], last_page_len: vec![2, 0, 4] }
+}
+
+fn run(t: &PageTable, qo: &[i32], kv: KvShape, qo_heads: usize) -> Result<(), LayoutError> {
+    let b = Batch { qo_indptr: qo, pages: t, kv, qo_heads };
+    let q_len = b.q_elems();
+    validate(&b, q_len, kv.k_len(), kv.v_len())
+}
+
+const QO: [i32; 4] = [0, 1, 1, 2];
+
+#[test]
+fn a_valid_table_with_an_empty_request_passes() {
+    run(&table(), &QO, shape(), 4).unwrap();
+    let b = Batch { qo_indptr: &QO, pages: &table(), kv: shape(), qo_heads: 4 };
+    assert_eq!((b.kv_len(0), b.kv_len(1), b.kv_len(2)), (6, 0, 4));
+}
+
+#[test]
+fn every_malformed_table_is_rejected() {
+    let cases: Vec<(PageTable, LayoutError)> = vec![
+        (PageTable { indptr: vec![], indices: vec![], last_page_len: vec![] }, LayoutError::EmptyIndptr { what: "indptr" }),
+        (PageTable { indptr: vec![1, 2, 2, 3], ..table() }, LayoutError::IndptrStart { what: "indptr", first: 1 }),
+        (PageTable { indptr: vec![0, 2, 1, 3], ..table() }, LayoutError::NonMonotone { what: "indptr", at: 2, prev: 2, next: 1 }),
+        (PageTable { indptr: vec![0, 2, 2, 4], ..table() }, LayoutError::IndptrEnd { what: "indptr", last: 4, len: 3 }),
+        (PageTable { indices: vec![5, 6, 3], ..table() }, LayoutError::PageIndex { req: 0, pos: 1, index: 6, num_pages: 6 }),
+        (PageTable { indices: vec![5, 0, -1], ..table() }, LayoutError::PageIndex { req: 2, pos: 2, index: -1, num_pages: 6 }),
+        (PageTable { last_page_len: vec![0, 0, 4], ..table() }, LayoutError::LastPageLen { req: 0, value: 0, page_size: 4, empty: false }),
+        (PageTable { last_page_len: vec![2, 0, 5], ..table() }, LayoutError::LastPageLen { req: 2, value: 5, page_size: 4, empty: false }),
+        (PageTable { last_page_len: vec![2, 1, 4], ..table() }, LayoutError::LastPageLen { req: 1, value: 1, page_size: 4, empty: true }),
+        (PageTable { last_page_len: vec![2, 0], ..table() }, LayoutError::Mismatch { what: "last_page_len length (batch size)", expected: 3, got: 2 }),
+    ];
+    for (t, want) in cases {
+        assert_eq!(run(&t, &QO, shape(), 4), Err(want.clone()), "{want}");
+        assert!(!want.to_string().is_empty());
+    }
+}
+
+#[test]
+fn malformed_query_indptr_is_rejected() {
+    let t = table();
+    assert_eq!(run(&t, &[0, 1, 2], shape(), 4), Err(LayoutError::Mismatch { what: "qo_indptr length (batch size + 1)", expected: 4, got: 3 }));
+    assert_eq!(run(&t, &[0, 2, 1, 3], shape(), 4), Err(LayoutError::NonMonotone { what: "qo_indptr", at: 2, prev: 2, next: 1 }));
+    assert_eq!(run(&t, &[1, 1, 2, 3], shape(), 4), Err(LayoutError::IndptrStart { what: "qo_indptr", first: 1 }));
+}
+
+#[test]
+fn shapes_and_buffers_are_checked() {
+    let t = table();
+    assert_eq!(run(&t, &QO, shape(), 3), Err(LayoutError::HeadsNotDivisible { qo_heads: 3, kv_heads: 2 }));
+    assert_eq!(run(&t, &QO, KvShape { page_size: 0, ..shape() }, 4), Err(LayoutError::Zero { what: "page_size" }));
+    assert_eq!(run(&t, &QO, KvShape { kv_heads: 0, ..shape() }, 4), Err(LayoutError::Zero { what: "kv_heads" }));
+    assert_eq!(run(&t, &QO, KvShape { head_dim_vo: 8, ..shape() }, 4), Err(LayoutError::InterleavedDims { qk: 16, vo: 8 }));
+    let kv = shape();
+    let b = Batch { qo_indptr: &QO, pages: &t, kv, qo_heads: 4 };
+    let err = validate(&b, b.q_elems() - 1, kv.k_len(), kv.v_len()).unwrap_err();
+    assert!(matches!(err, LayoutError::Mismatch { what, .. } if what.starts_with("query buffer")), "{err}");
+    let err = validate(&b, b.q_elems(), kv.k_len() + 1, kv.v_len()).unwrap_err();
+    assert!(matches!(err, LayoutError::Mismatch { what: "K buffer length", .. }), "{err}");
+    assert!(err.to_string().contains("expected 1536, got 1537"), "{err}");
+}
+
+#[test]
+fn offsets_follow_the_documented_layouts() {
+    // [num_pages, 2, page_size, kv_heads, dim] and [num_pages, 2, kv_heads, page_size, dim].
+    let nhd = shape();
+    // A page of K and V together is 2 * 4 slots * 2 heads * 16 = 256 elements.
+    assert_eq!(nhd.k_index(1, 2, 1), 256 + 2 * 32 + 16);
+    assert_eq!(nhd.v_index(1, 2, 1), 256 + 128 + 2 * 32 + 16);
+    let hnd = KvShape { layout: KvLayout::Hnd, ..shape() };
+    assert_eq!(hnd.k_index(1, 2, 1), 256 + 64 + 2 * 16);
+    assert_eq!(hnd.v_index(1, 2, 1), 256 + 128 + 64 + 2 * 16);
+    // Separate buffers with different head dims (192/128).
+    let sep = KvShape { interleaved: false, head_dim_qk: 192, head_dim_vo: 128, ..shape() };
+    assert_eq!(sep.k_index(1, 0, 1), 4 * 2 * 192 + 192);
+    assert_eq!(sep.v_index(1, 0, 1), 4 * 2 * 128 + 128);
+    assert_eq!((sep.k_len(), sep.v_len()), (6 * 4 * 2 * 192, 6 * 4 * 2 * 128));
+}

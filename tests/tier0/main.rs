@@ -1,0 +1,7 @@
+//! Tier 0: everything that runs without NVRTC or a GPU.
+
+mod cli;
+mod kv;
+mod reference;
+mod spec_errors;
+mod spec_lang;

@@ -1,0 +1,278 @@
+//! The CPU reference against a naive dense attention in f64 that materialises the mask and the
+//! logits, on random page tables and every shipped variant; and hand-computed cases for the
+//! semantics (sink, normalize none, fully masked rows).
+
+use std::collections::HashMap;
+
+use attnforge::kv::{Element, KvLayout};
+use attnforge::reference::{attention, AttnOutput};
+use attnforge::spec::eval::{eval, Env};
+use attnforge::spec::params::{sample, Dims, ParamInput, ParamValues};
+use attnforge::spec::{shipped, Normalize, Variant};
+use attnforge::workload::{Workload, WorkloadSpec};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Dense attention: gathers each request's K and V into contiguous arrays, materialises the
+/// full `[q_len, kv_len]` visibility and logit matrices, then normalises.
+fn naive<T: Element>(v: &Variant, p: &ParamValues, w: &Workload<T>, sm_scale: f64) -> AttnOutput {
+    let kv = w.kv;
+    let (dqk, dvo, heads) = (kv.head_dim_qk, kv.head_dim_vo, w.qo_heads);
+    let group = heads / kv.kv_heads;
+    let total_q = *w.qo_indptr.last().unwrap() as usize;
+    let mut out = AttnOutput { o: vec![f32::NAN; total_q * heads * dvo], lse: vec![f32::NAN; total_q * heads] };
+    for b in 0..w.pages.batch_size() {
+        // Gather: walk the page table token by token.
+        let mut keys: Vec<Vec<Vec<f64>>> = Vec::new(); // [kv_pos][kv_head][d]
+        let mut vals: Vec<Vec<Vec<f64>>> = Vec::new();
+        let pages = &w.pages.indices[w.pages.indptr[b] as usize..w.pages.indptr[b + 1] as usize];
+        for (n, &page) in pages.iter().enumerate() {
+            let fill = if n + 1 == pages.len() { w.pages.last_page_len[b] as usize } else { kv.page_size };
+            for slot in 0..fill {
+                keys.push((0..kv.kv_heads).map(|h| (0..dqk).map(|d| w.k[kv.k_index(page as usize, slot, h) + d].to_f64()).collect()).collect());
+                vals.push((0..kv.kv_heads).map(|h| (0..dvo).map(|d| w.v()[kv.v_index(page as usize, slot, h) + d].to_f64()).collect()).collect());
+            }
+        }
+        let kv_len = keys.len();
+        let (q0, q1) = (w.qo_indptr[b] as usize, w.qo_indptr[b + 1] as usize);
+        let q_len = q1 - q0;
+        for h in 0..heads {
+            let kvh = h / group;
+            // Materialise visibility and logits for every (query, key) pair.
+            let mut visible = vec![vec![false; kv_len]; q_len];
+            let mut logits = vec![vec![0.0f64; kv_len]; q_len];
+            let mut sinks = vec![None; q_len];
+            for i in 0..q_len {
+                let t = q0 + i;
+                for j in 0..kv_len {
+                    let score: f64 = (0..dqk).map(|d| w.q[(t * heads + h) * dqk + d].to_f64() * keys[j][kvh][d]).sum();
+                    let env = Env {
+                        score,
+                        sm_scale,
+                        q_pos: kv_len as i32 - q_len as i32 + i as i32,
+                        kv_pos: j as i32,
+                        qo_head: h as i32,
+                        kv_head: kvh as i32,
+                        req: b as i32,
+                        q_len: q_len as i32,
+                        kv_len: kv_len as i32,
+                        params: p,
+                    };
+                    let in_range = v.kv_range.as_ref().is_none_or(|r| {
+                        r.lo.as_ref().is_none_or(|lo| j as i32 >= eval(&lo.typed, &env).as_i())
+                            && r.hi.as_ref().is_none_or(|hi| j as i32 <= eval(&hi.typed, &env).as_i())
+                    });
+                    visible[i][j] = in_range && v.mask.as_ref().is_none_or(|m| eval(&m.typed, &env).as_b());
+                    logits[i][j] = eval(&v.logits.typed, &env).as_f();
+                    sinks[i] = v.sink.as_ref().map(|s| eval(&s.typed, &env).as_f());
+                }
+                if kv_len == 0 {
+                    sinks[i] = None;
+                }
+            }
+            for i in 0..q_len {
+                let row = (q0 + i) * heads + h;
+                let o = &mut out.o[row * dvo..(row + 1) * dvo];
+                let vis: Vec<usize> = (0..kv_len).filter(|&j| visible[i][j]).collect();
+                if vis.is_empty() {
+                    o.fill(0.0);
+                    out.lse[row] = f32::NEG_INFINITY;
+                    continue;
+                }
+                let (weights, lse): (Vec<f64>, f64) = match v.normalize {
+                    Normalize::None => (vis.iter().map(|&j| logits[i][j]).collect(), 0.0),
+                    Normalize::Softmax => {
+                        // Plain exp-sum with the max subtracted; the sink joins the denominator.
+                        let mut m = vis.iter().map(|&j| logits[i][j]).fold(f64::NEG_INFINITY, f64::max);
+                        if let Some(s) = sinks[i] {
+                            m = m.max(s);
+                        }
+                        let denom: f64 = vis.iter().map(|&j| (logits[i][j] - m).exp()).sum::<f64>()
+                            + sinks[i].map_or(0.0, |s| (s - m).exp());
+                        (vis.iter().map(|&j| (logits[i][j] - m).exp() / denom).collect(), m + denom.ln())
+                    }
+                };
+                for d in 0..dvo {
+                    o[d] = vis.iter().zip(&weights).map(|(&j, w)| w * vals[j][kvh][d]).sum::<f64>() as f32;
+                }
+                out.lse[row] = lse as f32;
+            }
+        }
+    }
+    out
+}
+
+fn assert_close(got: &AttnOutput, want: &AttnOutput, what: &str) {
+    assert_eq!(got.o.len(), want.o.len(), "{what}");
+    for (i, (a, b)) in got.o.iter().zip(&want.o).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what}: o[{i}] = {a}, naive {b}");
+    }
+    for (i, (a, b)) in got.lse.iter().zip(&want.lse).enumerate() {
+        assert!(a == b || (a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what}: lse[{i}] = {a}, naive {b}");
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    variant: usize,
+    lens: Vec<(usize, usize)>,
+    kv_heads: usize,
+    group: usize,
+    head_dims: (usize, usize),
+    page_size: usize,
+    layout: KvLayout,
+    bf16: bool,
+    seed: u64,
+}
+
+fn arb_case() -> impl Strategy<Value = Case> {
+    let lens = prop::collection::vec((0usize..=70).prop_flat_map(|kv| (0usize..=kv.min(9) + 1, Just(kv))), 1..=4);
+    (
+        0..shipped::SHIPPED.len(),
+        lens,
+        1usize..=2,
+        prop::sample::select(vec![1usize, 2, 4, 7, 8]),
+        prop::sample::select(vec![(64usize, 64usize), (96, 96), (128, 128), (256, 256), (192, 128)]),
+        prop::sample::select(vec![1usize, 3, 16]),
+        prop::bool::ANY,
+        prop::bool::ANY,
+        any::<u64>(),
+    )
+        .prop_map(|(variant, lens, kv_heads, group, head_dims, page_size, hnd, bf16, seed)| Case {
+            variant,
+            lens,
+            kv_heads,
+            group,
+            head_dims,
+            page_size,
+            layout: if hnd { KvLayout::Hnd } else { KvLayout::Nhd },
+            bf16,
+            seed,
+        })
+}
+
+fn check_case<T: Element>(c: &Case) {
+    let v = shipped::all().unwrap().swap_remove(c.variant);
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let spec = WorkloadSpec {
+        lens: c.lens.clone(),
+        qo_heads: c.kv_heads * c.group,
+        kv_heads: c.kv_heads,
+        head_dim_qk: c.head_dims.0,
+        head_dim_vo: c.head_dims.1,
+        page_size: c.page_size,
+        layout: c.layout,
+        interleaved: c.head_dims.0 == c.head_dims.1 && rng.random_bool(0.5),
+        permute: true,
+        spare_pages: rng.random_range(0..3),
+    };
+    let w = Workload::<T>::random(&spec, &mut rng);
+    let dims = Dims { qo_heads: spec.qo_heads, kv_heads: c.kv_heads, batch: c.lens.len() };
+    let p = sample(&v.params, dims, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
+    let scale = 1.0 / (c.head_dims.0 as f32).sqrt();
+    let got = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
+    let want = naive(&v, &p, &w, f64::from(scale));
+    assert_close(&got, &want, &format!("{} {c:?}", v.name));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn reference_equals_naive_dense_attention(c in arb_case()) {
+        if c.bf16 { check_case::<bf16>(&c) } else { check_case::<f16>(&c) }
+    }
+}
+
+/// A one-request, one-head cache built by hand: keys and values given per position.
+fn tiny(variant: &str, params: &[(&str, ParamInput)], q: &[f32], keys: &[[f32; 2]], vals: &[[f32; 2]]) -> AttnOutput {
+    let v = shipped::resolve(variant).unwrap();
+    let spec = WorkloadSpec {
+        lens: vec![(q.len() / 2, keys.len())],
+        qo_heads: 1,
+        kv_heads: 1,
+        head_dim_qk: 2,
+        head_dim_vo: 2,
+        page_size: 2,
+        layout: KvLayout::Nhd,
+        interleaved: false,
+        permute: false,
+        spare_pages: 0,
+    };
+    let mut w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(0));
+    w.q = q.to_vec();
+    for (pos, (k, val)) in keys.iter().zip(vals).enumerate() {
+        let (page, slot) = (pos / 2, pos % 2);
+        w.k[w.kv.k_index(page, slot, 0)..][..2].copy_from_slice(k);
+        w.v[w.kv.v_index(page, slot, 0)..][..2].copy_from_slice(val);
+    }
+    let given: HashMap<String, ParamInput> = params.iter().map(|(k, x)| (k.to_string(), x.clone())).collect();
+    let p = v.bind(&given, Dims { qo_heads: 1, kv_heads: 1, batch: 1 }).unwrap();
+    attention(&v, &p, &w.batch(), &w.q, &w.k, &w.v, Some(1.0)).unwrap()
+}
+
+#[test]
+fn softmax_of_two_keys_by_hand() {
+    // Scores 1 and 3 (scale 1): weights e/(e+e^3), e^3/(e+e^3).
+    let out = tiny("default", &[], &[1.0, 0.0], &[[1.0, 0.0], [3.0, 0.0]], &[[1.0, 0.0], [0.0, 2.0]]);
+    let (e1, e3) = (1f64.exp(), 3f64.exp());
+    assert!((out.o[0] as f64 - e1 / (e1 + e3)).abs() < 1e-6);
+    assert!((out.o[1] as f64 - 2.0 * e3 / (e1 + e3)).abs() < 1e-6);
+    assert!((out.lse[0] as f64 - (e1 + e3).ln()).abs() < 1e-6);
+}
+
+#[test]
+fn a_sink_joins_the_denominator_only() {
+    let s = 2.0f64;
+    let out = tiny("sink", &[("sinks", ParamInput::Scalar(s))], &[1.0, 0.0], &[[1.0, 0.0], [3.0, 0.0]], &[[1.0, 0.0], [0.0, 2.0]]);
+    let (e1, e3, es) = (1f64.exp(), 3f64.exp(), s.exp());
+    assert!((out.o[0] as f64 - e1 / (e1 + e3 + es)).abs() < 1e-6);
+    assert!((out.o[1] as f64 - 2.0 * e3 / (e1 + e3 + es)).abs() < 1e-6);
+    assert!((out.lse[0] as f64 - (e1 + e3 + es).ln()).abs() < 1e-6);
+}
+
+#[test]
+fn normalize_none_sums_sigmoid_weights() {
+    let out = tiny("sigmoid", &[("bias", ParamInput::Scalar(-1.0))], &[1.0, 0.0], &[[1.0, 0.0], [3.0, 0.0]], &[[1.0, 0.0], [0.0, 2.0]]);
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    assert!((out.o[0] as f64 - sig(0.0)).abs() < 1e-6);
+    assert!((out.o[1] as f64 - 2.0 * sig(2.0)).abs() < 1e-6);
+    assert_eq!(out.lse[0], 0.0);
+}
+
+#[test]
+fn fully_masked_rows_give_zero_and_minus_infinity_not_nan() {
+    // Two queries over two keys: the first query sits at position 0 and a window of 1 shows it
+    // only key 0; with q_len > kv_len the extra query sits at a negative position, sees nothing.
+    let out = tiny("sliding_window", &[("window", ParamInput::Scalar(1.0))], &[1.0, 0.0, 1.0, 0.0, 1.0, 0.0], &[[1.0, 0.0], [3.0, 0.0]], &[[1.0, 0.0], [0.0, 2.0]]);
+    assert_eq!(&out.o[0..2], &[0.0, 0.0]);
+    assert_eq!(out.lse[0], f32::NEG_INFINITY);
+    assert_eq!(&out.o[2..4], &[1.0, 0.0]);
+    assert!((out.lse[1] - 1.0).abs() < 1e-6);
+    // Empty KV with a sink: still no visible key, so 0 and -inf.
+    let out = tiny("sink", &[("sinks", ParamInput::Scalar(3.0))], &[1.0, 0.0], &[], &[]);
+    assert_eq!((out.o[0], out.o[1], out.lse[0]), (0.0, 0.0, f32::NEG_INFINITY));
+}
+
+#[test]
+fn mismatched_parameters_are_an_error_not_a_wrong_index() {
+    let v = shipped::resolve("alibi").unwrap();
+    let spec = WorkloadSpec {
+        lens: vec![(1, 5)],
+        qo_heads: 4,
+        kv_heads: 2,
+        head_dim_qk: 16,
+        head_dim_vo: 16,
+        page_size: 4,
+        layout: KvLayout::Nhd,
+        interleaved: true,
+        permute: true,
+        spare_pages: 0,
+    };
+    let w = Workload::<f16>::random(&spec, &mut StdRng::seed_from_u64(1));
+    let p = sample(&v.params, Dims { qo_heads: 8, kv_heads: 2, batch: 1 }, |lo, _| lo);
+    let err = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap_err();
+    assert!(err.to_string().contains("`slopes` has 8 values, expected 4"), "{err}");
+}
