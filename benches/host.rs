@@ -1,9 +1,12 @@
-//! Criterion benches of host paths: spec parsing and checking, hook evaluation.
-//! GPU kernels are measured by `attnforge bench`, not here.
+//! Criterion benches of host paths: spec parsing and evaluation, rendering, cache keys and
+//! cache hits. GPU kernels are measured by `attnforge bench`, not here.
 
+use attnforge::jit::{kernel_key, render::render, Arch, Jit, KernelConfig};
+use attnforge::kv::DType;
 use attnforge::spec::eval::{eval, Env};
 use attnforge::spec::params::{sample, Dims};
 use attnforge::spec::shipped::{self, SHIPPED};
+use attnforge_cache::{KeyBuilder, Store};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 fn spec(c: &mut Criterion) {
@@ -15,5 +18,28 @@ fn spec(c: &mut Criterion) {
     c.bench_function("spec/eval gemma2 logits", |b| b.iter(|| eval(black_box(&v.logits.typed), black_box(&env))));
 }
 
-criterion_group!(benches, spec);
+fn jit(c: &mut Criterion) {
+    let v = shipped::resolve("gemma2").unwrap();
+    let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
+    let arch: Arch = "sm_90a".parse().unwrap();
+    c.bench_function("jit/render gemma2 decode", |b| b.iter(|| render(black_box(&v), black_box(&cfg)).unwrap()));
+    let src = render(&v, &cfg).unwrap();
+    let opts = vec!["-std=c++17".to_string()];
+    c.bench_function("jit/key of rendered source", |b| b.iter(|| kernel_key(black_box(&src.code), &opts, &arch, (13, 0))));
+
+    let dir = std::env::temp_dir().join(format!("attnforge-bench-{}", std::process::id()));
+    let store = Store::open(&dir).unwrap();
+    let key = KeyBuilder::new().field("bench", b"x").finish();
+    let payload = vec![7u8; 72 * 1024];
+    store.put(&key, "bench", "", &payload).unwrap();
+    c.bench_function("cache/disk hit 72 KB (read + verify)", |b| b.iter(|| store.get(black_box(&key), "bench")));
+    // The full in-process hit (render + key + map lookup) needs NVRTC to construct a Jit.
+    if let Ok(j) = Jit::with_store_dir(&dir) {
+        j.get(&v, &cfg, &arch).unwrap();
+        c.bench_function("jit/get memory hit (render + key + lookup)", |b| b.iter(|| j.get(black_box(&v), &cfg, &arch).unwrap()));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+criterion_group!(benches, spec, jit);
 criterion_main!(benches);

@@ -10,13 +10,13 @@ use crate::spec::SpecError;
 #[non_exhaustive]
 pub enum Error {
     /// A malformed variant spec (file, hook, column).
-    #[error("{0}")]
+    #[error(transparent)]
     Spec(#[from] SpecError),
     /// A parameter value that does not fit its declaration, or an unknown parameter.
     #[error("{0}")]
     Param(String),
     /// A malformed page table, ragged index array or buffer shape.
-    #[error("{0}")]
+    #[error(transparent)]
     Layout(#[from] LayoutError),
     /// Rendering a template failed (a bug in attnforge, or a config it does not support).
     #[error("render: {0}")]
@@ -25,7 +25,7 @@ pub enum Error {
     #[error("{0}")]
     Compile(String),
     /// The kernel cache could not be used.
-    #[error("cache: {0}")]
+    #[error(transparent)]
     Cache(#[from] attnforge_cache::CacheError),
     /// The planner cannot schedule the batch (workspace too small, graph mode misuse, …).
     #[error("plan: {0}")]

@@ -37,7 +37,10 @@
 //! # Ok::<(), attnforge::Error>(())
 //! ```
 
+pub mod abi;
+pub mod engine;
 pub mod error;
+pub mod jit;
 pub mod kv;
 pub mod reference;
 pub mod spec;

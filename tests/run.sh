@@ -1,6 +1,20 @@
 #!/usr/bin/env bash
 # The test command (README): runs every test tier this machine can run.
-# Tier 0 needs nothing; later tiers need NVRTC or a GPU and say so when they skip.
+#
+# Tier 0 needs nothing. Tier 1 needs NVRTC and the CUDA headers: when no CUDA toolkit is found,
+# this script installs the nvidia-cuda-nvrtc and nvidia-cuda-runtime wheels (the device's CUDA
+# 13.0) into ./.cuda and points CUDA_HOME there. Tier 2 needs a GPU and skips, saying why, without.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+wheel_root=.cuda/nvidia/cu13
+if [[ -z "${CUDA_HOME:-}" && ! -e /usr/local/cuda/include/cuda_fp16.h ]]; then
+  if [[ ! -e $wheel_root/lib/libnvrtc.so.13 || ! -e $wheel_root/include/cuda_fp16.h ]]; then
+    echo "tests/run.sh: no CUDA toolkit; installing NVRTC 13.0 and the CUDA headers into .cuda"
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target .cuda \
+      nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.88
+  fi
+  export CUDA_HOME="$PWD/$wheel_root"
+fi
+# NVRTC is installed now, so tier 1 must run: a missing NVRTC is a failure, not a skip.
+export ATTNFORGE_REQUIRE_NVRTC=1
 cargo test --release --workspace "$@"

@@ -36,6 +36,49 @@ enum Cmd {
     },
     /// Run a variant on random inputs and summarise the output.
     Run(RunArgs),
+    /// Render and compile a variant to CUBIN (through the cache); prints key, path, hit or miss.
+    Compile(CompileArgs),
+    /// Manage the kernel cache.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    /// Spec files or shipped variant names; `all` compiles every shipped variant.
+    #[arg(required = true)]
+    specs: Vec<String>,
+    #[arg(long, default_value = "decode")]
+    op: attnforge::jit::Op,
+    #[arg(long = "head-dim", default_values_t = vec![128])]
+    head_dims: Vec<usize>,
+    #[arg(long)]
+    head_dim_vo: Option<usize>,
+    #[arg(long = "dtype", default_values = ["bf16"])]
+    dtypes: Vec<DType>,
+    /// Query heads per KV head.
+    #[arg(long, default_value_t = 4)]
+    group: usize,
+    /// Target arch (e.g. sm_90a); defaults to the GPU's. Needed when there is no GPU.
+    #[arg(long)]
+    arch: Option<attnforge::jit::Arch>,
+    /// Print the rendered CUDA source instead of compiling.
+    #[arg(long)]
+    emit_source: bool,
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Print the cache directory.
+    Path,
+    /// List entries: name, size, age, metadata.
+    List,
+    /// Verify every entry's checksum; damaged entries are removed.
+    Verify,
+    /// Remove every entry.
+    Clear,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -91,6 +134,8 @@ fn main() -> ExitCode {
         None => demo(),
         Some(Cmd::Check { specs }) => check(&specs),
         Some(Cmd::Run(args)) => run(&args),
+        Some(Cmd::Compile(args)) => compile(&args),
+        Some(Cmd::Cache { cmd }) => cache(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,6 +165,115 @@ fn check(specs: &[String]) -> Result<()> {
         bail!("{failed} of {} specs failed", specs.len());
     }
     Ok(())
+}
+
+fn device_arch() -> Result<attnforge::jit::Arch> {
+    attnforge::engine::device_arch(0).map_err(|e| anyhow::anyhow!("{e}; pass --arch (e.g. --arch sm_90a) to compile without a GPU"))
+}
+
+fn compile(a: &CompileArgs) -> Result<()> {
+    let names: Vec<String> = if a.specs.iter().any(|s| s == "all") {
+        SHIPPED.iter().map(|(n, _)| n.to_string()).collect()
+    } else {
+        a.specs.clone()
+    };
+    let variants = names.iter().map(|n| shipped::resolve(n)).collect::<Result<Vec<_>, _>>()?;
+    let mut configs = Vec::new();
+    for &d in &a.head_dims {
+        for &t in &a.dtypes {
+            configs.push(attnforge::jit::KernelConfig::decode(d, a.head_dim_vo.unwrap_or(d), t, a.group)?);
+        }
+    }
+    if a.emit_source {
+        for v in &variants {
+            for c in &configs {
+                print!("{}", attnforge::jit::render::render(v, c)?.code);
+            }
+        }
+        return Ok(());
+    }
+    let arch = match &a.arch {
+        Some(x) => x.clone(),
+        None => device_arch()?,
+    };
+    let jit = attnforge::jit::Jit::new()?;
+    let total = variants.len() * configs.len();
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut n = 0;
+    for v in &variants {
+        for c in &configs {
+            n += 1;
+            if progress {
+                eprint!("[{n}/{total}] compiling {} for {} …\r", c.entry_name(&v.name), arch.name());
+            }
+            let k = jit.get(v, c, &arch)?;
+            if progress {
+                eprint!("\x1b[2K\r");
+            }
+            for w in &k.warnings {
+                eprintln!("warning: {w}");
+            }
+            let origin = match k.origin {
+                attnforge::jit::Origin::Compiled => "miss, compiled",
+                attnforge::jit::Origin::Disk => "hit (disk)",
+                attnforge::jit::Origin::Memory => "hit (memory)",
+            };
+            println!(
+                "{:<44} {:<16} {:>8.1} ms  {:>7} KB  key {}  {}",
+                k.name,
+                origin,
+                k.elapsed.as_secs_f64() * 1e3,
+                k.cubin.len() / 1024,
+                k.key.short(),
+                k.path.map_or("(memory only)".to_string(), |p| p.display().to_string())
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cache(cmd: CacheCmd) -> Result<()> {
+    let dir = attnforge_cache::Store::default_dir()?;
+    if let CacheCmd::Path = cmd {
+        println!("{}", dir.display());
+        return Ok(());
+    }
+    let store = attnforge_cache::Store::open(&dir)?;
+    match cmd {
+        CacheCmd::Path => {}
+        CacheCmd::List => {
+            let entries = store.list()?;
+            for e in &entries {
+                println!(
+                    "{:<56} {:>8} KB  {:>8}  {}",
+                    e.name,
+                    e.size / 1024,
+                    human_age(e.age),
+                    e.problem.as_deref().map_or(e.meta.clone(), |p| format!("DAMAGED: {p}"))
+                );
+            }
+            println!("{} entries in {}", entries.len(), dir.display());
+        }
+        CacheCmd::Verify => {
+            let (ok, bad) = store.verify()?;
+            for e in &bad {
+                println!("removed {}: {}", e.name, e.problem.as_deref().unwrap_or_default());
+            }
+            println!("{ok} entries verified, {} damaged entries removed", bad.len());
+        }
+        CacheCmd::Clear => println!("removed {} files from {}", store.clear()?, dir.display()),
+    }
+    Ok(())
+}
+
+fn human_age(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }
 
 fn parse_params(items: &[String]) -> Result<HashMap<String, ParamInput>> {

@@ -92,11 +92,17 @@ impl fmt::Display for SpecError {
         }
         write!(f, ": {}", self.message)?;
         if let Some((src, span)) = &self.snippet {
-            let pad = src[..span.start.min(src.len())].chars().count();
-            let width = src
-                .get(span.start..span.end.min(src.len()))
-                .map_or(1, |s| s.chars().count().max(1));
-            write!(f, "\n    {src}\n    {}{}", " ".repeat(pad), "^".repeat(width))?;
+            // Show at most ~100 characters around the span, so long hooks stay readable.
+            let chars: Vec<char> = src.chars().collect();
+            let start = src[..span.start.min(src.len())].chars().count();
+            let end = src.get(..span.end.min(src.len())).map_or(start + 1, |s| s.chars().count()).max(start + 1);
+            let from = start.saturating_sub(40);
+            let to = (from + 100).min(chars.len()).max(start);
+            let shown: String = chars[from..to].iter().collect();
+            let (pre, post) = (if from > 0 { "…" } else { "" }, if to < chars.len() { "…" } else { "" });
+            let width = end.min(to.max(start + 1)) - start;
+            let pad = start - from + pre.chars().count();
+            write!(f, "\n    {pre}{shown}{post}\n    {}{}", " ".repeat(pad), "^".repeat(width.max(1)))?;
         }
         Ok(())
     }

@@ -3,5 +3,6 @@
 mod cli;
 mod kv;
 mod reference;
+mod render;
 mod spec_errors;
 mod spec_lang;

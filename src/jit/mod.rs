@@ -1,0 +1,339 @@
+//! The JIT pipeline: render a (variant, config) to CUDA, compile it to CUBIN with NVRTC, and
+//! keep the result in the content-addressed cache.
+//!
+//! ```text
+//! Variant + KernelConfig ─► render ─► KernelSource ─► key ─► memory ─► disk ─► NVRTC
+//! ```
+//!
+//! [`Jit::get`] is the one entry point: a kernel is compiled at most once per process (memory
+//! map) and once per machine (disk store), and a damaged disk entry is rebuilt, never loaded.
+
+mod nvrtc;
+pub mod render;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use attnforge_cache::{CacheKey, KeyBuilder, Lookup, Store};
+use dashmap::DashMap;
+
+pub use self::nvrtc::{find_cuda_include, Nvrtc};
+use crate::kv::DType;
+use crate::spec::Variant;
+use crate::{Error, Result};
+
+/// Which kernel family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Decode,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Decode => "decode",
+        }
+    }
+}
+
+impl std::str::FromStr for Op {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "decode" => Ok(Op::Decode),
+            "prefill" => Err("the prefill kernels do not exist yet (see the prefill issue); use --op decode".into()),
+            _ => Err(format!("unknown op `{s}` (expected decode)")),
+        }
+    }
+}
+
+/// A GPU architecture to compile for, e.g. `sm_90a`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Arch {
+    pub major: u32,
+    pub minor: u32,
+    /// The arch-specific variant (`sm_90a`), which Hopper-only instructions need.
+    pub specific: bool,
+}
+
+impl Arch {
+    /// The arch NVRTC should target for a device of this compute capability. Hopper and later
+    /// get the arch-specific target so wgmma/TMA paths can be used.
+    pub fn for_device(major: u32, minor: u32) -> Arch {
+        Arch { major, minor, specific: major >= 9 }
+    }
+
+    pub fn name(&self) -> String {
+        format!("sm_{}{}{}", self.major, self.minor, if self.specific { "a" } else { "" })
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let t = s.trim().trim_start_matches("sm_").trim_start_matches("compute_");
+        let (digits, specific) = match t.strip_suffix('a') {
+            Some(d) => (d, true),
+            None => (t, false),
+        };
+        let bad = || format!("malformed arch `{s}` (expected e.g. sm_80, sm_89, sm_90a)");
+        if digits.len() < 2 || !digits.chars().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let (maj, min) = digits.split_at(digits.len() - 1);
+        let major: u32 = maj.parse().map_err(|_| bad())?;
+        let minor: u32 = min.parse().map_err(|_| bad())?;
+        if major < 8 {
+            return Err(format!("arch `{s}` is older than sm_80, which attnforge needs (cp.async, bf16)"));
+        }
+        Ok(Arch { major, minor, specific })
+    }
+}
+
+/// Everything about a kernel that is fixed at compile time (runtime values — parameters, page
+/// size, lengths, strides — are not here, so changing them never recompiles).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KernelConfig {
+    pub op: Op,
+    pub head_dim_qk: usize,
+    pub head_dim_vo: usize,
+    pub dtype_q: DType,
+    pub dtype_kv: DType,
+    pub dtype_o: DType,
+    /// Query heads per KV head (GQA group).
+    pub group: usize,
+}
+
+/// Thread and tile shape of the decode kernel; see `templates/common/decode.cuh`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeTile {
+    /// Threads along the head dim (16-byte vectors), a power of two.
+    pub bdx: usize,
+    /// Thread groups splitting each KV tile.
+    pub bdz: usize,
+    /// Keys per thread group per tile.
+    pub tile_per_z: usize,
+    /// Depth of the cp.async ring.
+    pub stages: usize,
+}
+
+impl DecodeTile {
+    pub fn threads(&self, group: usize) -> usize {
+        self.bdx * group * self.bdz
+    }
+
+    pub fn kv_tile(&self) -> usize {
+        self.bdz * self.tile_per_z
+    }
+}
+
+/// Keys per KV tile in the decode kernel. 32 keeps each thread's logits in registers (at most 32
+/// of them, when one thread group covers the tile) while a tile of bf16 d128 K+V is 16 KB.
+const DECODE_KV_TILE: usize = 32;
+/// Shared memory for the decode ring. A 64 KB ring keeps 3 tiles (48 KB) in flight per CTA at
+/// d128, far over the ~23 KB per SM that 3 TB/s at ~1 µs latency needs, at 3 CTAs per SM.
+const DECODE_RING_BYTES: usize = 64 * 1024;
+
+impl KernelConfig {
+    /// A decode config with validated dims and dtypes.
+    pub fn decode(head_dim_qk: usize, head_dim_vo: usize, dtype: DType, group: usize) -> Result<KernelConfig> {
+        let cfg = KernelConfig { op: Op::Decode, head_dim_qk, head_dim_vo, dtype_q: dtype, dtype_kv: dtype, dtype_o: dtype, group };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (what, d) in [("head_dim_qk", self.head_dim_qk), ("head_dim_vo", self.head_dim_vo)] {
+            if d == 0 || d % 16 != 0 || d > 256 {
+                return Err(Error::Unsupported(format!("{what} {d}: head dims must be multiples of 16 up to 256")));
+            }
+        }
+        for (what, t) in [("q", self.dtype_q), ("kv", self.dtype_kv), ("o", self.dtype_o)] {
+            if t == DType::F32 {
+                return Err(Error::Unsupported(format!("{what} dtype f32: kernels take f16 or bf16")));
+            }
+        }
+        if self.group == 0 {
+            return Err(Error::Unsupported("GQA group 0".into()));
+        }
+        if self.op == Op::Decode && self.decode_tile().threads(self.group) > 1024 {
+            return Err(Error::Unsupported(format!(
+                "decode with a GQA group of {} at head dim {} needs more than 1024 threads per block",
+                self.group,
+                self.head_dim_qk.max(self.head_dim_vo)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The decode tile shape: a pure function of the config.
+    pub fn decode_tile(&self) -> DecodeTile {
+        let bdx = (self.head_dim_qk.max(self.head_dim_vo) / 8).next_power_of_two();
+        let base = bdx * self.group;
+        // At least 128 threads, and whole warps (the score reduction shuffles across full warps).
+        let mut bdz = (128 / base).max(1);
+        while (base * bdz) % 32 != 0 {
+            bdz *= 2;
+        }
+        let tile_per_z = (DECODE_KV_TILE / bdz).max(1);
+        let stage_bytes = bdz * tile_per_z * (self.head_dim_qk + self.head_dim_vo) * self.dtype_kv.size();
+        let stages = (DECODE_RING_BYTES / stage_bytes).clamp(2, 4);
+        DecodeTile { bdx, bdz, tile_per_z, stages }
+    }
+
+    /// Dynamic shared memory of the kernel, in bytes.
+    pub fn smem_bytes(&self) -> usize {
+        let t = self.decode_tile();
+        t.stages * t.kv_tile() * (self.head_dim_qk + self.head_dim_vo) * self.dtype_kv.size()
+            + t.bdz * self.group * (2 + self.head_dim_vo) * 4
+    }
+
+    /// A readable name: op, dims, dtypes, group.
+    pub fn entry_name(&self, variant: &str) -> String {
+        let dims = if self.head_dim_qk == self.head_dim_vo {
+            format!("d{}", self.head_dim_qk)
+        } else {
+            format!("d{}x{}", self.head_dim_qk, self.head_dim_vo)
+        };
+        let dt = if self.dtype_q == self.dtype_kv && self.dtype_kv == self.dtype_o {
+            self.dtype_q.name().to_string()
+        } else {
+            format!("{}-{}-{}", self.dtype_q.name(), self.dtype_kv.name(), self.dtype_o.name())
+        };
+        format!("{variant}.{}.{dims}.{dt}.g{}", self.op.name(), self.group)
+    }
+}
+
+/// A rendered translation unit.
+#[derive(Debug, Clone)]
+pub struct KernelSource {
+    /// Readable name: variant, op, dims, dtypes, group.
+    pub name: String,
+    pub code: String,
+    /// `(1-based line, hook)`: the line holding each hook's expression.
+    pub hook_lines: Vec<(usize, String)>,
+}
+
+/// The cache key: blake3 over everything that changes the binary.
+pub fn kernel_key(source: &str, options: &[String], arch: &Arch, nvrtc_version: (i32, i32)) -> CacheKey {
+    KeyBuilder::new()
+        .field("source", source.as_bytes())
+        .field("options", options.join("\u{1f}").as_bytes())
+        .field("arch", arch.name().as_bytes())
+        .field("nvrtc", format!("{}.{}", nvrtc_version.0, nvrtc_version.1).as_bytes())
+        .field("crate", env!("CARGO_PKG_VERSION").as_bytes())
+        .finish()
+}
+
+/// Where a kernel came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Memory,
+    Disk,
+    Compiled,
+}
+
+/// A compiled kernel and how it was obtained.
+#[derive(Debug, Clone)]
+pub struct CompiledKernel {
+    pub key: CacheKey,
+    pub name: String,
+    pub arch: Arch,
+    pub cubin: Arc<Vec<u8>>,
+    pub origin: Origin,
+    /// Time spent in this call (render + lookup + compile).
+    pub elapsed: Duration,
+    /// The disk entry, if the store is usable.
+    pub path: Option<PathBuf>,
+    /// Cache problems worked around (a rebuilt corrupt entry, an unwritable directory).
+    pub warnings: Vec<String>,
+}
+
+/// Compiles and caches kernels. Cheap to share across threads.
+pub struct Jit {
+    nvrtc: Nvrtc,
+    store: Option<Store>,
+    store_error: Option<String>,
+    memory: DashMap<CacheKey, Arc<Vec<u8>>>,
+}
+
+impl Jit {
+    /// Finds NVRTC and the CUDA headers, and opens the disk store (an unusable store is a
+    /// warning on each compile, not an error).
+    pub fn new() -> Result<Jit> {
+        let nvrtc = Nvrtc::load()?;
+        let (store, store_error) = match Store::default_dir().and_then(Store::open) {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Ok(Jit { nvrtc, store, store_error, memory: DashMap::new() })
+    }
+
+    /// Like [`Jit::new`] with an explicit cache directory.
+    pub fn with_store_dir(dir: impl Into<PathBuf>) -> Result<Jit> {
+        let nvrtc = Nvrtc::load()?;
+        let (store, store_error) = match Store::open(dir) {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Ok(Jit { nvrtc, store, store_error, memory: DashMap::new() })
+    }
+
+    pub fn nvrtc(&self) -> &Nvrtc {
+        &self.nvrtc
+    }
+
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// Renders, looks up and, on a miss, compiles.
+    pub fn get(&self, variant: &Variant, cfg: &KernelConfig, arch: &Arch) -> Result<CompiledKernel> {
+        let t0 = Instant::now();
+        cfg.validate()?;
+        let src = render::render(variant, cfg)?;
+        let options = self.nvrtc.options(arch);
+        let key = kernel_key(&src.code, &options, arch, self.nvrtc.version());
+        let name = format!("{}.{}", src.name, arch.name());
+        let mut warnings = Vec::new();
+        let path = self.store.as_ref().map(|s| s.path_of(&key, &name));
+        let done = |cubin, origin, warnings| CompiledKernel {
+            key,
+            name: name.clone(),
+            arch: arch.clone(),
+            cubin,
+            origin,
+            elapsed: t0.elapsed(),
+            path: path.clone(),
+            warnings,
+        };
+        if let Some(hit) = self.memory.get(&key) {
+            return Ok(done(hit.clone(), Origin::Memory, warnings));
+        }
+        if let Some(store) = &self.store {
+            match store.get(&key, &name) {
+                Lookup::Hit(bytes) => {
+                    let cubin = Arc::new(bytes);
+                    self.memory.insert(key, cubin.clone());
+                    return Ok(done(cubin, Origin::Disk, warnings));
+                }
+                Lookup::Miss => {}
+                Lookup::Corrupt(why) => warnings.push(format!("cache entry {name} was damaged ({why}); rebuilt it")),
+            }
+        }
+        let cubin = Arc::new(self.nvrtc.compile(&src, &options, self.store.as_ref().map(|s| s.dir()))?);
+        match (&self.store, &self.store_error) {
+            (Some(store), _) => {
+                let meta = format!("variant={} op={} arch={} nvrtc={}.{}", variant.name, cfg.op.name(), arch.name(), self.nvrtc.version().0, self.nvrtc.version().1);
+                if let Err(e) = store.put(&key, &name, &meta, &cubin) {
+                    warnings.push(format!("{e}; keeping the kernel in memory only"));
+                }
+            }
+            (None, Some(e)) => warnings.push(format!("{e}; keeping the kernel in memory only")),
+            (None, None) => {}
+        }
+        self.memory.insert(key, cubin.clone());
+        Ok(done(cubin, Origin::Compiled, warnings))
+    }
+}

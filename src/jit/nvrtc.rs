@@ -1,0 +1,252 @@
+//! NVRTC: finding the library and the CUDA headers, compiling to CUBIN, and turning a failed
+//! compile into a message that points at the rendered lines and the spec hook they came from.
+//!
+//! cudarc loads `libnvrtc` dynamically and panics if it is missing, so we probe first. When the
+//! library is not on the loader path we look in the usual places (`CUDA_HOME`, `CUDA_PATH`,
+//! `/usr/local/cuda`, the `nvidia-cuda-nvrtc` wheel in `./.cuda` or a Python site-packages) and
+//! preload it by absolute path; cudarc's later `dlopen` by soname then finds the loaded copy.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use cudarc::nvrtc::{result, sys};
+
+use super::{Arch, KernelSource};
+use crate::{Error, Result};
+
+/// Where the wheels' files live under an install prefix.
+const WHEEL_SUBDIR: &str = "nvidia/cu13";
+
+/// Candidate CUDA roots, most specific first.
+fn cuda_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| std::env::var_os(v).filter(|s| !s.is_empty()).map(PathBuf::from))
+        .collect();
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    roots.push(PathBuf::from(".cuda").join(WHEEL_SUBDIR));
+    roots.extend(site_packages().into_iter().map(|p| p.join(WHEEL_SUBDIR)));
+    roots
+}
+
+/// Python's site-packages directories, asked of `python3` once (only if nothing else matched).
+fn site_packages() -> Vec<PathBuf> {
+    static DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import site, sys; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(PathBuf::from).collect(),
+            _ => Vec::new(),
+        }
+    })
+    .clone()
+}
+
+/// The directory holding `cuda_fp16.h`, `cuda_bf16.h` and `cuda_fp8.h`.
+pub fn find_cuda_include() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("ATTNFORGE_CUDA_INCLUDE").map(PathBuf::from) {
+        if d.join("cuda_fp16.h").exists() {
+            return Ok(d);
+        }
+    }
+    for root in cuda_roots() {
+        let inc = root.join("include");
+        if inc.join("cuda_fp16.h").exists() && inc.join("cuda_bf16.h").exists() {
+            return Ok(inc.canonicalize().unwrap_or(inc));
+        }
+    }
+    Err(Error::Compile(
+        "CUDA headers not found (cuda_fp16.h, cuda_bf16.h): set CUDA_HOME to a CUDA toolkit, or \
+         `pip install --target .cuda nvidia-cuda-runtime==13.0.88` in the working directory"
+            .into(),
+    ))
+}
+
+/// Makes libnvrtc loadable, preloading it from a known directory when it is not on the loader
+/// path. Returns a description of where it came from.
+fn ensure_library() -> Result<String> {
+    static FOUND: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            // SAFETY: probing only dlopens and dlcloses candidate names; no symbol is called.
+            if unsafe { sys::is_culib_present() } {
+                return Ok("loader path".into());
+            }
+            let mut dirs: Vec<PathBuf> = std::env::var_os("ATTNFORGE_NVRTC_DIR").map(PathBuf::from).into_iter().collect();
+            for root in cuda_roots() {
+                dirs.push(root.join("lib64"));
+                dirs.push(root.join("lib"));
+            }
+            for dir in dirs {
+                let Some(main) = find_lib(&dir, "libnvrtc.so.") else { continue };
+                // The builtins library is dlopened by libnvrtc by soname; load it first.
+                if let Some(builtins) = find_lib(&dir, "libnvrtc-builtins.so.") {
+                    preload(&builtins)?;
+                }
+                preload(&main)?;
+                // SAFETY: as above.
+                if unsafe { sys::is_culib_present() } {
+                    return Ok(main.display().to_string());
+                }
+            }
+            Err("NVRTC (libnvrtc.so.13) not found: install a CUDA toolkit and set CUDA_HOME, or \
+                 `pip install --target .cuda nvidia-cuda-nvrtc==13.0.88` in the working directory, \
+                 or put its directory on LD_LIBRARY_PATH"
+                .into())
+        })
+        .clone()
+        .map_err(Error::Compile)
+}
+
+fn find_lib(dir: &Path, prefix: &str) -> Option<PathBuf> {
+    let mut hits: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            n.starts_with(prefix) && !n.contains(".alt.")
+        })
+        .collect();
+    hits.sort();
+    hits.into_iter().next()
+}
+
+fn preload(path: &Path) -> std::result::Result<(), String> {
+    // SAFETY: loading NVIDIA's NVRTC libraries runs their (trusted) initialisers only. The handle
+    // is leaked on purpose: the library must stay loaded for the life of the process.
+    let lib = unsafe {
+        libloading::os::unix::Library::open(Some(path), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL)
+    }
+    .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+    std::mem::forget(lib);
+    Ok(())
+}
+
+/// A usable NVRTC: the library, its version and the CUDA headers.
+#[derive(Debug, Clone)]
+pub struct Nvrtc {
+    version: (i32, i32),
+    include: PathBuf,
+    library: String,
+}
+
+impl Nvrtc {
+    pub fn load() -> Result<Nvrtc> {
+        let library = ensure_library()?;
+        let include = find_cuda_include()?;
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: the library is loaded (checked above); the out-pointers are valid locals.
+        unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
+            .result()
+            .map_err(|e| Error::Compile(format!("nvrtcVersion failed: {e:?}")))?;
+        Ok(Nvrtc { version: (major, minor), include, library })
+    }
+
+    pub fn version(&self) -> (i32, i32) {
+        self.version
+    }
+
+    pub fn include_dir(&self) -> &Path {
+        &self.include
+    }
+
+    pub fn library(&self) -> &str {
+        &self.library
+    }
+
+    /// The compile options for `arch` (part of the cache key).
+    pub fn options(&self, arch: &Arch) -> Vec<String> {
+        vec![
+            format!("--gpu-architecture={}", arch.name()),
+            "-std=c++17".into(),
+            "--use_fast_math".into(),
+            format!("-I{}", self.include.display()),
+        ]
+    }
+
+    /// Compiles to CUBIN. On failure, saves the source next to the cache (or in the temp dir)
+    /// and reports the log with the failing rendered lines and their spec hook.
+    pub fn compile(&self, src: &KernelSource, options: &[String], save_dir: Option<&Path>) -> Result<Vec<u8>> {
+        let code = CString::new(src.code.as_str()).map_err(|_| Error::Render("rendered source contains a NUL byte".into()))?;
+        let file = CString::new(format!("{}.cu", src.name)).map_err(|_| Error::Render("kernel name contains a NUL byte".into()))?;
+        let prog = result::create_program(&code, Some(&file)).map_err(|e| Error::Compile(format!("nvrtcCreateProgram: {e:?}")))?;
+        // SAFETY: `prog` was created above and is destroyed exactly once, below, on every path.
+        let compiled = unsafe { result::compile_program(prog, options) };
+        // SAFETY: `prog` is live until destroy_program.
+        let log = unsafe { result::get_program_log(prog) }.map(|l| cstr_log(&l)).unwrap_or_default();
+        let out = match compiled {
+            Ok(()) => cubin(prog),
+            Err(e) => Err(self.failure(src, &log, &format!("{e:?}"), save_dir)),
+        };
+        // SAFETY: destroys the program created above; nothing uses it afterwards.
+        let _ = unsafe { result::destroy_program(prog) };
+        out
+    }
+
+    fn failure(&self, src: &KernelSource, log: &str, code: &str, save_dir: Option<&Path>) -> Error {
+        let saved = save_source(src, save_dir);
+        let lines: Vec<&str> = src.code.lines().collect();
+        let mut msg = format!("NVRTC failed to compile {} ({code}):\n", src.name);
+        let mut shown = std::collections::BTreeSet::new();
+        for l in log.lines().filter(|l| !l.trim().is_empty()) {
+            msg.push_str(&format!("  {l}\n"));
+            let Some(line) = error_line(l) else { continue };
+            if !shown.insert(line) {
+                continue;
+            }
+            if let Some((_, hook)) = src.hook_lines.iter().find(|(hl, _)| *hl == line) {
+                msg.push_str(&format!("  ^ in the code emitted for spec hook `{hook}`\n"));
+            }
+            for n in line.saturating_sub(2).max(1)..=(line + 1).min(lines.len()) {
+                let mark = if n == line { '>' } else { ' ' };
+                msg.push_str(&format!("  {mark} {n:>5} | {}\n", lines[n - 1]));
+            }
+        }
+        match saved {
+            Ok(p) => msg.push_str(&format!("  rendered source saved to {}", p.display())),
+            Err(e) => msg.push_str(&format!("  (could not save the rendered source: {e})")),
+        }
+        Error::Compile(msg)
+    }
+}
+
+/// `name.cu(123): error: …` → 123.
+fn error_line(log_line: &str) -> Option<usize> {
+    let open = log_line.find(".cu(")? + 4;
+    let close = log_line[open..].find(')')? + open;
+    log_line[open..close].parse().ok()
+}
+
+fn save_source(src: &KernelSource, dir: Option<&Path>) -> std::io::Result<PathBuf> {
+    let dir = dir.map(|d| d.join("failed")).unwrap_or_else(|| std::env::temp_dir().join("attnforge-failed"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}.cu", src.name));
+    std::fs::write(&path, &src.code)?;
+    Ok(path)
+}
+
+fn cstr_log(raw: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = raw.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>> {
+    let mut size = 0usize;
+    // SAFETY: `prog` compiled successfully; `size` is a valid out-pointer.
+    unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+        .result()
+        .map_err(|e| Error::Compile(format!("nvrtcGetCUBINSize: {e:?}")))?;
+    if size == 0 {
+        return Err(Error::Compile("NVRTC produced an empty CUBIN (was a virtual compute_XY arch targeted?)".into()));
+    }
+    let mut buf = vec![0u8; size];
+    // SAFETY: `buf` holds exactly the `size` bytes NVRTC reported.
+    unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()) }
+        .result()
+        .map_err(|e| Error::Compile(format!("nvrtcGetCUBIN: {e:?}")))?;
+    Ok(buf)
+}

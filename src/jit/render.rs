@@ -1,0 +1,96 @@
+//! Rendering: (Variant, KernelConfig) → one CUDA translation unit, through Tera.
+//!
+//! Templates are embedded with `include_str!`. Tera runs with autoescape off and fails on any
+//! undefined variable. The variant's hooks enter only as C++ emitted from the typed tree.
+//! Rendering is a pure function: the same inputs give byte-identical source.
+//!
+//! **Invariant:** render never touches the disk or the GPU.
+
+use std::sync::OnceLock;
+
+use serde_json::json;
+use tera::{Context, Tera};
+
+use super::{KernelConfig, KernelSource, Op};
+use crate::abi::{self, param_layout, PARAM_WORDS};
+use crate::spec::{cuda::emit, HookExpr, Normalize, Variant};
+use crate::{Error, Result};
+
+const TEMPLATES: [(&str, &str); 5] = [
+    ("common/prelude.cuh", include_str!("../../templates/common/prelude.cuh")),
+    ("common/decode.cuh", include_str!("../../templates/common/decode.cuh")),
+    ("common/merge.cuh", include_str!("../../templates/common/merge.cuh")),
+    ("variant.cuh.tera", include_str!("../../templates/variant.cuh.tera")),
+    ("decode.cu.tera", include_str!("../../templates/decode.cu.tera")),
+];
+
+fn tera() -> Result<&'static Tera> {
+    static TERA: OnceLock<std::result::Result<Tera, String>> = OnceLock::new();
+    TERA.get_or_init(|| {
+        let mut t = Tera::default();
+        t.autoescape_on(vec![]);
+        t.add_raw_templates(TEMPLATES.to_vec()).map_err(|e| format!("{e:?}"))?;
+        Ok(t)
+    })
+    .as_ref()
+    .map_err(|e| Error::Render(format!("templates do not parse: {e}")))
+}
+
+pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
+    let layout = param_layout(&variant.params).map_err(Error::Unsupported)?;
+    let hook = |h: Option<&HookExpr>| h.map_or(String::new(), |h| emit(&h.typed, &variant.params));
+    let range = variant.kv_range.as_ref();
+    let hooks = json!({
+        "logits": hook(Some(&variant.logits)),
+        "mask": hook(variant.mask.as_ref()),
+        "kv_lo": hook(range.and_then(|r| r.lo.as_ref())),
+        "kv_hi": hook(range.and_then(|r| r.hi.as_ref())),
+        "sink": hook(variant.sink.as_ref()),
+    });
+    let name = cfg.entry_name(&variant.name);
+    let mut ctx = Context::new();
+    ctx.insert("name", &name);
+    ctx.insert("variant_name", &variant.name);
+    ctx.insert("origin", &variant.origin);
+    ctx.insert(
+        "params",
+        &layout.iter().map(|f| json!({ "field": f.field, "ctype": f.ctype, "offset": f.offset })).collect::<Vec<_>>(),
+    );
+    ctx.insert("params_words", &PARAM_WORDS);
+    ctx.insert("params_size", &abi::params_size(&layout));
+    ctx.insert("hooks", &hooks);
+    ctx.insert("normalize_softmax", &(variant.normalize == Normalize::Softmax));
+    ctx.insert("dtype_q", cfg.dtype_q.cuda_type());
+    ctx.insert("dtype_kv", cfg.dtype_kv.cuda_type());
+    ctx.insert("dtype_o", cfg.dtype_o.cuda_type());
+    ctx.insert("head_dim_qk", &cfg.head_dim_qk);
+    ctx.insert("head_dim_vo", &cfg.head_dim_vo);
+    ctx.insert("group", &cfg.group);
+    let template = match cfg.op {
+        Op::Decode => {
+            let t = cfg.decode_tile();
+            ctx.insert("bdx", &t.bdx);
+            ctx.insert("bdz", &t.bdz);
+            ctx.insert("tile_per_z", &t.tile_per_z);
+            ctx.insert("stages", &t.stages);
+            ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
+            ctx.insert("merge_args_size", &std::mem::size_of::<abi::MergeArgs>());
+            "decode.cu.tera"
+        }
+    };
+    let code = tera()?.render(template, &ctx).map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        Error::Render(msg)
+    })?;
+    let hook_lines = code
+        .lines()
+        .enumerate()
+        .filter_map(|(i, l)| l.trim().strip_prefix("// @hook ").map(|h| (i + 2, h.to_string())))
+        .collect();
+    Ok(KernelSource { name, code, hook_lines })
+}

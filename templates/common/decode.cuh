@@ -1,0 +1,286 @@
+// decode.cuh — batch decode over the paged KV cache: the kernel body.
+//
+// One CTA per work item (request, KV chunk) and KV head (blockIdx.y). Threads are (tx, ty, tz):
+// tx splits the head dim into 16-byte vectors, ty is the query head within the GQA group (all
+// query heads of a KV head share every K/V load), tz splits each KV tile across thread groups.
+// K/V tiles stream through a STAGES-deep cp.async ring in shared memory. Each (ty, tz) keeps an
+// online-softmax state; the tz states merge at the end. A split item writes an f32 partial
+// (o normalised, lse) for merge_states; an unsplit one writes the output and applies the sink.
+//
+// Needs, from the op template: DTypeQ, DTypeKV, DTypeO, Params, HEAD_DIM_QK, HEAD_DIM_VO, GROUP,
+// BDX, BDZ, TILE_PER_Z, STAGES, HAS_MASK, HAS_KV_LO, HAS_KV_HI, HAS_SINK, NORMALIZE_SOFTMAX, and
+// the hooks af_logits / af_mask / af_kv_lo / af_kv_hi / af_sink.
+
+#define VEC 8
+#define KV_TILE (BDZ * TILE_PER_Z)
+#define NUM_THREADS (BDX * GROUP * BDZ)
+
+// Mirrors src/engine/decode.rs `DecodeWork`.
+struct DecodeWork {
+  int req;
+  int kv_begin;  // first KV position of the chunk
+  int kv_end;    // one past the last
+  int partial;   // partial slot, or -1 to write the final output
+};
+
+// Mirrors src/engine/decode.rs `DecodeArgs`; the size is checked below against Rust's.
+struct DecodeArgs {
+  const DTypeQ* q;
+  const DTypeKV* k;
+  const DTypeKV* v;
+  DTypeO* o;
+  float* lse;
+  float* part_o;
+  float* part_lse;
+  const int* qo_indptr;
+  const int* kv_indptr;
+  const int* kv_indices;
+  const int* last_page_len;
+  const DecodeWork* work;
+  const int* num_work;
+  long long k_page_stride;
+  long long v_page_stride;
+  int k_slot_stride;
+  int k_head_stride;
+  int v_slot_stride;
+  int v_head_stride;
+  int page_size;
+  int num_qo_heads;
+  float sm_scale;
+  int pad_;
+};
+
+__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p) {
+  const int w = blockIdx.x;
+  if (w >= *a.num_work) return;  // fixed-grid mode: spare CTAs exit
+  const DecodeWork item = a.work[w];
+  const int kv_head = blockIdx.y;
+  const int tx = threadIdx.x, ty = threadIdx.y, tz = threadIdx.z;
+  const int tid = (tz * GROUP + ty) * BDX + tx;
+  const int req = item.req;
+  const int qo_head = kv_head * GROUP + ty;
+  const int token = a.qo_indptr[req];
+  const int q_len = a.qo_indptr[req + 1] - token;
+  const int page_begin = a.kv_indptr[req];
+  const int n_pages = a.kv_indptr[req + 1] - page_begin;
+  const int kv_len = n_pages == 0 ? 0 : (n_pages - 1) * a.page_size + a.last_page_len[req];
+  const int q_pos = kv_len - q_len;  // the request's one query token, i = q_len - 1 = 0
+  const float sm_scale = a.sm_scale;
+
+  int lo = item.kv_begin, hi = item.kv_end - 1;
+#if HAS_KV_LO
+  lo = max(lo, af_kv_lo(0.f, sm_scale, q_pos, 0, kv_head * GROUP, kv_head, req, q_len, kv_len, p));
+#endif
+#if HAS_KV_HI
+  hi = min(hi, af_kv_hi(0.f, sm_scale, q_pos, 0, kv_head * GROUP, kv_head, req, q_len, kv_len, p));
+#endif
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
+  DTypeKV* v_smem = k_smem + STAGES * KV_TILE * HEAD_DIM_QK;
+  float* red = reinterpret_cast<float*>(v_smem + STAGES * KV_TILE * HEAD_DIM_VO);
+
+  float qf[VEC];
+  const bool has_qk = tx * VEC < HEAD_DIM_QK;
+  const bool has_vo = tx * VEC < HEAD_DIM_VO;
+  if (has_qk) {
+    af_load8(a.q + ((long long)token * a.num_qo_heads + qo_head) * HEAD_DIM_QK + tx * VEC, qf);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) qf[e] = 0.f;
+  }
+
+  // Issues the cp.async copies of tile `t` into ring slot `stage`. Keys past `hi` are zero-filled
+  // so that a masked key never multiplies a NaN from stale memory.
+  auto load_tile = [&](int stage, int tile_start) {
+    constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
+    constexpr int CH = KCH > VCH ? KCH : VCH;
+    for (int c = tid; c < KV_TILE * CH; c += NUM_THREADS) {
+      const int j = c / CH, ch = c % CH;
+      const int pos = tile_start + j;
+      const bool ok = pos <= hi;
+      long long page = 0;
+      int slot = 0;
+      if (ok) {
+        page = a.kv_indices[page_begin + pos / a.page_size];
+        slot = pos % a.page_size;
+      }
+      if (ch < KCH) {
+        const DTypeKV* src = ok ? a.k + page * a.k_page_stride + (long long)slot * a.k_slot_stride +
+                                      (long long)kv_head * a.k_head_stride + ch * VEC
+                                : a.k;
+        af_cp_async16(k_smem + (stage * KV_TILE + j) * HEAD_DIM_QK + ch * VEC, src, ok);
+      }
+      if (ch < VCH) {
+        const DTypeKV* src = ok ? a.v + page * a.v_page_stride + (long long)slot * a.v_slot_stride +
+                                      (long long)kv_head * a.v_head_stride + ch * VEC
+                                : a.v;
+        af_cp_async16(v_smem + (stage * KV_TILE + j) * HEAD_DIM_VO + ch * VEC, src, ok);
+      }
+    }
+  };
+
+  float m = -AF_INF, d = 0.f;
+  bool any = false;
+  float o[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) o[e] = 0.f;
+
+  const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) load_tile(s, lo + s * KV_TILE);
+    af_cp_async_commit();
+  }
+  for (int t = 0; t < num_tiles; ++t) {
+    {
+      const int nt = t + STAGES - 1;
+      if (nt < num_tiles) load_tile(nt % STAGES, lo + nt * KV_TILE);
+      af_cp_async_commit();
+    }
+    af_cp_async_wait<STAGES - 1>();
+    __syncthreads();
+    const int stage = t % STAGES;
+    const int tile_start = lo + t * KV_TILE;
+    float l[TILE_PER_Z];
+    float m_tile = -AF_INF;
+#pragma unroll
+    for (int jj = 0; jj < TILE_PER_Z; ++jj) {
+      const int j = tz * TILE_PER_Z + jj;
+      const int pos = tile_start + j;
+      float s = 0.f;
+      if (has_qk) {
+        float kf[VEC];
+        af_load8(k_smem + (stage * KV_TILE + j) * HEAD_DIM_QK + tx * VEC, kf);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s = fmaf(qf[e], kf[e], s);
+      }
+#pragma unroll
+      for (int off = BDX / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      bool vis = pos <= hi;
+#if HAS_MASK
+      vis = vis && af_mask(0.f, sm_scale, q_pos, pos, qo_head, kv_head, req, q_len, kv_len, p);
+#endif
+#if NORMALIZE_SOFTMAX
+      l[jj] = vis ? af_logits(s, sm_scale, q_pos, pos, qo_head, kv_head, req, q_len, kv_len, p) : -AF_INF;
+      m_tile = fmaxf(m_tile, l[jj]);
+#else
+      l[jj] = vis ? af_logits(s, sm_scale, q_pos, pos, qo_head, kv_head, req, q_len, kv_len, p) : 0.f;
+      any = any || vis;
+#endif
+    }
+#if NORMALIZE_SOFTMAX
+    const float m_new = fmaxf(m, m_tile);
+    if (m_new != -AF_INF) {
+      const float scale = exp2f((m - m_new) * AF_LOG2E);
+      d *= scale;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o[e] *= scale;
+#pragma unroll
+      for (int jj = 0; jj < TILE_PER_Z; ++jj) {
+        const float pj = exp2f((l[jj] - m_new) * AF_LOG2E);
+        d += pj;
+        if (has_vo) {
+          float vf[VEC];
+          af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * HEAD_DIM_VO + tx * VEC, vf);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) o[e] = fmaf(pj, vf[e], o[e]);
+        }
+      }
+      m = m_new;
+    }
+#else
+#pragma unroll
+    for (int jj = 0; jj < TILE_PER_Z; ++jj) {
+      if (has_vo) {
+        float vf[VEC];
+        af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * HEAD_DIM_VO + tx * VEC, vf);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) o[e] = fmaf(l[jj], vf[e], o[e]);
+      }
+    }
+#endif
+    __syncthreads();  // the slot is refilled by the next iteration's load
+  }
+  af_cp_async_wait<0>();
+
+  // Merge the BDZ states of each query head: red = [BDZ][GROUP] m, d, any, then o.
+  float* red_m = red;
+  float* red_d = red_m + BDZ * GROUP;
+  float* red_o = red_d + BDZ * GROUP;
+  const int zg = tz * GROUP + ty;
+  if (tx == 0) {
+    red_m[zg] = m;
+    red_d[zg] = NORMALIZE_SOFTMAX ? d : (any ? 1.f : 0.f);
+  }
+  if (has_vo) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) red_o[zg * HEAD_DIM_VO + tx * VEC + e] = o[e];
+  }
+  __syncthreads();
+  if (tz != 0 || !has_vo) return;
+
+  float M = -AF_INF, D = 0.f, O[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) O[e] = 0.f;
+#if NORMALIZE_SOFTMAX
+  for (int z = 0; z < BDZ; ++z) M = fmaxf(M, red_m[z * GROUP + ty]);
+  if (M != -AF_INF) {
+    for (int z = 0; z < BDZ; ++z) {
+      const float f = exp2f((red_m[z * GROUP + ty] - M) * AF_LOG2E);
+      D += red_d[z * GROUP + ty] * f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + ty) * HEAD_DIM_VO + tx * VEC + e] * f;
+    }
+  }
+  const bool visible = M != -AF_INF;
+#else
+  for (int z = 0; z < BDZ; ++z) {
+    D += red_d[z * GROUP + ty];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + ty) * HEAD_DIM_VO + tx * VEC + e];
+  }
+  const bool visible = D > 0.f;
+#endif
+
+  float lse_out;
+  if (item.partial >= 0) {
+    // Partial state for merge_states: o normalised, lse = log of the denominator, no sink.
+#if NORMALIZE_SOFTMAX
+    const float inv = visible ? 1.f / D : 0.f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] *= inv;
+    lse_out = visible ? M + logf(D) : -AF_INF;
+#else
+    lse_out = visible ? 0.f : -AF_INF;
+#endif
+    const long long row = (long long)item.partial * a.num_qo_heads + qo_head;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) a.part_o[row * HEAD_DIM_VO + tx * VEC + e] = O[e];
+    if (tx == 0) a.part_lse[row] = lse_out;
+    return;
+  }
+#if NORMALIZE_SOFTMAX
+  if (visible) {
+    float mf = M, df = D;
+#if HAS_SINK
+    const float sk = af_sink(0.f, sm_scale, q_pos, 0, qo_head, kv_head, req, q_len, kv_len, p);
+    mf = fmaxf(M, sk);
+    df = D * exp2f((M - mf) * AF_LOG2E) + exp2f((sk - mf) * AF_LOG2E);
+#endif
+    const float f = exp2f((M - mf) * AF_LOG2E) / df;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] *= f;
+    lse_out = mf + logf(df);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] = 0.f;
+    lse_out = -AF_INF;
+  }
+#else
+  lse_out = visible ? 0.f : -AF_INF;
+#endif
+  const long long row = (long long)token * a.num_qo_heads + qo_head;
+  af_store8(a.o + row * HEAD_DIM_VO + tx * VEC, O);
+  if (tx == 0) a.lse[row] = lse_out;
+}

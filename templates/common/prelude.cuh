@@ -1,0 +1,54 @@
+// prelude.cuh — types, conversions, cp.async, and the integer helpers the spec emitter calls.
+// Plain CUDA, no template syntax: included verbatim by every op.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#define AF_LOG2E 1.4426950408889634f
+#define AF_INF __int_as_float(0x7f800000)
+
+// Integer arithmetic of the spec language: wrapping + - *, division and remainder by zero give 0,
+// INT_MIN / -1 wraps. Must match src/spec/eval.rs exactly.
+__device__ __forceinline__ int af_iadd(int a, int b) { return (int)((unsigned)a + (unsigned)b); }
+__device__ __forceinline__ int af_isub(int a, int b) { return (int)((unsigned)a - (unsigned)b); }
+__device__ __forceinline__ int af_imul(int a, int b) { return (int)((unsigned)a * (unsigned)b); }
+__device__ __forceinline__ int af_ineg(int a) { return (int)(0u - (unsigned)a); }
+__device__ __forceinline__ int af_iabs(int a) { return a < 0 ? af_ineg(a) : a; }
+__device__ __forceinline__ int af_idiv(int a, int b) { return b == 0 ? 0 : (b == -1 ? af_ineg(a) : a / b); }
+__device__ __forceinline__ int af_irem(int a, int b) { return (b == 0 || b == -1) ? 0 : a % b; }
+__device__ __forceinline__ float af_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float af_to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float af_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float af_to_float(float x) { return x; }
+template <typename T> __device__ __forceinline__ T af_from_float(float x);
+template <> __device__ __forceinline__ __half af_from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 af_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ float af_from_float<float>(float x) { return x; }
+
+// Eight 2-byte elements (16 bytes) to float.
+template <typename T>
+__device__ __forceinline__ void af_load8(const T* p, float (&out)[8]) {
+  uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = af_to_float(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void af_store8(T* p, const float (&in)[8]) {
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = af_from_float<T>(in[i]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// DANGER_ASYNC: 16-byte global→shared copy; when !pred, writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void af_cp_async16(void* smem, const void* gmem, bool pred) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  int src_size = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size));
+}
+__device__ __forceinline__ void af_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void af_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

@@ -1,0 +1,103 @@
+//! Rendering is pure: golden output, determinism, and a cache key that moves with exactly the
+//! inputs that change the binary.
+
+use attnforge::jit::{kernel_key, render::render, Arch, KernelConfig};
+use attnforge::kv::DType;
+use attnforge::spec::shipped;
+
+/// Compares with `tests/golden/<name>.cu`; `UPDATE_GOLDEN=1` rewrites it.
+fn golden(name: &str, text: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{name}.cu"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, text).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
+    assert!(want == text, "{} differs from the rendered source; if intended, rerun with UPDATE_GOLDEN=1", path.display());
+}
+
+#[test]
+fn decode_render_matches_golden() {
+    let v = shipped::resolve("gemma2").unwrap();
+    let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
+    let src = render(&v, &cfg).unwrap();
+    assert_eq!(src.name, "gemma2.decode.d128.bf16.g4");
+    golden(&src.name, &src.code);
+    // The hook markers point at the lines holding the emitted expressions.
+    let lines: Vec<&str> = src.code.lines().collect();
+    let hooks: Vec<&str> = src.hook_lines.iter().map(|(_, h)| h.as_str()).collect();
+    assert_eq!(hooks, ["logits", "mask", "kv_range.lo", "kv_range.hi"]);
+    let emitted = [
+        attnforge::spec::cuda::emit(&v.logits.typed, &v.params),
+        attnforge::spec::cuda::emit(&v.mask.as_ref().unwrap().typed, &v.params),
+    ];
+    for ((line, _), e) in src.hook_lines.iter().zip(&emitted) {
+        assert_eq!(lines[line - 1].trim(), format!("return {e};"));
+    }
+}
+
+#[test]
+fn rendering_is_deterministic_and_every_shipped_variant_renders() {
+    for v in shipped::all().unwrap() {
+        for (d, t, g) in [(64, DType::F16, 1), (128, DType::Bf16, 4), (256, DType::Bf16, 8), (96, DType::F16, 7)] {
+            let cfg = KernelConfig::decode(d, d, t, g).unwrap();
+            let a = render(&v, &cfg).unwrap();
+            let b = render(&v, &cfg).unwrap();
+            assert_eq!(a.code, b.code, "{}", a.name);
+            assert!(a.code.contains("attnforge_decode") && a.code.contains("attnforge_merge"));
+        }
+    }
+}
+
+#[test]
+fn unsupported_configs_are_errors() {
+    for (dqk, dvo, dt, g, phrase) in [
+        (100, 100, DType::Bf16, 4, "multiples of 16"),
+        (512, 512, DType::Bf16, 4, "up to 256"),
+        (128, 128, DType::F32, 4, "f32"),
+        (128, 128, DType::Bf16, 0, "group 0"),
+        (256, 256, DType::Bf16, 64, "1024 threads"),
+    ] {
+        let err = KernelConfig::decode(dqk, dvo, dt, g).unwrap_err();
+        assert!(err.to_string().contains(phrase), "{err}");
+    }
+}
+
+#[test]
+fn decode_tiles_are_whole_warps_within_limits() {
+    for d in (16..=256).step_by(16) {
+        for g in [1, 2, 3, 4, 5, 6, 7, 8, 16] {
+            let Ok(cfg) = KernelConfig::decode(d, d, DType::Bf16, g) else { continue };
+            let t = cfg.decode_tile();
+            assert!(t.bdx.is_power_of_two() && t.bdx * 8 >= d);
+            assert_eq!(t.threads(g) % 32, 0, "d{d} g{g}: {t:?}");
+            assert!(t.threads(g) <= 1024 && t.stages >= 2);
+            assert!(cfg.smem_bytes() <= 100 * 1024, "d{d} g{g}: {} bytes", cfg.smem_bytes());
+        }
+    }
+}
+
+#[test]
+fn cache_key_moves_with_exactly_the_inputs_that_change_the_binary() {
+    let arch: Arch = "sm_90a".parse().unwrap();
+    let opts = vec!["-std=c++17".to_string(), "--use_fast_math".to_string()];
+    let base = kernel_key("src", &opts, &arch, (13, 0));
+    assert_eq!(base, kernel_key("src", &opts.clone(), &"sm_90a".parse().unwrap(), (13, 0)));
+    assert_ne!(base, kernel_key("src ", &opts, &arch, (13, 0)), "source");
+    assert_ne!(base, kernel_key("src", &opts[..1], &arch, (13, 0)), "options");
+    assert_ne!(base, kernel_key("src", &["-std=c++17--use_fast_math".to_string()], &arch, (13, 0)), "option boundaries");
+    assert_ne!(base, kernel_key("src", &opts, &"sm_90".parse().unwrap(), (13, 0)), "arch");
+    assert_ne!(base, kernel_key("src", &opts, &"sm_80".parse().unwrap(), (13, 0)), "arch");
+    assert_ne!(base, kernel_key("src", &opts, &arch, (13, 1)), "nvrtc version");
+}
+
+#[test]
+fn arch_names_parse() {
+    for (s, name) in [("sm_90a", "sm_90a"), ("sm_80", "sm_80"), ("89", "sm_89"), ("sm_100a", "sm_100a")] {
+        assert_eq!(s.parse::<Arch>().unwrap().name(), name);
+    }
+    for bad in ["sm_75", "sm_x", "", "sm_9"] {
+        assert!(bad.parse::<Arch>().is_err(), "{bad}");
+    }
+    assert_eq!(Arch::for_device(9, 0).name(), "sm_90a");
+    assert_eq!(Arch::for_device(8, 9).name(), "sm_89");
+}
