@@ -41,5 +41,23 @@ fn jit(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-criterion_group!(benches, spec, jit);
+fn plan(c: &mut Criterion) {
+    use attnforge::kv::{Batch, KvLayout, KvShape, PageTable};
+    use attnforge::plan::{plan_decode, PlanMode, PlanTarget};
+    use attnforge::spec::params::ParamInput;
+    for (variant, b) in [("default", 1usize), ("default", 256), ("gemma2", 256)] {
+        let v = shipped::resolve(variant).unwrap();
+        let lens: Vec<usize> = (0..b).map(|i| 1000 + (i * 37) % 3000).collect();
+        let pages = PageTable::from_lens(&lens, 16, &mut (0..).map(|i| i as usize));
+        let qo: Vec<i32> = (0..=b as i32).collect();
+        let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages.indices.len(), page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
+        let batch = Batch { qo_indptr: &qo, pages: &pages, kv, qo_heads: 32 };
+        let given = [("window".to_string(), ParamInput::Scalar(1024.0))].into_iter().filter(|_| variant == "gemma2").collect();
+        let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: b }).unwrap();
+        let target = PlanTarget { ctas: 132 * 4, kv_tile: 32 };
+        c.bench_function(&format!("plan/decode {variant} B={b}"), |bch| bch.iter(|| plan_decode(&v, &p, black_box(&batch), target, PlanMode::Default).unwrap()));
+    }
+}
+
+criterion_group!(benches, spec, jit, plan);
 criterion_main!(benches);

@@ -121,7 +121,8 @@ pub struct DecodeArgs {
     pub page_size: i32,
     pub num_qo_heads: i32,
     pub sm_scale: f32,
-    pub pad_: i32,
+    /// log2(page_size) when it is a power of two, else -1.
+    pub page_shift: i32,
 }
 
 /// Mirrors `MergeArgs` in `templates/common/merge.cuh`.

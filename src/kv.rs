@@ -352,16 +352,22 @@ pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Resu
     }
     let total_q = b.qo_indptr.last().copied().unwrap_or(0).max(0) as usize;
     check_indptr("qo_indptr", b.qo_indptr, total_q)?;
-    for req in 0..batch {
-        let (s, e) = (t.indptr[req] as usize, t.indptr[req + 1] as usize);
-        for pos in s..e {
-            let index = t.indices[pos];
-            if index < 0 || index as usize >= kv.num_pages {
-                return Err(LayoutError::PageIndex { req, pos, index, num_pages: kv.num_pages });
+    // One branch-free pass over all indices (it vectorises: planning a B = 256 decode batch
+    // validates ~40K indices); only on failure do we walk the requests to name the culprit.
+    let n = kv.num_pages as u64;
+    if t.indices.iter().fold(false, |bad, &i| bad | (i as u32 as u64 >= n)) {
+        for req in 0..batch {
+            for pos in t.indptr[req] as usize..t.indptr[req + 1] as usize {
+                let index = t.indices[pos];
+                if index < 0 || index as usize >= kv.num_pages {
+                    return Err(LayoutError::PageIndex { req, pos, index, num_pages: kv.num_pages });
+                }
             }
         }
+    }
+    for req in 0..batch {
         let value = t.last_page_len[req];
-        let empty = s == e;
+        let empty = t.indptr[req] == t.indptr[req + 1];
         let ok = if empty { value == 0 } else { value >= 1 && value as usize <= kv.page_size };
         if !ok {
             return Err(LayoutError::LastPageLen { req, value, page_size: kv.page_size, empty });

@@ -38,10 +38,14 @@
 //! ```
 
 pub mod abi;
+pub mod bench;
 pub mod engine;
 pub mod error;
 pub mod jit;
+pub mod harness;
 pub mod kv;
+pub mod npy;
+pub mod plan;
 pub mod reference;
 pub mod spec;
 pub mod workload;

@@ -1,8 +1,26 @@
 //! The engine: a CUDA context and stream, loaded kernels, and launches.
 //!
+//! [`Engine`] owns a context, a non-default stream (CUDA graphs cannot capture the legacy
+//! stream) and a [`Jit`]. Kernels are fetched through the JIT and loaded once per process.
+//! Caller-owned device buffers are checked against the CPU-side description of the batch before
+//! anything is launched.
+//!
 //! **Invariant:** this is the only module that launches kernels; every `unsafe` launch lives here.
 
-use crate::jit::Arch;
+mod decode;
+
+use std::sync::Arc;
+
+use attnforge_cache::CacheKey;
+use cudarc::driver::sys::{CUdevice_attribute, CUstreamCaptureStatus};
+use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use dashmap::DashMap;
+
+pub use self::decode::{DecodeKernel, DeviceBatch, DeviceOutput};
+use crate::abi::{ParamBlob, ParamField};
+use crate::jit::{Arch, CompiledKernel, Jit};
+use crate::plan::DecodePlan;
+use crate::spec::params::{ParamValue, ParamValues};
 use crate::{Error, Result};
 
 /// Whether the CUDA driver library can be loaded at all (cudarc panics on use if it cannot).
@@ -11,12 +29,185 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// The compile target for GPU `ordinal`, or a clear error when there is no driver or no GPU.
-pub fn device_arch(ordinal: usize) -> Result<Arch> {
+fn cuda(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !driver_present() {
         return Err(Error::Cuda("no CUDA driver (libcuda.so) on this machine, so no GPU".into()));
     }
-    let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| Error::Cuda(format!("no usable GPU {ordinal}: {e}")))?;
-    let (major, minor) = ctx.compute_capability().map_err(|e| Error::Cuda(format!("compute capability: {e}")))?;
+    CudaContext::new(ordinal).map_err(|e| Error::Cuda(format!("no usable GPU {ordinal}: {e}")))
+}
+
+/// The compile target for GPU `ordinal`, or a clear error when there is no driver or no GPU.
+pub fn device_arch(ordinal: usize) -> Result<Arch> {
+    let ctx = context(ordinal)?;
+    let (major, minor) = ctx.compute_capability().map_err(cuda("compute capability"))?;
     Ok(Arch::for_device(major as u32, minor as u32))
+}
+
+/// A GPU, a stream on it, and the kernels loaded there.
+pub struct Engine {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: Arch,
+    name: String,
+    sm_count: usize,
+    jit: Jit,
+    modules: DashMap<CacheKey, Arc<CudaModule>>,
+}
+
+impl Engine {
+    /// Opens GPU `ordinal`. Errors clearly when there is no driver, no GPU or no NVRTC.
+    pub fn new(ordinal: usize) -> Result<Engine> {
+        let ctx = context(ordinal)?;
+        // SAFETY: attnforge issues all work on the engine's one stream (or a caller's stream it
+        // is told about), so cudarc's cross-stream event tracking is not needed; it would also
+        // record events inside graph captures.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda("create stream"))?;
+        let (major, minor) = ctx.compute_capability().map_err(cuda("compute capability"))?;
+        let sm_count = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(cuda("SM count"))? as usize;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new() })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    /// "NVIDIA H100 80GB HBM3 (sm_90a, 132 SMs)".
+    pub fn describe(&self) -> String {
+        format!("{} ({}, {} SMs)", self.name, self.arch.name(), self.sm_count)
+    }
+
+    pub fn jit(&self) -> &Jit {
+        &self.jit
+    }
+
+    /// Loads a compiled kernel's module once per process.
+    fn module(&self, k: &CompiledKernel) -> Result<Arc<CudaModule>> {
+        if let Some(m) = self.modules.get(&k.key) {
+            return Ok(m.clone());
+        }
+        let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(k.cubin.to_vec())).map_err(cuda("load module"))?;
+        self.modules.insert(k.key, m.clone());
+        Ok(m)
+    }
+
+    /// Allocates a zeroed device buffer.
+    pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(cuda("allocate"))
+    }
+
+    /// Copies host data to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            // SAFETY: a one-element buffer that nothing reads; a zero-length allocation fails.
+            return unsafe { self.stream.alloc::<T>(1) }.map_err(cuda("allocate"));
+        }
+        self.stream.clone_htod(data).map_err(cuda("copy to device"))
+    }
+
+    /// Copies host data into an existing device buffer (lengths must match).
+    pub fn copy_into<T: DeviceRepr>(&self, data: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+        if data.len() > dst.len() {
+            return Err(Error::Layout(crate::kv::LayoutError::Mismatch { what: "device buffer capacity", expected: data.len(), got: dst.len() }));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut view = dst.slice_mut(..data.len());
+        self.stream.memcpy_htod(data, &mut view).map_err(cuda("copy to device"))
+    }
+
+    /// Copies a device buffer back to the host (synchronises the stream).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, src: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(src).map_err(cuda("copy to host"))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda("synchronize"))
+    }
+
+    /// Whether the engine's stream is being captured into a CUDA graph.
+    pub fn capturing(&self) -> Result<bool> {
+        let s = self.stream.capture_status().map_err(cuda("capture status"))?;
+        Ok(s != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
+    /// Uploads a variant's parameter values (arrays go to device memory).
+    pub fn upload_params(&self, layout: &[ParamField], values: &ParamValues) -> Result<DeviceParams> {
+        let mut arrays = Vec::new();
+        for v in values.values() {
+            match v {
+                ParamValue::I32s(xs) => arrays.push(self.upload(&xs.iter().map(|x| *x as u32).collect::<Vec<u32>>())?),
+                ParamValue::F32s(xs) => arrays.push(self.upload(&xs.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())?),
+                _ => {}
+            }
+        }
+        let ptrs: Vec<u64> = arrays.iter().map(|a| a.device_ptr(&self.stream).0).collect();
+        Ok(DeviceParams { blob: ParamBlob::pack(layout, values.values(), &ptrs), _arrays: arrays })
+    }
+
+    /// Uploads a plan into `bufs` with one host→device copy from pinned memory, allocating or
+    /// growing the buffers as needed. A fixed-grid plan never reallocates buffers that a graph
+    /// may have captured: it must fit them.
+    pub fn upload_plan(&self, plan: &DecodePlan, bufs: &mut Option<PlanBuffers>) -> Result<()> {
+        let packed = plan.packed();
+        let ws_floats = plan.workspace_bytes / 4;
+        let fits = bufs.as_ref().is_some_and(|b| b.plan.len() >= packed.len() && b.workspace.len() >= ws_floats);
+        if !fits {
+            if bufs.as_ref().is_some_and(|b| b.fixed) {
+                return Err(Error::Plan("this fixed-grid plan does not fit the buffers a graph captured; plan with the same max_ctas".into()));
+            }
+            // SAFETY: pinned host memory of `len` i32s, written before any copy reads it.
+            let pinned = unsafe { self.ctx.alloc_pinned::<i32>(packed.len()) }.map_err(cuda("pinned alloc"))?;
+            *bufs = Some(PlanBuffers {
+                plan: self.alloc::<i32>(pinned.len())?,
+                pinned,
+                workspace: self.alloc::<f32>(ws_floats)?,
+                fixed: matches!(plan.mode, crate::plan::PlanMode::FixedGrid { .. }),
+            });
+        }
+        let b = bufs.as_mut().ok_or_else(|| Error::Plan("plan buffers missing".into()))?;
+        b.pinned.as_mut_slice().map_err(cuda("pinned access"))?[..packed.len()].copy_from_slice(&packed);
+        // One copy of the whole pinned buffer; a tail left from a longer plan is never read
+        // (the kernels read the counts first, and the launch passes this plan's offsets).
+        self.stream.memcpy_htod(&b.pinned, &mut b.plan).map_err(cuda("upload plan"))?;
+        Ok(())
+    }
+}
+
+/// A variant's parameters on the device: the blob passed by value, and the arrays it points to.
+pub struct DeviceParams {
+    pub blob: ParamBlob,
+    _arrays: Vec<CudaSlice<u32>>,
+}
+
+/// Device buffers of a plan: the packed work list and the f32 workspace for partial states.
+pub struct PlanBuffers {
+    pub plan: CudaSlice<i32>,
+    pinned: cudarc::driver::PinnedHostSlice<i32>,
+    pub workspace: CudaSlice<f32>,
+    fixed: bool,
+}
+
+impl PlanBuffers {
+    pub fn workspace_bytes(&self) -> usize {
+        self.workspace.len() * 4
+    }
 }

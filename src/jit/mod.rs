@@ -103,12 +103,16 @@ pub struct KernelConfig {
     pub dtype_o: DType,
     /// Query heads per KV head (GQA group).
     pub group: usize,
+    /// Replaces the heuristic decode tile (for tuning sweeps); `None` in normal use.
+    pub tile_override: Option<DecodeTile>,
 }
 
 /// Thread and tile shape of the decode kernel; see `templates/common/decode.cuh`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DecodeTile {
-    /// Threads along the head dim (16-byte vectors), a power of two.
+    /// 16-byte vectors of the head dim per thread.
+    pub nv: usize,
+    /// Threads along the head dim, a power of two.
     pub bdx: usize,
     /// Thread groups splitting each KV tile.
     pub bdz: usize,
@@ -116,6 +120,8 @@ pub struct DecodeTile {
     pub tile_per_z: usize,
     /// Depth of the cp.async ring.
     pub stages: usize,
+    /// Minimum resident CTAs per SM asked of the register allocator (`__launch_bounds__`).
+    pub min_ctas: usize,
 }
 
 impl DecodeTile {
@@ -128,17 +134,15 @@ impl DecodeTile {
     }
 }
 
-/// Keys per KV tile in the decode kernel. 32 keeps each thread's logits in registers (at most 32
-/// of them, when one thread group covers the tile) while a tile of bf16 d128 K+V is 16 KB.
+/// Keys per KV tile in the decode kernel.
 const DECODE_KV_TILE: usize = 32;
-/// Shared memory for the decode ring. A 64 KB ring keeps 3 tiles (48 KB) in flight per CTA at
-/// d128, far over the ~23 KB per SM that 3 TB/s at ~1 µs latency needs, at 3 CTAs per SM.
-const DECODE_RING_BYTES: usize = 64 * 1024;
+/// Ring depth of the decode kernel.
+const DECODE_STAGES: usize = 2;
 
 impl KernelConfig {
     /// A decode config with validated dims and dtypes.
     pub fn decode(head_dim_qk: usize, head_dim_vo: usize, dtype: DType, group: usize) -> Result<KernelConfig> {
-        let cfg = KernelConfig { op: Op::Decode, head_dim_qk, head_dim_vo, dtype_q: dtype, dtype_kv: dtype, dtype_o: dtype, group };
+        let cfg = KernelConfig { op: Op::Decode, head_dim_qk, head_dim_vo, dtype_q: dtype, dtype_kv: dtype, dtype_o: dtype, group, tile_override: None };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -157,7 +161,11 @@ impl KernelConfig {
         if self.group == 0 {
             return Err(Error::Unsupported("GQA group 0".into()));
         }
-        if self.op == Op::Decode && self.decode_tile().threads(self.group) > 1024 {
+        let t = self.decode_tile();
+        if t.nv == 0 || t.bdx == 0 || !t.bdx.is_power_of_two() || t.bdx > 32 || t.bdx * t.nv * 8 < self.head_dim_qk.max(self.head_dim_vo) || t.stages < 2 || t.min_ctas == 0 || t.tile_per_z == 0 || t.bdz == 0 || t.threads(self.group) % 32 != 0 {
+            return Err(Error::Unsupported(format!("decode tile {t:?} does not fit head dims {}/{} and group {}", self.head_dim_qk, self.head_dim_vo, self.group)));
+        }
+        if self.op == Op::Decode && t.threads(self.group) > 1024 {
             return Err(Error::Unsupported(format!(
                 "decode with a GQA group of {} at head dim {} needs more than 1024 threads per block",
                 self.group,
@@ -168,25 +176,35 @@ impl KernelConfig {
     }
 
     /// The decode tile shape: a pure function of the config.
+    ///
+    /// Each thread owns 32 dims (four 16-byte vectors; two at head dims under 128), so a score
+    /// needs only log2(BDX) = 2–3 shuffle levels; an earlier shape with 8 dims per thread (4
+    /// levels) and a 64 KB ring ran at 37–47% of the copy ceiling on the H100 (BENCHMARKS.md).
+    /// The block is at least 128 threads of whole warps; the ring holds DECODE_STAGES tiles of 32
+    /// keys, small enough for several CTAs per SM.
     pub fn decode_tile(&self) -> DecodeTile {
-        let bdx = (self.head_dim_qk.max(self.head_dim_vo) / 8).next_power_of_two();
+        if let Some(t) = self.tile_override {
+            return t;
+        }
+        let max_d = self.head_dim_qk.max(self.head_dim_vo);
+        let nv = if max_d >= 128 { 4 } else { 2 };
+        let bdx = max_d.div_ceil(8 * nv).next_power_of_two();
         let base = bdx * self.group;
-        // At least 128 threads, and whole warps (the score reduction shuffles across full warps).
         let mut bdz = (128 / base).max(1);
         while (base * bdz) % 32 != 0 {
             bdz *= 2;
         }
         let tile_per_z = (DECODE_KV_TILE / bdz).max(1);
-        let stage_bytes = bdz * tile_per_z * (self.head_dim_qk + self.head_dim_vo) * self.dtype_kv.size();
-        let stages = (DECODE_RING_BYTES / stage_bytes).clamp(2, 4);
-        DecodeTile { bdx, bdz, tile_per_z, stages }
+        DecodeTile { nv, bdx, bdz, tile_per_z, stages: DECODE_STAGES, min_ctas: 1 }
     }
 
-    /// Dynamic shared memory of the kernel, in bytes.
+    /// Dynamic shared memory of the decode kernel, in bytes: the K/V ring (rows padded by one
+    /// 16-byte vector), reused afterwards for the cross-`tz` reduction.
     pub fn smem_bytes(&self) -> usize {
         let t = self.decode_tile();
-        t.stages * t.kv_tile() * (self.head_dim_qk + self.head_dim_vo) * self.dtype_kv.size()
-            + t.bdz * self.group * (2 + self.head_dim_vo) * 4
+        let ring = t.stages * t.kv_tile() * (self.head_dim_qk + self.head_dim_vo + 16) * self.dtype_kv.size();
+        let reduction = t.bdz * self.group * (2 + self.head_dim_vo) * 4;
+        ring.max(reduction)
     }
 
     /// A readable name: op, dims, dtypes, group.

@@ -73,6 +73,8 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
             ctx.insert("bdz", &t.bdz);
             ctx.insert("tile_per_z", &t.tile_per_z);
             ctx.insert("stages", &t.stages);
+            ctx.insert("nv", &t.nv);
+            ctx.insert("min_ctas", &t.min_ctas);
             ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
             ctx.insert("merge_args_size", &std::mem::size_of::<abi::MergeArgs>());
             "decode.cu.tera"

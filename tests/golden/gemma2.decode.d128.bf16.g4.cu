@@ -61,10 +61,12 @@ typedef __nv_bfloat16 DTypeO;
 #define HEAD_DIM_QK 128
 #define HEAD_DIM_VO 128
 #define GROUP 4
-#define BDX 16
-#define BDZ 2
-#define TILE_PER_Z 16
-#define STAGES 4
+#define BDX 4
+#define BDZ 8
+#define TILE_PER_Z 4
+#define STAGES 2
+#define NV 4
+#define MIN_CTAS 1
 
 // ---- variant `gemma2` (shipped:gemma2)
 struct Params {
@@ -106,19 +108,23 @@ __device__ __forceinline__ int af_kv_hi(AF_HOOK_ARGS) {
 // decode.cuh — batch decode over the paged KV cache: the kernel body.
 //
 // One CTA per work item (request, KV chunk) and KV head (blockIdx.y). Threads are (tx, ty, tz):
-// tx splits the head dim into 16-byte vectors, ty is the query head within the GQA group (all
-// query heads of a KV head share every K/V load), tz splits each KV tile across thread groups.
+// tx splits the head dim (each thread owns NV 16-byte vectors, strided by BDX so that the BDX
+// lanes of a row read consecutive bytes), ty is the query head within the GQA group (all query
+// heads of a KV head share every K/V load), tz splits each KV tile across thread groups.
+// Shared-memory rows are padded by 16 bytes so that rows read by different tz hit other banks.
 // K/V tiles stream through a STAGES-deep cp.async ring in shared memory. Each (ty, tz) keeps an
 // online-softmax state; the tz states merge at the end. A split item writes an f32 partial
 // (o normalised, lse) for merge_states; an unsplit one writes the output and applies the sink.
 //
 // Needs, from the op template: DTypeQ, DTypeKV, DTypeO, Params, HEAD_DIM_QK, HEAD_DIM_VO, GROUP,
-// BDX, BDZ, TILE_PER_Z, STAGES, HAS_MASK, HAS_KV_LO, HAS_KV_HI, HAS_SINK, NORMALIZE_SOFTMAX, and
+// BDX, BDZ, TILE_PER_Z, STAGES, NV, HAS_MASK, HAS_KV_LO, HAS_KV_HI, HAS_SINK, NORMALIZE_SOFTMAX, and
 // the hooks af_logits / af_mask / af_kv_lo / af_kv_hi / af_sink.
 
 #define VEC 8
 #define KV_TILE (BDZ * TILE_PER_Z)
 #define NUM_THREADS (BDX * GROUP * BDZ)
+#define ROW_QK (HEAD_DIM_QK + VEC)
+#define ROW_VO (HEAD_DIM_VO + VEC)
 
 // Mirrors src/engine/decode.rs `DecodeWork`.
 struct DecodeWork {
@@ -152,7 +158,7 @@ struct DecodeArgs {
   int page_size;
   int num_qo_heads;
   float sm_scale;
-  int pad_;
+  int page_shift;  // log2(page_size) when it is a power of two, else -1
 };
 
 __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p) {
@@ -182,18 +188,21 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
-  DTypeKV* v_smem = k_smem + STAGES * KV_TILE * HEAD_DIM_QK;
-  float* red = reinterpret_cast<float*>(v_smem + STAGES * KV_TILE * HEAD_DIM_VO);
+  DTypeKV* v_smem = k_smem + STAGES * KV_TILE * ROW_QK;
 
-  float qf[VEC];
-  const bool has_qk = tx * VEC < HEAD_DIM_QK;
-  const bool has_vo = tx * VEC < HEAD_DIM_VO;
-  if (has_qk) {
-    af_load8(a.q + ((long long)token * a.num_qo_heads + qo_head) * HEAD_DIM_QK + tx * VEC, qf);
-  } else {
+  // Vector v of this thread covers dims [(v * BDX + tx) * VEC, … + VEC).
+  float qf[NV][VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) qf[e] = 0.f;
+  for (int v = 0; v < NV; ++v) {
+    const int d0 = (v * BDX + tx) * VEC;
+    if (d0 < HEAD_DIM_QK) {
+      af_load8(a.q + ((long long)token * a.num_qo_heads + qo_head) * HEAD_DIM_QK + d0, qf[v]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qf[v][e] = 0.f;
+    }
   }
+  const bool has_vo = tx * VEC < HEAD_DIM_VO;
 
   // Issues the cp.async copies of tile `t` into ring slot `stage`. Keys past `hi` are zero-filled
   // so that a masked key never multiplies a NaN from stale memory.
@@ -207,29 +216,33 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
       long long page = 0;
       int slot = 0;
       if (ok) {
-        page = a.kv_indices[page_begin + pos / a.page_size];
-        slot = pos % a.page_size;
+        // Power-of-two pages (the common case) avoid an integer division per copy.
+        const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
+        slot = a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
+        page = a.kv_indices[page_begin + pi];
       }
       if (ch < KCH) {
         const DTypeKV* src = ok ? a.k + page * a.k_page_stride + (long long)slot * a.k_slot_stride +
                                       (long long)kv_head * a.k_head_stride + ch * VEC
                                 : a.k;
-        af_cp_async16(k_smem + (stage * KV_TILE + j) * HEAD_DIM_QK + ch * VEC, src, ok);
+        af_cp_async16(k_smem + (stage * KV_TILE + j) * ROW_QK + ch * VEC, src, ok);
       }
       if (ch < VCH) {
         const DTypeKV* src = ok ? a.v + page * a.v_page_stride + (long long)slot * a.v_slot_stride +
                                       (long long)kv_head * a.v_head_stride + ch * VEC
                                 : a.v;
-        af_cp_async16(v_smem + (stage * KV_TILE + j) * HEAD_DIM_VO + ch * VEC, src, ok);
+        af_cp_async16(v_smem + (stage * KV_TILE + j) * ROW_VO + ch * VEC, src, ok);
       }
     }
   };
 
   float m = -AF_INF, d = 0.f;
   bool any = false;
-  float o[VEC];
+  float o[NV][VEC];
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) o[e] = 0.f;
+  for (int v = 0; v < NV; ++v)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o[v][e] = 0.f;
 
   const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
 #pragma unroll
@@ -254,11 +267,15 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
       const int j = tz * TILE_PER_Z + jj;
       const int pos = tile_start + j;
       float s = 0.f;
-      if (has_qk) {
-        float kf[VEC];
-        af_load8(k_smem + (stage * KV_TILE + j) * HEAD_DIM_QK + tx * VEC, kf);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) s = fmaf(qf[e], kf[e], s);
+      for (int v = 0; v < NV; ++v) {
+        const int d0 = (v * BDX + tx) * VEC;
+        if (d0 < HEAD_DIM_QK) {
+          float kf[VEC];
+          af_load8(k_smem + (stage * KV_TILE + j) * ROW_QK + d0, kf);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) s = fmaf(qf[v][e], kf[e], s);
+        }
       }
 #pragma unroll
       for (int off = BDX / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -280,16 +297,22 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
       const float scale = exp2f((m - m_new) * AF_LOG2E);
       d *= scale;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) o[e] *= scale;
+      for (int v = 0; v < NV; ++v)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) o[v][e] *= scale;
 #pragma unroll
       for (int jj = 0; jj < TILE_PER_Z; ++jj) {
         const float pj = exp2f((l[jj] - m_new) * AF_LOG2E);
         d += pj;
-        if (has_vo) {
-          float vf[VEC];
-          af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * HEAD_DIM_VO + tx * VEC, vf);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) o[e] = fmaf(pj, vf[e], o[e]);
+        for (int v = 0; v < NV; ++v) {
+          const int d0 = (v * BDX + tx) * VEC;
+          if (d0 < HEAD_DIM_VO) {
+            float vf[VEC];
+            af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * ROW_VO + d0, vf);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) o[v][e] = fmaf(pj, vf[e], o[v][e]);
+          }
         }
       }
       m = m_new;
@@ -297,19 +320,25 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
 #else
 #pragma unroll
     for (int jj = 0; jj < TILE_PER_Z; ++jj) {
-      if (has_vo) {
-        float vf[VEC];
-        af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * HEAD_DIM_VO + tx * VEC, vf);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) o[e] = fmaf(l[jj], vf[e], o[e]);
+      for (int v = 0; v < NV; ++v) {
+        const int d0 = (v * BDX + tx) * VEC;
+        if (d0 < HEAD_DIM_VO) {
+          float vf[VEC];
+          af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * ROW_VO + d0, vf);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) o[v][e] = fmaf(l[jj], vf[e], o[v][e]);
+        }
       }
     }
 #endif
     __syncthreads();  // the slot is refilled by the next iteration's load
   }
   af_cp_async_wait<0>();
+  __syncthreads();  // the ring is reused for the reduction below
 
-  // Merge the BDZ states of each query head: red = [BDZ][GROUP] m, d, any, then o.
+  // Merge the BDZ states of each query head: red = [BDZ][GROUP] m, d, then o.
+  float* red = reinterpret_cast<float*>(smem_raw);
   float* red_m = red;
   float* red_d = red_m + BDZ * GROUP;
   float* red_o = red_d + BDZ * GROUP;
@@ -318,16 +347,22 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
     red_m[zg] = m;
     red_d[zg] = NORMALIZE_SOFTMAX ? d : (any ? 1.f : 0.f);
   }
-  if (has_vo) {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) red_o[zg * HEAD_DIM_VO + tx * VEC + e] = o[e];
+  for (int v = 0; v < NV; ++v) {
+    const int d0 = (v * BDX + tx) * VEC;
+    if (d0 < HEAD_DIM_VO) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) red_o[zg * HEAD_DIM_VO + d0 + e] = o[v][e];
+    }
   }
   __syncthreads();
   if (tz != 0 || !has_vo) return;
 
-  float M = -AF_INF, D = 0.f, O[VEC];
+  float M = -AF_INF, D = 0.f, O[NV][VEC];
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) O[e] = 0.f;
+  for (int v = 0; v < NV; ++v)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[v][e] = 0.f;
 #if NORMALIZE_SOFTMAX
   for (int z = 0; z < BDZ; ++z) M = fmaxf(M, red_m[z * GROUP + ty]);
   if (M != -AF_INF) {
@@ -335,7 +370,13 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
       const float f = exp2f((red_m[z * GROUP + ty] - M) * AF_LOG2E);
       D += red_d[z * GROUP + ty] * f;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + ty) * HEAD_DIM_VO + tx * VEC + e] * f;
+      for (int v = 0; v < NV; ++v) {
+        const int d0 = (v * BDX + tx) * VEC;
+        if (d0 < HEAD_DIM_VO) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) O[v][e] += red_o[(z * GROUP + ty) * HEAD_DIM_VO + d0 + e] * f;
+        }
+      }
     }
   }
   const bool visible = M != -AF_INF;
@@ -343,7 +384,13 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   for (int z = 0; z < BDZ; ++z) {
     D += red_d[z * GROUP + ty];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + ty) * HEAD_DIM_VO + tx * VEC + e];
+    for (int v = 0; v < NV; ++v) {
+      const int d0 = (v * BDX + tx) * VEC;
+      if (d0 < HEAD_DIM_VO) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) O[v][e] += red_o[(z * GROUP + ty) * HEAD_DIM_VO + d0 + e];
+      }
+    }
   }
   const bool visible = D > 0.f;
 #endif
@@ -354,14 +401,22 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
 #if NORMALIZE_SOFTMAX
     const float inv = visible ? 1.f / D : 0.f;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) O[e] *= inv;
+    for (int v = 0; v < NV; ++v)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) O[v][e] *= inv;
     lse_out = visible ? M + logf(D) : -AF_INF;
 #else
     lse_out = visible ? 0.f : -AF_INF;
 #endif
     const long long row = (long long)item.partial * a.num_qo_heads + qo_head;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) a.part_o[row * HEAD_DIM_VO + tx * VEC + e] = O[e];
+    for (int v = 0; v < NV; ++v) {
+      const int d0 = (v * BDX + tx) * VEC;
+      if (d0 < HEAD_DIM_VO) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) a.part_o[row * HEAD_DIM_VO + d0 + e] = O[v][e];
+      }
+    }
     if (tx == 0) a.part_lse[row] = lse_out;
     return;
   }
@@ -375,18 +430,26 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
 #endif
     const float f = exp2f((M - mf) * AF_LOG2E) / df;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) O[e] *= f;
+    for (int v = 0; v < NV; ++v)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) O[v][e] *= f;
     lse_out = mf + logf(df);
   } else {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) O[e] = 0.f;
+    for (int v = 0; v < NV; ++v)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) O[v][e] = 0.f;
     lse_out = -AF_INF;
   }
 #else
   lse_out = visible ? 0.f : -AF_INF;
 #endif
   const long long row = (long long)token * a.num_qo_heads + qo_head;
-  af_store8(a.o + row * HEAD_DIM_VO + tx * VEC, O);
+#pragma unroll
+  for (int v = 0; v < NV; ++v) {
+    const int d0 = (v * BDX + tx) * VEC;
+    if (d0 < HEAD_DIM_VO) af_store8(a.o + row * HEAD_DIM_VO + d0, O[v]);
+  }
   if (tx == 0) a.lse[row] = lse_out;
 }
 
@@ -474,7 +537,7 @@ static_assert(sizeof(DecodeArgs) == 152, "DecodeArgs layout differs from Rust");
 static_assert(sizeof(MergeArgs) == 88, "MergeArgs layout differs from Rust");
 static_assert(NUM_THREADS % 32 == 0 && NUM_THREADS <= 1024, "block must be whole warps");
 
-extern "C" __global__ void __launch_bounds__(NUM_THREADS) attnforge_decode(const DecodeArgs a, const ParamsArg pa) {
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_CTAS) attnforge_decode(const DecodeArgs a, const ParamsArg pa) {
   decode_body(a, pa.p);
 }
 

@@ -67,6 +67,6 @@ fn the_demo_runs_every_shipped_variant() {
     let (ok, text) = attnforge(&[]);
     assert!(ok, "{text}");
     for (name, _) in attnforge::spec::shipped::SHIPPED {
-        assert!(text.lines().any(|l| l.starts_with(name)), "{name} missing from:\n{text}");
+        assert!(text.lines().any(|l| l.trim_start().starts_with(name)), "{name} missing from:\n{text}");
     }
 }

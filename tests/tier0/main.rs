@@ -2,6 +2,7 @@
 
 mod cli;
 mod kv;
+mod plan;
 mod reference;
 mod render;
 mod spec_errors;

@@ -1,0 +1,202 @@
+//! GPU benchmarks behind `attnforge bench`: decode at the shapes of FlashInfer's published
+//! numbers (`../shared/docs/ANCHORS.md`), timed as CUDA-graph replays and as eager host calls.
+//!
+//! Inputs rotate over enough copies of the KV cache (each with its own page table) that one
+//! graph of 20 calls touches more than twice the 50 MB L2, so small shapes are not timed out of
+//! cache. Data is random (never zeros), tiled from a 1M-element block to keep set-up fast.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::engine::{DeviceBatch, DeviceOutput, Engine, PlanBuffers};
+use crate::jit::KernelConfig;
+use crate::kv::{Batch, DType, KvLayout, KvShape, PageTable};
+use crate::plan::PlanMode;
+use crate::spec::params::{Dims, ParamInput};
+use crate::spec::shipped;
+use crate::{Error, Result};
+
+/// Device-to-device copy bandwidth of the H100 measured in ANCHORS.md (bytes read + written).
+pub const COPY_CEILING_GBPS: f64 = 2950.0;
+
+/// One decode benchmark shape.
+#[derive(Debug, Clone)]
+pub struct DecodeShape {
+    pub variant: &'static str,
+    pub params: Vec<(&'static str, f64)>,
+    pub batch: usize,
+    pub kv_len: usize,
+    /// FlashInfer's graph and eager µs on the same card, where published.
+    pub anchor_graph_us: Option<f64>,
+    pub anchor_eager_us: Option<f64>,
+}
+
+/// The ANCHORS.md decode shapes: bf16, 32/8 heads, d128, page 16, NHD, permuted pages.
+pub fn anchor_decode_shapes() -> Vec<DecodeShape> {
+    let s = |batch, kv_len, g, e| DecodeShape { variant: "default", params: vec![], batch, kv_len, anchor_graph_us: Some(g), anchor_eager_us: Some(e) };
+    vec![
+        s(1, 1024, 9.3, 59.6),
+        s(1, 16384, 33.3, 67.7),
+        s(16, 4096, 102.8, 150.8),
+        s(64, 4096, 383.7, 457.7),
+        s(128, 2048, 375.4, 434.4),
+        s(256, 4096, 1546.9, 1601.0),
+        DecodeShape { variant: "gemma2", params: vec![("soft_cap", 30.0), ("window", 1024.0)], batch: 64, kv_len: 4096, anchor_graph_us: None, anchor_eager_us: Some(493.6) },
+    ]
+}
+
+/// What one shape measured.
+#[derive(Debug, Clone)]
+pub struct DecodeResult {
+    pub shape: DecodeShape,
+    pub graph_us: f64,
+    pub eager_us: f64,
+    /// Visible K and V bytes read once, plus q and o.
+    pub bytes: f64,
+    pub work_items: usize,
+    pub splits: usize,
+    pub copies: usize,
+}
+
+impl DecodeResult {
+    pub fn gbps(&self) -> f64 {
+        self.bytes / (self.graph_us * 1e-6) / 1e9
+    }
+}
+
+const QO_HEADS: usize = 32;
+const KV_HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const PAGE: usize = 16;
+const GRAPH_CALLS: usize = 20;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times one decode shape on `engine`.
+pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::DecodeTile>) -> Result<DecodeResult> {
+    let v = shipped::resolve(shape.variant)?;
+    let mut cfg = KernelConfig::decode(HEAD_DIM, HEAD_DIM, DType::Bf16, QO_HEADS / KV_HEADS)?;
+    cfg.tile_override = tile;
+    cfg.validate()?;
+    let k = e.decode_kernel(&v, &cfg)?;
+    let given: HashMap<String, ParamInput> = shape.params.iter().map(|(n, x)| (n.to_string(), ParamInput::Scalar(*x))).collect();
+    let params = v.bind(&given, Dims { qo_heads: QO_HEADS, kv_heads: KV_HEADS, batch: shape.batch })?;
+    let dp = e.upload_params(&k.layout, &params)?;
+
+    let pages_per_req = shape.kv_len.div_ceil(PAGE);
+    let pages_per_copy = pages_per_req * shape.batch;
+    let kv_bytes_per_copy = (pages_per_copy * PAGE * KV_HEADS * HEAD_DIM * 2 * 2) as f64;
+    let copies = ((128e6 / kv_bytes_per_copy).ceil() as usize).clamp(2, GRAPH_CALLS);
+    let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages_per_copy * copies, page_size: PAGE, kv_heads: KV_HEADS, head_dim_qk: HEAD_DIM, head_dim_vo: HEAD_DIM };
+    let mut rng = StdRng::seed_from_u64(1);
+    let block: Vec<bf16> = (0..1 << 20).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
+    let mut cache = e.alloc::<bf16>(kv.k_len())?;
+    for start in (0..kv.k_len()).step_by(block.len()) {
+        let n = block.len().min(kv.k_len() - start);
+        let mut view = cache.slice_mut(start..start + n);
+        e.stream().memcpy_htod(&block[..n], &mut view).map_err(|x| Error::Cuda(x.to_string()))?;
+    }
+    let q = e.upload(&block[..shape.batch * QO_HEADS * HEAD_DIM])?;
+    let mut o = e.alloc::<bf16>(shape.batch * QO_HEADS * HEAD_DIM)?;
+    let mut lse = e.alloc::<f32>(shape.batch * QO_HEADS)?;
+    let qo_indptr: Vec<i32> = (0..=shape.batch as i32).collect();
+    let qo_dev = e.upload(&qo_indptr)?;
+
+    // One page table per copy, each scattered over its own slice of the cache.
+    struct Copy {
+        table: PageTable,
+        indptr: cudarc::driver::CudaSlice<i32>,
+        indices: cudarc::driver::CudaSlice<i32>,
+        last: cudarc::driver::CudaSlice<i32>,
+        bufs: Option<PlanBuffers>,
+    }
+    let mut tables = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let mut order: Vec<usize> = (c * pages_per_copy..(c + 1) * pages_per_copy).collect();
+        order.shuffle(&mut rng);
+        let table = PageTable::from_lens(&vec![shape.kv_len; shape.batch], PAGE, &mut order.into_iter());
+        let (indptr, indices, last) = (e.upload(&table.indptr)?, e.upload(&table.indices)?, e.upload(&table.last_page_len)?);
+        tables.push(Copy { table, indptr, indices, last, bufs: None });
+    }
+    let default_plan = e.plan_decode(&k, &params, &Batch { qo_indptr: &qo_indptr, pages: &tables[0].table, kv, qo_heads: QO_HEADS }, PlanMode::Default)?;
+    let fixed = PlanMode::FixedGrid { max_ctas: default_plan.work.len().max(1) };
+
+    let launch = |c: &Copy, plan: &crate::plan::DecodePlan, o: &mut cudarc::driver::CudaSlice<bf16>, lse: &mut cudarc::driver::CudaSlice<f32>| {
+        let dev = DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo_dev, kv_indptr: &c.indptr, kv_indices: &c.indices, last_page_len: &c.last };
+        let bufs = c.bufs.as_ref().ok_or_else(|| Error::Plan("plan not uploaded".into()))?;
+        e.run_decode(&k, plan, bufs, &dp, &Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, &dev, DeviceOutput { o, lse }, None)
+    };
+
+    // Graph: GRAPH_CALLS calls rotating over the copies, each with its own uploaded plan.
+    let mut fixed_plans = Vec::new();
+    for c in tables.iter_mut() {
+        let plan = e.plan_decode(&k, &params, &Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, fixed)?;
+        e.upload_plan(&plan, &mut c.bufs)?;
+        fixed_plans.push(plan);
+    }
+    e.synchronize()?;
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda(x.to_string());
+    e.stream().begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cu)?;
+    let mut captured = Ok(());
+    for i in 0..GRAPH_CALLS {
+        let c = i % copies;
+        captured = captured.and_then(|_| launch(&tables[c], &fixed_plans[c], &mut o, &mut lse));
+    }
+    let graph = e.stream().end_capture(CUgraphInstantiate_flags(0)).map_err(cu)?;
+    captured?;
+    let graph = graph.ok_or_else(|| Error::Cuda("empty graph".into()))?;
+    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    for _ in 0..3 {
+        graph.launch().map_err(cu)?;
+    }
+    let mut samples = Vec::new();
+    for _ in 0..7 {
+        start.record(e.stream()).map_err(cu)?;
+        for _ in 0..5 {
+            graph.launch().map_err(cu)?;
+        }
+        end.record(e.stream()).map_err(cu)?;
+        end.synchronize().map_err(cu)?;
+        samples.push(f64::from(start.elapsed_ms(&end).map_err(cu)?) * 1e3 / (5 * GRAPH_CALLS) as f64);
+    }
+    let graph_us = median(samples);
+
+    // Eager: plan + upload + launch from the host for every call (default plans).
+    for c in tables.iter_mut() {
+        c.bufs = None;
+    }
+    let mut eager = Vec::new();
+    for round in 0..6 {
+        e.synchronize()?;
+        let t0 = Instant::now();
+        let n = 2 * GRAPH_CALLS;
+        for i in 0..n {
+            let c = &mut tables[i % copies];
+            let plan = e.plan_decode(&k, &params, &Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, PlanMode::Default)?;
+            e.upload_plan(&plan, &mut c.bufs)?;
+            launch(c, &plan, &mut o, &mut lse)?;
+        }
+        e.synchronize()?;
+        if round > 0 {
+            eager.push(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
+        }
+    }
+    let visible: usize = (0..shape.batch)
+        .map(|b| {
+            let (lo, hi) = crate::plan::visible_span(&v, &params, b, 1, shape.kv_len, 0);
+            hi - lo
+        })
+        .sum();
+    let bytes = (visible * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * shape.batch * QO_HEADS * HEAD_DIM * 2) as f64;
+    Ok(DecodeResult { shape: shape.clone(), graph_us, eager_us: median(eager), bytes, work_items: default_plan.work.len(), splits: default_plan.merge.len(), copies })
+}

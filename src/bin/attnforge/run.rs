@@ -1,0 +1,340 @@
+//! The GPU-facing commands: `run`, `bench` and the demo. Each checks the GPU against the CPU
+//! reference or times it; with no GPU, each says so and does what the CPU can.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use attnforge::bench::{anchor_decode_shapes, bench_decode, COPY_CEILING_GBPS};
+use attnforge::engine::Engine;
+use attnforge::harness::{compare, decode_once};
+use attnforge::jit::{Jit, KernelConfig, Origin};
+use attnforge::kv::{DType, Element, KvLayout};
+use attnforge::plan::PlanMode;
+use attnforge::reference::{self, AttnOutput};
+use attnforge::spec::params::{sample, Dims, ParamValues};
+use attnforge::spec::shipped;
+use attnforge::spec::Variant;
+use attnforge::workload::{Workload, WorkloadSpec};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::{parse_params, Op, RunArgs, Suite};
+
+pub(crate) fn run(a: &RunArgs) -> Result<()> {
+    let variant = shipped::resolve(&a.spec)?;
+    let q_len = match a.op {
+        Op::Decode => a.q_len.unwrap_or(1),
+        Op::Prefill => a.q_len.unwrap_or(a.kv_len),
+    };
+    if a.page_size == 0 || a.kv_heads == 0 || a.qo_heads % a.kv_heads != 0 {
+        bail!("qo_heads ({}) must be a multiple of kv_heads ({}) and page_size at least 1", a.qo_heads, a.kv_heads);
+    }
+    let spec = WorkloadSpec {
+        lens: vec![(q_len, a.kv_len); a.batch],
+        qo_heads: a.qo_heads,
+        kv_heads: a.kv_heads,
+        head_dim_qk: a.head_dim,
+        head_dim_vo: a.head_dim_vo.unwrap_or(a.head_dim),
+        page_size: a.page_size,
+        layout: a.layout,
+        interleaved: a.head_dim_vo.is_none_or(|d| d == a.head_dim),
+        permute: true,
+        spare_pages: 0,
+    };
+    let params = variant.bind(&parse_params(&a.params)?, Dims { qo_heads: a.qo_heads, kv_heads: a.kv_heads, batch: a.batch })?;
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    println!(
+        "variant {} ({}), {} × {} (q {q_len}, kv {}), heads {}/{}, head dim {}/{}, page {}, {}, {}",
+        variant.name,
+        variant.origin,
+        a.batch,
+        if a.op == Op::Decode { "decode" } else { "prefill" },
+        a.kv_len,
+        a.qo_heads,
+        a.kv_heads,
+        spec.head_dim_qk,
+        spec.head_dim_vo,
+        a.page_size,
+        a.dtype.name(),
+        a.layout.name()
+    );
+    if !a.cpu && a.op == Op::Prefill {
+        bail!("the GPU prefill kernels do not exist yet; pass --cpu to run the reference");
+    }
+    match a.dtype {
+        DType::F16 => run_typed::<f16>(a, &variant, &params, &spec, &mut rng),
+        DType::Bf16 => run_typed::<bf16>(a, &variant, &params, &spec, &mut rng),
+        DType::F32 => bail!("f32 inputs are not supported; use f16 or bf16"),
+    }
+}
+
+fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, p: &ParamValues, spec: &WorkloadSpec, rng: &mut StdRng) -> Result<()> {
+    let w = Workload::<T>::random(spec, rng);
+    let t0 = Instant::now();
+    let want = reference::attention(v, p, &w.batch(), &w.q, &w.k, w.v(), a.sm_scale)?;
+    let ref_secs = t0.elapsed().as_secs_f64();
+    println!("  CPU reference (f64): {} rows in {:.1} ms", want.lse.len(), ref_secs * 1e3);
+    summarise(&want);
+    let mut got = None;
+    if !a.cpu {
+        let e = Engine::new(0).context("the GPU path needs a GPU (pass --cpu for the reference alone)")?;
+        let cfg = KernelConfig::decode(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, spec.qo_heads / spec.kv_heads)?;
+        let k = e.decode_kernel(v, &cfg)?;
+        println!("  {} on {}: kernel {} ({}, {:.1} ms)", "decode", e.describe(), k.compiled.name, origin(k.compiled.origin), k.compiled.elapsed.as_secs_f64() * 1e3);
+        let mode = if a.deterministic { PlanMode::Deterministic { chunk: 1024 } } else { PlanMode::Default };
+        let (out, plan) = decode_once(&e, &k, p, &w, mode, a.sm_scale)?;
+        let cmp = compare(&out, &want, T::DTYPE, spec.head_dim_vo);
+        println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024);
+        println!("  GPU vs reference: {cmp}");
+        let ok = cmp.ok();
+        got = Some(out);
+        if !ok && a.dump.is_none() {
+            bail!("the GPU output does not match the reference");
+        }
+    }
+    if let Some(dir) = &a.dump {
+        dump(dir, v, p, &w, &want, got.as_ref())?;
+        println!("  wrote q, k_cache, v_cache, page table, params, o/lse (reference{}) to {}", if got.is_some() { " and GPU" } else { "" }, dir.display());
+    }
+    Ok(())
+}
+
+fn dump<T: Element>(dir: &Path, v: &Variant, p: &ParamValues, w: &Workload<T>, want: &AttnOutput, got: Option<&AttnOutput>) -> Result<()> {
+    use attnforge::npy::write;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let f = |x: &[T]| x.iter().map(|e| e.to_f64() as f32).collect::<Vec<f32>>();
+    let kv = w.kv;
+    let total_q = *w.qo_indptr.last().unwrap_or(&0) as usize;
+    let page_shape = |d: usize| match (kv.layout, kv.interleaved) {
+        (KvLayout::Nhd, true) => vec![kv.num_pages, 2, kv.page_size, kv.kv_heads, d],
+        (KvLayout::Hnd, true) => vec![kv.num_pages, 2, kv.kv_heads, kv.page_size, d],
+        (KvLayout::Nhd, false) => vec![kv.num_pages, kv.page_size, kv.kv_heads, d],
+        (KvLayout::Hnd, false) => vec![kv.num_pages, kv.kv_heads, kv.page_size, d],
+    };
+    write(&dir.join("q.npy"), &[total_q, w.qo_heads, kv.head_dim_qk], &f(&w.q))?;
+    if kv.interleaved {
+        write(&dir.join("kv_cache.npy"), &page_shape(kv.head_dim_qk), &f(&w.k))?;
+    } else {
+        write(&dir.join("k_cache.npy"), &page_shape(kv.head_dim_qk), &f(&w.k))?;
+        write(&dir.join("v_cache.npy"), &page_shape(kv.head_dim_vo), &f(&w.v))?;
+    }
+    write(&dir.join("qo_indptr.npy"), &[w.qo_indptr.len()], &w.qo_indptr)?;
+    write(&dir.join("kv_indptr.npy"), &[w.pages.indptr.len()], &w.pages.indptr)?;
+    write(&dir.join("kv_indices.npy"), &[w.pages.indices.len()], &w.pages.indices)?;
+    write(&dir.join("kv_last_page_len.npy"), &[w.pages.last_page_len.len()], &w.pages.last_page_len)?;
+    let o_shape = [total_q, w.qo_heads, kv.head_dim_vo];
+    write(&dir.join("o_ref.npy"), &o_shape, &want.o)?;
+    write(&dir.join("lse_ref.npy"), &[total_q, w.qo_heads], &want.lse)?;
+    if let Some(g) = got {
+        write(&dir.join("o.npy"), &o_shape, &g.o)?;
+        write(&dir.join("lse.npy"), &[total_q, w.qo_heads], &g.lse)?;
+    }
+    let params: serde_json::Map<String, serde_json::Value> = v
+        .params
+        .iter()
+        .zip(p.values())
+        .map(|(d, x)| {
+            use attnforge::spec::params::ParamValue::*;
+            let j = match x {
+                I32(i) => serde_json::json!(i),
+                F32(f) => serde_json::json!(f),
+                I32s(xs) => serde_json::json!(xs),
+                F32s(xs) => serde_json::json!(xs),
+            };
+            (d.name.clone(), j)
+        })
+        .collect();
+    let meta = serde_json::json!({ "variant": v.name, "params": params, "layout": kv.layout.name(), "interleaved": kv.interleaved, "page_size": kv.page_size, "note": "f16/bf16 values are stored exactly as f32" });
+    std::fs::write(dir.join("meta.json"), serde_json::to_string_pretty(&meta)?)?;
+    Ok(())
+}
+
+fn origin(o: Origin) -> &'static str {
+    match o {
+        Origin::Compiled => "compiled now",
+        Origin::Disk => "disk cache hit",
+        Origin::Memory => "memory hit",
+    }
+}
+
+fn summarise(out: &AttnOutput) {
+    let masked = out.lse.iter().filter(|x| **x == f32::NEG_INFINITY).count();
+    let finite: Vec<f32> = out.lse.iter().copied().filter(|x| x.is_finite()).collect();
+    let (lo, hi) = finite.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    let mean_abs = out.o.iter().map(|x| f64::from(x.abs())).sum::<f64>() / out.o.len().max(1) as f64;
+    println!("  mean |o| {mean_abs:.4}; lse in [{lo:.3}, {hi:.3}]; {masked} fully masked rows");
+}
+
+fn random_params(v: &Variant, dims: Dims, rng: &mut StdRng) -> ParamValues {
+    sample(&v.params, dims, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) })
+}
+
+/// `cargo run --release`: compile every shipped variant (cache miss or hit, with times), run
+/// decode on the GPU and check it against the reference. With no GPU: say so, compile for sm_90a
+/// if NVRTC is present, and run the reference on a small workload.
+pub(crate) fn demo() -> Result<()> {
+    println!("attnforge {} demo", env!("CARGO_PKG_VERSION"));
+    let engine = Engine::new(0);
+    let mut rng = StdRng::seed_from_u64(7);
+    match &engine {
+        Ok(e) => println!("GPU: {}\n", e.describe()),
+        Err(err) => println!("no GPU: {err}\nrunning what the CPU can: NVRTC compiles (if present) and the CPU reference\n"),
+    }
+    let variants = shipped::all()?;
+    let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4)?;
+    println!("compile (decode, d128, bf16, GQA 4):");
+    match &engine {
+        Ok(e) => {
+            for v in &variants {
+                let t0 = Instant::now();
+                let k = e.decode_kernel(v, &cfg)?;
+                println!("  {:<44} {:<15} {:>8.1} ms", k.compiled.name, origin(k.compiled.origin), t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Err(_) => match Jit::new() {
+            Ok(jit) => {
+                let arch = "sm_90a".parse().map_err(anyhow::Error::msg)?;
+                for v in &variants {
+                    let k = jit.get(v, &cfg, &arch)?;
+                    println!("  {:<44} {:<15} {:>8.1} ms", k.name, origin(k.origin), k.elapsed.as_secs_f64() * 1e3);
+                }
+            }
+            Err(err) => println!("  skipped: {err}"),
+        },
+    }
+    let (batch, kv_len, qo, kvh) = if engine.is_ok() { (16, 4096, 32, 8) } else { (4, 300, 8, 2) };
+    println!("\ndecode, {batch} requests of ~{kv_len} tokens (ragged), {qo}/{kvh} heads, d128, page 16, bf16, permuted pages:");
+    println!("  {:<16} {:>10} {:>10} {:>10}  check vs CPU reference (f64)", "variant", "GPU µs", "GB/s", "CPU ms");
+    for v in &variants {
+        let lens: Vec<(usize, usize)> = (0..batch).map(|i| (1, kv_len - i * 37 % (kv_len / 2))).collect();
+        let spec = WorkloadSpec { lens, qo_heads: qo, kv_heads: kvh, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 3 };
+        let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch }, &mut rng);
+        let w = Workload::<bf16>::random(&spec, &mut rng);
+        let t0 = Instant::now();
+        let want = reference::attention(v, &params, &w.batch(), &w.q, &w.k, w.v(), None)?;
+        let cpu_ms = t0.elapsed().as_secs_f64() * 1e3;
+        match &engine {
+            Ok(e) => {
+                let k = e.decode_kernel(v, &cfg)?;
+                let (got, _) = decode_once(e, &k, &params, &w, PlanMode::Default, None)?;
+                let cmp = compare(&got, &want, DType::Bf16, 128);
+                let (us, gbps) = time_decode(e, &k, &params, &w)?;
+                println!("  {:<16} {us:>10.1} {gbps:>10.0} {cpu_ms:>10.1}  {cmp}", v.name);
+                if !cmp.ok() {
+                    bail!("{}: GPU output does not match the reference", v.name);
+                }
+            }
+            Err(_) => println!("  {:<16} {:>10} {:>10} {cpu_ms:>10.1}  (reference only)", v.name, "-", "-"),
+        }
+    }
+    if engine.is_ok() {
+        println!("\nfull benchmark against FlashInfer's numbers: attnforge bench");
+    }
+    Ok(())
+}
+
+/// Median µs of eager decode calls on one workload (plan, upload, launch), and GB/s of the
+/// visible KV. A quick number for the demo; `bench` is the careful one.
+fn time_decode(e: &Engine, k: &attnforge::engine::DecodeKernel, p: &ParamValues, w: &Workload<bf16>) -> Result<(f64, f64)> {
+    use attnforge::harness::{DeviceResult, DeviceWorkload};
+    let batch = w.batch();
+    let dev = DeviceWorkload::upload(e, w)?;
+    let mut res = DeviceResult::<bf16>::poisoned(e, batch.o_elems(), batch.total_q() * batch.qo_heads)?;
+    let dp = e.upload_params(&k.layout, p)?;
+    let plan = e.plan_decode(k, p, &batch, PlanMode::Default)?;
+    let mut bufs = None;
+    e.upload_plan(&plan, &mut bufs)?;
+    let bufs = bufs.context("plan buffers")?;
+    let mut samples = Vec::new();
+    for i in 0..12 {
+        e.synchronize()?;
+        let t0 = Instant::now();
+        e.run_decode(k, &plan, &bufs, &dp, &batch, &dev.batch(), res.out(), None)?;
+        e.synchronize()?;
+        if i >= 2 {
+            samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let us = samples[samples.len() / 2];
+    let visible: usize = (0..batch.batch_size()).map(|b| {
+        let (lo, hi) = attnforge::plan::visible_span(&k.variant, p, b, 1, batch.kv_len(b), 0);
+        hi - lo
+    }).sum();
+    let bytes = (visible * batch.kv.kv_heads * 128 * 2 * 2) as f64;
+    Ok((us, bytes / (us * 1e-6) / 1e9))
+}
+
+pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String]) -> Result<()> {
+    let e = Engine::new(0).context("`attnforge bench` times GPU kernels and needs a GPU")?;
+    let date = std::process::Command::new("date").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    println!("attnforge {} bench on {}, {date}", env!("CARGO_PKG_VERSION"), e.describe());
+    let mut records = Vec::new();
+    if suites.contains(&Suite::Compile) {
+        println!("\ncompile (first use into an empty cache; then a new Jit + disk hit + module load):");
+        let dir = std::env::temp_dir().join(format!("attnforge-bench-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (name, params_cfg) in [("default", (128, DType::Bf16, 4)), ("gemma2", (128, DType::Bf16, 4)), ("alibi", (256, DType::F16, 8))] {
+            let v = shipped::resolve(name)?;
+            let cfg = KernelConfig::decode(params_cfg.0, params_cfg.0, params_cfg.1, params_cfg.2)?;
+            let cold = Jit::with_store_dir(&dir)?;
+            let t0 = Instant::now();
+            let k = cold.get(&v, &cfg, e.arch())?;
+            let first = t0.elapsed().as_secs_f64() * 1e3;
+            let warm = Jit::with_store_dir(&dir)?;
+            let t1 = Instant::now();
+            let hit = warm.get(&v, &cfg, e.arch())?;
+            let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(hit.cubin.to_vec()))?;
+            let _f = module.load_function("attnforge_decode")?;
+            let cached = t1.elapsed().as_secs_f64() * 1e3;
+            println!("  {:<40} first use {first:>7.1} ms (FlashInfer 15.1 s)   cached load {cached:>5.1} ms ({})", k.name, origin(hit.origin));
+            records.push(serde_json::json!({ "suite": "compile", "kernel": k.name, "first_use_ms": first, "cached_load_ms": cached }));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if suites.contains(&Suite::Decode) {
+        println!("\ndecode: bf16, 32/8 heads, d128, page 16, NHD, permuted pages; graph = per call inside a 20-call CUDA graph");
+        println!("  {:<28} {:>9} {:>9} {:>8} {:>7} {:>12} {:>12} {:>6}", "shape", "graph µs", "eager µs", "GB/s", "% copy", "FI graph µs", "FI eager µs", "items");
+        let mut overrides: Vec<Option<attnforge::jit::DecodeTile>> = vec![None];
+        for t in tiles {
+            let n: Vec<usize> = t.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("--tile {t}"))?;
+            let (nv, bdz, tile_per_z, stages, min_ctas) = match n[..] {
+                [a, b, c, d] => (a, b, c, d, 1),
+                [a, b, c, d, m] => (a, b, c, d, m),
+                _ => bail!("--tile {t}: expected NV,BDZ,TPZ,STAGES[,MIN_CTAS]"),
+            };
+            let bdx = (128usize).div_ceil(8 * nv).next_power_of_two();
+            overrides.push(Some(attnforge::jit::DecodeTile { nv, bdx, bdz, tile_per_z, stages, min_ctas }));
+        }
+        for (s, tile) in anchor_decode_shapes().into_iter().flat_map(|s| overrides.iter().map(move |t| (s.clone(), *t))) {
+            let r = bench_decode(&e, &s, tile)?;
+            let label = format!("{} B{} L{}{}", s.variant, s.batch, s.kv_len, tile.map_or(String::new(), |t| format!(" [{},{},{},{},{}]", t.nv, t.bdz, t.tile_per_z, t.stages, t.min_ctas)));
+            let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
+            println!(
+                "  {label:<28} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>12} {:>12} {:>6}",
+                r.graph_us,
+                r.eager_us,
+                r.gbps(),
+                100.0 * r.gbps() / COPY_CEILING_GBPS,
+                fmt(s.anchor_graph_us),
+                fmt(s.anchor_eager_us),
+                r.work_items
+            );
+            records.push(serde_json::json!({
+                "suite": "decode", "variant": s.variant, "params": s.params.iter().map(|(n, x)| (n.to_string(), *x)).collect::<std::collections::BTreeMap<_, _>>(),
+                "batch": s.batch, "kv_len": s.kv_len, "graph_us": r.graph_us, "eager_us": r.eager_us, "gbps": r.gbps(),
+                "flashinfer_graph_us": s.anchor_graph_us, "flashinfer_eager_us": s.anchor_eager_us, "work_items": r.work_items, "splits": r.splits, "copies": r.copies,
+                "tile": tile.map(|t| format!("{t:?}")),
+            }));
+        }
+    }
+    if let Some(path) = json {
+        let doc = serde_json::json!({ "device": e.describe(), "date": date, "version": env!("CARGO_PKG_VERSION"), "results": records });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("write {}", path.display()))?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+

@@ -1,0 +1,182 @@
+//! Runs a host [`Workload`] on the GPU and compares it with the CPU reference. Shared by the
+//! CLI (`run`, the demo), the benchmark and the GPU tests, so they all check the same way.
+//!
+//! Outputs are poisoned (NaN) before every launch, so an element the kernel forgot to write fails
+//! the comparison instead of passing as a stale value.
+
+use cudarc::driver::{CudaSlice, DeviceRepr};
+
+use crate::engine::{DecodeKernel, DeviceBatch, DeviceOutput, Engine, PlanBuffers};
+use crate::kv::{DType, Element};
+use crate::plan::{DecodePlan, PlanMode};
+use crate::reference::AttnOutput;
+use crate::spec::params::ParamValues;
+use crate::workload::Workload;
+use crate::Result;
+
+/// A workload's inputs on the device.
+pub struct DeviceWorkload<T> {
+    pub q: CudaSlice<T>,
+    pub k: CudaSlice<T>,
+    pub v: Option<CudaSlice<T>>,
+    pub qo_indptr: CudaSlice<i32>,
+    pub kv_indptr: CudaSlice<i32>,
+    pub kv_indices: CudaSlice<i32>,
+    pub last_page_len: CudaSlice<i32>,
+}
+
+impl<T: Element + DeviceRepr> DeviceWorkload<T> {
+    pub fn upload(e: &Engine, w: &Workload<T>) -> Result<Self> {
+        Ok(DeviceWorkload {
+            q: e.upload(&w.q)?,
+            k: e.upload(&w.k)?,
+            v: if w.kv.interleaved { None } else { Some(e.upload(&w.v)?) },
+            qo_indptr: e.upload(&w.qo_indptr)?,
+            kv_indptr: e.upload(&w.pages.indptr)?,
+            kv_indices: e.upload(&w.pages.indices)?,
+            last_page_len: e.upload(&w.pages.last_page_len)?,
+        })
+    }
+
+    pub fn batch(&self) -> DeviceBatch<'_, T> {
+        DeviceBatch {
+            q: &self.q,
+            k: &self.k,
+            v: self.v.as_ref().unwrap_or(&self.k),
+            qo_indptr: &self.qo_indptr,
+            kv_indptr: &self.kv_indptr,
+            kv_indices: &self.kv_indices,
+            last_page_len: &self.last_page_len,
+        }
+    }
+}
+
+/// Output buffers, poisoned with NaN.
+pub struct DeviceResult<T> {
+    pub o: CudaSlice<T>,
+    pub lse: CudaSlice<f32>,
+}
+
+impl<T: Element + DeviceRepr> DeviceResult<T> {
+    pub fn poisoned(e: &Engine, o_len: usize, lse_len: usize) -> Result<Self> {
+        Ok(DeviceResult { o: e.upload(&vec![T::from_f32(f32::NAN); o_len])?, lse: e.upload(&vec![f32::NAN; lse_len])? })
+    }
+
+    pub fn out(&mut self) -> DeviceOutput<'_, T> {
+        DeviceOutput { o: &mut self.o, lse: &mut self.lse }
+    }
+
+    pub fn download(&self, e: &Engine) -> Result<AttnOutput> {
+        let o = e.download(&self.o)?.iter().map(|x| x.to_f64() as f32).collect();
+        Ok(AttnOutput { o, lse: e.download(&self.lse)? })
+    }
+}
+
+/// Plans, uploads and runs one decode batch; returns the output and the plan.
+pub fn decode_once<T: Element + DeviceRepr>(
+    e: &Engine,
+    k: &DecodeKernel,
+    params: &ParamValues,
+    w: &Workload<T>,
+    mode: PlanMode,
+    sm_scale: Option<f32>,
+) -> Result<(AttnOutput, DecodePlan)> {
+    let batch = w.batch();
+    let plan = e.plan_decode(k, params, &batch, mode)?;
+    let dev = DeviceWorkload::upload(e, w)?;
+    let mut res = DeviceResult::<T>::poisoned(e, batch.o_elems(), batch.total_q() * batch.qo_heads)?;
+    let mut bufs: Option<PlanBuffers> = None;
+    e.upload_plan(&plan, &mut bufs)?;
+    let dp = e.upload_params(&k.layout, params)?;
+    let bufs = bufs.ok_or_else(|| crate::Error::Plan("no plan buffers".into()))?;
+    e.run_decode(k, &plan, &bufs, &dp, &batch, &dev.batch(), res.out(), sm_scale)?;
+    Ok((res.download(e)?, plan))
+}
+
+/// How a kernel's output differs from the reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    /// Elements outside the tolerance (NaN and unwritten included).
+    pub bad: usize,
+    pub worst: Option<usize>,
+    pub max_err: f32,
+    /// ‖got − want‖ / ‖want‖ over the output.
+    pub rel_l2: f64,
+    /// LSE entries outside tolerance, or -inf where the reference is finite (or vice versa).
+    pub bad_lse: usize,
+    pub max_lse_err: f32,
+}
+
+impl Comparison {
+    pub fn ok(&self) -> bool {
+        self.bad == 0 && self.bad_lse == 0
+    }
+}
+
+impl std::fmt::Display for Comparison {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: max |Δo| {:.2e}, rel L2 {:.2e}, max |Δlse| {:.2e}, {} bad outputs{}, {} bad lse",
+            if self.ok() { "ok" } else { "MISMATCH" },
+            self.max_err,
+            self.rel_l2,
+            self.max_lse_err,
+            self.bad,
+            self.worst.map_or(String::new(), |w| format!(" (first at {w})")),
+            self.bad_lse
+        )
+    }
+}
+
+/// Unit roundoff of the output type.
+fn unit_roundoff(t: DType) -> f32 {
+    match t {
+        DType::Bf16 => 2f32.powi(-8),
+        DType::F16 => 2f32.powi(-11),
+        DType::F32 => 2f32.powi(-24),
+    }
+}
+
+/// Compares with the f64 reference. Inputs are the same stored values on both sides, so the
+/// kernel's error is f32 accumulation (with `ex2.approx`, relative error ~2^-22) plus rounding the
+/// result to the output type, at most `u·|ref|`. The bound per element is `2u·(|ref| + max |ref|
+/// of its row)`: twice the unavoidable rounding, plus a row-scaled slack for cancellation in the
+/// weighted sum. A wrong index, a missed key or a lost tile is an error of order the row's
+/// magnitude, far outside it. LSE is f32 throughout: `1e-3·(1 + |lse|)`.
+pub fn compare(got: &AttnOutput, want: &AttnOutput, out_dtype: DType, head_dim_vo: usize) -> Comparison {
+    let u = unit_roundoff(out_dtype);
+    let mut c = Comparison { bad: 0, worst: None, max_err: 0.0, rel_l2: 0.0, bad_lse: 0, max_lse_err: 0.0 };
+    let (mut num, mut den) = (0f64, 0f64);
+    for (r, (g_row, w_row)) in got.o.chunks(head_dim_vo.max(1)).zip(want.o.chunks(head_dim_vo.max(1))).enumerate() {
+        let row_max = w_row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (i, (g, w)) in g_row.iter().zip(w_row).enumerate() {
+            let err = (g - w).abs();
+            num += f64::from(err) * f64::from(err);
+            den += f64::from(*w) * f64::from(*w);
+            if !(err <= 2.0 * u * (w.abs() + row_max)) {
+                c.bad += 1;
+                c.worst.get_or_insert(r * head_dim_vo + i);
+            }
+            if err.is_finite() {
+                c.max_err = c.max_err.max(err);
+            } else {
+                c.max_err = f32::INFINITY;
+            }
+        }
+    }
+    if got.o.len() != want.o.len() {
+        c.bad += got.o.len().abs_diff(want.o.len());
+    }
+    c.rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    for (g, w) in got.lse.iter().zip(&want.lse) {
+        let ok = if w.is_infinite() { g == w } else { (g - w).abs() <= 1e-3 * (1.0 + w.abs()) };
+        if !ok {
+            c.bad_lse += 1;
+        }
+        if w.is_finite() && g.is_finite() {
+            c.max_lse_err = c.max_lse_err.max((g - w).abs());
+        }
+    }
+    c
+}

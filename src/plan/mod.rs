@@ -1,0 +1,218 @@
+//! The decode planner: from CPU index arrays to a work list, on the host, with no device copy.
+//!
+//! Each request's visible KV span is `kv_range` evaluated on the host (the same evaluator the
+//! reference uses), intersected with `[0, kv_len)`; the kernels never read outside it. When the
+//! batch alone cannot fill the GPU (`requests × kv_heads < target CTAs`), long spans are split
+//! into equal chunks whose partial states `merge_states` combines. Work is ordered longest first.
+//!
+//! Modes:
+//! - `Default`: the chunk size follows the batch, to fill one wave of CTAs.
+//! - `FixedGrid`: grid and buffer sizes are fixed for CUDA-graph capture; spare CTAs exit. A plan
+//!   that needs more CTAs than the grid holds is an error.
+//! - `Deterministic`: a fixed chunk size, so a request's result is bit-identical whatever else is
+//!   in the batch.
+//!
+//! **Invariant:** the plan is a pure function of its inputs; it never touches the GPU.
+
+use crate::abi::{DecodeWork, MergeWork};
+use crate::kv::{validate, Batch, LayoutError};
+use crate::spec::eval::{eval, Env};
+use crate::spec::params::{Dims, ParamValues};
+use crate::spec::{HookExpr, Variant};
+use crate::{Error, Result};
+
+/// How the planner splits work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanMode {
+    Default,
+    /// For CUDA graphs: at most `max_ctas` work items (per KV head), always launched in full.
+    FixedGrid { max_ctas: usize },
+    /// Split every span into chunks of exactly `chunk` positions (the last one shorter).
+    Deterministic { chunk: usize },
+}
+
+/// What the planner needs to know about the kernel and the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanTarget {
+    /// CTAs that fill the GPU once: SMs × resident CTAs per SM.
+    pub ctas: usize,
+    /// KV positions per kernel tile; chunks are multiples of it.
+    pub kv_tile: usize,
+}
+
+/// Splits shorter than this cost more in merging than they gain in parallelism.
+const MIN_CHUNK: usize = 64;
+
+/// A decode schedule, ready to upload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodePlan {
+    pub mode: PlanMode,
+    pub work: Vec<DecodeWork>,
+    pub merge: Vec<MergeWork>,
+    /// Partial-state slots the workspace must hold.
+    pub num_partials: usize,
+    /// CTAs along x for the decode launch (`work.len()`, or the fixed grid).
+    pub grid: usize,
+    /// CTAs along x for the merge launch.
+    pub merge_grid: usize,
+    /// Chunk size used for split requests (0 if none was split).
+    pub chunk: usize,
+    /// Bytes of f32 workspace for partial states.
+    pub workspace_bytes: usize,
+    pub batch_size: usize,
+    pub qo_heads: usize,
+    pub head_dim_vo: usize,
+}
+
+impl DecodePlan {
+    /// `[num_work, num_merge, work…, merge…]` as i32: the one buffer uploaded per step. In
+    /// fixed-grid mode it is padded to the capacity so its size never changes.
+    pub fn packed(&self) -> Vec<i32> {
+        let mut v = Vec::with_capacity(self.packed_len());
+        v.push(self.work.len() as i32);
+        v.push(self.merge.len() as i32);
+        for w in &self.work {
+            v.extend([w.req, w.kv_begin, w.kv_end, w.partial]);
+        }
+        v.resize(2 + 4 * self.grid, 0);
+        for m in &self.merge {
+            v.extend([m.req, m.first, m.count, m.token]);
+        }
+        v.resize(self.packed_len(), 0);
+        v
+    }
+
+    pub fn packed_len(&self) -> usize {
+        2 + 4 * (self.grid + self.merge_grid)
+    }
+
+    /// Workspace bytes needed for `partials` slots.
+    pub fn workspace_for(partials: usize, qo_heads: usize, head_dim_vo: usize) -> usize {
+        partials * qo_heads * (head_dim_vo + 1) * 4
+    }
+}
+
+/// The visible span `[lo, hi)` of the query at `q_pos`, per `kv_range`, within `[0, kv_len)`.
+pub fn visible_span(variant: &Variant, params: &ParamValues, req: usize, q_len: usize, kv_len: usize, kv_head: usize) -> (usize, usize) {
+    let Some(r) = &variant.kv_range else { return (0, kv_len) };
+    let env = Env {
+        score: 0.0f64,
+        sm_scale: 0.0,
+        q_pos: kv_len as i32 - q_len as i32,
+        kv_pos: 0,
+        qo_head: 0,
+        kv_head: kv_head as i32,
+        req: req as i32,
+        q_len: q_len as i32,
+        kv_len: kv_len as i32,
+        params,
+    };
+    let bound = |h: &Option<HookExpr>, open: i64| h.as_ref().map_or(open, |h| i64::from(eval(&h.typed, &env).as_i()));
+    let lo = bound(&r.lo, 0).clamp(0, kv_len as i64) as usize;
+    let hi = (bound(&r.hi, kv_len as i64 - 1) + 1).clamp(0, kv_len as i64) as usize;
+    (lo, hi.max(lo))
+}
+
+/// Plans a decode batch: every request has exactly one query token (or none).
+pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, target: PlanTarget, mode: PlanMode) -> Result<DecodePlan> {
+    // Buffer lengths are checked at launch; here only the index arrays matter.
+    let kv = batch.kv;
+    validate(batch, batch.q_elems(), kv.k_len(), kv.v_len())?;
+    let b = batch.batch_size();
+    let dims = Dims { qo_heads: batch.qo_heads, kv_heads: kv.kv_heads, batch: b };
+    params.fits(&variant.params, dims).map_err(Error::Param)?;
+    // A kv_range that reads kv_head gets the union of its heads' spans (the kernel narrows it
+    // again per head).
+    let heads_to_scan = match &variant.kv_range {
+        Some(r) if [&r.lo, &r.hi].iter().any(|h| h.as_ref().is_some_and(|h| h.typed.reads(crate::spec::typed::Builtin::KvHead))) => kv.kv_heads,
+        _ => 1,
+    };
+    let mut spans = Vec::with_capacity(b);
+    for req in 0..b {
+        match batch.q_len(req) {
+            0 => {}
+            1 => {
+                let kv_len = batch.kv_len(req);
+                let (mut lo, mut hi) = visible_span(variant, params, req, 1, kv_len, 0);
+                for h in 1..heads_to_scan {
+                    let (l, r) = visible_span(variant, params, req, 1, kv_len, h);
+                    (lo, hi) = (lo.min(l), hi.max(r));
+                }
+                spans.push((req, lo, hi));
+            }
+            n => {
+                return Err(Error::Layout(LayoutError::Mismatch { what: "query tokens of a decode request (use prefill)", expected: 1, got: n }));
+            }
+        }
+    }
+    let tile = target.kv_tile.max(1);
+    let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
+    let chunk = match mode {
+        PlanMode::Deterministic { chunk } => {
+            if chunk == 0 {
+                return Err(Error::Plan("deterministic chunk size must be at least 1".into()));
+            }
+            chunk
+        }
+        _ if spans.len() * kv.kv_heads >= target.ctas || total == 0 => usize::MAX,
+        _ => {
+            let per_cta = (total * kv.kv_heads).div_ceil(target.ctas.max(1));
+            per_cta.div_ceil(tile).max(1).saturating_mul(tile).max(MIN_CHUNK)
+        }
+    };
+    let mut work = Vec::new();
+    let mut merge = Vec::new();
+    let mut partials = 0usize;
+    let mut used_chunk = 0;
+    for &(req, lo, hi) in &spans {
+        let len = hi - lo;
+        // Default and fixed-grid modes cut a span into equal pieces (the nearest whole number of
+        // target-sized chunks), so no request leaves a short straggler; deterministic mode cuts at
+        // fixed offsets so the result never depends on the rest of the batch.
+        let (n, piece) = match mode {
+            PlanMode::Deterministic { .. } => (len.div_ceil(chunk).max(1), chunk),
+            _ if len <= chunk => (1, len),
+            _ => {
+                let n = ((len as f64 / chunk as f64).round() as usize).max(1);
+                (n, len.div_ceil(n).div_ceil(tile) * tile)
+            }
+        };
+        if n <= 1 || len <= piece {
+            work.push(DecodeWork { req: req as i32, kv_begin: lo as i32, kv_end: hi as i32, partial: -1 });
+            continue;
+        }
+        let n = len.div_ceil(piece);
+        used_chunk = used_chunk.max(piece);
+        merge.push(MergeWork { req: req as i32, first: partials as i32, count: n as i32, token: batch.qo_indptr[req] });
+        for c in 0..n {
+            let s = lo + c * piece;
+            work.push(DecodeWork { req: req as i32, kv_begin: s as i32, kv_end: (s + piece).min(hi) as i32, partial: (partials + c) as i32 });
+        }
+        partials += n;
+    }
+    // Longest first, so the tail of the launch is short chunks.
+    work.sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_begin));
+    let (grid, merge_grid) = match mode {
+        PlanMode::FixedGrid { max_ctas } => {
+            if work.len() > max_ctas {
+                return Err(Error::Plan(format!("the batch needs {} work items but the fixed grid holds {max_ctas}; plan with a larger max_ctas", work.len())));
+            }
+            (max_ctas, max_ctas)
+        }
+        _ => (work.len(), merge.len()),
+    };
+    let ws_partials = if let PlanMode::FixedGrid { max_ctas } = mode { max_ctas } else { partials };
+    Ok(DecodePlan {
+        mode,
+        workspace_bytes: DecodePlan::workspace_for(ws_partials, batch.qo_heads, kv.head_dim_vo),
+        num_partials: partials,
+        grid,
+        merge_grid,
+        chunk: used_chunk,
+        work,
+        merge,
+        batch_size: b,
+        qo_heads: batch.qo_heads,
+        head_dim_vo: kv.head_dim_vo,
+    })
+}

@@ -1,0 +1,121 @@
+//! Decode plan invariants: every visible position is covered exactly once, splits merge into
+//! the right rows, modes behave as documented, and bad batches are errors.
+
+use std::collections::HashMap;
+
+use attnforge::kv::{KvLayout, KvShape, PageTable};
+use attnforge::plan::{plan_decode, visible_span, DecodePlan, PlanMode, PlanTarget};
+use attnforge::spec::params::{Dims, ParamInput};
+use attnforge::spec::shipped;
+use proptest::prelude::*;
+
+fn kv(num_pages: usize) -> KvShape {
+    KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages, page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 }
+}
+
+fn plan(variant: &str, params: &[(&str, f64)], lens: &[usize], target: usize, mode: PlanMode) -> attnforge::Result<(DecodePlan, PageTable, Vec<i32>)> {
+    let v = shipped::resolve(variant).unwrap();
+    let pages = PageTable::from_lens(lens, 16, &mut (0..).map(|i| i as usize));
+    let qo: Vec<i32> = (0..=lens.len() as i32).collect();
+    let given: HashMap<String, ParamInput> = params.iter().map(|(k, x)| (k.to_string(), ParamInput::Scalar(*x))).collect();
+    let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
+    let n = pages.indices.len();
+    let batch = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(n), qo_heads: 32 };
+    let plan = plan_decode(&v, &p, &batch, PlanTarget { ctas: target, kv_tile: 32 }, mode)?;
+    Ok((plan, pages, qo))
+}
+
+/// Each request's visible span is covered exactly once, and split requests merge their slots.
+fn check_cover(plan: &DecodePlan, spans: &[(usize, usize)]) {
+    let mut covered: Vec<Vec<(i32, i32)>> = vec![Vec::new(); spans.len()];
+    for w in &plan.work {
+        covered[w.req as usize].push((w.kv_begin, w.kv_end));
+    }
+    for (req, c) in covered.iter_mut().enumerate() {
+        c.sort();
+        let (lo, hi) = spans[req];
+        assert!(!c.is_empty(), "request {req} has no work item");
+        assert_eq!(c[0].0 as usize, lo, "request {req}");
+        assert_eq!(c.last().unwrap().1 as usize, hi, "request {req}");
+        for w in c.windows(2) {
+            assert_eq!(w[0].1, w[1].0, "request {req}: gap or overlap");
+        }
+    }
+    let mut slots = vec![false; plan.num_partials];
+    for w in plan.work.iter().filter(|w| w.partial >= 0) {
+        assert!(!std::mem::replace(&mut slots[w.partial as usize], true), "slot {} used twice", w.partial);
+        let m = plan.merge.iter().find(|m| m.req == w.req).expect("a split request has a merge entry");
+        assert!((m.first..m.first + m.count).contains(&w.partial));
+    }
+    assert!(slots.iter().all(|s| *s));
+    assert!(plan.work.windows(2).all(|w| w[0].kv_end - w[0].kv_begin >= w[1].kv_end - w[1].kv_begin), "longest first");
+    assert_eq!(plan.workspace_bytes, DecodePlan::workspace_for(plan.num_partials, 32, 128));
+}
+
+proptest! {
+    #[test]
+    fn every_visible_position_is_covered_once(lens in prop::collection::vec(0usize..20000, 1..40), target in 1usize..2000, det in prop::option::of(1usize..3000)) {
+        let mode = det.map_or(PlanMode::Default, |chunk| PlanMode::Deterministic { chunk });
+        let (p, _, _) = plan("causal", &[], &lens, target, mode).unwrap();
+        let spans: Vec<(usize, usize)> = lens.iter().map(|&l| (0, l)).collect();
+        check_cover(&p, &spans);
+        if let PlanMode::Deterministic { chunk } = mode {
+            for w in &p.work {
+                prop_assert_eq!(w.kv_begin as usize % chunk, 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_window_plans_only_the_visible_span() {
+    let v = shipped::resolve("gemma2").unwrap();
+    let p = v.bind(&[("window".to_string(), ParamInput::Scalar(1024.0))].into(), Dims { qo_heads: 32, kv_heads: 8, batch: 64 }).unwrap();
+    assert_eq!(visible_span(&v, &p, 0, 1, 4096, 0), (3072, 4096));
+    assert_eq!(visible_span(&v, &p, 0, 1, 100, 0), (0, 100));
+    assert_eq!(visible_span(&v, &p, 0, 1, 0, 0), (0, 0));
+    let (plan, _, _) = plan("gemma2", &[("window", 1024.0)], &[4096; 64], 1056, PlanMode::Default).unwrap();
+    let read: i32 = plan.work.iter().map(|w| w.kv_end - w.kv_begin).sum();
+    assert_eq!(read, 64 * 1024, "a window of 1024 over 4096 reads a quarter of the KV");
+}
+
+#[test]
+fn small_batches_split_into_one_even_wave() {
+    // 64 requests × 8 heads = 512 CTAs for 1056 slots: each request splits in two, 1024 CTAs.
+    let (p, _, _) = plan("default", &[], &[4096; 64], 1056, PlanMode::Default).unwrap();
+    assert_eq!(p.work.len(), 128);
+    assert!(p.work.iter().all(|w| w.kv_end - w.kv_begin == 2048));
+    assert_eq!(p.merge.len(), 64);
+    // Enough requests to fill the GPU: no split.
+    let (p, _, _) = plan("default", &[], &[4096; 256], 1056, PlanMode::Default).unwrap();
+    assert_eq!((p.work.len(), p.merge.len(), p.num_partials), (256, 0, 0));
+}
+
+#[test]
+fn fixed_grid_pads_to_its_capacity_and_refuses_to_overflow() {
+    let (p, _, _) = plan("default", &[], &[300, 0, 5000], 64, PlanMode::FixedGrid { max_ctas: 100 }).unwrap();
+    assert_eq!((p.grid, p.merge_grid), (100, 100));
+    assert_eq!(p.packed().len(), p.packed_len());
+    assert_eq!(p.packed()[0] as usize, p.work.len());
+    assert_eq!(p.workspace_bytes, DecodePlan::workspace_for(100, 32, 128), "sized for the capacity");
+    let err = plan("default", &[], &[5000; 8], 64, PlanMode::FixedGrid { max_ctas: 4 }).unwrap_err();
+    assert!(err.to_string().contains("fixed grid holds 4"), "{err}");
+}
+
+#[test]
+fn empty_requests_still_get_an_output_row_and_bad_batches_are_errors() {
+    let (p, _, _) = plan("default", &[], &[0, 10, 0], 1000, PlanMode::Default).unwrap();
+    assert_eq!(p.work.iter().filter(|w| w.kv_begin == w.kv_end).count(), 2);
+    let err = plan("default", &[], &[10], 1000, PlanMode::Deterministic { chunk: 0 }).unwrap_err();
+    assert!(err.to_string().contains("at least 1"), "{err}");
+    let v = shipped::resolve("default").unwrap();
+    let pages = PageTable::from_lens(&[10, 10], 16, &mut (0..).map(|i| i as usize));
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 2 }).unwrap();
+    let qo = [0, 2, 3];
+    let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(2), qo_heads: 32 };
+    let err = plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32 }, PlanMode::Default).unwrap_err();
+    assert!(err.to_string().contains("use prefill"), "{err}");
+    let bad = PageTable { indices: vec![0, 7], ..pages.clone() };
+    let b = attnforge::kv::Batch { qo_indptr: &[0, 1, 2], pages: &bad, kv: kv(2), qo_heads: 32 };
+    assert!(plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32 }, PlanMode::Default).is_err());
+}

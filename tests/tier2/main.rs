@@ -1,0 +1,290 @@
+//! Tier 2: needs a GPU. Skips with a printed reason when there is none, unless
+//! `ATTNFORGE_REQUIRE_GPU=1` (set on the device), which makes a missing GPU a failure.
+//!
+//! Every check compares with the f64 CPU reference through `harness::compare` (its doc comment
+//! justifies the tolerance) on fresh random inputs with poisoned outputs.
+
+use std::collections::HashMap;
+
+use attnforge::engine::{DeviceOutput, Engine, PlanBuffers};
+use attnforge::harness::{compare, decode_once, DeviceResult, DeviceWorkload};
+use attnforge::jit::KernelConfig;
+use attnforge::kv::{DType, Element, KvLayout};
+use attnforge::plan::PlanMode;
+use attnforge::reference::attention;
+use attnforge::spec::params::{sample, Dims, ParamInput};
+use attnforge::spec::shipped;
+use attnforge::workload::{Workload, WorkloadSpec};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn engine() -> Option<Engine> {
+    match Engine::new(0) {
+        Ok(e) => Some(e),
+        Err(e) if std::env::var_os("ATTNFORGE_REQUIRE_GPU").is_some() => panic!("ATTNFORGE_REQUIRE_GPU is set but {e}"),
+        Err(e) => {
+            eprintln!("skipping GPU tests: {e}");
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    variant: usize,
+    kv_lens: Vec<usize>,
+    kv_heads: usize,
+    group: usize,
+    dims: (usize, usize),
+    page_size: usize,
+    layout: KvLayout,
+    interleaved: bool,
+    bf16: bool,
+    mode: PlanMode,
+    seed: u64,
+}
+
+fn random_case(rng: &mut StdRng, i: usize) -> Case {
+    let shape = rng.random_range(0..10);
+    let kv_lens: Vec<usize> = match shape {
+        // Many short requests (empty ones included).
+        0 => (0..rng.random_range(100..=300)).map(|_| rng.random_range(0..=200)).collect(),
+        // One long request: split-KV territory.
+        1 => vec![rng.random_range(5000..=20000)],
+        // A few long, ragged requests.
+        2 => (0..rng.random_range(2..=4)).map(|_| rng.random_range(0..=6000)).collect(),
+        _ => (0..rng.random_range(1..=12)).map(|_| rng.random_range(0..=3000)).collect(),
+    };
+    let dims = [(64, 64), (96, 96), (128, 128), (256, 256), (192, 128)][rng.random_range(0..5)];
+    let mode = match rng.random_range(0..4) {
+        0 => PlanMode::Deterministic { chunk: [64, 256, 1000][rng.random_range(0..3)] },
+        _ => PlanMode::Default,
+    };
+    Case {
+        variant: i % shipped::SHIPPED.len(),
+        kv_lens,
+        kv_heads: rng.random_range(1..=2),
+        group: [1, 4, 7, 8][rng.random_range(0..4)],
+        dims,
+        page_size: [1, 16, 64][rng.random_range(0..3)],
+        layout: if rng.random_bool(0.5) { KvLayout::Nhd } else { KvLayout::Hnd },
+        interleaved: dims.0 == dims.1 && rng.random_bool(0.5),
+        bf16: rng.random_bool(0.5),
+        mode,
+        seed: rng.random(),
+    }
+}
+
+fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> String {
+    let v = shipped::all().unwrap().swap_remove(c.variant);
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let spec = WorkloadSpec {
+        lens: c.kv_lens.iter().map(|&l| (1, l)).collect(),
+        qo_heads: c.kv_heads * c.group,
+        kv_heads: c.kv_heads,
+        head_dim_qk: c.dims.0,
+        head_dim_vo: c.dims.1,
+        page_size: c.page_size,
+        layout: c.layout,
+        interleaved: c.interleaved,
+        permute: true,
+        spare_pages: rng.random_range(0..4),
+    };
+    let w = Workload::<T>::random(&spec, &mut rng);
+    let dims = Dims { qo_heads: spec.qo_heads, kv_heads: c.kv_heads, batch: c.kv_lens.len() };
+    let p = sample(&v.params, dims, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
+    let cfg = KernelConfig::decode(c.dims.0, c.dims.1, T::DTYPE, c.group).unwrap();
+    let k = e.decode_kernel(&v, &cfg).unwrap();
+    let (got, plan) = decode_once(e, &k, &p, &w, c.mode, None).unwrap();
+    let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
+    let cmp = compare(&got, &want, T::DTYPE, c.dims.1);
+    assert!(cmp.ok(), "{} {cmp}\nplan: {} items, {} merges, chunk {}\n{c:?}", v.name, plan.work.len(), plan.merge.len(), plan.chunk);
+    format!("{:<15} B {:>3} max kv {:>5} g{} d{:?} p{} {:?} {}: {} items, {} split → {cmp}", v.name, c.kv_lens.len(), c.kv_lens.iter().max().unwrap_or(&0), c.group, c.dims, c.page_size, c.layout, if c.bf16 { "bf16" } else { "f16" }, plan.work.len(), plan.merge.len())
+}
+
+#[test]
+fn decode_matches_the_reference_on_random_batches() {
+    let Some(e) = engine() else { return };
+    let mut rng = StdRng::seed_from_u64(std::env::var("ATTNFORGE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(2026));
+    let cases: usize = std::env::var("ATTNFORGE_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    for i in 0..cases {
+        let c = random_case(&mut rng, i);
+        let line = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };
+        eprintln!("case {i:>3}: {line}");
+    }
+}
+
+#[test]
+fn every_variant_splits_and_merges_correctly_with_many_heads() {
+    let Some(e) = engine() else { return };
+    let mut rng = StdRng::seed_from_u64(7);
+    for variant in 0..shipped::SHIPPED.len() {
+        // 8 KV heads, GQA 4, one long and one short request: the planner must split.
+        let c = Case { variant, kv_lens: vec![9000, 3], kv_heads: 8, group: 4, dims: (128, 128), page_size: 16, layout: KvLayout::Nhd, interleaved: true, bf16: true, mode: PlanMode::Default, seed: rng.random() };
+        eprintln!("{}", check_case::<bf16>(&e, &c));
+    }
+}
+
+#[test]
+fn deterministic_mode_is_bit_identical_across_batch_compositions() {
+    let Some(e) = engine() else { return };
+    let v = shipped::resolve("gemma2").unwrap();
+    let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
+    let k = e.decode_kernel(&v, &cfg).unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let spec = |lens: Vec<usize>| WorkloadSpec { lens: lens.into_iter().map(|l| (1, l)).collect(), qo_heads: 8, kv_heads: 2, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
+    let big = Workload::<bf16>::random(&spec(vec![7000, 300, 12000, 5]), &mut rng);
+    // The same request 2 alone: copy its pages into a fresh cache in another order.
+    let mut alone = Workload::<bf16>::random(&spec(vec![12000]), &mut rng);
+    let kv = big.kv;
+    let pages = big.pages.pages(2).to_vec();
+    for (n, &src) in pages.iter().enumerate() {
+        let dst = alone.pages.indices[n] as usize;
+        let stride = kv.page_stride(128);
+        let (from, to) = (src as usize * stride, dst * stride);
+        alone.k[to..to + stride].copy_from_slice(&big.k[from..from + stride]);
+    }
+    alone.q.copy_from_slice(&big.q[2 * 8 * 128..3 * 8 * 128]);
+    let given: HashMap<String, ParamInput> = [("window".to_string(), ParamInput::Scalar(9000.0)), ("soft_cap".to_string(), ParamInput::Scalar(30.0))].into();
+    let run = |w: &Workload<bf16>| {
+        let p = v.bind(&given, Dims { qo_heads: 8, kv_heads: 2, batch: w.pages.batch_size() }).unwrap();
+        decode_once(&e, &k, &p, w, PlanMode::Deterministic { chunk: 1024 }, None).unwrap().0
+    };
+    let (a, b) = (run(&big), run(&alone));
+    let row = &a.o[2 * 8 * 128..3 * 8 * 128];
+    assert!(row.iter().zip(&b.o).all(|(x, y)| x.to_bits() == y.to_bits()), "outputs differ in bits");
+    assert!(a.lse[16..24].iter().zip(&b.lse).all(|(x, y)| x.to_bits() == y.to_bits()), "lse differs in bits");
+    // And it is right.
+    let p = v.bind(&given, Dims { qo_heads: 8, kv_heads: 2, batch: 1 }).unwrap();
+    let want = attention(&v, &p, &alone.batch(), &alone.q, &alone.k, alone.v(), None).unwrap();
+    assert!(compare(&b, &want, DType::Bf16, 128).ok());
+}
+
+#[test]
+fn a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths() {
+    let Some(e) = engine() else { return };
+    let v = shipped::resolve("sink").unwrap();
+    let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
+    let k = e.decode_kernel(&v, &cfg).unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let max_batch = 8usize;
+    let max_pages = 2000usize;
+    let mode = PlanMode::FixedGrid { max_ctas: 256 };
+    let spec = |lens: &[usize]| WorkloadSpec { lens: lens.iter().map(|&l| (1, l)).collect(), qo_heads: 16, kv_heads: 4, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
+    // Step 1 defines the buffers (sized for the maximum) that the graph captures.
+    let steps: Vec<Vec<usize>> = vec![vec![3000, 40, 0, 777], vec![5000, 1, 2, 3, 4000, 100, 9, 17], vec![10], vec![16000, 15000]];
+    let first = Workload::<bf16>::random(&spec(&steps[0]), &mut rng);
+    let cache_len = max_pages * first.kv.page_stride(128);
+    let mut cache = e.alloc::<bf16>(cache_len).unwrap();
+    let mut q = e.alloc::<bf16>(max_batch * 16 * 128).unwrap();
+    let mut qo = e.alloc::<i32>(max_batch + 1).unwrap();
+    let mut indptr = e.alloc::<i32>(max_batch + 1).unwrap();
+    let mut indices = e.alloc::<i32>(max_pages).unwrap();
+    let mut last = e.alloc::<i32>(max_batch).unwrap();
+    let mut res = DeviceResult::<bf16>::poisoned(&e, max_batch * 16 * 128, max_batch * 16).unwrap();
+    let mut bufs: Option<PlanBuffers> = None;
+    let mut graph = None;
+    let p_all = v.bind(&[("sinks".to_string(), ParamInput::Scalar(1.5))].into(), Dims { qo_heads: 16, kv_heads: 4, batch: max_batch }).unwrap();
+    let dp = e.upload_params(&k.layout, &p_all).unwrap();
+    for (i, lens) in steps.iter().enumerate() {
+        let mut w = Workload::<bf16>::random(&spec(lens), &mut rng);
+        // Pad the batch with empty requests (q_len 0) to the captured shape.
+        while w.pages.batch_size() < max_batch {
+            w.pages.indptr.push(*w.pages.indptr.last().unwrap());
+            w.pages.last_page_len.push(0);
+            w.qo_indptr.push(*w.qo_indptr.last().unwrap());
+        }
+        w.kv.num_pages = max_pages;
+        w.k.resize(cache_len, bf16::from_f32(0.5));
+        let batch = w.batch();
+        let p = v.bind(&[("sinks".to_string(), ParamInput::Scalar(1.5))].into(), Dims { qo_heads: 16, kv_heads: 4, batch: max_batch }).unwrap();
+        let plan = e.plan_decode(&k, &p, &batch, mode).unwrap();
+        e.copy_into(&w.k, &mut cache).unwrap();
+        e.copy_into(&w.q, &mut q).unwrap();
+        e.copy_into(&w.qo_indptr, &mut qo).unwrap();
+        e.copy_into(&w.pages.indptr, &mut indptr).unwrap();
+        e.copy_into(&w.pages.indices, &mut indices).unwrap();
+        e.copy_into(&w.pages.last_page_len, &mut last).unwrap();
+        e.upload_plan(&plan, &mut bufs).unwrap();
+        let total_q = batch.total_q();
+        assert!(total_q < max_batch || lens.len() == max_batch);
+        if graph.is_none() {
+            e.synchronize().unwrap();
+            e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+            // The device views are cut to the maximum shape; only counts change between steps.
+            let dev = attnforge::engine::DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo, kv_indptr: &indptr, kv_indices: &indices, last_page_len: &last };
+            // run_decode checks exact buffer lengths, so capture with a batch description of
+            // the maximum shape (all padding tokens in the last request). The captured kernels
+            // read the real counts and page tables from device memory at each replay.
+            let mut pages_max = w.pages.clone();
+            pages_max.indices.resize(max_pages, 0);
+            *pages_max.indptr.last_mut().unwrap() = max_pages as i32;
+            pages_max.last_page_len[max_batch - 1] = 16;
+            let mut qo_max = w.qo_indptr.clone();
+            *qo_max.last_mut().unwrap() = max_batch as i32;
+            let b_max = attnforge::kv::Batch { qo_indptr: &qo_max, pages: &pages_max, kv: w.kv, qo_heads: 16 };
+            let out = DeviceOutput { o: &mut res.o, lse: &mut res.lse };
+            e.run_decode(&k, &plan, bufs.as_ref().unwrap(), &dp, &b_max, &dev, out, None).unwrap();
+            graph = e.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap();
+        }
+        res = {
+            // Poison again, then replay.
+            let mut r = res;
+            e.copy_into(&vec![bf16::from_f32(f32::NAN); max_batch * 16 * 128], &mut r.o).unwrap();
+            e.copy_into(&vec![f32::NAN; max_batch * 16], &mut r.lse).unwrap();
+            r
+        };
+        graph.as_ref().unwrap().launch().unwrap();
+        let got_all = res.download(&e).unwrap();
+        let want = attention(&v, &p, &batch, &w.q, &w.k, &w.k, None).unwrap();
+        let got = attnforge::reference::AttnOutput { o: got_all.o[..total_q * 16 * 128].to_vec(), lse: got_all.lse[..total_q * 16].to_vec() };
+        let cmp = compare(&got, &want, DType::Bf16, 128);
+        eprintln!("graph step {i}: lens {lens:?}: {} items, {} merges: {cmp}", plan.work.len(), plan.merge.len());
+        assert!(cmp.ok(), "step {i}: {cmp}");
+    }
+}
+
+#[test]
+fn capturing_a_default_plan_and_bad_shapes_are_errors() {
+    let Some(e) = engine() else { return };
+    let v = shipped::resolve("causal").unwrap();
+    let cfg = KernelConfig::decode(64, 64, DType::F16, 2).unwrap();
+    let k = e.decode_kernel(&v, &cfg).unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let spec = WorkloadSpec { lens: vec![(1, 100), (1, 50)], qo_heads: 4, kv_heads: 2, head_dim_qk: 64, head_dim_vo: 64, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
+    let w = Workload::<f16>::random(&spec, &mut rng);
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: 2 }).unwrap();
+    let dev = DeviceWorkload::upload(&e, &w).unwrap();
+    let plan = e.plan_decode(&k, &p, &w.batch(), PlanMode::Default).unwrap();
+    let mut bufs = None;
+    e.upload_plan(&plan, &mut bufs).unwrap();
+    let dp = e.upload_params(&k.layout, &p).unwrap();
+    let bufs = bufs.unwrap();
+    // Output one element short.
+    let mut short = DeviceResult::<f16>::poisoned(&e, 2 * 4 * 64 - 1, 8).unwrap();
+    let err = e.run_decode(&k, &plan, &bufs, &dp, &w.batch(), &dev.batch(), short.out(), None).unwrap_err();
+    assert!(err.to_string().contains("output length"), "{err}");
+    // Wrong dtype for the kernel.
+    let wb = Workload::<bf16>::random(&spec, &mut rng);
+    let devb = DeviceWorkload::upload(&e, &wb).unwrap();
+    let mut outb = DeviceResult::<bf16>::poisoned(&e, 2 * 4 * 64, 8).unwrap();
+    let err = e.run_decode(&k, &plan, &bufs, &dp, &wb.batch(), &devb.batch(), outb.out(), None).unwrap_err();
+    assert!(err.to_string().contains("compiled for f16"), "{err}");
+    // Capture with a default plan.
+    let mut out = DeviceResult::<f16>::poisoned(&e, 2 * 4 * 64, 8).unwrap();
+    e.synchronize().unwrap();
+    e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let err = e.run_decode(&k, &plan, &bufs, &dp, &w.batch(), &dev.batch(), out.out(), None).unwrap_err();
+    let _ = e.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+    assert!(err.to_string().contains("FixedGrid"), "{err}");
+    // A prefill-shaped batch given to decode.
+    let spec2 = WorkloadSpec { lens: vec![(3, 100)], ..spec };
+    let w2 = Workload::<f16>::random(&spec2, &mut rng);
+    let p2 = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: 1 }).unwrap();
+    let err = e.plan_decode(&k, &p2, &w2.batch(), PlanMode::Default).unwrap_err();
+    assert!(err.to_string().contains("use prefill"), "{err}");
+    // A fixed grid too small for the batch.
+    let err = e.plan_decode(&k, &p, &w.batch(), PlanMode::FixedGrid { max_ctas: 1 }).unwrap_err();
+    assert!(err.to_string().contains("fixed grid holds 1"), "{err}");
+}
