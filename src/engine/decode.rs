@@ -191,7 +191,7 @@ impl Engine {
         let t = &k.tile;
         let cfg_launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
-            block_dim: (t.bdx as u32, cfg.group as u32, t.bdz as u32),
+            block_dim: t.block(cfg.group),
             shared_mem_bytes: k.smem_bytes as u32,
         };
         // SAFETY: every pointer comes from a live CudaSlice whose length was checked above

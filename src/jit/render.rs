@@ -16,9 +16,11 @@ use crate::abi::{self, param_layout, PARAM_WORDS};
 use crate::spec::{cuda::emit, HookExpr, Normalize, Variant};
 use crate::{Error, Result};
 
-const TEMPLATES: [(&str, &str); 5] = [
+const TEMPLATES: [(&str, &str); 7] = [
     ("common/prelude.cuh", include_str!("../../templates/common/prelude.cuh")),
     ("common/decode.cuh", include_str!("../../templates/common/decode.cuh")),
+    ("common/decode_args.cuh", include_str!("../../templates/common/decode_args.cuh")),
+    ("common/decode_mma.cuh", include_str!("../../templates/common/decode_mma.cuh")),
     ("common/merge.cuh", include_str!("../../templates/common/merge.cuh")),
     ("variant.cuh.tera", include_str!("../../templates/variant.cuh.tera")),
     ("decode.cu.tera", include_str!("../../templates/decode.cu.tera")),
@@ -29,7 +31,12 @@ fn tera() -> Result<&'static Tera> {
     TERA.get_or_init(|| {
         let mut t = Tera::default();
         t.autoescape_on(vec![]);
-        t.add_raw_templates(TEMPLATES.to_vec()).map_err(|e| format!("{e:?}"))?;
+        // `.cuh` files are plain CUDA (inline PTX is full of `{%0, %1}`): Tera must not parse them.
+        let templates: Vec<(&str, String)> = TEMPLATES
+            .iter()
+            .map(|(name, text)| (*name, if name.ends_with(".cuh") { format!("{{% raw %}}{text}{{% endraw %}}") } else { text.to_string() }))
+            .collect();
+        t.add_raw_templates(templates).map_err(|e| format!("{e:?}"))?;
         Ok(t)
     })
     .as_ref()
@@ -75,6 +82,8 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
             ctx.insert("stages", &t.stages);
             ctx.insert("nv", &t.nv);
             ctx.insert("min_ctas", &t.min_ctas);
+            ctx.insert("mma", &t.mma);
+            ctx.insert("warps", &t.warps);
             ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
             ctx.insert("merge_args_size", &std::mem::size_of::<abi::MergeArgs>());
             "decode.cu.tera"

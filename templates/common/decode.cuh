@@ -9,50 +9,13 @@
 // online-softmax state; the tz states merge at the end. A split item writes an f32 partial
 // (o normalised, lse) for merge_states; an unsplit one writes the output and applies the sink.
 //
-// Needs, from the op template: DTypeQ, DTypeKV, DTypeO, Params, HEAD_DIM_QK, HEAD_DIM_VO, GROUP,
-// BDX, BDZ, TILE_PER_Z, STAGES, NV, HAS_MASK, HAS_KV_LO, HAS_KV_HI, HAS_SINK, NORMALIZE_SOFTMAX, and
+// The CUDA-core main loop, used when the GQA group is 1 (or above 16); see decode_mma.cuh.
+// Needs, from the op template: decode_args.cuh, DTypeQ, DTypeKV, DTypeO, Params, HEAD_DIM_QK,
+// HEAD_DIM_VO, GROUP, BDX, BDZ, TILE_PER_Z, STAGES, NV, HAS_MASK, HAS_KV_LO, HAS_KV_HI, HAS_SINK, NORMALIZE_SOFTMAX, and
 // the hooks af_logits / af_mask / af_kv_lo / af_kv_hi / af_sink.
 
-#define VEC 8
 #define KV_TILE (BDZ * TILE_PER_Z)
 #define NUM_THREADS (BDX * GROUP * BDZ)
-#define ROW_QK (HEAD_DIM_QK + VEC)
-#define ROW_VO (HEAD_DIM_VO + VEC)
-
-// Mirrors src/engine/decode.rs `DecodeWork`.
-struct DecodeWork {
-  int req;
-  int kv_begin;  // first KV position of the chunk
-  int kv_end;    // one past the last
-  int partial;   // partial slot, or -1 to write the final output
-};
-
-// Mirrors src/engine/decode.rs `DecodeArgs`; the size is checked below against Rust's.
-struct DecodeArgs {
-  const DTypeQ* q;
-  const DTypeKV* k;
-  const DTypeKV* v;
-  DTypeO* o;
-  float* lse;
-  float* part_o;
-  float* part_lse;
-  const int* qo_indptr;
-  const int* kv_indptr;
-  const int* kv_indices;
-  const int* last_page_len;
-  const DecodeWork* work;
-  const int* num_work;
-  long long k_page_stride;
-  long long v_page_stride;
-  int k_slot_stride;
-  int k_head_stride;
-  int v_slot_stride;
-  int v_head_stride;
-  int page_size;
-  int num_qo_heads;
-  float sm_scale;
-  int page_shift;  // log2(page_size) when it is a power of two, else -1
-};
 
 __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p) {
   const int w = blockIdx.x;
@@ -97,36 +60,8 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   }
   const bool has_vo = tx * VEC < HEAD_DIM_VO;
 
-  // Issues the cp.async copies of tile `t` into ring slot `stage`. Keys past `hi` are zero-filled
-  // so that a masked key never multiplies a NaN from stale memory.
   auto load_tile = [&](int stage, int tile_start) {
-    constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
-    constexpr int CH = KCH > VCH ? KCH : VCH;
-    for (int c = tid; c < KV_TILE * CH; c += NUM_THREADS) {
-      const int j = c / CH, ch = c % CH;
-      const int pos = tile_start + j;
-      const bool ok = pos <= hi;
-      long long page = 0;
-      int slot = 0;
-      if (ok) {
-        // Power-of-two pages (the common case) avoid an integer division per copy.
-        const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
-        slot = a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
-        page = a.kv_indices[page_begin + pi];
-      }
-      if (ch < KCH) {
-        const DTypeKV* src = ok ? a.k + page * a.k_page_stride + (long long)slot * a.k_slot_stride +
-                                      (long long)kv_head * a.k_head_stride + ch * VEC
-                                : a.k;
-        af_cp_async16(k_smem + (stage * KV_TILE + j) * ROW_QK + ch * VEC, src, ok);
-      }
-      if (ch < VCH) {
-        const DTypeKV* src = ok ? a.v + page * a.v_page_stride + (long long)slot * a.v_slot_stride +
-                                      (long long)kv_head * a.v_head_stride + ch * VEC
-                                : a.v;
-        af_cp_async16(v_smem + (stage * KV_TILE + j) * ROW_VO + ch * VEC, src, ok);
-      }
-    }
+    decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, stage, tile_start, hi, page_begin, kv_head, tid);
   };
 
   float m = -AF_INF, d = 0.f;

@@ -299,18 +299,25 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String]) -> 
         println!("  {:<28} {:>9} {:>9} {:>8} {:>7} {:>12} {:>12} {:>6}", "shape", "graph µs", "eager µs", "GB/s", "% copy", "FI graph µs", "FI eager µs", "items");
         let mut overrides: Vec<Option<attnforge::jit::DecodeTile>> = vec![None];
         for t in tiles {
+            // `mma,WARPS,STAGES` picks the tensor-core loop; four or five numbers the CUDA-core one.
+            if let Some(rest) = t.strip_prefix("mma,") {
+                let n: Vec<usize> = rest.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("--tile {t}"))?;
+                let [warps, stages] = n[..] else { bail!("--tile {t}: expected mma,WARPS,STAGES") };
+                overrides.push(Some(attnforge::jit::DecodeTile { nv: 4, bdx: 4, bdz: 1, tile_per_z: 1, stages, min_ctas: 1, mma: true, warps }));
+                continue;
+            }
             let n: Vec<usize> = t.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("--tile {t}"))?;
             let (nv, bdz, tile_per_z, stages, min_ctas) = match n[..] {
                 [a, b, c, d] => (a, b, c, d, 1),
                 [a, b, c, d, m] => (a, b, c, d, m),
-                _ => bail!("--tile {t}: expected NV,BDZ,TPZ,STAGES[,MIN_CTAS]"),
+                _ => bail!("--tile {t}: expected NV,BDZ,TPZ,STAGES[,MIN_CTAS] or mma,WARPS,STAGES"),
             };
             let bdx = (128usize).div_ceil(8 * nv).next_power_of_two();
-            overrides.push(Some(attnforge::jit::DecodeTile { nv, bdx, bdz, tile_per_z, stages, min_ctas }));
+            overrides.push(Some(attnforge::jit::DecodeTile { nv, bdx, bdz, tile_per_z, stages, min_ctas, mma: false, warps: 0 }));
         }
         for (s, tile) in anchor_decode_shapes().into_iter().flat_map(|s| overrides.iter().map(move |t| (s.clone(), *t))) {
             let r = bench_decode(&e, &s, tile)?;
-            let label = format!("{} B{} L{}{}", s.variant, s.batch, s.kv_len, tile.map_or(String::new(), |t| format!(" [{},{},{},{},{}]", t.nv, t.bdz, t.tile_per_z, t.stages, t.min_ctas)));
+            let label = format!("{} B{} L{}{}", s.variant, s.batch, s.kv_len, tile.map_or(String::new(), |t| if t.mma { format!(" [mma {}w {}s]", t.warps, t.stages) } else { format!(" [{},{},{},{},{}]", t.nv, t.bdz, t.tile_per_z, t.stages, t.min_ctas) }));
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
             println!(
                 "  {label:<28} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>12} {:>12} {:>6}",

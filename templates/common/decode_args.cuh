@@ -1,0 +1,126 @@
+// decode_args.cuh — what both decode main loops share: the work item and argument structs (the
+// host-device ABI, mirrored in src/abi.rs) and the cp.async loader of one K/V tile.
+//
+// Needs: DTypeKV, HEAD_DIM_QK, HEAD_DIM_VO.
+
+#define VEC 8
+// Shared-memory rows are padded by one 16-byte vector: consecutive rows start 4 banks apart, so
+// the 8 rows an ldmatrix (or 8 tz groups) reads hit 8 different bank groups.
+#define ROW_QK (HEAD_DIM_QK + VEC)
+#define ROW_VO (HEAD_DIM_VO + VEC)
+
+// Mirrors src/engine/decode.rs `DecodeWork`.
+struct DecodeWork {
+  int req;
+  int kv_begin;  // first KV position of the chunk
+  int kv_end;    // one past the last
+  int partial;   // partial slot, or -1 to write the final output
+};
+
+// Mirrors src/engine/decode.rs `DecodeArgs`; the size is checked below against Rust's.
+struct DecodeArgs {
+  const DTypeQ* q;
+  const DTypeKV* k;
+  const DTypeKV* v;
+  DTypeO* o;
+  float* lse;
+  float* part_o;
+  float* part_lse;
+  const int* qo_indptr;
+  const int* kv_indptr;
+  const int* kv_indices;
+  const int* last_page_len;
+  const DecodeWork* work;
+  const int* num_work;
+  long long k_page_stride;
+  long long v_page_stride;
+  int k_slot_stride;
+  int k_head_stride;
+  int v_slot_stride;
+  int v_head_stride;
+  int page_size;
+  int num_qo_heads;
+  float sm_scale;
+  int page_shift;  // log2(page_size) when it is a power of two, else -1
+};
+
+// Issues the cp.async copies of the KV_TILE keys starting at `tile_start` into ring slot `stage`.
+// Keys past `hi` are zero-filled so that a masked key never multiplies a NaN from stale memory.
+template <int KV_TILE_, int NTHREADS_>
+__device__ __forceinline__ void decode_load_tile(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, int stage,
+                                                 int tile_start, int hi, int page_begin, int kv_head, int tid) {
+  constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
+  constexpr int CH = KCH > VCH ? KCH : VCH;
+  for (int c = tid; c < KV_TILE_ * CH; c += NTHREADS_) {
+    const int j = c / CH, ch = c % CH;
+    const int pos = tile_start + j;
+    const bool ok = pos <= hi;
+    long long page = 0;
+    int slot = 0;
+    if (ok) {
+      // Power-of-two pages (the common case) avoid an integer division per copy.
+      const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
+      slot = a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
+      page = a.kv_indices[page_begin + pi];
+    }
+    if (ch < KCH) {
+      const DTypeKV* src = ok ? a.k + page * a.k_page_stride + (long long)slot * a.k_slot_stride +
+                                    (long long)kv_head * a.k_head_stride + ch * VEC
+                              : a.k;
+      af_cp_async16(k_smem + (stage * KV_TILE_ + j) * ROW_QK + ch * VEC, src, ok);
+    }
+    if (ch < VCH) {
+      const DTypeKV* src = ok ? a.v + page * a.v_page_stride + (long long)slot * a.v_slot_stride +
+                                    (long long)kv_head * a.v_head_stride + ch * VEC
+                              : a.v;
+      af_cp_async16(v_smem + (stage * KV_TILE_ + j) * ROW_VO + ch * VEC, src, ok);
+    }
+  }
+}
+
+// Writes 8 output dims [c0, c0 + 8) of one query head from its combined state (M, D, O):
+// a split item writes the f32 partial (o normalised, lse without the sink), an unsplit one the
+// final output with the sink in the denominator. The thread with c0 == 0 writes the LSE.
+__device__ __forceinline__ void decode_write8(const DecodeArgs& a, const Params& p, const DecodeWork& item, int token,
+                                              int qo_head, int kv_head, int req, int q_pos, int q_len, int kv_len,
+                                              bool visible, float M, float D, float (&O)[VEC], int c0) {
+  float lse_out;
+  if (item.partial >= 0) {
+#if NORMALIZE_SOFTMAX
+    const float inv = visible ? 1.f / D : 0.f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] *= inv;
+    lse_out = visible ? M + logf(D) : -AF_INF;
+#else
+    lse_out = visible ? 0.f : -AF_INF;
+#endif
+    const long long row = (long long)item.partial * a.num_qo_heads + qo_head;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) a.part_o[row * HEAD_DIM_VO + c0 + e] = O[e];
+    if (c0 == 0) a.part_lse[row] = lse_out;
+    return;
+  }
+#if NORMALIZE_SOFTMAX
+  if (visible) {
+    float mf = M, df = D;
+#if HAS_SINK
+    const float sk = af_sink(0.f, a.sm_scale, q_pos, 0, qo_head, kv_head, req, q_len, kv_len, p);
+    mf = fmaxf(M, sk);
+    df = D * exp2f((M - mf) * AF_LOG2E) + exp2f((sk - mf) * AF_LOG2E);
+#endif
+    const float f = exp2f((M - mf) * AF_LOG2E) / df;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] *= f;
+    lse_out = mf + logf(df);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] = 0.f;
+    lse_out = -AF_INF;
+  }
+#else
+  lse_out = visible ? 0.f : -AF_INF;
+#endif
+  const long long row = (long long)token * a.num_qo_heads + qo_head;
+  af_store8(a.o + row * HEAD_DIM_VO + c0, O);
+  if (c0 == 0) a.lse[row] = lse_out;
+}

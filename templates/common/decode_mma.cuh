@@ -1,0 +1,301 @@
+// decode_mma.cuh — batch decode on tensor cores, for GQA groups of 2 to 16.
+//
+// The query heads of one KV head are the rows of an m16n8k16 MMA, so each K/V element is read
+// from shared memory once per warp by ldmatrix and fed to the tensor cores as stored; the CUDA
+// cores only run the hooks and the softmax. (The CUDA-core loop in decode.cuh converts every
+// element to f32 once per query head: at GQA 4 it was issue-bound at ~77% of the copy ceiling.)
+//
+// NUM_WARPS warps; each takes 16 keys of every KV_TILE = 16 * NUM_WARPS key tile:
+//   S[16 x 16]   = Q[16 x D] · K^T            (D/16 k-steps x 2 n-tiles)
+//   online softmax on the S fragments          (row max across the 4 lanes of a quad)
+//   O[16 x DVO] += P[16 x 16] · V[16 x DVO]    (1 k-step x DVO/8 n-tiles, P rounded to the KV type)
+// then the warps' states merge through shared memory and the epilogue writes the output or a
+// partial state, as decode.cuh does.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, lane = 4g + t): A a0a1 (row g, cols 2t, 2t+1), a2a3
+// (row g+8), a4a5 (row g, cols +8), a6a7 (row g+8, cols +8); B b0b1 (k 2t, 2t+1; col g), b2b3
+// (k +8); C c0c1 (row g, cols 2t, 2t+1), c2c3 (row g+8).
+//
+// Needs: decode_args.cuh, DTypeQ == DTypeKV, DTypeO, Params, HEAD_DIM_QK, HEAD_DIM_VO, GROUP,
+// NUM_WARPS, STAGES, and the variant's hooks.
+
+#define NUM_THREADS (32 * NUM_WARPS)
+#define KV_TILE (16 * NUM_WARPS)
+
+__device__ __forceinline__ void af_ldmatrix_x4(unsigned (&r)[4], const void* smem) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+__device__ __forceinline__ void af_ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+template <typename T>
+__device__ __forceinline__ void af_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+
+template <>
+__device__ __forceinline__ void af_mma16816<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void af_mma16816<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats to one register of two 16-bit values, `lo` in the low half.
+template <typename T>
+__device__ __forceinline__ unsigned af_pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ unsigned af_pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+template <>
+__device__ __forceinline__ unsigned af_pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p) {
+  static_assert(GROUP >= 1 && GROUP <= 16, "the MMA path holds at most 16 query heads per KV head");
+  static_assert(HEAD_DIM_QK % 16 == 0 && HEAD_DIM_VO % 16 == 0, "head dims must be multiples of 16");
+  const int w = blockIdx.x;
+  if (w >= *a.num_work) return;  // fixed-grid mode: spare CTAs exit
+  const DecodeWork item = a.work[w];
+  const int kv_head = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4, mi = lane / 8;
+  const int req = item.req;
+  const int token = a.qo_indptr[req];
+  const int q_len = a.qo_indptr[req + 1] - token;
+  const int page_begin = a.kv_indptr[req];
+  const int n_pages = a.kv_indptr[req + 1] - page_begin;
+  const int kv_len = n_pages == 0 ? 0 : (n_pages - 1) * a.page_size + a.last_page_len[req];
+  const int q_pos = kv_len - q_len;
+  const float sm_scale = a.sm_scale;
+
+  int lo = item.kv_begin, hi = item.kv_end - 1;
+#if HAS_KV_LO
+  lo = max(lo, af_kv_lo(0.f, sm_scale, q_pos, 0, kv_head * GROUP, kv_head, req, q_len, kv_len, p));
+#endif
+#if HAS_KV_HI
+  hi = min(hi, af_kv_hi(0.f, sm_scale, q_pos, 0, kv_head * GROUP, kv_head, req, q_len, kv_len, p));
+#endif
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
+  DTypeKV* v_smem = k_smem + STAGES * KV_TILE * ROW_QK;
+
+  // Rows g and g + 8 of the MMA are query heads kv_head * GROUP + row; rows >= GROUP are padding.
+  const int row0 = g, row1 = g + 8;
+  const bool valid0 = row0 < GROUP, valid1 = row1 < GROUP;
+  const int head0 = kv_head * GROUP + (valid0 ? row0 : 0);
+  const int head1 = kv_head * GROUP + (valid1 ? row1 : 0);
+
+  constexpr int KSTEPS = HEAD_DIM_QK / 16;
+  unsigned qa[KSTEPS][4];
+  {
+    const DTypeQ* q0 = a.q + ((long long)token * a.num_qo_heads + head0) * HEAD_DIM_QK;
+    const DTypeQ* q1 = a.q + ((long long)token * a.num_qo_heads + head1) * HEAD_DIM_QK;
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+      const int c = kk * 16 + 2 * t4;
+      qa[kk][0] = valid0 ? *reinterpret_cast<const unsigned*>(q0 + c) : 0u;
+      qa[kk][1] = valid1 ? *reinterpret_cast<const unsigned*>(q1 + c) : 0u;
+      qa[kk][2] = valid0 ? *reinterpret_cast<const unsigned*>(q0 + c + 8) : 0u;
+      qa[kk][3] = valid1 ? *reinterpret_cast<const unsigned*>(q1 + c + 8) : 0u;
+    }
+  }
+
+  constexpr int DN = HEAD_DIM_VO / 8;
+  float oacc[DN][4];
+#pragma unroll
+  for (int dn = 0; dn < DN; ++dn)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) oacc[dn][j] = 0.f;
+  float m0 = -AF_INF, m1 = -AF_INF, d0 = 0.f, d1 = 0.f;
+  bool any0 = false, any1 = false;
+
+  auto load_tile = [&](int stage, int tile_start) {
+    decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, stage, tile_start, hi, page_begin, kv_head, tid);
+  };
+  const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) load_tile(s, lo + s * KV_TILE);
+    af_cp_async_commit();
+  }
+  for (int t = 0; t < num_tiles; ++t) {
+    {
+      const int nt = t + STAGES - 1;
+      if (nt < num_tiles) load_tile(nt % STAGES, lo + nt * KV_TILE);
+      af_cp_async_commit();
+    }
+    af_cp_async_wait<STAGES - 1>();
+    __syncthreads();
+    const int stage = t % STAGES;
+    const int key0 = lo + t * KV_TILE + warp * 16;
+
+    // S = Q K^T for this warp's 16 keys: two n-tiles of 8 keys.
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[nt][j] = 0.f;
+    const DTypeKV* ks = k_smem + (stage * KV_TILE + warp * 16) * ROW_QK;
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+      unsigned b[4];
+      af_ldmatrix_x4(b, ks + ((mi >> 1) * 8 + (lane & 7)) * ROW_QK + kk * 16 + (mi & 1) * 8);
+      af_mma16816<DTypeKV>(s[0], qa[kk], b[0], b[1]);
+      af_mma16816<DTypeKV>(s[1], qa[kk], b[2], b[3]);
+    }
+
+    // Hooks: logits for visible (row, key) pairs; -inf (softmax) or 0 (none) elsewhere.
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const bool upper = j >= 2;
+        const int pos = key0 + nt * 8 + 2 * t4 + (j & 1);
+        const int head = upper ? head1 : head0;
+        bool vis = (upper ? valid1 : valid0) && pos <= hi;
+#if HAS_MASK
+        vis = vis && af_mask(0.f, sm_scale, q_pos, pos, head, kv_head, req, q_len, kv_len, p);
+#endif
+#if NORMALIZE_SOFTMAX
+        s[nt][j] = vis ? af_logits(s[nt][j], sm_scale, q_pos, pos, head, kv_head, req, q_len, kv_len, p) : -AF_INF;
+#else
+        s[nt][j] = vis ? af_logits(s[nt][j], sm_scale, q_pos, pos, head, kv_head, req, q_len, kv_len, p) : 0.f;
+        if (upper) any1 = any1 || vis; else any0 = any0 || vis;
+#endif
+      }
+    }
+
+#if NORMALIZE_SOFTMAX
+    float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+    float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    // A row with nothing visible yet keeps its zero state: scale 1, weights 0.
+    const float sc0 = mn0 == -AF_INF ? 1.f : exp2f((m0 - mn0) * AF_LOG2E);
+    const float sc1 = mn1 == -AF_INF ? 1.f : exp2f((m1 - mn1) * AF_LOG2E);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = mn0 == -AF_INF ? 0.f : exp2f((s[nt][0] - mn0) * AF_LOG2E);
+      s[nt][1] = mn0 == -AF_INF ? 0.f : exp2f((s[nt][1] - mn0) * AF_LOG2E);
+      s[nt][2] = mn1 == -AF_INF ? 0.f : exp2f((s[nt][2] - mn1) * AF_LOG2E);
+      s[nt][3] = mn1 == -AF_INF ? 0.f : exp2f((s[nt][3] - mn1) * AF_LOG2E);
+    }
+    d0 = d0 * sc0 + (s[0][0] + s[0][1] + s[1][0] + s[1][1]);
+    d1 = d1 * sc1 + (s[0][2] + s[0][3] + s[1][2] + s[1][3]);
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+      oacc[dn][0] *= sc0;
+      oacc[dn][1] *= sc0;
+      oacc[dn][2] *= sc1;
+      oacc[dn][3] *= sc1;
+    }
+    m0 = mn0;
+    m1 = mn1;
+#endif
+
+    // O += P V: P's C fragments are exactly the A fragment of one k-step of 16 keys.
+    unsigned pa[4] = {af_pack2<DTypeKV>(s[0][0], s[0][1]), af_pack2<DTypeKV>(s[0][2], s[0][3]),
+                      af_pack2<DTypeKV>(s[1][0], s[1][1]), af_pack2<DTypeKV>(s[1][2], s[1][3])};
+    const DTypeKV* vs = v_smem + (stage * KV_TILE + warp * 16) * ROW_VO;
+#pragma unroll
+    for (int dn2 = 0; dn2 < DN / 2; ++dn2) {
+      unsigned b[4];
+      af_ldmatrix_x4_trans(b, vs + ((mi & 1) * 8 + (lane & 7)) * ROW_VO + dn2 * 16 + (mi >> 1) * 8);
+      af_mma16816<DTypeKV>(oacc[2 * dn2], pa, b[0], b[1]);
+      af_mma16816<DTypeKV>(oacc[2 * dn2 + 1], pa, b[2], b[3]);
+    }
+    __syncthreads();  // the slot is refilled by the next iteration's load
+  }
+  af_cp_async_wait<0>();
+  __syncthreads();  // the ring is reused for the reduction below
+
+  // Per-warp states of the GROUP real rows → shared memory: [warp][row] m, d, then o.
+  float* red_m = reinterpret_cast<float*>(smem_raw);
+  float* red_d = red_m + NUM_WARPS * GROUP;
+  float* red_o = red_d + NUM_WARPS * GROUP;
+#if NORMALIZE_SOFTMAX
+  d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+  d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+  d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+  d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+#else
+  // Reduce the quad's flags: each lane saw different keys of the same rows.
+  any0 = (__shfl_xor_sync(0xffffffffu, (int)any0, 1) | __shfl_xor_sync(0xffffffffu, (int)any0, 2) | (int)any0) != 0;
+  any1 = (__shfl_xor_sync(0xffffffffu, (int)any1, 1) | __shfl_xor_sync(0xffffffffu, (int)any1, 2) | (int)any1) != 0;
+  d0 = any0 ? 1.f : 0.f;
+  d1 = any1 ? 1.f : 0.f;
+#endif
+  if (valid0) {
+    if (t4 == 0) {
+      red_m[warp * GROUP + row0] = m0;
+      red_d[warp * GROUP + row0] = d0;
+    }
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+      red_o[(warp * GROUP + row0) * HEAD_DIM_VO + dn * 8 + 2 * t4] = oacc[dn][0];
+      red_o[(warp * GROUP + row0) * HEAD_DIM_VO + dn * 8 + 2 * t4 + 1] = oacc[dn][1];
+    }
+  }
+  if (valid1) {
+    if (t4 == 0) {
+      red_m[warp * GROUP + row1] = m1;
+      red_d[warp * GROUP + row1] = d1;
+    }
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+      red_o[(warp * GROUP + row1) * HEAD_DIM_VO + dn * 8 + 2 * t4] = oacc[dn][2];
+      red_o[(warp * GROUP + row1) * HEAD_DIM_VO + dn * 8 + 2 * t4 + 1] = oacc[dn][3];
+    }
+  }
+  __syncthreads();
+
+  // Combine the warps: one thread per (row, 8 output dims).
+  constexpr int VECS = HEAD_DIM_VO / VEC;
+  for (int it = tid; it < GROUP * VECS; it += NUM_THREADS) {
+    const int row = it / VECS, c0 = (it % VECS) * VEC;
+    float M = -AF_INF, D = 0.f, O[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] = 0.f;
+#if NORMALIZE_SOFTMAX
+    for (int z = 0; z < NUM_WARPS; ++z) M = fmaxf(M, red_m[z * GROUP + row]);
+    if (M != -AF_INF) {
+      for (int z = 0; z < NUM_WARPS; ++z) {
+        const float f = exp2f((red_m[z * GROUP + row] - M) * AF_LOG2E);
+        D += red_d[z * GROUP + row] * f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + row) * HEAD_DIM_VO + c0 + e] * f;
+      }
+    }
+    const bool visible = M != -AF_INF;
+#else
+    for (int z = 0; z < NUM_WARPS; ++z) {
+      D += red_d[z * GROUP + row];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + row) * HEAD_DIM_VO + c0 + e];
+    }
+    const bool visible = D > 0.f;
+#endif
+    decode_write8(a, p, item, token, kv_head * GROUP + row, kv_head, req, q_pos, q_len, kv_len, visible, M, D, O, c0);
+  }
+}
