@@ -85,6 +85,17 @@ pub struct DecodeWork {
     pub partial: i32,
 }
 
+/// Mirrors `PrefillWork` in `templates/common/prefill.cuh`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PrefillWork {
+    pub req: i32,
+    /// First query row (token × group + head) of the block.
+    pub row_start: i32,
+    pub kv_begin: i32,
+    pub kv_end: i32,
+}
+
 /// Mirrors `MergeWork` in `templates/common/merge.cuh`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -200,3 +200,109 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::De
     let bytes = (visible * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * shape.batch * QO_HEADS * HEAD_DIM * 2) as f64;
     Ok(DecodeResult { shape: shape.clone(), graph_us, eager_us: median(eager), bytes, work_items: default_plan.work.len(), splits: default_plan.merge.len(), copies })
 }
+
+/// One prefill benchmark: causal attention of requests `(q_len, kv_len)` over a paged cache.
+#[derive(Debug, Clone)]
+pub struct PrefillShape {
+    pub name: &'static str,
+    pub lens: Vec<(usize, usize)>,
+    pub qo_heads: usize,
+    pub kv_heads: usize,
+    /// FlashInfer's TFLOP/s, or its µs for appends, from ANCHORS.md.
+    pub anchor_tflops: Option<f64>,
+    pub anchor_us: Option<f64>,
+}
+
+/// The ANCHORS.md prefill workloads, bf16, d128, page 16, causal, plus the short append.
+pub fn anchor_prefill_shapes() -> Vec<PrefillShape> {
+    let s = |name, lens, qo_heads, kv_heads, tf, us| PrefillShape { name, lens, qo_heads, kv_heads, anchor_tflops: tf, anchor_us: us };
+    let mut skewed = vec![(16384, 16384)];
+    skewed.extend(vec![(512, 512); 32]);
+    vec![
+        s("single 4096, MHA 32", vec![(4096, 4096)], 32, 32, Some(429.0), None),
+        s("single 16384, MHA 32", vec![(16384, 16384)], 32, 32, Some(625.0), None),
+        s("batch 16 x 2048, 32/8", vec![(2048, 2048); 16], 32, 8, Some(439.0), None),
+        s("skewed 16384 + 32 x 512, 32/8", skewed, 32, 8, Some(536.0), None),
+        s("append q8 kv4096 B64, 32/8", vec![(8, 4096); 64], 32, 8, None, Some(1289.8)),
+    ]
+}
+
+/// What a prefill shape measured.
+#[derive(Debug, Clone)]
+pub struct PrefillResult {
+    pub shape: PrefillShape,
+    pub us: f64,
+    /// FLOPs of the causal triangle: Σ 4 · q · kv_visible · heads · d (for q = kv: len² / 2).
+    pub flops: f64,
+    /// K and V bytes of the visible positions, read once.
+    pub kv_bytes: f64,
+    pub blocks: usize,
+}
+
+impl PrefillResult {
+    pub fn tflops(&self) -> f64 {
+        self.flops / (self.us * 1e-6) / 1e12
+    }
+}
+
+/// Times one prefill shape with CUDA events (median of 7 timings of 3 launches).
+pub fn bench_prefill(e: &Engine, shape: &PrefillShape) -> Result<PrefillResult> {
+    let v = shipped::resolve("causal")?;
+    let group = shape.qo_heads / shape.kv_heads;
+    let k = e.prefill_kernel(&v, &KernelConfig::prefill(HEAD_DIM, HEAD_DIM, DType::Bf16, group)?)?;
+    let params = v.bind(&HashMap::new(), Dims { qo_heads: shape.qo_heads, kv_heads: shape.kv_heads, batch: shape.lens.len() })?;
+    let dp = e.upload_params(&k.layout, &params)?;
+    let kv_lens: Vec<usize> = shape.lens.iter().map(|l| l.1).collect();
+    let pages_needed: usize = kv_lens.iter().map(|l| l.div_ceil(PAGE)).sum();
+    let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages_needed, page_size: PAGE, kv_heads: shape.kv_heads, head_dim_qk: HEAD_DIM, head_dim_vo: HEAD_DIM };
+    let mut rng = StdRng::seed_from_u64(2);
+    let mut order: Vec<usize> = (0..pages_needed).collect();
+    order.shuffle(&mut rng);
+    let table = PageTable::from_lens(&kv_lens, PAGE, &mut order.into_iter());
+    let mut qo_indptr = vec![0i32];
+    for &(q, _) in &shape.lens {
+        qo_indptr.push(qo_indptr.last().copied().unwrap_or(0) + q as i32);
+    }
+    let batch = Batch { qo_indptr: &qo_indptr, pages: &table, kv, qo_heads: shape.qo_heads };
+    let block: Vec<bf16> = (0..1 << 20).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
+    let fill = |n: usize| -> Result<cudarc::driver::CudaSlice<bf16>> {
+        let mut buf = e.alloc::<bf16>(n)?;
+        for start in (0..n).step_by(block.len()) {
+            let m = block.len().min(n - start);
+            let mut view = buf.slice_mut(start..start + m);
+            e.stream().memcpy_htod(&block[..m], &mut view).map_err(|x| Error::Cuda(x.to_string()))?;
+        }
+        Ok(buf)
+    };
+    let cache = fill(kv.k_len())?;
+    let q = fill(batch.q_elems())?;
+    let mut o = e.alloc::<bf16>(batch.o_elems())?;
+    let mut lse = e.alloc::<f32>(batch.total_q() * shape.qo_heads)?;
+    let (qo_dev, indptr, indices, last) = (e.upload(&qo_indptr)?, e.upload(&table.indptr)?, e.upload(&table.indices)?, e.upload(&table.last_page_len)?);
+    let plan = e.plan_prefill(&k, &params, &batch, PlanMode::Default)?;
+    let mut bufs = None;
+    e.upload_plan(&plan, &mut bufs)?;
+    let bufs = bufs.ok_or_else(|| Error::Plan("no plan buffers".into()))?;
+    let dev = DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo_dev, kv_indptr: &indptr, kv_indices: &indices, last_page_len: &last };
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda(x.to_string());
+    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let mut run = || e.run_prefill(&k, &plan, &bufs, &dp, &batch, &dev, DeviceOutput { o: &mut o, lse: &mut lse }, None);
+    run()?;
+    run()?;
+    let mut samples = Vec::new();
+    for _ in 0..7 {
+        start.record(e.stream()).map_err(cu)?;
+        for _ in 0..3 {
+            run()?;
+        }
+        end.record(e.stream()).map_err(cu)?;
+        end.synchronize().map_err(cu)?;
+        samples.push(f64::from(start.elapsed_ms(&end).map_err(cu)?) * 1e3 / 3.0);
+    }
+    // Causal: query i of a request sees kv_len - q_len + i + 1 keys.
+    let visible: f64 = shape.lens.iter().map(|&(q, kv)| (0..q).map(|i| (kv - q + i + 1) as f64).sum::<f64>()).sum();
+    let flops = 4.0 * visible * shape.qo_heads as f64 * HEAD_DIM as f64;
+    let kv_bytes = kv_lens.iter().sum::<usize>() as f64 * (shape.kv_heads * HEAD_DIM * 2 * 2) as f64;
+    Ok(PrefillResult { shape: shape.clone(), us: median(samples), flops, kv_bytes, blocks: plan.work.len() })
+}

@@ -180,3 +180,24 @@ pub fn compare(got: &AttnOutput, want: &AttnOutput, out_dtype: DType, head_dim_v
     }
     c
 }
+
+/// Plans, uploads and runs one prefill/append batch; returns the output and the plan.
+pub fn prefill_once<T: Element + DeviceRepr>(
+    e: &Engine,
+    k: &crate::engine::PrefillKernel,
+    params: &ParamValues,
+    w: &Workload<T>,
+    mode: PlanMode,
+    sm_scale: Option<f32>,
+) -> Result<(AttnOutput, crate::plan::PrefillPlan)> {
+    let batch = w.batch();
+    let plan = e.plan_prefill(k, params, &batch, mode)?;
+    let dev = DeviceWorkload::upload(e, w)?;
+    let mut res = DeviceResult::<T>::poisoned(e, batch.o_elems(), batch.total_q() * batch.qo_heads)?;
+    let mut bufs: Option<PlanBuffers> = None;
+    e.upload_plan(&plan, &mut bufs)?;
+    let dp = e.upload_params(&k.layout, params)?;
+    let bufs = bufs.ok_or_else(|| crate::Error::Plan("no plan buffers".into()))?;
+    e.run_prefill(k, &plan, &bufs, &dp, &batch, &dev.batch(), res.out(), sm_scale)?;
+    Ok((res.download(e)?, plan))
+}

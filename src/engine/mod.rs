@@ -8,6 +8,7 @@
 //! **Invariant:** this is the only module that launches kernels; every `unsafe` launch lives here.
 
 mod decode;
+mod prefill;
 
 use std::sync::Arc;
 
@@ -17,9 +18,10 @@ use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr, 
 use dashmap::DashMap;
 
 pub use self::decode::{DecodeKernel, DeviceBatch, DeviceOutput};
+pub use self::prefill::PrefillKernel;
 use crate::abi::{ParamBlob, ParamField};
 use crate::jit::{Arch, CompiledKernel, Jit};
-use crate::plan::DecodePlan;
+use crate::plan::Upload;
 use crate::spec::params::{ParamValue, ParamValues};
 use crate::{Error, Result};
 
@@ -166,9 +168,9 @@ impl Engine {
     /// Uploads a plan into `bufs` with one host→device copy from pinned memory, allocating or
     /// growing the buffers as needed. A fixed-grid plan never reallocates buffers that a graph
     /// may have captured: it must fit them.
-    pub fn upload_plan(&self, plan: &DecodePlan, bufs: &mut Option<PlanBuffers>) -> Result<()> {
+    pub fn upload_plan(&self, plan: &impl Upload, bufs: &mut Option<PlanBuffers>) -> Result<()> {
         let packed = plan.packed();
-        let ws_floats = plan.workspace_bytes / 4;
+        let ws_floats = plan.workspace_bytes() / 4;
         let fits = bufs.as_ref().is_some_and(|b| b.plan.len() >= packed.len() && b.workspace.len() >= ws_floats);
         if !fits {
             if bufs.as_ref().is_some_and(|b| b.fixed) {
@@ -180,7 +182,7 @@ impl Engine {
                 plan: self.alloc::<i32>(pinned.len())?,
                 pinned,
                 workspace: self.alloc::<f32>(ws_floats)?,
-                fixed: matches!(plan.mode, crate::plan::PlanMode::FixedGrid { .. }),
+                fixed: plan.fixed(),
             });
         }
         let b = bufs.as_mut().ok_or_else(|| Error::Plan("plan buffers missing".into()))?;

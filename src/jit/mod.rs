@@ -27,12 +27,14 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     Decode,
+    Prefill,
 }
 
 impl Op {
     pub fn name(self) -> &'static str {
         match self {
             Op::Decode => "decode",
+            Op::Prefill => "prefill",
         }
     }
 }
@@ -42,8 +44,8 @@ impl std::str::FromStr for Op {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "decode" => Ok(Op::Decode),
-            "prefill" => Err("the prefill kernels do not exist yet (see the prefill issue); use --op decode".into()),
-            _ => Err(format!("unknown op `{s}` (expected decode)")),
+            "prefill" => Ok(Op::Prefill),
+            _ => Err(format!("unknown op `{s}` (expected decode or prefill)")),
         }
     }
 }
@@ -160,7 +162,39 @@ const DECODE_KV_TILE: usize = 32;
 /// Ring depth of the decode kernel.
 const DECODE_STAGES: usize = 2;
 
+/// Tile shape of the prefill kernel; see `templates/common/prefill.cuh`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PrefillTile {
+    /// Warps per CTA; each owns 16 query rows.
+    pub warps: usize,
+    /// Keys per K/V tile.
+    pub kv_tile: usize,
+    /// Depth of the cp.async ring.
+    pub stages: usize,
+}
+
+impl PrefillTile {
+    /// Query rows ((token, head) pairs) per CTA.
+    pub fn rows(&self) -> usize {
+        16 * self.warps
+    }
+}
+
 impl KernelConfig {
+    /// A prefill config with validated dims and dtypes.
+    pub fn prefill(head_dim_qk: usize, head_dim_vo: usize, dtype: DType, group: usize) -> Result<KernelConfig> {
+        let cfg = KernelConfig { op: Op::Prefill, head_dim_qk, head_dim_vo, dtype_q: dtype, dtype_kv: dtype, dtype_o: dtype, group, tile_override: None };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The prefill tile: 4 warps (64 query rows) and a 2-deep ring of 64-key tiles, 32-key tiles
+    /// above d128 so the f32 accumulators of a 16 × 256 output stay in registers.
+    pub fn prefill_tile(&self) -> PrefillTile {
+        let kv_tile = if self.head_dim_qk.max(self.head_dim_vo) > 128 { 32 } else { 64 };
+        PrefillTile { warps: 4, kv_tile, stages: 2 }
+    }
+
     /// A decode config with validated dims and dtypes.
     pub fn decode(head_dim_qk: usize, head_dim_vo: usize, dtype: DType, group: usize) -> Result<KernelConfig> {
         let cfg = KernelConfig { op: Op::Decode, head_dim_qk, head_dim_vo, dtype_q: dtype, dtype_kv: dtype, dtype_o: dtype, group, tile_override: None };
@@ -181,6 +215,12 @@ impl KernelConfig {
         }
         if self.group == 0 {
             return Err(Error::Unsupported("GQA group 0".into()));
+        }
+        if self.op == Op::Prefill {
+            if self.dtype_q != self.dtype_kv {
+                return Err(Error::Unsupported("prefill needs the same dtype for q and the KV cache (tensor-core operands)".into()));
+            }
+            return Ok(());
         }
         let t = self.decode_tile();
         let simt_ok = t.nv > 0 && t.bdx > 0 && t.bdx.is_power_of_two() && t.bdx <= 32 && t.bdx * t.nv * 8 >= self.head_dim_qk.max(self.head_dim_vo) && t.tile_per_z > 0 && t.bdz > 0;
@@ -230,9 +270,13 @@ impl KernelConfig {
         DecodeTile { nv, bdx, bdz, tile_per_z, stages, min_ctas: 1, mma, warps }
     }
 
-    /// Dynamic shared memory of the decode kernel, in bytes: the K/V ring (rows padded by one
-    /// 16-byte vector), reused afterwards for the cross-`tz` reduction.
+    /// Dynamic shared memory of the kernel, in bytes: the K/V ring (rows padded by one 16-byte
+    /// vector), which decode reuses afterwards for its cross-warp reduction.
     pub fn smem_bytes(&self) -> usize {
+        if self.op == Op::Prefill {
+            let t = self.prefill_tile();
+            return t.stages * t.kv_tile * (self.head_dim_qk + self.head_dim_vo + 16) * self.dtype_kv.size();
+        }
         let t = self.decode_tile();
         let ring = t.stages * t.kv_tile() * (self.head_dim_qk + self.head_dim_vo + 16) * self.dtype_kv.size();
         let states = if t.mma { t.warps } else { t.bdz };

@@ -16,11 +16,14 @@ use crate::abi::{self, param_layout, PARAM_WORDS};
 use crate::spec::{cuda::emit, HookExpr, Normalize, Variant};
 use crate::{Error, Result};
 
-const TEMPLATES: [(&str, &str); 7] = [
+const TEMPLATES: [(&str, &str); 10] = [
     ("common/prelude.cuh", include_str!("../../templates/common/prelude.cuh")),
     ("common/decode.cuh", include_str!("../../templates/common/decode.cuh")),
     ("common/decode_args.cuh", include_str!("../../templates/common/decode_args.cuh")),
     ("common/decode_mma.cuh", include_str!("../../templates/common/decode_mma.cuh")),
+    ("common/mma.cuh", include_str!("../../templates/common/mma.cuh")),
+    ("common/prefill.cuh", include_str!("../../templates/common/prefill.cuh")),
+    ("prefill.cu.tera", include_str!("../../templates/prefill.cu.tera")),
     ("common/merge.cuh", include_str!("../../templates/common/merge.cuh")),
     ("variant.cuh.tera", include_str!("../../templates/variant.cuh.tera")),
     ("decode.cu.tera", include_str!("../../templates/decode.cu.tera")),
@@ -87,6 +90,14 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
             ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
             ctx.insert("merge_args_size", &std::mem::size_of::<abi::MergeArgs>());
             "decode.cu.tera"
+        }
+        Op::Prefill => {
+            let t = cfg.prefill_tile();
+            ctx.insert("warps", &t.warps);
+            ctx.insert("kv_tile", &t.kv_tile);
+            ctx.insert("stages", &t.stages);
+            ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
+            "prefill.cu.tera"
         }
     };
     let code = tera()?.render(template, &ctx).map_err(|e| {

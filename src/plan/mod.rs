@@ -216,3 +216,110 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
         head_dim_vo: kv.head_dim_vo,
     })
 }
+
+/// A prefill schedule: one work item per (request, block of query rows), longest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefillPlan {
+    pub mode: PlanMode,
+    pub work: Vec<crate::abi::PrefillWork>,
+    /// CTAs along x (`work.len()`, or the fixed grid).
+    pub grid: usize,
+    /// Query rows per work item.
+    pub rows: usize,
+    pub batch_size: usize,
+    pub qo_heads: usize,
+}
+
+impl PrefillPlan {
+    /// `[num_work, 0, work…]` as i32, the layout the kernels read (no merge list yet).
+    pub fn packed(&self) -> Vec<i32> {
+        let mut v = Vec::with_capacity(self.packed_len());
+        v.push(self.work.len() as i32);
+        v.push(0);
+        for w in &self.work {
+            v.extend([w.req, w.row_start, w.kv_begin, w.kv_end]);
+        }
+        v.resize(self.packed_len(), 0);
+        v
+    }
+
+    pub fn packed_len(&self) -> usize {
+        2 + 4 * self.grid
+    }
+}
+
+/// Plans a prefill/append batch: each request's `q_len × group` query rows are cut into blocks
+/// of `rows`; every block reads the KV positions its rows may see (the kernel narrows the span by
+/// `kv_range` per row). Blocks are ordered by an estimate of their work — the visible span of
+/// their last row — longest first, so a long prompt's late blocks start before short requests.
+/// KV is not split across CTAs (every block owns whole rows).
+pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, rows: usize, mode: PlanMode) -> Result<PrefillPlan> {
+    let kv = batch.kv;
+    validate(batch, batch.q_elems(), kv.k_len(), kv.v_len())?;
+    let b = batch.batch_size();
+    let group = batch.group();
+    params.fits(&variant.params, Dims { qo_heads: batch.qo_heads, kv_heads: kv.kv_heads, batch: b }).map_err(Error::Param)?;
+    // Without KV splitting every row is computed by one CTA in one order, so the deterministic
+    // mode needs nothing more: results are bit-identical whatever else is in the batch.
+    let mut work: Vec<(usize, crate::abi::PrefillWork)> = Vec::new();
+    for req in 0..b {
+        let q_len = batch.q_len(req);
+        let kv_len = batch.kv_len(req);
+        let n_rows = q_len * group;
+        for row_start in (0..n_rows).step_by(rows.max(1)) {
+            let last_token = ((row_start + rows).min(n_rows) - 1) / group;
+            let first_token = row_start / group;
+            // Work estimate only: the span of the block's last and first rows.
+            let (lo, _) = visible_span(variant, params, req, q_len - first_token, kv_len, 0);
+            let (_, hi) = visible_span(variant, params, req, q_len - last_token, kv_len, 0);
+            let item = crate::abi::PrefillWork { req: req as i32, row_start: row_start as i32, kv_begin: 0, kv_end: kv_len as i32 };
+            work.push((hi.saturating_sub(lo), item));
+        }
+    }
+    work.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
+    let work: Vec<crate::abi::PrefillWork> = work.into_iter().map(|(_, w)| w).collect();
+    let grid = match mode {
+        PlanMode::FixedGrid { max_ctas } => {
+            if work.len() > max_ctas {
+                return Err(Error::Plan(format!("the batch needs {} work items but the fixed grid holds {max_ctas}; plan with a larger max_ctas", work.len())));
+            }
+            max_ctas
+        }
+        _ => work.len(),
+    };
+    Ok(PrefillPlan { mode, work, grid, rows, batch_size: b, qo_heads: batch.qo_heads })
+}
+
+/// What the engine needs to upload a plan.
+pub trait Upload {
+    /// The i32 buffer the kernels read.
+    fn packed(&self) -> Vec<i32>;
+    /// Bytes of f32 workspace the launch needs.
+    fn workspace_bytes(&self) -> usize;
+    /// Whether buffers must never be reallocated (CUDA-graph capture).
+    fn fixed(&self) -> bool;
+}
+
+impl Upload for DecodePlan {
+    fn packed(&self) -> Vec<i32> {
+        DecodePlan::packed(self)
+    }
+    fn workspace_bytes(&self) -> usize {
+        self.workspace_bytes
+    }
+    fn fixed(&self) -> bool {
+        matches!(self.mode, PlanMode::FixedGrid { .. })
+    }
+}
+
+impl Upload for PrefillPlan {
+    fn packed(&self) -> Vec<i32> {
+        PrefillPlan::packed(self)
+    }
+    fn workspace_bytes(&self) -> usize {
+        0
+    }
+    fn fixed(&self) -> bool {
+        matches!(self.mode, PlanMode::FixedGrid { .. })
+    }
+}

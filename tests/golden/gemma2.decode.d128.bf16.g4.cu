@@ -233,29 +233,13 @@ __device__ __forceinline__ void decode_write8(const DecodeArgs& a, const Params&
 }
 
 #define NUM_WARPS 4
-// decode_mma.cuh — batch decode on tensor cores, for GQA groups of 2 to 16.
-//
-// The query heads of one KV head are the rows of an m16n8k16 MMA, so each K/V element is read
-// from shared memory once per warp by ldmatrix and fed to the tensor cores as stored; the CUDA
-// cores only run the hooks and the softmax. (The CUDA-core loop in decode.cuh converts every
-// element to f32 once per query head: at GQA 4 it was issue-bound at ~77% of the copy ceiling.)
-//
-// NUM_WARPS warps; each takes 16 keys of every KV_TILE = 16 * NUM_WARPS key tile:
-//   S[16 x 16]   = Q[16 x D] · K^T            (D/16 k-steps x 2 n-tiles)
-//   online softmax on the S fragments          (row max across the 4 lanes of a quad)
-//   O[16 x DVO] += P[16 x 16] · V[16 x DVO]    (1 k-step x DVO/8 n-tiles, P rounded to the KV type)
-// then the warps' states merge through shared memory and the epilogue writes the output or a
-// partial state, as decode.cuh does.
+// mma.cuh — tensor-core building blocks for sm_80+: ldmatrix, mma.sync m16n8k16 with f32
+// accumulation, and packing two floats into one register of the KV type.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16, lane = 4g + t): A a0a1 (row g, cols 2t, 2t+1), a2a3
 // (row g+8), a4a5 (row g, cols +8), a6a7 (row g+8, cols +8); B b0b1 (k 2t, 2t+1; col g), b2b3
-// (k +8); C c0c1 (row g, cols 2t, 2t+1), c2c3 (row g+8).
-//
-// Needs: decode_args.cuh, DTypeQ == DTypeKV, DTypeO, Params, HEAD_DIM_QK, HEAD_DIM_VO, GROUP,
-// NUM_WARPS, STAGES, and the variant's hooks.
-
-#define NUM_THREADS (32 * NUM_WARPS)
-#define KV_TILE (16 * NUM_WARPS)
+// (k +8); C c0c1 (row g, cols 2t, 2t+1), c2c3 (row g+8). ldmatrix.x4: lane l gives the address of
+// row l % 8 of matrix l / 8; register j receives matrix j's (row g, cols 2t, 2t+1).
 
 __device__ __forceinline__ void af_ldmatrix_x4(unsigned (&r)[4], const void* smem) {
   unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -301,6 +285,30 @@ __device__ __forceinline__ unsigned af_pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&v);
 }
+
+// decode_mma.cuh — batch decode on tensor cores, for GQA groups of 2 to 16.
+//
+// The query heads of one KV head are the rows of an m16n8k16 MMA, so each K/V element is read
+// from shared memory once per warp by ldmatrix and fed to the tensor cores as stored; the CUDA
+// cores only run the hooks and the softmax. (The CUDA-core loop in decode.cuh converts every
+// element to f32 once per query head: at GQA 4 it was issue-bound at ~77% of the copy ceiling.)
+//
+// NUM_WARPS warps; each takes 16 keys of every KV_TILE = 16 * NUM_WARPS key tile:
+//   S[16 x 16]   = Q[16 x D] · K^T            (D/16 k-steps x 2 n-tiles)
+//   online softmax on the S fragments          (row max across the 4 lanes of a quad)
+//   O[16 x DVO] += P[16 x 16] · V[16 x DVO]    (1 k-step x DVO/8 n-tiles, P rounded to the KV type)
+// then the warps' states merge through shared memory and the epilogue writes the output or a
+// partial state, as decode.cuh does.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, lane = 4g + t): A a0a1 (row g, cols 2t, 2t+1), a2a3
+// (row g+8), a4a5 (row g, cols +8), a6a7 (row g+8, cols +8); B b0b1 (k 2t, 2t+1; col g), b2b3
+// (k +8); C c0c1 (row g, cols 2t, 2t+1), c2c3 (row g+8).
+//
+// Needs: decode_args.cuh, mma.cuh, DTypeQ == DTypeKV, DTypeO, Params, HEAD_DIM_QK, HEAD_DIM_VO, GROUP,
+// NUM_WARPS, STAGES, and the variant's hooks.
+
+#define NUM_THREADS (32 * NUM_WARPS)
+#define KV_TILE (16 * NUM_WARPS)
 
 __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p) {
   static_assert(GROUP >= 1 && GROUP <= 16, "the MMA path holds at most 16 query heads per KV head");

@@ -119,3 +119,29 @@ fn empty_requests_still_get_an_output_row_and_bad_batches_are_errors() {
     let b = attnforge::kv::Batch { qo_indptr: &[0, 1, 2], pages: &bad, kv: kv(2), qo_heads: 32 };
     assert!(plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32 }, PlanMode::Default).is_err());
 }
+
+#[test]
+fn prefill_blocks_cover_every_query_row_once_longest_first() {
+    use attnforge::plan::plan_prefill;
+    let v = shipped::resolve("causal").unwrap();
+    let lens = [(100usize, 100usize), (0, 50), (7, 3000), (2000, 2000)];
+    let kv_lens: Vec<usize> = lens.iter().map(|l| l.1).collect();
+    let pages = PageTable::from_lens(&kv_lens, 16, &mut (0..).map(|i| i as usize));
+    let mut qo = vec![0i32];
+    for l in &lens {
+        qo.push(qo.last().unwrap() + l.0 as i32);
+    }
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 4 }).unwrap();
+    let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len()), qo_heads: 32 };
+    let plan = plan_prefill(&v, &p, &b, 64, PlanMode::Default).unwrap();
+    for (req, &(q, _)) in lens.iter().enumerate() {
+        let mut starts: Vec<i32> = plan.work.iter().filter(|w| w.req == req as i32).map(|w| w.row_start).collect();
+        starts.sort();
+        let want: Vec<i32> = (0..(q * 4) as i32).step_by(64).collect();
+        assert_eq!(starts, want, "request {req}");
+    }
+    // The 7-token append over 3000 keys is the biggest block, then the 2000-token prompt's last.
+    assert_eq!((plan.work[0].req, plan.work[0].row_start), (2, 0));
+    assert_eq!((plan.work[1].req, plan.work[1].row_start), (3, 7936));
+    assert_eq!(plan.packed().len(), 2 + 4 * plan.work.len());
+}

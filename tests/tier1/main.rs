@@ -27,7 +27,7 @@ fn jit(dir: &std::path::Path) -> Jit {
 }
 
 #[test]
-fn every_shipped_variant_compiles_for_sm80_and_sm90a() {
+fn every_shipped_variant_and_op_compiles_for_sm80_and_sm90a() {
     if nvrtc().is_none() {
         return;
     }
@@ -35,19 +35,21 @@ fn every_shipped_variant_compiles_for_sm80_and_sm90a() {
     let jit = Arc::new(jit(dir.path()));
     let mut jobs = Vec::new();
     for v in shipped::all().unwrap() {
-        for d in [64, 128, 256] {
-            for t in [DType::F16, DType::Bf16] {
-                for arch in ["sm_80", "sm_90a"] {
-                    jobs.push((v.clone(), d, t, arch));
+        for prefill in [false, true] {
+            for d in [64, 128, 256] {
+                for t in [DType::F16, DType::Bf16] {
+                    for arch in ["sm_80", "sm_90a"] {
+                        jobs.push((v.clone(), prefill, d, t, arch));
+                    }
                 }
             }
         }
     }
-    assert_eq!(jobs.len(), 120);
+    assert_eq!(jobs.len(), 240);
     let slowest = jobs
         .par_iter()
-        .map(|(v, d, t, arch)| {
-            let cfg = KernelConfig::decode(*d, *d, *t, 4).unwrap();
+        .map(|(v, prefill, d, t, arch)| {
+            let cfg = if *prefill { KernelConfig::prefill(*d, *d, *t, 4) } else { KernelConfig::decode(*d, *d, *t, 4) }.unwrap();
             let k = jit.get(v, &cfg, &arch.parse::<Arch>().unwrap()).unwrap_or_else(|e| panic!("{} d{d} {t:?} {arch}: {e}", v.name));
             assert_eq!(k.origin, Origin::Compiled);
             assert!(k.cubin.len() > 1000 && k.cubin.starts_with(b"\x7fELF"), "{}: not a CUBIN", k.name);
@@ -55,8 +57,8 @@ fn every_shipped_variant_compiles_for_sm80_and_sm90a() {
             k.elapsed.as_secs_f64()
         })
         .reduce(|| 0.0, f64::max);
-    eprintln!("slowest decode compile: {slowest:.2} s");
-    assert_eq!(jit.store().unwrap().list().unwrap().len(), 120);
+    eprintln!("slowest compile: {slowest:.2} s");
+    assert_eq!(jit.store().unwrap().list().unwrap().len(), 240);
 }
 
 #[test]

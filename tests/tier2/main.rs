@@ -4,6 +4,8 @@
 //! Every check compares with the f64 CPU reference through `harness::compare` (its doc comment
 //! justifies the tolerance) on fresh random inputs with poisoned outputs.
 
+mod prefill;
+
 use std::collections::HashMap;
 
 use attnforge::engine::{DeviceOutput, Engine, PlanBuffers};

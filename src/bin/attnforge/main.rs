@@ -42,7 +42,7 @@ enum Cmd {
     },
     /// Time kernels on the GPU (CUDA-graph replay and eager), next to FlashInfer's numbers.
     Bench {
-        #[arg(long, value_enum, default_values = ["decode", "compile"])]
+        #[arg(long, value_enum, default_values = ["decode", "prefill", "compile"])]
         suite: Vec<Suite>,
         /// Also write the results as JSON.
         #[arg(long)]
@@ -56,6 +56,7 @@ enum Cmd {
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub(crate) enum Suite {
     Decode,
+    Prefill,
     Compile,
 }
 
@@ -202,7 +203,11 @@ fn compile(a: &CompileArgs) -> Result<()> {
     let mut configs = Vec::new();
     for &d in &a.head_dims {
         for &t in &a.dtypes {
-            configs.push(attnforge::jit::KernelConfig::decode(d, a.head_dim_vo.unwrap_or(d), t, a.group)?);
+            let vo = a.head_dim_vo.unwrap_or(d);
+            configs.push(match a.op {
+                attnforge::jit::Op::Decode => attnforge::jit::KernelConfig::decode(d, vo, t, a.group)?,
+                attnforge::jit::Op::Prefill => attnforge::jit::KernelConfig::prefill(d, vo, t, a.group)?,
+            });
         }
     }
     if a.emit_source {

@@ -60,9 +60,6 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         a.dtype.name(),
         a.layout.name()
     );
-    if !a.cpu && a.op == Op::Prefill {
-        bail!("the GPU prefill kernels do not exist yet; pass --cpu to run the reference");
-    }
     match a.dtype {
         DType::F16 => run_typed::<f16>(a, &variant, &params, &spec, &mut rng),
         DType::Bf16 => run_typed::<bf16>(a, &variant, &params, &spec, &mut rng),
@@ -80,13 +77,22 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
     let mut got = None;
     if !a.cpu {
         let e = Engine::new(0).context("the GPU path needs a GPU (pass --cpu for the reference alone)")?;
-        let cfg = KernelConfig::decode(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, spec.qo_heads / spec.kv_heads)?;
-        let k = e.decode_kernel(v, &cfg)?;
-        println!("  {} on {}: kernel {} ({}, {:.1} ms)", "decode", e.describe(), k.compiled.name, origin(k.compiled.origin), k.compiled.elapsed.as_secs_f64() * 1e3);
+        let group = spec.qo_heads / spec.kv_heads;
         let mode = if a.deterministic { PlanMode::Deterministic { chunk: 1024 } } else { PlanMode::Default };
-        let (out, plan) = decode_once(&e, &k, p, &w, mode, a.sm_scale)?;
+        let out = if a.op == Op::Decode {
+            let k = e.decode_kernel(v, &KernelConfig::decode(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
+            println!("  decode on {}: kernel {} ({}, {:.1} ms)", e.describe(), k.compiled.name, origin(k.compiled.origin), k.compiled.elapsed.as_secs_f64() * 1e3);
+            let (out, plan) = decode_once(&e, &k, p, &w, mode, a.sm_scale)?;
+            println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024);
+            out
+        } else {
+            let k = e.prefill_kernel(v, &KernelConfig::prefill(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
+            println!("  prefill on {}: kernel {} ({}, {:.1} ms)", e.describe(), k.compiled.name, origin(k.compiled.origin), k.compiled.elapsed.as_secs_f64() * 1e3);
+            let (out, plan) = attnforge::harness::prefill_once(&e, &k, p, &w, mode, a.sm_scale)?;
+            println!("  plan: {} blocks of {} query rows", plan.work.len(), plan.rows);
+            out
+        };
         let cmp = compare(&out, &want, T::DTYPE, spec.head_dim_vo);
-        println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024);
         println!("  GPU vs reference: {cmp}");
         let ok = cmp.ok();
         got = Some(out);
@@ -229,8 +235,35 @@ pub(crate) fn demo() -> Result<()> {
             Err(_) => println!("  {:<16} {:>10} {:>10} {cpu_ms:>10.1}  (reference only)", v.name, "-", "-"),
         }
     }
+    let lens = if engine.is_ok() { vec![(700, 700), (9, 1500)] } else { vec![(40, 120), (3, 200)] };
+    println!("\nprefill / append, (q, kv) = {lens:?}, {qo}/{kvh} heads, d128, bf16:");
+    println!("  {:<16} {:>10} {:>10}  check vs CPU reference (f64)", "variant", "GPU ms", "CPU ms");
+    for v in &variants {
+        let spec = WorkloadSpec { lens: lens.clone(), qo_heads: qo, kv_heads: kvh, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 3 };
+        let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch: lens.len() }, &mut rng);
+        let w = Workload::<bf16>::random(&spec, &mut rng);
+        let t0 = Instant::now();
+        let want = reference::attention(v, &params, &w.batch(), &w.q, &w.k, w.v(), None)?;
+        let cpu_ms = t0.elapsed().as_secs_f64() * 1e3;
+        match &engine {
+            Ok(e) => {
+                let k = e.prefill_kernel(v, &KernelConfig::prefill(128, 128, DType::Bf16, qo / kvh)?)?;
+                attnforge::harness::prefill_once(e, &k, &params, &w, PlanMode::Default, None)?;
+                let t1 = Instant::now();
+                let (got, _) = attnforge::harness::prefill_once(e, &k, &params, &w, PlanMode::Default, None)?;
+                let gpu_ms = t1.elapsed().as_secs_f64() * 1e3;
+                let cmp = compare(&got, &want, DType::Bf16, 128);
+                println!("  {:<16} {gpu_ms:>10.2} {cpu_ms:>10.1}  {cmp}", v.name);
+                if !cmp.ok() {
+                    bail!("{}: GPU prefill output does not match the reference", v.name);
+                }
+            }
+            Err(_) => println!("  {:<16} {:>10} {cpu_ms:>10.1}  (reference only)", v.name, "-"),
+        }
+    }
     if engine.is_ok() {
-        println!("\nfull benchmark against FlashInfer's numbers: attnforge bench");
+        println!("\n(prefill GPU ms includes uploading the batch; kernel timings: attnforge bench)");
+        println!("full benchmark against FlashInfer's numbers: attnforge bench");
     }
     Ok(())
 }
@@ -335,6 +368,16 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String]) -> 
                 "flashinfer_graph_us": s.anchor_graph_us, "flashinfer_eager_us": s.anchor_eager_us, "work_items": r.work_items, "splits": r.splits, "copies": r.copies,
                 "tile": tile.map(|t| format!("{t:?}")),
             }));
+        }
+    }
+    if suites.contains(&Suite::Prefill) {
+        println!("\nprefill (causal): bf16, d128, page 16, NHD, permuted pages; CUDA events, median of 7 × 3 launches; FLOPs on the causal triangle");
+        println!("  {:<34} {:>10} {:>9} {:>12} {:>10} {:>8}", "workload", "µs", "TFLOP/s", "FI TFLOP/s", "FI µs", "blocks");
+        for s in attnforge::bench::anchor_prefill_shapes() {
+            let r = attnforge::bench::bench_prefill(&e, &s)?;
+            let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
+            println!("  {:<34} {:>10.1} {:>9.1} {:>12} {:>10} {:>8}", s.name, r.us, r.tflops(), fmt(s.anchor_tflops), fmt(s.anchor_us), r.blocks);
+            records.push(serde_json::json!({ "suite": "prefill", "workload": s.name, "us": r.us, "tflops": r.tflops(), "kv_gbps": r.kv_bytes / (r.us * 1e-6) / 1e9, "flashinfer_tflops": s.anchor_tflops, "flashinfer_us": s.anchor_us, "blocks": r.blocks }));
         }
     }
     if let Some(path) = json {
