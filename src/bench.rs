@@ -246,10 +246,13 @@ impl PrefillResult {
 }
 
 /// Times one prefill shape with CUDA events (median of 7 timings of 3 launches).
-pub fn bench_prefill(e: &Engine, shape: &PrefillShape) -> Result<PrefillResult> {
+pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::PrefillTile>) -> Result<PrefillResult> {
     let v = shipped::resolve("causal")?;
     let group = shape.qo_heads / shape.kv_heads;
-    let k = e.prefill_kernel(&v, &KernelConfig::prefill(HEAD_DIM, HEAD_DIM, DType::Bf16, group)?)?;
+    let mut cfg = KernelConfig::prefill(HEAD_DIM, HEAD_DIM, DType::Bf16, group)?;
+    cfg.prefill_override = tile;
+    cfg.validate()?;
+    let k = e.prefill_kernel(&v, &cfg)?;
     let params = v.bind(&HashMap::new(), Dims { qo_heads: shape.qo_heads, kv_heads: shape.kv_heads, batch: shape.lens.len() })?;
     let dp = e.upload_params(&k.layout, &params)?;
     let kv_lens: Vec<usize> = shape.lens.iter().map(|l| l.1).collect();

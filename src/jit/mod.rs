@@ -107,6 +107,8 @@ pub struct KernelConfig {
     pub group: usize,
     /// Replaces the heuristic decode tile (for tuning sweeps); `None` in normal use.
     pub tile_override: Option<DecodeTile>,
+    /// Replaces the heuristic prefill tile (for tuning sweeps); `None` in normal use.
+    pub prefill_override: Option<PrefillTile>,
 }
 
 /// Thread and tile shape of the decode kernel; see `templates/common/decode.cuh`.
@@ -171,6 +173,8 @@ pub struct PrefillTile {
     pub kv_tile: usize,
     /// Depth of the cp.async ring.
     pub stages: usize,
+    /// Minimum resident CTAs per SM asked of the register allocator (`__launch_bounds__`).
+    pub min_ctas: usize,
 }
 
 impl PrefillTile {
@@ -183,21 +187,31 @@ impl PrefillTile {
 impl KernelConfig {
     /// A prefill config with validated dims and dtypes.
     pub fn prefill(head_dim_qk: usize, head_dim_vo: usize, dtype: DType, group: usize) -> Result<KernelConfig> {
-        let cfg = KernelConfig { op: Op::Prefill, head_dim_qk, head_dim_vo, dtype_q: dtype, dtype_kv: dtype, dtype_o: dtype, group, tile_override: None };
+        let cfg = KernelConfig { op: Op::Prefill, head_dim_qk, head_dim_vo, dtype_q: dtype, dtype_kv: dtype, dtype_o: dtype, group, tile_override: None, prefill_override: None };
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// The prefill tile: 4 warps (64 query rows) and a 2-deep ring of 64-key tiles, 32-key tiles
-    /// above d128 so the f32 accumulators of a 16 × 256 output stay in registers.
+    /// The prefill tile. Up to d128: 8 warps (128 query rows), 32-key tiles, a 2-deep ring and
+    /// registers capped for 2 CTAs per SM — on the H100 at bf16 d128 this ran 20–25% faster than
+    /// 4 warps × 64-key tiles (latency-bound at 8 warps per SM, 202 registers), and than 4 warps ×
+    /// 32 keys at 3 CTAs; 2 warps × 32 keys was 20% faster on q=8 appends but 15–20% slower on
+    /// prompts (BENCHMARKS.md). Above d128 the 16 × 256 f32 accumulators need the registers: 4
+    /// warps, 32-key tiles, no cap.
     pub fn prefill_tile(&self) -> PrefillTile {
-        let kv_tile = if self.head_dim_qk.max(self.head_dim_vo) > 128 { 32 } else { 64 };
-        PrefillTile { warps: 4, kv_tile, stages: 2 }
+        if let Some(t) = self.prefill_override {
+            return t;
+        }
+        if self.head_dim_qk.max(self.head_dim_vo) > 128 {
+            PrefillTile { warps: 4, kv_tile: 32, stages: 2, min_ctas: 1 }
+        } else {
+            PrefillTile { warps: 8, kv_tile: 32, stages: 2, min_ctas: 2 }
+        }
     }
 
     /// A decode config with validated dims and dtypes.
     pub fn decode(head_dim_qk: usize, head_dim_vo: usize, dtype: DType, group: usize) -> Result<KernelConfig> {
-        let cfg = KernelConfig { op: Op::Decode, head_dim_qk, head_dim_vo, dtype_q: dtype, dtype_kv: dtype, dtype_o: dtype, group, tile_override: None };
+        let cfg = KernelConfig { op: Op::Decode, head_dim_qk, head_dim_vo, dtype_q: dtype, dtype_kv: dtype, dtype_o: dtype, group, tile_override: None, prefill_override: None };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -217,6 +231,10 @@ impl KernelConfig {
             return Err(Error::Unsupported("GQA group 0".into()));
         }
         if self.op == Op::Prefill {
+            let t = self.prefill_tile();
+            if t.warps == 0 || t.warps > 16 || t.kv_tile == 0 || t.kv_tile % 16 != 0 || t.stages < 2 || t.min_ctas == 0 {
+                return Err(Error::Unsupported(format!("prefill tile {t:?}: warps 1–16, kv_tile a multiple of 16, stages ≥ 2")));
+            }
             if self.dtype_q != self.dtype_kv {
                 return Err(Error::Unsupported("prefill needs the same dtype for q and the KV cache (tensor-core operands)".into()));
             }

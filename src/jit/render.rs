@@ -96,6 +96,7 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
             ctx.insert("warps", &t.warps);
             ctx.insert("kv_tile", &t.kv_tile);
             ctx.insert("stages", &t.stages);
+            ctx.insert("min_ctas", &t.min_ctas);
             ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
             "prefill.cu.tera"
         }

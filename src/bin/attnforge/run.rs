@@ -331,7 +331,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String]) -> 
         println!("\ndecode: bf16, 32/8 heads, d128, page 16, NHD, permuted pages; graph = per call inside a 20-call CUDA graph");
         println!("  {:<28} {:>9} {:>9} {:>8} {:>7} {:>12} {:>12} {:>6}", "shape", "graph µs", "eager µs", "GB/s", "% copy", "FI graph µs", "FI eager µs", "items");
         let mut overrides: Vec<Option<attnforge::jit::DecodeTile>> = vec![None];
-        for t in tiles {
+        for t in tiles.iter().filter(|t| !t.starts_with("p,")) {
             // `mma,WARPS,STAGES` picks the tensor-core loop; four or five numbers the CUDA-core one.
             if let Some(rest) = t.strip_prefix("mma,") {
                 let n: Vec<usize> = rest.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("--tile {t}"))?;
@@ -373,10 +373,18 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String]) -> 
     if suites.contains(&Suite::Prefill) {
         println!("\nprefill (causal): bf16, d128, page 16, NHD, permuted pages; CUDA events, median of 7 × 3 launches; FLOPs on the causal triangle");
         println!("  {:<34} {:>10} {:>9} {:>12} {:>10} {:>8}", "workload", "µs", "TFLOP/s", "FI TFLOP/s", "FI µs", "blocks");
-        for s in attnforge::bench::anchor_prefill_shapes() {
-            let r = attnforge::bench::bench_prefill(&e, &s)?;
+        // `p,WARPS,KV_TILE,STAGES,MIN_CTAS` adds a prefill tile to compare.
+        let mut ptiles: Vec<Option<attnforge::jit::PrefillTile>> = vec![None];
+        for t in tiles.iter().filter_map(|t| t.strip_prefix("p,")) {
+            let n: Vec<usize> = t.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("--tile p,{t}"))?;
+            let [warps, kv_tile, stages, min_ctas] = n[..] else { bail!("--tile p,{t}: expected p,WARPS,KV_TILE,STAGES,MIN_CTAS") };
+            ptiles.push(Some(attnforge::jit::PrefillTile { warps, kv_tile, stages, min_ctas }));
+        }
+        for (s, tile) in attnforge::bench::anchor_prefill_shapes().into_iter().flat_map(|s| ptiles.iter().map(move |t| (s.clone(), *t))) {
+            let r = attnforge::bench::bench_prefill(&e, &s, tile)?;
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
-            println!("  {:<34} {:>10.1} {:>9.1} {:>12} {:>10} {:>8}", s.name, r.us, r.tflops(), fmt(s.anchor_tflops), fmt(s.anchor_us), r.blocks);
+            let name = format!("{}{}", s.name, tile.map_or(String::new(), |t| format!(" [{}w {}k {}s {}m]", t.warps, t.kv_tile, t.stages, t.min_ctas)));
+            println!("  {:<34} {:>10.1} {:>9.1} {:>12} {:>10} {:>8}", name, r.us, r.tflops(), fmt(s.anchor_tflops), fmt(s.anchor_us), r.blocks);
             records.push(serde_json::json!({ "suite": "prefill", "workload": s.name, "us": r.us, "tflops": r.tflops(), "kv_gbps": r.kv_bytes / (r.us * 1e-6) / 1e9, "flashinfer_tflops": s.anchor_tflops, "flashinfer_us": s.anchor_us, "blocks": r.blocks }));
         }
     }
