@@ -25,11 +25,20 @@ pub struct ParamField {
 }
 
 /// C layout of the params struct in declaration order: scalars are 4 bytes, arrays are device
-/// pointers (8 bytes, 8-aligned). Errors if it does not fit the blob.
+/// pointers (8 bytes, 8-aligned), a `bits` parameter is two pointers (`u_<name>` to the packed
+/// bits, `u_<name>_off` to the per-request offsets). Errors if it does not fit the blob.
 pub fn param_layout(decls: &[ParamDecl]) -> Result<Vec<ParamField>, String> {
     let mut at = 0usize;
     let mut out = Vec::with_capacity(decls.len());
     for d in decls {
+        if d.ty.dim == Some(crate::spec::typed::ParamDim::QueryKey) {
+            at = at.div_ceil(8) * 8;
+            let field = crate::spec::cuda::param_field(&d.name);
+            out.push(ParamField { field: field.clone(), ctype: "const unsigned char*", offset: at, size: 8 });
+            out.push(ParamField { field: format!("{field}_off"), ctype: "const long long*", offset: at + 8, size: 8 });
+            at += 16;
+            continue;
+        }
         let (ctype, size) = match (d.ty.elem, d.ty.dim.is_some()) {
             (Ty::I32, false) => ("int", 4),
             (_, false) => ("float", 4),
@@ -54,17 +63,22 @@ pub fn params_size(layout: &[ParamField]) -> usize {
 
 impl ParamBlob {
     /// Fills the blob: scalar values in place, arrays as the device pointers in `array_ptrs`
-    /// (one per array parameter, in declaration order).
+    /// (one per array parameter and two per `bits` parameter, in declaration order).
     pub fn pack<'a>(layout: &[ParamField], values: impl Iterator<Item = &'a ParamValue>, array_ptrs: &[u64]) -> ParamBlob {
         let mut bytes = [0u8; PARAM_WORDS * 8];
         let mut arrays = array_ptrs.iter();
-        for (f, v) in layout.iter().zip(values) {
-            let raw: [u8; 8] = match v {
-                ParamValue::I32(x) => u64::from(*x as u32).to_le_bytes(),
-                ParamValue::F32(x) => u64::from(x.to_bits()).to_le_bytes(),
-                ParamValue::I32s(_) | ParamValue::F32s(_) => arrays.next().copied().unwrap_or(0).to_le_bytes(),
-            };
-            bytes[f.offset..f.offset + f.size].copy_from_slice(&raw[..f.size]);
+        let mut fields = layout.iter();
+        for v in values {
+            let n = if matches!(v, ParamValue::Bits { .. }) { 2 } else { 1 };
+            for _ in 0..n {
+                let Some(f) = fields.next() else { break };
+                let raw: [u8; 8] = match v {
+                    ParamValue::I32(x) => u64::from(*x as u32).to_le_bytes(),
+                    ParamValue::F32(x) => u64::from(x.to_bits()).to_le_bytes(),
+                    _ => arrays.next().copied().unwrap_or(0).to_le_bytes(),
+                };
+                bytes[f.offset..f.offset + f.size].copy_from_slice(&raw[..f.size]);
+            }
         }
         let mut words = [0u64; PARAM_WORDS];
         for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {

@@ -217,6 +217,18 @@ impl PageTable {
         }
     }
 
+    /// Ragged contiguous K/V (`[total_kv, kv_heads, head_dim]` with request `b` owning tokens
+    /// `kv_indptr[b]..kv_indptr[b+1]`) as a table over pages of one token: page `t` is token `t`.
+    /// Use it with a `KvShape` of `page_size: 1`, `num_pages: total_kv`, NHD, separate K and V.
+    pub fn contiguous(kv_indptr: &[i32]) -> PageTable {
+        let total = kv_indptr.last().copied().unwrap_or(0).max(0);
+        PageTable {
+            indptr: kv_indptr.to_vec(),
+            indices: (0..total).collect(),
+            last_page_len: kv_indptr.windows(2).map(|w| i32::from(w[1] > w[0])).collect(),
+        }
+    }
+
     /// Builds the table for requests of the given lengths, taking pages in the order `pages`
     /// yields them (pass a permutation to scatter requests over the cache).
     pub fn from_lens(lens: &[usize], page_size: usize, pages: &mut impl Iterator<Item = usize>) -> PageTable {

@@ -140,6 +140,7 @@ impl Engine {
         if kv.interleaved && dev.v.device_ptr(&self.stream).0 != dev.k.device_ptr(&self.stream).0 {
             return Err(Error::Layout(LayoutError::Mismatch { what: "interleaved cache: v must be the same buffer as k", expected: 0, got: 1 }));
         }
+        params.check_bits(&k.variant.params, batch)?;
         if bufs.workspace_bytes() < plan.workspace_bytes {
             return Err(Error::Plan(format!("the plan needs {} bytes of workspace, {} were given", plan.workspace_bytes, bufs.workspace_bytes())));
         }

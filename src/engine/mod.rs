@@ -153,16 +153,20 @@ impl Engine {
 
     /// Uploads a variant's parameter values (arrays go to device memory).
     pub fn upload_params(&self, layout: &[ParamField], values: &ParamValues) -> Result<DeviceParams> {
-        let mut arrays = Vec::new();
+        let mut arrays: Vec<CudaSlice<u8>> = Vec::new();
         for v in values.values() {
             match v {
-                ParamValue::I32s(xs) => arrays.push(self.upload(&xs.iter().map(|x| *x as u32).collect::<Vec<u32>>())?),
-                ParamValue::F32s(xs) => arrays.push(self.upload(&xs.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())?),
+                ParamValue::I32s(xs) => arrays.push(self.upload(&xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?),
+                ParamValue::F32s(xs) => arrays.push(self.upload(&xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?),
+                ParamValue::Bits { data, offsets } => {
+                    arrays.push(self.upload(data)?);
+                    arrays.push(self.upload(&offsets.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?);
+                }
                 _ => {}
             }
         }
         let ptrs: Vec<u64> = arrays.iter().map(|a| a.device_ptr(&self.stream).0).collect();
-        Ok(DeviceParams { blob: ParamBlob::pack(layout, values.values(), &ptrs), _arrays: arrays })
+        Ok(DeviceParams { blob: ParamBlob::pack(layout, values.values(), &ptrs), values: values.clone(), _arrays: arrays })
     }
 
     /// Uploads a plan into `bufs` with one host→device copy from pinned memory, allocating or
@@ -197,7 +201,17 @@ impl Engine {
 /// A variant's parameters on the device: the blob passed by value, and the arrays it points to.
 pub struct DeviceParams {
     pub blob: ParamBlob,
-    _arrays: Vec<CudaSlice<u32>>,
+    /// The host values, to check `bits` matrices against each batch before a launch.
+    values: ParamValues,
+    _arrays: Vec<CudaSlice<u8>>,
+}
+
+impl DeviceParams {
+    /// Errors unless every `bits` matrix covers every request of `batch` (the kernels read them
+    /// without bounds checks).
+    pub fn check_bits(&self, decls: &[crate::spec::params::ParamDecl], batch: &crate::kv::Batch<'_>) -> Result<()> {
+        self.values.check_bits(decls, |b| (batch.q_len(b), batch.kv_len(b))).map_err(Error::Param)
+    }
 }
 
 /// Device buffers of a plan: the packed work list and the f32 workspace for partial states.

@@ -97,6 +97,7 @@ impl Engine {
         mismatch("plan batch size", b, plan.batch_size)?;
         mismatch("plan qo_heads", batch.qo_heads, plan.qo_heads)?;
         mismatch("plan rows per block (kernel)", k.tile.rows(), plan.rows)?;
+        params.check_bits(&k.variant.params, batch)?;
         if bufs.plan.len() < plan.packed_len() {
             return Err(Error::Plan("the plan was not uploaded to these buffers (upload_plan)".into()));
         }

@@ -45,6 +45,7 @@ pub fn attention<T: Element>(
     batch.validate(q.len(), k.len(), v.len())?;
     let dims = Dims { qo_heads: batch.qo_heads, kv_heads: batch.kv.kv_heads, batch: batch.batch_size() };
     params.fits(&variant.params, dims).map_err(Error::Param)?;
+    params.check_bits(&variant.params, |b| (batch.q_len(b), batch.kv_len(b))).map_err(Error::Param)?;
     let sm_scale = f64::from(sm_scale.unwrap_or_else(|| default_sm_scale(batch.kv.head_dim_qk)));
 
     let total_q = batch.total_q();

@@ -49,6 +49,13 @@ pub fn emit(e: &TExpr, params: &[ParamDecl]) -> String {
                 None => format!("({x} {} {y})", op.symbol()),
             }
         }
+        TKind::Call(Func::Bit, args) => match args.first().map(|a| &a.kind) {
+            Some(TKind::Param(i)) => {
+                let f = param_field(&params[*i].name);
+                format!("af_bit(p.{f}, p.{f}_off, req, af_isub(q_pos, af_isub(kv_len, q_len)), kv_pos, kv_len)")
+            }
+            _ => "false".to_string(),
+        },
         TKind::Call(f, args) => {
             let a: Vec<String> = args.iter().map(|x| emit(x, params)).collect();
             let ints = args.first().is_some_and(|x| x.ty == Ty::I32);
@@ -71,6 +78,7 @@ pub fn emit(e: &TExpr, params: &[ParamDecl]) -> String {
                 Func::Sqrt => format!("sqrtf({})", a[0]),
                 Func::Floor => format!("floorf({})", a[0]),
                 Func::Sigmoid => format!("af_sigmoid({})", a[0]),
+                Func::Bit => "false".to_string(),
             }
         }
     }

@@ -77,7 +77,7 @@ macro_rules! impl_real {
                     Func::Floor => self.floor(),
                     Func::Sigmoid => 1.0 / (1.0 + (-self).exp()),
                     // Not unary float functions; the checker never routes them here.
-                    Func::Min | Func::Max | Func::Select | Func::Float | Func::Int => self,
+                    Func::Min | Func::Max | Func::Select | Func::Float | Func::Int | Func::Bit => self,
                 }
             }
         }
@@ -259,6 +259,13 @@ fn call<F: Real>(f: Func, args: &[TExpr], env: &Env<'_, F>) -> Val<F> {
             v => Val::F(v.as_f().apply(Func::Abs)),
         },
         Func::Int => Val::I(arg(0).as_i()),
+        Func::Bit => match args.first().map(|a| &a.kind) {
+            Some(TKind::Param(i)) => {
+                let row = env.q_pos.wrapping_sub(env.kv_len.wrapping_sub(env.q_len));
+                Val::B(env.params.bit(*i, env.req, row, env.kv_pos, env.kv_len))
+            }
+            _ => Val::B(false),
+        },
         Func::Float => Val::F(arg(0).as_f()),
         _ => Val::F(arg(0).as_f().apply(f)),
     }

@@ -225,6 +225,9 @@ impl Loader<'_> {
                 return Err(err(format!("default {x} is outside the range [{lo}, {hi}]")));
             }
         }
+        if ty.dim == Some(ParamDim::QueryKey) && (decl.default.is_some() || decl.range.is_some()) {
+            return Err(err("a bits parameter has no default or range".into()));
+        }
         if ty.elem == Ty::I32 && decl.default.is_some_and(|x| x.fract() != 0.0) {
             return Err(err("the default of an i32 parameter must be an integer".into()));
         }
@@ -247,6 +250,9 @@ fn pair(v: &Value) -> Result<(f64, f64), String> {
 }
 
 fn parse_param_ty(s: &str) -> Result<ParamTy, String> {
+    if s == "bits" {
+        return Ok(ParamTy { elem: Ty::Bool, dim: Some(ParamDim::QueryKey) });
+    }
     let (elem, dim) = match s.split_once('[') {
         None => (s, None),
         Some((e, rest)) => {
@@ -267,7 +273,7 @@ fn parse_param_ty(s: &str) -> Result<ParamTy, String> {
     let elem = match elem {
         "f32" => Ty::F32,
         "i32" => Ty::I32,
-        other => return Err(format!("unknown type `{other}` (expected f32 or i32)")),
+        other => return Err(format!("unknown type `{other}` (expected f32, i32 or bits)")),
     };
     Ok(ParamTy { elem, dim })
 }

@@ -1,7 +1,8 @@
 //! Runtime parameters: their declarations in a spec, and their values for one launch.
 //!
 //! Every numeric constant of a model is a parameter, so changing a value never recompiles. A
-//! declaration gives the type (`"f32"`, `"i32"`, or an array such as `"f32[qo_heads]"`), and
+//! declaration gives the type (`"f32"`, `"i32"`, an array such as `"f32[qo_heads]"`, or `"bits"`:
+//! a packed per-request bit matrix of q_len × kv_len, read in a hook as `bit(name)`), and
 //! optionally a `default`, a valid `range` and a `sample` range for random testing.
 
 use std::collections::HashMap;
@@ -45,7 +46,7 @@ impl Dims {
         match d {
             ParamDim::QoHeads => self.qo_heads,
             ParamDim::KvHeads => self.kv_heads,
-            ParamDim::Batch => self.batch,
+            ParamDim::Batch | ParamDim::QueryKey => self.batch,
         }
     }
 }
@@ -55,6 +56,9 @@ impl Dims {
 pub enum ParamInput {
     Scalar(f64),
     List(Vec<f64>),
+    /// A `bits` value: little-endian packed bits, and per request the bit offset of its
+    /// row-major q_len × kv_len matrix.
+    Bits(Vec<u8>, Vec<i64>),
 }
 
 impl ParamInput {
@@ -80,6 +84,8 @@ pub enum ParamValue {
     F32(f32),
     I32s(Vec<i32>),
     F32s(Vec<f32>),
+    /// Packed bits (bit `k` is `data[k / 8] >> (k % 8) & 1`) and each request's bit offset.
+    Bits { data: Vec<u8>, offsets: Vec<i64> },
 }
 
 /// The values of all of a variant's parameters, in declaration order, checked against the
@@ -112,7 +118,39 @@ impl ParamValues {
             ParamValue::F32(x) => Val::F(F::from_f32(*x)),
             ParamValue::I32s(xs) => Val::I(xs.get(at).copied().unwrap_or(0)),
             ParamValue::F32s(xs) => Val::F(F::from_f32(xs.get(at).copied().unwrap_or(0.0))),
+            ParamValue::Bits { .. } => Val::B(false),
         }
+    }
+
+    /// Bit (`row`, `kv_pos`) of request `req`'s matrix in `bits` parameter `i`; false outside it.
+    pub fn bit(&self, i: usize, req: i32, row: i32, kv_pos: i32, kv_len: i32) -> bool {
+        let Some((ParamValue::Bits { data, offsets }, _)) = self.values.get(i) else { return false };
+        let Some(&off) = usize::try_from(req).ok().and_then(|r| offsets.get(r)) else { return false };
+        if row < 0 || kv_pos < 0 || kv_pos >= kv_len {
+            return false;
+        }
+        let k = off + i64::from(row) * i64::from(kv_len) + i64::from(kv_pos);
+        usize::try_from(k).ok().and_then(|k| data.get(k / 8).map(|b| (b >> (k % 8)) & 1 == 1)).unwrap_or(false)
+    }
+
+    /// Checks every `bits` matrix against the batch: request `b` of `(q_len, kv_len)` needs
+    /// bits `[offset, offset + q_len · kv_len)` inside the data. Kernels read them unchecked.
+    pub fn check_bits(&self, decls: &[ParamDecl], lens: impl Fn(usize) -> (usize, usize)) -> Result<(), String> {
+        for (d, (v, _)) in decls.iter().zip(&self.values) {
+            let ParamValue::Bits { data, offsets } = v else { continue };
+            for (req, &off) in offsets.iter().enumerate() {
+                let (q, kv) = lens(req);
+                let end = off.checked_add((q * kv) as i64);
+                if off < 0 || end.is_none_or(|e| e > data.len() as i64 * 8) {
+                    return Err(format!(
+                        "bits parameter `{}`: request {req} needs bits [{off}, {off} + {q} × {kv}) but {} bits were given",
+                        d.name,
+                        data.len() * 8
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -135,6 +173,19 @@ pub fn bind(
     }
     let mut values = Vec::with_capacity(decls.len());
     for d in decls {
+        if d.ty.dim == Some(ParamDim::QueryKey) {
+            match given.get(&d.name) {
+                Some(ParamInput::Bits(data, offsets)) if offsets.len() == dims.batch => {
+                    values.push((ParamValue::Bits { data: data.clone(), offsets: offsets.clone() }, d.ty.dim));
+                    continue;
+                }
+                Some(ParamInput::Bits(_, offsets)) => {
+                    return Err(format!("bits parameter `{}` has {} offsets, expected {} (one per request)", d.name, offsets.len(), dims.batch))
+                }
+                Some(_) => return Err(format!("parameter `{}` is a bit matrix; give it as packed bits with per-request offsets (ParamInput::Bits)", d.name)),
+                None => return Err(format!("missing parameter `{}` (bits) of variant `{variant}`", d.name)),
+            }
+        }
         let input = match (given.get(&d.name), d.default) {
             (Some(v), _) => v.clone(),
             (None, Some(x)) => ParamInput::Scalar(x),
@@ -166,6 +217,7 @@ pub fn bind(
                     xs.len()
                 ))
             }
+            (ParamInput::Bits(..), _) => return Err(format!("parameter `{}` is {}, not a bit matrix", d.name, d.ty)),
         };
         for &x in &nums {
             check_value(d, x)?;
@@ -198,6 +250,7 @@ fn check_value(d: &ParamDecl, x: f64) -> Result<(), String> {
 
 fn to_value(d: &ParamDecl, nums: &[f64]) -> ParamValue {
     match (d.ty.elem, d.ty.dim) {
+        (_, Some(ParamDim::QueryKey)) => ParamValue::Bits { data: Vec::new(), offsets: Vec::new() },
         (Ty::I32, None) => ParamValue::I32(nums[0] as i32),
         (Ty::I32, Some(_)) => ParamValue::I32s(nums.iter().map(|&x| x as i32).collect()),
         (_, None) => ParamValue::F32(nums[0] as f32),
@@ -206,11 +259,23 @@ fn to_value(d: &ParamDecl, nums: &[f64]) -> ParamValue {
 }
 
 /// Random values within each declaration's sample bounds, for tests and demos. `uniform(lo, hi)`
-/// must return a value in `[lo, hi]`.
-pub fn sample(decls: &[ParamDecl], dims: Dims, mut uniform: impl FnMut(f64, f64) -> f64) -> ParamValues {
+/// must return a value in `[lo, hi]`. `lens` gives each request's `(q_len, kv_len)`, which sizes
+/// `bits` matrices (random bits, each set with probability one half).
+pub fn sample(decls: &[ParamDecl], dims: Dims, lens: &[(usize, usize)], mut uniform: impl FnMut(f64, f64) -> f64) -> ParamValues {
     let values = decls
         .iter()
         .map(|d| {
+            if d.ty.dim == Some(ParamDim::QueryKey) {
+                let mut offsets = Vec::with_capacity(dims.batch);
+                let mut total = 0i64;
+                for b in 0..dims.batch {
+                    offsets.push(total);
+                    let (q, kv) = lens.get(b).copied().unwrap_or((0, 0));
+                    total += (q * kv) as i64;
+                }
+                let data = (0..(total as usize).div_ceil(8)).map(|_| uniform(0.0, 255.0).round() as u8).collect();
+                return (ParamValue::Bits { data, offsets }, d.ty.dim);
+            }
             let (lo, hi) = d.sample_bounds();
             let n = d.ty.dim.map_or(1, |dim| dims.len(dim));
             let nums: Vec<f64> = (0..n)
@@ -244,6 +309,7 @@ impl ParamValues {
             let n = match v {
                 ParamValue::I32s(xs) => xs.len(),
                 ParamValue::F32s(xs) => xs.len(),
+                ParamValue::Bits { offsets, .. } => offsets.len(),
                 _ => 1,
             };
             let want = d.ty.dim.map_or(1, |dim| dims.len(dim));

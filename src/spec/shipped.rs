@@ -4,7 +4,7 @@
 use super::{load, SpecError, Variant};
 
 /// `(name, JSON text)` of every shipped variant.
-pub const SHIPPED: [(&str, &str); 10] = [
+pub const SHIPPED: [(&str, &str); 11] = [
     ("default", include_str!("../../variants/default.json")),
     ("causal", include_str!("../../variants/causal.json")),
     ("sliding_window", include_str!("../../variants/sliding_window.json")),
@@ -15,6 +15,7 @@ pub const SHIPPED: [(&str, &str); 10] = [
     ("chunked", include_str!("../../variants/chunked.json")),
     ("prefix_lm", include_str!("../../variants/prefix_lm.json")),
     ("sigmoid", include_str!("../../variants/sigmoid.json")),
+    ("tree_mask", include_str!("../../variants/tree_mask.json")),
 ];
 
 /// Loads a shipped variant by name.

@@ -55,10 +55,11 @@ pub fn check_kv_range(v: &Variant, trials: usize, seed: u64) -> Result<(), Box<C
         let kv_heads = rng.random_range(1..=2usize);
         let group = rng.random_range(1..=3usize);
         let dims = Dims { qo_heads: kv_heads * group, kv_heads, batch: rng.random_range(1..=3) };
-        let params = sample(&v.params, dims, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
         let req = rng.random_range(0..dims.batch) as i32;
         let kv_len = rng.random_range(0..=160i32);
         let q_len = rng.random_range(1..=kv_len.clamp(1, 48));
+        let lens = vec![(q_len as usize, kv_len as usize); dims.batch];
+        let params = sample(&v.params, dims, &lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
         let describe = || {
             v.params
                 .iter()
@@ -123,5 +124,6 @@ fn value_text(v: &super::params::ParamValue) -> String {
         F32(x) => x.to_string(),
         I32s(xs) => format!("{xs:?}"),
         F32s(xs) => format!("{xs:?}"),
+        Bits { .. } => "<bits>".to_string(),
     }
 }

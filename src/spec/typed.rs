@@ -97,10 +97,12 @@ pub enum Func {
     Select,
     Float,
     Int,
+    /// `bit(m)`: the bit of `bits` parameter `m` for this (query, key).
+    Bit,
 }
 
 impl Func {
-    pub const ALL: [Func; 14] = [
+    pub const ALL: [Func; 15] = [
         Func::Tanh,
         Func::Exp,
         Func::Exp2,
@@ -115,6 +117,7 @@ impl Func {
         Func::Select,
         Func::Float,
         Func::Int,
+        Func::Bit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -133,6 +136,7 @@ impl Func {
             Func::Select => "select",
             Func::Float => "float",
             Func::Int => "int",
+            Func::Bit => "bit",
         }
     }
 
@@ -204,6 +208,8 @@ pub enum ParamDim {
     QoHeads,
     KvHeads,
     Batch,
+    /// A `bits` matrix: one bit per (query, key) of each request, read with `bit(name)`.
+    QueryKey,
 }
 
 impl ParamDim {
@@ -212,6 +218,7 @@ impl ParamDim {
             ParamDim::QoHeads => "qo_heads",
             ParamDim::KvHeads => "kv_heads",
             ParamDim::Batch => "batch",
+            ParamDim::QueryKey => "query × key",
         }
     }
 
@@ -221,6 +228,7 @@ impl ParamDim {
             ParamDim::QoHeads => Builtin::QoHead,
             ParamDim::KvHeads => Builtin::KvHead,
             ParamDim::Batch => Builtin::Req,
+            ParamDim::QueryKey => Builtin::KvPos,
         }
     }
 }
@@ -237,6 +245,7 @@ impl std::fmt::Display for ParamTy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.dim {
             None => f.write_str(self.elem.name()),
+            Some(ParamDim::QueryKey) => f.write_str("bits"),
             Some(d) => write!(f, "{}[{}]", self.elem.name(), d.name()),
         }
     }
@@ -382,6 +391,9 @@ impl Checker<'_> {
         }
         if let Some(i) = self.params.iter().position(|p| p.name == name) {
             let ty = self.params[i].ty;
+            if ty.dim == Some(ParamDim::QueryKey) {
+                return err(span, format!("`{name}` is a bit matrix: read it with bit({name})"));
+            }
             if let Some(dim) = ty.dim {
                 if let Err(why) = self.hook.allows(dim.index()) {
                     return err(
@@ -469,6 +481,20 @@ impl Checker<'_> {
                     args.len()
                 ),
             );
+        }
+        if f == Func::Bit {
+            let found = match &args[0].kind {
+                ExprKind::Ident(n) => self.params.iter().position(|p| &p.name == n && p.ty.dim == Some(ParamDim::QueryKey)),
+                _ => None,
+            };
+            let Some(i) = found else {
+                return err(args[0].span, "`bit` takes the name of a `bits` parameter".into());
+            };
+            if let Err(why) = self.hook.allows(Builtin::KvPos) {
+                return err(span, format!("hook `{}` cannot read a bit matrix: {why}", self.hook.name()));
+            }
+            let arg = TExpr { ty: Ty::Bool, kind: TKind::Param(i) };
+            return Ok(TExpr { ty: Ty::Bool, kind: TKind::Call(f, vec![arg]) });
         }
         let mut targs = args.iter().map(|a| self.expr(a)).collect::<Result<Vec<_>, _>>()?;
         let numeric = |i: usize, t: &TExpr| {

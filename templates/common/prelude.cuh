@@ -16,6 +16,13 @@ __device__ __forceinline__ int af_iabs(int a) { return a < 0 ? af_ineg(a) : a; }
 __device__ __forceinline__ int af_idiv(int a, int b) { return b == 0 ? 0 : (b == -1 ? af_ineg(a) : a / b); }
 __device__ __forceinline__ int af_irem(int a, int b) { return (b == 0 || b == -1) ? 0 : a % b; }
 __device__ __forceinline__ float af_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+// bit(m): bit (row, kv_pos) of request req's row-major q_len x kv_len matrix, little-endian bits.
+// The host checked every request's matrix lies inside the data (ParamValues::check_bits).
+__device__ __forceinline__ bool af_bit(const unsigned char* data, const long long* off, int req, int row, int kv_pos, int kv_len) {
+  if (row < 0 || kv_pos < 0 || kv_pos >= kv_len) return false;
+  const long long k = off[req] + (long long)row * kv_len + kv_pos;
+  return (data[k >> 3] >> (k & 7)) & 1;
+}
 
 __device__ __forceinline__ float af_to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float af_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -14,11 +14,11 @@ fn check_accepts_every_shipped_spec_file() {
         .unwrap()
         .map(|e| e.unwrap().path().display().to_string())
         .collect();
-    assert_eq!(files.len(), 10);
+    assert_eq!(files.len(), 11);
     let args: Vec<&str> = std::iter::once("check").chain(files.iter().map(String::as_str)).collect();
     let (ok, text) = attnforge(&args);
     assert!(ok, "{text}");
-    assert_eq!(text.lines().filter(|l| l.starts_with("ok ")).count(), 10, "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("ok ")).count(), 11, "{text}");
 }
 
 #[test]

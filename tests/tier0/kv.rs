@@ -103,3 +103,18 @@ fn npy_files_have_a_valid_header() {
     assert_eq!(f32::from_le_bytes(b[10 + hlen + 20..].try_into().unwrap()), 6.0);
     assert!(attnforge::npy::write(&p, &[4], &[1i32, 2]).is_err());
 }
+
+#[test]
+fn ragged_contiguous_kv_is_a_table_of_one_token_pages() {
+    use attnforge::kv::KvLayout;
+    let indptr = [0, 3, 3, 8];
+    let t = PageTable::contiguous(&indptr);
+    assert_eq!(t.indices, (0..8).collect::<Vec<i32>>());
+    assert_eq!(t.last_page_len, vec![1, 0, 1]);
+    let kv = KvShape { layout: KvLayout::Nhd, interleaved: false, num_pages: 8, page_size: 1, kv_heads: 2, head_dim_qk: 16, head_dim_vo: 16 };
+    // Token t of head h starts at (t * kv_heads + h) * head_dim, as in a contiguous [total, heads, dim].
+    assert_eq!(kv.k_index(5, 0, 1), (5 * 2 + 1) * 16);
+    let b = Batch { qo_indptr: &[0, 1, 1, 2], pages: &t, kv, qo_heads: 2 };
+    b.validate(b.q_elems(), kv.k_len(), kv.v_len()).unwrap();
+    assert_eq!((b.kv_len(0), b.kv_len(1), b.kv_len(2)), (3, 0, 5));
+}

@@ -170,7 +170,7 @@ fn check_case<T: Element>(c: &Case) {
     };
     let w = Workload::<T>::random(&spec, &mut rng);
     let dims = Dims { qo_heads: spec.qo_heads, kv_heads: c.kv_heads, batch: c.lens.len() };
-    let p = sample(&v.params, dims, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
+    let p = sample(&v.params, dims, &c.lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
     let scale = 1.0 / (c.head_dims.0 as f32).sqrt();
     let got = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
     let want = naive(&v, &p, &w, f64::from(scale));
@@ -272,7 +272,36 @@ fn mismatched_parameters_are_an_error_not_a_wrong_index() {
         spare_pages: 0,
     };
     let w = Workload::<f16>::random(&spec, &mut StdRng::seed_from_u64(1));
-    let p = sample(&v.params, Dims { qo_heads: 8, kv_heads: 2, batch: 1 }, |lo, _| lo);
+    let p = sample(&v.params, Dims { qo_heads: 8, kv_heads: 2, batch: 1 }, &[(1, 5)], |lo, _| lo);
     let err = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap_err();
     assert!(err.to_string().contains("`slopes` has 8 values, expected 4"), "{err}");
+}
+
+#[test]
+fn a_tree_mask_shows_exactly_its_bits() {
+    // One request, 2 queries over 3 keys; row-major bits 101 / 011, packed little-endian from
+    // bit offset 3: bits 3..9 of [0b1010_1000, 0b0000_0001] = 1,0,1, 0,1,1.
+    let v = shipped::resolve("tree_mask").unwrap();
+    let spec = WorkloadSpec { lens: vec![(2, 3)], qo_heads: 1, kv_heads: 1, head_dim_qk: 16, head_dim_vo: 16, page_size: 2, layout: KvLayout::Nhd, interleaved: true, permute: false, spare_pages: 0 };
+    let w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(3));
+    let given: HashMap<String, ParamInput> = [("tree".to_string(), ParamInput::Bits(vec![0b1010_1000, 0b0000_0001], vec![3]))].into();
+    let p = v.bind(&given, Dims { qo_heads: 1, kv_heads: 1, batch: 1 }).unwrap();
+    let got = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
+    // Expected: softmax over keys {0, 2} for query 0 and {1, 2} for query 1.
+    let kv = w.kv;
+    for (row, keys) in [(0usize, [0usize, 2]), (1, [1, 2])] {
+        let score = |j: usize| (0..16).map(|d| f64::from(w.q[row * 16 + d]) * f64::from(w.k[kv.k_index(j / 2, j % 2, 0) + d])).sum::<f64>() * 0.25;
+        let (s0, s1) = (score(keys[0]), score(keys[1]));
+        let m = s0.max(s1);
+        let (e0, e1) = ((s0 - m).exp(), (s1 - m).exp());
+        for d in 0..16 {
+            let want = (e0 * f64::from(w.k[kv.v_index(keys[0] / 2, keys[0] % 2, 0) + d]) + e1 * f64::from(w.k[kv.v_index(keys[1] / 2, keys[1] % 2, 0) + d])) / (e0 + e1);
+            assert!((f64::from(got.o[row * 16 + d]) - want).abs() < 1e-5, "row {row} dim {d}");
+        }
+    }
+    // Too few bits for the batch is an error, not a read past the end.
+    let short: HashMap<String, ParamInput> = [("tree".to_string(), ParamInput::Bits(vec![0xff], vec![3]))].into();
+    let p = v.bind(&short, Dims { qo_heads: 1, kv_heads: 1, batch: 1 }).unwrap();
+    let err = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap_err();
+    assert!(err.to_string().contains("needs bits [3, 3 + 2 × 3) but 8 bits were given"), "{err}");
 }

@@ -191,7 +191,7 @@ fn the_language_is_closed_to_raw_cuda() {
 #[test]
 fn every_shipped_variant_loads_and_its_kv_range_is_sound() {
     let all = attnforge::spec::shipped::all().unwrap();
-    assert_eq!(all.len(), 10);
+    assert_eq!(all.len(), 11);
     for v in &all {
         attnforge::spec::soundness::check_kv_range(v, 200, 1).unwrap_or_else(|c| panic!("{}: {c}", v.name));
     }
@@ -207,4 +207,22 @@ fn an_unsound_kv_range_is_reported_with_a_counterexample() {
     assert_eq!(c.kv_pos as i64, c.lo - 1, "{c}");
     assert!(c.q_pos - c.kv_pos < 16 && c.kv_pos <= c.q_pos, "{c}");
     assert!(c.to_string().contains("the mask admits kv_pos"), "{c}");
+}
+
+#[test]
+fn bits_parameters_are_read_only_through_bit() {
+    let e = err_of(r#""t": "bits""#, "mask", "t");
+    check(&e, "mask", 1, "`t` is a bit matrix: read it with bit(t)");
+    let e = err_of(r#""w": "i32""#, "mask", "bit(w)");
+    check(&e, "mask", 5, "`bit` takes the name of a `bits` parameter");
+    let text = r#"{ "name": "t", "params": { "t": "bits" }, "sink": "select(bit(t), 1.0, 0.0)" }"#;
+    let e = load("bad.json", text).unwrap_err();
+    assert!(e.message.contains("cannot read a bit matrix"), "{}", e.message);
+    let text = r#"{ "name": "t", "params": { "t": { "type": "bits", "default": 1 } } }"#;
+    assert!(load("bad.json", text).unwrap_err().message.contains("no default or range"));
+    let v = load("ok.json", r#"{ "name": "t", "params": { "t": "bits" }, "mask": "bit(t) && kv_pos <= q_pos" }"#).unwrap();
+    assert_eq!(
+        attnforge::spec::cuda::emit(&v.mask.unwrap().typed, &v.params),
+        "(af_bit(p.u_t, p.u_t_off, req, af_isub(q_pos, af_isub(kv_len, q_len)), kv_pos, kv_len) && (kv_pos <= q_pos))"
+    );
 }

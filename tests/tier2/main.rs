@@ -95,7 +95,7 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
     };
     let w = Workload::<T>::random(&spec, &mut rng);
     let dims = Dims { qo_heads: spec.qo_heads, kv_heads: c.kv_heads, batch: c.kv_lens.len() };
-    let p = sample(&v.params, dims, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
+    let p = sample(&v.params, dims, &spec.lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
     let cfg = KernelConfig::decode(c.dims.0, c.dims.1, T::DTYPE, c.group).unwrap();
     let k = e.decode_kernel(&v, &cfg).unwrap();
     let (got, plan) = decode_once(e, &k, &p, &w, c.mode, None).unwrap();

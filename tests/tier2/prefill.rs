@@ -30,7 +30,7 @@ fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, le
         spare_pages: rng.random_range(0..3),
     };
     let w = Workload::<T>::random(&spec, &mut rng);
-    let p = sample(&v.params, Dims { qo_heads: spec.qo_heads, kv_heads, batch: lens.len() }, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
+    let p = sample(&v.params, Dims { qo_heads: spec.qo_heads, kv_heads, batch: lens.len() }, &lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
     let k = e.prefill_kernel(&v, &KernelConfig::prefill(dims.0, dims.1, T::DTYPE, group).unwrap()).unwrap();
     let (got, plan) = prefill_once(e, &k, &p, &w, PlanMode::Default, None).unwrap();
     let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();

@@ -43,8 +43,18 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         permute: true,
         spare_pages: 0,
     };
-    let params = variant.bind(&parse_params(&a.params)?, Dims { qo_heads: a.qo_heads, kv_heads: a.kv_heads, batch: a.batch })?;
+    let mut given = parse_params(&a.params)?;
     let mut rng = StdRng::seed_from_u64(a.seed);
+    let dims = Dims { qo_heads: a.qo_heads, kv_heads: a.kv_heads, batch: a.batch };
+    let missing: Vec<_> = variant.params.iter().filter(|d| d.ty.dim == Some(attnforge::spec::typed::ParamDim::QueryKey) && !given.contains_key(&d.name)).collect();
+    for d in missing {
+        // A bit matrix cannot be typed on a command line: draw one, and say so.
+        println!("  note: bits parameter `{}` not given; using random bits (each set with probability 1/2)", d.name);
+        if let Some(attnforge::spec::params::ParamValue::Bits { data, offsets }) = sample(std::slice::from_ref(d), dims, &spec.lens, |lo, hi| rng.random_range(lo..=hi)).values().next() {
+            given.insert(d.name.clone(), attnforge::spec::params::ParamInput::Bits(data.clone(), offsets.clone()));
+        }
+    }
+    let params = variant.bind(&given, dims)?;
     println!(
         "variant {} ({}), {} × {} (q {q_len}, kv {}), heads {}/{}, head dim {}/{}, page {}, {}, {}",
         variant.name,
@@ -148,6 +158,7 @@ fn dump<T: Element>(dir: &Path, v: &Variant, p: &ParamValues, w: &Workload<T>, w
                 F32(f) => serde_json::json!(f),
                 I32s(xs) => serde_json::json!(xs),
                 F32s(xs) => serde_json::json!(xs),
+                Bits { data, offsets } => serde_json::json!({ "offsets": offsets, "bytes_hex": data.iter().map(|b| format!("{b:02x}")).collect::<String>() }),
             };
             (d.name.clone(), j)
         })
@@ -173,8 +184,8 @@ fn summarise(out: &AttnOutput) {
     println!("  mean |o| {mean_abs:.4}; lse in [{lo:.3}, {hi:.3}]; {masked} fully masked rows");
 }
 
-fn random_params(v: &Variant, dims: Dims, rng: &mut StdRng) -> ParamValues {
-    sample(&v.params, dims, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) })
+fn random_params(v: &Variant, dims: Dims, lens: &[(usize, usize)], rng: &mut StdRng) -> ParamValues {
+    sample(&v.params, dims, lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) })
 }
 
 /// `cargo run --release`: compile every shipped variant (cache miss or hit, with times), run
@@ -216,7 +227,7 @@ pub(crate) fn demo() -> Result<()> {
     for v in &variants {
         let lens: Vec<(usize, usize)> = (0..batch).map(|i| (1, kv_len - i * 37 % (kv_len / 2))).collect();
         let spec = WorkloadSpec { lens, qo_heads: qo, kv_heads: kvh, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 3 };
-        let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch }, &mut rng);
+        let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch }, &spec.lens, &mut rng);
         let w = Workload::<bf16>::random(&spec, &mut rng);
         let t0 = Instant::now();
         let want = reference::attention(v, &params, &w.batch(), &w.q, &w.k, w.v(), None)?;
@@ -240,7 +251,7 @@ pub(crate) fn demo() -> Result<()> {
     println!("  {:<16} {:>10} {:>10}  check vs CPU reference (f64)", "variant", "GPU ms", "CPU ms");
     for v in &variants {
         let spec = WorkloadSpec { lens: lens.clone(), qo_heads: qo, kv_heads: kvh, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 3 };
-        let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch: lens.len() }, &mut rng);
+        let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch: lens.len() }, &spec.lens, &mut rng);
         let w = Workload::<bf16>::random(&spec, &mut rng);
         let t0 = Instant::now();
         let want = reference::attention(v, &params, &w.batch(), &w.q, &w.k, w.v(), None)?;
