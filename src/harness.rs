@@ -72,6 +72,27 @@ impl<T: Element + DeviceRepr> DeviceResult<T> {
     }
 }
 
+/// Uploads `w`, poisons the outputs, uploads `plan` and the parameters, runs `launch`, and
+/// downloads the result: the part every one-shot run shares.
+fn run_once<T: Element + DeviceRepr, P: crate::plan::Upload>(
+    e: &Engine,
+    layout: &[crate::abi::ParamField],
+    params: &ParamValues,
+    w: &Workload<T>,
+    plan: &P,
+    launch: impl FnOnce(&PlanBuffers, &crate::engine::DeviceParams, &DeviceWorkload<T>, DeviceOutput<'_, T>) -> Result<()>,
+) -> Result<AttnOutput> {
+    let batch = w.batch();
+    let dev = DeviceWorkload::upload(e, w)?;
+    let mut res = DeviceResult::<T>::poisoned(e, batch.o_elems(), batch.total_q() * batch.qo_heads)?;
+    let mut bufs: Option<PlanBuffers> = None;
+    e.upload_plan(plan, &mut bufs)?;
+    let dp = e.upload_params(layout, params)?;
+    let bufs = bufs.ok_or_else(|| crate::Error::Plan("no plan buffers".into()))?;
+    launch(&bufs, &dp, &dev, res.out())?;
+    res.download(e)
+}
+
 /// Plans, uploads and runs one decode batch; returns the output and the plan.
 pub fn decode_once<T: Element + DeviceRepr>(
     e: &Engine,
@@ -83,14 +104,23 @@ pub fn decode_once<T: Element + DeviceRepr>(
 ) -> Result<(AttnOutput, DecodePlan)> {
     let batch = w.batch();
     let plan = e.plan_decode(k, params, &batch, mode)?;
-    let dev = DeviceWorkload::upload(e, w)?;
-    let mut res = DeviceResult::<T>::poisoned(e, batch.o_elems(), batch.total_q() * batch.qo_heads)?;
-    let mut bufs: Option<PlanBuffers> = None;
-    e.upload_plan(&plan, &mut bufs)?;
-    let dp = e.upload_params(&k.layout, params)?;
-    let bufs = bufs.ok_or_else(|| crate::Error::Plan("no plan buffers".into()))?;
-    e.run_decode(k, &plan, &bufs, &dp, &batch, &dev.batch(), res.out(), sm_scale)?;
-    Ok((res.download(e)?, plan))
+    let out = run_once(e, &k.layout, params, w, &plan, |bufs, dp, dev, out| e.run_decode(k, &plan, bufs, dp, &batch, &dev.batch(), out, sm_scale))?;
+    Ok((out, plan))
+}
+
+/// Plans, uploads and runs one prefill/append batch; returns the output and the plan.
+pub fn prefill_once<T: Element + DeviceRepr>(
+    e: &Engine,
+    k: &crate::engine::PrefillKernel,
+    params: &ParamValues,
+    w: &Workload<T>,
+    mode: PlanMode,
+    sm_scale: Option<f32>,
+) -> Result<(AttnOutput, crate::plan::PrefillPlan)> {
+    let batch = w.batch();
+    let plan = e.plan_prefill(k, params, &batch, mode)?;
+    let out = run_once(e, &k.layout, params, w, &plan, |bufs, dp, dev, out| e.run_prefill(k, &plan, bufs, dp, &batch, &dev.batch(), out, sm_scale))?;
+    Ok((out, plan))
 }
 
 /// How a kernel's output differs from the reference.
@@ -181,23 +211,3 @@ pub fn compare(got: &AttnOutput, want: &AttnOutput, out_dtype: DType, head_dim_v
     c
 }
 
-/// Plans, uploads and runs one prefill/append batch; returns the output and the plan.
-pub fn prefill_once<T: Element + DeviceRepr>(
-    e: &Engine,
-    k: &crate::engine::PrefillKernel,
-    params: &ParamValues,
-    w: &Workload<T>,
-    mode: PlanMode,
-    sm_scale: Option<f32>,
-) -> Result<(AttnOutput, crate::plan::PrefillPlan)> {
-    let batch = w.batch();
-    let plan = e.plan_prefill(k, params, &batch, mode)?;
-    let dev = DeviceWorkload::upload(e, w)?;
-    let mut res = DeviceResult::<T>::poisoned(e, batch.o_elems(), batch.total_q() * batch.qo_heads)?;
-    let mut bufs: Option<PlanBuffers> = None;
-    e.upload_plan(&plan, &mut bufs)?;
-    let dp = e.upload_params(&k.layout, params)?;
-    let bufs = bufs.ok_or_else(|| crate::Error::Plan("no plan buffers".into()))?;
-    e.run_prefill(k, &plan, &bufs, &dp, &batch, &dev.batch(), res.out(), sm_scale)?;
-    Ok((res.download(e)?, plan))
-}

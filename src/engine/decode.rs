@@ -4,12 +4,11 @@
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::{cuda, DeviceParams, Engine, PlanBuffers};
-use crate::abi::{param_layout, DecodeArgs, MergeArgs, ParamField};
+use super::{cuda, DeviceParams, Engine, PlanBuffers, PlanShape};
+use crate::abi::{param_layout, MergeArgs, ParamField};
 use crate::jit::{CompiledKernel, DecodeTile, KernelConfig, Op};
-use crate::kv::{Batch, Element, LayoutError};
+use crate::kv::{Batch, Element};
 use crate::plan::{plan_decode, DecodePlan, PlanMode, PlanTarget};
-use crate::reference::default_sm_scale;
 use crate::spec::params::ParamValues;
 use crate::spec::Variant;
 use crate::{Error, Result};
@@ -46,14 +45,6 @@ pub struct DeviceBatch<'a, T> {
 pub struct DeviceOutput<'a, T> {
     pub o: &'a mut CudaSlice<T>,
     pub lse: &'a mut CudaSlice<f32>,
-}
-
-fn mismatch(what: &'static str, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(Error::Layout(LayoutError::Mismatch { what, expected, got }))
-    }
 }
 
 impl Engine {
@@ -121,74 +112,20 @@ impl Engine {
     ) -> Result<()> {
         let kv = batch.kv;
         let cfg = &k.cfg;
-        batch.validate(dev.q.len(), dev.k.len(), if kv.interleaved { dev.k.len() } else { dev.v.len() })?;
-        if T::DTYPE != cfg.dtype_q || T::DTYPE != cfg.dtype_kv || T::DTYPE != cfg.dtype_o {
-            return Err(Error::Unsupported(format!("buffers are {} but the kernel was compiled for {}", T::DTYPE.name(), cfg.dtype_q.name())));
-        }
-        mismatch("head_dim_qk (kernel vs batch)", cfg.head_dim_qk, kv.head_dim_qk)?;
-        mismatch("head_dim_vo (kernel vs batch)", cfg.head_dim_vo, kv.head_dim_vo)?;
-        mismatch("GQA group (kernel vs qo_heads / kv_heads)", cfg.group, batch.group())?;
-        mismatch("output length [total_q, qo_heads, head_dim_vo]", batch.o_elems(), out.o.len())?;
-        mismatch("lse length [total_q, qo_heads]", batch.total_q() * batch.qo_heads, out.lse.len())?;
-        let b = batch.batch_size();
-        mismatch("device qo_indptr length", b + 1, dev.qo_indptr.len())?;
-        mismatch("device kv_indptr length", b + 1, dev.kv_indptr.len())?;
-        mismatch("device last_page_len length", b, dev.last_page_len.len())?;
-        mismatch("device kv_indices length", batch.pages.indices.len().max(1), dev.kv_indices.len().max(1))?;
-        mismatch("plan batch size", b, plan.batch_size)?;
-        mismatch("plan qo_heads", batch.qo_heads, plan.qo_heads)?;
-        if kv.interleaved && dev.v.device_ptr(&self.stream).0 != dev.k.device_ptr(&self.stream).0 {
-            return Err(Error::Layout(LayoutError::Mismatch { what: "interleaved cache: v must be the same buffer as k", expected: 0, got: 1 }));
-        }
-        params.check_bits(&k.variant.params, batch)?;
+        let shape = PlanShape { batch_size: plan.batch_size, qo_heads: plan.qo_heads, packed_len: plan.packed_len(), fixed_grid: matches!(plan.mode, PlanMode::FixedGrid { .. }) };
+        let mut args = self.checked_args(cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;
         if bufs.workspace_bytes() < plan.workspace_bytes {
             return Err(Error::Plan(format!("the plan needs {} bytes of workspace, {} were given", plan.workspace_bytes, bufs.workspace_bytes())));
-        }
-        if bufs.plan.len() < plan.packed_len() {
-            return Err(Error::Plan("the plan was not uploaded to these buffers (upload_plan)".into()));
-        }
-        if self.capturing()? && !matches!(plan.mode, PlanMode::FixedGrid { .. }) {
-            return Err(Error::Plan("capturing a CUDA graph needs a FixedGrid plan (its grid and buffers stay fixed across steps)".into()));
         }
         if plan.grid == 0 {
             return Ok(());
         }
         let s = &self.stream;
-        let ptr = |x: &CudaSlice<i32>| x.device_ptr(s).0;
-        let plan_ptr = bufs.plan.device_ptr(s).0;
+        // Partial states: o for every (slot, head), then one lse each.
         let ws = bufs.workspace.device_ptr(s).0;
-        let part_lse = ws + (plan.num_partials.max(if matches!(plan.mode, PlanMode::FixedGrid { .. }) { plan.grid } else { 0 }) * batch.qo_heads * kv.head_dim_vo * 4) as u64;
-        let (k_slot, k_head) = kv.strides(kv.head_dim_qk);
-        let (v_slot, v_head) = kv.strides(kv.head_dim_vo);
-        let elem = std::mem::size_of::<T>() as u64;
-        let o_ptr = out.o.device_ptr(s).0;
-        let lse_ptr = out.lse.device_ptr(s).0;
-        let sm_scale = sm_scale.unwrap_or_else(|| default_sm_scale(kv.head_dim_qk));
-        let args = DecodeArgs {
-            q: dev.q.device_ptr(s).0,
-            k: dev.k.device_ptr(s).0,
-            v: dev.v.device_ptr(s).0 + kv.v_base() as u64 * elem,
-            o: o_ptr,
-            lse: lse_ptr,
-            part_o: ws,
-            part_lse,
-            qo_indptr: ptr(dev.qo_indptr),
-            kv_indptr: ptr(dev.kv_indptr),
-            kv_indices: ptr(dev.kv_indices),
-            last_page_len: ptr(dev.last_page_len),
-            work: plan_ptr + 8,
-            num_work: plan_ptr,
-            k_page_stride: kv.page_stride(kv.head_dim_qk) as i64,
-            v_page_stride: kv.page_stride(kv.head_dim_vo) as i64,
-            k_slot_stride: k_slot as i32,
-            k_head_stride: k_head as i32,
-            v_slot_stride: v_slot as i32,
-            v_head_stride: v_head as i32,
-            page_size: kv.page_size as i32,
-            num_qo_heads: batch.qo_heads as i32,
-            sm_scale,
-            page_shift: if kv.page_size.is_power_of_two() { kv.page_size.trailing_zeros() as i32 } else { -1 },
-        };
+        let slots = if matches!(plan.mode, PlanMode::FixedGrid { .. }) { plan.grid } else { plan.num_partials };
+        args.part_o = ws;
+        args.part_lse = ws + (slots * batch.qo_heads * kv.head_dim_vo * 4) as u64;
         let t = &k.tile;
         let cfg_launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
@@ -200,20 +137,21 @@ impl Engine {
         // batch; the argument structs' layouts are static_asserted in the compiled source.
         unsafe { s.launch_builder(&k.decode).arg(&args).arg(&params.blob).launch(cfg_launch) }.map_err(cuda("launch decode"))?;
         if plan.merge_grid > 0 {
+            // The packed plan holds the merge list after the decode work list.
             let margs = MergeArgs {
-                o: o_ptr,
-                lse: lse_ptr,
-                part_o: ws,
-                part_lse,
-                work: plan_ptr + 8 + 16 * plan.grid as u64,
-                num_work: plan_ptr + 4,
-                qo_indptr: ptr(dev.qo_indptr),
-                kv_indptr: ptr(dev.kv_indptr),
-                last_page_len: ptr(dev.last_page_len),
-                num_qo_heads: batch.qo_heads as i32,
+                o: args.o,
+                lse: args.lse,
+                part_o: args.part_o,
+                part_lse: args.part_lse,
+                work: args.num_work + 8 + 16 * plan.grid as u64,
+                num_work: args.num_work + 4,
+                qo_indptr: args.qo_indptr,
+                kv_indptr: args.kv_indptr,
+                last_page_len: args.last_page_len,
+                num_qo_heads: args.num_qo_heads,
                 group: cfg.group as i32,
-                page_size: kv.page_size as i32,
-                sm_scale,
+                page_size: args.page_size,
+                sm_scale: args.sm_scale,
             };
             let mcfg = LaunchConfig {
                 grid_dim: (plan.merge_grid as u32, batch.qo_heads as u32, 1),

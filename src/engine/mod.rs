@@ -198,6 +198,100 @@ impl Engine {
     }
 }
 
+/// What a launch's shared checks need to know about the plan.
+pub(crate) struct PlanShape {
+    pub batch_size: usize,
+    pub qo_heads: usize,
+    pub packed_len: usize,
+    pub fixed_grid: bool,
+}
+
+impl Engine {
+    /// The checks every launch makes before anything reaches the GPU — buffers against the
+    /// CPU-side batch, the kernel's compile-time config, the plan, `bits` parameters, graph
+    /// capture — and the kernel argument struct they vouch for (partial-state pointers zero).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn checked_args<T: crate::kv::Element + DeviceRepr>(
+        &self,
+        cfg: &crate::jit::KernelConfig,
+        decls: &[crate::spec::params::ParamDecl],
+        plan: PlanShape,
+        bufs: &PlanBuffers,
+        params: &DeviceParams,
+        batch: &crate::kv::Batch<'_>,
+        dev: &DeviceBatch<'_, T>,
+        out: &DeviceOutput<'_, T>,
+        sm_scale: Option<f32>,
+    ) -> Result<crate::abi::DecodeArgs> {
+        use crate::kv::LayoutError;
+        let mismatch = |what: &'static str, expected: usize, got: usize| {
+            if expected == got {
+                Ok(())
+            } else {
+                Err(Error::Layout(LayoutError::Mismatch { what, expected, got }))
+            }
+        };
+        let kv = batch.kv;
+        batch.validate(dev.q.len(), dev.k.len(), if kv.interleaved { dev.k.len() } else { dev.v.len() })?;
+        if T::DTYPE != cfg.dtype_q || T::DTYPE != cfg.dtype_kv || T::DTYPE != cfg.dtype_o {
+            return Err(Error::Unsupported(format!("buffers are {} but the kernel was compiled for {}", T::DTYPE.name(), cfg.dtype_q.name())));
+        }
+        mismatch("head_dim_qk (kernel vs batch)", cfg.head_dim_qk, kv.head_dim_qk)?;
+        mismatch("head_dim_vo (kernel vs batch)", cfg.head_dim_vo, kv.head_dim_vo)?;
+        mismatch("GQA group (kernel vs qo_heads / kv_heads)", cfg.group, batch.group())?;
+        mismatch("output length [total_q, qo_heads, head_dim_vo]", batch.o_elems(), out.o.len())?;
+        mismatch("lse length [total_q, qo_heads]", batch.total_q() * batch.qo_heads, out.lse.len())?;
+        let b = batch.batch_size();
+        mismatch("device qo_indptr length", b + 1, dev.qo_indptr.len())?;
+        mismatch("device kv_indptr length", b + 1, dev.kv_indptr.len())?;
+        mismatch("device last_page_len length", b, dev.last_page_len.len())?;
+        mismatch("device kv_indices length", batch.pages.indices.len().max(1), dev.kv_indices.len().max(1))?;
+        mismatch("plan batch size", b, plan.batch_size)?;
+        mismatch("plan qo_heads", batch.qo_heads, plan.qo_heads)?;
+        let s = &self.stream;
+        if kv.interleaved && dev.v.device_ptr(s).0 != dev.k.device_ptr(s).0 {
+            return Err(Error::Layout(LayoutError::Mismatch { what: "interleaved cache: v must be the same buffer as k", expected: 0, got: 1 }));
+        }
+        params.check_bits(decls, batch)?;
+        if bufs.plan.len() < plan.packed_len {
+            return Err(Error::Plan("the plan was not uploaded to these buffers (upload_plan)".into()));
+        }
+        if self.capturing()? && !plan.fixed_grid {
+            return Err(Error::Plan("capturing a CUDA graph needs a FixedGrid plan (its grid and buffers stay fixed across steps)".into()));
+        }
+        let ptr = |x: &CudaSlice<i32>| x.device_ptr(s).0;
+        let plan_ptr = bufs.plan.device_ptr(s).0;
+        let (k_slot, k_head) = kv.strides(kv.head_dim_qk);
+        let (v_slot, v_head) = kv.strides(kv.head_dim_vo);
+        let elem = std::mem::size_of::<T>() as u64;
+        Ok(crate::abi::DecodeArgs {
+            q: dev.q.device_ptr(s).0,
+            k: dev.k.device_ptr(s).0,
+            v: dev.v.device_ptr(s).0 + kv.v_base() as u64 * elem,
+            o: out.o.device_ptr(s).0,
+            lse: out.lse.device_ptr(s).0,
+            part_o: 0,
+            part_lse: 0,
+            qo_indptr: ptr(dev.qo_indptr),
+            kv_indptr: ptr(dev.kv_indptr),
+            kv_indices: ptr(dev.kv_indices),
+            last_page_len: ptr(dev.last_page_len),
+            work: plan_ptr + 8,
+            num_work: plan_ptr,
+            k_page_stride: kv.page_stride(kv.head_dim_qk) as i64,
+            v_page_stride: kv.page_stride(kv.head_dim_vo) as i64,
+            k_slot_stride: k_slot as i32,
+            k_head_stride: k_head as i32,
+            v_slot_stride: v_slot as i32,
+            v_head_stride: v_head as i32,
+            page_size: kv.page_size as i32,
+            num_qo_heads: batch.qo_heads as i32,
+            sm_scale: sm_scale.unwrap_or_else(|| crate::reference::default_sm_scale(kv.head_dim_qk)),
+            page_shift: if kv.page_size.is_power_of_two() { kv.page_size.trailing_zeros() as i32 } else { -1 },
+        })
+    }
+}
+
 /// A variant's parameters on the device: the blob passed by value, and the arrays it points to.
 pub struct DeviceParams {
     pub blob: ParamBlob,

@@ -1,14 +1,13 @@
 //! Prefill / append launches: the tensor-core prefill kernel over a plan's row blocks.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
-use super::{cuda, DeviceBatch, DeviceOutput, DeviceParams, Engine, PlanBuffers};
-use crate::abi::{param_layout, DecodeArgs, ParamField};
+use super::{cuda, DeviceBatch, DeviceOutput, DeviceParams, Engine, PlanBuffers, PlanShape};
+use crate::abi::{param_layout, ParamField};
 use crate::jit::{CompiledKernel, KernelConfig, Op, PrefillTile};
 use crate::kv::{Batch, Element, LayoutError};
 use crate::plan::{plan_prefill, PlanMode, PrefillPlan};
-use crate::reference::default_sm_scale;
 use crate::spec::params::ParamValues;
 use crate::spec::Variant;
 use crate::{Error, Result};
@@ -79,65 +78,13 @@ impl Engine {
         sm_scale: Option<f32>,
     ) -> Result<()> {
         let kv = batch.kv;
-        let cfg = &k.cfg;
-        batch.validate(dev.q.len(), dev.k.len(), if kv.interleaved { dev.k.len() } else { dev.v.len() })?;
-        if T::DTYPE != cfg.dtype_q || T::DTYPE != cfg.dtype_kv || T::DTYPE != cfg.dtype_o {
-            return Err(Error::Unsupported(format!("buffers are {} but the kernel was compiled for {}", T::DTYPE.name(), cfg.dtype_q.name())));
-        }
-        mismatch("head_dim_qk (kernel vs batch)", cfg.head_dim_qk, kv.head_dim_qk)?;
-        mismatch("head_dim_vo (kernel vs batch)", cfg.head_dim_vo, kv.head_dim_vo)?;
-        mismatch("GQA group (kernel vs qo_heads / kv_heads)", cfg.group, batch.group())?;
-        mismatch("output length [total_q, qo_heads, head_dim_vo]", batch.o_elems(), out.o.len())?;
-        mismatch("lse length [total_q, qo_heads]", batch.total_q() * batch.qo_heads, out.lse.len())?;
-        let b = batch.batch_size();
-        mismatch("device qo_indptr length", b + 1, dev.qo_indptr.len())?;
-        mismatch("device kv_indptr length", b + 1, dev.kv_indptr.len())?;
-        mismatch("device last_page_len length", b, dev.last_page_len.len())?;
-        mismatch("device kv_indices length", batch.pages.indices.len().max(1), dev.kv_indices.len().max(1))?;
-        mismatch("plan batch size", b, plan.batch_size)?;
-        mismatch("plan qo_heads", batch.qo_heads, plan.qo_heads)?;
         mismatch("plan rows per block (kernel)", k.tile.rows(), plan.rows)?;
-        params.check_bits(&k.variant.params, batch)?;
-        if bufs.plan.len() < plan.packed_len() {
-            return Err(Error::Plan("the plan was not uploaded to these buffers (upload_plan)".into()));
-        }
-        if self.capturing()? && !matches!(plan.mode, PlanMode::FixedGrid { .. }) {
-            return Err(Error::Plan("capturing a CUDA graph needs a FixedGrid plan (its grid and buffers stay fixed across steps)".into()));
-        }
+        let shape = PlanShape { batch_size: plan.batch_size, qo_heads: plan.qo_heads, packed_len: plan.packed_len(), fixed_grid: matches!(plan.mode, PlanMode::FixedGrid { .. }) };
+        let args = self.checked_args(&k.cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;
         if plan.grid == 0 {
             return Ok(());
         }
         let s = &self.stream;
-        let ptr = |x: &CudaSlice<i32>| x.device_ptr(s).0;
-        let plan_ptr = bufs.plan.device_ptr(s).0;
-        let (k_slot, k_head) = kv.strides(kv.head_dim_qk);
-        let (v_slot, v_head) = kv.strides(kv.head_dim_vo);
-        let elem = std::mem::size_of::<T>() as u64;
-        let args = DecodeArgs {
-            q: dev.q.device_ptr(s).0,
-            k: dev.k.device_ptr(s).0,
-            v: dev.v.device_ptr(s).0 + kv.v_base() as u64 * elem,
-            o: out.o.device_ptr(s).0,
-            lse: out.lse.device_ptr(s).0,
-            part_o: 0,
-            part_lse: 0,
-            qo_indptr: ptr(dev.qo_indptr),
-            kv_indptr: ptr(dev.kv_indptr),
-            kv_indices: ptr(dev.kv_indices),
-            last_page_len: ptr(dev.last_page_len),
-            work: plan_ptr + 8,
-            num_work: plan_ptr,
-            k_page_stride: kv.page_stride(kv.head_dim_qk) as i64,
-            v_page_stride: kv.page_stride(kv.head_dim_vo) as i64,
-            k_slot_stride: k_slot as i32,
-            k_head_stride: k_head as i32,
-            v_slot_stride: v_slot as i32,
-            v_head_stride: v_head as i32,
-            page_size: kv.page_size as i32,
-            num_qo_heads: batch.qo_heads as i32,
-            sm_scale: sm_scale.unwrap_or_else(|| default_sm_scale(kv.head_dim_qk)),
-            page_shift: if kv.page_size.is_power_of_two() { kv.page_size.trailing_zeros() as i32 } else { -1 },
-        };
         let launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
             block_dim: ((32 * k.tile.warps) as u32, 1, 1),

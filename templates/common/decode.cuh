@@ -73,20 +73,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
     for (int e = 0; e < VEC; ++e) o[v][e] = 0.f;
 
   const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) load_tile(s, lo + s * KV_TILE);
-    af_cp_async_commit();
-  }
-  for (int t = 0; t < num_tiles; ++t) {
-    {
-      const int nt = t + STAGES - 1;
-      if (nt < num_tiles) load_tile(nt % STAGES, lo + nt * KV_TILE);
-      af_cp_async_commit();
-    }
-    af_cp_async_wait<STAGES - 1>();
-    __syncthreads();
-    const int stage = t % STAGES;
+  af_ring<STAGES>(num_tiles, [&](int stage, int t) { load_tile(stage, lo + t * KV_TILE); }, [&](int stage, int t) {
     const int tile_start = lo + t * KV_TILE;
     float l[TILE_PER_Z];
     float m_tile = -AF_INF;
@@ -160,9 +147,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
       }
     }
 #endif
-    __syncthreads();  // the slot is refilled by the next iteration's load
-  }
-  af_cp_async_wait<0>();
+  });
   __syncthreads();  // the ring is reused for the reduction below
 
   // Merge the BDZ states of each query head: red = [BDZ][GROUP] m, d, then o.
@@ -223,60 +208,11 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   const bool visible = D > 0.f;
 #endif
 
-  float lse_out;
-  if (item.partial >= 0) {
-    // Partial state for merge_states: o normalised, lse = log of the denominator, no sink.
-#if NORMALIZE_SOFTMAX
-    const float inv = visible ? 1.f / D : 0.f;
-#pragma unroll
-    for (int v = 0; v < NV; ++v)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) O[v][e] *= inv;
-    lse_out = visible ? M + logf(D) : -AF_INF;
-#else
-    lse_out = visible ? 0.f : -AF_INF;
-#endif
-    const long long row = (long long)item.partial * a.num_qo_heads + qo_head;
-#pragma unroll
-    for (int v = 0; v < NV; ++v) {
-      const int d0 = (v * BDX + tx) * VEC;
-      if (d0 < HEAD_DIM_VO) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) a.part_o[row * HEAD_DIM_VO + d0 + e] = O[v][e];
-      }
-    }
-    if (tx == 0) a.part_lse[row] = lse_out;
-    return;
-  }
-#if NORMALIZE_SOFTMAX
-  if (visible) {
-    float mf = M, df = D;
-#if HAS_SINK
-    const float sk = af_sink(0.f, sm_scale, q_pos, 0, qo_head, kv_head, req, q_len, kv_len, p);
-    mf = fmaxf(M, sk);
-    df = D * exp2f((M - mf) * AF_LOG2E) + exp2f((sk - mf) * AF_LOG2E);
-#endif
-    const float f = exp2f((M - mf) * AF_LOG2E) / df;
-#pragma unroll
-    for (int v = 0; v < NV; ++v)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) O[v][e] *= f;
-    lse_out = mf + logf(df);
-  } else {
-#pragma unroll
-    for (int v = 0; v < NV; ++v)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) O[v][e] = 0.f;
-    lse_out = -AF_INF;
-  }
-#else
-  lse_out = visible ? 0.f : -AF_INF;
-#endif
-  const long long row = (long long)token * a.num_qo_heads + qo_head;
+  // Each of this thread's vectors goes out through the shared epilogue (the thread holding dims
+  // [0, 8) also writes the LSE).
 #pragma unroll
   for (int v = 0; v < NV; ++v) {
     const int d0 = (v * BDX + tx) * VEC;
-    if (d0 < HEAD_DIM_VO) af_store8(a.o + row * HEAD_DIM_VO + d0, O[v]);
+    if (d0 < HEAD_DIM_VO) decode_write8(a, p, item, token, qo_head, kv_head, req, q_pos, q_len, kv_len, visible, M, D, O[v], d0);
   }
-  if (tx == 0) a.lse[row] = lse_out;
 }

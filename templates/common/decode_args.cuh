@@ -44,6 +44,28 @@ struct DecodeArgs {
   int page_shift;  // log2(page_size) when it is a power of two, else -1
 };
 
+// Runs a STAGES_-deep cp.async ring over `num_tiles` tiles: `load(stage, t)` issues tile t's
+// copies into ring slot `stage`, `compute(stage, t)` consumes the tile once it has landed. Every
+// thread of the block must call it: it synchronises the block around each tile.
+template <int STAGES_, typename Load, typename Compute>
+__device__ __forceinline__ void af_ring(int num_tiles, Load&& load, Compute&& compute) {
+#pragma unroll
+  for (int s = 0; s < STAGES_ - 1; ++s) {
+    if (s < num_tiles) load(s, s);
+    af_cp_async_commit();
+  }
+  for (int t = 0; t < num_tiles; ++t) {
+    const int next = t + STAGES_ - 1;
+    if (next < num_tiles) load(next % STAGES_, next);
+    af_cp_async_commit();
+    af_cp_async_wait<STAGES_ - 1>();
+    __syncthreads();
+    compute(t % STAGES_, t);
+    __syncthreads();  // the slot is refilled by the next iteration's load
+  }
+  af_cp_async_wait<0>();
+}
+
 // Issues the cp.async copies of the KV_TILE keys starting at `tile_start` into ring slot `stage`.
 // Keys past `hi` are zero-filled so that a masked key never multiplies a NaN from stale memory.
 template <int KV_TILE_, int NTHREADS_>

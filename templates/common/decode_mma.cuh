@@ -86,20 +86,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
     decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, stage, tile_start, hi, page_begin, kv_head, tid);
   };
   const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) load_tile(s, lo + s * KV_TILE);
-    af_cp_async_commit();
-  }
-  for (int t = 0; t < num_tiles; ++t) {
-    {
-      const int nt = t + STAGES - 1;
-      if (nt < num_tiles) load_tile(nt % STAGES, lo + nt * KV_TILE);
-      af_cp_async_commit();
-    }
-    af_cp_async_wait<STAGES - 1>();
-    __syncthreads();
-    const int stage = t % STAGES;
+  af_ring<STAGES>(num_tiles, [&](int stage, int t) { load_tile(stage, lo + t * KV_TILE); }, [&](int stage, int t) {
     const int key0 = lo + t * KV_TILE + warp * 16;
 
     // S = Q K^T for this warp's 16 keys: two n-tiles of 8 keys.
@@ -180,9 +167,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
       af_mma16816<DTypeKV>(oacc[2 * dn2], pa, b[0], b[1]);
       af_mma16816<DTypeKV>(oacc[2 * dn2 + 1], pa, b[2], b[3]);
     }
-    __syncthreads();  // the slot is refilled by the next iteration's load
-  }
-  af_cp_async_wait<0>();
+  });
   __syncthreads();  // the ring is reused for the reduction below
 
   // Per-warp states of the GROUP real rows → shared memory: [warp][row] m, d, then o.

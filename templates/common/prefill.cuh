@@ -137,20 +137,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
     }
   };
   const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) load_tile(s, lo + s * KV_TILE);
-    af_cp_async_commit();
-  }
-  for (int t = 0; t < num_tiles; ++t) {
-    {
-      const int nt = t + STAGES - 1;
-      if (nt < num_tiles) load_tile(nt % STAGES, lo + nt * KV_TILE);
-      af_cp_async_commit();
-    }
-    af_cp_async_wait<STAGES - 1>();
-    __syncthreads();
-    const int stage = t % STAGES;
+  af_ring<STAGES>(num_tiles, [&](int stage, int t) { load_tile(stage, lo + t * KV_TILE); }, [&](int stage, int t) {
     const int t0 = lo + t * KV_TILE;
     // Skip the math for a tile none of this warp's rows can see (the loads are shared).
     const bool warp_sees = __any_sync(0xffffffffu, (valid[0] && t0 <= rhi[0] && t0 + KV_TILE - 1 >= rlo[0]) ||
@@ -243,9 +230,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
         }
       }
     }
-    __syncthreads();  // the slot is refilled by the next iteration's load
-  }
-  af_cp_async_wait<0>();
+  });
 
   // Epilogue: each lane holds, for row h, dims dn * 8 + 2t and + 1 in oacc[dn][2h], [2h + 1].
 #pragma unroll
