@@ -24,23 +24,11 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   const int kv_head = blockIdx.y;
   const int tx = threadIdx.x, ty = threadIdx.y, tz = threadIdx.z;
   const int tid = (tz * GROUP + ty) * BDX + tx;
-  const int req = item.req;
-  const int qo_head = kv_head * GROUP + ty;
-  const int token = a.qo_indptr[req];
-  const int q_len = a.qo_indptr[req + 1] - token;
-  const int page_begin = a.kv_indptr[req];
-  const int n_pages = a.kv_indptr[req + 1] - page_begin;
-  const int kv_len = n_pages == 0 ? 0 : (n_pages - 1) * a.page_size + a.last_page_len[req];
-  const int q_pos = kv_len - q_len;  // the request's one query token, i = q_len - 1 = 0
+  const DecodeRequest r = decode_request(a, p, item, kv_head);
+  const int req = r.req, token = r.token, q_len = r.q_len, page_begin = r.page_begin, kv_len = r.kv_len, q_pos = r.q_pos;
+  const int lo = r.lo, hi = r.hi;
   const float sm_scale = a.sm_scale;
-
-  int lo = item.kv_begin, hi = item.kv_end - 1;
-#if HAS_KV_LO
-  lo = max(lo, af_kv_lo(0.f, sm_scale, q_pos, 0, kv_head * GROUP, kv_head, req, q_len, kv_len, p));
-#endif
-#if HAS_KV_HI
-  hi = min(hi, af_kv_hi(0.f, sm_scale, q_pos, 0, kv_head * GROUP, kv_head, req, q_len, kv_len, p));
-#endif
+  const int qo_head = kv_head * GROUP + ty;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);

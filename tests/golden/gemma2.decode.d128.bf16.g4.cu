@@ -115,7 +115,7 @@ __device__ __forceinline__ int af_kv_hi(AF_HOOK_ARGS) {
 // decode_args.cuh — what both decode main loops share: the work item and argument structs (the
 // host-device ABI, mirrored in src/abi.rs) and the cp.async loader of one K/V tile.
 //
-// Needs: DTypeKV, HEAD_DIM_QK, HEAD_DIM_VO.
+// Needs: DTypeKV, HEAD_DIM_QK, HEAD_DIM_VO, GROUP, Params and the variant's hooks.
 
 #define VEC 8
 // Shared-memory rows are padded by one 16-byte vector: consecutive rows start 4 banks apart, so
@@ -157,6 +157,32 @@ struct DecodeArgs {
   float sm_scale;
   int page_shift;  // log2(page_size) when it is a power of two, else -1
 };
+
+// What a decode CTA knows about its request: where its query token and pages are, the token's
+// position, and the KV span it reads (the work item's chunk narrowed by kv_range).
+struct DecodeRequest {
+  int req, token, q_len, page_begin, kv_len, q_pos, lo, hi;
+};
+
+__device__ __forceinline__ DecodeRequest decode_request(const DecodeArgs& a, const Params& p, const DecodeWork& item, int kv_head) {
+  DecodeRequest r;
+  r.req = item.req;
+  r.token = a.qo_indptr[r.req];
+  r.q_len = a.qo_indptr[r.req + 1] - r.token;
+  r.page_begin = a.kv_indptr[r.req];
+  const int n_pages = a.kv_indptr[r.req + 1] - r.page_begin;
+  r.kv_len = n_pages == 0 ? 0 : (n_pages - 1) * a.page_size + a.last_page_len[r.req];
+  r.q_pos = r.kv_len - r.q_len;  // the request's one query token (index q_len - 1 = 0)
+  r.lo = item.kv_begin;
+  r.hi = item.kv_end - 1;
+#if HAS_KV_LO
+  r.lo = max(r.lo, af_kv_lo(0.f, a.sm_scale, r.q_pos, 0, kv_head * GROUP, kv_head, r.req, r.q_len, r.kv_len, p));
+#endif
+#if HAS_KV_HI
+  r.hi = min(r.hi, af_kv_hi(0.f, a.sm_scale, r.q_pos, 0, kv_head * GROUP, kv_head, r.req, r.q_len, r.kv_len, p));
+#endif
+  return r;
+}
 
 // Runs a STAGES_-deep cp.async ring over `num_tiles` tiles: `load(stage, t)` issues tile t's
 // copies into ring slot `stage`, `compute(stage, t)` consumes the tile once it has landed. Every
@@ -348,22 +374,10 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   const int kv_head = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4, mi = lane / 8;
-  const int req = item.req;
-  const int token = a.qo_indptr[req];
-  const int q_len = a.qo_indptr[req + 1] - token;
-  const int page_begin = a.kv_indptr[req];
-  const int n_pages = a.kv_indptr[req + 1] - page_begin;
-  const int kv_len = n_pages == 0 ? 0 : (n_pages - 1) * a.page_size + a.last_page_len[req];
-  const int q_pos = kv_len - q_len;
+  const DecodeRequest r = decode_request(a, p, item, kv_head);
+  const int req = r.req, token = r.token, q_len = r.q_len, page_begin = r.page_begin, kv_len = r.kv_len, q_pos = r.q_pos;
+  const int lo = r.lo, hi = r.hi;
   const float sm_scale = a.sm_scale;
-
-  int lo = item.kv_begin, hi = item.kv_end - 1;
-#if HAS_KV_LO
-  lo = max(lo, af_kv_lo(0.f, sm_scale, q_pos, 0, kv_head * GROUP, kv_head, req, q_len, kv_len, p));
-#endif
-#if HAS_KV_HI
-  hi = min(hi, af_kv_hi(0.f, sm_scale, q_pos, 0, kv_head * GROUP, kv_head, req, q_len, kv_len, p));
-#endif
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
