@@ -74,9 +74,16 @@ fn a_window_plans_only_the_visible_span() {
     assert_eq!(visible_span(&v, &p, 0, 1, 4096, 0), (3072, 4096));
     assert_eq!(visible_span(&v, &p, 0, 1, 100, 0), (0, 100));
     assert_eq!(visible_span(&v, &p, 0, 1, 0, 0), (0, 0));
-    let (plan, _, _) = plan("gemma2", &[("window", 1024.0)], &[4096; 64], 1056, PlanMode::Default).unwrap();
-    let read: i32 = plan.work.iter().map(|w| w.kv_end - w.kv_begin).sum();
+    // A batch that cannot fill the GPU is split by its visible spans only.
+    let (split, _, _) = plan("gemma2", &[("window", 1024.0)], &[4096; 64], 1056, PlanMode::Default).unwrap();
+    let read: i32 = split.work.iter().map(|w| w.kv_end - w.kv_begin).sum();
     assert_eq!(read, 64 * 1024, "a window of 1024 over 4096 reads a quarter of the KV");
+    // One that fills it is not split; each CTA narrows its own span on the GPU.
+    let (whole, _, _) = plan("gemma2", &[("window", 1024.0)], &[4096; 64], 64, PlanMode::Default).unwrap();
+    assert_eq!((whole.work.len(), whole.merge.len()), (64, 0));
+    // Deterministic mode always uses the visible span, so chunk offsets never depend on the batch.
+    let (det, _, _) = plan("gemma2", &[("window", 1024.0)], &[4096; 2], 64, PlanMode::Deterministic { chunk: 512 }).unwrap();
+    assert!(det.work.iter().all(|w| w.kv_begin >= 3072 && (w.kv_begin - 3072) % 512 == 0));
 }
 
 #[test]
