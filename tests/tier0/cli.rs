@@ -1,9 +1,21 @@
 //! The command line, run as a user would.
 
+use std::path::PathBuf;
 use std::process::Command;
 
+/// The CLI under test: cargo's build, or, where test binaries were packed for another machine
+/// (`../shared/tools/device-pack`, run from the repo root), the packed release binary.
+pub fn attnforge_bin() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_attnforge"));
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from(".device/bin/attnforge")
+    }
+}
+
 fn attnforge(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_attnforge")).args(args).output().expect("spawn attnforge");
+    let out = Command::new(attnforge_bin()).args(args).output().expect("spawn attnforge");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }

@@ -222,7 +222,10 @@ fn the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process() {
     }
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_attnforge"))
+        // Cargo's build, or the packed binary where tests run on another machine (device-pack).
+        let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_attnforge"));
+        let bin = if built.exists() { built } else { std::path::PathBuf::from(".device/bin/attnforge") };
+        let out = std::process::Command::new(bin)
             .args(args)
             .env("ATTNFORGE_CACHE_DIR", dir.path())
             .output()
