@@ -18,7 +18,7 @@ use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr, 
 use dashmap::DashMap;
 
 pub use self::decode::{DecodeKernel, DeviceBatch, DeviceOutput};
-pub use self::prefill::PrefillKernel;
+pub use self::prefill::{PrefillFn, PrefillKernel};
 use crate::abi::{ParamBlob, ParamField};
 use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::plan::Upload;

@@ -12,16 +12,24 @@ use crate::spec::params::ParamValues;
 use crate::spec::Variant;
 use crate::{Error, Result};
 
-/// A loaded prefill kernel for one variant and config.
-pub struct PrefillKernel {
-    prefill: CudaFunction,
-    pub variant: Variant,
-    pub cfg: KernelConfig,
+/// One compiled prefill tile: the function and its launch shape.
+pub struct PrefillFn {
+    func: CudaFunction,
     pub tile: PrefillTile,
     pub smem_bytes: usize,
     pub ctas_per_sm: usize,
-    pub layout: Vec<ParamField>,
     pub compiled: CompiledKernel,
+}
+
+/// A loaded prefill kernel for one variant and config: the configured tile (`wide`, for prompts)
+/// and, unless a tile was forced, a 32-row tile for short appends that the plan picks when every
+/// request fits in it.
+pub struct PrefillKernel {
+    pub wide: PrefillFn,
+    pub narrow: Option<PrefillFn>,
+    pub variant: Variant,
+    pub cfg: KernelConfig,
+    pub layout: Vec<ParamField>,
 }
 
 fn mismatch(what: &'static str, expected: usize, got: usize) -> Result<()> {
@@ -33,27 +41,33 @@ fn mismatch(what: &'static str, expected: usize, got: usize) -> Result<()> {
 }
 
 impl Engine {
-    /// Compiles (or finds) and loads the prefill kernel for `variant` and `cfg`.
+    /// Compiles (or finds) and loads the prefill kernel for `variant` and `cfg` (two tiles, see
+    /// [`PrefillKernel`]).
     pub fn prefill_kernel(&self, variant: &Variant, cfg: &KernelConfig) -> Result<PrefillKernel> {
         if cfg.op != Op::Prefill {
             return Err(Error::Unsupported(format!("{} config given to prefill_kernel", cfg.op.name())));
         }
+        let wide = self.load_prefill(variant, cfg)?;
+        let narrow = cfg.narrow_prefill().map(|c| self.load_prefill(variant, &c)).transpose()?;
+        Ok(PrefillKernel { wide, narrow, variant: variant.clone(), cfg: cfg.clone(), layout: param_layout(&variant.params).map_err(Error::Unsupported)? })
+    }
+
+    fn load_prefill(&self, variant: &Variant, cfg: &KernelConfig) -> Result<PrefillFn> {
         let compiled = self.jit.get(variant, cfg, &self.arch)?;
         for w in &compiled.warnings {
             eprintln!("attnforge: warning: {w}");
         }
         let module = self.module(&compiled)?;
-        let prefill = module.load_function("attnforge_prefill").map_err(cuda("load attnforge_prefill"))?;
+        let func = module.load_function("attnforge_prefill").map_err(cuda("load attnforge_prefill"))?;
         let tile = cfg.prefill_tile();
         let smem = cfg.smem_bytes();
-        prefill
-            .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(cuda("set shared memory size"))?;
-        let ctas_per_sm = prefill.occupancy_max_active_blocks_per_multiprocessor((32 * tile.warps) as u32, smem, None).map_err(cuda("occupancy"))? as usize;
+        let ctas_per_sm = func.occupancy_max_active_blocks_per_multiprocessor((32 * tile.warps) as u32, smem, None).map_err(cuda("occupancy"))? as usize;
         if ctas_per_sm == 0 {
             return Err(Error::Unsupported(format!("{} needs {smem} bytes of shared memory: it cannot run on this GPU", compiled.name)));
         }
-        Ok(PrefillKernel { prefill, variant: variant.clone(), cfg: cfg.clone(), tile, smem_bytes: smem, ctas_per_sm, layout: param_layout(&variant.params).map_err(Error::Unsupported)?, compiled })
+        Ok(PrefillFn { func, tile, smem_bytes: smem, ctas_per_sm, compiled })
     }
 
     /// Plans a prefill batch for `k`.
@@ -61,7 +75,13 @@ impl Engine {
         if batch.group() != k.cfg.group {
             return Err(Error::Layout(LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
         }
-        plan_prefill(&k.variant, params, batch, k.tile.rows(), mode)
+        // Short appends (every request within the narrow tile's rows) take the narrow tile, so a
+        // few tokens × GQA heads do not leave most of a 128-row block idle.
+        let rows = match &k.narrow {
+            Some(n) if (0..batch.batch_size()).all(|b| batch.q_len(b) * batch.group() <= n.tile.rows()) => n.tile.rows(),
+            _ => k.wide.tile.rows(),
+        };
+        plan_prefill(&k.variant, params, batch, rows, mode)
     }
 
     /// Launches prefill on the engine's stream after checking every shape against `batch`.
@@ -78,7 +98,11 @@ impl Engine {
         sm_scale: Option<f32>,
     ) -> Result<()> {
         let kv = batch.kv;
-        mismatch("plan rows per block (kernel)", k.tile.rows(), plan.rows)?;
+        let f = match &k.narrow {
+            Some(n) if n.tile.rows() == plan.rows => n,
+            _ => &k.wide,
+        };
+        mismatch("plan rows per block (kernel)", f.tile.rows(), plan.rows)?;
         let shape = PlanShape { batch_size: plan.batch_size, qo_heads: plan.qo_heads, packed_len: plan.packed_len(), fixed_grid: matches!(plan.mode, PlanMode::FixedGrid { .. }) };
         let args = self.checked_args(&k.cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;
         if plan.grid == 0 {
@@ -87,13 +111,13 @@ impl Engine {
         let s = &self.stream;
         let launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
-            block_dim: ((32 * k.tile.warps) as u32, 1, 1),
-            shared_mem_bytes: k.smem_bytes as u32,
+            block_dim: ((32 * f.tile.warps) as u32, 1, 1),
+            shared_mem_bytes: f.smem_bytes as u32,
         };
         // SAFETY: every pointer comes from a live CudaSlice whose length was checked above
         // against the batch; the plan's rows and requests were built from the same validated
         // batch; the argument layout is static_asserted in the compiled source.
-        unsafe { s.launch_builder(&k.prefill).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch prefill"))?;
+        unsafe { s.launch_builder(&f.func).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch prefill"))?;
         Ok(())
     }
 }

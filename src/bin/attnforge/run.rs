@@ -97,7 +97,9 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
             out
         } else {
             let k = e.prefill_kernel(v, &KernelConfig::prefill(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
-            println!("  prefill on {}: kernel {} ({}, {:.1} ms)", e.describe(), k.compiled.name, origin(k.compiled.origin), k.compiled.elapsed.as_secs_f64() * 1e3);
+            for f in std::iter::once(&k.wide).chain(k.narrow.as_ref()) {
+                println!("  prefill on {}: kernel {} ({} rows; {}, {:.1} ms)", e.describe(), f.compiled.name, f.tile.rows(), origin(f.compiled.origin), f.compiled.elapsed.as_secs_f64() * 1e3);
+            }
             let (out, plan) = attnforge::harness::prefill_once(&e, &k, p, &w, mode, a.sm_scale)?;
             println!("  plan: {} blocks of {} query rows", plan.work.len(), plan.rows);
             out
