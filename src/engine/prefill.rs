@@ -76,9 +76,10 @@ impl Engine {
             return Err(Error::Layout(LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
         }
         // Short appends (every request within the narrow tile's rows) take the narrow tile, so a
-        // few tokens × GQA heads do not leave most of a 128-row block idle.
+        // few tokens × GQA heads do not leave most of a 128-row block idle. A fixed-grid plan
+        // always takes the wide one: a captured graph holds one kernel for every step.
         let rows = match &k.narrow {
-            Some(n) if (0..batch.batch_size()).all(|b| batch.q_len(b) * batch.group() <= n.tile.rows()) => n.tile.rows(),
+            Some(n) if !matches!(mode, PlanMode::FixedGrid { .. }) && (0..batch.batch_size()).all(|b| batch.q_len(b) * batch.group() <= n.tile.rows()) => n.tile.rows(),
             _ => k.wide.tile.rows(),
         };
         plan_prefill(&k.variant, params, batch, rows, mode)

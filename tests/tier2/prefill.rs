@@ -12,6 +12,7 @@ use attnforge::spec::shipped;
 use attnforge::workload::{Workload, WorkloadSpec};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
@@ -75,4 +76,103 @@ fn a_long_causal_prompt_and_short_appends() {
     // One 3000-token prompt (MHA) and speculative-decoding-style appends (q 8 over kv 900).
     eprintln!("{}", check::<bf16>(&e, 1, vec![(3000, 3000)], 2, 1, (128, 128), 16, KvLayout::Nhd, 1));
     eprintln!("{}", check::<bf16>(&e, 4, vec![(8, 900); 5], 2, 4, (128, 128), 16, KvLayout::Nhd, 2));
+}
+
+#[test]
+fn prefill_is_bit_identical_across_batch_compositions() {
+    let Some(e) = super::engine() else { return };
+    use attnforge::spec::params::ParamInput;
+    use std::collections::HashMap;
+    let v = shipped::resolve("soft_cap").unwrap();
+    let k = e.prefill_kernel(&v, &KernelConfig::prefill(128, 128, attnforge::kv::DType::Bf16, 4).unwrap()).unwrap();
+    let mut rng = StdRng::seed_from_u64(21);
+    let spec = |lens: Vec<(usize, usize)>| WorkloadSpec { lens, qo_heads: 8, kv_heads: 2, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
+    let big = Workload::<bf16>::random(&spec(vec![(300, 700), (100, 1200), (5, 90)]), &mut rng);
+    // Request 1 alone, its pages copied into a fresh cache in another order.
+    let mut alone = Workload::<bf16>::random(&spec(vec![(100, 1200)]), &mut rng);
+    let stride = big.kv.page_stride(128);
+    for (n, &src) in big.pages.pages(1).iter().enumerate() {
+        let dst = alone.pages.indices[n] as usize;
+        alone.k[dst * stride..(dst + 1) * stride].copy_from_slice(&big.k[src as usize * stride..(src as usize + 1) * stride]);
+    }
+    let q0 = 300 * 8 * 128;
+    alone.q.copy_from_slice(&big.q[q0..q0 + 100 * 8 * 128]);
+    let given: HashMap<String, ParamInput> = [("soft_cap".to_string(), ParamInput::Scalar(20.0))].into();
+    let run = |w: &Workload<bf16>| {
+        let p = v.bind(&given, Dims { qo_heads: 8, kv_heads: 2, batch: w.pages.batch_size() }).unwrap();
+        prefill_once(&e, &k, &p, w, PlanMode::Deterministic { chunk: 1024 }, None).unwrap().0
+    };
+    let (a, b) = (run(&big), run(&alone));
+    assert!(a.o[q0..q0 + 100 * 8 * 128].iter().zip(&b.o).all(|(x, y)| x.to_bits() == y.to_bits()), "outputs differ in bits");
+    assert!(a.lse[300 * 8..400 * 8].iter().zip(&b.lse).all(|(x, y)| x.to_bits() == y.to_bits()), "lse differs in bits");
+}
+
+#[test]
+fn a_fixed_grid_prefill_plan_replays_in_a_cuda_graph() {
+    let Some(e) = super::engine() else { return };
+    use attnforge::engine::{DeviceBatch, DeviceOutput};
+    use attnforge::harness::DeviceResult;
+    use attnforge::kv::{Batch, PageTable};
+    use std::collections::HashMap;
+    let v = shipped::resolve("causal").unwrap();
+    let k = e.prefill_kernel(&v, &KernelConfig::prefill(64, 64, attnforge::kv::DType::F16, 2).unwrap()).unwrap();
+    let (max_batch, max_tokens, max_pages) = (4usize, 512usize, 200usize);
+    let kvs = attnforge::kv::KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: max_pages, page_size: 16, kv_heads: 2, head_dim_qk: 64, head_dim_vo: 64 };
+    let mut rng = StdRng::seed_from_u64(8);
+    let cache_host: Vec<f16> = (0..kvs.k_len()).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect();
+    let cache = e.upload(&cache_host).unwrap();
+    let (mut q, mut qo, mut indptr, mut indices, mut last) = (e.alloc::<f16>(max_tokens * 4 * 64).unwrap(), e.alloc::<i32>(max_batch + 1).unwrap(), e.alloc::<i32>(max_batch + 1).unwrap(), e.alloc::<i32>(max_pages).unwrap(), e.alloc::<i32>(max_batch).unwrap());
+    let mut res = DeviceResult::<f16>::poisoned(&e, max_tokens * 4 * 64, max_tokens * 4).unwrap();
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: max_batch }).unwrap();
+    let dp = e.upload_params(&k.layout, &p).unwrap();
+    let mode = PlanMode::FixedGrid { max_ctas: 64 };
+    let mut bufs = None;
+    let mut graph = None;
+    // Each step: lens padded with empty requests to max_batch; the last request absorbs spare rows.
+    for (step, lens) in [vec![(200usize, 300usize), (60, 60)], vec![(3, 900), (100, 100), (7, 7), (40, 800)], vec![(8, 300), (4, 50)], vec![(250, 1000)]].into_iter().enumerate() {
+        let mut all = lens.clone();
+        all.resize(max_batch, (0, 0));
+        let mut order: Vec<usize> = (0..max_pages).collect();
+        order.shuffle(&mut rng);
+        let table = PageTable::from_lens(&all.iter().map(|l| l.1).collect::<Vec<_>>(), 16, &mut order.into_iter());
+        let mut qo_host = vec![0i32];
+        for &(ql, _) in &all {
+            qo_host.push(qo_host.last().unwrap() + ql as i32);
+        }
+        let total_q = *qo_host.last().unwrap() as usize;
+        let q_host: Vec<f16> = (0..total_q * 4 * 64).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect();
+        let batch = Batch { qo_indptr: &qo_host, pages: &table, kv: kvs, qo_heads: 4 };
+        let plan = e.plan_prefill(&k, &p, &batch, mode).unwrap();
+        e.copy_into(&q_host, &mut q).unwrap();
+        e.copy_into(&qo_host, &mut qo).unwrap();
+        e.copy_into(&table.indptr, &mut indptr).unwrap();
+        e.copy_into(&table.indices, &mut indices).unwrap();
+        e.copy_into(&table.last_page_len, &mut last).unwrap();
+        e.upload_plan(&plan, &mut bufs).unwrap();
+        if graph.is_none() {
+            // Capture with a batch description of the buffers' full size; replays read the real
+            // counts and tables from device memory.
+            let mut qo_max = qo_host.clone();
+            *qo_max.last_mut().unwrap() = max_tokens as i32;
+            let mut t_max = table.clone();
+            t_max.indices.resize(max_pages, 0);
+            *t_max.indptr.last_mut().unwrap() = max_pages as i32;
+            t_max.last_page_len[max_batch - 1] = 16;
+            let b_max = Batch { qo_indptr: &qo_max, pages: &t_max, kv: kvs, qo_heads: 4 };
+            let dev = DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo, kv_indptr: &indptr, kv_indices: &indices, last_page_len: &last };
+            e.synchronize().unwrap();
+            e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+            e.run_prefill(&k, &plan, bufs.as_ref().unwrap(), &dp, &b_max, &dev, DeviceOutput { o: &mut res.o, lse: &mut res.lse }, None).unwrap();
+            graph = e.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap();
+        }
+        e.copy_into(&vec![f16::from_f32(f32::NAN); max_tokens * 4 * 64], &mut res.o).unwrap();
+        graph.as_ref().unwrap().launch().unwrap();
+        let got_all = res.download(&e).unwrap();
+        let batch = Batch { qo_indptr: &qo_host, pages: &table, kv: kvs, qo_heads: 4 };
+        let want = attention(&v, &p, &batch, &q_host, &cache_host, &cache_host, None).unwrap();
+        let got = attnforge::reference::AttnOutput { o: got_all.o[..total_q * 4 * 64].to_vec(), lse: got_all.lse[..total_q * 4].to_vec() };
+        let cmp = compare(&got, &want, attnforge::kv::DType::F16, 64);
+        eprintln!("prefill graph step {step}: {lens:?}: {} blocks: {cmp}", plan.work.len());
+        assert!(cmp.ok(), "step {step}: {cmp}");
+    }
 }
