@@ -10,7 +10,7 @@
 //!   denominator (sink included), natural log;
 //! - `none`: `o = Σ l_j v_j`, `lse = 0`;
 //! - a row with no visible key gives `o = 0`, `lse = -inf`, never NaN. So does a softmax row
-//!   whose visible logits are all `-inf` and that has no sink.
+//!   whose visible logits are all `-inf`, whether or not it has a sink.
 
 use rayon::prelude::*;
 
@@ -136,10 +136,11 @@ impl<T: Element> RowCtx<'_, T> {
             Normalize::None => (visible.iter().map(|&(_, l)| l).collect::<Vec<_>>(), 0.0),
             Normalize::Softmax => {
                 let m = visible.iter().map(|&(_, l)| l).fold(f64::NEG_INFINITY, f64::max);
-                let m = sink.map_or(m, |s| m.max(s));
+                // No visible key with a finite logit: 0 and -inf, sink or not (as the kernels do).
                 if m == f64::NEG_INFINITY {
                     return f32::NEG_INFINITY;
                 }
+                let m = sink.map_or(m, |s| m.max(s));
                 let e: Vec<f64> = visible.iter().map(|&(_, l)| (l - m).exp()).collect();
                 let denom = e.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - m).exp());
                 (e.iter().map(|x| x / denom).collect(), m + denom.ln())

@@ -86,6 +86,11 @@ fn naive<T: Element>(v: &Variant, p: &ParamValues, w: &Workload<T>, sm_scale: f6
                     Normalize::Softmax => {
                         // Plain exp-sum with the max subtracted; the sink joins the denominator.
                         let mut m = vis.iter().map(|&j| logits[i][j]).fold(f64::NEG_INFINITY, f64::max);
+                        if m == f64::NEG_INFINITY {
+                            o.fill(0.0);
+                            out.lse[row] = f32::NEG_INFINITY;
+                            continue;
+                        }
                         if let Some(s) = sinks[i] {
                             m = m.max(s);
                         }
@@ -254,6 +259,15 @@ fn fully_masked_rows_give_zero_and_minus_infinity_not_nan() {
     // Empty KV with a sink: still no visible key, so 0 and -inf.
     let out = tiny("sink", &[("sinks", ParamInput::Scalar(3.0))], &[1.0, 0.0], &[], &[]);
     assert_eq!((out.o[0], out.o[1], out.lse[0]), (0.0, 0.0, f32::NEG_INFINITY));
+    // Visible keys whose logits are all -inf count as none, sink or not (regression: the
+    // reference once returned lse = sink here while the kernels return -inf).
+    let v = attnforge::spec::load("t.json", r#"{ "name": "t", "params": { "s": "f32" }, "logits": "log(score * 0.0)", "sink": "s" }"#).unwrap();
+    let spec = WorkloadSpec { lens: vec![(1, 3)], qo_heads: 1, kv_heads: 1, head_dim_qk: 16, head_dim_vo: 16, page_size: 2, layout: KvLayout::Nhd, interleaved: true, permute: false, spare_pages: 0 };
+    let w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(4));
+    let p = v.bind(&[("s".to_string(), ParamInput::Scalar(2.0))].into(), Dims { qo_heads: 1, kv_heads: 1, batch: 1 }).unwrap();
+    let out = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
+    assert_eq!(out.lse[0], f32::NEG_INFINITY);
+    assert!(out.o.iter().all(|x| *x == 0.0));
 }
 
 #[test]
