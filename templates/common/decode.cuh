@@ -33,6 +33,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
   DTypeKV* v_smem = k_smem + STAGES * KV_TILE * ROW_QK;
+  __shared__ int2 key_loc[STAGES][KV_TILE];
 
   // Vector v of this thread covers dims [(v * BDX + tx) * VEC, … + VEC).
   float qf[NV][VEC];
@@ -49,7 +50,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   const bool has_vo = tx * VEC < HEAD_DIM_VO;
 
   auto load_tile = [&](int stage, int tile_start) {
-    decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, stage, tile_start, hi, page_begin, kv_head, tid);
+    decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, &key_loc[0][0], stage, tile_start, hi, page_begin, kv_head, tid);
   };
 
   float m = -AF_INF, d = 0.f;

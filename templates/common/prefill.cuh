@@ -77,8 +77,6 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
   DTypeKV* v_smem = k_smem + STAGES * KV_TILE * ROW_QK;
-  // (page, slot) of each key of each ring slot, computed once per tile by KV_TILE threads instead
-  // of once per 16-byte copy: the page walk was a third of the per-tile instructions.
   __shared__ int2 key_loc[STAGES][KV_TILE];
 
   constexpr int KSTEPS = HEAD_DIM_QK / 16;
@@ -106,35 +104,8 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
   float m[2] = {-AF_INF, -AF_INF}, d[2] = {0.f, 0.f};
   bool any[2] = {false, false};
 
-  const DTypeKV* k_head = a.k + (long long)kv_head * a.k_head_stride;
-  const DTypeKV* v_head = a.v + (long long)kv_head * a.v_head_stride;
   auto load_tile = [&](int stage, int tile_start) {
-    if (tid < KV_TILE) {
-      const int pos = tile_start + tid;
-      int2 loc = make_int2(-1, 0);
-      if (pos <= hi) {
-        const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
-        loc = make_int2(a.kv_indices[page_begin + pi], a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size);
-      }
-      key_loc[stage][tid] = loc;
-    }
-    __syncthreads();
-    constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
-    constexpr int CH = KCH > VCH ? KCH : VCH;
-#pragma unroll 4
-    for (int c = tid; c < KV_TILE * CH; c += NUM_THREADS) {
-      const int j = c / CH, ch = c % CH;
-      const int2 loc = key_loc[stage][j];
-      const bool ok = loc.x >= 0;
-      if (ch < KCH) {
-        const DTypeKV* src = ok ? k_head + loc.x * a.k_page_stride + (long long)loc.y * a.k_slot_stride + ch * VEC : a.k;
-        af_cp_async16(k_smem + (stage * KV_TILE + j) * ROW_QK + ch * VEC, src, ok);
-      }
-      if (ch < VCH) {
-        const DTypeKV* src = ok ? v_head + loc.x * a.v_page_stride + (long long)loc.y * a.v_slot_stride + ch * VEC : a.v;
-        af_cp_async16(v_smem + (stage * KV_TILE + j) * ROW_VO + ch * VEC, src, ok);
-      }
-    }
+    decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, &key_loc[0][0], stage, tile_start, hi, page_begin, kv_head, tid);
   };
   const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
   af_ring<STAGES>(num_tiles, [&](int stage, int t) { load_tile(stage, lo + t * KV_TILE); }, [&](int stage, int t) {

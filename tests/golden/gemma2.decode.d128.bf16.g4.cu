@@ -206,35 +206,40 @@ __device__ __forceinline__ void af_ring(int num_tiles, Load&& load, Compute&& co
   af_cp_async_wait<0>();
 }
 
-// Issues the cp.async copies of the KV_TILE keys starting at `tile_start` into ring slot `stage`.
-// Keys past `hi` are zero-filled so that a masked key never multiplies a NaN from stale memory.
+// Issues the cp.async copies of the KV_TILE_ keys starting at `tile_start` into ring slot
+// `stage`. The (page, slot) of each key is computed once into `key_loc` (shared memory) instead
+// of once per 16-byte copy. Keys past `hi` are zero-filled so that a masked key never multiplies
+// a NaN from stale memory. Every thread of the block must call it (it synchronises the block).
 template <int KV_TILE_, int NTHREADS_>
-__device__ __forceinline__ void decode_load_tile(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, int stage,
-                                                 int tile_start, int hi, int page_begin, int kv_head, int tid) {
+__device__ __forceinline__ void decode_load_tile(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, int2* key_loc,
+                                                 int stage, int tile_start, int hi, int page_begin, int kv_head, int tid) {
+  int2* loc_tile = key_loc + stage * KV_TILE_;
+  for (int j = tid; j < KV_TILE_; j += NTHREADS_) {
+    const int pos = tile_start + j;
+    int2 loc = make_int2(-1, 0);
+    if (pos <= hi) {
+      // Power-of-two pages (the common case) avoid an integer division.
+      const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
+      loc = make_int2(a.kv_indices[page_begin + pi], a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size);
+    }
+    loc_tile[j] = loc;
+  }
+  __syncthreads();
+  const DTypeKV* k_head = a.k + (long long)kv_head * a.k_head_stride;
+  const DTypeKV* v_head = a.v + (long long)kv_head * a.v_head_stride;
   constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
   constexpr int CH = KCH > VCH ? KCH : VCH;
+#pragma unroll 4
   for (int c = tid; c < KV_TILE_ * CH; c += NTHREADS_) {
     const int j = c / CH, ch = c % CH;
-    const int pos = tile_start + j;
-    const bool ok = pos <= hi;
-    long long page = 0;
-    int slot = 0;
-    if (ok) {
-      // Power-of-two pages (the common case) avoid an integer division per copy.
-      const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
-      slot = a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
-      page = a.kv_indices[page_begin + pi];
-    }
+    const int2 loc = loc_tile[j];
+    const bool ok = loc.x >= 0;
     if (ch < KCH) {
-      const DTypeKV* src = ok ? a.k + page * a.k_page_stride + (long long)slot * a.k_slot_stride +
-                                    (long long)kv_head * a.k_head_stride + ch * VEC
-                              : a.k;
+      const DTypeKV* src = ok ? k_head + loc.x * a.k_page_stride + (long long)loc.y * a.k_slot_stride + ch * VEC : a.k;
       af_cp_async16(k_smem + (stage * KV_TILE_ + j) * ROW_QK + ch * VEC, src, ok);
     }
     if (ch < VCH) {
-      const DTypeKV* src = ok ? a.v + page * a.v_page_stride + (long long)slot * a.v_slot_stride +
-                                    (long long)kv_head * a.v_head_stride + ch * VEC
-                              : a.v;
+      const DTypeKV* src = ok ? v_head + loc.x * a.v_page_stride + (long long)loc.y * a.v_slot_stride + ch * VEC : a.v;
       af_cp_async16(v_smem + (stage * KV_TILE_ + j) * ROW_VO + ch * VEC, src, ok);
     }
   }
@@ -382,6 +387,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
   DTypeKV* v_smem = k_smem + STAGES * KV_TILE * ROW_QK;
+  __shared__ int2 key_loc[STAGES][KV_TILE];
 
   // Rows g and g + 8 of the MMA are query heads kv_head * GROUP + row; rows >= GROUP are padding.
   const int row0 = g, row1 = g + 8;
@@ -414,7 +420,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   bool any0 = false, any1 = false;
 
   auto load_tile = [&](int stage, int tile_start) {
-    decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, stage, tile_start, hi, page_begin, kv_head, tid);
+    decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, &key_loc[0][0], stage, tile_start, hi, page_begin, kv_head, tid);
   };
   const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
   af_ring<STAGES>(num_tiles, [&](int stage, int t) { load_tile(stage, lo + t * KV_TILE); }, [&](int stage, int t) {
