@@ -76,6 +76,19 @@ const HEAD_DIM: usize = 128;
 const PAGE: usize = 16;
 const GRAPH_CALLS: usize = 20;
 
+/// A device buffer of `n` random (never zero) bf16 values, tiled from a 1M-element block so that
+/// filling gigabytes stays fast.
+fn random_device(e: &Engine, rng: &mut StdRng, n: usize) -> Result<cudarc::driver::CudaSlice<bf16>> {
+    let block: Vec<bf16> = (0..(1usize << 20).min(n.max(1))).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
+    let mut buf = e.alloc::<bf16>(n)?;
+    for start in (0..n).step_by(block.len()) {
+        let m = block.len().min(n - start);
+        let mut view = buf.slice_mut(start..start + m);
+        e.stream().memcpy_htod(&block[..m], &mut view).map_err(|x| Error::Cuda(x.to_string()))?;
+    }
+    Ok(buf)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -98,14 +111,8 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::De
     let copies = ((128e6 / kv_bytes_per_copy).ceil() as usize).clamp(2, GRAPH_CALLS);
     let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages_per_copy * copies, page_size: PAGE, kv_heads: KV_HEADS, head_dim_qk: HEAD_DIM, head_dim_vo: HEAD_DIM };
     let mut rng = StdRng::seed_from_u64(1);
-    let block: Vec<bf16> = (0..1 << 20).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
-    let mut cache = e.alloc::<bf16>(kv.k_len())?;
-    for start in (0..kv.k_len()).step_by(block.len()) {
-        let n = block.len().min(kv.k_len() - start);
-        let mut view = cache.slice_mut(start..start + n);
-        e.stream().memcpy_htod(&block[..n], &mut view).map_err(|x| Error::Cuda(x.to_string()))?;
-    }
-    let q = e.upload(&block[..shape.batch * QO_HEADS * HEAD_DIM])?;
+    let cache = random_device(e, &mut rng, kv.k_len())?;
+    let q = random_device(e, &mut rng, shape.batch * QO_HEADS * HEAD_DIM)?;
     let mut o = e.alloc::<bf16>(shape.batch * QO_HEADS * HEAD_DIM)?;
     let mut lse = e.alloc::<f32>(shape.batch * QO_HEADS)?;
     let qo_indptr: Vec<i32> = (0..=shape.batch as i32).collect();
@@ -267,18 +274,8 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
         qo_indptr.push(qo_indptr.last().copied().unwrap_or(0) + q as i32);
     }
     let batch = Batch { qo_indptr: &qo_indptr, pages: &table, kv, qo_heads: shape.qo_heads };
-    let block: Vec<bf16> = (0..1 << 20).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
-    let fill = |n: usize| -> Result<cudarc::driver::CudaSlice<bf16>> {
-        let mut buf = e.alloc::<bf16>(n)?;
-        for start in (0..n).step_by(block.len()) {
-            let m = block.len().min(n - start);
-            let mut view = buf.slice_mut(start..start + m);
-            e.stream().memcpy_htod(&block[..m], &mut view).map_err(|x| Error::Cuda(x.to_string()))?;
-        }
-        Ok(buf)
-    };
-    let cache = fill(kv.k_len())?;
-    let q = fill(batch.q_elems())?;
+    let cache = random_device(e, &mut rng, kv.k_len())?;
+    let q = random_device(e, &mut rng, batch.q_elems())?;
     let mut o = e.alloc::<bf16>(batch.o_elems())?;
     let mut lse = e.alloc::<f32>(batch.total_q() * shape.qo_heads)?;
     let (qo_dev, indptr, indices, last) = (e.upload(&qo_indptr)?, e.upload(&table.indptr)?, e.upload(&table.indices)?, e.upload(&table.last_page_len)?);
