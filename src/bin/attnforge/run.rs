@@ -190,6 +190,18 @@ fn random_params(v: &Variant, dims: Dims, lens: &[(usize, usize)], rng: &mut Std
     sample(&v.params, dims, lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) })
 }
 
+/// One demo workload (d128, page 16, bf16, permuted pages) with random parameters, and the CPU
+/// reference's output and time in ms.
+fn demo_case(v: &Variant, lens: Vec<(usize, usize)>, qo: usize, kvh: usize, rng: &mut StdRng) -> Result<(Workload<bf16>, ParamValues, AttnOutput, f64)> {
+    let batch = lens.len();
+    let spec = WorkloadSpec { lens, qo_heads: qo, kv_heads: kvh, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 3 };
+    let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch }, &spec.lens, rng);
+    let w = Workload::<bf16>::random(&spec, rng);
+    let t0 = Instant::now();
+    let want = reference::attention(v, &params, &w.batch(), &w.q, &w.k, w.v(), None)?;
+    Ok((w, params, want, t0.elapsed().as_secs_f64() * 1e3))
+}
+
 /// `cargo run --release`: compile every shipped variant (cache miss or hit, with times), run
 /// decode on the GPU and check it against the reference. With no GPU: say so, compile for sm_90a
 /// if NVRTC is present, and run the reference on a small workload.
@@ -228,12 +240,7 @@ pub(crate) fn demo() -> Result<()> {
     println!("  {:<16} {:>10} {:>10} {:>10}  check vs CPU reference (f64)", "variant", "GPU µs", "GB/s", "CPU ms");
     for v in &variants {
         let lens: Vec<(usize, usize)> = (0..batch).map(|i| (1, kv_len - i * 37 % (kv_len / 2))).collect();
-        let spec = WorkloadSpec { lens, qo_heads: qo, kv_heads: kvh, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 3 };
-        let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch }, &spec.lens, &mut rng);
-        let w = Workload::<bf16>::random(&spec, &mut rng);
-        let t0 = Instant::now();
-        let want = reference::attention(v, &params, &w.batch(), &w.q, &w.k, w.v(), None)?;
-        let cpu_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let (w, params, want, cpu_ms) = demo_case(v, lens, qo, kvh, &mut rng)?;
         match &engine {
             Ok(e) => {
                 let k = e.decode_kernel(v, &cfg)?;
@@ -252,12 +259,7 @@ pub(crate) fn demo() -> Result<()> {
     println!("\nprefill / append, (q, kv) = {lens:?}, {qo}/{kvh} heads, d128, bf16:");
     println!("  {:<16} {:>10} {:>10}  check vs CPU reference (f64)", "variant", "GPU ms", "CPU ms");
     for v in &variants {
-        let spec = WorkloadSpec { lens: lens.clone(), qo_heads: qo, kv_heads: kvh, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 3 };
-        let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch: lens.len() }, &spec.lens, &mut rng);
-        let w = Workload::<bf16>::random(&spec, &mut rng);
-        let t0 = Instant::now();
-        let want = reference::attention(v, &params, &w.batch(), &w.q, &w.k, w.v(), None)?;
-        let cpu_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let (w, params, want, cpu_ms) = demo_case(v, lens.clone(), qo, kvh, &mut rng)?;
         match &engine {
             Ok(e) => {
                 let k = e.prefill_kernel(v, &KernelConfig::prefill(128, 128, DType::Bf16, qo / kvh)?)?;
