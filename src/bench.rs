@@ -244,6 +244,11 @@ pub struct PrefillResult {
     /// K and V bytes of the visible positions, read once.
     pub kv_bytes: f64,
     pub blocks: usize,
+    /// The kernel that ran: its tile, registers per thread, spill bytes and CTAs per SM.
+    pub tile: crate::jit::PrefillTile,
+    pub regs: usize,
+    pub local_bytes: usize,
+    pub ctas_per_sm: usize,
 }
 
 impl PrefillResult {
@@ -304,5 +309,16 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
     let visible: f64 = shape.lens.iter().map(|&(q, kv)| (0..q).map(|i| (kv - q + i + 1) as f64).sum::<f64>()).sum();
     let flops = 4.0 * visible * shape.qo_heads as f64 * HEAD_DIM as f64;
     let kv_bytes = kv_lens.iter().sum::<usize>() as f64 * (shape.kv_heads * HEAD_DIM * 2 * 2) as f64;
-    Ok(PrefillResult { shape: shape.clone(), us: median(samples), flops, kv_bytes, blocks: plan.work.len() })
+    let f = k.tile_for(&plan);
+    Ok(PrefillResult {
+        shape: shape.clone(),
+        us: median(samples),
+        flops,
+        kv_bytes,
+        blocks: plan.work.len(),
+        tile: f.tile,
+        regs: f.regs,
+        local_bytes: f.local_bytes,
+        ctas_per_sm: f.ctas_per_sm,
+    })
 }

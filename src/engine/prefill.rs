@@ -18,6 +18,9 @@ pub struct PrefillFn {
     pub tile: PrefillTile,
     pub smem_bytes: usize,
     pub ctas_per_sm: usize,
+    /// Registers per thread and bytes of local memory (register spills) the compiler chose.
+    pub regs: usize,
+    pub local_bytes: usize,
     pub compiled: CompiledKernel,
 }
 
@@ -30,6 +33,16 @@ pub struct PrefillKernel {
     pub variant: Variant,
     pub cfg: KernelConfig,
     pub layout: Vec<ParamField>,
+}
+
+impl PrefillKernel {
+    /// The tile a plan was made for (the narrow one when the plan's rows match it).
+    pub fn tile_for(&self, plan: &PrefillPlan) -> &PrefillFn {
+        match &self.narrow {
+            Some(n) if n.tile.rows() == plan.rows && self.wide.tile.rows() != plan.rows => n,
+            _ => &self.wide,
+        }
+    }
 }
 
 fn mismatch(what: &'static str, expected: usize, got: usize) -> Result<()> {
@@ -67,7 +80,10 @@ impl Engine {
         if ctas_per_sm == 0 {
             return Err(Error::Unsupported(format!("{} needs {smem} bytes of shared memory: it cannot run on this GPU", compiled.name)));
         }
-        Ok(PrefillFn { func, tile, smem_bytes: smem, ctas_per_sm, compiled })
+        let attr = |a| func.get_attribute(a).map(|v| v.max(0) as usize).map_err(cuda("read kernel attribute"));
+        let regs = attr(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_NUM_REGS)?;
+        let local_bytes = attr(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)?;
+        Ok(PrefillFn { func, tile, smem_bytes: smem, ctas_per_sm, regs, local_bytes, compiled })
     }
 
     /// Plans a prefill batch for `k`.
@@ -99,10 +115,7 @@ impl Engine {
         sm_scale: Option<f32>,
     ) -> Result<()> {
         let kv = batch.kv;
-        let f = match &k.narrow {
-            Some(n) if n.tile.rows() == plan.rows => n,
-            _ => &k.wide,
-        };
+        let f = k.tile_for(plan);
         mismatch("plan rows per block (kernel)", f.tile.rows(), plan.rows)?;
         let shape = PlanShape { batch_size: plan.batch_size, qo_heads: plan.qo_heads, packed_len: plan.packed_len(), fixed_grid: matches!(plan.mode, PlanMode::FixedGrid { .. }) };
         let args = self.checked_args(&k.cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;

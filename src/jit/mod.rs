@@ -167,8 +167,10 @@ const DECODE_STAGES: usize = 2;
 /// Tile shape of the prefill kernel; see `templates/common/prefill.cuh`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PrefillTile {
-    /// Warps per CTA; each owns 16 query rows.
+    /// Warps per CTA; each owns `mtiles` blocks of 16 query rows.
     pub warps: usize,
+    /// 16-row blocks per warp: each K/V fragment read from shared memory feeds this many MMAs.
+    pub mtiles: usize,
     /// Keys per K/V tile.
     pub kv_tile: usize,
     /// Depth of the cp.async ring.
@@ -177,10 +179,22 @@ pub struct PrefillTile {
     pub min_ctas: usize,
 }
 
+impl std::str::FromStr for PrefillTile {
+    type Err = String;
+    /// `WARPS,MTILES,KV_TILE,STAGES,MIN_CTAS`, e.g. `4,2,64,2,1`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let n: Vec<usize> = s.split(',').map(|x| x.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|e| format!("prefill tile `{s}`: {e}"))?;
+        let [warps, mtiles, kv_tile, stages, min_ctas] = n[..] else {
+            return Err(format!("prefill tile `{s}`: expected WARPS,MTILES,KV_TILE,STAGES,MIN_CTAS"));
+        };
+        Ok(PrefillTile { warps, mtiles, kv_tile, stages, min_ctas })
+    }
+}
+
 impl PrefillTile {
     /// Query rows ((token, head) pairs) per CTA.
     pub fn rows(&self) -> usize {
-        16 * self.warps
+        16 * self.mtiles * self.warps
     }
 }
 
@@ -203,9 +217,9 @@ impl KernelConfig {
             return t;
         }
         if self.head_dim_qk.max(self.head_dim_vo) > 128 {
-            PrefillTile { warps: 4, kv_tile: 32, stages: 2, min_ctas: 1 }
+            PrefillTile { warps: 4, mtiles: 1, kv_tile: 32, stages: 2, min_ctas: 1 }
         } else {
-            PrefillTile { warps: 8, kv_tile: 32, stages: 2, min_ctas: 2 }
+            PrefillTile { warps: 4, mtiles: 2, kv_tile: 64, stages: 2, min_ctas: 1 }
         }
     }
 
@@ -218,7 +232,7 @@ impl KernelConfig {
         }
         let min_ctas = if self.head_dim_qk.max(self.head_dim_vo) > 128 { 1 } else { 6 };
         let mut cfg = self.clone();
-        cfg.prefill_override = Some(PrefillTile { warps: 2, kv_tile: 32, stages: 2, min_ctas });
+        cfg.prefill_override = Some(PrefillTile { warps: 2, mtiles: 1, kv_tile: 32, stages: 2, min_ctas });
         Some(cfg)
     }
 
@@ -245,8 +259,8 @@ impl KernelConfig {
         }
         if self.op == Op::Prefill {
             let t = self.prefill_tile();
-            if t.warps == 0 || t.warps > 16 || t.kv_tile == 0 || t.kv_tile % 16 != 0 || t.stages < 2 || t.min_ctas == 0 {
-                return Err(Error::Unsupported(format!("prefill tile {t:?}: warps 1–16, kv_tile a multiple of 16, stages ≥ 2")));
+            if t.warps == 0 || t.warps > 16 || !(1..=4).contains(&t.mtiles) || t.kv_tile == 0 || t.kv_tile % 16 != 0 || t.stages < 2 || t.min_ctas == 0 {
+                return Err(Error::Unsupported(format!("prefill tile {t:?}: warps 1–16, mtiles 1–4, kv_tile a multiple of 16, stages ≥ 2")));
             }
             if self.dtype_q != self.dtype_kv {
                 return Err(Error::Unsupported("prefill needs the same dtype for q and the KV cache (tensor-core operands)".into()));
@@ -306,7 +320,9 @@ impl KernelConfig {
     pub fn smem_bytes(&self) -> usize {
         if self.op == Op::Prefill {
             let t = self.prefill_tile();
-            return t.stages * t.kv_tile * (self.head_dim_qk + self.head_dim_vo + 16) * self.dtype_kv.size();
+            let ring = t.stages * t.kv_tile * (self.head_dim_qk + self.head_dim_vo + 16) * self.dtype_kv.size();
+            let q = t.rows() * (self.head_dim_qk + 8) * self.dtype_q.size();
+            return ring + q;
         }
         let t = self.decode_tile();
         let ring = t.stages * t.kv_tile() * (self.head_dim_qk + self.head_dim_vo + 16) * self.dtype_kv.size();
@@ -328,7 +344,7 @@ impl KernelConfig {
             format!("{}-{}-{}", self.dtype_q.name(), self.dtype_kv.name(), self.dtype_o.name())
         };
         let tile = match (self.op, self.prefill_override) {
-            (Op::Prefill, Some(t)) => format!(".r{}", t.rows()),
+            (Op::Prefill, Some(t)) => format!(".w{}m{}k{}s{}", t.warps, t.mtiles, t.kv_tile, t.stages),
             _ => String::new(),
         };
         format!("{variant}.{}.{dims}.{dt}.g{}{tile}", self.op.name(), self.group)

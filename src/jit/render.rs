@@ -94,6 +94,7 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
         Op::Prefill => {
             let t = cfg.prefill_tile();
             ctx.insert("warps", &t.warps);
+            ctx.insert("mtiles", &t.mtiles);
             ctx.insert("kv_tile", &t.kv_tile);
             ctx.insert("stages", &t.stages);
             ctx.insert("min_ctas", &t.min_ctas);

@@ -47,8 +47,9 @@ enum Cmd {
         /// Also write the results as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Decode tile overrides to compare, `nv,bdz,tile_per_z,stages[,min_ctas]` (repeatable; tuning).
-        #[arg(long = "tile", value_name = "NV,BDZ,TPZ,STAGES[,MIN]")]
+        /// Tiles to compare (repeatable; tuning): decode `nv,bdz,tile_per_z,stages[,min_ctas]` or
+        /// `mma,warps,stages`; prefill `p,warps,mtiles,kv_tile,stages,min_ctas`.
+        #[arg(long = "tile", value_name = "TILE")]
         tiles: Vec<String>,
     },
 }
@@ -73,6 +74,9 @@ struct CompileArgs {
     head_dim_vo: Option<usize>,
     #[arg(long = "dtype", default_values = ["bf16"])]
     dtypes: Vec<DType>,
+    /// Prefill tile `warps,mtiles,kv_tile,stages,min_ctas` instead of the default (tuning).
+    #[arg(long, value_name = "W,M,K,S,C")]
+    tile: Option<attnforge::jit::PrefillTile>,
     /// Query heads per KV head.
     #[arg(long, default_value_t = 4)]
     group: usize,
@@ -206,7 +210,12 @@ fn compile(a: &CompileArgs) -> Result<()> {
             let vo = a.head_dim_vo.unwrap_or(d);
             configs.push(match a.op {
                 attnforge::jit::Op::Decode => attnforge::jit::KernelConfig::decode(d, vo, t, a.group)?,
-                attnforge::jit::Op::Prefill => attnforge::jit::KernelConfig::prefill(d, vo, t, a.group)?,
+                attnforge::jit::Op::Prefill => {
+                    let mut c = attnforge::jit::KernelConfig::prefill(d, vo, t, a.group)?;
+                    c.prefill_override = a.tile;
+                    c.validate()?;
+                    c
+                }
             });
         }
     }

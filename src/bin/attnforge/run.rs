@@ -387,20 +387,24 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String]) -> 
     }
     if suites.contains(&Suite::Prefill) {
         println!("\nprefill (causal): bf16, d128, page 16, NHD, permuted pages; CUDA events, median of 7 × 3 launches; FLOPs on the causal triangle");
-        println!("  {:<34} {:>10} {:>9} {:>12} {:>10} {:>8}", "workload", "µs", "TFLOP/s", "FI TFLOP/s", "FI µs", "blocks");
-        // `p,WARPS,KV_TILE,STAGES,MIN_CTAS` adds a prefill tile to compare.
+        println!("  {:<34} {:>10} {:>9} {:>12} {:>10} {:>8}  kernel", "workload", "µs", "TFLOP/s", "FI TFLOP/s", "FI µs", "blocks");
+        // `p,WARPS,MTILES,KV_TILE,STAGES,MIN_CTAS` adds a prefill tile to compare.
         let mut ptiles: Vec<Option<attnforge::jit::PrefillTile>> = vec![None];
         for t in tiles.iter().filter_map(|t| t.strip_prefix("p,")) {
-            let n: Vec<usize> = t.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("--tile p,{t}"))?;
-            let [warps, kv_tile, stages, min_ctas] = n[..] else { bail!("--tile p,{t}: expected p,WARPS,KV_TILE,STAGES,MIN_CTAS") };
-            ptiles.push(Some(attnforge::jit::PrefillTile { warps, kv_tile, stages, min_ctas }));
+            ptiles.push(Some(t.parse::<attnforge::jit::PrefillTile>().map_err(|e| anyhow::anyhow!("--tile p,{t}: {e}"))?));
         }
         for (s, tile) in attnforge::bench::anchor_prefill_shapes().into_iter().flat_map(|s| ptiles.iter().map(move |t| (s.clone(), *t))) {
             let r = attnforge::bench::bench_prefill(&e, &s, tile)?;
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
-            let name = format!("{}{}", s.name, tile.map_or(String::new(), |t| format!(" [{}w {}k {}s {}m]", t.warps, t.kv_tile, t.stages, t.min_ctas)));
-            println!("  {:<34} {:>10.1} {:>9.1} {:>12} {:>10} {:>8}", name, r.us, r.tflops(), fmt(s.anchor_tflops), fmt(s.anchor_us), r.blocks);
-            records.push(serde_json::json!({ "suite": "prefill", "workload": s.name, "us": r.us, "tflops": r.tflops(), "kv_gbps": r.kv_bytes / (r.us * 1e-6) / 1e9, "flashinfer_tflops": s.anchor_tflops, "flashinfer_us": s.anchor_us, "blocks": r.blocks }));
+            let name = format!("{}{}", s.name, tile.map_or(String::new(), |t| format!(" [{}w×{} {}k {}s {}c]", t.warps, t.mtiles, t.kv_tile, t.stages, t.min_ctas)));
+            let t = r.tile;
+            let kernel = format!("{}w×{} {}k {}s, {} regs, {} B spilled, {} CTA/SM", t.warps, t.mtiles, t.kv_tile, t.stages, r.regs, r.local_bytes, r.ctas_per_sm);
+            println!("  {:<34} {:>10.1} {:>9.1} {:>12} {:>10} {:>8}  {kernel}", name, r.us, r.tflops(), fmt(s.anchor_tflops), fmt(s.anchor_us), r.blocks);
+            records.push(serde_json::json!({
+                "suite": "prefill", "workload": s.name, "us": r.us, "tflops": r.tflops(), "kv_gbps": r.kv_bytes / (r.us * 1e-6) / 1e9,
+                "flashinfer_tflops": s.anchor_tflops, "flashinfer_us": s.anchor_us, "blocks": r.blocks,
+                "tile": format!("{t:?}"), "regs": r.regs, "spill_bytes": r.local_bytes, "ctas_per_sm": r.ctas_per_sm,
+            }));
         }
     }
     if let Some(path) = json {
