@@ -29,6 +29,24 @@ struct PrefillWork {
   int kv_end;
 };
 
+// Pairwise reductions: a balanced tree instead of a serial chain of dependent instructions.
+template <int N>
+__device__ __forceinline__ float af_tree_max(float (&t)[N]) {
+#pragma unroll
+  for (int w = 1; w < N; w *= 2)
+#pragma unroll
+    for (int i = 0; i + w < N; i += 2 * w) t[i] = fmaxf(t[i], t[i + w]);
+  return t[0];
+}
+template <int N>
+__device__ __forceinline__ float af_tree_sum(float (&t)[N]) {
+#pragma unroll
+  for (int w = 1; w < N; w *= 2)
+#pragma unroll
+    for (int i = 0; i + w < N; i += 2 * w) t[i] += t[i + w];
+  return t[0];
+}
+
 __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& p) {
   static_assert(KV_TILE % 16 == 0, "KV_TILE must be a multiple of 16");
   const int w = blockIdx.x;
@@ -228,9 +246,10 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
     for (int mt = 0; mt < MTILES; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        mx[mt][h] = m[mt][h];
+        float t[NT];
 #pragma unroll
-        for (int n = 0; n < NT; ++n) mx[mt][h] = fmaxf(mx[mt][h], fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+        for (int n = 0; n < NT; ++n) t[n] = fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]);
+        mx[mt][h] = fmaxf(m[mt][h], af_tree_max<NT>(t));
       }
 #pragma unroll
     for (int x = 1; x <= 2; x *= 2)
@@ -245,16 +264,14 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
         const float mn = mx[mt][h];
         const float base = mn == -AF_INF ? 0.f : mn * AF_LOG2E;
         const float sc = exp2f(fmaf(m[mt][h], AF_LOG2E, -base));
-        float sum = 0.f;
+        float t[NT];
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-#pragma unroll
-          for (int j = 2 * h; j < 2 * h + 2; ++j) {
-            s[mt][n][j] = exp2f(fmaf(s[mt][n][j], AF_LOG2E, -base));
-            sum += s[mt][n][j];
-          }
+          s[mt][n][2 * h] = exp2f(fmaf(s[mt][n][2 * h], AF_LOG2E, -base));
+          s[mt][n][2 * h + 1] = exp2f(fmaf(s[mt][n][2 * h + 1], AF_LOG2E, -base));
+          t[n] = s[mt][n][2 * h] + s[mt][n][2 * h + 1];
         }
-        d[mt][h] = fmaf(d[mt][h], sc, sum);
+        d[mt][h] = fmaf(d[mt][h], sc, af_tree_sum<NT>(t));
         if (mn != m[mt][h]) {
 #pragma unroll
           for (int dn = 0; dn < DN; ++dn) {
