@@ -247,6 +247,8 @@ impl PageTable {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LayoutError {
+    #[error("request {req}: {len} {what} tokens; at most 2^30 are supported")]
+    TooLong { req: usize, what: &'static str, len: u64 },
     #[error("{what} is empty; it needs batch_size + 1 entries, starting with 0")]
     EmptyIndptr { what: &'static str },
     #[error("{what}[0] is {first}; it must be 0")]
@@ -268,6 +270,11 @@ pub enum LayoutError {
     #[error("an interleaved K/V buffer needs equal head dims, got qk {qk} and vo {vo}; use separate K and V buffers")]
     InterleavedDims { qk: usize, vo: usize },
 }
+
+/// The longest request, in query or KV tokens, that a batch may hold: positions and lengths
+/// then stay far from i32 overflow in the kernels, and spec arithmetic on them can be proven
+/// wrap-free (`spec::implied`).
+pub const MAX_TOKENS: usize = 1 << 30;
 
 /// A batch of attention problems: ragged queries over one paged cache.
 #[derive(Debug, Clone, Copy)]
@@ -378,6 +385,14 @@ pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Resu
         }
     }
     for req in 0..batch {
+        let pages = (t.indptr[req + 1] - t.indptr[req]) as u64;
+        let kv_len = pages.saturating_sub(1) * kv.page_size as u64 + t.last_page_len[req].max(0) as u64;
+        let q_len = (b.qo_indptr[req + 1] - b.qo_indptr[req]) as u64;
+        for (what, len) in [("KV", kv_len), ("query", q_len)] {
+            if len > MAX_TOKENS as u64 {
+                return Err(LayoutError::TooLong { req, what, len });
+            }
+        }
         let value = t.last_page_len[req];
         let empty = t.indptr[req] == t.indptr[req + 1];
         let ok = if empty { value == 0 } else { value >= 1 && value as usize <= kv.page_size };

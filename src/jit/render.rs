@@ -69,6 +69,7 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     ctx.insert("params_words", &PARAM_WORDS);
     ctx.insert("params_size", &abi::params_size(&layout));
     ctx.insert("hooks", &hooks);
+    ctx.insert("mask_implied", &crate::spec::implied::mask_implied_by_range(variant));
     ctx.insert("normalize_softmax", &(variant.normalize == Normalize::Softmax));
     ctx.insert("dtype_q", cfg.dtype_q.cuda_type());
     ctx.insert("dtype_kv", cfg.dtype_kv.cuda_type());

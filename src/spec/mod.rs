@@ -12,6 +12,7 @@ mod lexer;
 pub mod params;
 pub mod parser;
 pub mod shipped;
+pub mod implied;
 pub mod soundness;
 pub mod typed;
 

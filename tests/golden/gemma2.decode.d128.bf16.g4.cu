@@ -88,7 +88,9 @@ union ParamsArg {
 static_assert(sizeof(ParamsArg) == 128, "params blob size differs from Rust");
 static_assert(sizeof(Params) == 8, "Params layout differs from Rust (src/abi.rs)");
 
-#define HAS_MASK 1
+// HAS_MASK: kernels evaluate `mask` per element. 0 when there is none, or when it provably
+// follows from kv_range (as here): every kernel already clamps each row to its range.
+#define HAS_MASK 0
 #define HAS_KV_LO 1
 #define HAS_KV_HI 1
 #define HAS_SINK 0
@@ -243,6 +245,98 @@ __device__ __forceinline__ void decode_load_tile(const DecodeArgs& a, DTypeKV* k
       af_cp_async16(v_smem + (stage * KV_TILE_ + j) * ROW_VO + ch * VEC, src, ok);
     }
   }
+}
+
+// Where one key of a tile lives: element offsets of its K and V rows from the KV head's base,
+// or k = -1 for a key past the span (its copies zero-fill).
+struct KeyOffsets {
+  long long k, v;
+};
+
+// Writes the KeyOffsets of the KV_TILE_ keys from `tile_start` into `offs` (one ring slot): the
+// page walk is done once per key instead of once per 16-byte copy. Keys past `hi` get k = -1.
+template <int KV_TILE_, int NTHREADS_>
+__device__ __forceinline__ void kv_locate(const DecodeArgs& a, KeyOffsets* offs, int tile_start, int hi, int page_begin, int tid) {
+  for (int j = tid; j < KV_TILE_; j += NTHREADS_) {
+    const int pos = tile_start + j;
+    KeyOffsets o = {-1, 0};
+    if (pos <= hi) {
+      const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
+      const int slot = a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
+      const long long page = a.kv_indices[page_begin + pi];
+      o.k = page * a.k_page_stride + (long long)slot * a.k_slot_stride;
+      o.v = page * a.v_page_stride + (long long)slot * a.v_slot_stride;
+    }
+    offs[j] = o;
+  }
+}
+
+// Issues the cp.async copies of one located tile into ring slot `stage` (K rows padded to ROW_QK,
+// V rows to ROW_VO). Each thread copies fixed 16-byte columns of every few keys, so its column
+// offset is computed once.
+template <int KV_TILE_, int NTHREADS_>
+__device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, const KeyOffsets* offs,
+                                         int stage, int kv_head, int tid) {
+  const DTypeKV* k_head = a.k + (long long)kv_head * a.k_head_stride;
+  const DTypeKV* v_head = a.v + (long long)kv_head * a.v_head_stride;
+  DTypeKV* ks = k_smem + stage * KV_TILE_ * ROW_QK;
+  DTypeKV* vs = v_smem + stage * KV_TILE_ * ROW_VO;
+  constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
+  if (KCH == VCH && NTHREADS_ % KCH == 0) {
+    // One key location feeds both copies.
+    const int ch = tid % KCH;
+#pragma unroll
+    for (int j = tid / KCH; j < KV_TILE_; j += NTHREADS_ / KCH) {
+      const KeyOffsets o = offs[j];
+      const bool ok = o.k >= 0;
+      af_cp_async16(ks + j * ROW_QK + ch * VEC, ok ? k_head + o.k + ch * VEC : a.k, ok);
+      af_cp_async16(vs + j * ROW_VO + ch * VEC, ok ? v_head + o.v + ch * VEC : a.v, ok);
+    }
+  } else {
+#pragma unroll 4
+    for (int c = tid; c < KV_TILE_ * KCH; c += NTHREADS_) {
+      const int j = c / KCH, ch = c % KCH;
+      const KeyOffsets o = offs[j];
+      const bool ok = o.k >= 0;
+      af_cp_async16(ks + j * ROW_QK + ch * VEC, ok ? k_head + o.k + ch * VEC : a.k, ok);
+    }
+#pragma unroll 4
+    for (int c = tid; c < KV_TILE_ * VCH; c += NTHREADS_) {
+      const int j = c / VCH, ch = c % VCH;
+      const KeyOffsets o = offs[j];
+      const bool ok = o.k >= 0;
+      af_cp_async16(vs + j * ROW_VO + ch * VEC, ok ? v_head + o.v + ch * VEC : a.v, ok);
+    }
+  }
+}
+
+// A STAGES_-deep cp.async ring whose tiles are located (`locate(slot, t)` writes shared key
+// offsets) a full ring ahead of their copies (`issue(slot, t)`), so the barrier that ends one
+// tile's compute also publishes a later tile's locations: two barriers per tile, not three.
+// Slot t % STAGES_ holds tile t's data and locations; a slot's locations are rewritten only after
+// its copies were issued and its compute is done. Every thread of the block must call it.
+template <int STAGES_, typename Locate, typename Issue, typename Compute>
+__device__ __forceinline__ void af_ring_located(int num_tiles, Locate&& locate, Issue&& issue, Compute&& compute) {
+#pragma unroll
+  for (int s = 0; s < STAGES_; ++s)
+    if (s < num_tiles) locate(s, s);
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < STAGES_ - 1; ++s) {
+    if (s < num_tiles) issue(s, s);
+    af_cp_async_commit();
+  }
+  for (int t = 0; t < num_tiles; ++t) {
+    const int next = t + STAGES_ - 1;
+    if (next < num_tiles) issue(next % STAGES_, next);
+    af_cp_async_commit();
+    af_cp_async_wait<STAGES_ - 1>();
+    __syncthreads();
+    compute(t % STAGES_, t);
+    if (t + STAGES_ < num_tiles) locate(t % STAGES_, t + STAGES_);
+    __syncthreads();  // the data slot is refilled, and the locations read, by the next iteration
+  }
+  af_cp_async_wait<0>();
 }
 
 // Writes 8 output dims [c0, c0 + 8) of one query head from its combined state (M, D, O):

@@ -118,3 +118,17 @@ fn ragged_contiguous_kv_is_a_table_of_one_token_pages() {
     b.validate(b.q_elems(), kv.k_len(), kv.v_len()).unwrap();
     assert_eq!((b.kv_len(0), b.kv_len(1), b.kv_len(2)), (3, 0, 5));
 }
+
+/// Positions must stay far from i32 overflow: a request longer than 2^30 tokens is an error.
+#[test]
+fn requests_longer_than_2_pow_30_tokens_are_rejected() {
+    let page_size = 1 << 20;
+    let kv = KvShape { page_size, num_pages: 1, ..shape() };
+    // 1025 pages of 2^20 tokens: 2^30 + 2^20 KV tokens (every page may alias page 0).
+    let long = PageTable { indptr: vec![0, 1025], indices: vec![0; 1025], last_page_len: vec![page_size as i32] };
+    assert_eq!(run(&long, &[0, 1], kv, 4), Err(LayoutError::TooLong { req: 0, what: "KV", len: (1 << 30) + (1 << 20) }));
+    // Exactly 2^30 is fine.
+    let edge = PageTable { indptr: vec![0, 1024], ..long.clone() };
+    let edge = PageTable { indices: vec![0; 1024], ..edge };
+    assert_eq!(run(&edge, &[0, 1], kv, 4), Ok(()));
+}

@@ -1,0 +1,215 @@
+//! Whether a variant's `mask` follows from its `kv_range`, so that kernels may skip the mask.
+//!
+//! Kernels already clamp every query to its `kv_range`. When each conjunct of the mask is a
+//! bound on `kv_pos` that is one of the range's own bounds, a key inside the range is visible
+//! without evaluating the mask: tiles inside every row's range run with no per-element test at
+//! all, and boundary tiles only compare positions. `kv_pos <= q_pos` under `hi: q_pos` is the
+//! common case; `q_pos - kv_pos < window` under `lo: q_pos - window + 1` is recognised too.
+//!
+//! The decision is a proof, not a sample: both sides are reduced to integer linear forms and
+//! compared exactly, and the reduction is accepted only where interval arithmetic shows that no
+//! sub-expression can wrap in i32 (positions and lengths are below [`crate::kv::MAX_TOKENS`],
+//! parameters within their declared `range`). Anything else keeps the per-element mask.
+
+use std::collections::BTreeMap;
+
+use super::ast::{BinOp, Lit, UnOp};
+use super::params::ParamDecl;
+use super::typed::{Builtin, Func, TExpr, TKind, Ty};
+use super::Variant;
+
+/// `Σ coef · term + constant` over mathematical integers; terms are keyed by their tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lin {
+    terms: BTreeMap<String, i64>,
+    c: i64,
+}
+
+impl Lin {
+    fn constant(c: i64) -> Lin {
+        Lin { terms: BTreeMap::new(), c }
+    }
+    fn term(key: String) -> Lin {
+        Lin { terms: BTreeMap::from([(key, 1)]), c: 0 }
+    }
+    fn scaled(mut self, k: i64) -> Lin {
+        self.c *= k;
+        self.terms.values_mut().for_each(|v| *v *= k);
+        self.terms.retain(|_, v| *v != 0);
+        self
+    }
+    fn plus(mut self, o: Lin) -> Lin {
+        self.c += o.c;
+        for (k, v) in o.terms {
+            *self.terms.entry(k).or_insert(0) += v;
+        }
+        self.terms.retain(|_, v| *v != 0);
+        self
+    }
+}
+
+const I32: (i64, i64) = (i32::MIN as i64, i32::MAX as i64);
+
+fn fits(iv: (i64, i64)) -> Option<(i64, i64)> {
+    (iv.0 >= I32.0 && iv.1 <= I32.1).then_some(iv)
+}
+
+/// The values an integer expression can take, if it never wraps; `None` if it might.
+fn interval(e: &TExpr, params: &[ParamDecl]) -> Option<(i64, i64)> {
+    let max = crate::kv::MAX_TOKENS as i64;
+    match &e.kind {
+        TKind::Lit(Lit::Int(v)) => Some((*v as i64, *v as i64)),
+        TKind::Builtin(b) => match b {
+            Builtin::KvPos | Builtin::QLen | Builtin::KvLen => Some((0, max)),
+            // q_pos = kv_len - q_len + i with 0 <= i < q_len.
+            Builtin::QPos => Some((-max, max)),
+            Builtin::QoHead | Builtin::KvHead | Builtin::Req => Some((0, I32.1)),
+            Builtin::Score | Builtin::SmScale => None,
+        },
+        TKind::Param(i) => {
+            let d = params.get(*i)?;
+            if d.ty.elem != Ty::I32 {
+                return None;
+            }
+            Some(d.range.map_or(I32, |(lo, hi)| (lo.ceil() as i64, hi.floor() as i64)))
+        }
+        TKind::Unary(UnOp::Neg, a) => {
+            let (lo, hi) = interval(a, params)?;
+            fits((-hi, -lo))
+        }
+        TKind::Binary(op, a, b) => {
+            let (x, y) = (interval(a, params)?, interval(b, params)?);
+            match op {
+                BinOp::Add => fits((x.0 + y.0, x.1 + y.1)),
+                BinOp::Sub => fits((x.0 - y.1, x.1 - y.0)),
+                BinOp::Mul => {
+                    let p = [x.0 * y.0, x.0 * y.1, x.1 * y.0, x.1 * y.1];
+                    fits((*p.iter().min()?, *p.iter().max()?))
+                }
+                // |a / b| <= |a| and |a % b| <= |a| (division by zero gives 0), except
+                // i32::MIN / -1, which wraps: excluded by requiring a > i32::MIN.
+                BinOp::Div | BinOp::Rem if x.0 > I32.0 => {
+                    let m = x.0.abs().max(x.1.abs());
+                    Some(if x.0 >= 0 { (0, m) } else { (-m, m) })
+                }
+                _ => None,
+            }
+        }
+        TKind::Call(Func::Min | Func::Max, args) if args.len() == 2 => {
+            let (x, y) = (interval(&args[0], params)?, interval(&args[1], params)?);
+            Some((x.0.min(y.0), x.1.max(y.1)))
+        }
+        _ => None,
+    }
+}
+
+/// The linear form of a wrap-free integer expression. Sub-trees that are not sums, differences,
+/// negations or products by a literal become opaque terms.
+fn linear(e: &TExpr, params: &[ParamDecl]) -> Option<Lin> {
+    interval(e, params)?;
+    Some(match &e.kind {
+        TKind::Lit(Lit::Int(v)) => Lin::constant(*v as i64),
+        TKind::Unary(UnOp::Neg, a) => linear(a, params)?.scaled(-1),
+        TKind::Binary(BinOp::Add, a, b) => linear(a, params)?.plus(linear(b, params)?),
+        TKind::Binary(BinOp::Sub, a, b) => linear(a, params)?.plus(linear(b, params)?.scaled(-1)),
+        TKind::Binary(BinOp::Mul, a, b) => match (&a.kind, &b.kind) {
+            (TKind::Lit(Lit::Int(k)), _) => linear(b, params)?.scaled(*k as i64),
+            (_, TKind::Lit(Lit::Int(k))) => linear(a, params)?.scaled(*k as i64),
+            _ => opaque(e)?,
+        },
+        _ => opaque(e)?,
+    })
+}
+
+/// An opaque term may not hide `kv_pos`: the bound must be linear in it.
+fn opaque(e: &TExpr) -> Option<Lin> {
+    if e.reads(Builtin::KvPos) && e.kind != TKind::Builtin(Builtin::KvPos) {
+        return None;
+    }
+    Some(Lin::term(format!("{:?}", e.kind)))
+}
+
+/// `kv_pos <= U` (upper) or `kv_pos >= L` (lower).
+#[derive(Debug, PartialEq)]
+enum Bound {
+    Upper(Lin),
+    Lower(Lin),
+}
+
+fn kv_pos_key() -> String {
+    format!("{:?}", TKind::Builtin(Builtin::KvPos))
+}
+
+/// The bound a comparison puts on `kv_pos`, if it is one with coefficient ±1.
+fn bound(e: &TExpr, params: &[ParamDecl]) -> Option<Bound> {
+    let TKind::Binary(op, a, b) = &e.kind else { return None };
+    if !matches!(op, BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge) || a.ty != Ty::I32 || b.ty != Ty::I32 {
+        return None;
+    }
+    // a op b  <=>  d op 0 with d = a - b (mathematically: neither side wraps).
+    let mut d = linear(a, params)?.plus(linear(b, params)?.scaled(-1));
+    let coef = d.terms.remove(&kv_pos_key())?;
+    // d = coef · kv_pos + r.
+    let r = d;
+    let (upper, strict) = match (op, coef) {
+        (BinOp::Le, 1) | (BinOp::Ge, -1) => (true, false),
+        (BinOp::Lt, 1) | (BinOp::Gt, -1) => (true, true),
+        (BinOp::Ge, 1) | (BinOp::Le, -1) => (false, false),
+        (BinOp::Gt, 1) | (BinOp::Lt, -1) => (false, true),
+        _ => return None,
+    };
+    // coef = 1: kv_pos op -r; coef = -1: -kv_pos op -r, i.e. kv_pos op' r.
+    let rhs = if coef == 1 { r.scaled(-1) } else { r };
+    let adjust = |l: Lin, k: i64| l.plus(Lin::constant(k));
+    Some(match (upper, strict) {
+        (true, false) => Bound::Upper(rhs),
+        (true, true) => Bound::Upper(adjust(rhs, -1)),
+        (false, false) => Bound::Lower(rhs),
+        (false, true) => Bound::Lower(adjust(rhs, 1)),
+    })
+}
+
+fn conjuncts<'a>(e: &'a TExpr, out: &mut Vec<&'a TExpr>) {
+    match &e.kind {
+        TKind::Binary(BinOp::And, a, b) => {
+            conjuncts(a, out);
+            conjuncts(b, out);
+        }
+        _ => out.push(e),
+    }
+}
+
+/// The linear forms a range bound is at most (`min`, for hi) or at least (`max`, for lo).
+fn sides(e: &TExpr, f: Func, params: &[ParamDecl], out: &mut Vec<Lin>) -> Option<()> {
+    interval(e, params)?;
+    match &e.kind {
+        TKind::Call(g, args) if *g == f && args.len() == 2 => {
+            // Either argument alone may fail to be linear; the other can still match.
+            let _ = sides(&args[0], f, params, out);
+            let _ = sides(&args[1], f, params, out);
+        }
+        _ => out.push(linear(e, params)?),
+    }
+    Some(())
+}
+
+/// Whether every key inside the variant's `kv_range` satisfies its `mask` (see the module
+/// docs). `false` when there is no mask or no range, or when it cannot be proven.
+pub fn mask_implied_by_range(v: &Variant) -> bool {
+    let (Some(mask), Some(range)) = (&v.mask, &v.kv_range) else { return false };
+    let mut his = Vec::new();
+    let mut los = Vec::new();
+    if let Some(hi) = &range.hi {
+        let _ = sides(&hi.typed, Func::Min, &v.params, &mut his);
+    }
+    if let Some(lo) = &range.lo {
+        let _ = sides(&lo.typed, Func::Max, &v.params, &mut los);
+    }
+    let mut atoms = Vec::new();
+    conjuncts(&mask.typed, &mut atoms);
+    atoms.iter().all(|a| match bound(a, &v.params) {
+        Some(Bound::Upper(u)) => his.contains(&u),
+        Some(Bound::Lower(l)) => los.contains(&l),
+        None => false,
+    })
+}

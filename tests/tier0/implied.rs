@@ -1,0 +1,107 @@
+//! `spec::implied`: when a mask follows from the kv_range, proven exactly, and confirmed by
+//! brute force over sampled shapes for every variant where it is claimed.
+
+use attnforge::spec::eval::{eval, Env};
+use attnforge::spec::implied::mask_implied_by_range;
+use attnforge::spec::params::{sample, Dims};
+use attnforge::spec::{load, shipped};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn spec(mask: &str, lo: Option<&str>, hi: Option<&str>, params: &str) -> attnforge::spec::Variant {
+    let mut range = serde_json::Map::new();
+    if let Some(lo) = lo {
+        range.insert("lo".into(), lo.into());
+    }
+    if let Some(hi) = hi {
+        range.insert("hi".into(), hi.into());
+    }
+    let text = format!(r#"{{ "name": "t", "params": {{ {params} }}, "mask": {mask:?}, "kv_range": {} }}"#, serde_json::Value::Object(range));
+    load("t.json", &text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn shipped_variants_whose_mask_is_their_range() {
+    for (name, implied) in [
+        ("causal", true),
+        ("sliding_window", true),
+        ("gemma2", true),
+        ("soft_cap", true),
+        ("sigmoid", true),
+        ("sink", true),
+        ("alibi", true),
+        // `kv_pos / chunk == q_pos / chunk` is not a bound on kv_pos.
+        ("chunked", false),
+        // A disjunction.
+        ("prefix_lm", false),
+        // No range.
+        ("tree_mask", false),
+        // No mask.
+        ("default", false),
+    ] {
+        let v = shipped::resolve(name).expect(name);
+        assert_eq!(mask_implied_by_range(&v), implied, "{name}");
+    }
+}
+
+#[test]
+fn bounds_are_matched_exactly() {
+    let window = r#""window": { "type": "i32", "range": [1, 1000] }"#;
+    let free = r#""window": { "type": "i32" }"#;
+    let cases = [
+        // Strict against inclusive: off by one.
+        ("kv_pos < q_pos", None, Some("q_pos"), "", false),
+        ("kv_pos < q_pos", None, Some("q_pos - 1"), "", true),
+        ("q_pos > kv_pos", None, Some("q_pos - 1"), "", true),
+        ("q_pos >= kv_pos", None, Some("min(q_pos, kv_len)"), "", true),
+        ("kv_pos <= q_pos", None, Some("q_pos + 1"), "", false),
+        // The same window written three ways.
+        ("kv_pos <= q_pos && q_pos - kv_pos < window", Some("q_pos - window + 1"), Some("q_pos"), window, true),
+        ("kv_pos <= q_pos && kv_pos >= q_pos + 1 - window", Some("max(q_pos - window + 1, 0)"), Some("q_pos"), window, true),
+        ("kv_pos <= q_pos && kv_pos > q_pos - window", Some("q_pos - window"), Some("q_pos"), window, false),
+        // Without a declared range, q_pos - window could wrap: no proof.
+        ("kv_pos <= q_pos && q_pos - kv_pos < window", Some("q_pos - window + 1"), Some("q_pos"), free, false),
+        // kv_pos scaled, or hidden in a product: not a unit bound.
+        ("2 * kv_pos <= q_pos", None, Some("q_pos / 2"), "", false),
+        ("kv_pos * kv_pos <= q_pos", None, Some("q_pos"), "", false),
+        // A bound the range does not state.
+        ("kv_pos <= q_pos && kv_pos >= 3", None, Some("q_pos"), "", false),
+        ("kv_pos <= q_pos || kv_pos < 4", None, Some("max(q_pos, 3)"), "", false),
+    ];
+    for (mask, lo, hi, params, want) in cases {
+        let v = spec(mask, lo, hi, params);
+        assert_eq!(mask_implied_by_range(&v), want, "mask {mask}, lo {lo:?}, hi {hi:?}, params {{{params}}}");
+    }
+}
+
+/// Wherever the proof says yes, every key inside the range passes the mask.
+#[test]
+fn a_proven_mask_holds_everywhere_inside_the_range() {
+    let mut checked = 0;
+    for (name, _) in shipped::SHIPPED {
+        let v = shipped::resolve(name).expect(name);
+        if !mask_implied_by_range(&v) {
+            continue;
+        }
+        checked += 1;
+        let (mask, range) = (v.mask.as_ref().expect("mask"), v.kv_range.as_ref().expect("range"));
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let dims = Dims { qo_heads: 2, kv_heads: 1, batch: 2 };
+            let kv_len = rng.random_range(0..=200i32);
+            let q_len = rng.random_range(1..=kv_len.clamp(1, 40));
+            let lens = vec![(q_len as usize, kv_len as usize); 2];
+            let params = sample(&v.params, dims, &lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
+            for i in 0..q_len {
+                let mut env = Env { score: 0.0f64, sm_scale: 0.1, q_pos: kv_len - q_len + i, kv_pos: 0, qo_head: 1, kv_head: 0, req: 1, q_len, kv_len, params: &params };
+                let lo = range.lo.as_ref().map_or(0, |h| eval(&h.typed, &env).as_i()).max(0);
+                let hi = range.hi.as_ref().map_or(kv_len - 1, |h| eval(&h.typed, &env).as_i()).min(kv_len - 1);
+                for kv_pos in lo..=hi {
+                    env.kv_pos = kv_pos;
+                    assert!(eval(&mask.typed, &env).as_b(), "{name}: q_pos {} kv_pos {kv_pos} inside [{lo}, {hi}] fails the mask", env.q_pos);
+                }
+            }
+        }
+    }
+    assert!(checked >= 7, "only {checked} shipped variants have a proven mask");
+}
