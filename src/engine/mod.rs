@@ -253,6 +253,12 @@ impl Engine {
             return Err(Error::Layout(LayoutError::Mismatch { what: "interleaved cache: v must be the same buffer as k", expected: 0, got: 1 }));
         }
         params.check_bits(decls, batch)?;
+        let sm_scale = sm_scale.unwrap_or_else(|| crate::reference::default_sm_scale(kv.head_dim_qk));
+        // Kernels fold a positive scale into the exponent (the row max of raw scores is then the
+        // max of the logits), so a zero, negative or non-finite one is refused here.
+        if !(sm_scale.is_finite() && sm_scale > 0.0) {
+            return Err(Error::Unsupported(format!("sm_scale {sm_scale}: it must be positive and finite")));
+        }
         if bufs.plan.len() < plan.packed_len {
             return Err(Error::Plan("the plan was not uploaded to these buffers (upload_plan)".into()));
         }
@@ -286,7 +292,7 @@ impl Engine {
             v_head_stride: v_head as i32,
             page_size: kv.page_size as i32,
             num_qo_heads: batch.qo_heads as i32,
-            sm_scale: sm_scale.unwrap_or_else(|| crate::reference::default_sm_scale(kv.head_dim_qk)),
+            sm_scale,
             page_shift: if kv.page_size.is_power_of_two() { kv.page_size.trailing_zeros() as i32 } else { -1 },
         })
     }

@@ -46,6 +46,20 @@ fn tera() -> Result<&'static Tera> {
     .map_err(|e| Error::Render(format!("templates do not parse: {e}")))
 }
 
+/// Whether a logits hook is exactly `score * sm_scale` (either order): kernels may then keep raw
+/// scores and fold the (positive, host-checked) scale into the exponent.
+fn logits_scaled_score(e: &crate::spec::typed::TExpr) -> bool {
+    use crate::spec::ast::BinOp;
+    use crate::spec::typed::{Builtin, TKind};
+    match &e.kind {
+        TKind::Binary(BinOp::Mul, a, b) => matches!(
+            (&a.kind, &b.kind),
+            (TKind::Builtin(Builtin::Score), TKind::Builtin(Builtin::SmScale)) | (TKind::Builtin(Builtin::SmScale), TKind::Builtin(Builtin::Score))
+        ),
+        _ => false,
+    }
+}
+
 pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     let layout = param_layout(&variant.params).map_err(Error::Unsupported)?;
     let hook = |h: Option<&HookExpr>| h.map_or(String::new(), |h| emit(&h.typed, &variant.params));
@@ -70,6 +84,7 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     ctx.insert("params_size", &abi::params_size(&layout));
     ctx.insert("hooks", &hooks);
     ctx.insert("mask_implied", &crate::spec::implied::mask_implied_by_range(variant));
+    ctx.insert("logits_scaled_score", &logits_scaled_score(&variant.logits.typed));
     ctx.insert("normalize_softmax", &(variant.normalize == Normalize::Softmax));
     ctx.insert("dtype_q", cfg.dtype_q.cuda_type());
     ctx.insert("dtype_kv", cfg.dtype_kv.cuda_type());

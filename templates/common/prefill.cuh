@@ -63,6 +63,15 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
   const int kv_len = n_pages == 0 ? 0 : (n_pages - 1) * a.page_size + a.last_page_len[req];
   const int n_rows = q_len * GROUP;
   const float sm_scale = a.sm_scale;
+#if LOGITS_SCALED_SCORE
+  const float exp_scale = sm_scale * AF_LOG2E;  // sm_scale > 0, checked on the host
+  const float m_unit = sm_scale;                // the logit of a raw score s is s * m_unit
+#else
+  const float exp_scale = AF_LOG2E;
+  const float m_unit = 1.f;
+#endif
+  (void)exp_scale;
+  (void)m_unit;
   const int warp_row0 = warp * 16 * MTILES;
 
   // Row r of the block: its token (clamped to 0 past the request's rows, so hooks never index
@@ -125,7 +134,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
   DTypeKV* v_smem = k_smem + STAGES * KV_TILE * ROW_QK;
   DTypeQ* q_smem = reinterpret_cast<DTypeQ*>(v_smem + STAGES * KV_TILE * ROW_VO);
-  __shared__ KeyOffsets key_offs[STAGES][KV_TILE];
+  __shared__ KeyRows key_rows[STAGES][KV_TILE];
 
   // Stage the block's Q rows (zeros past the request's rows); the copies land with the ring's
   // first group.
@@ -168,8 +177,8 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
     }
 
   const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
-  auto locate = [&](int slot, int t) { kv_locate<KV_TILE, NUM_THREADS>(a, key_offs[slot], lo + t * KV_TILE, hi, page_begin, tid); };
-  auto issue = [&](int slot, int t) { kv_issue<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, key_offs[slot], slot, kv_head, tid); };
+  auto locate = [&](int slot, int t) { kv_locate<KV_TILE, NUM_THREADS>(a, key_rows[slot], lo + t * KV_TILE, hi, page_begin, kv_head, tid); };
+  auto issue = [&](int slot, int t) { kv_issue<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, key_rows[slot], slot, tid); };
   af_ring_located<STAGES>(num_tiles, locate, issue, [&](int stage, int t) {
     const int t0 = lo + t * KV_TILE;
     // Skip the math for a tile none of this warp's rows can see (the loads are shared).
@@ -223,7 +232,9 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
 #if HAS_MASK
               vis = vis && af_mask(0.f, sm_scale, qpos, pos, head, kv_head, req, q_len, kv_len, p);
 #endif
-#if NORMALIZE_SOFTMAX
+#if NORMALIZE_SOFTMAX && LOGITS_SCALED_SCORE
+              s[mt][n][j] = vis ? s[mt][n][j] : -AF_INF;  // raw: the scale is folded into exp2
+#elif NORMALIZE_SOFTMAX
               s[mt][n][j] = vis ? af_logits(s[mt][n][j], sm_scale, qpos, pos, head, kv_head, req, q_len, kv_len, p) : -AF_INF;
 #else
               s[mt][n][j] = vis ? af_logits(s[mt][n][j], sm_scale, qpos, pos, head, kv_head, req, q_len, kv_len, p) : 0.f;
@@ -241,6 +252,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
 #if NORMALIZE_SOFTMAX
     // Online softmax, branch-free so that the rows' reductions interleave: a row with nothing
     // visible yet keeps m = -inf and exponentiates against 0, giving p = 0, scale 0 and d = 0.
+    // m is in the units of s: raw scores when the scale is folded (exp_scale = sm_scale log2 e).
     float mx[MTILES][2];
 #pragma unroll
     for (int mt = 0; mt < MTILES; ++mt)
@@ -262,13 +274,13 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float mn = mx[mt][h];
-        const float base = mn == -AF_INF ? 0.f : mn * AF_LOG2E;
-        const float sc = exp2f(fmaf(m[mt][h], AF_LOG2E, -base));
+        const float base = mn == -AF_INF ? 0.f : mn * exp_scale;
+        const float sc = exp2f(fmaf(m[mt][h], exp_scale, -base));
         float t[NT];
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          s[mt][n][2 * h] = exp2f(fmaf(s[mt][n][2 * h], AF_LOG2E, -base));
-          s[mt][n][2 * h + 1] = exp2f(fmaf(s[mt][n][2 * h + 1], AF_LOG2E, -base));
+          s[mt][n][2 * h] = exp2f(fmaf(s[mt][n][2 * h], exp_scale, -base));
+          s[mt][n][2 * h + 1] = exp2f(fmaf(s[mt][n][2 * h + 1], exp_scale, -base));
           t[n] = s[mt][n][2 * h] + s[mt][n][2 * h + 1];
         }
         d[mt][h] = fmaf(d[mt][h], sc, af_tree_sum<NT>(t));
@@ -323,13 +335,14 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
       const bool visible = m[mt][h] != -AF_INF;
       float scale = 0.f, lse_out = -AF_INF;
       if (visible) {
-        float mf = m[mt][h], df = dd;
+        const float ml = m[mt][h] * m_unit;  // the row max as a logit
+        float mf = ml, df = dd;
 #if HAS_SINK
         const float sk = af_sink(0.f, sm_scale, qpos, 0, head, kv_head, req, q_len, kv_len, p);
-        mf = fmaxf(m[mt][h], sk);
-        df = dd * exp2f((m[mt][h] - mf) * AF_LOG2E) + exp2f((sk - mf) * AF_LOG2E);
+        mf = fmaxf(ml, sk);
+        df = dd * exp2f((ml - mf) * AF_LOG2E) + exp2f((sk - mf) * AF_LOG2E);
 #endif
-        scale = exp2f((m[mt][h] - mf) * AF_LOG2E) / df;
+        scale = exp2f((ml - mf) * AF_LOG2E) / df;
         lse_out = mf + logf(df);
       }
 #else

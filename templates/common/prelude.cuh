@@ -56,6 +56,12 @@ __device__ __forceinline__ void af_cp_async16(void* smem, const void* gmem, bool
   int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size));
 }
+// The same with the shared-memory destination as a 32-bit shared address (__cvta_generic_to_shared
+// once per tile row instead of once per copy).
+__device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem, bool pred) {
+  int src_size = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
+}
 __device__ __forceinline__ void af_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void af_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

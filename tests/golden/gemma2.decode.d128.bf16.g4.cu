@@ -58,6 +58,12 @@ __device__ __forceinline__ void af_cp_async16(void* smem, const void* gmem, bool
   int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size));
 }
+// The same with the shared-memory destination as a 32-bit shared address (__cvta_generic_to_shared
+// once per tile row instead of once per copy).
+__device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem, bool pred) {
+  int src_size = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
+}
 __device__ __forceinline__ void af_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void af_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -94,6 +100,8 @@ static_assert(sizeof(Params) == 8, "Params layout differs from Rust (src/abi.rs)
 #define HAS_KV_LO 1
 #define HAS_KV_HI 1
 #define HAS_SINK 0
+// The logits hook is `score * sm_scale`: kernels may work on raw scores and fold the scale into exp2.
+#define LOGITS_SCALED_SCORE 0
 #define NORMALIZE_SOFTMAX 1
 #define AF_HOOK_ARGS float score, float sm_scale, int q_pos, int kv_pos, int qo_head, int kv_head, int req, int q_len, int kv_len, const Params& p
 
@@ -247,65 +255,66 @@ __device__ __forceinline__ void decode_load_tile(const DecodeArgs& a, DTypeKV* k
   }
 }
 
-// Where one key of a tile lives: element offsets of its K and V rows from the KV head's base,
-// or k = -1 for a key past the span (its copies zero-fill).
-struct KeyOffsets {
-  long long k, v;
+// Where one key of a tile lives: its K and V rows in global memory, or k = nullptr for a key
+// past the span (its copies zero-fill).
+struct __align__(16) KeyRows {
+  const DTypeKV* k;
+  const DTypeKV* v;
 };
 
-// Writes the KeyOffsets of the KV_TILE_ keys from `tile_start` into `offs` (one ring slot): the
-// page walk is done once per key instead of once per 16-byte copy. Keys past `hi` get k = -1.
+// Writes the KeyRows of the KV_TILE_ keys from `tile_start` into `rows` (one ring slot): the page
+// walk is done once per key instead of once per 16-byte copy. Keys past `hi` get nullptr.
 template <int KV_TILE_, int NTHREADS_>
-__device__ __forceinline__ void kv_locate(const DecodeArgs& a, KeyOffsets* offs, int tile_start, int hi, int page_begin, int tid) {
+__device__ __forceinline__ void kv_locate(const DecodeArgs& a, KeyRows* rows, int tile_start, int hi, int page_begin, int kv_head, int tid) {
   for (int j = tid; j < KV_TILE_; j += NTHREADS_) {
     const int pos = tile_start + j;
-    KeyOffsets o = {-1, 0};
+    KeyRows r = {nullptr, nullptr};
     if (pos <= hi) {
       const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
       const int slot = a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
       const long long page = a.kv_indices[page_begin + pi];
-      o.k = page * a.k_page_stride + (long long)slot * a.k_slot_stride;
-      o.v = page * a.v_page_stride + (long long)slot * a.v_slot_stride;
+      r.k = a.k + (long long)kv_head * a.k_head_stride + page * a.k_page_stride + (long long)slot * a.k_slot_stride;
+      r.v = a.v + (long long)kv_head * a.v_head_stride + page * a.v_page_stride + (long long)slot * a.v_slot_stride;
     }
-    offs[j] = o;
+    rows[j] = r;
   }
 }
 
 // Issues the cp.async copies of one located tile into ring slot `stage` (K rows padded to ROW_QK,
-// V rows to ROW_VO). Each thread copies fixed 16-byte columns of every few keys, so its column
-// offset is computed once.
+// V rows to ROW_VO).
 template <int KV_TILE_, int NTHREADS_>
-__device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, const KeyOffsets* offs,
-                                         int stage, int kv_head, int tid) {
-  const DTypeKV* k_head = a.k + (long long)kv_head * a.k_head_stride;
-  const DTypeKV* v_head = a.v + (long long)kv_head * a.v_head_stride;
+__device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, const KeyRows* rows, int stage, int tid) {
   DTypeKV* ks = k_smem + stage * KV_TILE_ * ROW_QK;
   DTypeKV* vs = v_smem + stage * KV_TILE_ * ROW_VO;
   constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
-  if (KCH == VCH && NTHREADS_ % KCH == 0) {
-    // One key location feeds both copies.
-    const int ch = tid % KCH;
+  constexpr int RSTEP = NTHREADS_ / KCH;  // keys per pass of the block
+  if (KCH == VCH && NTHREADS_ % KCH == 0 && KV_TILE_ % RSTEP == 0) {
+    // A thread copies column `ch` of keys j0, j0 + RSTEP, ...: a fixed trip count, immediate
+    // shared-memory offsets, and one key location for both copies.
+    const int ch = tid % KCH, j0 = tid / KCH;
+    const unsigned k_dst = (unsigned)__cvta_generic_to_shared(ks + j0 * ROW_QK + ch * VEC);
+    const unsigned v_dst = (unsigned)__cvta_generic_to_shared(vs + j0 * ROW_VO + ch * VEC);
 #pragma unroll
-    for (int j = tid / KCH; j < KV_TILE_; j += NTHREADS_ / KCH) {
-      const KeyOffsets o = offs[j];
-      const bool ok = o.k >= 0;
-      af_cp_async16(ks + j * ROW_QK + ch * VEC, ok ? k_head + o.k + ch * VEC : a.k, ok);
-      af_cp_async16(vs + j * ROW_VO + ch * VEC, ok ? v_head + o.v + ch * VEC : a.v, ok);
+    for (int i = 0; i < KV_TILE_ / RSTEP; ++i) {
+      const KeyRows r = rows[j0 + i * RSTEP];
+      const bool ok = r.k != nullptr;
+      af_cp_async16_s(k_dst + i * RSTEP * ROW_QK * (int)sizeof(DTypeKV), ok ? r.k + ch * VEC : a.k, ok);
+      af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), ok ? r.v + ch * VEC : a.v, ok);
     }
   } else {
 #pragma unroll 4
     for (int c = tid; c < KV_TILE_ * KCH; c += NTHREADS_) {
       const int j = c / KCH, ch = c % KCH;
-      const KeyOffsets o = offs[j];
-      const bool ok = o.k >= 0;
-      af_cp_async16(ks + j * ROW_QK + ch * VEC, ok ? k_head + o.k + ch * VEC : a.k, ok);
+      const KeyRows r = rows[j];
+      const bool ok = r.k != nullptr;
+      af_cp_async16(ks + j * ROW_QK + ch * VEC, ok ? r.k + ch * VEC : a.k, ok);
     }
 #pragma unroll 4
     for (int c = tid; c < KV_TILE_ * VCH; c += NTHREADS_) {
       const int j = c / VCH, ch = c % VCH;
-      const KeyOffsets o = offs[j];
-      const bool ok = o.k >= 0;
-      af_cp_async16(vs + j * ROW_VO + ch * VEC, ok ? v_head + o.v + ch * VEC : a.v, ok);
+      const KeyRows r = rows[j];
+      const bool ok = r.k != nullptr;
+      af_cp_async16(vs + j * ROW_VO + ch * VEC, ok ? r.v + ch * VEC : a.v, ok);
     }
   }
 }

@@ -273,8 +273,13 @@ fn capturing_a_default_plan_and_bad_shapes_are_errors() {
     let mut outb = DeviceResult::<bf16>::poisoned(&e, 2 * 4 * 64, 8).unwrap();
     let err = e.run_decode(&k, &plan, &bufs, &dp, &wb.batch(), &devb.batch(), outb.out(), None).unwrap_err();
     assert!(err.to_string().contains("compiled for f16"), "{err}");
-    // Capture with a default plan.
+    // A softmax scale that is not positive and finite.
     let mut out = DeviceResult::<f16>::poisoned(&e, 2 * 4 * 64, 8).unwrap();
+    for bad in [0.0, -0.125, f32::NAN, f32::INFINITY] {
+        let err = e.run_decode(&k, &plan, &bufs, &dp, &w.batch(), &dev.batch(), out.out(), Some(bad)).unwrap_err();
+        assert!(err.to_string().contains("positive and finite"), "{err}");
+    }
+    // Capture with a default plan.
     e.synchronize().unwrap();
     e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
     let err = e.run_decode(&k, &plan, &bufs, &dp, &w.batch(), &dev.batch(), out.out(), None).unwrap_err();
