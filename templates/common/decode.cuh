@@ -33,7 +33,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
   DTypeKV* v_smem = k_smem + STAGES * KV_TILE * ROW_QK;
-  __shared__ int2 key_loc[STAGES][KV_TILE];
+  __shared__ KeyRows key_rows[STAGES][KV_TILE];
 
   // Vector v of this thread covers dims [(v * BDX + tx) * VEC, … + VEC).
   float qf[NV][VEC];
@@ -49,10 +49,6 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   }
   const bool has_vo = tx * VEC < HEAD_DIM_VO;
 
-  auto load_tile = [&](int stage, int tile_start) {
-    decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, &key_loc[0][0], stage, tile_start, hi, page_begin, kv_head, tid);
-  };
-
   float m = -AF_INF, d = 0.f;
   bool any = false;
   float o[NV][VEC];
@@ -60,9 +56,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   for (int v = 0; v < NV; ++v)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) o[v][e] = 0.f;
-
-  const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
-  af_ring<STAGES>(num_tiles, [&](int stage, int t) { load_tile(stage, lo + t * KV_TILE); }, [&](int stage, int t) {
+  kv_stream<STAGES, KV_TILE, NUM_THREADS>(a, k_smem, v_smem, key_rows, lo, hi, page_begin, kv_head, tid, [&](int stage, int t) {
     const int tile_start = lo + t * KV_TILE;
     float l[TILE_PER_Z];
     float m_tile = -AF_INF;

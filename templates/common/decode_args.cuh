@@ -1,5 +1,5 @@
-// decode_args.cuh — what both decode main loops share: the work item and argument structs (the
-// host-device ABI, mirrored in src/abi.rs) and the cp.async loader of one K/V tile.
+// decode_args.cuh — what the decode and prefill main loops share: the work item and argument
+// structs (the host-device ABI, mirrored in src/abi.rs) and the located cp.async K/V ring.
 //
 // Needs: DTypeKV, HEAD_DIM_QK, HEAD_DIM_VO, GROUP, Params and the variant's hooks.
 
@@ -70,67 +70,6 @@ __device__ __forceinline__ DecodeRequest decode_request(const DecodeArgs& a, con
   return r;
 }
 
-// Runs a STAGES_-deep cp.async ring over `num_tiles` tiles: `load(stage, t)` issues tile t's
-// copies into ring slot `stage`, `compute(stage, t)` consumes the tile once it has landed. Every
-// thread of the block must call it: it synchronises the block around each tile.
-template <int STAGES_, typename Load, typename Compute>
-__device__ __forceinline__ void af_ring(int num_tiles, Load&& load, Compute&& compute) {
-#pragma unroll
-  for (int s = 0; s < STAGES_ - 1; ++s) {
-    if (s < num_tiles) load(s, s);
-    af_cp_async_commit();
-  }
-  for (int t = 0; t < num_tiles; ++t) {
-    const int next = t + STAGES_ - 1;
-    if (next < num_tiles) load(next % STAGES_, next);
-    af_cp_async_commit();
-    af_cp_async_wait<STAGES_ - 1>();
-    __syncthreads();
-    compute(t % STAGES_, t);
-    __syncthreads();  // the slot is refilled by the next iteration's load
-  }
-  af_cp_async_wait<0>();
-}
-
-// Issues the cp.async copies of the KV_TILE_ keys starting at `tile_start` into ring slot
-// `stage`. The (page, slot) of each key is computed once into `key_loc` (shared memory) instead
-// of once per 16-byte copy. Keys past `hi` are zero-filled so that a masked key never multiplies
-// a NaN from stale memory. Every thread of the block must call it (it synchronises the block).
-template <int KV_TILE_, int NTHREADS_>
-__device__ __forceinline__ void decode_load_tile(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, int2* key_loc,
-                                                 int stage, int tile_start, int hi, int page_begin, int kv_head, int tid) {
-  int2* loc_tile = key_loc + stage * KV_TILE_;
-  for (int j = tid; j < KV_TILE_; j += NTHREADS_) {
-    const int pos = tile_start + j;
-    int2 loc = make_int2(-1, 0);
-    if (pos <= hi) {
-      // Power-of-two pages (the common case) avoid an integer division.
-      const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
-      loc = make_int2(a.kv_indices[page_begin + pi], a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size);
-    }
-    loc_tile[j] = loc;
-  }
-  __syncthreads();
-  const DTypeKV* k_head = a.k + (long long)kv_head * a.k_head_stride;
-  const DTypeKV* v_head = a.v + (long long)kv_head * a.v_head_stride;
-  constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
-  constexpr int CH = KCH > VCH ? KCH : VCH;
-#pragma unroll 4
-  for (int c = tid; c < KV_TILE_ * CH; c += NTHREADS_) {
-    const int j = c / CH, ch = c % CH;
-    const int2 loc = loc_tile[j];
-    const bool ok = loc.x >= 0;
-    if (ch < KCH) {
-      const DTypeKV* src = ok ? k_head + loc.x * a.k_page_stride + (long long)loc.y * a.k_slot_stride + ch * VEC : a.k;
-      af_cp_async16(k_smem + (stage * KV_TILE_ + j) * ROW_QK + ch * VEC, src, ok);
-    }
-    if (ch < VCH) {
-      const DTypeKV* src = ok ? v_head + loc.x * a.v_page_stride + (long long)loc.y * a.v_slot_stride + ch * VEC : a.v;
-      af_cp_async16(v_smem + (stage * KV_TILE_ + j) * ROW_VO + ch * VEC, src, ok);
-    }
-  }
-}
-
 // Where one key of a tile lives: its K and V rows in global memory, or k = nullptr for a key
 // past the span (its copies zero-fill).
 struct __align__(16) KeyRows {
@@ -138,21 +77,32 @@ struct __align__(16) KeyRows {
   const DTypeKV* v;
 };
 
+// The page holding KV position `pos` (-1 past `hi`): the one global load of the page walk, so
+// that a caller can issue it early and consume it a whole tile later.
+__device__ __forceinline__ int kv_page(const DecodeArgs& a, int pos, int hi, int page_begin) {
+  if (pos > hi) return -1;
+  const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
+  return a.kv_indices[page_begin + pi];
+}
+
+// The K and V rows of position `pos` on `page` (nullptr when page < 0).
+__device__ __forceinline__ KeyRows kv_rows(const DecodeArgs& a, int pos, int page, int kv_head) {
+  KeyRows r = {nullptr, nullptr};
+  if (page >= 0) {
+    const int slot = a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
+    r.k = a.k + (long long)kv_head * a.k_head_stride + page * a.k_page_stride + (long long)slot * a.k_slot_stride;
+    r.v = a.v + (long long)kv_head * a.v_head_stride + page * a.v_page_stride + (long long)slot * a.v_slot_stride;
+  }
+  return r;
+}
+
 // Writes the KeyRows of the KV_TILE_ keys from `tile_start` into `rows` (one ring slot): the page
 // walk is done once per key instead of once per 16-byte copy. Keys past `hi` get nullptr.
 template <int KV_TILE_, int NTHREADS_>
 __device__ __forceinline__ void kv_locate(const DecodeArgs& a, KeyRows* rows, int tile_start, int hi, int page_begin, int kv_head, int tid) {
   for (int j = tid; j < KV_TILE_; j += NTHREADS_) {
     const int pos = tile_start + j;
-    KeyRows r = {nullptr, nullptr};
-    if (pos <= hi) {
-      const int pi = a.page_shift >= 0 ? pos >> a.page_shift : pos / a.page_size;
-      const int slot = a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
-      const long long page = a.kv_indices[page_begin + pi];
-      r.k = a.k + (long long)kv_head * a.k_head_stride + page * a.k_page_stride + (long long)slot * a.k_slot_stride;
-      r.v = a.v + (long long)kv_head * a.v_head_stride + page * a.v_page_stride + (long long)slot * a.v_slot_stride;
-    }
-    rows[j] = r;
+    rows[j] = kv_rows(a, pos, kv_page(a, pos, hi, page_begin), kv_head);
   }
 }
 
@@ -195,16 +145,18 @@ __device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, D
   }
 }
 
-// A STAGES_-deep cp.async ring whose tiles are located (`locate(slot, t)` writes shared key
-// offsets) a full ring ahead of their copies (`issue(slot, t)`), so the barrier that ends one
-// tile's compute also publishes a later tile's locations: two barriers per tile, not three.
-// Slot t % STAGES_ holds tile t's data and locations; a slot's locations are rewritten only after
-// its copies were issued and its compute is done. Every thread of the block must call it.
-template <int STAGES_, typename Locate, typename Issue, typename Compute>
-__device__ __forceinline__ void af_ring_located(int num_tiles, Locate&& locate, Issue&& issue, Compute&& compute) {
+// A STAGES_-deep cp.async ring whose tiles are located (shared key rows written by
+// `locate(slot, t, pre)`) a full ring ahead of their copies (`issue(slot, t)`), so the barrier
+// that ends one tile's compute also publishes a later tile's locations: two barriers per tile,
+// not three. `prefetch(t)` starts tile t's page-index loads before the compute and returns what
+// `locate` needs, so their latency hides behind the compute. Slot t % STAGES_ holds tile t's data
+// and rows; a slot's rows are rewritten only after its copies were issued and its compute is
+// done. Every thread of the block must call it.
+template <int STAGES_, typename Prefetch, typename Locate, typename Issue, typename Compute>
+__device__ __forceinline__ void af_ring_located(int num_tiles, Prefetch&& prefetch, Locate&& locate, Issue&& issue, Compute&& compute) {
 #pragma unroll
   for (int s = 0; s < STAGES_; ++s)
-    if (s < num_tiles) locate(s, s);
+    if (s < num_tiles) locate(s, s, prefetch(s));
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < STAGES_ - 1; ++s) {
@@ -215,13 +167,37 @@ __device__ __forceinline__ void af_ring_located(int num_tiles, Locate&& locate, 
     const int next = t + STAGES_ - 1;
     if (next < num_tiles) issue(next % STAGES_, next);
     af_cp_async_commit();
+    const bool relocate = t + STAGES_ < num_tiles;
+    const auto pre = prefetch(relocate ? t + STAGES_ : t);
     af_cp_async_wait<STAGES_ - 1>();
     __syncthreads();
     compute(t % STAGES_, t);
-    if (t + STAGES_ < num_tiles) locate(t % STAGES_, t + STAGES_);
-    __syncthreads();  // the data slot is refilled, and the locations read, by the next iteration
+    if (relocate) locate(t % STAGES_, t + STAGES_, pre);
+    __syncthreads();  // the data slot is refilled, and the rows read, by the next iteration
   }
   af_cp_async_wait<0>();
+}
+
+// Streams the K/V tiles of positions [lo, hi] of one KV head through a STAGES_-deep located
+// ring and calls `compute(stage, t)` on each once it has landed (tile t starts at lo + t *
+// KV_TILE_; keys past hi are zero-filled). `rows` is the ring's shared KeyRows. A thread locates
+// key `tid` of a tile when the tile fits the block (its page index prefetched a tile ahead),
+// otherwise the block walks the keys in turn. Every thread of the block must call it.
+template <int STAGES_, int KV_TILE_, int NTHREADS_, typename Compute>
+__device__ __forceinline__ void kv_stream(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, KeyRows (*rows)[KV_TILE_], int lo, int hi,
+                                          int page_begin, int kv_head, int tid, Compute&& compute) {
+  constexpr bool ONE_KEY = KV_TILE_ <= NTHREADS_;
+  auto prefetch = [&](int t) { return ONE_KEY ? kv_page(a, lo + t * KV_TILE_ + tid, tid < KV_TILE_ ? hi : -1, page_begin) : 0; };
+  auto locate = [&](int slot, int t, int page) {
+    if (ONE_KEY) {
+      if (tid < KV_TILE_) rows[slot][tid] = kv_rows(a, lo + t * KV_TILE_ + tid, page, kv_head);
+    } else {
+      kv_locate<KV_TILE_, NTHREADS_>(a, rows[slot], lo + t * KV_TILE_, hi, page_begin, kv_head, tid);
+    }
+  };
+  auto issue = [&](int slot, int t) { kv_issue<KV_TILE_, NTHREADS_>(a, k_smem, v_smem, rows[slot], slot, tid); };
+  const int num_tiles = hi >= lo ? (hi - lo + KV_TILE_) / KV_TILE_ : 0;
+  af_ring_located<STAGES_>(num_tiles, prefetch, locate, issue, compute);
 }
 
 // Writes 8 output dims [c0, c0 + 8) of one query head from its combined state (M, D, O):

@@ -39,7 +39,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
   DTypeKV* v_smem = k_smem + STAGES * KV_TILE * ROW_QK;
-  __shared__ int2 key_loc[STAGES][KV_TILE];
+  __shared__ KeyRows key_rows[STAGES][KV_TILE];
 
   // Rows g and g + 8 of the MMA are query heads kv_head * GROUP + row; rows >= GROUP are padding.
   const int row0 = g, row1 = g + 8;
@@ -71,11 +71,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   float m0 = -AF_INF, m1 = -AF_INF, d0 = 0.f, d1 = 0.f;
   bool any0 = false, any1 = false;
 
-  auto load_tile = [&](int stage, int tile_start) {
-    decode_load_tile<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, &key_loc[0][0], stage, tile_start, hi, page_begin, kv_head, tid);
-  };
-  const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
-  af_ring<STAGES>(num_tiles, [&](int stage, int t) { load_tile(stage, lo + t * KV_TILE); }, [&](int stage, int t) {
+  kv_stream<STAGES, KV_TILE, NUM_THREADS>(a, k_smem, v_smem, key_rows, lo, hi, page_begin, kv_head, tid, [&](int stage, int t) {
     const int key0 = lo + t * KV_TILE + warp * 16;
 
     // S = Q K^T for this warp's 16 keys: two n-tiles of 8 keys.

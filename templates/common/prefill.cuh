@@ -176,10 +176,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
 #endif
     }
 
-  const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
-  auto locate = [&](int slot, int t) { kv_locate<KV_TILE, NUM_THREADS>(a, key_rows[slot], lo + t * KV_TILE, hi, page_begin, kv_head, tid); };
-  auto issue = [&](int slot, int t) { kv_issue<KV_TILE, NUM_THREADS>(a, k_smem, v_smem, key_rows[slot], slot, tid); };
-  af_ring_located<STAGES>(num_tiles, locate, issue, [&](int stage, int t) {
+  kv_stream<STAGES, KV_TILE, NUM_THREADS>(a, k_smem, v_smem, key_rows, lo, hi, page_begin, kv_head, tid, [&](int stage, int t) {
     const int t0 = lo + t * KV_TILE;
     // Skip the math for a tile none of this warp's rows can see (the loads are shared).
     if (t0 > see_hi || t0 + KV_TILE - 1 < see_lo) return;
