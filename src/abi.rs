@@ -108,6 +108,10 @@ pub struct PrefillWork {
     pub row_start: i32,
     pub kv_begin: i32,
     pub kv_end: i32,
+    /// Partial slot of the block's first token for this KV chunk, or -1 to write the output.
+    pub partial: i32,
+    /// Slots between consecutive tokens of the block (its number of chunks).
+    pub stride: i32,
 }
 
 /// Mirrors `MergeWork` in `templates/common/merge.cuh`.

@@ -9,9 +9,10 @@ use crate::spec::SpecError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A malformed variant spec (file, hook, column).
+    /// A malformed variant spec (file, hook, column). Boxed: it carries the hook's text, and
+    /// every `Result` of the library would otherwise be as large.
     #[error(transparent)]
-    Spec(#[from] SpecError),
+    Spec(Box<SpecError>),
     /// A parameter value that does not fit its declaration, or an unknown parameter.
     #[error("{0}")]
     Param(String),
@@ -42,3 +43,9 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<SpecError> for Error {
+    fn from(e: SpecError) -> Error {
+        Error::Spec(Box::new(e))
+    }
+}

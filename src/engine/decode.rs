@@ -2,10 +2,10 @@
 //! requests.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{cuda, DeviceParams, Engine, PlanBuffers, PlanShape};
-use crate::abi::{param_layout, MergeArgs, ParamField};
+use crate::abi::{param_layout, ParamField};
 use crate::jit::{CompiledKernel, DecodeTile, KernelConfig, Op};
 use crate::kv::{Batch, Element};
 use crate::plan::{plan_decode, DecodePlan, PlanMode, PlanTarget};
@@ -121,11 +121,8 @@ impl Engine {
             return Ok(());
         }
         let s = &self.stream;
-        // Partial states: o for every (slot, head), then one lse each.
-        let ws = bufs.workspace.device_ptr(s).0;
         let slots = if matches!(plan.mode, PlanMode::FixedGrid { .. }) { plan.grid } else { plan.num_partials };
-        args.part_o = ws;
-        args.part_lse = ws + (slots * batch.qo_heads * kv.head_dim_vo * 4) as u64;
+        self.point_partials(&mut args, bufs, slots, batch.qo_heads, kv.head_dim_vo);
         let t = &k.tile;
         let cfg_launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
@@ -136,31 +133,7 @@ impl Engine {
         // against the batch; the plan's indices were validated on the host against the same
         // batch; the argument structs' layouts are static_asserted in the compiled source.
         unsafe { s.launch_builder(&k.decode).arg(&args).arg(&params.blob).launch(cfg_launch) }.map_err(cuda("launch decode"))?;
-        if plan.merge_grid > 0 {
-            // The packed plan holds the merge list after the decode work list.
-            let margs = MergeArgs {
-                o: args.o,
-                lse: args.lse,
-                part_o: args.part_o,
-                part_lse: args.part_lse,
-                work: args.num_work + 8 + 16 * plan.grid as u64,
-                num_work: args.num_work + 4,
-                qo_indptr: args.qo_indptr,
-                kv_indptr: args.kv_indptr,
-                last_page_len: args.last_page_len,
-                num_qo_heads: args.num_qo_heads,
-                group: cfg.group as i32,
-                page_size: args.page_size,
-                sm_scale: args.sm_scale,
-            };
-            let mcfg = LaunchConfig {
-                grid_dim: (plan.merge_grid as u32, batch.qo_heads as u32, 1),
-                block_dim: (kv.head_dim_vo.min(128) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: as above; the merge reads the partial slots the decode launch wrote.
-            unsafe { s.launch_builder(&k.merge).arg(&margs).arg(&params.blob).launch(mcfg) }.map_err(cuda("launch merge"))?;
-        }
-        Ok(())
+        // The packed plan holds the merge list after the decode work list.
+        self.launch_merge(&k.merge, &args, 8 + 16 * plan.grid as u64, plan.merge_grid, cfg.group, batch.qo_heads, kv.head_dim_vo, params)
     }
 }

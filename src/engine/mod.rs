@@ -256,7 +256,7 @@ impl Engine {
         let sm_scale = sm_scale.unwrap_or_else(|| crate::reference::default_sm_scale(kv.head_dim_qk));
         // Kernels fold a positive scale into the exponent (the row max of raw scores is then the
         // max of the logits), so a zero, negative or non-finite one is refused here.
-        if !(sm_scale.is_finite() && sm_scale > 0.0) {
+        if !sm_scale.is_finite() || sm_scale <= 0.0 {
             return Err(Error::Unsupported(format!("sm_scale {sm_scale}: it must be positive and finite")));
         }
         if bufs.plan.len() < plan.packed_len {
@@ -295,6 +295,56 @@ impl Engine {
             sm_scale,
             page_shift: if kv.page_size.is_power_of_two() { kv.page_size.trailing_zeros() as i32 } else { -1 },
         })
+    }
+}
+
+impl Engine {
+    /// Points a launch's partial-state pointers into the plan's workspace: o for every (slot,
+    /// head), then one lse each.
+    pub(crate) fn point_partials(&self, args: &mut crate::abi::DecodeArgs, bufs: &PlanBuffers, slots: usize, qo_heads: usize, head_dim_vo: usize) {
+        let ws = bufs.workspace.device_ptr(&self.stream).0;
+        args.part_o = ws;
+        args.part_lse = ws + (slots * qo_heads * head_dim_vo * 4) as u64;
+    }
+
+    /// Launches `merge_states` over a plan's merge list, which starts `merge_offset` bytes into
+    /// the packed plan (after the work list); nothing when the list is empty.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_merge(
+        &self,
+        func: &cudarc::driver::CudaFunction,
+        args: &crate::abi::DecodeArgs,
+        merge_offset: u64,
+        merge_grid: usize,
+        group: usize,
+        qo_heads: usize,
+        head_dim_vo: usize,
+        params: &DeviceParams,
+    ) -> Result<()> {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        if merge_grid == 0 {
+            return Ok(());
+        }
+        let margs = crate::abi::MergeArgs {
+            o: args.o,
+            lse: args.lse,
+            part_o: args.part_o,
+            part_lse: args.part_lse,
+            work: args.num_work + merge_offset,
+            num_work: args.num_work + 4,
+            qo_indptr: args.qo_indptr,
+            kv_indptr: args.kv_indptr,
+            last_page_len: args.last_page_len,
+            num_qo_heads: args.num_qo_heads,
+            group: group as i32,
+            page_size: args.page_size,
+            sm_scale: args.sm_scale,
+        };
+        let cfg = LaunchConfig { grid_dim: (merge_grid as u32, qo_heads as u32, 1), block_dim: (head_dim_vo.min(128) as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the pointers are those of a launch checked by `checked_args`; the merge list and
+        // the partial slots it reads were written by the plan upload and the preceding launch.
+        unsafe { self.stream.launch_builder(func).arg(&margs).arg(&params.blob).launch(cfg) }.map_err(cuda("launch merge"))?;
+        Ok(())
     }
 }
 

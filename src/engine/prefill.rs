@@ -7,7 +7,7 @@ use super::{cuda, DeviceBatch, DeviceOutput, DeviceParams, Engine, PlanBuffers, 
 use crate::abi::{param_layout, ParamField};
 use crate::jit::{CompiledKernel, KernelConfig, Op, PrefillTile};
 use crate::kv::{Batch, Element, LayoutError};
-use crate::plan::{plan_prefill, PlanMode, PrefillPlan};
+use crate::plan::{plan_prefill, PlanMode, PlanTarget, PrefillPlan};
 use crate::spec::params::ParamValues;
 use crate::spec::Variant;
 use crate::{Error, Result};
@@ -15,6 +15,7 @@ use crate::{Error, Result};
 /// One compiled prefill tile: the function and its launch shape.
 pub struct PrefillFn {
     func: CudaFunction,
+    merge: CudaFunction,
     pub tile: PrefillTile,
     pub smem_bytes: usize,
     pub ctas_per_sm: usize,
@@ -72,6 +73,7 @@ impl Engine {
         }
         let module = self.module(&compiled)?;
         let func = module.load_function("attnforge_prefill").map_err(cuda("load attnforge_prefill"))?;
+        let merge = module.load_function("attnforge_merge").map_err(cuda("load attnforge_merge"))?;
         let tile = cfg.prefill_tile();
         let smem = cfg.smem_bytes();
         func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
@@ -83,7 +85,7 @@ impl Engine {
         let attr = |a| func.get_attribute(a).map(|v| v.max(0) as usize).map_err(cuda("read kernel attribute"));
         let regs = attr(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_NUM_REGS)?;
         let local_bytes = attr(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)?;
-        Ok(PrefillFn { func, tile, smem_bytes: smem, ctas_per_sm, regs, local_bytes, compiled })
+        Ok(PrefillFn { func, merge, tile, smem_bytes: smem, ctas_per_sm, regs, local_bytes, compiled })
     }
 
     /// Plans a prefill batch for `k`.
@@ -94,11 +96,12 @@ impl Engine {
         // Short appends (every request within the narrow tile's rows) take the narrow tile, so a
         // few tokens × GQA heads do not leave most of a 128-row block idle. A fixed-grid plan
         // always takes the wide one: a captured graph holds one kernel for every step.
-        let rows = match &k.narrow {
-            Some(n) if !matches!(mode, PlanMode::FixedGrid { .. }) && (0..batch.batch_size()).all(|b| batch.q_len(b) * batch.group() <= n.tile.rows()) => n.tile.rows(),
-            _ => k.wide.tile.rows(),
+        let f = match &k.narrow {
+            Some(n) if !matches!(mode, PlanMode::FixedGrid { .. }) && (0..batch.batch_size()).all(|b| batch.q_len(b) * batch.group() <= n.tile.rows()) => n,
+            _ => &k.wide,
         };
-        plan_prefill(&k.variant, params, batch, rows, mode)
+        let target = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: f.tile.kv_tile };
+        plan_prefill(&k.variant, params, batch, f.tile.rows(), target, mode)
     }
 
     /// Launches prefill on the engine's stream after checking every shape against `batch`.
@@ -118,10 +121,14 @@ impl Engine {
         let f = k.tile_for(plan);
         mismatch("plan rows per block (kernel)", f.tile.rows(), plan.rows)?;
         let shape = PlanShape { batch_size: plan.batch_size, qo_heads: plan.qo_heads, packed_len: plan.packed_len(), fixed_grid: matches!(plan.mode, PlanMode::FixedGrid { .. }) };
-        let args = self.checked_args(&k.cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;
+        let mut args = self.checked_args(&k.cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;
+        if bufs.workspace_bytes() < plan.workspace_bytes {
+            return Err(Error::Plan(format!("the plan needs {} bytes of workspace, {} were given", plan.workspace_bytes, bufs.workspace_bytes())));
+        }
         if plan.grid == 0 {
             return Ok(());
         }
+        self.point_partials(&mut args, bufs, plan.num_partials, batch.qo_heads, kv.head_dim_vo);
         let s = &self.stream;
         let launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
@@ -132,6 +139,8 @@ impl Engine {
         // against the batch; the plan's rows and requests were built from the same validated
         // batch; the argument layout is static_asserted in the compiled source.
         unsafe { s.launch_builder(&f.func).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch prefill"))?;
-        Ok(())
+        // The packed plan holds the merge list after the work list.
+        let merge_offset = (8 + 4 * crate::plan::PREFILL_WORK_INTS * plan.grid) as u64;
+        self.launch_merge(&f.merge, &args, merge_offset, plan.merge_grid, k.cfg.group, batch.qo_heads, kv.head_dim_vo, params)
     }
 }

@@ -115,6 +115,8 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
             ctx.insert("stages", &t.stages);
             ctx.insert("min_ctas", &t.min_ctas);
             ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
+            ctx.insert("merge_args_size", &std::mem::size_of::<abi::MergeArgs>());
+            ctx.insert("prefill_work_size", &std::mem::size_of::<abi::PrefillWork>());
             "prefill.cu.tera"
         }
     };

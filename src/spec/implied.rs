@@ -213,3 +213,59 @@ pub fn mask_implied_by_range(v: &Variant) -> bool {
         None => false,
     })
 }
+
+/// How an integer expression moves as `q_pos` grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Const,
+    Up,
+    Down,
+}
+
+impl Dir {
+    fn flip(self) -> Dir {
+        match self {
+            Dir::Up => Dir::Down,
+            Dir::Down => Dir::Up,
+            Dir::Const => Dir::Const,
+        }
+    }
+    fn join(self, o: Dir) -> Option<Dir> {
+        match (self, o) {
+            (Dir::Const, d) | (d, Dir::Const) => Some(d),
+            (a, b) if a == b => Some(a),
+            _ => None,
+        }
+    }
+}
+
+fn direction(e: &TExpr) -> Option<Dir> {
+    if !e.reads(Builtin::QPos) {
+        return Some(Dir::Const);
+    }
+    match &e.kind {
+        TKind::Builtin(Builtin::QPos) => Some(Dir::Up),
+        TKind::Unary(UnOp::Neg, a) => Some(direction(a)?.flip()),
+        TKind::Binary(BinOp::Add, a, b) => direction(a)?.join(direction(b)?),
+        TKind::Binary(BinOp::Sub, a, b) => direction(a)?.join(direction(b)?.flip()),
+        TKind::Binary(BinOp::Mul, a, b) => match (&a.kind, &b.kind) {
+            (TKind::Lit(Lit::Int(k)), _) => Some(if *k >= 0 { direction(b)? } else { direction(b)?.flip() }),
+            (_, TKind::Lit(Lit::Int(k))) => Some(if *k >= 0 { direction(a)? } else { direction(a)?.flip() }),
+            _ => None,
+        },
+        // Truncating division by a positive constant keeps the order.
+        TKind::Binary(BinOp::Div, a, b) => match &b.kind {
+            TKind::Lit(Lit::Int(k)) if *k > 0 => direction(a),
+            _ => None,
+        },
+        TKind::Call(Func::Min | Func::Max, args) if args.len() == 2 => direction(&args[0])?.join(direction(&args[1])?),
+        _ => None,
+    }
+}
+
+/// Whether a `kv_range` bound never decreases as `q_pos` grows (and never wraps), so that over
+/// consecutive query tokens its extreme values are at the first and last token. The prefill
+/// planner uses it to bound a block of rows by two evaluations instead of one per token.
+pub fn nondecreasing_in_q_pos(hook: &TExpr, params: &[ParamDecl]) -> bool {
+    interval(hook, params).is_some() && matches!(direction(hook), Some(Dir::Const | Dir::Up))
+}

@@ -21,12 +21,14 @@
 #define NUM_THREADS (32 * NUM_WARPS)
 #define ROWS (16 * MTILES * NUM_WARPS)
 
-// Mirrors src/abi.rs `PrefillWork`; uploaded where decode puts DecodeWork (both four ints).
+// Mirrors src/abi.rs `PrefillWork`; uploaded where decode puts its DecodeWork list.
 struct PrefillWork {
   int req;
   int row_start;  // first query row (token * GROUP + head) of the block
   int kv_begin;
   int kv_end;
+  int partial;  // partial slot of the block's first token for this KV chunk, or -1
+  int stride;   // slots between consecutive tokens of the block
 };
 
 // Pairwise reductions: a balanced tree instead of a serial chain of dependent instructions.
@@ -330,6 +332,29 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
       dd += __shfl_xor_sync(0xffffffffu, dd, 1);
       dd += __shfl_xor_sync(0xffffffffu, dd, 2);
       const bool visible = m[mt][h] != -AF_INF;
+#else
+      const bool seen = (__shfl_xor_sync(0xffffffffu, (int)any[mt][h], 1) | __shfl_xor_sync(0xffffffffu, (int)any[mt][h], 2) | (int)any[mt][h]) != 0;
+#endif
+      if (item.partial >= 0) {
+        // One KV chunk of a split block: the f32 partial (o normalised, lse without the sink)
+        // that merge_states combines.
+        if (item.row_start + r >= n_rows) continue;
+#if NORMALIZE_SOFTMAX
+        const float inv = visible ? 1.f / dd : 0.f;
+        const float part_lse = visible ? m[mt][h] * m_unit + logf(dd) : -AF_INF;
+#else
+        const float inv = 1.f;
+        const float part_lse = seen ? 0.f : -AF_INF;
+#endif
+        const long long slot = item.partial + (long long)(tq - item.row_start / GROUP) * item.stride;
+        const long long prow = slot * a.num_qo_heads + head;
+        float* po = a.part_o + prow * HEAD_DIM_VO + 2 * t4;
+#pragma unroll
+        for (int dn = 0; dn < DN; ++dn) *reinterpret_cast<float2*>(po + dn * 8) = make_float2(oacc[mt][dn][2 * h] * inv, oacc[mt][dn][2 * h + 1] * inv);
+        if (t4 == 0) a.part_lse[prow] = part_lse;
+        continue;
+      }
+#if NORMALIZE_SOFTMAX
       float scale = 0.f, lse_out = -AF_INF;
       if (visible) {
         const float ml = m[mt][h] * m_unit;  // the row max as a logit
@@ -343,7 +368,6 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
         lse_out = mf + logf(df);
       }
 #else
-      const bool seen = (__shfl_xor_sync(0xffffffffu, (int)any[mt][h], 1) | __shfl_xor_sync(0xffffffffu, (int)any[mt][h], 2) | (int)any[mt][h]) != 0;
       const float scale = 1.f, lse_out = seen ? 0.f : -AF_INF;
 #endif
       if (item.row_start + r >= n_rows) continue;

@@ -105,3 +105,26 @@ fn a_proven_mask_holds_everywhere_inside_the_range() {
     }
     assert!(checked >= 7, "only {checked} shipped variants have a proven mask");
 }
+
+#[test]
+fn range_bounds_monotone_in_q_pos() {
+    use attnforge::spec::implied::nondecreasing_in_q_pos;
+    let mono = |name: &str| {
+        let v = shipped::resolve(name).unwrap();
+        let r = v.kv_range.as_ref().unwrap();
+        [&r.lo, &r.hi].map(|h| h.as_ref().map(|h| nondecreasing_in_q_pos(&h.typed, &v.params)))
+    };
+    assert_eq!(mono("causal"), [None, Some(true)]);
+    assert_eq!(mono("sliding_window"), [Some(true), Some(true)]);
+    // max(q_pos, prefix_len - 1)
+    assert_eq!(mono("prefix_lm"), [None, Some(true)]);
+    // q_pos - q_pos % chunk is monotone, but the remainder is not provably so: no claim.
+    assert_eq!(mono("chunked"), [Some(false), Some(true)]);
+    let w = r#""w": { "type": "i32", "range": [1, 1000] }"#;
+    // `q_pos * 2` may wrap (positions reach 2^30): no claim.
+    for (hi, want) in [("q_pos / 2", true), ("0 - q_pos", false), ("kv_len - q_pos", false), ("q_pos * 2 - w", false), ("q_pos - w + 1", true), ("min(q_pos, w) + 3", true), ("q_pos * q_pos", false), ("w", true)] {
+        let v = spec("kv_pos <= q_pos", None, Some(hi), w);
+        let h = &v.kv_range.as_ref().unwrap().hi.as_ref().unwrap().typed;
+        assert_eq!(nondecreasing_in_q_pos(h, &v.params), want, "{hi}");
+    }
+}

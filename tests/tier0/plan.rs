@@ -140,7 +140,9 @@ fn prefill_blocks_cover_every_query_row_once_longest_first() {
     }
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 4 }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len()), qo_heads: 32 };
-    let plan = plan_prefill(&v, &p, &b, 64, PlanMode::Default).unwrap();
+    // A target the blocks already fill: no split.
+    let plan = plan_prefill(&v, &p, &b, 64, PlanTarget { ctas: 100, kv_tile: 64 }, PlanMode::Default).unwrap();
+    assert!(plan.merge.is_empty() && plan.work.iter().all(|w| w.partial == -1));
     for (req, &(q, _)) in lens.iter().enumerate() {
         let mut starts: Vec<i32> = plan.work.iter().filter(|w| w.req == req as i32).map(|w| w.row_start).collect();
         starts.sort();
@@ -150,5 +152,107 @@ fn prefill_blocks_cover_every_query_row_once_longest_first() {
     // The 7-token append over 3000 keys is the biggest block, then the 2000-token prompt's last.
     assert_eq!((plan.work[0].req, plan.work[0].row_start), (2, 0));
     assert_eq!((plan.work[1].req, plan.work[1].row_start), (3, 7936));
-    assert_eq!(plan.packed().len(), 2 + 4 * plan.work.len());
+    assert_eq!(plan.packed().len(), 2 + 6 * plan.work.len());
+}
+
+/// A prefill batch of `(q_len, kv_len)` requests with 32/8 heads (GQA 4).
+fn prefill_plan(variant: &str, params: &[(&str, f64)], lens: &[(usize, usize)], rows: usize, ctas: usize, mode: PlanMode) -> attnforge::Result<(attnforge::plan::PrefillPlan, Vec<i32>)> {
+    let v = shipped::resolve(variant).unwrap();
+    let kv_lens: Vec<usize> = lens.iter().map(|l| l.1).collect();
+    let pages = PageTable::from_lens(&kv_lens, 16, &mut (0..).map(|i| i as usize));
+    let mut qo = vec![0i32];
+    for l in lens {
+        qo.push(qo.last().unwrap() + l.0 as i32);
+    }
+    let given: HashMap<String, ParamInput> = params.iter().map(|(k, x)| (k.to_string(), ParamInput::Scalar(*x))).collect();
+    let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
+    let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len().max(1)), qo_heads: 32 };
+    let plan = attnforge::plan::plan_prefill(&v, &p, &b, rows, PlanTarget { ctas, kv_tile: 32 }, mode)?;
+    Ok((plan, qo))
+}
+
+/// Split blocks: every (token, visible position) is in exactly one chunk of its block, each
+/// token of a split block has one merge item over contiguous, unique slots.
+fn check_prefill_split(plan: &attnforge::plan::PrefillPlan, lens: &[(usize, usize)], qo: &[i32], group: usize, visible: impl Fn(usize, usize) -> (usize, usize)) {
+    let mut slots_seen = vec![0u32; plan.num_partials];
+    for (req, &(q, kv_len)) in lens.iter().enumerate() {
+        for token in 0..q {
+            let row = token * group;
+            let items: Vec<_> = plan.work.iter().filter(|w| w.req == req as i32 && (w.row_start as usize..w.row_start as usize + plan.rows).contains(&row)).collect();
+            let (lo, hi) = visible(token, kv_len);
+            if items.len() == 1 && items[0].partial < 0 {
+                assert!(items[0].kv_begin <= lo as i32 && items[0].kv_end >= hi as i32);
+                continue;
+            }
+            // Chunks are disjoint and cover the token's visible span.
+            for pos in lo..hi {
+                let n = items.iter().filter(|w| (w.kv_begin as usize..w.kv_end as usize).contains(&pos)).count();
+                assert_eq!(n, 1, "request {req} token {token} position {pos}");
+            }
+            let m: Vec<_> = plan.merge.iter().filter(|m| m.token == qo[req] + token as i32).collect();
+            assert_eq!(m.len(), 1, "request {req} token {token}: one merge item");
+            assert_eq!(m[0].count as usize, items.len());
+            for w in &items {
+                let slot = w.partial as usize + (token - w.row_start as usize / group) * w.stride as usize;
+                assert!((m[0].first as usize..(m[0].first + m[0].count) as usize).contains(&slot));
+                slots_seen[slot] += 1;
+            }
+        }
+    }
+    assert!(slots_seen.iter().all(|&n| n == 1), "every partial slot is written exactly once");
+    assert_eq!(plan.workspace_bytes, plan.num_partials * 32 * 129 * 4);
+    assert_eq!(plan.packed().len(), 2 + 6 * plan.grid + 4 * plan.merge_grid);
+}
+
+#[test]
+fn prefill_splits_long_kv_when_the_blocks_cannot_fill_the_gpu() {
+    // Draft tokens against long caches: 3 blocks × 8 KV heads = 24 CTAs for a 264-CTA GPU.
+    let lens = [(8usize, 20000usize), (5, 9000), (8, 100)];
+    let (plan, qo) = prefill_plan("causal", &[], &lens, 32, 264, PlanMode::Default).unwrap();
+    assert!(plan.merge.len() >= 8 && plan.chunk > 0 && plan.chunk % 32 == 0, "{:?}", (plan.merge.len(), plan.chunk));
+    check_prefill_split(&plan, &lens, &qo, 4, |t, kv| (0, kv - 8.min(kv) + t + 1));
+    // Sliding window: chunks cover only the window, not the whole cache.
+    let (plan, qo) = prefill_plan("sliding_window", &[("window", 3000.0)], &lens, 32, 264, PlanMode::Default).unwrap();
+    let q = |req: usize| lens[req].0;
+    assert!(plan.work.iter().filter(|w| w.req == 0).all(|w| w.kv_begin >= 20000 - 8 - 3000), "{:?}", plan.work);
+    check_prefill_split(&plan, &lens, &qo, 4, |t, kv| {
+        let q_len = if kv == 20000 { q(0) } else if kv == 9000 { q(1) } else { q(2) };
+        let qpos = kv - q_len + t;
+        ((qpos + 1).saturating_sub(3000), qpos + 1)
+    });
+    // chunked has a kv_range bound that is not provably monotone: every token is evaluated.
+    let (plan, qo) = prefill_plan("chunked", &[("chunk", 4096.0)], &lens, 32, 264, PlanMode::Default).unwrap();
+    check_prefill_split(&plan, &lens, &qo, 4, |t, kv| {
+        let q_len = if kv == 20000 { 8 } else if kv == 9000 { 5 } else { 8 };
+        let qpos = kv - q_len + t;
+        (qpos - qpos % 4096, qpos + 1)
+    });
+}
+
+#[test]
+fn prefill_split_modes() {
+    let lens = [(8usize, 20000usize), (3, 700)];
+    // A fixed grid never splits.
+    let (plan, _) = prefill_plan("causal", &[], &lens, 32, 264, PlanMode::FixedGrid { max_ctas: 16 }).unwrap();
+    assert!(plan.merge.is_empty() && plan.work.iter().all(|w| w.partial == -1));
+    // A GQA group that does not divide the block: blocks straddle tokens, so no split.
+    let v = shipped::resolve("causal").unwrap();
+    let pages = PageTable::from_lens(&[20000], 16, &mut (0..).map(|i| i as usize));
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 7, kv_heads: 1, batch: 1 }).unwrap();
+    let b = attnforge::kv::Batch { qo_indptr: &[0, 8], pages: &pages, kv: KvShape { kv_heads: 1, ..kv(pages.indices.len()) }, qo_heads: 7 };
+    let plan = attnforge::plan::plan_prefill(&v, &p, &b, 32, PlanTarget { ctas: 264, kv_tile: 32 }, PlanMode::Default).unwrap();
+    assert!(plan.merge.is_empty());
+    // Deterministic: chunks at fixed offsets, the same whatever else is in the batch.
+    let mode = PlanMode::Deterministic { chunk: 1000 };
+    let (alone, _) = prefill_plan("causal", &[], &lens[..1], 32, 264, mode).unwrap();
+    let (both, qo) = prefill_plan("causal", &[], &lens, 32, 264, mode).unwrap();
+    let chunks = |p: &attnforge::plan::PrefillPlan| {
+        let mut c: Vec<(i32, i32, i32)> = p.work.iter().filter(|w| w.req == 0).map(|w| (w.row_start, w.kv_begin, w.kv_end)).collect();
+        c.sort();
+        c
+    };
+    assert_eq!(chunks(&alone), chunks(&both));
+    assert!(chunks(&alone).iter().all(|&(_, b, e)| b % 1000 == 0 && (e - b == 1000 || e == 20000)));
+    check_prefill_split(&both, &lens, &qo, 4, |t, kv| (0, kv - if kv == 20000 { 8 } else { 3 } + t + 1));
+    assert!(prefill_plan("causal", &[], &lens, 32, 264, PlanMode::Deterministic { chunk: 0 }).is_err());
 }

@@ -36,7 +36,14 @@ fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, le
     let (got, plan) = prefill_once(e, &k, &p, &w, PlanMode::Default, None).unwrap();
     let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
     let cmp = compare(&got, &want, T::DTYPE, dims.1);
-    let line = format!("{:<15} lens {:?} g{group} d{dims:?} p{page_size} {layout:?} {}: {} blocks → {cmp}", v.name, &lens[..lens.len().min(4)], T::DTYPE.name(), plan.work.len());
+    let line = format!(
+        "{:<15} lens {:?} g{group} d{dims:?} p{page_size} {layout:?} {}: {} items, {} merged rows → {cmp}",
+        v.name,
+        &lens[..lens.len().min(4)],
+        T::DTYPE.name(),
+        plan.work.len(),
+        plan.merge.len()
+    );
     assert!(cmp.ok(), "{line}");
     line
 }
@@ -76,6 +83,30 @@ fn a_long_causal_prompt_and_short_appends() {
     // One 3000-token prompt (MHA) and speculative-decoding-style appends (q 8 over kv 900).
     eprintln!("{}", check::<bf16>(&e, 1, vec![(3000, 3000)], 2, 1, (128, 128), 16, KvLayout::Nhd, 1));
     eprintln!("{}", check::<bf16>(&e, 4, vec![(8, 900); 5], 2, 4, (128, 128), 16, KvLayout::Nhd, 2));
+}
+
+/// Few short queries over long caches: the plan splits the KV across CTAs and merges the
+/// partial states (sink counted once, `normalize: none` summed, windows and masks per chunk).
+#[test]
+fn long_caches_split_across_ctas_and_merge() {
+    let Some(e) = super::engine() else { return };
+    // (Windowed variants sample windows of at most 64 keys, too short to split; the random test
+    // covers their splits over short prompts.)
+    let names = ["causal", "sink", "sigmoid", "soft_cap", "tree_mask", "chunked", "alibi", "prefix_lm"];
+    let all = shipped::all().unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let idx = all.iter().position(|v| v.name == *name).unwrap();
+        let lens = [vec![(8, 20000)], vec![(16, 12000), (1, 5000)], vec![(3, 7000), (0, 100), (5, 2600)]][i % 3].clone();
+        let group = [4, 8, 1, 2][i % 4];
+        let dims = [(128, 128), (64, 64)][i % 2];
+        let line = if i % 2 == 0 {
+            check::<bf16>(&e, idx, lens, 2, group, dims, 16, KvLayout::Nhd, 70 + i as u64)
+        } else {
+            check::<f16>(&e, idx, lens, 2, group, dims, [1, 16][i / 2 % 2], KvLayout::Hnd, 70 + i as u64)
+        };
+        assert!(!line.contains(" 0 merged rows"), "the plan did not split: {line}");
+        eprintln!("split {line}");
+    }
 }
 
 #[test]
