@@ -145,15 +145,21 @@ __device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, D
   }
 }
 
-// A STAGES_-deep cp.async ring whose tiles are located (shared key rows written by
-// `locate(slot, t, pre)`) a full ring ahead of their copies (`issue(slot, t)`), so the barrier
-// that ends one tile's compute also publishes a later tile's locations: two barriers per tile,
-// not three. `prefetch(t)` starts tile t's page-index loads before the compute and returns what
-// `locate` needs, so their latency hides behind the compute. Slot t % STAGES_ holds tile t's data
-// and rows; a slot's rows are rewritten only after its copies were issued and its compute is
-// done. Every thread of the block must call it.
+// A STAGES_-deep cp.async ring with one barrier per tile. Tiles are located (shared key rows
+// written by `locate(slot, t, pre)`) a full ring ahead of their copies (`issue(slot, t)`);
+// `prefetch(t)` starts tile t's page-index loads before a compute and returns what `locate`
+// needs, so their latency hides behind it. Slot t % STAGES_ holds tile t's data and rows.
+//
+// Iteration t: wait for tile t's copies; barrier; issue tile t + STAGES_ - 1 into the slot tile
+// t - 1 used; compute tile t; locate tile t + STAGES_ into slot t % STAGES_. The barrier is the
+// only one: it publishes tile t's data and the rows located at the end of iteration t - 1, and
+// it orders every warp's compute of tile t - 1 before the copies that overwrite its slot. Rows
+// of slot t % STAGES_ are rewritten while other warps may still compute tile t, which reads data,
+// not rows; they are next read by issue(t + STAGES_), after the following barrier. Every thread
+// of the block must call it.
 template <int STAGES_, typename Prefetch, typename Locate, typename Issue, typename Compute>
 __device__ __forceinline__ void af_ring_located(int num_tiles, Prefetch&& prefetch, Locate&& locate, Issue&& issue, Compute&& compute) {
+  static_assert(STAGES_ >= 2, "the ring needs two slots");
 #pragma unroll
   for (int s = 0; s < STAGES_; ++s)
     if (s < num_tiles) locate(s, s, prefetch(s));
@@ -164,18 +170,18 @@ __device__ __forceinline__ void af_ring_located(int num_tiles, Prefetch&& prefet
     af_cp_async_commit();
   }
   for (int t = 0; t < num_tiles; ++t) {
+    af_cp_async_wait<STAGES_ - 2>();
+    __syncthreads();
     const int next = t + STAGES_ - 1;
     if (next < num_tiles) issue(next % STAGES_, next);
     af_cp_async_commit();
     const bool relocate = t + STAGES_ < num_tiles;
     const auto pre = prefetch(relocate ? t + STAGES_ : t);
-    af_cp_async_wait<STAGES_ - 1>();
-    __syncthreads();
     compute(t % STAGES_, t);
     if (relocate) locate(t % STAGES_, t + STAGES_, pre);
-    __syncthreads();  // the data slot is refilled, and the rows read, by the next iteration
   }
   af_cp_async_wait<0>();
+  __syncthreads();  // callers reuse the ring's shared memory
 }
 
 // Streams the K/V tiles of positions [lo, hi] of one KV head through a STAGES_-deep located

@@ -90,9 +90,9 @@ fn a_long_causal_prompt_and_short_appends() {
 #[test]
 fn long_caches_split_across_ctas_and_merge() {
     let Some(e) = super::engine() else { return };
-    // (Windowed variants sample windows of at most 64 keys, too short to split; the random test
-    // covers their splits over short prompts.)
-    let names = ["causal", "sink", "sigmoid", "soft_cap", "tree_mask", "chunked", "alibi", "prefix_lm"];
+    // (Windowed and chunked variants sample windows and chunks of at most 64 keys, too short to
+    // split; the random test covers their splits over short prompts.)
+    let names = ["causal", "sink", "sigmoid", "soft_cap", "tree_mask", "default", "alibi", "prefix_lm"];
     let all = shipped::all().unwrap();
     for (i, name) in names.iter().enumerate() {
         let idx = all.iter().position(|v| v.name == *name).unwrap();
