@@ -50,3 +50,14 @@ __device__ __forceinline__ unsigned af_pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&v);
 }
+
+// Zeroes a [A][B][4] array of MMA accumulator fragments.
+template <int A, int B>
+__device__ __forceinline__ void af_zero_frags(float (&x)[A][B][4]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i)
+#pragma unroll
+    for (int j = 0; j < B; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) x[i][j][k] = 0.f;
+}

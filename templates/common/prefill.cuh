@@ -157,12 +157,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
   constexpr int DN = HEAD_DIM_VO / 8;
   constexpr int NT = KV_TILE / 8;
   float oacc[MTILES][DN][4];
-#pragma unroll
-  for (int mt = 0; mt < MTILES; ++mt)
-#pragma unroll
-    for (int dn = 0; dn < DN; ++dn)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) oacc[mt][dn][j] = 0.f;
+  af_zero_frags(oacc);
   float m[MTILES][2], d[MTILES][2];
 #if !NORMALIZE_SOFTMAX
   bool any[MTILES][2];  // whether each row saw a visible key (its LSE is -inf otherwise)
@@ -186,12 +181,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
     const bool warp_inside = t0 >= in_lo && t0 + KV_TILE - 1 <= in_hi;
 
     float s[MTILES][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MTILES; ++mt)
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s[mt][n][j] = 0.f;
+    af_zero_frags(s);
     const DTypeKV* ks = k_smem + stage * KV_TILE * ROW_QK;
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {

@@ -230,6 +230,19 @@ __device__ __forceinline__ void kv_locate(const DecodeArgs& a, KeyRows* rows, in
   }
 }
 
+// The general copy loop of kv_issue for one of K (`v` false) or V: NCH 16-byte chunks per key,
+// shared-memory rows of ROW elements; `fallback` is a valid address for zero-filled copies.
+template <int KV_TILE_, int NTHREADS_, int NCH, int ROW>
+__device__ __forceinline__ void kv_issue_rows(DTypeKV* dst, const KeyRows* rows, bool v, const DTypeKV* fallback, int tid) {
+#pragma unroll 4
+  for (int c = tid; c < KV_TILE_ * NCH; c += NTHREADS_) {
+    const int j = c / NCH, ch = c % NCH;
+    const KeyRows r = rows[j];
+    const bool ok = r.k != nullptr;
+    af_cp_async16(dst + j * ROW + ch * VEC, ok ? (v ? r.v : r.k) + ch * VEC : fallback, ok);
+  }
+}
+
 // Issues the cp.async copies of one located tile into ring slot `stage` (K rows padded to ROW_QK,
 // V rows to ROW_VO).
 template <int KV_TILE_, int NTHREADS_>
@@ -252,20 +265,8 @@ __device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, D
       af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), ok ? r.v + ch * VEC : a.v, ok);
     }
   } else {
-#pragma unroll 4
-    for (int c = tid; c < KV_TILE_ * KCH; c += NTHREADS_) {
-      const int j = c / KCH, ch = c % KCH;
-      const KeyRows r = rows[j];
-      const bool ok = r.k != nullptr;
-      af_cp_async16(ks + j * ROW_QK + ch * VEC, ok ? r.k + ch * VEC : a.k, ok);
-    }
-#pragma unroll 4
-    for (int c = tid; c < KV_TILE_ * VCH; c += NTHREADS_) {
-      const int j = c / VCH, ch = c % VCH;
-      const KeyRows r = rows[j];
-      const bool ok = r.k != nullptr;
-      af_cp_async16(vs + j * ROW_VO + ch * VEC, ok ? r.v + ch * VEC : a.v, ok);
-    }
+    kv_issue_rows<KV_TILE_, NTHREADS_, KCH, ROW_QK>(ks, rows, false, a.k, tid);
+    kv_issue_rows<KV_TILE_, NTHREADS_, VCH, ROW_VO>(vs, rows, true, a.v, tid);
   }
 }
 
@@ -429,6 +430,17 @@ template <>
 __device__ __forceinline__ unsigned af_pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&v);
+}
+
+// Zeroes a [A][B][4] array of MMA accumulator fragments.
+template <int A, int B>
+__device__ __forceinline__ void af_zero_frags(float (&x)[A][B][4]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i)
+#pragma unroll
+    for (int j = 0; j < B; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) x[i][j][k] = 0.f;
 }
 
 // decode_mma.cuh — batch decode on tensor cores, for GQA groups of 2 to 16.
