@@ -57,6 +57,23 @@ fn plan(c: &mut Criterion) {
         let target = PlanTarget { ctas: 132 * 4, kv_tile: 32 };
         c.bench_function(&format!("plan/decode {variant} B={b}"), |bch| bch.iter(|| plan_decode(&v, &p, black_box(&batch), target, PlanMode::Default).unwrap()));
     }
+    // Prefill: ANCHORS.md's plan() workloads (FlashInfer: 951 µs for B 64 × q 8, 4326 µs for
+    // B 1024 × q 4), plus a case that splits (B 2 × q 8 over 20 000 keys) and one whose
+    // kv_range bound is not provably monotone (chunked: every token is evaluated).
+    for (variant, b, q, kv_len) in [("causal", 64usize, 8usize, 4096usize), ("causal", 1024, 4, 2048), ("causal", 2, 8, 20000), ("chunked", 2, 8, 20000)] {
+        let v = shipped::resolve(variant).unwrap();
+        let lens = vec![kv_len; b];
+        let pages = PageTable::from_lens(&lens, 16, &mut (0..).map(|i| i as usize));
+        let qo: Vec<i32> = (0..=b as i32).map(|i| i * q as i32).collect();
+        let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages.indices.len(), page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
+        let batch = Batch { qo_indptr: &qo, pages: &pages, kv, qo_heads: 32 };
+        let p = v.bind(&Default::default(), Dims { qo_heads: 32, kv_heads: 8, batch: b }).unwrap();
+        // The 32-row tile at 5 CTAs per SM, as the engine picks for short appends.
+        let target = PlanTarget { ctas: 132 * 5, kv_tile: 32 };
+        c.bench_function(&format!("plan/prefill {variant} B={b} q={q} kv={kv_len}"), |bch| {
+            bch.iter(|| attnforge::plan::plan_prefill(&v, &p, black_box(&batch), 32, target, PlanMode::Default).unwrap())
+        });
+    }
 }
 
 criterion_group!(benches, spec, jit, plan);

@@ -101,7 +101,14 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
                 println!("  prefill on {}: kernel {} ({} rows; {}, {:.1} ms)", e.describe(), f.compiled.name, f.tile.rows(), origin(f.compiled.origin), f.compiled.elapsed.as_secs_f64() * 1e3);
             }
             let (out, plan) = attnforge::harness::prefill_once(&e, &k, p, &w, mode, a.sm_scale)?;
-            println!("  plan: {} blocks of {} query rows", plan.work.len(), plan.rows);
+            println!(
+                "  plan: {} work items over blocks of {} query rows; {} tokens merged from KV chunks (chunk {}), workspace {} KB",
+                plan.work.len(),
+                plan.rows,
+                plan.merge.len(),
+                plan.chunk,
+                plan.workspace_bytes / 1024
+            );
             out
         };
         let cmp = compare(&out, &want, T::DTYPE, spec.head_dim_vo);
