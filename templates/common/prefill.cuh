@@ -9,13 +9,15 @@
 // registers; every K or V fragment read from shared memory feeds MTILES MMAs, which halves the
 // shared-memory traffic per MMA at MTILES = 2. Q is staged in shared memory once per CTA and read
 // back per k-step with ldmatrix, which frees the registers the second row block needs. All warps
-// walk the same K/V tiles through a cp.async ring, over the union of the CTA's rows' kv_range
-// only: tiles no row can see are never loaded. A tile inside every row of a warp runs without
-// range tests; only boundary tiles compare positions. (`mask`, when the variant has one, is
-// evaluated per element.)
+// walk the same K/V tiles through the located cp.async ring (kv_stream), over the union of the
+// CTA's rows' kv_range only: tiles no row can see are never loaded. A tile inside every row of a
+// warp runs without range tests; only boundary tiles compare positions. `mask` is evaluated per
+// element only when it does not follow from kv_range (HAS_MASK, see src/spec/implied.rs).
 //   S[16 x KV_TILE] = Q[16 x D] · K^T;  softmax on the fragments;  O[16 x DVO] += P · V
+// A work item of a split block (partial >= 0) covers one KV chunk and writes f32 partial states
+// that merge_states combines.
 //
-// Needs: decode_args.cuh (ABI structs, tile loader), mma.cuh, DTypeQ == DTypeKV, DTypeO, Params,
+// Needs: decode_args.cuh (ABI structs, kv_stream), mma.cuh, DTypeQ == DTypeKV, DTypeO, Params,
 // HEAD_DIM_QK, HEAD_DIM_VO, GROUP, NUM_WARPS, MTILES, KV_TILE, STAGES, and the variant's hooks.
 
 #define NUM_THREADS (32 * NUM_WARPS)
