@@ -14,7 +14,12 @@
 //! |---|---|
 //! | spec language: parse, type-check, emit CUDA, evaluate | [`spec`] |
 //! | paged KV layout, page tables, validation | [`kv`] |
-//! | CPU reference attention | [`reference`] |
+//! | CPU reference attention | [`reference`](mod@reference) |
+//! | provable facts about a spec (mask implied by `kv_range`, monotone bounds) | [`spec::implied`] |
+//! | host-device ABI structs | [`abi`] |
+//! | render (Tera) → NVRTC → disk cache | [`jit`] |
+//! | decode and prefill schedules (split-KV, merge, graph and deterministic modes) | [`plan`] |
+//! | the GPU: kernels, checked launches | [`engine`] |
 //!
 //! ```
 //! use std::collections::HashMap;
