@@ -184,7 +184,9 @@ pub fn compare(got: &AttnOutput, want: &AttnOutput, out_dtype: DType, head_dim_v
             let err = (g - w).abs();
             num += f64::from(err) * f64::from(err);
             den += f64::from(*w) * f64::from(*w);
-            if !(err <= 2.0 * u * (w.abs() + row_max)) {
+            // A NaN error is out of bounds too: `within` is false for it.
+            let within = err <= 2.0 * u * (w.abs() + row_max);
+            if !within {
                 c.bad += 1;
                 c.worst.get_or_insert(r * head_dim_vo + i);
             }

@@ -282,7 +282,7 @@ pub const PREFILL_WORK_INTS: usize = 6;
 /// evaluated at the two ends only; others at every token.
 fn block_span(variant: &Variant, params: &ParamValues, req: usize, q_len: usize, kv_len: usize, tokens: (usize, usize), heads: usize) -> (usize, usize) {
     let Some(r) = &variant.kv_range else { return (0, kv_len) };
-    let mono = |h: &Option<HookExpr>| h.as_ref().map_or(true, |h| crate::spec::implied::nondecreasing_in_q_pos(&h.typed, &variant.params));
+    let mono = |h: &Option<HookExpr>| h.as_ref().is_none_or(|h| crate::spec::implied::nondecreasing_in_q_pos(&h.typed, &variant.params));
     let ends = [tokens.0, tokens.1];
     let every: Vec<usize> = if mono(&r.lo) && mono(&r.hi) { ends.to_vec() } else { (tokens.0..=tokens.1).collect() };
     let (mut lo, mut hi) = (kv_len, 0);

@@ -51,9 +51,7 @@ pub fn attention<T: Element>(
     let total_q = batch.total_q();
     let mut token_req = vec![0usize; total_q];
     for b in 0..batch.batch_size() {
-        for t in batch.qo_indptr[b] as usize..batch.qo_indptr[b + 1] as usize {
-            token_req[t] = b;
-        }
+        token_req[batch.qo_indptr[b] as usize..batch.qo_indptr[b + 1] as usize].fill(b);
     }
     let heads = batch.qo_heads;
     let dvo = batch.kv.head_dim_vo;

@@ -75,8 +75,9 @@ pub struct SpecError {
     /// 1-based column inside the hook's expression.
     pub column: Option<usize>,
     pub message: String,
-    /// The hook's text and the span to underline.
-    pub snippet: Option<(String, Span)>,
+    /// The hook's text and the span to underline (boxed: it is rare, and every `Result` of the
+    /// spec loader would otherwise carry its size).
+    pub snippet: Option<Box<(String, Span)>>,
 }
 
 impl fmt::Display for SpecError {
@@ -92,7 +93,7 @@ impl fmt::Display for SpecError {
             write!(f, ", column {c}")?;
         }
         write!(f, ": {}", self.message)?;
-        if let Some((src, span)) = &self.snippet {
+        if let Some((src, span)) = self.snippet.as_deref() {
             // Show at most ~100 characters around the span, so long hooks stay readable.
             let chars: Vec<char> = src.chars().collect();
             let start = src[..span.start.min(src.len())].chars().count();
@@ -171,7 +172,7 @@ impl Loader<'_> {
             hook: Some(hook.name().to_string()),
             column: Some(src[..span.start.min(src.len())].chars().count() + 1),
             message,
-            snippet: Some((src.clone(), span)),
+            snippet: Some(Box::new((src.clone(), span))),
         };
         let ast = parser::parse(src).map_err(|e| located(e.span, e.message))?;
         let typed = typed::check(&ast, hook, params).map_err(|e| located(e.span, e.message))?;

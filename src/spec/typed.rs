@@ -484,7 +484,7 @@ impl Checker<'_> {
         }
         if f == Func::Bit {
             let found = match &args[0].kind {
-                ExprKind::Ident(n) => self.params.iter().position(|p| &p.name == n && p.ty.dim == Some(ParamDim::QueryKey)),
+                ExprKind::Ident(n) => self.params.iter().position(|p| p.name == *n && p.ty.dim == Some(ParamDim::QueryKey)),
                 _ => None,
             };
             let Some(i) = found else {

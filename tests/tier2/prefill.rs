@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+#[allow(clippy::too_many_arguments)]
 fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
     let v = shipped::all().unwrap().swap_remove(variant);
     let mut rng = StdRng::seed_from_u64(seed);
