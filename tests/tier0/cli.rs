@@ -31,6 +31,9 @@ fn check_accepts_every_shipped_spec_file() {
     let (ok, text) = attnforge(&args);
     assert!(ok, "{text}");
     assert_eq!(text.lines().filter(|l| l.starts_with("ok ")).count(), 11, "{text}");
+    // Seven shipped masks are proven implied by their kv_range, three are evaluated per key.
+    assert_eq!(text.lines().filter(|l| l.contains("mask follows from kv_range")).count(), 7, "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains("mask evaluated per key")).count(), 3, "{text}");
 }
 
 #[test]
@@ -48,6 +51,7 @@ fn check_reports_an_unsound_kv_range_and_a_type_error() {
     let (ok, text) = attnforge(&["check", "causal", bad_range.to_str().unwrap(), bad_type.to_str().unwrap()]);
     assert!(!ok);
     assert!(text.contains("ok    causal"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("ok    causal") && l.contains("mask follows from kv_range")), "{text}");
     assert!(text.contains("the mask admits kv_pos"), "{text}");
     assert!(text.contains("bad_type.json:3: hook `mask`, column 1: hook `mask` must be a bool, found i32"), "{text}");
     assert!(text.contains("2 of 3 specs failed"), "{text}");

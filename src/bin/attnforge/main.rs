@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Validate specs (files or shipped names); also tests each kv_range against its mask.
+    /// Validate specs (files, shipped names, or `all`); also tests each kv_range against its mask
+    /// and says whether the kernels can skip the mask (it provably follows from kv_range).
     Check {
         #[arg(required = true)]
         specs: Vec<String>,
@@ -173,6 +174,8 @@ fn main() -> ExitCode {
 }
 
 fn check(specs: &[String]) -> Result<()> {
+    let all: Vec<String> = SHIPPED.iter().map(|(n, _)| n.to_string()).collect();
+    let specs = if specs.iter().any(|s| s == "all") { &all[..] } else { specs };
     let mut failed = 0;
     for s in specs {
         let outcome = shipped::resolve(s).map_err(anyhow::Error::from).and_then(|v| {
@@ -180,7 +183,15 @@ fn check(specs: &[String]) -> Result<()> {
             Ok(v)
         });
         match outcome {
-            Ok(v) => println!("ok    {:<16} {}", v.name, s),
+            Ok(v) => {
+                // What the kernels will do with the mask: the proof lives in spec::implied.
+                let mask = match &v.mask {
+                    None => "",
+                    Some(_) if attnforge::spec::implied::mask_implied_by_range(&v) => "   mask follows from kv_range: never evaluated by the kernels",
+                    Some(_) => "   mask evaluated per key (not implied by kv_range)",
+                };
+                println!("{}", format!("ok    {:<16} {:<16}{mask}", v.name, s).trim_end())
+            }
             Err(e) => {
                 failed += 1;
                 println!("FAIL  {s}\n{e}");
