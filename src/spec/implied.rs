@@ -106,15 +106,20 @@ fn interval(e: &TExpr, params: &[ParamDecl]) -> Option<(i64, i64)> {
 /// The linear form of a wrap-free integer expression. Sub-trees that are not sums, differences,
 /// negations or products by a literal become opaque terms.
 fn linear(e: &TExpr, params: &[ParamDecl]) -> Option<Lin> {
+    // One interval pass over the whole tree: it fails if any sub-expression may wrap.
     interval(e, params)?;
+    linear_form(e)
+}
+
+fn linear_form(e: &TExpr) -> Option<Lin> {
     Some(match &e.kind {
         TKind::Lit(Lit::Int(v)) => Lin::constant(*v as i64),
-        TKind::Unary(UnOp::Neg, a) => linear(a, params)?.scaled(-1),
-        TKind::Binary(BinOp::Add, a, b) => linear(a, params)?.plus(linear(b, params)?),
-        TKind::Binary(BinOp::Sub, a, b) => linear(a, params)?.plus(linear(b, params)?.scaled(-1)),
+        TKind::Unary(UnOp::Neg, a) => linear_form(a)?.scaled(-1),
+        TKind::Binary(BinOp::Add, a, b) => linear_form(a)?.plus(linear_form(b)?),
+        TKind::Binary(BinOp::Sub, a, b) => linear_form(a)?.plus(linear_form(b)?.scaled(-1)),
         TKind::Binary(BinOp::Mul, a, b) => match (&a.kind, &b.kind) {
-            (TKind::Lit(Lit::Int(k)), _) => linear(b, params)?.scaled(*k as i64),
-            (_, TKind::Lit(Lit::Int(k))) => linear(a, params)?.scaled(*k as i64),
+            (TKind::Lit(Lit::Int(k)), _) => linear_form(b)?.scaled(*k as i64),
+            (_, TKind::Lit(Lit::Int(k))) => linear_form(a)?.scaled(*k as i64),
             _ => opaque(e)?,
         },
         _ => opaque(e)?,
