@@ -112,17 +112,21 @@ impl Engine {
     ) -> Result<()> {
         let kv = batch.kv;
         let cfg = &k.cfg;
-        let shape = PlanShape { batch_size: plan.batch_size, qo_heads: plan.qo_heads, packed_len: plan.packed_len(), fixed_grid: matches!(plan.mode, PlanMode::FixedGrid { .. }) };
-        let mut args = self.checked_args(cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;
-        if bufs.workspace_bytes() < plan.workspace_bytes {
-            return Err(Error::Plan(format!("the plan needs {} bytes of workspace, {} were given", plan.workspace_bytes, bufs.workspace_bytes())));
-        }
+        let fixed_grid = matches!(plan.mode, PlanMode::FixedGrid { .. });
+        let shape = PlanShape {
+            batch_size: plan.batch_size,
+            qo_heads: plan.qo_heads,
+            packed_len: plan.packed_len(),
+            fixed_grid,
+            workspace_bytes: plan.workspace_bytes,
+            // A fixed-grid workspace holds a slot per CTA, whatever this step splits.
+            partial_slots: if fixed_grid { plan.grid } else { plan.num_partials },
+        };
+        let args = self.checked_args(cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;
         if plan.grid == 0 {
             return Ok(());
         }
         let s = &self.stream;
-        let slots = if matches!(plan.mode, PlanMode::FixedGrid { .. }) { plan.grid } else { plan.num_partials };
-        self.point_partials(&mut args, bufs, slots, batch.qo_heads, kv.head_dim_vo);
         let t = &k.tile;
         let cfg_launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
@@ -134,6 +138,6 @@ impl Engine {
         // batch; the argument structs' layouts are static_asserted in the compiled source.
         unsafe { s.launch_builder(&k.decode).arg(&args).arg(&params.blob).launch(cfg_launch) }.map_err(cuda("launch decode"))?;
         // The packed plan holds the merge list after the decode work list.
-        self.launch_merge(&k.merge, &args, 8 + 16 * plan.grid as u64, plan.merge_grid, cfg.group, batch.qo_heads, kv.head_dim_vo, params)
+        self.launch_merge(&k.merge, &args, plan.merge_offset() as u64, plan.merge_grid, cfg.group, batch.qo_heads, kv.head_dim_vo, params)
     }
 }

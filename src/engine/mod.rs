@@ -204,12 +204,16 @@ pub(crate) struct PlanShape {
     pub qo_heads: usize,
     pub packed_len: usize,
     pub fixed_grid: bool,
+    pub workspace_bytes: usize,
+    /// Partial-state slots the workspace is laid out for (o for every slot and head, then lse).
+    pub partial_slots: usize,
 }
 
 impl Engine {
     /// The checks every launch makes before anything reaches the GPU — buffers against the
     /// CPU-side batch, the kernel's compile-time config, the plan, `bits` parameters, graph
-    /// capture — and the kernel argument struct they vouch for (partial-state pointers zero).
+    /// capture, workspace — and the kernel argument struct they vouch for, its partial-state
+    /// pointers laid out in the workspace.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn checked_args<T: crate::kv::Element + DeviceRepr>(
         &self,
@@ -262,11 +266,15 @@ impl Engine {
         if bufs.plan.len() < plan.packed_len {
             return Err(Error::Plan("the plan was not uploaded to these buffers (upload_plan)".into()));
         }
+        if bufs.workspace_bytes() < plan.workspace_bytes {
+            return Err(Error::Plan(format!("the plan needs {} bytes of workspace, {} were given", plan.workspace_bytes, bufs.workspace_bytes())));
+        }
         if self.capturing()? && !plan.fixed_grid {
             return Err(Error::Plan("capturing a CUDA graph needs a FixedGrid plan (its grid and buffers stay fixed across steps)".into()));
         }
         let ptr = |x: &CudaSlice<i32>| x.device_ptr(s).0;
         let plan_ptr = bufs.plan.device_ptr(s).0;
+        let ws = bufs.workspace.device_ptr(s).0;
         let (k_slot, k_head) = kv.strides(kv.head_dim_qk);
         let (v_slot, v_head) = kv.strides(kv.head_dim_vo);
         let elem = std::mem::size_of::<T>() as u64;
@@ -276,8 +284,8 @@ impl Engine {
             v: dev.v.device_ptr(s).0 + kv.v_base() as u64 * elem,
             o: out.o.device_ptr(s).0,
             lse: out.lse.device_ptr(s).0,
-            part_o: 0,
-            part_lse: 0,
+            part_o: ws,
+            part_lse: ws + (plan.partial_slots * batch.qo_heads * kv.head_dim_vo * 4) as u64,
             qo_indptr: ptr(dev.qo_indptr),
             kv_indptr: ptr(dev.kv_indptr),
             kv_indices: ptr(dev.kv_indices),
@@ -299,14 +307,6 @@ impl Engine {
 }
 
 impl Engine {
-    /// Points a launch's partial-state pointers into the plan's workspace: o for every (slot,
-    /// head), then one lse each.
-    pub(crate) fn point_partials(&self, args: &mut crate::abi::DecodeArgs, bufs: &PlanBuffers, slots: usize, qo_heads: usize, head_dim_vo: usize) {
-        let ws = bufs.workspace.device_ptr(&self.stream).0;
-        args.part_o = ws;
-        args.part_lse = ws + (slots * qo_heads * head_dim_vo * 4) as u64;
-    }
-
     /// Launches `merge_states` over a plan's merge list, which starts `merge_offset` bytes into
     /// the packed plan (after the work list); nothing when the list is empty.
     #[allow(clippy::too_many_arguments)]

@@ -120,15 +120,18 @@ impl Engine {
         let kv = batch.kv;
         let f = k.tile_for(plan);
         mismatch("plan rows per block (kernel)", f.tile.rows(), plan.rows)?;
-        let shape = PlanShape { batch_size: plan.batch_size, qo_heads: plan.qo_heads, packed_len: plan.packed_len(), fixed_grid: matches!(plan.mode, PlanMode::FixedGrid { .. }) };
-        let mut args = self.checked_args(&k.cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;
-        if bufs.workspace_bytes() < plan.workspace_bytes {
-            return Err(Error::Plan(format!("the plan needs {} bytes of workspace, {} were given", plan.workspace_bytes, bufs.workspace_bytes())));
-        }
+        let shape = PlanShape {
+            batch_size: plan.batch_size,
+            qo_heads: plan.qo_heads,
+            packed_len: plan.packed_len(),
+            fixed_grid: matches!(plan.mode, PlanMode::FixedGrid { .. }),
+            workspace_bytes: plan.workspace_bytes,
+            partial_slots: plan.num_partials,
+        };
+        let args = self.checked_args(&k.cfg, &k.variant.params, shape, bufs, params, batch, dev, &out, sm_scale)?;
         if plan.grid == 0 {
             return Ok(());
         }
-        self.point_partials(&mut args, bufs, plan.num_partials, batch.qo_heads, kv.head_dim_vo);
         let s = &self.stream;
         let launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
@@ -140,7 +143,6 @@ impl Engine {
         // batch; the argument layout is static_asserted in the compiled source.
         unsafe { s.launch_builder(&f.func).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch prefill"))?;
         // The packed plan holds the merge list after the work list.
-        let merge_offset = (8 + 4 * crate::plan::PREFILL_WORK_INTS * plan.grid) as u64;
-        self.launch_merge(&f.merge, &args, merge_offset, plan.merge_grid, k.cfg.group, batch.qo_heads, kv.head_dim_vo, params)
+        self.launch_merge(&f.merge, &args, plan.merge_offset() as u64, plan.merge_grid, k.cfg.group, batch.qo_heads, kv.head_dim_vo, params)
     }
 }

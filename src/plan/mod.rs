@@ -68,22 +68,16 @@ impl DecodePlan {
     /// `[num_work, num_merge, work…, merge…]` as i32: the one buffer uploaded per step. In
     /// fixed-grid mode it is padded to the capacity so its size never changes.
     pub fn packed(&self) -> Vec<i32> {
-        let mut v = Vec::with_capacity(self.packed_len());
-        v.push(self.work.len() as i32);
-        v.push(self.merge.len() as i32);
-        for w in &self.work {
-            v.extend([w.req, w.kv_begin, w.kv_end, w.partial]);
-        }
-        v.resize(2 + 4 * self.grid, 0);
-        for m in &self.merge {
-            v.extend([m.req, m.first, m.count, m.token]);
-        }
-        v.resize(self.packed_len(), 0);
-        v
+        pack(self.work.iter().map(|w| [w.req, w.kv_begin, w.kv_end, w.partial]), self.work.len(), self.grid, &self.merge, self.merge_grid)
     }
 
     pub fn packed_len(&self) -> usize {
-        2 + 4 * (self.grid + self.merge_grid)
+        packed_len(DECODE_WORK_INTS, self.grid, self.merge_grid)
+    }
+
+    /// Byte offset of the merge list in the packed buffer.
+    pub fn merge_offset(&self) -> usize {
+        merge_offset(DECODE_WORK_INTS, self.grid)
     }
 
     /// Workspace bytes needed for `partials` slots.
@@ -121,12 +115,8 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
     let b = batch.batch_size();
     let dims = Dims { qo_heads: batch.qo_heads, kv_heads: kv.kv_heads, batch: b };
     params.fits(&variant.params, dims).map_err(Error::Param)?;
-    // A kv_range that reads kv_head gets the union of its heads' spans (the kernel narrows it
-    // again per head).
-    let heads_to_scan = match &variant.kv_range {
-        Some(r) if [&r.lo, &r.hi].iter().any(|h| h.as_ref().is_some_and(|h| h.typed.reads(crate::spec::typed::Builtin::KvHead))) => kv.kv_heads,
-        _ => 1,
-    };
+    check_mode(mode)?;
+    let heads_to_scan = range_heads(variant, kv.kv_heads);
     // Host-side kv_range spans matter when work is split (they decide the chunks) and in
     // deterministic mode (chunk offsets must not depend on the batch). A batch that fills the GPU
     // unsplit gets whole requests: the kernel narrows each CTA's span by the same hooks, so no
@@ -159,17 +149,9 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
     let tile = target.kv_tile.max(1);
     let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
     let chunk = match mode {
-        PlanMode::Deterministic { chunk } => {
-            if chunk == 0 {
-                return Err(Error::Plan("deterministic chunk size must be at least 1".into()));
-            }
-            chunk
-        }
+        PlanMode::Deterministic { chunk } => chunk,
         _ if spans.len() * kv.kv_heads >= target.ctas || total == 0 => usize::MAX,
-        _ => {
-            let per_cta = (total * kv.kv_heads).div_ceil(target.ctas.max(1));
-            per_cta.div_ceil(tile).max(1).saturating_mul(tile).max(MIN_CHUNK)
-        }
+        _ => wave_chunk(total, kv.kv_heads, target),
     };
     let mut work = Vec::new();
     let mut merge = Vec::new();
@@ -177,18 +159,8 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
     let mut used_chunk = 0;
     for &(req, lo, hi) in &spans {
         let len = hi - lo;
-        // Default and fixed-grid modes cut a span into equal pieces (the nearest whole number of
-        // target-sized chunks), so no request leaves a short straggler; deterministic mode cuts at
-        // fixed offsets so the result never depends on the rest of the batch.
-        let (n, piece) = match mode {
-            PlanMode::Deterministic { .. } => (len.div_ceil(chunk).max(1), chunk),
-            _ if len <= chunk => (1, len),
-            _ => {
-                let n = ((len as f64 / chunk as f64).round() as usize).max(1);
-                (n, len.div_ceil(n).div_ceil(tile) * tile)
-            }
-        };
-        if n <= 1 || len <= piece {
+        let piece = split_piece(len, chunk, tile, matches!(mode, PlanMode::Deterministic { .. }));
+        if len <= piece {
             work.push(DecodeWork { req: req as i32, kv_begin: lo as i32, kv_end: hi as i32, partial: -1 });
             continue;
         }
@@ -255,27 +227,86 @@ pub struct PrefillPlan {
 impl PrefillPlan {
     /// `[num_work, num_merge, work…, merge…]` as i32, the layout the kernels read.
     pub fn packed(&self) -> Vec<i32> {
-        let mut v = Vec::with_capacity(self.packed_len());
-        v.push(self.work.len() as i32);
-        v.push(self.merge.len() as i32);
-        for w in &self.work {
-            v.extend([w.req, w.row_start, w.kv_begin, w.kv_end, w.partial, w.stride]);
-        }
-        v.resize(2 + PREFILL_WORK_INTS * self.grid, 0);
-        for m in &self.merge {
-            v.extend([m.req, m.first, m.count, m.token]);
-        }
-        v.resize(self.packed_len(), 0);
-        v
+        let words = self.work.iter().map(|w| [w.req, w.row_start, w.kv_begin, w.kv_end, w.partial, w.stride]);
+        pack(words, self.work.len(), self.grid, &self.merge, self.merge_grid)
     }
 
     pub fn packed_len(&self) -> usize {
-        2 + PREFILL_WORK_INTS * self.grid + 4 * self.merge_grid
+        packed_len(PREFILL_WORK_INTS, self.grid, self.merge_grid)
+    }
+
+    /// Byte offset of the merge list in the packed buffer.
+    pub fn merge_offset(&self) -> usize {
+        merge_offset(PREFILL_WORK_INTS, self.grid)
     }
 }
 
+/// i32 words per decode work item (`DecodeWork`).
+const DECODE_WORK_INTS: usize = 4;
 /// i32 words per prefill work item (`PrefillWork`).
-pub const PREFILL_WORK_INTS: usize = 6;
+const PREFILL_WORK_INTS: usize = 6;
+
+/// The one buffer a plan uploads: `[num_work, num_merge, work…, merge…]` as i32, the work list
+/// padded to `grid` items of N words and the merge list to `merge_grid` items (so a fixed-grid
+/// plan's buffer never changes size).
+fn pack<const N: usize>(work: impl Iterator<Item = [i32; N]>, num_work: usize, grid: usize, merge: &[MergeWork], merge_grid: usize) -> Vec<i32> {
+    let len = packed_len(N, grid, merge_grid);
+    let mut v = Vec::with_capacity(len);
+    v.push(num_work as i32);
+    v.push(merge.len() as i32);
+    work.for_each(|w| v.extend(w));
+    v.resize(2 + N * grid, 0);
+    for m in merge {
+        v.extend([m.req, m.first, m.count, m.token]);
+    }
+    v.resize(len, 0);
+    v
+}
+
+fn packed_len(work_ints: usize, grid: usize, merge_grid: usize) -> usize {
+    2 + work_ints * grid + 4 * merge_grid
+}
+
+fn merge_offset(work_ints: usize, grid: usize) -> usize {
+    4 * (2 + work_ints * grid)
+}
+
+/// Rejects a deterministic mode without a chunk size.
+fn check_mode(mode: PlanMode) -> Result<()> {
+    match mode {
+        PlanMode::Deterministic { chunk: 0 } => Err(Error::Plan("deterministic chunk size must be at least 1".into())),
+        _ => Ok(()),
+    }
+}
+
+/// KV heads whose spans must be unioned: all of them when a kv_range bound reads `kv_head` (the
+/// kernel narrows the span again per head), else one.
+fn range_heads(variant: &Variant, kv_heads: usize) -> usize {
+    match &variant.kv_range {
+        Some(r) if [&r.lo, &r.hi].iter().any(|h| h.as_ref().is_some_and(|h| h.typed.reads(crate::spec::typed::Builtin::KvHead))) => kv_heads,
+        _ => 1,
+    }
+}
+
+/// The chunk that spreads `total` visible positions of each of `kv_heads` heads over one wave of
+/// `target.ctas` CTAs: a multiple of the kernel's tile, at least MIN_CHUNK.
+fn wave_chunk(total: usize, kv_heads: usize, target: PlanTarget) -> usize {
+    let tile = target.kv_tile.max(1);
+    let per_cta = (total * kv_heads).div_ceil(target.ctas.max(1));
+    per_cta.div_ceil(tile).max(1).saturating_mul(tile).max(MIN_CHUNK)
+}
+
+/// The length of the pieces a span of `len` positions is cut into (`>= len`: it stays whole).
+/// Deterministic mode cuts at fixed offsets, so the result never depends on the rest of the
+/// batch; the other modes cut into the nearest whole number of equal, tile-aligned pieces, so no
+/// span leaves a short straggler.
+fn split_piece(len: usize, chunk: usize, tile: usize, deterministic: bool) -> usize {
+    if deterministic || len <= chunk {
+        return if deterministic { chunk } else { len };
+    }
+    let n = ((len as f64 / chunk as f64).round() as usize).max(1);
+    len.div_ceil(n).div_ceil(tile) * tile
+}
 
 /// The KV positions `[lo, hi)` that any of a request's query tokens `first..last` (inclusive)
 /// may see, over every KV head `kv_range` distinguishes. Bounds proven monotone in `q_pos` are
@@ -321,19 +352,12 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, 
     let group = batch.group();
     let rows = rows.max(1);
     params.fits(&variant.params, Dims { qo_heads: batch.qo_heads, kv_heads: kv.kv_heads, batch: b }).map_err(Error::Param)?;
-    let heads_to_scan = match &variant.kv_range {
-        Some(r) if [&r.lo, &r.hi].iter().any(|h| h.as_ref().is_some_and(|h| h.typed.reads(crate::spec::typed::Builtin::KvHead))) => kv.kv_heads,
-        _ => 1,
-    };
+    check_mode(mode)?;
+    let heads_to_scan = range_heads(variant, kv.kv_heads);
     let can_split = rows % group == 0 && !matches!(mode, PlanMode::FixedGrid { .. });
     let n_blocks: usize = (0..b).map(|r| (batch.q_len(r) * group).div_ceil(rows)).sum();
     let split_pays = match mode {
-        PlanMode::Deterministic { chunk } => {
-            if chunk == 0 {
-                return Err(Error::Plan("deterministic chunk size must be at least 1".into()));
-            }
-            true
-        }
+        PlanMode::Deterministic { .. } => true,
         PlanMode::Default => n_blocks * kv.kv_heads < target.ctas,
         PlanMode::FixedGrid { .. } => false,
     };
@@ -365,8 +389,7 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, 
             if total == 0 {
                 usize::MAX
             } else {
-                let per_cta = (total * kv.kv_heads).div_ceil(target.ctas.max(1));
-                per_cta.div_ceil(tile).max(1).saturating_mul(tile).max(MIN_CHUNK)
+                wave_chunk(total, kv.kv_heads, target)
             }
         }
         _ => usize::MAX,
@@ -378,19 +401,12 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, 
     for &(req, row_start, (t0, t1), (lo, hi)) in &blocks {
         let len = hi - lo;
         let whole = PrefillWork { req: req as i32, row_start: row_start as i32, kv_begin: 0, kv_end: batch.kv_len(req) as i32, partial: -1, stride: 0 };
-        let (_, piece) = match mode {
-            PlanMode::Deterministic { .. } if chunk != usize::MAX => (len.div_ceil(chunk).max(1), chunk),
-            _ if len <= chunk || chunk == usize::MAX => (1, len),
-            _ => {
-                let n = ((len as f64 / chunk as f64).round() as usize).max(1);
-                (n, len.div_ceil(n).div_ceil(tile) * tile)
-            }
-        };
-        let n = if piece == 0 { 1 } else { len.div_ceil(piece) };
-        if n <= 1 {
+        let piece = split_piece(len, chunk, tile, matches!(mode, PlanMode::Deterministic { .. }));
+        if len <= piece {
             work.push((len, whole));
             continue;
         }
+        let n = len.div_ceil(piece);
         used_chunk = used_chunk.max(piece);
         let ntok = t1 - t0 + 1;
         // Slots are token-major: token k of the block, chunk c at partials + k * n + c.

@@ -25,6 +25,16 @@ fn plan(variant: &str, params: &[(&str, f64)], lens: &[usize], target: usize, mo
     Ok((plan, pages, qo))
 }
 
+/// The merge list the kernels read at `merge_offset` bytes into the packed plan is the plan's.
+fn check_merge_offset(packed: &[i32], merge_offset: usize, merge: &[attnforge::abi::MergeWork]) {
+    assert_eq!(merge_offset % 4, 0);
+    assert_eq!(packed[1] as usize, merge.len());
+    let at = merge_offset / 4;
+    for (i, m) in merge.iter().enumerate() {
+        assert_eq!(packed[at + 4 * i..at + 4 * i + 4], [m.req, m.first, m.count, m.token], "merge item {i}");
+    }
+}
+
 /// Each request's visible span is covered exactly once, and split requests merge their slots.
 fn check_cover(plan: &DecodePlan, spans: &[(usize, usize)]) {
     let mut covered: Vec<Vec<(i32, i32)>> = vec![Vec::new(); spans.len()];
@@ -48,6 +58,7 @@ fn check_cover(plan: &DecodePlan, spans: &[(usize, usize)]) {
         assert!((m.first..m.first + m.count).contains(&w.partial));
     }
     assert!(slots.iter().all(|s| *s));
+    check_merge_offset(&plan.packed(), plan.merge_offset(), &plan.merge);
     assert!(plan.work.windows(2).all(|w| w[0].kv_end - w[0].kv_begin >= w[1].kv_end - w[1].kv_begin), "longest first");
     assert_eq!(plan.workspace_bytes, DecodePlan::workspace_for(plan.num_partials, 32, 128));
 }
@@ -202,6 +213,7 @@ fn check_prefill_split(plan: &attnforge::plan::PrefillPlan, lens: &[(usize, usiz
     assert!(slots_seen.iter().all(|&n| n == 1), "every partial slot is written exactly once");
     assert_eq!(plan.workspace_bytes, plan.num_partials * 32 * 129 * 4);
     assert_eq!(plan.packed().len(), 2 + 6 * plan.grid + 4 * plan.merge_grid);
+    check_merge_offset(&plan.packed(), plan.merge_offset(), &plan.merge);
 }
 
 #[test]
