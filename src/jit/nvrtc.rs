@@ -158,14 +158,19 @@ impl Nvrtc {
         &self.library
     }
 
-    /// The compile options for `arch` (part of the cache key).
+    /// The compile options for `arch` (part of the cache key), followed by any in
+    /// `ATTNFORGE_NVRTC_FLAGS` (whitespace-separated; for tuning, e.g. `-DAF_MAX_SLACK=0.f`).
     pub fn options(&self, arch: &Arch) -> Vec<String> {
-        vec![
+        let mut o = vec![
             format!("--gpu-architecture={}", arch.name()),
             "-std=c++17".into(),
             "--use_fast_math".into(),
             format!("-I{}", self.include.display()),
-        ]
+        ];
+        if let Ok(extra) = std::env::var("ATTNFORGE_NVRTC_FLAGS") {
+            o.extend(extra.split_whitespace().map(String::from));
+        }
+        o
     }
 
     /// Compiles to CUBIN. On failure, saves the source next to the cache (or in the temp dir)
