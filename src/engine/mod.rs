@@ -58,6 +58,9 @@ pub struct Engine {
     sm_count: usize,
     jit: Jit,
     modules: DashMap<CacheKey, Arc<CudaModule>>,
+    /// Whether merge launches overlap the tail of the launch before them (programmatic
+    /// dependent launch, sm_90+).
+    programmatic_merge: bool,
 }
 
 impl Engine {
@@ -72,7 +75,7 @@ impl Engine {
         let (major, minor) = ctx.compute_capability().map_err(cuda("compute capability"))?;
         let sm_count = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(cuda("SM count"))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new() })
+        Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new(), programmatic_merge: major >= 9 })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -94,6 +97,18 @@ impl Engine {
     /// "NVIDIA H100 80GB HBM3 (sm_90a, 132 SMs)".
     pub fn describe(&self) -> String {
         format!("{} ({}, {} SMs)", self.name, self.arch.name(), self.sm_count)
+    }
+
+    /// Whether a merge launch starts while the kernel writing its partials drains (programmatic
+    /// dependent launch; on by default on sm_90 and newer, where the kernels support it).
+    pub fn programmatic_merge(&self) -> bool {
+        self.programmatic_merge
+    }
+
+    /// Turns the overlapped merge launch off (plain stream order) or back on; on GPUs older than
+    /// sm_90 it stays off.
+    pub fn set_programmatic_merge(&mut self, on: bool) {
+        self.programmatic_merge = on && self.arch.major >= 9;
     }
 
     pub fn jit(&self) -> &Jit {
@@ -340,10 +355,41 @@ impl Engine {
             page_size: args.page_size,
             sm_scale: args.sm_scale,
         };
-        let cfg = LaunchConfig { grid_dim: (merge_grid as u32, qo_heads as u32, 1), block_dim: (head_dim_vo.min(128) as u32, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the pointers are those of a launch checked by `checked_args`; the merge list and
-        // the partial slots it reads were written by the plan upload and the preceding launch.
-        unsafe { self.stream.launch_builder(func).arg(&margs).arg(&params.blob).launch(cfg) }.map_err(cuda("launch merge"))?;
+        // Whole warps (merge_states reduces with shuffles), at most 4.
+        let block = head_dim_vo.min(128).div_ceil(32) as u32 * 32;
+        if !self.programmatic_merge {
+            let cfg = LaunchConfig { grid_dim: (merge_grid as u32, qo_heads as u32, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the pointers are those of a launch checked by `checked_args`; the merge list
+            // and the partial slots it reads were written by the plan upload and the preceding
+            // launch.
+            unsafe { self.stream.launch_builder(func).arg(&margs).arg(&params.blob).launch(cfg) }.map_err(cuda("launch merge"))?;
+            return Ok(());
+        }
+        use cudarc::driver::sys;
+        // SAFETY: zero is a valid bit pattern for the attribute union.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: merge_grid as u32,
+            gridDimY: qo_heads as u32,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut kernel_params = [&margs as *const crate::abi::MergeArgs as *mut std::ffi::c_void, &params.blob as *const ParamBlob as *mut std::ffi::c_void];
+        self.ctx.bind_to_thread().map_err(cuda("bind context"))?;
+        // SAFETY: as above; in addition `kernel_params` points at the two kernel arguments, which
+        // outlive the call (the driver copies them at launch), and merge_states reads the
+        // partials only after `griddepcontrol.wait`, which waits for the preceding grid to
+        // complete and its writes to be visible.
+        let r = unsafe { sys::cuLaunchKernelEx(&cfg, func.cu_function(), kernel_params.as_mut_ptr(), std::ptr::null_mut()) };
+        r.result().map_err(cuda("launch merge"))?;
         Ok(())
     }
 }

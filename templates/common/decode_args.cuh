@@ -120,9 +120,9 @@ __device__ __forceinline__ void kv_issue_rows(DTypeKV* dst, const KeyRows* rows,
 }
 
 // Issues the cp.async copies of one located tile into ring slot `stage` (K rows padded to ROW_QK,
-// V rows to ROW_VO).
+// V rows to ROW_VO). `full`: every key of the tile is in the span, so no copy zero-fills.
 template <int KV_TILE_, int NTHREADS_>
-__device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, const KeyRows* rows, int stage, int tid) {
+__device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, const KeyRows* rows, int stage, int tid, bool full) {
   DTypeKV* ks = k_smem + stage * KV_TILE_ * ROW_QK;
   DTypeKV* vs = v_smem + stage * KV_TILE_ * ROW_VO;
   constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
@@ -133,12 +133,22 @@ __device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, D
     const int ch = tid % KCH, j0 = tid / KCH;
     const unsigned k_dst = (unsigned)__cvta_generic_to_shared(ks + j0 * ROW_QK + ch * VEC);
     const unsigned v_dst = (unsigned)__cvta_generic_to_shared(vs + j0 * ROW_VO + ch * VEC);
+    if (full) {
+      // Every tile but a span's last: no null test, select or source size per copy.
 #pragma unroll
-    for (int i = 0; i < KV_TILE_ / RSTEP; ++i) {
-      const KeyRows r = rows[j0 + i * RSTEP];
-      const bool ok = r.k != nullptr;
-      af_cp_async16_s(k_dst + i * RSTEP * ROW_QK * (int)sizeof(DTypeKV), ok ? r.k + ch * VEC : a.k, ok);
-      af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), ok ? r.v + ch * VEC : a.v, ok);
+      for (int i = 0; i < KV_TILE_ / RSTEP; ++i) {
+        const KeyRows r = rows[j0 + i * RSTEP];
+        af_cp_async16_s(k_dst + i * RSTEP * ROW_QK * (int)sizeof(DTypeKV), r.k + ch * VEC);
+        af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), r.v + ch * VEC);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < KV_TILE_ / RSTEP; ++i) {
+        const KeyRows r = rows[j0 + i * RSTEP];
+        const bool ok = r.k != nullptr;
+        af_cp_async16_s(k_dst + i * RSTEP * ROW_QK * (int)sizeof(DTypeKV), ok ? r.k + ch * VEC : a.k, ok);
+        af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), ok ? r.v + ch * VEC : a.v, ok);
+      }
     }
   } else {
     kv_issue_rows<KV_TILE_, NTHREADS_, KCH, ROW_QK>(ks, rows, false, a.k, tid);
@@ -202,7 +212,7 @@ __device__ __forceinline__ void kv_stream(const DecodeArgs& a, DTypeKV* k_smem, 
       kv_locate<KV_TILE_, NTHREADS_>(a, rows[slot], lo + t * KV_TILE_, hi, page_begin, kv_head, tid);
     }
   };
-  auto issue = [&](int slot, int t) { kv_issue<KV_TILE_, NTHREADS_>(a, k_smem, v_smem, rows[slot], slot, tid); };
+  auto issue = [&](int slot, int t) { kv_issue<KV_TILE_, NTHREADS_>(a, k_smem, v_smem, rows[slot], slot, tid, lo + (t + 1) * KV_TILE_ - 1 <= hi); };
   const int num_tiles = hi >= lo ? (hi - lo + KV_TILE_) / KV_TILE_ : 0;
   af_ring_located<STAGES_>(num_tiles, prefetch, locate, issue, compute);
 }

@@ -27,20 +27,54 @@ struct MergeArgs {
   float sm_scale;
 };
 
-// One CTA per (merge item, qo head); each thread owns head dims tx, tx + blockDim.x, ….
+// Partial weights kept in shared memory per merge item; a longer item recomputes the rest.
+#define MERGE_STAGE 256
+
+// Block-wide max (MAX) or sum over whole warps; `red` holds one value per warp.
+template <bool MAX>
+__device__ __forceinline__ float merge_reduce(float x, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = MAX ? fmaxf(x, y) : x + y;
+  }
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
+  __syncthreads();
+  float r = red[0];
+  for (int i = 1; i < (int)blockDim.x / 32; ++i) r = MAX ? fmaxf(r, red[i]) : r + red[i];
+  __syncthreads();  // red is reused by the next reduction
+  return r;
+}
+
+// One CTA of whole warps (at most 4) per (merge item, qo head). The item's partial LSEs are read
+// in parallel, one per thread, and their weights staged in shared memory; each thread then owns
+// head dims tx, tx + blockDim.x, … and sums the partials' outputs with 8 loads in flight.
+// Launched right behind the kernel that writes the partials (programmatic dependent launch on
+// sm_90+): everything before af_wait_prior_grid reads only what the plan upload wrote.
 __device__ __forceinline__ void merge_body(const MergeArgs& a, const Params& p) {
   const int w = blockIdx.x;
   if (w >= *a.num_work) return;
   const MergeWork item = a.work[w];
   const int qo_head = blockIdx.y;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  __shared__ float wgt[MERGE_STAGE];
+  __shared__ float red[4];
+  const long long H = a.num_qo_heads;
+  const float* lse = a.part_lse + (long long)item.first * H + qo_head;
+  af_wait_prior_grid();
+
   float M = -AF_INF;
-  for (int s = 0; s < item.count; ++s) M = fmaxf(M, a.part_lse[(long long)(item.first + s) * a.num_qo_heads + qo_head]);
-  const long long out_row = (long long)item.token * a.num_qo_heads + qo_head;
+  for (int s = tid; s < item.count; s += nt) M = fmaxf(M, lse[s * H]);
+  M = merge_reduce<true>(M, red);
+  const long long out_row = (long long)item.token * H + qo_head;
 #if NORMALIZE_SOFTMAX
   float W = 0.f;
-  if (M != -AF_INF) {
-    for (int s = 0; s < item.count; ++s) W += exp2f((a.part_lse[(long long)(item.first + s) * a.num_qo_heads + qo_head] - M) * AF_LOG2E);
+  for (int s = tid; s < item.count; s += nt) {
+    const float e = M != -AF_INF ? exp2f((lse[s * H] - M) * AF_LOG2E) : 0.f;
+    if (s < MERGE_STAGE) wgt[s] = e;
+    W += e;
   }
+  W = merge_reduce<false>(W, red);  // its barrier also publishes wgt
   float lse_total = M != -AF_INF ? M + logf(W) : -AF_INF;
   float final_scale = M != -AF_INF ? 1.f / W : 0.f;
 #if HAS_SINK
@@ -58,22 +92,28 @@ __device__ __forceinline__ void merge_body(const MergeArgs& a, const Params& p) 
   }
 #endif
 #else
+  // Without normalisation the partials add up as they are.
+  for (int s = tid; s < item.count && s < MERGE_STAGE; s += nt) wgt[s] = 1.f;
+  __syncthreads();
   float lse_total = M != -AF_INF ? 0.f : -AF_INF;
   float final_scale = 1.f;
 #endif
-  for (int dd = threadIdx.x; dd < HEAD_DIM_VO; dd += blockDim.x) {
+  const int staged = min(item.count, MERGE_STAGE);
+  const long long step = H * HEAD_DIM_VO;
+  const float* po = a.part_o + ((long long)item.first * H + qo_head) * HEAD_DIM_VO;
+  for (int dd = tid; dd < HEAD_DIM_VO; dd += nt) {
     float acc = 0.f;
-    for (int s = 0; s < item.count; ++s) {
-      const long long row = (long long)(item.first + s) * a.num_qo_heads + qo_head;
+#pragma unroll 8
+    for (int s = 0; s < staged; ++s) acc = fmaf(wgt[s], po[s * step + dd], acc);
+    for (int s = staged; s < item.count; ++s) {
 #if NORMALIZE_SOFTMAX
-      const float ls = a.part_lse[row];
-      const float wgt = M != -AF_INF ? exp2f((ls - M) * AF_LOG2E) : 0.f;
-      acc += wgt * a.part_o[row * HEAD_DIM_VO + dd];
+      const float e = M != -AF_INF ? exp2f((lse[s * H] - M) * AF_LOG2E) : 0.f;
 #else
-      acc += a.part_o[row * HEAD_DIM_VO + dd];
+      const float e = 1.f;
 #endif
+      acc = fmaf(e, po[s * step + dd], acc);
     }
     a.o[out_row * HEAD_DIM_VO + dd] = af_from_float<DTypeO>(acc * final_scale);
   }
-  if (threadIdx.x == 0) a.lse[out_row] = lse_total;
+  if (tid == 0) a.lse[out_row] = lse_total;
 }

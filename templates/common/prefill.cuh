@@ -22,6 +22,11 @@
 
 #define NUM_THREADS (32 * NUM_WARPS)
 #define ROWS (16 * MTILES * NUM_WARPS)
+// How far (log2 units) a tile's max may exceed a row's running max before the row's state is
+// rescaled to it; see the online softmax below.
+#ifndef AF_MAX_SLACK
+#define AF_MAX_SLACK 8.f
+#endif
 
 // Mirrors src/abi.rs `PrefillWork`; uploaded where decode puts its DecodeWork list.
 struct PrefillWork {
@@ -241,8 +246,12 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
     }
 
 #if NORMALIZE_SOFTMAX
-    // Online softmax, branch-free so that the rows' reductions interleave: a row with nothing
-    // visible yet keeps m = -inf and exponentiates against 0, giving p = 0, scale 0 and d = 0.
+    // Online softmax with a lazily raised max. A row's running max m only moves when the tile's
+    // max exceeds it by more than AF_MAX_SLACK (log2 units), so p = exp2((s - m) * exp_scale)
+    // stays below 2^AF_MAX_SLACK (exact in f32 and in the bf16/f16 P operand); the LSE uses the
+    // same m, so the result is unchanged. The decision is one per warp (any of its rows), which
+    // keeps the branch uniform and makes the O rescale rare after a row's first tiles. A row with
+    // nothing visible yet keeps m = -inf and exponentiates against 0, giving p = 0 and d = 0.
     // m is in the units of s: raw scores when the scale is folded (exp_scale = sm_scale log2 e).
     float mx[MTILES][2];
 #pragma unroll
@@ -252,7 +261,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
         float t[NT];
 #pragma unroll
         for (int n = 0; n < NT; ++n) t[n] = fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]);
-        mx[mt][h] = fmaxf(m[mt][h], af_tree_max<NT>(t));
+        mx[mt][h] = af_tree_max<NT>(t);
       }
 #pragma unroll
     for (int x = 1; x <= 2; x *= 2)
@@ -260,13 +269,36 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
       for (int mt = 0; mt < MTILES; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) mx[mt][h] = fmaxf(mx[mt][h], __shfl_xor_sync(0xffffffffu, mx[mt][h], x));
+    bool raise = false;
+#pragma unroll
+    for (int mt = 0; mt < MTILES; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) raise = raise || (mx[mt][h] - m[mt][h]) * exp_scale > AF_MAX_SLACK;  // NaN (both -inf): false
+    float sc[MTILES][2];
+#pragma unroll
+    for (int mt = 0; mt < MTILES; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) sc[mt][h] = 1.f;
+    if (__any_sync(0xffffffffu, raise)) {
+#pragma unroll
+      for (int mt = 0; mt < MTILES; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float mn = fmaxf(m[mt][h], mx[mt][h]);
+          sc[mt][h] = exp2f(fmaf(m[mt][h], exp_scale, -(mn == -AF_INF ? 0.f : mn * exp_scale)));
+          m[mt][h] = mn;
+#pragma unroll
+          for (int dn = 0; dn < DN; ++dn) {
+            oacc[mt][dn][2 * h] *= sc[mt][h];
+            oacc[mt][dn][2 * h + 1] *= sc[mt][h];
+          }
+        }
+    }
 #pragma unroll
     for (int mt = 0; mt < MTILES; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float mn = mx[mt][h];
-        const float base = mn == -AF_INF ? 0.f : mn * exp_scale;
-        const float sc = exp2f(fmaf(m[mt][h], exp_scale, -base));
+        const float base = m[mt][h] == -AF_INF ? 0.f : m[mt][h] * exp_scale;
         float t[NT];
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
@@ -274,15 +306,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
           s[mt][n][2 * h + 1] = exp2f(fmaf(s[mt][n][2 * h + 1], exp_scale, -base));
           t[n] = s[mt][n][2 * h] + s[mt][n][2 * h + 1];
         }
-        d[mt][h] = fmaf(d[mt][h], sc, af_tree_sum<NT>(t));
-        if (mn != m[mt][h]) {
-#pragma unroll
-          for (int dn = 0; dn < DN; ++dn) {
-            oacc[mt][dn][2 * h] *= sc;
-            oacc[mt][dn][2 * h + 1] *= sc;
-          }
-        }
-        m[mt][h] = mn;
+        d[mt][h] = fmaf(d[mt][h], sc[mt][h], af_tree_sum<NT>(t));
       }
     }
 #endif

@@ -62,6 +62,23 @@ __device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem,
   int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
 }
+// The same for a copy known to be in range: no source-size operand, no predicate to compute.
+__device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
+}
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and when the launch did not ask for
+// it). A kernel lets the next launch on its stream start early; that launch waits for this
+// grid's completion and memory before it reads what this grid wrote.
+__device__ __forceinline__ void af_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+__device__ __forceinline__ void af_wait_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void af_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void af_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

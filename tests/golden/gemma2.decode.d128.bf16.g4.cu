@@ -64,6 +64,23 @@ __device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem,
   int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
 }
+// The same for a copy known to be in range: no source-size operand, no predicate to compute.
+__device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
+}
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and when the launch did not ask for
+// it). A kernel lets the next launch on its stream start early; that launch waits for this
+// grid's completion and memory before it reads what this grid wrote.
+__device__ __forceinline__ void af_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+__device__ __forceinline__ void af_wait_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void af_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void af_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -244,9 +261,9 @@ __device__ __forceinline__ void kv_issue_rows(DTypeKV* dst, const KeyRows* rows,
 }
 
 // Issues the cp.async copies of one located tile into ring slot `stage` (K rows padded to ROW_QK,
-// V rows to ROW_VO).
+// V rows to ROW_VO). `full`: every key of the tile is in the span, so no copy zero-fills.
 template <int KV_TILE_, int NTHREADS_>
-__device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, const KeyRows* rows, int stage, int tid) {
+__device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, DTypeKV* v_smem, const KeyRows* rows, int stage, int tid, bool full) {
   DTypeKV* ks = k_smem + stage * KV_TILE_ * ROW_QK;
   DTypeKV* vs = v_smem + stage * KV_TILE_ * ROW_VO;
   constexpr int KCH = HEAD_DIM_QK / VEC, VCH = HEAD_DIM_VO / VEC;
@@ -257,12 +274,22 @@ __device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, D
     const int ch = tid % KCH, j0 = tid / KCH;
     const unsigned k_dst = (unsigned)__cvta_generic_to_shared(ks + j0 * ROW_QK + ch * VEC);
     const unsigned v_dst = (unsigned)__cvta_generic_to_shared(vs + j0 * ROW_VO + ch * VEC);
+    if (full) {
+      // Every tile but a span's last: no null test, select or source size per copy.
 #pragma unroll
-    for (int i = 0; i < KV_TILE_ / RSTEP; ++i) {
-      const KeyRows r = rows[j0 + i * RSTEP];
-      const bool ok = r.k != nullptr;
-      af_cp_async16_s(k_dst + i * RSTEP * ROW_QK * (int)sizeof(DTypeKV), ok ? r.k + ch * VEC : a.k, ok);
-      af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), ok ? r.v + ch * VEC : a.v, ok);
+      for (int i = 0; i < KV_TILE_ / RSTEP; ++i) {
+        const KeyRows r = rows[j0 + i * RSTEP];
+        af_cp_async16_s(k_dst + i * RSTEP * ROW_QK * (int)sizeof(DTypeKV), r.k + ch * VEC);
+        af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), r.v + ch * VEC);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < KV_TILE_ / RSTEP; ++i) {
+        const KeyRows r = rows[j0 + i * RSTEP];
+        const bool ok = r.k != nullptr;
+        af_cp_async16_s(k_dst + i * RSTEP * ROW_QK * (int)sizeof(DTypeKV), ok ? r.k + ch * VEC : a.k, ok);
+        af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), ok ? r.v + ch * VEC : a.v, ok);
+      }
     }
   } else {
     kv_issue_rows<KV_TILE_, NTHREADS_, KCH, ROW_QK>(ks, rows, false, a.k, tid);
@@ -326,7 +353,7 @@ __device__ __forceinline__ void kv_stream(const DecodeArgs& a, DTypeKV* k_smem, 
       kv_locate<KV_TILE_, NTHREADS_>(a, rows[slot], lo + t * KV_TILE_, hi, page_begin, kv_head, tid);
     }
   };
-  auto issue = [&](int slot, int t) { kv_issue<KV_TILE_, NTHREADS_>(a, k_smem, v_smem, rows[slot], slot, tid); };
+  auto issue = [&](int slot, int t) { kv_issue<KV_TILE_, NTHREADS_>(a, k_smem, v_smem, rows[slot], slot, tid, lo + (t + 1) * KV_TILE_ - 1 <= hi); };
   const int num_tiles = hi >= lo ? (hi - lo + KV_TILE_) / KV_TILE_ : 0;
   af_ring_located<STAGES_>(num_tiles, prefetch, locate, issue, compute);
 }
@@ -699,20 +726,54 @@ struct MergeArgs {
   float sm_scale;
 };
 
-// One CTA per (merge item, qo head); each thread owns head dims tx, tx + blockDim.x, ….
+// Partial weights kept in shared memory per merge item; a longer item recomputes the rest.
+#define MERGE_STAGE 256
+
+// Block-wide max (MAX) or sum over whole warps; `red` holds one value per warp.
+template <bool MAX>
+__device__ __forceinline__ float merge_reduce(float x, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = MAX ? fmaxf(x, y) : x + y;
+  }
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
+  __syncthreads();
+  float r = red[0];
+  for (int i = 1; i < (int)blockDim.x / 32; ++i) r = MAX ? fmaxf(r, red[i]) : r + red[i];
+  __syncthreads();  // red is reused by the next reduction
+  return r;
+}
+
+// One CTA of whole warps (at most 4) per (merge item, qo head). The item's partial LSEs are read
+// in parallel, one per thread, and their weights staged in shared memory; each thread then owns
+// head dims tx, tx + blockDim.x, … and sums the partials' outputs with 8 loads in flight.
+// Launched right behind the kernel that writes the partials (programmatic dependent launch on
+// sm_90+): everything before af_wait_prior_grid reads only what the plan upload wrote.
 __device__ __forceinline__ void merge_body(const MergeArgs& a, const Params& p) {
   const int w = blockIdx.x;
   if (w >= *a.num_work) return;
   const MergeWork item = a.work[w];
   const int qo_head = blockIdx.y;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  __shared__ float wgt[MERGE_STAGE];
+  __shared__ float red[4];
+  const long long H = a.num_qo_heads;
+  const float* lse = a.part_lse + (long long)item.first * H + qo_head;
+  af_wait_prior_grid();
+
   float M = -AF_INF;
-  for (int s = 0; s < item.count; ++s) M = fmaxf(M, a.part_lse[(long long)(item.first + s) * a.num_qo_heads + qo_head]);
-  const long long out_row = (long long)item.token * a.num_qo_heads + qo_head;
+  for (int s = tid; s < item.count; s += nt) M = fmaxf(M, lse[s * H]);
+  M = merge_reduce<true>(M, red);
+  const long long out_row = (long long)item.token * H + qo_head;
 #if NORMALIZE_SOFTMAX
   float W = 0.f;
-  if (M != -AF_INF) {
-    for (int s = 0; s < item.count; ++s) W += exp2f((a.part_lse[(long long)(item.first + s) * a.num_qo_heads + qo_head] - M) * AF_LOG2E);
+  for (int s = tid; s < item.count; s += nt) {
+    const float e = M != -AF_INF ? exp2f((lse[s * H] - M) * AF_LOG2E) : 0.f;
+    if (s < MERGE_STAGE) wgt[s] = e;
+    W += e;
   }
+  W = merge_reduce<false>(W, red);  // its barrier also publishes wgt
   float lse_total = M != -AF_INF ? M + logf(W) : -AF_INF;
   float final_scale = M != -AF_INF ? 1.f / W : 0.f;
 #if HAS_SINK
@@ -730,24 +791,30 @@ __device__ __forceinline__ void merge_body(const MergeArgs& a, const Params& p) 
   }
 #endif
 #else
+  // Without normalisation the partials add up as they are.
+  for (int s = tid; s < item.count && s < MERGE_STAGE; s += nt) wgt[s] = 1.f;
+  __syncthreads();
   float lse_total = M != -AF_INF ? 0.f : -AF_INF;
   float final_scale = 1.f;
 #endif
-  for (int dd = threadIdx.x; dd < HEAD_DIM_VO; dd += blockDim.x) {
+  const int staged = min(item.count, MERGE_STAGE);
+  const long long step = H * HEAD_DIM_VO;
+  const float* po = a.part_o + ((long long)item.first * H + qo_head) * HEAD_DIM_VO;
+  for (int dd = tid; dd < HEAD_DIM_VO; dd += nt) {
     float acc = 0.f;
-    for (int s = 0; s < item.count; ++s) {
-      const long long row = (long long)(item.first + s) * a.num_qo_heads + qo_head;
+#pragma unroll 8
+    for (int s = 0; s < staged; ++s) acc = fmaf(wgt[s], po[s * step + dd], acc);
+    for (int s = staged; s < item.count; ++s) {
 #if NORMALIZE_SOFTMAX
-      const float ls = a.part_lse[row];
-      const float wgt = M != -AF_INF ? exp2f((ls - M) * AF_LOG2E) : 0.f;
-      acc += wgt * a.part_o[row * HEAD_DIM_VO + dd];
+      const float e = M != -AF_INF ? exp2f((lse[s * H] - M) * AF_LOG2E) : 0.f;
 #else
-      acc += a.part_o[row * HEAD_DIM_VO + dd];
+      const float e = 1.f;
 #endif
+      acc = fmaf(e, po[s * step + dd], acc);
     }
     a.o[out_row * HEAD_DIM_VO + dd] = af_from_float<DTypeO>(acc * final_scale);
   }
-  if (threadIdx.x == 0) a.lse[out_row] = lse_total;
+  if (tid == 0) a.lse[out_row] = lse_total;
 }
 
 static_assert(sizeof(DecodeArgs) == 152, "DecodeArgs layout differs from Rust");
@@ -755,6 +822,7 @@ static_assert(sizeof(MergeArgs) == 88, "MergeArgs layout differs from Rust");
 static_assert(NUM_THREADS % 32 == 0 && NUM_THREADS <= 1024, "block must be whole warps");
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_CTAS) attnforge_decode(const DecodeArgs a, const ParamsArg pa) {
+  af_launch_dependents();  // the merge launch may start; it waits for this grid before reading
   decode_body(a, pa.p);
 }
 

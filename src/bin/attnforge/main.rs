@@ -52,6 +52,10 @@ enum Cmd {
         /// `mma,warps,stages`; prefill `p,warps,mtiles,kv_tile,stages,min_ctas`.
         #[arg(long = "tile", value_name = "TILE")]
         tiles: Vec<String>,
+        /// Launch merges in plain stream order instead of overlapping the kernel before them
+        /// (programmatic dependent launch, sm_90+), to measure what the overlap gives.
+        #[arg(long)]
+        no_overlap_merge: bool,
     },
 }
 
@@ -160,7 +164,7 @@ fn main() -> ExitCode {
         None => run::demo(),
         Some(Cmd::Check { specs }) => check(&specs),
         Some(Cmd::Run(args)) => run::run(&args),
-        Some(Cmd::Bench { suite, json, tiles }) => run::bench(&suite, json.as_deref(), &tiles),
+        Some(Cmd::Bench { suite, json, tiles, no_overlap_merge }) => run::bench(&suite, json.as_deref(), &tiles, !no_overlap_merge),
         Some(Cmd::Compile(args)) => compile(&args),
         Some(Cmd::Cache { cmd }) => cache(cmd),
     };

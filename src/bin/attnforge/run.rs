@@ -322,10 +322,11 @@ fn time_decode(e: &Engine, k: &attnforge::engine::DecodeKernel, p: &ParamValues,
     Ok((us, bytes / (us * 1e-6) / 1e9))
 }
 
-pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String]) -> Result<()> {
-    let e = Engine::new(0).context("`attnforge bench` times GPU kernels and needs a GPU")?;
+pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], overlap_merge: bool) -> Result<()> {
+    let mut e = Engine::new(0).context("`attnforge bench` times GPU kernels and needs a GPU")?;
+    e.set_programmatic_merge(overlap_merge);
     let date = std::process::Command::new("date").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-    println!("attnforge {} bench on {}, {date}", env!("CARGO_PKG_VERSION"), e.describe());
+    println!("attnforge {} bench on {}, {date}; merges {}", env!("CARGO_PKG_VERSION"), e.describe(), if e.programmatic_merge() { "overlap the kernel before them (programmatic launch)" } else { "in plain stream order" });
     let mut records = Vec::new();
     if suites.contains(&Suite::Compile) {
         println!("\ncompile (first use into an empty cache; then a new Jit + disk hit + module load):");
