@@ -20,6 +20,20 @@ __device__ __forceinline__ void af_ldmatrix_x4_trans(unsigned (&r)[4], const voi
                : "r"(s));
 }
 
+// The same from a 32-bit shared-memory address: callers that form `base + constant` get the
+// constant folded into the instruction instead of an address computed per call.
+__device__ __forceinline__ void af_ldmatrix_x4_s(unsigned (&r)[4], unsigned s) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+__device__ __forceinline__ void af_ldmatrix_x4_trans_s(unsigned (&r)[4], unsigned s) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
 template <typename T>
 __device__ __forceinline__ void af_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
 

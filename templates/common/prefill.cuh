@@ -158,7 +158,12 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
       af_cp_async16(q_smem + r * ROW_QK + ch * VEC, src, ok);
     }
   }
-  const DTypeQ* q_warp = q_smem + warp_row0 * ROW_QK;
+  // Each lane's ldmatrix row addresses (shared-memory bytes) in stage 0; a tile adds its stage's
+  // offset once and every ldmatrix a constant, which the compiler folds into the instruction.
+  constexpr int EB = (int)sizeof(DTypeKV);
+  const unsigned q_lds = (unsigned)__cvta_generic_to_shared(q_smem) + ((warp_row0 + (lane & 15)) * ROW_QK + (lane >> 4) * 8) * EB;
+  const unsigned k_lds = (unsigned)__cvta_generic_to_shared(k_smem) + (((mi >> 1) * 8 + (lane & 7)) * ROW_QK + (mi & 1) * 8) * EB;
+  const unsigned v_lds = (unsigned)__cvta_generic_to_shared(v_smem) + (((mi & 1) * 8 + (lane & 7)) * ROW_VO + (mi >> 1) * 8) * EB;
 
   constexpr int KSTEPS = HEAD_DIM_QK / 16;
   constexpr int DN = HEAD_DIM_VO / 8;
@@ -189,16 +194,16 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
 
     float s[MTILES][NT][4];
     af_zero_frags(s);
-    const DTypeKV* ks = k_smem + stage * KV_TILE * ROW_QK;
+    const unsigned ks = k_lds + stage * (KV_TILE * ROW_QK * EB);
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
       unsigned qa[MTILES][4];
 #pragma unroll
-      for (int mt = 0; mt < MTILES; ++mt) af_ldmatrix_x4(qa[mt], q_warp + (mt * 16 + (lane & 15)) * ROW_QK + kk * 16 + (lane >> 4) * 8);
+      for (int mt = 0; mt < MTILES; ++mt) af_ldmatrix_x4_s(qa[mt], q_lds + (mt * 16 * ROW_QK + kk * 16) * EB);
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         unsigned b[4];
-        af_ldmatrix_x4(b, ks + (np * 16 + (mi >> 1) * 8 + (lane & 7)) * ROW_QK + kk * 16 + (mi & 1) * 8);
+        af_ldmatrix_x4_s(b, ks + (np * 16 * ROW_QK + kk * 16) * EB);
 #pragma unroll
         for (int mt = 0; mt < MTILES; ++mt) {
           af_mma16816<DTypeKV>(s[mt][2 * np], qa[mt], b[0], b[1]);
@@ -246,14 +251,17 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
     }
 
 #if NORMALIZE_SOFTMAX
-    // Online softmax with a lazily raised max. A row's running max m only moves when the tile's
-    // max exceeds it by more than AF_MAX_SLACK (log2 units), so p = exp2((s - m) * exp_scale)
-    // stays below 2^AF_MAX_SLACK (exact in f32 and in the bf16/f16 P operand); the LSE uses the
-    // same m, so the result is unchanged. The decision is one per warp (any of its rows), which
-    // keeps the branch uniform and makes the O rescale rare after a row's first tiles. A row with
-    // nothing visible yet keeps m = -inf and exponentiates against 0, giving p = 0 and d = 0.
-    // m is in the units of s: raw scores when the scale is folded (exp_scale = sm_scale log2 e).
+    // Online softmax with a lazily raised max. A row's running max m only moves when one of the
+    // tile's scores exceeds it by more than AF_MAX_SLACK (log2 units), so p = exp2((s - m) *
+    // exp_scale) stays below 2^AF_MAX_SLACK (exact in f32 and in the bf16/f16 P operand); the LSE
+    // uses the same m, so the result is unchanged. Each lane tests its own scores, and the warp
+    // decides with one vote: the common case needs no shuffle and no rescale, and the branch is
+    // uniform. When it is taken, every row moves to the max of its quad's scores and its O and d
+    // are rescaled. A row with nothing visible yet keeps m = -inf and exponentiates against 0,
+    // giving p = 0 and d = 0. m is in the units of s: raw scores when the scale is folded
+    // (exp_scale = sm_scale log2 e).
     float mx[MTILES][2];
+    bool raise = false;
 #pragma unroll
     for (int mt = 0; mt < MTILES; ++mt)
 #pragma unroll
@@ -262,24 +270,20 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
 #pragma unroll
         for (int n = 0; n < NT; ++n) t[n] = fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]);
         mx[mt][h] = af_tree_max<NT>(t);
+        raise = raise || (mx[mt][h] - m[mt][h]) * exp_scale > AF_MAX_SLACK;  // NaN (both -inf): false
       }
-#pragma unroll
-    for (int x = 1; x <= 2; x *= 2)
-#pragma unroll
-      for (int mt = 0; mt < MTILES; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) mx[mt][h] = fmaxf(mx[mt][h], __shfl_xor_sync(0xffffffffu, mx[mt][h], x));
-    bool raise = false;
-#pragma unroll
-    for (int mt = 0; mt < MTILES; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) raise = raise || (mx[mt][h] - m[mt][h]) * exp_scale > AF_MAX_SLACK;  // NaN (both -inf): false
     float sc[MTILES][2];
 #pragma unroll
     for (int mt = 0; mt < MTILES; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) sc[mt][h] = 1.f;
     if (__any_sync(0xffffffffu, raise)) {
+#pragma unroll
+      for (int x = 1; x <= 2; x *= 2)
+#pragma unroll
+        for (int mt = 0; mt < MTILES; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) mx[mt][h] = fmaxf(mx[mt][h], __shfl_xor_sync(0xffffffffu, mx[mt][h], x));
 #pragma unroll
       for (int mt = 0; mt < MTILES; ++mt)
 #pragma unroll
@@ -310,7 +314,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
       }
     }
 #endif
-    const DTypeKV* vs = v_smem + stage * KV_TILE * ROW_VO;
+    const unsigned vs = v_lds + stage * (KV_TILE * ROW_VO * EB);
 #pragma unroll
     for (int k2 = 0; k2 < KV_TILE / 16; ++k2) {
       unsigned pa[MTILES][4];
@@ -324,7 +328,7 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
 #pragma unroll
       for (int dn2 = 0; dn2 < DN / 2; ++dn2) {
         unsigned b[4];
-        af_ldmatrix_x4_trans(b, vs + (k2 * 16 + (mi & 1) * 8 + (lane & 7)) * ROW_VO + dn2 * 16 + (mi >> 1) * 8);
+        af_ldmatrix_x4_trans_s(b, vs + (k2 * 16 * ROW_VO + dn2 * 16) * EB);
 #pragma unroll
         for (int mt = 0; mt < MTILES; ++mt) {
           af_mma16816<DTypeKV>(oacc[mt][2 * dn2], pa[mt], b[0], b[1]);
