@@ -87,8 +87,13 @@ impl Engine {
     }
 
     /// The planner's view of this kernel on this GPU.
+    /// Decode reads memory: one chunk per SM already streams at the card's bandwidth, so a batch
+    /// splits only until every SM has a chunk, not every resident CTA slot (the kernel's
+    /// occupancy is for batches with more items than SMs, where resident CTAs hide each other's
+    /// prologues). Measured on the H100 against SMs × 2: B1 L16384 32.8 → 31.9 µs, B16 L4096
+    /// 102.9 → 98.2 µs (no split, no merge); SMs × 4 and × 16 were slower still.
     pub fn plan_target(&self, k: &DecodeKernel) -> PlanTarget {
-        PlanTarget { ctas: self.sm_count * k.ctas_per_sm, kv_tile: k.tile.kv_tile() }
+        PlanTarget { ctas: self.sm_count, kv_tile: k.tile.kv_tile() }
     }
 
     /// Plans a decode batch for `k` on this GPU.

@@ -34,7 +34,8 @@ pub enum PlanMode {
 /// What the planner needs to know about the kernel and the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlanTarget {
-    /// CTAs that fill the GPU once: SMs × resident CTAs per SM.
+    /// CTAs a batch that is too small to fill the GPU is spread over: a batch with fewer work
+    /// items (× KV heads) than this has its spans split into chunks, about this many in all.
     pub ctas: usize,
     /// KV positions per kernel tile; chunks are multiples of it.
     pub kv_tile: usize,
