@@ -32,6 +32,10 @@ pub struct DecodeShape {
     pub params: Vec<(&'static str, f64)>,
     pub batch: usize,
     pub kv_len: usize,
+    /// A skewed batch: the first request has this many positions instead of `kv_len`.
+    pub first_len: Option<usize>,
+    /// Plan one item per CTA (no balancing), to show what balancing gives.
+    pub unbalanced: bool,
     /// FlashInfer's graph and eager µs on the same card, where published.
     pub anchor_graph_us: Option<f64>,
     pub anchor_eager_us: Option<f64>,
@@ -39,7 +43,7 @@ pub struct DecodeShape {
 
 /// The ANCHORS.md decode shapes: bf16, 32/8 heads, d128, page 16, NHD, permuted pages.
 pub fn anchor_decode_shapes() -> Vec<DecodeShape> {
-    let s = |batch, kv_len, g, e| DecodeShape { variant: "default", params: vec![], batch, kv_len, anchor_graph_us: Some(g), anchor_eager_us: Some(e) };
+    let s = |batch, kv_len, g, e| DecodeShape { variant: "default", params: vec![], batch, kv_len, first_len: None, unbalanced: false, anchor_graph_us: Some(g), anchor_eager_us: Some(e) };
     vec![
         s(1, 1024, 9.3, 59.6),
         s(1, 16384, 33.3, 67.7),
@@ -47,8 +51,28 @@ pub fn anchor_decode_shapes() -> Vec<DecodeShape> {
         s(64, 4096, 383.7, 457.7),
         s(128, 2048, 375.4, 434.4),
         s(256, 4096, 1546.9, 1601.0),
-        DecodeShape { variant: "gemma2", params: vec![("soft_cap", 30.0), ("window", 1024.0)], batch: 64, kv_len: 4096, anchor_graph_us: None, anchor_eager_us: Some(493.6) },
+        DecodeShape { variant: "gemma2", params: vec![("soft_cap", 30.0), ("window", 1024.0)], batch: 64, kv_len: 4096, first_len: None, unbalanced: false, anchor_graph_us: None, anchor_eager_us: Some(493.6) },
+        // Skewed (no FlashInfer number): one 32K request among 127 of 1K. Without balancing, the
+        // long request's CTAs would run alone long after the rest.
+        DecodeShape { variant: "default", params: vec![], batch: 128, kv_len: 1024, first_len: Some(32768), unbalanced: false, anchor_graph_us: None, anchor_eager_us: None },
+        DecodeShape { variant: "default", params: vec![], batch: 128, kv_len: 1024, first_len: Some(32768), unbalanced: true, anchor_graph_us: None, anchor_eager_us: None },
     ]
+}
+
+impl DecodeShape {
+    /// Each request's KV length.
+    pub fn lens(&self) -> Vec<usize> {
+        (0..self.batch).map(|b| if b == 0 { self.first_len.unwrap_or(self.kv_len) } else { self.kv_len }).collect()
+    }
+
+    /// "B128 L1024" or, skewed, "B128 L1024+32768" (with " 1/CTA" when not balanced).
+    pub fn label(&self) -> String {
+        let one = if self.unbalanced { " 1/CTA" } else { "" };
+        match self.first_len {
+            Some(f) => format!("B{} L{}+{f}{one}", self.batch, self.kv_len),
+            None => format!("B{} L{}{one}", self.batch, self.kv_len),
+        }
+    }
 }
 
 /// What one shape measured.
@@ -105,8 +129,13 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::De
     let params = v.bind(&given, Dims { qo_heads: QO_HEADS, kv_heads: KV_HEADS, batch: shape.batch })?;
     let dp = e.upload_params(&k.layout, &params)?;
 
-    let pages_per_req = shape.kv_len.div_ceil(PAGE);
-    let pages_per_copy = pages_per_req * shape.batch;
+    let mut target = e.plan_target(&k);
+    if shape.unbalanced {
+        target.resident = 0;
+    }
+    let plan = |batch: &Batch<'_>, mode: PlanMode| crate::plan::plan_decode(&k.variant, &params, batch, target, mode);
+    let lens = shape.lens();
+    let pages_per_copy: usize = lens.iter().map(|l| l.div_ceil(PAGE)).sum();
     let kv_bytes_per_copy = (pages_per_copy * PAGE * KV_HEADS * HEAD_DIM * 2 * 2) as f64;
     let copies = ((128e6 / kv_bytes_per_copy).ceil() as usize).clamp(2, GRAPH_CALLS);
     let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages_per_copy * copies, page_size: PAGE, kv_heads: KV_HEADS, head_dim_qk: HEAD_DIM, head_dim_vo: HEAD_DIM };
@@ -130,11 +159,11 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::De
     for c in 0..copies {
         let mut order: Vec<usize> = (c * pages_per_copy..(c + 1) * pages_per_copy).collect();
         order.shuffle(&mut rng);
-        let table = PageTable::from_lens(&vec![shape.kv_len; shape.batch], PAGE, &mut order.into_iter());
+        let table = PageTable::from_lens(&lens, PAGE, &mut order.into_iter());
         let (indptr, indices, last) = (e.upload(&table.indptr)?, e.upload(&table.indices)?, e.upload(&table.last_page_len)?);
         tables.push(Copy { table, indptr, indices, last, bufs: None });
     }
-    let default_plan = e.plan_decode(&k, &params, &Batch { qo_indptr: &qo_indptr, pages: &tables[0].table, kv, qo_heads: QO_HEADS }, PlanMode::Default)?;
+    let default_plan = plan(&Batch { qo_indptr: &qo_indptr, pages: &tables[0].table, kv, qo_heads: QO_HEADS }, PlanMode::Default)?;
     let fixed = PlanMode::FixedGrid { max_ctas: default_plan.work.len().max(1) };
 
     let launch = |c: &Copy, plan: &crate::plan::DecodePlan, o: &mut cudarc::driver::CudaSlice<bf16>, lse: &mut cudarc::driver::CudaSlice<f32>| {
@@ -146,7 +175,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::De
     // Graph: GRAPH_CALLS calls rotating over the copies, each with its own uploaded plan.
     let mut fixed_plans = Vec::new();
     for c in tables.iter_mut() {
-        let plan = e.plan_decode(&k, &params, &Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, fixed)?;
+        let plan = plan(&Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, fixed)?;
         e.upload_plan(&plan, &mut c.bufs)?;
         fixed_plans.push(plan);
     }
@@ -189,7 +218,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::De
         let n = 2 * GRAPH_CALLS;
         for i in 0..n {
             let c = &mut tables[i % copies];
-            let plan = e.plan_decode(&k, &params, &Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, PlanMode::Default)?;
+            let plan = plan(&Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, PlanMode::Default)?;
             e.upload_plan(&plan, &mut c.bufs)?;
             launch(c, &plan, &mut o, &mut lse)?;
         }
@@ -200,7 +229,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::De
     }
     let visible: usize = (0..shape.batch)
         .map(|b| {
-            let (lo, hi) = crate::plan::visible_span(&v, &params, b, 1, shape.kv_len, 0);
+            let (lo, hi) = crate::plan::visible_span(&v, &params, b, 1, lens[b], 0);
             hi - lo
         })
         .sum();

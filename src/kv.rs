@@ -373,8 +373,10 @@ pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Resu
     check_indptr("qo_indptr", b.qo_indptr, total_q)?;
     // One branch-free pass over all indices (it vectorises: planning a B = 256 decode batch
     // validates ~40K indices); only on failure do we walk the requests to name the culprit.
-    let n = kv.num_pages as u64;
-    if t.indices.iter().fold(false, |bad, &i| bad | (i as u32 as u64 >= n)) {
+    // In u32: a negative index is >= 2^31, and every page count from 2^31 up admits exactly the
+    // non-negative indices, so clamping the count to 2^31 keeps the test exact.
+    let n = kv.num_pages.min(1 << 31) as u32;
+    if t.indices.iter().fold(0u32, |bad, &i| bad | u32::from(i as u32 >= n)) != 0 {
         for req in 0..batch {
             for pos in t.indptr[req] as usize..t.indptr[req + 1] as usize {
                 let index = t.indices[pos];

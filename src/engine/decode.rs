@@ -93,7 +93,7 @@ impl Engine {
     /// prologues). Measured on the H100 against SMs × 2: B1 L16384 32.8 → 31.9 µs, B16 L4096
     /// 102.9 → 98.2 µs (no split, no merge); SMs × 4 and × 16 were slower still.
     pub fn plan_target(&self, k: &DecodeKernel) -> PlanTarget {
-        PlanTarget { ctas: self.sm_count, kv_tile: k.tile.kv_tile() }
+        PlanTarget { ctas: self.sm_count, kv_tile: k.tile.kv_tile(), resident: self.sm_count * k.ctas_per_sm }
     }
 
     /// Plans a decode batch for `k` on this GPU.

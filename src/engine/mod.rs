@@ -305,7 +305,7 @@ impl Engine {
             kv_indptr: ptr(dev.kv_indptr),
             kv_indices: ptr(dev.kv_indices),
             last_page_len: ptr(dev.last_page_len),
-            work: plan_ptr + 8,
+            work: plan_ptr + 4 * crate::plan::PLAN_HEADER_INTS as u64,
             num_work: plan_ptr,
             k_page_stride: kv.page_stride(kv.head_dim_qk) as i64,
             v_page_stride: kv.page_stride(kv.head_dim_vo) as i64,

@@ -1,6 +1,6 @@
 // decode.cuh — batch decode over the paged KV cache: the kernel body.
 //
-// One CTA per work item (request, KV chunk) and KV head (blockIdx.y). Threads are (tx, ty, tz):
+// A CTA per KV head (blockIdx.y) runs work items (request, KV chunk) in turn. Threads are (tx, ty, tz):
 // tx splits the head dim (each thread owns NV 16-byte vectors, strided by BDX so that the BDX
 // lanes of a row read consecutive bytes), ty is the query head within the GQA group (all query
 // heads of a KV head share every K/V load), tz splits each KV tile across thread groups.
@@ -17,10 +17,11 @@
 #define KV_TILE (BDZ * TILE_PER_Z)
 #define NUM_THREADS (BDX * GROUP * BDZ)
 
-__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p) {
-  const int w = blockIdx.x;
-  if (w >= *a.num_work) return;  // fixed-grid mode: spare CTAs exit
+// Work item w of the list (the caller loops a CTA over its items); `req < 0` pads a balanced
+// plan's list and does nothing.
+__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p, int w) {
   const DecodeWork item = a.work[w];
+  if (item.req < 0) return;
   const int kv_head = blockIdx.y;
   const int tx = threadIdx.x, ty = threadIdx.y, tz = threadIdx.z;
   const int tid = (tz * GROUP + ty) * BDX + tx;

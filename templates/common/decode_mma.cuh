@@ -22,12 +22,13 @@
 #define NUM_THREADS (32 * NUM_WARPS)
 #define KV_TILE (16 * NUM_WARPS)
 
-__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p) {
+// Work item w of the list (the caller loops a CTA over its items); `req < 0` pads a balanced
+// plan's list and does nothing.
+__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p, int w) {
   static_assert(GROUP >= 1 && GROUP <= 16, "the MMA path holds at most 16 query heads per KV head");
   static_assert(HEAD_DIM_QK % 16 == 0 && HEAD_DIM_VO % 16 == 0, "head dims must be multiples of 16");
-  const int w = blockIdx.x;
-  if (w >= *a.num_work) return;  // fixed-grid mode: spare CTAs exit
   const DecodeWork item = a.work[w];
+  if (item.req < 0) return;
   const int kv_head = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4, mi = lane / 8;

@@ -508,12 +508,13 @@ __device__ __forceinline__ void af_zero_frags(float (&x)[A][B][4]) {
 #define NUM_THREADS (32 * NUM_WARPS)
 #define KV_TILE (16 * NUM_WARPS)
 
-__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p) {
+// Work item w of the list (the caller loops a CTA over its items); `req < 0` pads a balanced
+// plan's list and does nothing.
+__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p, int w) {
   static_assert(GROUP >= 1 && GROUP <= 16, "the MMA path holds at most 16 query heads per KV head");
   static_assert(HEAD_DIM_QK % 16 == 0 && HEAD_DIM_VO % 16 == 0, "head dims must be multiples of 16");
-  const int w = blockIdx.x;
-  if (w >= *a.num_work) return;  // fixed-grid mode: spare CTAs exit
   const DecodeWork item = a.work[w];
+  if (item.req < 0) return;
   const int kv_head = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4, mi = lane / 8;
@@ -837,7 +838,14 @@ static_assert(NUM_THREADS % 32 == 0 && NUM_THREADS <= 1024, "block must be whole
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_CTAS) attnforge_decode(const DecodeArgs a, const ParamsArg pa) {
   af_launch_dependents();  // the merge launch may start; it waits for this grid before reading
-  decode_body(a, pa.p);
+  // The plan's header is [num_work, num_merge, stride, 0]: CTA x < stride runs items x, x +
+  // stride, … (one item per CTA, or several in a balanced plan); a fixed grid's spare CTAs exit.
+  const int stride = a.num_work[2];
+  if ((int)blockIdx.x >= stride) return;
+  for (int w = blockIdx.x; w < a.num_work[0]; w += stride) {
+    decode_body(a, pa.p, w);
+    __syncthreads();  // the next item reuses the shared memory
+  }
 }
 
 extern "C" __global__ void attnforge_merge(const MergeArgs a, const ParamsArg pa) {

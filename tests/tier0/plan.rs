@@ -14,6 +14,10 @@ fn kv(num_pages: usize) -> KvShape {
 }
 
 fn plan(variant: &str, params: &[(&str, f64)], lens: &[usize], target: usize, mode: PlanMode) -> attnforge::Result<(DecodePlan, PageTable, Vec<i32>)> {
+    plan_resident(variant, params, lens, target, 0, mode)
+}
+
+fn plan_resident(variant: &str, params: &[(&str, f64)], lens: &[usize], target: usize, resident: usize, mode: PlanMode) -> attnforge::Result<(DecodePlan, PageTable, Vec<i32>)> {
     let v = shipped::resolve(variant).unwrap();
     let pages = PageTable::from_lens(lens, 16, &mut (0..).map(|i| i as usize));
     let qo: Vec<i32> = (0..=lens.len() as i32).collect();
@@ -21,7 +25,7 @@ fn plan(variant: &str, params: &[(&str, f64)], lens: &[usize], target: usize, mo
     let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
     let n = pages.indices.len();
     let batch = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(n), qo_heads: 32 };
-    let plan = plan_decode(&v, &p, &batch, PlanTarget { ctas: target, kv_tile: 32 }, mode)?;
+    let plan = plan_decode(&v, &p, &batch, PlanTarget { ctas: target, kv_tile: 32, resident }, mode)?;
     Ok((plan, pages, qo))
 }
 
@@ -38,9 +42,14 @@ fn check_merge_offset(packed: &[i32], merge_offset: usize, merge: &[attnforge::a
 /// Each request's visible span is covered exactly once, and split requests merge their slots.
 fn check_cover(plan: &DecodePlan, spans: &[(usize, usize)]) {
     let mut covered: Vec<Vec<(i32, i32)>> = vec![Vec::new(); spans.len()];
-    for w in &plan.work {
+    for w in plan.work.iter().filter(|w| w.req >= 0) {
         covered[w.req as usize].push((w.kv_begin, w.kv_end));
     }
+    // Only a balanced plan pads (with req -1) and runs several items per CTA; the kernel walks
+    // items x, x + stride, … of CTA x < stride, as the header says.
+    assert!(plan.per_cta > 1 || plan.work.iter().all(|w| w.req >= 0));
+    assert!(plan.work.len() <= plan.stride * plan.per_cta && plan.stride <= plan.grid);
+    assert_eq!(plan.packed()[..4], [plan.work.len() as i32, plan.merge.len() as i32, plan.stride as i32, 0]);
     for (req, c) in covered.iter_mut().enumerate() {
         c.sort();
         let (lo, hi) = spans[req];
@@ -59,11 +68,41 @@ fn check_cover(plan: &DecodePlan, spans: &[(usize, usize)]) {
     }
     assert!(slots.iter().all(|s| *s));
     check_merge_offset(&plan.packed(), plan.merge_offset(), &plan.merge);
-    assert!(plan.work.windows(2).all(|w| w[0].kv_end - w[0].kv_begin >= w[1].kv_end - w[1].kv_begin), "longest first");
+    if plan.per_cta == 1 {
+        assert!(plan.work.windows(2).all(|w| w[0].kv_end - w[0].kv_begin >= w[1].kv_end - w[1].kv_begin), "longest first");
+    }
     assert_eq!(plan.workspace_bytes, DecodePlan::workspace_for(plan.num_partials, 32, 128));
 }
 
+/// Positions each CTA of a balanced plan reads.
+fn cta_loads(plan: &DecodePlan) -> Vec<usize> {
+    let mut load = vec![0usize; plan.stride];
+    for (i, w) in plan.work.iter().enumerate() {
+        load[i % plan.stride] += (w.kv_end - w.kv_begin) as usize;
+    }
+    load
+}
+
 proptest! {
+    #[test]
+    fn balanced_plans_cover_once_and_even_out_the_ctas(lens in prop::collection::vec(0usize..20000, 1..300), resident in 8usize..600) {
+        let (p, _, _) = plan_resident("default", &[], &lens, 132, resident, PlanMode::Default).unwrap();
+        let spans: Vec<(usize, usize)> = lens.iter().map(|&l| (0, l)).collect();
+        check_cover(&p, &spans);
+        let per_head = resident / 8;
+        let share = lens.iter().sum::<usize>().div_ceil(per_head.max(1));
+        if lens.len() > per_head && lens.iter().any(|&l| l > share) {
+            prop_assert_eq!((p.grid, p.stride), (per_head, per_head));
+            // Every CTA's share is within a tile (snapping) per cut of the even share.
+            let share = lens.iter().sum::<usize>().div_ceil(p.stride);
+            for l in cta_loads(&p) {
+                prop_assert!(l <= share + 32, "{} > {} + 32", l, share);
+            }
+        } else {
+            prop_assert_eq!(p.per_cta, 1);
+        }
+    }
+
     #[test]
     fn every_visible_position_is_covered_once(lens in prop::collection::vec(0usize..20000, 1..40), target in 1usize..2000, det in prop::option::of(1usize..3000)) {
         let mode = det.map_or(PlanMode::Default, |chunk| PlanMode::Deterministic { chunk });
@@ -110,6 +149,48 @@ fn small_batches_split_into_one_even_wave() {
 }
 
 #[test]
+fn big_batches_balance_into_one_wave() {
+    // One 32K request among 127 of 1K, 8 heads, 264 resident CTAs: 33 CTAs per head, each given
+    // ceil(162816 / 33) = 4934 positions. The long request is cut at the share boundaries
+    // (snapped to the 32-position tile) into 7 pieces on CTAs 0–6; 1K requests straddling a
+    // boundary are cut in two.
+    let mut lens = vec![1024; 128];
+    lens[0] = 32768;
+    let (p, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::Default).unwrap();
+    assert_eq!((p.grid, p.stride), (33, 33));
+    let loads = cta_loads(&p);
+    assert!(loads.iter().all(|&l| l <= 4934 + 32), "{loads:?}");
+    assert_eq!(loads.iter().sum::<usize>(), 162816);
+    let long = p.merge.iter().find(|m| m.req == 0).unwrap();
+    assert_eq!(long.count, 7);
+    let cuts: Vec<i32> = (0..7).map(|k| p.work[k].kv_end).collect(); // CTA k's first item
+    assert_eq!(cuts[..6], [4928, 9856, 14816, 19744, 24672, 29600]);
+    assert!(p.merge.iter().filter(|m| m.req != 0).all(|m| m.count == 2));
+    assert_eq!(p.workspace_bytes, DecodePlan::workspace_for(p.num_partials, 32, 128));
+    let spans: Vec<(usize, usize)> = lens.iter().map(|&l| (0, l)).collect();
+    check_cover(&p, &spans);
+    // Similar lengths keep one item per CTA: the GPU schedules those as well, without merges.
+    let (u, _, _) = plan_resident("default", &[], &[2048; 128], 132, 264, PlanMode::Default).unwrap();
+    assert_eq!((u.per_cta, u.grid, u.merge.len()), (1, 128, 0));
+    // A fixed grid runs the same balanced list on its first 33 CTAs, padded to its capacity.
+    let cap = p.work.len().max(p.num_partials) + 10;
+    let (f, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: cap }).unwrap();
+    assert_eq!((f.grid, f.stride, f.per_cta, f.merge_grid), (cap, 33, p.per_cta, cap));
+    assert_eq!(f.work, p.work);
+    assert_eq!(f.packed().len(), f.packed_len());
+    assert_eq!(f.workspace_bytes, DecodePlan::workspace_for(cap, 32, 128));
+    check_merge_offset(&f.packed(), f.merge_offset(), &f.merge);
+    let err = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: p.work.len() - 1 }).unwrap_err();
+    assert!(err.to_string().contains("but the fixed grid holds"), "{err}");
+    // Deterministic plans keep one item per CTA.
+    let (d, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::Deterministic { chunk: 1024 }).unwrap();
+    assert_eq!((d.per_cta, d.grid), (1, 159));
+    // A window in a big batch: the spans are whole requests on the host, so no balancing.
+    let (w, _, _) = plan_resident("gemma2", &[("window", 1024.0)], &[4096; 64], 64, 264, PlanMode::Default).unwrap();
+    assert_eq!((w.per_cta, w.grid), (1, 64));
+}
+
+#[test]
 fn fixed_grid_pads_to_its_capacity_and_refuses_to_overflow() {
     let (p, _, _) = plan("default", &[], &[300, 0, 5000], 64, PlanMode::FixedGrid { max_ctas: 100 }).unwrap();
     assert_eq!((p.grid, p.merge_grid), (100, 100));
@@ -131,11 +212,11 @@ fn empty_requests_still_get_an_output_row_and_bad_batches_are_errors() {
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 2 }).unwrap();
     let qo = [0, 2, 3];
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(2), qo_heads: 32 };
-    let err = plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32 }, PlanMode::Default).unwrap_err();
+    let err = plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32, resident: 0 }, PlanMode::Default).unwrap_err();
     assert!(err.to_string().contains("use prefill"), "{err}");
     let bad = PageTable { indices: vec![0, 7], ..pages.clone() };
     let b = attnforge::kv::Batch { qo_indptr: &[0, 1, 2], pages: &bad, kv: kv(2), qo_heads: 32 };
-    assert!(plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32 }, PlanMode::Default).is_err());
+    assert!(plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32, resident: 0 }, PlanMode::Default).is_err());
 }
 
 #[test]
@@ -152,7 +233,7 @@ fn prefill_blocks_cover_every_query_row_once_longest_first() {
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 4 }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len()), qo_heads: 32 };
     // A target the blocks already fill: no split.
-    let plan = plan_prefill(&v, &p, &b, 64, PlanTarget { ctas: 100, kv_tile: 64 }, PlanMode::Default).unwrap();
+    let plan = plan_prefill(&v, &p, &b, 64, PlanTarget { ctas: 100, kv_tile: 64, resident: 0 }, PlanMode::Default).unwrap();
     assert!(plan.merge.is_empty() && plan.work.iter().all(|w| w.partial == -1));
     for (req, &(q, _)) in lens.iter().enumerate() {
         let mut starts: Vec<i32> = plan.work.iter().filter(|w| w.req == req as i32).map(|w| w.row_start).collect();
@@ -163,7 +244,7 @@ fn prefill_blocks_cover_every_query_row_once_longest_first() {
     // The 7-token append over 3000 keys is the biggest block, then the 2000-token prompt's last.
     assert_eq!((plan.work[0].req, plan.work[0].row_start), (2, 0));
     assert_eq!((plan.work[1].req, plan.work[1].row_start), (3, 7936));
-    assert_eq!(plan.packed().len(), 2 + 6 * plan.work.len());
+    assert_eq!(plan.packed().len(), 4 + 6 * plan.work.len());
 }
 
 /// A prefill batch of `(q_len, kv_len)` requests with 32/8 heads (GQA 4).
@@ -178,7 +259,7 @@ fn prefill_plan(variant: &str, params: &[(&str, f64)], lens: &[(usize, usize)], 
     let given: HashMap<String, ParamInput> = params.iter().map(|(k, x)| (k.to_string(), ParamInput::Scalar(*x))).collect();
     let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len().max(1)), qo_heads: 32 };
-    let plan = attnforge::plan::plan_prefill(&v, &p, &b, rows, PlanTarget { ctas, kv_tile: 32 }, mode)?;
+    let plan = attnforge::plan::plan_prefill(&v, &p, &b, rows, PlanTarget { ctas, kv_tile: 32, resident: 0 }, mode)?;
     Ok((plan, qo))
 }
 
@@ -212,7 +293,7 @@ fn check_prefill_split(plan: &attnforge::plan::PrefillPlan, lens: &[(usize, usiz
     }
     assert!(slots_seen.iter().all(|&n| n == 1), "every partial slot is written exactly once");
     assert_eq!(plan.workspace_bytes, plan.num_partials * 32 * 129 * 4);
-    assert_eq!(plan.packed().len(), 2 + 6 * plan.grid + 4 * plan.merge_grid);
+    assert_eq!(plan.packed().len(), 4 + 6 * plan.grid + 4 * plan.merge_grid);
     check_merge_offset(&plan.packed(), plan.merge_offset(), &plan.merge);
 }
 
@@ -252,7 +333,7 @@ fn prefill_split_modes() {
     let pages = PageTable::from_lens(&[20000], 16, &mut (0..).map(|i| i as usize));
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 7, kv_heads: 1, batch: 1 }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &[0, 8], pages: &pages, kv: KvShape { kv_heads: 1, ..kv(pages.indices.len()) }, qo_heads: 7 };
-    let plan = attnforge::plan::plan_prefill(&v, &p, &b, 32, PlanTarget { ctas: 264, kv_tile: 32 }, PlanMode::Default).unwrap();
+    let plan = attnforge::plan::plan_prefill(&v, &p, &b, 32, PlanTarget { ctas: 264, kv_tile: 32, resident: 0 }, PlanMode::Default).unwrap();
     assert!(plan.merge.is_empty());
     // Deterministic: chunks at fixed offsets, the same whatever else is in the batch.
     let mode = PlanMode::Deterministic { chunk: 1000 };

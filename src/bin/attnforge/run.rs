@@ -373,7 +373,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], ove
         }
         for (s, tile) in anchor_decode_shapes().into_iter().flat_map(|s| overrides.iter().map(move |t| (s.clone(), *t))) {
             let r = bench_decode(&e, &s, tile)?;
-            let label = format!("{} B{} L{}{}", s.variant, s.batch, s.kv_len, tile.map_or(String::new(), |t| if t.mma { format!(" [mma {}w {}s]", t.warps, t.stages) } else { format!(" [{},{},{},{},{}]", t.nv, t.bdz, t.tile_per_z, t.stages, t.min_ctas) }));
+            let label = format!("{} {}{}", s.variant, s.label(), tile.map_or(String::new(), |t| if t.mma { format!(" [mma {}w {}s]", t.warps, t.stages) } else { format!(" [{},{},{},{},{}]", t.nv, t.bdz, t.tile_per_z, t.stages, t.min_ctas) }));
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
             println!(
                 "  {label:<28} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>12} {:>12} {:>6}",
@@ -387,7 +387,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], ove
             );
             records.push(serde_json::json!({
                 "suite": "decode", "variant": s.variant, "params": s.params.iter().map(|(n, x)| (n.to_string(), *x)).collect::<std::collections::BTreeMap<_, _>>(),
-                "batch": s.batch, "kv_len": s.kv_len, "graph_us": r.graph_us, "eager_us": r.eager_us, "gbps": r.gbps(),
+                "batch": s.batch, "kv_len": s.kv_len, "first_len": s.first_len, "graph_us": r.graph_us, "eager_us": r.eager_us, "gbps": r.gbps(),
                 "flashinfer_graph_us": s.anchor_graph_us, "flashinfer_eager_us": s.anchor_eager_us, "work_items": r.work_items, "splits": r.splits, "copies": r.copies,
                 "tile": tile.map(|t| format!("{t:?}")),
             }));
