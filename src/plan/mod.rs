@@ -144,22 +144,21 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
     let decode_rows = (0..b).filter(|&r| batch.q_len(r) > 0).count();
     let needs_spans = variant.kv_range.is_some()
         && (matches!(mode, PlanMode::Deterministic { .. }) || decode_rows * kv.kv_heads < target.ctas);
+    let span = |req: usize, kv_len: usize| {
+        let (mut lo, mut hi) = visible_span(variant, params, req, 1, kv_len, 0);
+        for h in 1..heads_to_scan {
+            let (l, r) = visible_span(variant, params, req, 1, kv_len, h);
+            (lo, hi) = (lo.min(l), hi.max(r));
+        }
+        (req, lo, hi)
+    };
     let mut spans = Vec::with_capacity(b);
     for req in 0..b {
         match batch.q_len(req) {
             0 => {}
             1 => {
                 let kv_len = batch.kv_len(req);
-                if !needs_spans {
-                    spans.push((req, 0, kv_len));
-                    continue;
-                }
-                let (mut lo, mut hi) = visible_span(variant, params, req, 1, kv_len, 0);
-                for h in 1..heads_to_scan {
-                    let (l, r) = visible_span(variant, params, req, 1, kv_len, h);
-                    (lo, hi) = (lo.min(l), hi.max(r));
-                }
-                spans.push((req, lo, hi));
+                spans.push(if needs_spans { span(req, kv_len) } else { (req, 0, kv_len) });
             }
             n => {
                 return Err(Error::Layout(LayoutError::Mismatch { what: "query tokens of a decode request (use prefill)", expected: 1, got: n }));
@@ -167,21 +166,26 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
         }
     }
     let tile = target.kv_tile.max(1);
-    let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
     // More work than one wave, with a request longer than a resident CTA's fair share: one CTA
     // per item would leave that request's CTAs running alone at the end, so the batch is dealt
     // out in equal shares to one wave of resident CTAs instead. (A batch of similar lengths keeps
     // one item per CTA: the GPU schedules those as well, without the cuts' merges; on the H100,
-    // B64 L4096 balanced was 1% slower, B128 L1024 + one 32K request 2.8x faster.) Only when the
-    // spans are the visible ones: a kv_range variant in a big batch has whole-request spans here.
+    // B64 L4096 balanced was 1% slower, B128 L1024 + one 32K request 2.8x faster.) Whole-request
+    // spans decide whether to look closer; balancing itself uses the visible spans.
     let per_head = target.resident / kv.kv_heads.max(1);
-    let longest = spans.iter().map(|&(_, lo, hi)| hi - lo).max().unwrap_or(0);
-    if !matches!(mode, PlanMode::Deterministic { .. })
-        && per_head > 0
-        && spans.len() > per_head
-        && longest > total.div_ceil(per_head)
-        && (needs_spans || variant.kv_range.is_none())
-    {
+    let skewed = |spans: &[(usize, usize, usize)]| {
+        let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
+        spans.iter().any(|&(_, lo, hi)| hi - lo > total.div_ceil(per_head))
+    };
+    let mut balance = !matches!(mode, PlanMode::Deterministic { .. }) && per_head > 0 && spans.len() > per_head && skewed(&spans);
+    if balance && !needs_spans && variant.kv_range.is_some() {
+        for s in spans.iter_mut() {
+            *s = span(s.0, s.2);
+        }
+        balance = skewed(&spans);
+    }
+    let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
+    if balance {
         let (work, merge, partials, per_cta) = balanced_decode(&spans, batch.qo_indptr, tile, per_head);
         // A fixed grid keeps its launch and buffer sizes: the balanced CTAs are its first
         // `per_head`, and the list, the merges and the partials must fit its capacity.

@@ -185,7 +185,12 @@ fn big_batches_balance_into_one_wave() {
     // Deterministic plans keep one item per CTA.
     let (d, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::Deterministic { chunk: 1024 }).unwrap();
     assert_eq!((d.per_cta, d.grid), (1, 159));
-    // A window in a big batch: the spans are whole requests on the host, so no balancing.
+    // kv_range variants balance by their visible spans: causal sees the whole cache, so the
+    // skewed batch balances as above; a 1024 window makes every span 1024 long, so it does not.
+    let (c, _, _) = plan_resident("causal", &[], &lens, 132, 264, PlanMode::Default).unwrap();
+    assert_eq!(c.work, p.work);
+    let (w, _, _) = plan_resident("gemma2", &[("window", 1024.0)], &lens, 132, 264, PlanMode::Default).unwrap();
+    assert_eq!((w.per_cta, w.grid, w.merge.len()), (1, 128, 0));
     let (w, _, _) = plan_resident("gemma2", &[("window", 1024.0)], &[4096; 64], 64, 264, PlanMode::Default).unwrap();
     assert_eq!((w.per_cta, w.grid), (1, 64));
 }

@@ -78,7 +78,9 @@ fn random_case(rng: &mut StdRng, i: usize) -> Case {
     }
 }
 
-fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> String {
+/// Runs one case against the reference (panicking on a mismatch); returns a summary line and the
+/// plan's items per CTA (above 1: a balanced plan).
+fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> (String, usize) {
     let v = shipped::all().unwrap().swap_remove(c.variant);
     let mut rng = StdRng::seed_from_u64(c.seed);
     let spec = WorkloadSpec {
@@ -102,7 +104,21 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
     let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
     let cmp = compare(&got, &want, T::DTYPE, c.dims.1);
     assert!(cmp.ok(), "{} {cmp}\nplan: {} items, {} merges, chunk {}\n{c:?}", v.name, plan.work.len(), plan.merge.len(), plan.chunk);
-    format!("{:<15} B {:>3} max kv {:>5} g{} d{:?} p{} {:?} {}: {} items, {} split → {cmp}", v.name, c.kv_lens.len(), c.kv_lens.iter().max().unwrap_or(&0), c.group, c.dims, c.page_size, c.layout, if c.bf16 { "bf16" } else { "f16" }, plan.work.len(), plan.merge.len())
+    let line = format!(
+        "{:<15} B {:>3} max kv {:>5} g{} d{:?} p{} {:?} {}: {} items ({} per CTA), {} split → {cmp}",
+        v.name,
+        c.kv_lens.len(),
+        c.kv_lens.iter().max().unwrap_or(&0),
+        c.group,
+        c.dims,
+        c.page_size,
+        c.layout,
+        if c.bf16 { "bf16" } else { "f16" },
+        plan.work.len(),
+        plan.per_cta,
+        plan.merge.len()
+    );
+    (line, plan.per_cta)
 }
 
 #[test]
@@ -112,8 +128,27 @@ fn decode_matches_the_reference_on_random_batches() {
     let cases: usize = std::env::var("ATTNFORGE_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     for i in 0..cases {
         let c = random_case(&mut rng, i);
-        let line = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };
+        let (line, _) = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };
         eprintln!("case {i:>3}: {line}");
+    }
+}
+
+#[test]
+fn skewed_big_batches_are_balanced_across_ctas() {
+    let Some(e) = engine() else { return };
+    let mut rng = StdRng::seed_from_u64(23);
+    // 300 requests (one empty, one of 20 000 positions, the rest 0–400) on 2 KV heads: more work
+    // than one wave and one request far above a CTA's share, so every plan is balanced and the
+    // long request is cut across CTAs and merged.
+    for variant in 0..shipped::SHIPPED.len() {
+        let mut kv_lens: Vec<usize> = (0..300).map(|_| rng.random_range(0..=400)).collect();
+        (kv_lens[7], kv_lens[100]) = (20000, 0);
+        let group = [4, 1, 8][variant % 3];
+        let c = Case { variant, kv_lens, kv_heads: 2, group, dims: (128, 128), page_size: [16, 1][variant % 2], layout: KvLayout::Nhd, interleaved: true, bf16: variant % 2 == 0, mode: PlanMode::Default, seed: rng.random() };
+        let (line, per_cta) = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };
+        eprintln!("{line}");
+        let windowed = ["sliding_window", "gemma2", "chunked", "prefix_lm"].iter().any(|w| line.starts_with(w));
+        assert!(windowed || per_cta > 1, "not balanced: {line}");
     }
 }
 
@@ -124,7 +159,7 @@ fn every_variant_splits_and_merges_correctly_with_many_heads() {
     for variant in 0..shipped::SHIPPED.len() {
         // 8 KV heads, GQA 4, one long and one short request: the planner must split.
         let c = Case { variant, kv_lens: vec![9000, 3], kv_heads: 8, group: 4, dims: (128, 128), page_size: 16, layout: KvLayout::Nhd, interleaved: true, bf16: true, mode: PlanMode::Default, seed: rng.random() };
-        eprintln!("{}", check_case::<bf16>(&e, &c));
+        eprintln!("{}", check_case::<bf16>(&e, &c).0);
     }
 }
 
