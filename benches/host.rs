@@ -45,9 +45,14 @@ fn plan(c: &mut Criterion) {
     use attnforge::kv::{Batch, KvLayout, KvShape, PageTable};
     use attnforge::plan::{plan_decode, PlanMode, PlanTarget};
     use attnforge::spec::params::ParamInput;
-    for (variant, b) in [("default", 1usize), ("default", 256), ("gemma2", 256)] {
+    // The last case is skewed (one request of 100 000 positions), so it is balanced and its
+    // causal spans are evaluated.
+    for (variant, b, skew) in [("default", 1usize, false), ("default", 256, false), ("gemma2", 256, false), ("causal", 256, true)] {
         let v = shipped::resolve(variant).unwrap();
-        let lens: Vec<usize> = (0..b).map(|i| 1000 + (i * 37) % 3000).collect();
+        let mut lens: Vec<usize> = (0..b).map(|i| 1000 + (i * 37) % 3000).collect();
+        if skew {
+            lens[0] = 100_000;
+        }
         let pages = PageTable::from_lens(&lens, 16, &mut (0..).map(|i| i as usize));
         let qo: Vec<i32> = (0..=b as i32).collect();
         let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages.indices.len(), page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
@@ -57,7 +62,9 @@ fn plan(c: &mut Criterion) {
         // As the engine sets it for the tensor-core decode kernel on an H100: split to 132 SMs,
         // balance bigger batches over 2 resident CTAs per SM.
         let target = PlanTarget { ctas: 132, kv_tile: 64, resident: 132 * 2 };
-        c.bench_function(&format!("plan/decode {variant} B={b}"), |bch| bch.iter(|| plan_decode(&v, &p, black_box(&batch), target, PlanMode::Default).unwrap()));
+        let name = format!("plan/decode {variant} B={b}{}", if skew { " skewed" } else { "" });
+        assert_eq!(plan_decode(&v, &p, &batch, target, PlanMode::Default).unwrap().per_cta > 1, skew);
+        c.bench_function(&name, |bch| bch.iter(|| plan_decode(&v, &p, black_box(&batch), target, PlanMode::Default).unwrap()));
     }
     // Prefill: ANCHORS.md's plan() workloads (FlashInfer: 951 µs for B 64 × q 8, 4326 µs for
     // B 1024 × q 4), plus a case that splits (B 2 × q 8 over 20 000 keys) and one whose
