@@ -6,22 +6,8 @@
 // (k +8); C c0c1 (row g, cols 2t, 2t+1), c2c3 (row g+8). ldmatrix.x4: lane l gives the address of
 // row l % 8 of matrix l / 8; register j receives matrix j's (row g, cols 2t, 2t+1).
 
-__device__ __forceinline__ void af_ldmatrix_x4(unsigned (&r)[4], const void* smem) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-
-__device__ __forceinline__ void af_ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-
-// The same from a 32-bit shared-memory address: callers that form `base + constant` get the
-// constant folded into the instruction instead of an address computed per call.
+// From a 32-bit shared-memory address: callers that form `base + constant` get the constant
+// folded into the instruction instead of an address computed per call.
 __device__ __forceinline__ void af_ldmatrix_x4_s(unsigned (&r)[4], unsigned s) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -32,6 +18,14 @@ __device__ __forceinline__ void af_ldmatrix_x4_trans_s(unsigned (&r)[4], unsigne
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(s));
+}
+
+__device__ __forceinline__ void af_ldmatrix_x4(unsigned (&r)[4], const void* smem) {
+  af_ldmatrix_x4_s(r, (unsigned)__cvta_generic_to_shared(smem));
+}
+
+__device__ __forceinline__ void af_ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
+  af_ldmatrix_x4_trans_s(r, (unsigned)__cvta_generic_to_shared(smem));
 }
 
 template <typename T>

@@ -50,17 +50,15 @@ __device__ __forceinline__ void af_store8(T* p, const float (&in)[8]) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
-// DANGER_ASYNC: 16-byte global→shared copy; when !pred, writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void af_cp_async16(void* smem, const void* gmem, bool pred) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  int src_size = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size));
-}
-// The same with the shared-memory destination as a 32-bit shared address (__cvta_generic_to_shared
-// once per tile row instead of once per copy).
+// DANGER_ASYNC: 16-byte global→shared copy to a 32-bit shared address; when !pred, writes 16
+// zero bytes and reads nothing.
 __device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem, bool pred) {
   int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
+}
+// The same to a generic pointer into shared memory.
+__device__ __forceinline__ void af_cp_async16(void* smem, const void* gmem, bool pred) {
+  af_cp_async16_s((unsigned)__cvta_generic_to_shared(smem), gmem, pred);
 }
 // The same for a copy known to be in range: no source-size operand, no predicate to compute.
 __device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem) {

@@ -52,17 +52,15 @@ __device__ __forceinline__ void af_store8(T* p, const float (&in)[8]) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
-// DANGER_ASYNC: 16-byte global→shared copy; when !pred, writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void af_cp_async16(void* smem, const void* gmem, bool pred) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  int src_size = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size));
-}
-// The same with the shared-memory destination as a 32-bit shared address (__cvta_generic_to_shared
-// once per tile row instead of once per copy).
+// DANGER_ASYNC: 16-byte global→shared copy to a 32-bit shared address; when !pred, writes 16
+// zero bytes and reads nothing.
 __device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem, bool pred) {
   int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
+}
+// The same to a generic pointer into shared memory.
+__device__ __forceinline__ void af_cp_async16(void* smem, const void* gmem, bool pred) {
+  af_cp_async16_s((unsigned)__cvta_generic_to_shared(smem), gmem, pred);
 }
 // The same for a copy known to be in range: no source-size operand, no predicate to compute.
 __device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem) {
@@ -414,22 +412,8 @@ __device__ __forceinline__ void decode_write8(const DecodeArgs& a, const Params&
 // (k +8); C c0c1 (row g, cols 2t, 2t+1), c2c3 (row g+8). ldmatrix.x4: lane l gives the address of
 // row l % 8 of matrix l / 8; register j receives matrix j's (row g, cols 2t, 2t+1).
 
-__device__ __forceinline__ void af_ldmatrix_x4(unsigned (&r)[4], const void* smem) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-
-__device__ __forceinline__ void af_ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-
-// The same from a 32-bit shared-memory address: callers that form `base + constant` get the
-// constant folded into the instruction instead of an address computed per call.
+// From a 32-bit shared-memory address: callers that form `base + constant` get the constant
+// folded into the instruction instead of an address computed per call.
 __device__ __forceinline__ void af_ldmatrix_x4_s(unsigned (&r)[4], unsigned s) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -440,6 +424,14 @@ __device__ __forceinline__ void af_ldmatrix_x4_trans_s(unsigned (&r)[4], unsigne
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(s));
+}
+
+__device__ __forceinline__ void af_ldmatrix_x4(unsigned (&r)[4], const void* smem) {
+  af_ldmatrix_x4_s(r, (unsigned)__cvta_generic_to_shared(smem));
+}
+
+__device__ __forceinline__ void af_ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
+  af_ldmatrix_x4_trans_s(r, (unsigned)__cvta_generic_to_shared(smem));
 }
 
 template <typename T>
