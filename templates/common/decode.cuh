@@ -90,6 +90,19 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
       any = any || vis;
 #endif
     }
+    // o += w · V[key jj of this tz's share of the tile], over this thread's dims.
+    auto add_v = [&](int jj, float w) {
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        const int d0 = (v * BDX + tx) * VEC;
+        if (d0 < HEAD_DIM_VO) {
+          float vf[VEC];
+          af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * ROW_VO + d0, vf);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) o[v][e] = fmaf(w, vf[e], o[v][e]);
+        }
+      }
+    };
 #if NORMALIZE_SOFTMAX
     const float m_new = fmaxf(m, m_tile);
     if (m_new != -AF_INF) {
@@ -103,33 +116,13 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
       for (int jj = 0; jj < TILE_PER_Z; ++jj) {
         const float pj = exp2f((l[jj] - m_new) * AF_LOG2E);
         d += pj;
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-          const int d0 = (v * BDX + tx) * VEC;
-          if (d0 < HEAD_DIM_VO) {
-            float vf[VEC];
-            af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * ROW_VO + d0, vf);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) o[v][e] = fmaf(pj, vf[e], o[v][e]);
-          }
-        }
+        add_v(jj, pj);
       }
       m = m_new;
     }
 #else
 #pragma unroll
-    for (int jj = 0; jj < TILE_PER_Z; ++jj) {
-#pragma unroll
-      for (int v = 0; v < NV; ++v) {
-        const int d0 = (v * BDX + tx) * VEC;
-        if (d0 < HEAD_DIM_VO) {
-          float vf[VEC];
-          af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * ROW_VO + d0, vf);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) o[v][e] = fmaf(l[jj], vf[e], o[v][e]);
-        }
-      }
-    }
+    for (int jj = 0; jj < TILE_PER_Z; ++jj) add_v(jj, l[jj]);
 #endif
   });
   __syncthreads();  // the ring is reused for the reduction below
