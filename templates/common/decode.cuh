@@ -148,48 +148,14 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   __syncthreads();
   if (tz != 0 || !has_vo) return;
 
-  float M = -AF_INF, D = 0.f, O[NV][VEC];
-#pragma unroll
-  for (int v = 0; v < NV; ++v)
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) O[v][e] = 0.f;
-#if NORMALIZE_SOFTMAX
-  for (int z = 0; z < BDZ; ++z) M = fmaxf(M, red_m[z * GROUP + ty]);
-  if (M != -AF_INF) {
-    for (int z = 0; z < BDZ; ++z) {
-      const float f = exp2f((red_m[z * GROUP + ty] - M) * AF_LOG2E);
-      D += red_d[z * GROUP + ty] * f;
-#pragma unroll
-      for (int v = 0; v < NV; ++v) {
-        const int d0 = (v * BDX + tx) * VEC;
-        if (d0 < HEAD_DIM_VO) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) O[v][e] += red_o[(z * GROUP + ty) * HEAD_DIM_VO + d0 + e] * f;
-        }
-      }
-    }
-  }
-  const bool visible = M != -AF_INF;
-#else
-  for (int z = 0; z < BDZ; ++z) {
-    D += red_d[z * GROUP + ty];
-#pragma unroll
-    for (int v = 0; v < NV; ++v) {
-      const int d0 = (v * BDX + tx) * VEC;
-      if (d0 < HEAD_DIM_VO) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) O[v][e] += red_o[(z * GROUP + ty) * HEAD_DIM_VO + d0 + e];
-      }
-    }
-  }
-  const bool visible = D > 0.f;
-#endif
-
-  // Each of this thread's vectors goes out through the shared epilogue (the thread holding dims
-  // [0, 8) also writes the LSE).
+  // Each of this thread's vectors is combined over the BDZ states and goes out through the shared
+  // epilogue (the thread holding dims [0, 8) also writes the LSE).
 #pragma unroll
   for (int v = 0; v < NV; ++v) {
     const int d0 = (v * BDX + tx) * VEC;
-    if (d0 < HEAD_DIM_VO) decode_write8(a, p, item, token, qo_head, kv_head, req, q_pos, q_len, kv_len, visible, M, D, O[v], d0);
+    if (d0 >= HEAD_DIM_VO) continue;
+    float M, D, O[VEC];
+    const bool visible = decode_combine8<BDZ>(red_m, red_d, red_o, ty, d0, M, D, O);
+    decode_write8(a, p, item, token, qo_head, kv_head, req, q_pos, q_len, kv_len, visible, M, D, O, d0);
   }
 }

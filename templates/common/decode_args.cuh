@@ -217,6 +217,36 @@ __device__ __forceinline__ void kv_stream(const DecodeArgs& a, DTypeKV* k_smem, 
   af_ring_located<STAGES_>(num_tiles, prefetch, locate, issue, compute);
 }
 
+// Combines the N partial states (m, d, o) of query row `row` that a CTA's thread groups left in
+// shared memory ([N][GROUP] m and d, then [N][GROUP][HEAD_DIM_VO] o) for output dims [c0, c0 +
+// 8): the combined max M, denominator D (without normalisation: the count of parts that saw a
+// key) and output O. Returns whether any part saw a visible key.
+template <int N>
+__device__ __forceinline__ bool decode_combine8(const float* red_m, const float* red_d, const float* red_o, int row, int c0, float& M, float& D, float (&O)[VEC]) {
+  M = -AF_INF;
+  D = 0.f;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) O[e] = 0.f;
+#if NORMALIZE_SOFTMAX
+  for (int z = 0; z < N; ++z) M = fmaxf(M, red_m[z * GROUP + row]);
+  if (M == -AF_INF) return false;
+  for (int z = 0; z < N; ++z) {
+    const float f = exp2f((red_m[z * GROUP + row] - M) * AF_LOG2E);
+    D += red_d[z * GROUP + row] * f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + row) * HEAD_DIM_VO + c0 + e] * f;
+  }
+  return true;
+#else
+  for (int z = 0; z < N; ++z) {
+    D += red_d[z * GROUP + row];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + row) * HEAD_DIM_VO + c0 + e];
+  }
+  return D > 0.f;
+#endif
+}
+
 // Writes 8 output dims [c0, c0 + 8) of one query head from its combined state (M, D, O):
 // a split item writes the f32 partial (o normalised, lse without the sink), an unsplit one the
 // final output with the sink in the denominator. The thread with c0 == 0 writes the LSE.

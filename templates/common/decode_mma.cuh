@@ -200,28 +200,8 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
   constexpr int VECS = HEAD_DIM_VO / VEC;
   for (int it = tid; it < GROUP * VECS; it += NUM_THREADS) {
     const int row = it / VECS, c0 = (it % VECS) * VEC;
-    float M = -AF_INF, D = 0.f, O[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) O[e] = 0.f;
-#if NORMALIZE_SOFTMAX
-    for (int z = 0; z < NUM_WARPS; ++z) M = fmaxf(M, red_m[z * GROUP + row]);
-    if (M != -AF_INF) {
-      for (int z = 0; z < NUM_WARPS; ++z) {
-        const float f = exp2f((red_m[z * GROUP + row] - M) * AF_LOG2E);
-        D += red_d[z * GROUP + row] * f;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + row) * HEAD_DIM_VO + c0 + e] * f;
-      }
-    }
-    const bool visible = M != -AF_INF;
-#else
-    for (int z = 0; z < NUM_WARPS; ++z) {
-      D += red_d[z * GROUP + row];
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) O[e] += red_o[(z * GROUP + row) * HEAD_DIM_VO + c0 + e];
-    }
-    const bool visible = D > 0.f;
-#endif
+    float M, D, O[VEC];
+    const bool visible = decode_combine8<NUM_WARPS>(red_m, red_d, red_o, row, c0, M, D, O);
     decode_write8(a, p, item, token, kv_head * GROUP + row, kv_head, req, q_pos, q_len, kv_len, visible, M, D, O, c0);
   }
 }
