@@ -134,6 +134,21 @@ fn decode_matches_the_reference_on_random_batches() {
 }
 
 #[test]
+fn merges_are_right_with_and_without_the_overlapped_launch() {
+    let Some(mut e) = engine() else { return };
+    let mut rng = StdRng::seed_from_u64(29);
+    for on in [true, false] {
+        e.set_programmatic_merge(on);
+        assert_eq!(e.programmatic_merge(), on && e.arch().major >= 9);
+        // A long request beside short ones on 8 KV heads splits, so merge_states runs.
+        for (variant, group) in [(0, 4), (3, 1), (7, 8)] {
+            let c = Case { variant, kv_lens: vec![12000, 40, 0, 3000], kv_heads: 8, group, dims: (128, 128), page_size: 16, layout: KvLayout::Nhd, interleaved: true, bf16: true, mode: PlanMode::Default, seed: rng.random() };
+            eprintln!("overlap {on}: {}", check_case::<bf16>(&e, &c).0);
+        }
+    }
+}
+
+#[test]
 fn skewed_big_batches_are_balanced_across_ctas() {
     let Some(e) = engine() else { return };
     let mut rng = StdRng::seed_from_u64(23);
