@@ -346,7 +346,7 @@ impl Engine {
             part_o: args.part_o,
             part_lse: args.part_lse,
             work: args.num_work + merge_offset,
-            num_work: args.num_work + 4,
+            num_work: args.num_work + 4, // header word 1: num_merge
             qo_indptr: args.qo_indptr,
             kv_indptr: args.kv_indptr,
             last_page_len: args.last_page_len,

@@ -76,8 +76,9 @@ pub struct DecodePlan {
 }
 
 impl DecodePlan {
-    /// `[num_work, num_merge, work…, merge…]` as i32: the one buffer uploaded per step. In
-    /// fixed-grid mode it is padded to the capacity so its size never changes.
+    /// The one buffer uploaded per step (see `pack`: header `[num_work, num_merge, stride, 0]`,
+    /// work list, merge list). In fixed-grid mode it is padded to the capacity so its size never
+    /// changes.
     pub fn packed(&self) -> Vec<i32> {
         pack(self.work.iter().map(|w| [w.req, w.kv_begin, w.kv_end, w.partial]), self.work.len(), self.stride, self.work_slots(), &self.merge, self.merge_grid)
     }
@@ -296,7 +297,7 @@ pub struct PrefillPlan {
 }
 
 impl PrefillPlan {
-    /// `[num_work, num_merge, work…, merge…]` as i32, the layout the kernels read.
+    /// The buffer the kernels read (see `pack`; the prefill kernel ignores the header's stride).
     pub fn packed(&self) -> Vec<i32> {
         let words = self.work.iter().map(|w| [w.req, w.row_start, w.kv_begin, w.kv_end, w.partial, w.stride]);
         pack(words, self.work.len(), self.grid, self.grid, &self.merge, self.merge_grid)
