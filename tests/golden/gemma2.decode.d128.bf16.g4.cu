@@ -52,11 +52,27 @@ __device__ __forceinline__ void af_store8(T* p, const float (&in)[8]) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// The L2 prefetch size the K/V copies ask for: AF_L2_PREFETCH 0 (none), 64, 128 or 256 bytes.
+// 128 (a whole line per miss, as the rows are read whole): on the H200, decode B64/B128/B256
+// 2.0-2.2% faster than none; 256 gained nothing (BENCHMARKS.md).
+#ifndef AF_L2_PREFETCH
+#define AF_L2_PREFETCH 128
+#endif
+#if AF_L2_PREFETCH == 256
+#define AF_L2_HINT ".L2::256B"
+#elif AF_L2_PREFETCH == 128
+#define AF_L2_HINT ".L2::128B"
+#elif AF_L2_PREFETCH == 64
+#define AF_L2_HINT ".L2::64B"
+#else
+#define AF_L2_HINT ""
+#endif
+
 // DANGER_ASYNC: 16-byte global→shared copy to a 32-bit shared address; when !pred, writes 16
 // zero bytes and reads nothing.
 __device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem, bool pred) {
   int src_size = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
+  asm volatile("cp.async.cg.shared.global" AF_L2_HINT " [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
 }
 // The same to a generic pointer into shared memory.
 __device__ __forceinline__ void af_cp_async16(void* smem, const void* gmem, bool pred) {
@@ -64,7 +80,7 @@ __device__ __forceinline__ void af_cp_async16(void* smem, const void* gmem, bool
 }
 // The same for a copy known to be in range: no source-size operand, no predicate to compute.
 __device__ __forceinline__ void af_cp_async16_s(unsigned smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
+  asm volatile("cp.async.cg.shared.global" AF_L2_HINT " [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
 }
 // Programmatic dependent launch (sm_90+; no-ops elsewhere and when the launch did not ask for
 // it). A kernel lets the next launch on its stream start early; that launch waits for this
