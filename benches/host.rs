@@ -61,7 +61,7 @@ fn plan(c: &mut Criterion) {
         let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: b }).unwrap();
         // As the engine sets it for the tensor-core decode kernel on an H100: split to 132 SMs,
         // balance bigger batches over 2 resident CTAs per SM.
-        let target = PlanTarget { ctas: 132, kv_tile: 64, resident: 132 * 2 };
+        let target = PlanTarget { ctas: 132, kv_tile: 64, resident: 132 * 2, always_balance: false };
         let name = format!("plan/decode {variant} B={b}{}", if skew { " skewed" } else { "" });
         assert_eq!(plan_decode(&v, &p, &batch, target, PlanMode::Default).unwrap().per_cta > 1, skew);
         c.bench_function(&name, |bch| bch.iter(|| plan_decode(&v, &p, black_box(&batch), target, PlanMode::Default).unwrap()));
@@ -78,7 +78,7 @@ fn plan(c: &mut Criterion) {
         let batch = Batch { qo_indptr: &qo, pages: &pages, kv, qo_heads: 32 };
         let p = v.bind(&Default::default(), Dims { qo_heads: 32, kv_heads: 8, batch: b }).unwrap();
         // The 32-row tile at 5 CTAs per SM, as the engine picks for short appends.
-        let target = PlanTarget { ctas: 132 * 5, kv_tile: 32, resident: 0 };
+        let target = PlanTarget { ctas: 132 * 5, kv_tile: 32, resident: 0, always_balance: false };
         c.bench_function(&format!("plan/prefill {variant} B={b} q={q} kv={kv_len}"), |bch| {
             bch.iter(|| attnforge::plan::plan_prefill(&v, &p, black_box(&batch), 32, target, PlanMode::Default).unwrap())
         });

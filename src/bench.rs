@@ -25,6 +25,45 @@ use crate::{Error, Result};
 /// Device-to-device copy bandwidth of the H100 measured in ANCHORS.md (bytes read + written).
 pub const COPY_CEILING_GBPS: f64 = 2950.0;
 
+/// The card ANCHORS.md's FlashInfer numbers were measured on. On any other card they are printed
+/// for reference only: `benches/flashinfer_decode.py` measures FlashInfer on the card at hand.
+pub const ANCHOR_CARD: &str = "NVIDIA H100 80GB HBM3";
+
+/// Device-to-device copy bandwidth of the engine's GPU in GB/s (bytes read + written): 1 GiB
+/// copies, median of 20 after 3 warm-ups, as ANCHORS.md measured its ceiling.
+pub fn measure_copy_gbps(e: &Engine) -> Result<f64> {
+    let n = 1usize << 30;
+    let src = e.alloc::<u8>(n)?;
+    let mut dst = e.alloc::<u8>(n)?;
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda(x.to_string());
+    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    for _ in 0..3 {
+        e.stream().memcpy_dtod(&src, &mut dst).map_err(cu)?;
+    }
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        start.record(e.stream()).map_err(cu)?;
+        e.stream().memcpy_dtod(&src, &mut dst).map_err(cu)?;
+        end.record(e.stream()).map_err(cu)?;
+        end.synchronize().map_err(cu)?;
+        let ms = f64::from(start.elapsed_ms(&end).map_err(cu)?);
+        samples.push(2.0 * n as f64 / (ms * 1e-3) / 1e9);
+    }
+    Ok(median(samples))
+}
+
+/// Tuning overrides for `bench_decode` (the defaults are what the engine plans).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeTuning {
+    /// The kernel's tile instead of the configuration's default.
+    pub tile: Option<crate::jit::DecodeTile>,
+    /// CTAs a batch too small to fill the GPU is split over, instead of the SM count.
+    pub split_ctas: Option<usize>,
+    /// Balance every batch bigger than one wave over one wave of CTAs, skewed or not.
+    pub balance: bool,
+}
+
 /// One decode benchmark shape.
 #[derive(Debug, Clone)]
 pub struct DecodeShape {
@@ -86,6 +125,8 @@ pub struct DecodeResult {
     pub work_items: usize,
     pub splits: usize,
     pub copies: usize,
+    /// The tile the graph's launches ran on ("mma 4w 3s").
+    pub tile: String,
 }
 
 impl DecodeResult {
@@ -119,10 +160,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Times one decode shape on `engine`.
-pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::DecodeTile>) -> Result<DecodeResult> {
+pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Result<DecodeResult> {
     let v = shipped::resolve(shape.variant)?;
     let mut cfg = KernelConfig::decode(HEAD_DIM, HEAD_DIM, DType::Bf16, QO_HEADS / KV_HEADS)?;
-    cfg.tile_override = tile;
+    cfg.tile_override = tuning.tile;
     cfg.validate()?;
     let k = e.decode_kernel(&v, &cfg)?;
     let given: HashMap<String, ParamInput> = shape.params.iter().map(|(n, x)| (n.to_string(), ParamInput::Scalar(*x))).collect();
@@ -130,6 +171,10 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::De
     let dp = e.upload_params(&k.layout, &params)?;
 
     let mut target = e.plan_target(&k);
+    if let Some(n) = tuning.split_ctas {
+        target.ctas = n;
+    }
+    target.always_balance = tuning.balance;
     if shape.unbalanced {
         target.resident = 0;
     }
@@ -234,7 +279,9 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tile: Option<crate::jit::De
         })
         .sum();
     let bytes = (visible * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * shape.batch * QO_HEADS * HEAD_DIM * 2) as f64;
-    Ok(DecodeResult { shape: shape.clone(), graph_us, eager_us: median(eager), bytes, work_items: default_plan.work.len(), splits: default_plan.merge.len(), copies })
+    let t = k.tile_for(&fixed_plans[0], KV_HEADS);
+    let tile = if t.mma { format!("mma {}w {}s", t.warps, t.stages) } else { format!("simt {},{},{},{}", t.nv, t.bdz, t.tile_per_z, t.stages) };
+    Ok(DecodeResult { shape: shape.clone(), graph_us, eager_us: median(eager), bytes, work_items: default_plan.work.len(), splits: default_plan.merge.len(), copies, tile })
 }
 
 /// One prefill benchmark: causal attention of requests `(q_len, kv_len)` over a paged cache.

@@ -8,12 +8,14 @@ use super::{cuda, DeviceParams, Engine, PlanBuffers, PlanShape};
 use crate::abi::{param_layout, ParamField};
 use crate::jit::{CompiledKernel, DecodeTile, KernelConfig, Op};
 use crate::kv::{Batch, Element};
-use crate::plan::{plan_decode, DecodePlan, PlanMode, PlanTarget};
+use crate::plan::{plan_decode, wants_wide_tile, DecodePlan, PlanMode, PlanTarget};
 use crate::spec::params::ParamValues;
 use crate::spec::Variant;
 use crate::{Error, Result};
 
-/// A loaded decode kernel (and its merge kernel) for one variant and config.
+/// A loaded decode kernel (and its merge kernel) for one variant and config: the configured tile
+/// and, for tensor-core configs whose ring fits the GPU, the wide tile (twice the warps) that a
+/// launch of at most one CTA per SM runs on (see [`DecodeKernel::tile_for`]).
 pub struct DecodeKernel {
     decode: CudaFunction,
     merge: CudaFunction,
@@ -25,8 +27,30 @@ pub struct DecodeKernel {
     pub ctas_per_sm: usize,
     pub layout: Vec<ParamField>,
     pub compiled: CompiledKernel,
-    /// Time to load the module into the context (zero when already loaded).
+    /// Time to load the module(s) into the context (zero when already loaded).
     pub load_time: std::time::Duration,
+    pub wide: Option<WideDecode>,
+    sm_count: usize,
+}
+
+/// The wide decode tile of a [`DecodeKernel`].
+pub struct WideDecode {
+    func: CudaFunction,
+    pub tile: DecodeTile,
+    pub smem_bytes: usize,
+    pub compiled: CompiledKernel,
+}
+
+impl DecodeKernel {
+    /// The tile `plan` runs on: the wide one when the kernel has it and [`wants_wide_tile`]
+    /// says so (never for deterministic plans, whose output must not depend on the batch),
+    /// else the configured one.
+    pub fn tile_for(&self, plan: &DecodePlan, kv_heads: usize) -> DecodeTile {
+        match &self.wide {
+            Some(w) if wants_wide_tile(plan, kv_heads, self.sm_count, w.tile.kv_tile()) => w.tile,
+            _ => self.tile,
+        }
+    }
 }
 
 /// Caller-owned device inputs, described on the host by a [`Batch`].
@@ -61,7 +85,7 @@ impl Engine {
         let module = self.module(&compiled)?;
         let decode = module.load_function("attnforge_decode").map_err(cuda("load attnforge_decode"))?;
         let merge = module.load_function("attnforge_merge").map_err(cuda("load attnforge_merge"))?;
-        let load_time = t0.elapsed();
+        let mut load_time = t0.elapsed();
         let tile = cfg.decode_tile();
         let smem = cfg.smem_bytes();
         decode
@@ -72,6 +96,19 @@ impl Engine {
         if ctas_per_sm == 0 {
             return Err(Error::Unsupported(format!("{} needs {smem} bytes of shared memory and {threads} threads: it cannot run on this GPU", compiled.name)));
         }
+        let wide = match cfg.wide_decode() {
+            Some(wc) if wc.smem_bytes() <= self.max_smem_per_block()? => {
+                let compiled = self.jit.get(variant, &wc, &self.arch)?;
+                let t1 = std::time::Instant::now();
+                let func = self.module(&compiled)?.load_function("attnforge_decode").map_err(cuda("load attnforge_decode (wide tile)"))?;
+                load_time += t1.elapsed();
+                let smem = wc.smem_bytes();
+                func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                    .map_err(cuda("set shared memory size (wide tile)"))?;
+                Some(WideDecode { func, tile: wc.decode_tile(), smem_bytes: smem, compiled })
+            }
+            _ => None,
+        };
         Ok(DecodeKernel {
             decode,
             merge,
@@ -83,6 +120,8 @@ impl Engine {
             layout: param_layout(&variant.params).map_err(Error::Unsupported)?,
             compiled,
             load_time,
+            wide,
+            sm_count: self.sm_count,
         })
     }
 
@@ -93,7 +132,7 @@ impl Engine {
     /// prologues). Measured on the H100 against SMs × 2: B1 L16384 32.8 → 31.9 µs, B16 L4096
     /// 102.9 → 98.2 µs (no split, no merge); SMs × 4 and × 16 were slower still.
     pub fn plan_target(&self, k: &DecodeKernel) -> PlanTarget {
-        PlanTarget { ctas: self.sm_count, kv_tile: k.tile.kv_tile(), resident: self.sm_count * k.ctas_per_sm }
+        PlanTarget { ctas: self.sm_count, kv_tile: k.tile.kv_tile(), resident: self.sm_count * k.ctas_per_sm, always_balance: false }
     }
 
     /// Plans a decode batch for `k` on this GPU.
@@ -132,16 +171,21 @@ impl Engine {
             return Ok(());
         }
         let s = &self.stream;
-        let t = &k.tile;
+        let t = k.tile_for(plan, kv.kv_heads);
+        let (func, smem) = match &k.wide {
+            Some(w) if w.tile == t => (&w.func, w.smem_bytes),
+            _ => (&k.decode, k.smem_bytes),
+        };
         let cfg_launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
             block_dim: t.block(cfg.group),
-            shared_mem_bytes: k.smem_bytes as u32,
+            shared_mem_bytes: smem as u32,
         };
         // SAFETY: every pointer comes from a live CudaSlice whose length was checked above
         // against the batch; the plan's indices were validated on the host against the same
-        // batch; the argument structs' layouts are static_asserted in the compiled source.
-        unsafe { s.launch_builder(&k.decode).arg(&args).arg(&params.blob).launch(cfg_launch) }.map_err(cuda("launch decode"))?;
+        // batch; the argument structs' layouts are static_asserted in the compiled source. Both
+        // tiles take any plan: the ring covers each item's span whatever the tile's key count.
+        unsafe { s.launch_builder(func).arg(&args).arg(&params.blob).launch(cfg_launch) }.map_err(cuda("launch decode"))?;
         // The packed plan holds the merge list after the decode work list.
         self.launch_merge(&k.merge, &args, plan.merge_offset() as u64, plan.merge_grid, cfg.group, batch.qo_heads, kv.head_dim_vo, params)
     }

@@ -95,6 +95,17 @@ impl Engine {
     }
 
     /// "NVIDIA H100 80GB HBM3 (sm_90a, 132 SMs)".
+    /// Shared memory one CTA may opt in to, in bytes (227 KB on Hopper).
+    pub fn max_smem_per_block(&self) -> Result<usize> {
+        let a = self.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(cuda("shared memory per block"))?;
+        Ok(a.max(0) as usize)
+    }
+
+    /// The GPU's name as the driver reports it ("NVIDIA H200").
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn describe(&self) -> String {
         format!("{} ({}, {} SMs)", self.name, self.arch.name(), self.sm_count)
     }

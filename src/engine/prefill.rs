@@ -100,7 +100,7 @@ impl Engine {
             Some(n) if !matches!(mode, PlanMode::FixedGrid { .. }) && (0..batch.batch_size()).all(|b| batch.q_len(b) * batch.group() <= n.tile.rows()) => n,
             _ => &k.wide,
         };
-        let target = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: f.tile.kv_tile, resident: 0 };
+        let target = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: f.tile.kv_tile, resident: 0, always_balance: false };
         plan_prefill(&k.variant, params, batch, f.tile.rows(), target, mode)
     }
 

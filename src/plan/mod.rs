@@ -43,6 +43,8 @@ pub struct PlanTarget {
     /// with more work than this runs as one wave of this many CTAs with equal shares (see
     /// `balanced_decode`); 0 turns that off. The prefill planner does not use it.
     pub resident: usize,
+    /// Balance every default-mode decode batch bigger than one wave, skewed or not (tuning).
+    pub always_balance: bool,
 }
 
 /// Splits shorter than this cost more in merging than they gain in parallelism.
@@ -178,12 +180,12 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
         let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
         spans.iter().any(|&(_, lo, hi)| hi - lo > total.div_ceil(per_head))
     };
-    let mut balance = !matches!(mode, PlanMode::Deterministic { .. }) && per_head > 0 && spans.len() > per_head && skewed(&spans);
+    let mut balance = !matches!(mode, PlanMode::Deterministic { .. }) && per_head > 0 && spans.len() > per_head && (target.always_balance || skewed(&spans));
     if balance && !needs_spans && variant.kv_range.is_some() {
         for s in spans.iter_mut() {
             *s = span(s.0, s.2);
         }
-        balance = skewed(&spans);
+        balance = target.always_balance || skewed(&spans);
     }
     let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
     if balance {
@@ -270,6 +272,21 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
         qo_heads: batch.qo_heads,
         head_dim_vo: kv.head_dim_vo,
     })
+}
+
+/// Whether a decode plan should run on the kernel's wide tile (twice the warps, `wide_kv_tile`
+/// keys per tile): when the launch leaves every SM at most one CTA (`stride × kv_heads ≤ SMs`,
+/// so a scheduler would otherwise have one warp to issue from) and its items are long enough to
+/// fill the wide tile's ring (at least four wide tiles on average). Never for deterministic
+/// plans: a request's bits must not depend on the rest of the batch, and the tile decides the
+/// order of the sums. Either tile computes any plan; a CUDA graph keeps the tile it captured
+/// while the plans replayed into it change.
+pub fn wants_wide_tile(plan: &DecodePlan, kv_heads: usize, sm_count: usize, wide_kv_tile: usize) -> bool {
+    if matches!(plan.mode, PlanMode::Deterministic { .. }) || plan.stride == 0 || plan.stride * kv_heads > sm_count {
+        return false;
+    }
+    let (items, keys) = plan.work.iter().filter(|w| w.req >= 0).fold((0usize, 0usize), |(n, k), w| (n + 1, k + (w.kv_end - w.kv_begin).max(0) as usize));
+    items > 0 && keys >= 4 * wide_kv_tile * items
 }
 
 /// A prefill schedule: one work item per (request, block of query rows, KV chunk), longest

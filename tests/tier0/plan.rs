@@ -25,7 +25,7 @@ fn plan_resident(variant: &str, params: &[(&str, f64)], lens: &[usize], target: 
     let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
     let n = pages.indices.len();
     let batch = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(n), qo_heads: 32 };
-    let plan = plan_decode(&v, &p, &batch, PlanTarget { ctas: target, kv_tile: 32, resident }, mode)?;
+    let plan = plan_decode(&v, &p, &batch, PlanTarget { ctas: target, kv_tile: 32, resident, always_balance: false }, mode)?;
     Ok((plan, pages, qo))
 }
 
@@ -217,11 +217,11 @@ fn empty_requests_still_get_an_output_row_and_bad_batches_are_errors() {
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 2 }).unwrap();
     let qo = [0, 2, 3];
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(2), qo_heads: 32 };
-    let err = plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32, resident: 0 }, PlanMode::Default).unwrap_err();
+    let err = plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32, resident: 0, always_balance: false }, PlanMode::Default).unwrap_err();
     assert!(err.to_string().contains("use prefill"), "{err}");
     let bad = PageTable { indices: vec![0, 7], ..pages.clone() };
     let b = attnforge::kv::Batch { qo_indptr: &[0, 1, 2], pages: &bad, kv: kv(2), qo_heads: 32 };
-    assert!(plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32, resident: 0 }, PlanMode::Default).is_err());
+    assert!(plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32, resident: 0, always_balance: false }, PlanMode::Default).is_err());
 }
 
 #[test]
@@ -238,7 +238,7 @@ fn prefill_blocks_cover_every_query_row_once_longest_first() {
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 4 }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len()), qo_heads: 32 };
     // A target the blocks already fill: no split.
-    let plan = plan_prefill(&v, &p, &b, 64, PlanTarget { ctas: 100, kv_tile: 64, resident: 0 }, PlanMode::Default).unwrap();
+    let plan = plan_prefill(&v, &p, &b, 64, PlanTarget { ctas: 100, kv_tile: 64, resident: 0, always_balance: false }, PlanMode::Default).unwrap();
     assert!(plan.merge.is_empty() && plan.work.iter().all(|w| w.partial == -1));
     for (req, &(q, _)) in lens.iter().enumerate() {
         let mut starts: Vec<i32> = plan.work.iter().filter(|w| w.req == req as i32).map(|w| w.row_start).collect();
@@ -264,7 +264,7 @@ fn prefill_plan(variant: &str, params: &[(&str, f64)], lens: &[(usize, usize)], 
     let given: HashMap<String, ParamInput> = params.iter().map(|(k, x)| (k.to_string(), ParamInput::Scalar(*x))).collect();
     let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len().max(1)), qo_heads: 32 };
-    let plan = attnforge::plan::plan_prefill(&v, &p, &b, rows, PlanTarget { ctas, kv_tile: 32, resident: 0 }, mode)?;
+    let plan = attnforge::plan::plan_prefill(&v, &p, &b, rows, PlanTarget { ctas, kv_tile: 32, resident: 0, always_balance: false }, mode)?;
     Ok((plan, qo))
 }
 
@@ -338,7 +338,7 @@ fn prefill_split_modes() {
     let pages = PageTable::from_lens(&[20000], 16, &mut (0..).map(|i| i as usize));
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 7, kv_heads: 1, batch: 1 }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &[0, 8], pages: &pages, kv: KvShape { kv_heads: 1, ..kv(pages.indices.len()) }, qo_heads: 7 };
-    let plan = attnforge::plan::plan_prefill(&v, &p, &b, 32, PlanTarget { ctas: 264, kv_tile: 32, resident: 0 }, PlanMode::Default).unwrap();
+    let plan = attnforge::plan::plan_prefill(&v, &p, &b, 32, PlanTarget { ctas: 264, kv_tile: 32, resident: 0, always_balance: false }, PlanMode::Default).unwrap();
     assert!(plan.merge.is_empty());
     // Deterministic: chunks at fixed offsets, the same whatever else is in the batch.
     let mode = PlanMode::Deterministic { chunk: 1000 };
@@ -353,4 +353,36 @@ fn prefill_split_modes() {
     assert!(chunks(&alone).iter().all(|&(_, b, e)| b % 1000 == 0 && (e - b == 1000 || e == 20000)));
     check_prefill_split(&both, &lens, &qo, 4, |t, kv| (0, kv - if kv == 20000 { 8 } else { 3 } + t + 1));
     assert!(prefill_plan("causal", &[], &lens, 32, 264, PlanMode::Deterministic { chunk: 0 }).is_err());
+}
+
+/// The wide decode tile (twice the warps, here 128-key tiles) is for launches of at most one CTA
+/// per SM over long spans, never for deterministic plans; 132 SMs, 8 KV heads, the H200's
+/// resident count (2 CTAs per SM), the planner's 64-key tile.
+#[test]
+fn the_wide_decode_tile_is_for_one_cta_per_sm_over_long_spans() {
+    use attnforge::plan::wants_wide_tile;
+    let v = shipped::resolve("default").unwrap();
+    let wide = |lens: &[usize], mode: PlanMode| {
+        let pages = PageTable::from_lens(lens, 16, &mut (0..).map(|i| i as usize));
+        let qo: Vec<i32> = (0..=lens.len() as i32).collect();
+        let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
+        let batch = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len()), qo_heads: 32 };
+        let plan = plan_decode(&v, &p, &batch, PlanTarget { ctas: 132, kv_tile: 64, resident: 264, always_balance: false }, mode).unwrap();
+        (wants_wide_tile(&plan, 8, 132, 128), plan.stride)
+    };
+    // B16 L4096: 128 whole requests on 132 SMs.
+    assert_eq!(wide(&[4096; 16], PlanMode::Default), (true, 16));
+    // B1 L16384: split into 16 chunks of 1024 per head, 128 CTAs.
+    assert_eq!(wide(&[16384], PlanMode::Default), (true, 16));
+    // B1 L1024: 16 chunks of 64 keys fill half a wide tile each.
+    assert!(!wide(&[1024], PlanMode::Default).0);
+    // B64 L4096: 512 CTAs, two per SM on the configured tile.
+    assert!(!wide(&[4096; 64], PlanMode::Default).0);
+    // Deterministic plans keep the configured tile whatever the batch.
+    assert!(!wide(&[4096; 16], PlanMode::Deterministic { chunk: 4096 }).0);
+    // A fixed grid decides by its capacity: 16 CTAs per head may take the wide tile, 64 may not.
+    assert!(wide(&[4096; 16], PlanMode::FixedGrid { max_ctas: 16 }).0);
+    assert!(!wide(&[4096; 16], PlanMode::FixedGrid { max_ctas: 64 }).0);
+    // Empty requests do not count towards the average span.
+    assert!(!wide(&[0, 0, 0, 600], PlanMode::Default).0);
 }

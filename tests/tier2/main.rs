@@ -78,9 +78,9 @@ fn random_case(rng: &mut StdRng, i: usize) -> Case {
     }
 }
 
-/// Runs one case against the reference (panicking on a mismatch); returns a summary line and the
-/// plan's items per CTA (above 1: a balanced plan).
-fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> (String, usize) {
+/// Runs one case against the reference (panicking on a mismatch); returns a summary line, the
+/// plan's items per CTA (above 1: a balanced plan) and whether it ran on the wide tile.
+fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> (String, usize, bool) {
     let v = shipped::all().unwrap().swap_remove(c.variant);
     let mut rng = StdRng::seed_from_u64(c.seed);
     let spec = WorkloadSpec {
@@ -101,11 +101,16 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
     let cfg = KernelConfig::decode(c.dims.0, c.dims.1, T::DTYPE, c.group).unwrap();
     let k = e.decode_kernel(&v, &cfg).unwrap();
     let (got, plan) = decode_once(e, &k, &p, &w, c.mode, None).unwrap();
+    let tile = k.tile_for(&plan, c.kv_heads);
+    let wide = k.wide.as_ref().is_some_and(|x| x.tile == tile);
+    if matches!(c.mode, PlanMode::Deterministic { .. }) {
+        assert!(!wide, "a deterministic plan ran on the wide tile");
+    }
     let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
     let cmp = compare(&got, &want, T::DTYPE, c.dims.1);
     assert!(cmp.ok(), "{} {cmp}\nplan: {} items, {} merges, chunk {}\n{c:?}", v.name, plan.work.len(), plan.merge.len(), plan.chunk);
     let line = format!(
-        "{:<15} B {:>3} max kv {:>5} g{} d{:?} p{} {:?} {}: {} items ({} per CTA), {} split → {cmp}",
+        "{:<15} B {:>3} max kv {:>5} g{} d{:?} p{} {:?} {}: {} items ({} per CTA), {} split, {} → {cmp}",
         v.name,
         c.kv_lens.len(),
         c.kv_lens.iter().max().unwrap_or(&0),
@@ -116,9 +121,10 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
         if c.bf16 { "bf16" } else { "f16" },
         plan.work.len(),
         plan.per_cta,
-        plan.merge.len()
+        plan.merge.len(),
+        if tile.mma { format!("{} warps{}", tile.warps, if wide { " (wide)" } else { "" }) } else { "CUDA-core".to_string() }
     );
-    (line, plan.per_cta)
+    (line, plan.per_cta, wide)
 }
 
 #[test]
@@ -128,7 +134,7 @@ fn decode_matches_the_reference_on_random_batches() {
     let cases: usize = std::env::var("ATTNFORGE_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     for i in 0..cases {
         let c = random_case(&mut rng, i);
-        let (line, _) = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };
+        let (line, _, _) = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };
         eprintln!("case {i:>3}: {line}");
     }
 }
@@ -160,11 +166,49 @@ fn skewed_big_batches_are_balanced_across_ctas() {
         (kv_lens[7], kv_lens[100]) = (20000, 0);
         let group = [4, 1, 8][variant % 3];
         let c = Case { variant, kv_lens, kv_heads: 2, group, dims: (128, 128), page_size: [16, 1][variant % 2], layout: KvLayout::Nhd, interleaved: true, bf16: variant % 2 == 0, mode: PlanMode::Default, seed: rng.random() };
-        let (line, per_cta) = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };
+        let (line, per_cta, _) = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };
         eprintln!("{line}");
         let windowed = ["sliding_window", "gemma2", "chunked", "prefix_lm"].iter().any(|w| line.starts_with(w));
         assert!(windowed || per_cta > 1, "not balanced: {line}");
     }
+}
+
+#[test]
+fn wide_tiles_run_every_variant_where_a_launch_leaves_one_cta_per_sm() {
+    let Some(e) = engine() else { return };
+    let mut rng = StdRng::seed_from_u64(41);
+    let mut wide_runs = 0;
+    for variant in 0..shipped::SHIPPED.len() {
+        for (j, dims) in [(128, 128), (64, 64), (256, 256), (192, 128)].into_iter().enumerate() {
+            // SMs / 4 requests on 4 KV heads: one CTA per SM, unsplit, so every tensor-core
+            // config whose wide ring fits runs on the wide tile. One request is empty, one ends
+            // mid-page and mid-tile; group 1 (MHA, no wide tile) checks the CUDA-core loop beside.
+            let len = rng.random_range(1200..=2600);
+            let mut kv_lens = vec![len; e.sm_count() / 4];
+            (kv_lens[0], kv_lens[1]) = (0, len - 37);
+            let group = [4, 2, 8, 1][(variant + j) % 4];
+            let c = Case {
+                variant,
+                kv_lens,
+                kv_heads: 4,
+                group,
+                dims,
+                page_size: [16, 1, 64][(variant + j) % 3],
+                layout: if j % 2 == 0 { KvLayout::Nhd } else { KvLayout::Hnd },
+                interleaved: dims.0 == dims.1 && variant % 2 == 0,
+                bf16: (variant + j) % 2 == 0,
+                mode: PlanMode::Default,
+                seed: rng.random(),
+            };
+            let (line, _, wide) = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };
+            eprintln!("{line}");
+            let cfg = KernelConfig::decode(dims.0, dims.1, DType::Bf16, group).unwrap();
+            let fits = cfg.wide_decode().is_some_and(|w| w.smem_bytes() <= e.max_smem_per_block().unwrap());
+            assert_eq!(wide, fits, "wide tile expected exactly where it exists: {line}");
+            wide_runs += usize::from(wide);
+        }
+    }
+    assert!(wide_runs >= 20, "only {wide_runs} cases ran on the wide tile");
 }
 
 #[test]

@@ -56,6 +56,14 @@ enum Cmd {
         /// (programmatic dependent launch, sm_90+), to measure what the overlap gives.
         #[arg(long)]
         no_overlap_merge: bool,
+        /// Decode batches too small to fill the GPU are split over about this many CTAs instead
+        /// of one per SM (repeatable; tuning).
+        #[arg(long = "split-ctas", value_name = "N")]
+        split_ctas: Vec<usize>,
+        /// Also time every decode shape with balanced plans (one wave of CTAs with equal shares),
+        /// skewed or not (tuning).
+        #[arg(long)]
+        balance: bool,
     },
 }
 
@@ -164,7 +172,7 @@ fn main() -> ExitCode {
         None => run::demo(),
         Some(Cmd::Check { specs }) => check(&specs),
         Some(Cmd::Run(args)) => run::run(&args),
-        Some(Cmd::Bench { suite, json, tiles, no_overlap_merge }) => run::bench(&suite, json.as_deref(), &tiles, !no_overlap_merge),
+        Some(Cmd::Bench { suite, json, tiles, no_overlap_merge, split_ctas, balance }) => run::bench(&suite, json.as_deref(), &tiles, &split_ctas, balance, !no_overlap_merge),
         Some(Cmd::Compile(args)) => compile(&args),
         Some(Cmd::Cache { cmd }) => cache(cmd),
     };

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use attnforge::bench::{anchor_decode_shapes, bench_decode, COPY_CEILING_GBPS};
+use attnforge::bench::{anchor_decode_shapes, bench_decode, measure_copy_gbps, DecodeTuning, ANCHOR_CARD};
 use attnforge::engine::Engine;
 use attnforge::harness::{compare, decode_once};
 use attnforge::jit::{Jit, KernelConfig, Origin};
@@ -93,7 +93,9 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
             let k = e.decode_kernel(v, &KernelConfig::decode(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
             println!("  decode on {}: kernel {} ({}, {:.1} ms)", e.describe(), k.compiled.name, origin(k.compiled.origin), k.compiled.elapsed.as_secs_f64() * 1e3);
             let (out, plan) = decode_once(&e, &k, p, &w, mode, a.sm_scale)?;
-            println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024);
+            let t = k.tile_for(&plan, spec.kv_heads);
+            let tile = if t.mma { format!("tensor cores, {} warps{}", t.warps, if k.wide.as_ref().is_some_and(|w| w.tile == t) { " (wide tile)" } else { "" }) } else { "CUDA cores".to_string() };
+            println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB; {tile}", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024);
             out
         } else {
             let k = e.prefill_kernel(v, &KernelConfig::prefill(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
@@ -322,12 +324,21 @@ fn time_decode(e: &Engine, k: &attnforge::engine::DecodeKernel, p: &ParamValues,
     Ok((us, bytes / (us * 1e-6) / 1e9))
 }
 
-pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], overlap_merge: bool) -> Result<()> {
+pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], split_ctas: &[usize], balance: bool, overlap_merge: bool) -> Result<()> {
     let mut e = Engine::new(0).context("`attnforge bench` times GPU kernels and needs a GPU")?;
     e.set_programmatic_merge(overlap_merge);
     let date = std::process::Command::new("date").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
     println!("attnforge {} bench on {}, {date}; merges {}", env!("CARGO_PKG_VERSION"), e.describe(), if e.programmatic_merge() { "overlap the kernel before them (programmatic launch)" } else { "in plain stream order" });
     let mut records = Vec::new();
+    let copy_gbps = measure_copy_gbps(&e)?;
+    let anchor_card = e.name() == ANCHOR_CARD;
+    println!("device-to-device copy: {copy_gbps:.0} GB/s (bytes read + written; the % columns are against it)");
+    if !anchor_card {
+        println!(
+            "note: the FI columns are FlashInfer on the {ANCHOR_CARD} (ANCHORS.md), not on this card ({}); for a same-card comparison run benches/flashinfer_decode.py here",
+            e.name()
+        );
+    }
     if suites.contains(&Suite::Compile) {
         println!("\ncompile (first use into an empty cache; then a new Jit + disk hit + module load):");
         let dir = std::env::temp_dir().join(format!("attnforge-bench-cache-{}", std::process::id()));
@@ -352,7 +363,8 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], ove
     }
     if suites.contains(&Suite::Decode) {
         println!("\ndecode: bf16, 32/8 heads, d128, page 16, NHD, permuted pages; graph = per call inside a 20-call CUDA graph");
-        println!("  {:<28} {:>9} {:>9} {:>8} {:>7} {:>12} {:>12} {:>6}", "shape", "graph µs", "eager µs", "GB/s", "% copy", "FI graph µs", "FI eager µs", "items");
+        let card = if anchor_card { "" } else { " (H100)" };
+        println!("  {:<28} {:>9} {:>9} {:>8} {:>7} {:>12} {:>12} {:>6}", "shape", "graph µs", "eager µs", "GB/s", "% copy", format!("FI{card} graph"), format!("FI{card} eager"), "items  tile");
         let mut overrides: Vec<Option<attnforge::jit::DecodeTile>> = vec![None];
         for t in tiles.iter().filter(|t| !t.starts_with("p,")) {
             // `mma,WARPS,STAGES` picks the tensor-core loop; four or five numbers the CUDA-core one.
@@ -371,25 +383,36 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], ove
             let bdx = (128usize).div_ceil(8 * nv).next_power_of_two();
             overrides.push(Some(attnforge::jit::DecodeTile { nv, bdx, bdz, tile_per_z, stages, min_ctas, mma: false, warps: 0 }));
         }
-        for (s, tile) in anchor_decode_shapes().into_iter().flat_map(|s| overrides.iter().map(move |t| (s.clone(), *t))) {
-            let r = bench_decode(&e, &s, tile)?;
-            let label = format!("{} {}{}", s.variant, s.label(), tile.map_or(String::new(), |t| if t.mma { format!(" [mma {}w {}s]", t.warps, t.stages) } else { format!(" [{},{},{},{},{}]", t.nv, t.bdz, t.tile_per_z, t.stages, t.min_ctas) }));
+        let mut tunings = Vec::new();
+        for tile in &overrides {
+            tunings.push(DecodeTuning { tile: *tile, ..Default::default() });
+            tunings.extend(split_ctas.iter().map(|&n| DecodeTuning { tile: *tile, split_ctas: Some(n), ..Default::default() }));
+            if balance {
+                tunings.push(DecodeTuning { tile: *tile, balance: true, ..Default::default() });
+            }
+        }
+        for (s, tuning) in anchor_decode_shapes().into_iter().flat_map(|s| tunings.iter().map(move |t| (s.clone(), *t))) {
+            let r = bench_decode(&e, &s, tuning)?;
+            let tile = tuning.tile;
+            let split = tuning.split_ctas.map_or(String::new(), |n| format!(" [split {n}]")) + if tuning.balance { " [bal]" } else { "" };
+            let label = format!("{} {}{}{split}", s.variant, s.label(), tile.map_or(String::new(), |t| if t.mma { format!(" [mma {}w {}s]", t.warps, t.stages) } else { format!(" [{},{},{},{},{}]", t.nv, t.bdz, t.tile_per_z, t.stages, t.min_ctas) }));
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
             println!(
-                "  {label:<28} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>12} {:>12} {:>6}",
+                "  {label:<28} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>12} {:>12} {:>6}  {}",
                 r.graph_us,
                 r.eager_us,
                 r.gbps(),
-                100.0 * r.gbps() / COPY_CEILING_GBPS,
+                100.0 * r.gbps() / copy_gbps,
                 fmt(s.anchor_graph_us),
                 fmt(s.anchor_eager_us),
-                r.work_items
+                r.work_items,
+                r.tile
             );
             records.push(serde_json::json!({
                 "suite": "decode", "variant": s.variant, "params": s.params.iter().map(|(n, x)| (n.to_string(), *x)).collect::<std::collections::BTreeMap<_, _>>(),
                 "batch": s.batch, "kv_len": s.kv_len, "first_len": s.first_len, "graph_us": r.graph_us, "eager_us": r.eager_us, "gbps": r.gbps(),
-                "flashinfer_graph_us": s.anchor_graph_us, "flashinfer_eager_us": s.anchor_eager_us, "work_items": r.work_items, "splits": r.splits, "copies": r.copies,
-                "tile": tile.map(|t| format!("{t:?}")),
+                "flashinfer_graph_us": s.anchor_graph_us, "flashinfer_eager_us": s.anchor_eager_us, "work_items": r.work_items, "splits": r.splits, "copies": r.copies, "tile_run": r.tile,
+                "tile": tile.map(|t| format!("{t:?}")), "split_ctas": tuning.split_ctas, "balanced": tuning.balance, "pct_copy": 100.0 * r.gbps() / copy_gbps,
             }));
         }
     }
@@ -416,7 +439,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], ove
         }
     }
     if let Some(path) = json {
-        let doc = serde_json::json!({ "device": e.describe(), "date": date, "version": env!("CARGO_PKG_VERSION"), "results": records });
+        let doc = serde_json::json!({ "device": e.describe(), "date": date, "version": env!("CARGO_PKG_VERSION"), "copy_gbps": copy_gbps, "flashinfer_numbers_card": ANCHOR_CARD, "results": records });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("write {}", path.display()))?;
         println!("\nwrote {}", path.display());
     }
