@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck over a representative set of decode and prefill runs (device only:
+# needs a GPU and compute-sanitizer). Each `attnforge run` also checks against the CPU reference.
+# Covers the wide decode tile (B16, B1 split, d256), merges with a sink, windows, normalize none,
+# page sizes 1/64, HND, deterministic plans and a split prefill. Usage: bash tests/memcheck.sh
+set -u
+cd "$(dirname "$0")/.."
+B=${ATTNFORGE_BIN:-./.device/bin/attnforge}
+CS="timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9"
+status=0
+run() { echo "=== $*"; $CS $B run "$@" 2>&1 | grep -E "plan:|GPU vs|ERROR SUMMARY|error|Error" ; rc=${PIPESTATUS[0]}; echo "rc=$rc"; [[ $rc == 0 ]] || status=1; }
+run default --batch 16 --kv-len 4096
+run sink --batch 1 --kv-len 16384 --param sinks=1.5
+run gemma2 --batch 3 --kv-len 9000 --param window=3000 --param soft_cap=30
+slopes=$(seq -s, 1 64 | awk -F, '{for (i = 1; i <= NF; i++) printf "%s%.6f", (i > 1 ? "," : ""), 2 ^ (-8 * i / 64)}')
+run alibi --batch 12 --kv-len 3000 --head-dim 256 --dtype f16 --qo-heads 64 --kv-heads 8 --param slopes=$slopes
+run sigmoid --batch 16 --kv-len 2000 --layout hnd --page-size 1
+run tree_mask --batch 16 --kv-len 3000 --page-size 64
+run default --batch 16 --kv-len 4096 --deterministic
+run causal --op prefill --batch 2 --kv-len 3000 --q-len 1000
+exit $status
