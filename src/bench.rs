@@ -279,8 +279,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
         })
         .sum();
     let bytes = (visible * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * shape.batch * QO_HEADS * HEAD_DIM * 2) as f64;
-    let t = k.tile_for(&fixed_plans[0], KV_HEADS);
-    let tile = if t.mma { format!("mma {}w {}s", t.warps, t.stages) } else { format!("simt {},{},{},{}", t.nv, t.bdz, t.tile_per_z, t.stages) };
+    let tile = k.tile_for(&fixed_plans[0], KV_HEADS).label();
     Ok(DecodeResult { shape: shape.clone(), graph_us, eager_us: median(eager), bytes, work_items: default_plan.work.len(), splits: default_plan.merge.len(), copies, tile })
 }
 

@@ -105,7 +105,10 @@ impl Engine {
                 let smem = wc.smem_bytes();
                 func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                     .map_err(cuda("set shared memory size (wide tile)"))?;
-                Some(WideDecode { func, tile: wc.decode_tile(), smem_bytes: smem, compiled })
+                let tile = wc.decode_tile();
+                // A wide tile that cannot be resident (registers) is left out, not launched.
+                let resident = func.occupancy_max_active_blocks_per_multiprocessor(tile.threads(cfg.group) as u32, smem, None).map_err(cuda("occupancy (wide tile)"))?;
+                (resident > 0).then_some(WideDecode { func, tile, smem_bytes: smem, compiled })
             }
             _ => None,
         };

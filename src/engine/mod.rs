@@ -94,7 +94,6 @@ impl Engine {
         self.sm_count
     }
 
-    /// "NVIDIA H100 80GB HBM3 (sm_90a, 132 SMs)".
     /// Shared memory one CTA may opt in to, in bytes (227 KB on Hopper).
     pub fn max_smem_per_block(&self) -> Result<usize> {
         let a = self.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(cuda("shared memory per block"))?;
@@ -106,6 +105,7 @@ impl Engine {
         &self.name
     }
 
+    /// "NVIDIA H100 80GB HBM3 (sm_90a, 132 SMs)".
     pub fn describe(&self) -> String {
         format!("{} ({}, {} SMs)", self.name, self.arch.name(), self.sm_count)
     }

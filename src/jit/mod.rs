@@ -149,6 +149,16 @@ impl DecodeTile {
         }
     }
 
+    /// A short name for tables: "mma 4w 3s" (tensor cores: warps, stages) or "simt
+    /// NV,BDZ,TPZ,STAGES,MIN_CTAS" (the CUDA-core loop).
+    pub fn label(&self) -> String {
+        if self.mma {
+            format!("mma {}w {}s", self.warps, self.stages)
+        } else {
+            format!("simt {},{},{},{},{}", self.nv, self.bdz, self.tile_per_z, self.stages, self.min_ctas)
+        }
+    }
+
     /// The launch's block shape.
     pub fn block(&self, group: usize) -> (u32, u32, u32) {
         if self.mma {

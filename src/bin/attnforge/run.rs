@@ -94,8 +94,8 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
             println!("  decode on {}: kernel {} ({}, {:.1} ms)", e.describe(), k.compiled.name, origin(k.compiled.origin), k.compiled.elapsed.as_secs_f64() * 1e3);
             let (out, plan) = decode_once(&e, &k, p, &w, mode, a.sm_scale)?;
             let t = k.tile_for(&plan, spec.kv_heads);
-            let tile = if t.mma { format!("tensor cores, {} warps{}", t.warps, if k.wide.as_ref().is_some_and(|w| w.tile == t) { " (wide tile)" } else { "" }) } else { "CUDA cores".to_string() };
-            println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB; {tile}", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024);
+            let wide = if k.wide.as_ref().is_some_and(|w| w.tile == t) { " (wide)" } else { "" };
+            println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB; tile {}{wide}", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024, t.label());
             out
         } else {
             let k = e.prefill_kernel(v, &KernelConfig::prefill(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
@@ -395,7 +395,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
             let r = bench_decode(&e, &s, tuning)?;
             let tile = tuning.tile;
             let split = tuning.split_ctas.map_or(String::new(), |n| format!(" [split {n}]")) + if tuning.balance { " [bal]" } else { "" };
-            let label = format!("{} {}{}{split}", s.variant, s.label(), tile.map_or(String::new(), |t| if t.mma { format!(" [mma {}w {}s]", t.warps, t.stages) } else { format!(" [{},{},{},{},{}]", t.nv, t.bdz, t.tile_per_z, t.stages, t.min_ctas) }));
+            let label = format!("{} {}{}{split}", s.variant, s.label(), tile.map_or(String::new(), |t| format!(" [{}]", t.label())));
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
             println!(
                 "  {label:<28} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>12} {:>12} {:>6}  {}",
