@@ -46,10 +46,12 @@ impl DecodeKernel {
     /// says so (never for deterministic plans, whose output must not depend on the batch),
     /// else the configured one.
     pub fn tile_for(&self, plan: &DecodePlan, kv_heads: usize) -> DecodeTile {
-        match &self.wide {
-            Some(w) if wants_wide_tile(plan, kv_heads, self.sm_count, w.tile.kv_tile()) => w.tile,
-            _ => self.tile,
-        }
+        self.wide_for(plan, kv_heads).map_or(self.tile, |w| w.tile)
+    }
+
+    /// The wide tile, when `plan` runs on it (see [`DecodeKernel::tile_for`]).
+    pub fn wide_for(&self, plan: &DecodePlan, kv_heads: usize) -> Option<&WideDecode> {
+        self.wide.as_ref().filter(|w| wants_wide_tile(plan, kv_heads, self.sm_count, w.tile.kv_tile()))
     }
 }
 
@@ -174,10 +176,9 @@ impl Engine {
             return Ok(());
         }
         let s = &self.stream;
-        let t = k.tile_for(plan, kv.kv_heads);
-        let (func, smem) = match &k.wide {
-            Some(w) if w.tile == t => (&w.func, w.smem_bytes),
-            _ => (&k.decode, k.smem_bytes),
+        let (func, t, smem) = match k.wide_for(plan, kv.kv_heads) {
+            Some(w) => (&w.func, w.tile, w.smem_bytes),
+            None => (&k.decode, k.tile, k.smem_bytes),
         };
         let cfg_launch = LaunchConfig {
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),

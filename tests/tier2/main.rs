@@ -102,7 +102,7 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
     let k = e.decode_kernel(&v, &cfg).unwrap();
     let (got, plan) = decode_once(e, &k, &p, &w, c.mode, None).unwrap();
     let tile = k.tile_for(&plan, c.kv_heads);
-    let wide = k.wide.as_ref().is_some_and(|x| x.tile == tile);
+    let wide = k.wide_for(&plan, c.kv_heads).is_some();
     if matches!(c.mode, PlanMode::Deterministic { .. }) {
         assert!(!wide, "a deterministic plan ran on the wide tile");
     }
@@ -110,7 +110,7 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
     let cmp = compare(&got, &want, T::DTYPE, c.dims.1);
     assert!(cmp.ok(), "{} {cmp}\nplan: {} items, {} merges, chunk {}\n{c:?}", v.name, plan.work.len(), plan.merge.len(), plan.chunk);
     let line = format!(
-        "{:<15} B {:>3} max kv {:>5} g{} d{:?} p{} {:?} {}: {} items ({} per CTA), {} split, {} → {cmp}",
+        "{:<15} B {:>3} max kv {:>5} g{} d{:?} p{} {:?} {}: {} items ({} per CTA), {} split, {}{} → {cmp}",
         v.name,
         c.kv_lens.len(),
         c.kv_lens.iter().max().unwrap_or(&0),
@@ -122,7 +122,8 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
         plan.work.len(),
         plan.per_cta,
         plan.merge.len(),
-        if tile.mma { format!("{} warps{}", tile.warps, if wide { " (wide)" } else { "" }) } else { "CUDA-core".to_string() }
+        tile.label(),
+        if wide { " (wide)" } else { "" }
     );
     (line, plan.per_cta, wide)
 }
