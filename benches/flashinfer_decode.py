@@ -18,7 +18,7 @@ which the device call carries. Its heavy optional dependencies (CUTLASS DSL, cuD
 bindings) are stubbed at import: the decode path never calls them, and a stub that were called
 would fail loudly rather than compute anything.
 
-Usage (device): python3 benches/flashinfer_decode.py [--json FILE] [--quick]
+Usage (device): python3 benches/flashinfer_decode.py [--json FILE] [--quick] [--only SHAPE] [--kernel tc]
 """
 import argparse
 import importlib.abc
@@ -248,6 +248,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="the first three shapes only")
+    ap.add_argument("--only", action="append", default=[], metavar="SHAPE",
+                    help="run only the shapes whose label starts with this (repeatable), e.g. 'B64 L4096'")
+    ap.add_argument("--kernel", choices=["both", "tc", "cuda-cores"], default="both",
+                    help="which of FlashInfer's decode kernels to time (e.g. 'tc' under a profiler)")
     args = ap.parse_args()
     import torch
 
@@ -257,8 +261,11 @@ def main():
     print(f"card: {card}; flashinfer {fi.__version__}; stubbed modules: {stubbed or 'none'}")
     print(f"device-to-device copy: {ceiling:.0f} GB/s")
     rows = []
+    kernels = {"both": (False, True), "tc": (True,), "cuda-cores": (False,)}[args.kernel]
     for label, batch, kv_len, variant in shapes(args.quick):
-        for tc in (False, True):
+        if args.only and not any(label.startswith(o) for o in args.only):
+            continue
+        for tc in kernels:
             t0 = time.time()
             try:
                 r = bench_shape(torch, fi, label, batch, kv_len, variant, tc)
