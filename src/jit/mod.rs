@@ -343,17 +343,37 @@ impl KernelConfig {
         Some(c)
     }
 
-    /// Dynamic shared memory of the kernel, in bytes: the K/V ring (rows padded by one 16-byte
-    /// vector), which decode reuses afterwards for its cross-warp reduction.
+    /// Whether the K/V ring's shared-memory rows are XOR-swizzled (`AF_KV_SWIZZLE` in
+    /// `decode_args.cuh`) instead of padded: decode, with both head dims multiples of 64 (rows of
+    /// whole 128-byte lines). A padded row shifts odd rows by 16 bytes, so that their cp.async
+    /// sectors straddle two 32-byte units of shared memory and are fetched from L2 twice (on the
+    /// H200, 1.5× the L2 sectors of the bytes read).
+    pub fn kv_swizzle(&self) -> bool {
+        self.op == Op::Decode && self.head_dim_qk % 64 == 0 && self.head_dim_vo % 64 == 0
+    }
+
+    /// Elements of padding per shared-memory K or V row of the ring: none when swizzled, one
+    /// 16-byte vector otherwise.
+    fn kv_row_pad(&self) -> usize {
+        if self.kv_swizzle() {
+            0
+        } else {
+            8
+        }
+    }
+
+    /// Dynamic shared memory of the kernel, in bytes: the K/V ring (rows swizzled, or padded by
+    /// one 16-byte vector), which decode reuses afterwards for its cross-warp reduction.
     pub fn smem_bytes(&self) -> usize {
+        let row = self.head_dim_qk + self.head_dim_vo + 2 * self.kv_row_pad();
         if self.op == Op::Prefill {
             let t = self.prefill_tile();
-            let ring = t.stages * t.kv_tile * (self.head_dim_qk + self.head_dim_vo + 16) * self.dtype_kv.size();
+            let ring = t.stages * t.kv_tile * row * self.dtype_kv.size();
             let q = t.rows() * (self.head_dim_qk + 8) * self.dtype_q.size();
             return ring + q;
         }
         let t = self.decode_tile();
-        let ring = t.stages * t.kv_tile() * (self.head_dim_qk + self.head_dim_vo + 16) * self.dtype_kv.size();
+        let ring = t.stages * t.kv_tile() * row * self.dtype_kv.size();
         let states = if t.mma { t.warps } else { t.bdz };
         let reduction = states * self.group * (2 + self.head_dim_vo) * 4;
         ring.max(reduction)

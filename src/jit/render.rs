@@ -103,6 +103,7 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
             ctx.insert("min_ctas", &t.min_ctas);
             ctx.insert("mma", &t.mma);
             ctx.insert("warps", &t.warps);
+            ctx.insert("kv_swizzle", &cfg.kv_swizzle());
             ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
             ctx.insert("merge_args_size", &std::mem::size_of::<abi::MergeArgs>());
             "decode.cu.tera"

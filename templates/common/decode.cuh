@@ -19,10 +19,9 @@
 
 // Work item w of the list (the caller loops a CTA over its items); `req < 0` pads a balanced
 // plan's list and does nothing.
-__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p, int w) {
+__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p, int w, int kv_head) {
   const DecodeWork item = a.work[w];
   if (item.req < 0) return;
-  const int kv_head = blockIdx.y;
   const int tx = threadIdx.x, ty = threadIdx.y, tz = threadIdx.z;
   const int tid = (tz * GROUP + ty) * BDX + tx;
   const DecodeRequest r = decode_request(a, p, item, kv_head);
@@ -71,7 +70,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
         const int d0 = (v * BDX + tx) * VEC;
         if (d0 < HEAD_DIM_QK) {
           float kf[VEC];
-          af_load8(k_smem + (stage * KV_TILE + j) * ROW_QK + d0, kf);
+          af_load8(k_smem + (stage * KV_TILE + j) * ROW_QK + kv_chunk(j, v * BDX + tx), kf);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) s = fmaf(qf[v][e], kf[e], s);
         }
@@ -97,7 +96,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
         const int d0 = (v * BDX + tx) * VEC;
         if (d0 < HEAD_DIM_VO) {
           float vf[VEC];
-          af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * ROW_VO + d0, vf);
+          af_load8(v_smem + (stage * KV_TILE + tz * TILE_PER_Z + jj) * ROW_VO + kv_chunk(tz * TILE_PER_Z + jj, v * BDX + tx), vf);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) o[v][e] = fmaf(w, vf[e], o[v][e]);
         }

@@ -4,10 +4,34 @@
 // Needs: DTypeKV, HEAD_DIM_QK, HEAD_DIM_VO, GROUP, Params and the variant's hooks.
 
 #define VEC 8
-// Shared-memory rows are padded by one 16-byte vector: consecutive rows start 4 banks apart, so
-// the 8 rows an ldmatrix (or 8 tz groups) reads hit 8 different bank groups.
+// The ring's shared-memory rows. The 8 rows that an ldmatrix (or 8 tz groups) reads must hit 8
+// different bank groups, and every 32-byte sector a cp.async copies must land in one aligned
+// 32-byte unit of shared memory: a sector that straddles two is fetched from L2 twice (decode,
+// H200: 1.5x the L2 sectors and requests of the bytes read, 48% L2 "hits").
+// - AF_KV_SWIZZLE 1 (decode, head dims multiples of 64): unpadded rows; 16-byte chunk c of row r
+//   is stored at chunk c ^ (r & 7), which keeps each sector in its own aligned pair of chunks.
+// - AF_KV_SWIZZLE 0 (prefill, other head dims): rows padded by one 16-byte vector, so consecutive
+//   rows start 4 banks apart (odd rows straddle sectors).
+#ifndef AF_KV_SWIZZLE
+#define AF_KV_SWIZZLE 0
+#endif
+#if AF_KV_SWIZZLE
+static_assert(HEAD_DIM_QK % 64 == 0 && HEAD_DIM_VO % 64 == 0, "the swizzled ring needs rows of whole 128-byte lines");
+#define ROW_QK HEAD_DIM_QK
+#define ROW_VO HEAD_DIM_VO
+#else
 #define ROW_QK (HEAD_DIM_QK + VEC)
 #define ROW_VO (HEAD_DIM_VO + VEC)
+#endif
+// Element offset, inside its row, of 16-byte chunk `ch` of ring row `row` (the row's index in its
+// ring slot).
+__device__ __forceinline__ int kv_chunk(int row, int ch) {
+#if AF_KV_SWIZZLE
+  return (ch ^ (row & 7)) * VEC;
+#else
+  return ch * VEC;
+#endif
+}
 
 // Mirrors src/engine/decode.rs `DecodeWork`.
 struct DecodeWork {
@@ -115,7 +139,7 @@ __device__ __forceinline__ void kv_issue_rows(DTypeKV* dst, const KeyRows* rows,
     const int j = c / NCH, ch = c % NCH;
     const KeyRows r = rows[j];
     const bool ok = r.k != nullptr;
-    af_cp_async16(dst + j * ROW + ch * VEC, ok ? (v ? r.v : r.k) + ch * VEC : fallback, ok);
+    af_cp_async16(dst + j * ROW + kv_chunk(j, ch), ok ? (v ? r.v : r.k) + ch * VEC : fallback, ok);
   }
 }
 
@@ -129,25 +153,29 @@ __device__ __forceinline__ void kv_issue(const DecodeArgs& a, DTypeKV* k_smem, D
   constexpr int RSTEP = NTHREADS_ / KCH;  // keys per pass of the block
   if (KCH == VCH && NTHREADS_ % KCH == 0 && KV_TILE_ % RSTEP == 0) {
     // A thread copies column `ch` of keys j0, j0 + RSTEP, ...: a fixed trip count, immediate
-    // shared-memory offsets, and one key location for both copies.
+    // shared-memory offsets (RSTEP a multiple of 8 keeps the swizzle's row term), and one key
+    // location for both copies.
     const int ch = tid % KCH, j0 = tid / KCH;
-    const unsigned k_dst = (unsigned)__cvta_generic_to_shared(ks + j0 * ROW_QK + ch * VEC);
-    const unsigned v_dst = (unsigned)__cvta_generic_to_shared(vs + j0 * ROW_VO + ch * VEC);
+    const unsigned k_base = (unsigned)__cvta_generic_to_shared(ks);
+    const unsigned v_base = (unsigned)__cvta_generic_to_shared(vs);
+    constexpr int EB = (int)sizeof(DTypeKV);
     if (full) {
       // Every tile but a span's last: no null test, select or source size per copy.
 #pragma unroll
       for (int i = 0; i < KV_TILE_ / RSTEP; ++i) {
-        const KeyRows r = rows[j0 + i * RSTEP];
-        af_cp_async16_s(k_dst + i * RSTEP * ROW_QK * (int)sizeof(DTypeKV), r.k + ch * VEC);
-        af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), r.v + ch * VEC);
+        const int j = j0 + i * RSTEP;
+        const KeyRows r = rows[j];
+        af_cp_async16_s(k_base + (j * ROW_QK + kv_chunk(j, ch)) * EB, r.k + ch * VEC);
+        af_cp_async16_s(v_base + (j * ROW_VO + kv_chunk(j, ch)) * EB, r.v + ch * VEC);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < KV_TILE_ / RSTEP; ++i) {
-        const KeyRows r = rows[j0 + i * RSTEP];
+        const int j = j0 + i * RSTEP;
+        const KeyRows r = rows[j];
         const bool ok = r.k != nullptr;
-        af_cp_async16_s(k_dst + i * RSTEP * ROW_QK * (int)sizeof(DTypeKV), ok ? r.k + ch * VEC : a.k, ok);
-        af_cp_async16_s(v_dst + i * RSTEP * ROW_VO * (int)sizeof(DTypeKV), ok ? r.v + ch * VEC : a.v, ok);
+        af_cp_async16_s(k_base + (j * ROW_QK + kv_chunk(j, ch)) * EB, ok ? r.k + ch * VEC : a.k, ok);
+        af_cp_async16_s(v_base + (j * ROW_VO + kv_chunk(j, ch)) * EB, ok ? r.v + ch * VEC : a.v, ok);
       }
     }
   } else {

@@ -24,12 +24,11 @@
 
 // Work item w of the list (the caller loops a CTA over its items); `req < 0` pads a balanced
 // plan's list and does nothing.
-__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p, int w) {
+__device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p, int w, int kv_head) {
   static_assert(GROUP >= 1 && GROUP <= 16, "the MMA path holds at most 16 query heads per KV head");
   static_assert(HEAD_DIM_QK % 16 == 0 && HEAD_DIM_VO % 16 == 0, "head dims must be multiples of 16");
   const DecodeWork item = a.work[w];
   if (item.req < 0) return;
-  const int kv_head = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4, mi = lane / 8;
   const DecodeRequest r = decode_request(a, p, item, kv_head);
@@ -85,7 +84,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
       unsigned b[4];
-      af_ldmatrix_x4(b, ks + ((mi >> 1) * 8 + (lane & 7)) * ROW_QK + kk * 16 + (mi & 1) * 8);
+      af_ldmatrix_x4(b, ks + ((mi >> 1) * 8 + (lane & 7)) * ROW_QK + kv_chunk(lane, kk * 2 + (mi & 1)));
       af_mma16816<DTypeKV>(s[0], qa[kk], b[0], b[1]);
       af_mma16816<DTypeKV>(s[1], qa[kk], b[2], b[3]);
     }
@@ -149,7 +148,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
 #pragma unroll
     for (int dn2 = 0; dn2 < DN / 2; ++dn2) {
       unsigned b[4];
-      af_ldmatrix_x4_trans(b, vs + ((mi & 1) * 8 + (lane & 7)) * ROW_VO + dn2 * 16 + (mi >> 1) * 8);
+      af_ldmatrix_x4_trans(b, vs + ((mi & 1) * 8 + (lane & 7)) * ROW_VO + kv_chunk(lane, dn2 * 2 + (mi >> 1)));
       af_mma16816<DTypeKV>(oacc[2 * dn2], pa, b[0], b[1]);
       af_mma16816<DTypeKV>(oacc[2 * dn2 + 1], pa, b[2], b[3]);
     }

@@ -79,6 +79,29 @@ fn decode_tiles_are_whole_warps_within_limits() {
     }
 }
 
+/// Decode rings of whole 128-byte rows are XOR-swizzled (no padding: every cp.async sector lands
+/// in one aligned 32-byte unit); other head dims, and prefill, keep rows padded by 16 bytes. The
+/// host's shared-memory size must follow the template's row length exactly.
+#[test]
+fn the_decode_ring_is_swizzled_for_head_dims_of_whole_lines() {
+    let v = shipped::resolve("default").unwrap();
+    for (dqk, dvo, g, swizzled) in [(128, 128, 4, true), (64, 64, 1, true), (256, 256, 8, true), (192, 128, 4, true), (96, 96, 4, false), (80, 80, 1, false), (128, 96, 4, false)] {
+        let cfg = KernelConfig::decode(dqk, dvo, DType::Bf16, g).unwrap();
+        assert_eq!(cfg.kv_swizzle(), swizzled, "d{dqk}x{dvo} g{g}");
+        let code = render(&v, &cfg).unwrap().code;
+        let define = format!("#define AF_KV_SWIZZLE {}", swizzled as u8);
+        assert!(code.contains(&define), "d{dqk}x{dvo} g{g}: no `{define}`");
+    }
+    // bf16 d128 GQA 4: 4 warps x 64 keys x 3 stages of unpadded K and V rows.
+    let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
+    assert_eq!(cfg.smem_bytes(), 3 * 64 * (128 + 128) * 2);
+    let cfg = KernelConfig::decode(96, 96, DType::Bf16, 4).unwrap();
+    assert_eq!(cfg.smem_bytes(), 3 * 64 * (96 + 8 + 96 + 8) * 2);
+    let cfg = KernelConfig::prefill(128, 128, DType::Bf16, 4).unwrap();
+    assert!(!cfg.kv_swizzle(), "prefill keeps padded rows");
+    assert!(!render(&v, &cfg).unwrap().code.contains("#define AF_KV_SWIZZLE 1"));
+}
+
 #[test]
 fn cache_key_moves_with_exactly_the_inputs_that_change_the_binary() {
     let arch: Arch = "sm_90a".parse().unwrap();
