@@ -181,6 +181,7 @@ impl Engine {
             None => (&k.decode, k.tile, k.smem_bytes),
         };
         let cfg_launch = LaunchConfig {
+            // The kernel numbers these CTAs KV head first (decode.cu.tera).
             grid_dim: (plan.grid as u32, kv.kv_heads as u32, 1),
             block_dim: t.block(cfg.group),
             shared_mem_bytes: smem as u32,

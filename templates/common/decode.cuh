@@ -1,10 +1,12 @@
 // decode.cuh — batch decode over the paged KV cache: the kernel body.
 //
-// A CTA per KV head (blockIdx.y) runs work items (request, KV chunk) in turn. Threads are (tx, ty, tz):
+// A CTA of one KV head (the entry point passes it) runs work items (request, KV chunk) in turn.
+// Threads are (tx, ty, tz):
 // tx splits the head dim (each thread owns NV 16-byte vectors, strided by BDX so that the BDX
 // lanes of a row read consecutive bytes), ty is the query head within the GQA group (all query
 // heads of a KV head share every K/V load), tz splits each KV tile across thread groups.
-// Shared-memory rows are padded by 16 bytes so that rows read by different tz hit other banks.
+// Shared-memory rows are swizzled or padded (decode_args.cuh) so that rows read by different tz
+// hit other banks.
 // K/V tiles stream through a STAGES-deep cp.async ring in shared memory. Each (ty, tz) keeps an
 // online-softmax state; the tz states merge at the end. A split item writes an f32 partial
 // (o normalised, lse) for merge_states; an unsplit one writes the output and applies the sink.

@@ -887,7 +887,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_CTAS) attnforge_de
   // The plan's header is [num_work, num_merge, stride, 0]: CTA c < stride runs items c, c +
   // stride, … (one item per CTA, or several in a balanced plan); a fixed grid's spare CTAs exit.
   const int stride = a.num_work[2];
-  // CTAs are numbered KV head first (the grid is [stride, kv_heads]), so the heads of one item
+  // CTAs are numbered KV head first (the grid is [grid, kv_heads]), so the heads of one item
   // start side by side: on the H200, B64-B256 0.7-0.9% faster and a skewed batch 12% faster than
   // numbering items first.
   const int linear = blockIdx.x + blockIdx.y * gridDim.x;
