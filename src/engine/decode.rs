@@ -1,10 +1,9 @@
 //! Decode launches: the decode kernel over a plan's work list, then `merge_states` for split
 //! requests.
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{cuda, DeviceParams, Engine, PlanBuffers, PlanShape};
+use super::{cuda, load_entry, DeviceParams, Engine, PlanBuffers, PlanShape};
 use crate::abi::{param_layout, ParamField};
 use crate::jit::{CompiledKernel, DecodeTile, KernelConfig, Op};
 use crate::kv::{Batch, Element};
@@ -85,16 +84,12 @@ impl Engine {
         }
         let t0 = std::time::Instant::now();
         let module = self.module(&compiled)?;
-        let decode = module.load_function("attnforge_decode").map_err(cuda("load attnforge_decode"))?;
-        let merge = module.load_function("attnforge_merge").map_err(cuda("load attnforge_merge"))?;
-        let mut load_time = t0.elapsed();
         let tile = cfg.decode_tile();
         let smem = cfg.smem_bytes();
-        decode
-            .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .map_err(cuda("set shared memory size"))?;
-        let threads = tile.threads(cfg.group) as u32;
-        let ctas_per_sm = decode.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None).map_err(cuda("occupancy"))? as usize;
+        let threads = tile.threads(cfg.group);
+        let (decode, ctas_per_sm) = load_entry(&module, "attnforge_decode", "attnforge_decode", threads, smem)?;
+        let merge = module.load_function("attnforge_merge").map_err(cuda("load attnforge_merge"))?;
+        let mut load_time = t0.elapsed();
         if ctas_per_sm == 0 {
             return Err(Error::Unsupported(format!("{} needs {smem} bytes of shared memory and {threads} threads: it cannot run on this GPU", compiled.name)));
         }
@@ -102,14 +97,10 @@ impl Engine {
             Some(wc) if wc.smem_bytes() <= self.max_smem_per_block()? => {
                 let compiled = self.jit.get(variant, &wc, &self.arch)?;
                 let t1 = std::time::Instant::now();
-                let func = self.module(&compiled)?.load_function("attnforge_decode").map_err(cuda("load attnforge_decode (wide tile)"))?;
+                let (tile, smem) = (wc.decode_tile(), wc.smem_bytes());
+                let (func, resident) = load_entry(&self.module(&compiled)?, "attnforge_decode", "attnforge_decode (wide tile)", tile.threads(cfg.group), smem)?;
                 load_time += t1.elapsed();
-                let smem = wc.smem_bytes();
-                func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                    .map_err(cuda("set shared memory size (wide tile)"))?;
-                let tile = wc.decode_tile();
                 // A wide tile that cannot be resident (registers) is left out, not launched.
-                let resident = func.occupancy_max_active_blocks_per_multiprocessor(tile.threads(cfg.group) as u32, smem, None).map_err(cuda("occupancy (wide tile)"))?;
                 (resident > 0).then_some(WideDecode { func, tile, smem_bytes: smem, compiled })
             }
             _ => None,

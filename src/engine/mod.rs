@@ -13,8 +13,8 @@ mod prefill;
 use std::sync::Arc;
 
 use attnforge_cache::CacheKey;
-use cudarc::driver::sys::{CUdevice_attribute, CUstreamCaptureStatus};
-use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum, CUstreamCaptureStatus};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use dashmap::DashMap;
 
 pub use self::decode::{DecodeKernel, DeviceBatch, DeviceOutput};
@@ -33,6 +33,17 @@ pub fn driver_present() -> bool {
 
 fn cuda(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// Function `entry` of `module`, opted in to `smem` bytes of dynamic shared memory, and how many
+/// of its CTAs of `threads` threads fit on one SM (0: none can be resident). `what` names it in
+/// errors.
+fn load_entry(module: &Arc<CudaModule>, entry: &str, what: &str, threads: usize, smem: usize) -> Result<(CudaFunction, usize)> {
+    let func = module.load_function(entry).map_err(|e| Error::Cuda(format!("load {what}: {e}")))?;
+    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(|e| Error::Cuda(format!("set shared memory size of {what}: {e}")))?;
+    let resident = func.occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None).map_err(|e| Error::Cuda(format!("occupancy of {what}: {e}")))?;
+    Ok((func, resident as usize))
 }
 
 fn context(ordinal: usize) -> Result<Arc<CudaContext>> {

@@ -3,7 +3,7 @@
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
-use super::{cuda, DeviceBatch, DeviceOutput, DeviceParams, Engine, PlanBuffers, PlanShape};
+use super::{cuda, load_entry, DeviceBatch, DeviceOutput, DeviceParams, Engine, PlanBuffers, PlanShape};
 use crate::abi::{param_layout, ParamField};
 use crate::jit::{CompiledKernel, KernelConfig, Op, PrefillTile};
 use crate::kv::{Batch, Element, LayoutError};
@@ -72,13 +72,10 @@ impl Engine {
             eprintln!("attnforge: warning: {w}");
         }
         let module = self.module(&compiled)?;
-        let func = module.load_function("attnforge_prefill").map_err(cuda("load attnforge_prefill"))?;
-        let merge = module.load_function("attnforge_merge").map_err(cuda("load attnforge_merge"))?;
         let tile = cfg.prefill_tile();
         let smem = cfg.smem_bytes();
-        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .map_err(cuda("set shared memory size"))?;
-        let ctas_per_sm = func.occupancy_max_active_blocks_per_multiprocessor((32 * tile.warps) as u32, smem, None).map_err(cuda("occupancy"))? as usize;
+        let (func, ctas_per_sm) = load_entry(&module, "attnforge_prefill", "attnforge_prefill", 32 * tile.warps, smem)?;
+        let merge = module.load_function("attnforge_merge").map_err(cuda("load attnforge_merge"))?;
         if ctas_per_sm == 0 {
             return Err(Error::Unsupported(format!("{} needs {smem} bytes of shared memory: it cannot run on this GPU", compiled.name)));
         }
