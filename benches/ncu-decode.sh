@@ -21,6 +21,8 @@ else
             --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats
             --section ComputeWorkloadAnalysis)
 fi
+# The headline lines of a details page.
+summary() { grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Block Limit|Dynamic Shared|Grid Size" "$1" | head -20; }
 fi_ready=0
 if compgen -G ".whl/flashinfer-*-trimmed.tar.xz" >/dev/null; then
   site=/tmp/fi-site
@@ -37,12 +39,12 @@ while [[ $# -ge 2 ]]; do
   echo "== ours B$b L$l"
   ncu --clock-control none --kernel-name attnforge_decode --launch-count 1 "${sections[@]}" \
     "$bin" run default --op decode --batch "$b" --kv-len "$l" >"$out/ours-B$b-L$l.txt" 2>&1
-  grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Block Limit|Dynamic Shared|Grid Size" "$out/ours-B$b-L$l.txt" | head -20
+  summary "$out/ours-B$b-L$l.txt"
   if [[ $fi_ready == 1 ]]; then
     echo "== FlashInfer (tensor cores) B$b L$l"
     PYTHONPATH=$site CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16 \
       ncu --clock-control none --kernel-name regex:'BatchPrefill.*Paged' --launch-count 1 "${sections[@]}" \
       python3 benches/flashinfer_decode.py --only "B$b L$l" --kernel tc >"$out/fi-B$b-L$l.txt" 2>&1
-    grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Block Limit|Dynamic Shared|Grid Size" "$out/fi-B$b-L$l.txt" | head -20
+    summary "$out/fi-B$b-L$l.txt"
   fi
 done
