@@ -291,6 +291,13 @@ impl TExpr {
         self.visit(&mut |e| found |= e.kind == TKind::Builtin(b));
         found
     }
+
+    /// Nodes in the tree.
+    pub fn size(&self) -> usize {
+        let mut n = 0;
+        self.visit(&mut |_| n += 1);
+        n
+    }
 }
 
 /// A type error: where, and what was expected.
