@@ -26,16 +26,15 @@ pub struct ParamField {
 
 /// C layout of the params struct in declaration order: scalars are 4 bytes, arrays are device
 /// pointers (8 bytes, 8-aligned), a `bits` parameter is two pointers (`u_<name>` to the packed
-/// bits, `u_<name>_off` to the per-request offsets). Errors if it does not fit the blob.
+/// bits, `o_<name>` to the per-request offsets). Errors if it does not fit the blob.
 pub fn param_layout(decls: &[ParamDecl]) -> Result<Vec<ParamField>, String> {
     let mut at = 0usize;
     let mut out = Vec::with_capacity(decls.len());
     for d in decls {
         if d.ty.dim == Some(crate::spec::typed::ParamDim::QueryKey) {
             at = at.div_ceil(8) * 8;
-            let field = crate::spec::cuda::param_field(&d.name);
-            out.push(ParamField { field: field.clone(), ctype: "const unsigned char*", offset: at, size: 8 });
-            out.push(ParamField { field: format!("{field}_off"), ctype: "const long long*", offset: at + 8, size: 8 });
+            out.push(ParamField { field: crate::spec::cuda::param_field(&d.name), ctype: "const unsigned char*", offset: at, size: 8 });
+            out.push(ParamField { field: crate::spec::cuda::bits_offsets_field(&d.name), ctype: "const long long*", offset: at + 8, size: 8 });
             at += 16;
             continue;
         }

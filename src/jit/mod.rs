@@ -379,8 +379,13 @@ impl KernelConfig {
         ring.max(reduction)
     }
 
-    /// A readable name: op, dims, dtypes, group.
+    /// A readable name: variant, then [`KernelConfig::config_name`].
     pub fn entry_name(&self, variant: &str) -> String {
+        format!("{variant}.{}", self.config_name())
+    }
+
+    /// The config's part of a kernel's name: op, dims, dtypes, group, and a forced tile.
+    pub fn config_name(&self) -> String {
         let dims = if self.head_dim_qk == self.head_dim_vo {
             format!("d{}", self.head_dim_qk)
         } else {
@@ -396,7 +401,7 @@ impl KernelConfig {
             (Op::Decode, _, Some(t)) if t.mma => format!(".mma{}w{}s", t.warps, t.stages),
             _ => String::new(),
         };
-        format!("{variant}.{}.{dims}.{dt}.g{}{tile}", self.op.name(), self.group)
+        format!("{}.{dims}.{dt}.g{}{tile}", self.op.name(), self.group)
     }
 }
 

@@ -60,6 +60,23 @@ fn logits_scaled_score(e: &crate::spec::typed::TExpr) -> bool {
     }
 }
 
+/// The names that reach the rendered source (parameter fields) or file names (the variant's
+/// name, in the kernel's and the cache entry's names) must be plain identifiers. `spec::load`
+/// enforces this; a `Variant` built by hand is checked again here.
+fn check_names(variant: &Variant) -> Result<()> {
+    use crate::spec::{is_plain_identifier, shown, MAX_NAME_LEN};
+    let bad = |what: &str, name: &str| {
+        Error::Render(format!("{what} `{}` is not a plain identifier of at most {MAX_NAME_LEN} characters ([A-Za-z_][A-Za-z0-9_]*)", shown(name)))
+    };
+    if !is_plain_identifier(&variant.name) {
+        return Err(bad("variant name", &variant.name));
+    }
+    match variant.params.iter().find(|p| !is_plain_identifier(&p.name)) {
+        Some(p) => Err(bad("parameter name", &p.name)),
+        None => Ok(()),
+    }
+}
+
 pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     let layout = param_layout(&variant.params).map_err(Error::Unsupported)?;
     let hook = |h: Option<&HookExpr>| h.map_or(String::new(), |h| emit(&h.typed, &variant.params));
@@ -71,11 +88,12 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
         "kv_hi": hook(range.and_then(|r| r.hi.as_ref())),
         "sink": hook(variant.sink.as_ref()),
     });
+    check_names(variant)?;
     let name = cfg.entry_name(&variant.name);
     let mut ctx = Context::new();
-    ctx.insert("name", &name);
-    ctx.insert("variant_name", &variant.name);
-    ctx.insert("origin", &variant.origin);
+    // Only the config's part of the name: the source (and so the cache key) must not depend on
+    // what the user called the variant.
+    ctx.insert("name", &cfg.config_name());
     ctx.insert(
         "params",
         &layout.iter().map(|f| json!({ "field": f.field, "ctype": f.ctype, "offset": f.offset })).collect::<Vec<_>>(),

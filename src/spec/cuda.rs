@@ -16,6 +16,13 @@ pub fn param_field(name: &str) -> String {
     format!("u_{name}")
 }
 
+/// The C++ name of a `bits` parameter's second field (the per-request bit offsets). Its prefix
+/// differs from [`param_field`]'s, so no parameter name can collide with it (a `bits` parameter
+/// `t` beside a parameter `t_off` once declared `u_t_off` twice).
+pub fn bits_offsets_field(name: &str) -> String {
+    format!("o_{name}")
+}
+
 pub fn emit(e: &TExpr, params: &[ParamDecl]) -> String {
     match &e.kind {
         TKind::Lit(Lit::Bool(b)) => b.to_string(),
@@ -51,8 +58,8 @@ pub fn emit(e: &TExpr, params: &[ParamDecl]) -> String {
         }
         TKind::Call(Func::Bit, args) => match args.first().map(|a| &a.kind) {
             Some(TKind::Param(i)) => {
-                let f = param_field(&params[*i].name);
-                format!("af_bit(p.{f}, p.{f}_off, req, af_isub(q_pos, af_isub(kv_len, q_len)), kv_pos, kv_len)")
+                let (f, off) = (param_field(&params[*i].name), bits_offsets_field(&params[*i].name));
+                format!("af_bit(p.{f}, p.{off}, req, af_isub(q_pos, af_isub(kv_len, q_len)), kv_pos, kv_len)")
             }
             _ => "false".to_string(),
         },

@@ -123,10 +123,14 @@ pub fn lex(src: &str) -> Result<Vec<(Tok, Span)>, LexError> {
                     b'?' | b':' => " (write select(cond, a, b))",
                     _ => "",
                 };
-                return Err(LexError {
-                    span: Span::new(i, i + ch.len_utf8()),
-                    message: format!("unexpected character `{ch}`{hint}"),
-                });
+                // An invisible character (a NUL, U+2028) is named by its code point, and any other
+                // non-ASCII one carries it too (look-alikes of ASCII exist).
+                let what = match ch {
+                    c if super::invisible(c) => format!("U+{:04X}", c as u32),
+                    c if c.is_ascii() => format!("`{c}`"),
+                    c => format!("`{c}` (U+{:04X})", c as u32),
+                };
+                return Err(LexError { span: Span::new(i, i + ch.len_utf8()), message: format!("unexpected character {what}{hint}") });
             }
         };
         out.push((tok, Span::new(i, i + len)));
@@ -181,8 +185,9 @@ fn lex_number(src: &str, start: usize) -> Result<(Tok, usize), LexError> {
         })?;
         Ok((Tok::Float(x), i))
     } else {
-        // Values beyond i64 saturate here; the parser rejects anything beyond i32.
-        let v = text.parse::<i64>().unwrap_or(i64::MAX);
+        // The parser rejects anything beyond i32; a literal beyond i64 is rejected here, as
+        // written (never as a saturated value).
+        let v = text.parse::<i64>().map_err(|_| LexError { span, message: format!("integer literal {text} does not fit in i32") })?;
         Ok((Tok::Int(v), i))
     }
 }

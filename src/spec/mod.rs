@@ -100,7 +100,9 @@ impl fmt::Display for SpecError {
             let end = src.get(..span.end.min(src.len())).map_or(start + 1, |s| s.chars().count()).max(start + 1);
             let from = start.saturating_sub(40);
             let to = (from + 100).min(chars.len()).max(start);
-            let shown: String = chars[from..to].iter().collect();
+            // One column per character, so the caret stays aligned; invisible ones (a NUL, a
+            // line separator) would break the line or vanish.
+            let shown: String = chars[from..to].iter().map(|&c| if invisible(c) { '\u{fffd}' } else { c }).collect();
             let (pre, post) = (if from > 0 { "…" } else { "" }, if to < chars.len() { "…" } else { "" });
             let width = end.min(to.max(start + 1)) - start;
             let pad = start - from + pre.chars().count();
@@ -115,6 +117,30 @@ impl std::error::Error for SpecError {}
 const KNOWN_KEYS: [&str; 8] =
     ["name", "description", "params", "logits", "mask", "kv_range", "sink", "normalize"];
 
+/// Whether a character would be invisible (or move the cursor) in a message.
+pub fn invisible(c: char) -> bool {
+    c.is_control()
+        || (c.is_whitespace() && c != ' ')
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{feff}')
+}
+
+/// A user's text for a message: invisible characters written as code points (a NUL or U+2028 is
+/// shown as `\u{0}`, `\u{2028}`), and cut at 60 characters.
+pub fn shown(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars().take(60) {
+        if invisible(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    if s.chars().nth(60).is_some() {
+        out.push_str(&format!("… ({} characters)", s.chars().count()));
+    }
+    out
+}
+
 /// Reserved words that can never name a parameter.
 fn reserved(name: &str) -> bool {
     Builtin::from_name(name).is_some()
@@ -122,9 +148,15 @@ fn reserved(name: &str) -> bool {
         || matches!(name, "true" | "false")
 }
 
-fn is_ident(s: &str) -> bool {
+/// The longest variant or parameter name: names become kernel, file and field names.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Whether `s` is a plain identifier (`[A-Za-z_][A-Za-z0-9_]*`) of at most [`MAX_NAME_LEN`]
+/// characters: the only names that reach rendered source or file names.
+pub fn is_plain_identifier(s: &str) -> bool {
     let mut c = s.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+    s.len() <= MAX_NAME_LEN
+        && c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
         && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
 }
 
@@ -180,9 +212,9 @@ impl Loader<'_> {
     }
 
     fn param(&self, name: &str, v: &Value) -> Result<ParamDecl, SpecError> {
-        let err = |m: String| self.error(Some(name), format!("parameter `{name}`: {m}"));
-        if !is_ident(name) {
-            return Err(err("a parameter name must be an identifier ([A-Za-z_][A-Za-z0-9_]*)".into()));
+        let err = |m: String| self.error(Some(name), format!("parameter `{}`: {m}", shown(name)));
+        if !is_plain_identifier(name) {
+            return Err(err(format!("a parameter name must be an identifier ([A-Za-z_][A-Za-z0-9_]*) of at most {MAX_NAME_LEN} characters")));
         }
         if reserved(name) {
             return Err(err("the name is reserved (a built-in, a function or a literal)".into()));
@@ -311,8 +343,13 @@ pub fn load(file: &str, text: &str) -> Result<Variant, SpecError> {
         }
     }
     let name = match obj.get("name") {
-        Some(Value::String(s)) if !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') => s.clone(),
-        Some(v) => return Err(l.error(Some("name"), format!("`name` must be a non-empty string of [a-z0-9_], found {v}"))),
+        Some(Value::String(s)) if is_plain_identifier(s) && !s.chars().any(|c| c.is_ascii_uppercase()) => s.clone(),
+        Some(v) => {
+            return Err(l.error(
+                Some("name"),
+                format!("`name` must be a lowercase identifier ([a-z_][a-z0-9_]*) of at most {MAX_NAME_LEN} characters, found {}", shown(&v.to_string())),
+            ))
+        }
         None => return Err(l.error(None, "missing `name`")),
     };
     let description = obj.get("description").and_then(Value::as_str).unwrap_or_default().to_string();

@@ -1,5 +1,5 @@
 
-// attnforge: gemma2.decode.d128.bf16.g4
+// attnforge: decode.d128.bf16.g4
 // prelude.cuh — types, conversions, cp.async, and the integer helpers the spec emitter calls.
 // Plain CUDA, no template syntax: included verbatim by every op.
 #include <cuda_fp16.h>
@@ -113,7 +113,7 @@ typedef __nv_bfloat16 DTypeO;
 #define MIN_CTAS 1
 #define AF_KV_SWIZZLE 1
 
-// ---- variant `gemma2` (shipped:gemma2)
+// ---- the variant: params struct and hooks, emitted from its typed tree
 struct Params {
   float u_soft_cap;
   int u_window;

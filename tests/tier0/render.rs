@@ -127,3 +127,81 @@ fn arch_names_parse() {
     assert_eq!(Arch::for_device(9, 0).name(), "sm_90a");
     assert_eq!(Arch::for_device(8, 9).name(), "sm_89");
 }
+
+/// Regression (hardening audit, item 2): the spec's file path was pasted into the source as
+/// `({{ origin }})`, so a path holding a newline and `#define tanhf(x) (x)` compiled a soft-cap
+/// kernel without its cap. Nothing but the typed tree reaches the source now: not the path, the
+/// name or the description.
+#[test]
+fn a_spec_path_never_reaches_the_cuda_source() {
+    let text = shipped::SHIPPED.iter().find(|(n, _)| *n == "soft_cap").unwrap().1;
+    let hostile = text.replacen("\"name\"", "\"description\": \"*/\\n#define tanhf(x) (x)\\n\", \"name\"", 1);
+    let plain = attnforge::spec::load("soft_cap.json", text).unwrap();
+    let evil = attnforge::spec::load("x\n#define tanhf(x) (x)\n//.json", &hostile).unwrap();
+    for cfg in [KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap(), KernelConfig::prefill(128, 128, DType::Bf16, 4).unwrap()] {
+        let (a, b) = (render(&plain, &cfg).unwrap().code, render(&evil, &cfg).unwrap().code);
+        assert!(!b.contains("#define tanhf"), "the path or description reached the source");
+        assert_eq!(a, b, "the source depends on the spec's path or description");
+        assert!(b.contains("tanhf("), "the soft cap is emitted");
+    }
+}
+
+/// Regression (hardening audit, item 2): the path was part of the source and so of the cache
+/// key, and `causal.json`, `./causal.json` and its absolute path compiled three times. The key
+/// depends on what changes the binary only — not on the path or the variant's name.
+#[test]
+fn the_cache_key_does_not_depend_on_the_spec_path_or_name() {
+    let text = shipped::SHIPPED.iter().find(|(n, _)| *n == "causal").unwrap().1;
+    let renamed = text.replacen("\"causal\"", "\"my_causal\"", 1);
+    let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
+    let arch: Arch = "sm_90a".parse().unwrap();
+    let key = |file: &str, text: &str| kernel_key(&render(&attnforge::spec::load(file, text).unwrap(), &cfg).unwrap().code, &[], &arch, (13, 0));
+    let base = key("causal.json", text);
+    for (file, text) in [("./causal.json", text), ("/work/variants/causal.json", text), ("causal.json", renamed.as_str())] {
+        assert_eq!(key(file, text), base, "{file}");
+    }
+    // The entry's readable name still says which variant it is.
+    let v = attnforge::spec::load("x.json", &renamed).unwrap();
+    assert_eq!(render(&v, &cfg).unwrap().name, "my_causal.decode.d128.bf16.g4");
+}
+
+/// Regression (hardening audit, item 2): a `Variant` built by hand (its fields are public) with
+/// a name or parameter name that is not a plain identifier is refused at render, so it can reach
+/// neither the params struct nor a file name.
+#[test]
+fn a_hand_built_variant_with_a_hostile_name_is_a_render_error() {
+    let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
+    let base = shipped::resolve("soft_cap").unwrap();
+    let mut bad_name = base.clone();
+    bad_name.name = "x\n#define tanhf(x) (x)\n".into();
+    let mut bad_param = base.clone();
+    bad_param.params[0].name = "cap; }; #define tanhf(x) (x) //".into();
+    let mut long = base.clone();
+    long.name = "v".repeat(100_000);
+    for v in [bad_name, bad_param, long] {
+        let e = render(&v, &cfg).unwrap_err().to_string();
+        assert!(e.contains("not a plain identifier") && !e.contains('\n'), "{e}");
+    }
+}
+
+/// Regression (hardening audit, item 11): a `bits` parameter `t` declared a second field
+/// `u_t_off`, which a parameter named `t_off` declared again (NVRTC: already declared). Generated
+/// fields have their own prefix now, so every field is distinct whatever the names.
+#[test]
+fn a_bits_parameter_beside_one_named_like_its_offset_field_has_distinct_fields() {
+    let v = attnforge::spec::load(
+        "t.json",
+        r#"{ "name": "t", "params": { "t": "bits", "t_off": "i32", "o_t": "i32" }, "mask": "bit(t) && kv_pos != t_off + o_t" }"#,
+    )
+    .unwrap();
+    let layout = attnforge::abi::param_layout(&v.params).unwrap();
+    let mut fields: Vec<&str> = layout.iter().map(|f| f.field.as_str()).collect();
+    fields.sort();
+    let n = fields.len();
+    fields.dedup();
+    assert_eq!(fields.len(), n, "{fields:?}");
+    let code = render(&v, &KernelConfig::decode(64, 64, DType::F16, 2).unwrap()).unwrap().code;
+    for f in &fields {
+        assert_eq!(code.matches(&format!(" {f};")).count(), 1, "{f} declared once");
+    }
+}

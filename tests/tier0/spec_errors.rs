@@ -223,6 +223,6 @@ fn bits_parameters_are_read_only_through_bit() {
     let v = load("ok.json", r#"{ "name": "t", "params": { "t": "bits" }, "mask": "bit(t) && kv_pos <= q_pos" }"#).unwrap();
     assert_eq!(
         attnforge::spec::cuda::emit(&v.mask.unwrap().typed, &v.params),
-        "(af_bit(p.u_t, p.u_t_off, req, af_isub(q_pos, af_isub(kv_len, q_len)), kv_pos, kv_len) && (kv_pos <= q_pos))"
+        "(af_bit(p.u_t, p.o_t, req, af_isub(q_pos, af_isub(kv_len, q_len)), kv_pos, kv_len) && (kv_pos <= q_pos))"
     );
 }
