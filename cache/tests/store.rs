@@ -116,7 +116,8 @@ fn leftover_temp_files_from_a_killed_writer_are_harmless_and_cleaned() {
     let _ = Store::open(dir.path()).unwrap();
     assert!(!stale.exists());
     assert!(fresh.exists());
-    assert_eq!(s.clear().unwrap(), 2);
+    let r = s.clear().unwrap();
+    assert_eq!((r.removed, r.not_removed.len()), (2, 0));
     assert!(!fresh.exists());
 }
 
@@ -144,9 +145,10 @@ fn verify_removes_damaged_entries_only() {
     s.put(&key("good"), "good", "", &payload()).unwrap();
     let bad = s.put(&key("bad"), "bad", "", &payload()).unwrap();
     damage(&bad, |b| b[60] ^= 1);
-    let (ok, removed) = s.verify().unwrap();
-    assert_eq!(ok, 1);
-    assert_eq!(removed.len(), 1);
+    let r = s.verify().unwrap();
+    assert_eq!(r.kept, 1);
+    assert_eq!(r.removed.len(), 1);
+    assert!(r.not_removed.is_empty());
     assert!(!bad.exists());
 }
 
@@ -186,4 +188,172 @@ fn many_processes_racing_on_one_key_all_succeed() {
     assert_eq!(s.get(&key("race"), "race"), Lookup::Hit(payload()));
     let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     assert_eq!(names.len(), 1, "no temp file may survive a clean race: {names:?}");
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned within 20 s (a hang is the
+/// bug being tested for; the test must fail, not wait forever).
+fn within_20s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("{what} did not return within 20 s"))
+}
+
+/// Regression (hardening audit, item 3): an entry that is a FIFO hung `get` (compile), `list`
+/// and `verify` forever. Entries are opened non-blocking, and only regular files are accepted.
+#[cfg(unix)]
+#[test]
+fn a_fifo_entry_is_damage_not_a_hang() {
+    let (d, s) = store();
+    let k = key("fifo");
+    let path = s.path_of(&k, "n");
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let s2 = s.clone();
+    let list = within_20s("list", move || s2.list().unwrap());
+    assert!(list[0].problem.as_deref().unwrap().contains("FIFO"), "{:?}", list[0].problem);
+    let s2 = s.clone();
+    match within_20s("get", move || s2.get(&k, "n")) {
+        Lookup::Corrupt(why) => assert!(why.contains("not a regular file"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!path.exists(), "the FIFO is removed like any damaged entry");
+    // verify, with another FIFO.
+    unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
+    let s2 = s.clone();
+    let r = within_20s("verify", move || s2.verify().unwrap());
+    assert_eq!((r.removed.len(), r.not_removed.len()), (1, 0));
+    drop(d);
+}
+
+/// Regression (hardening audit, item 3): a symlink to /dev/zero was read until memory ran out.
+/// Entries are opened with O_NOFOLLOW: a link is damage (removed; its target untouched), even
+/// one pointing at a valid entry.
+#[cfg(unix)]
+#[test]
+fn a_symlink_entry_is_damage_and_is_never_followed() {
+    let (_d, s) = store();
+    let k = key("link");
+    let path = s.path_of(&k, "n");
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    let s2 = s.clone();
+    match within_20s("get", move || s2.get(&k, "n")) {
+        Lookup::Corrupt(why) => assert!(why.contains("symbolic link"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(std::fs::symlink_metadata(&path).is_err(), "the link is removed");
+    // A link to a valid entry of the same key elsewhere is refused too.
+    let other = tempfile::tempdir().unwrap();
+    let real = Store::open(other.path()).unwrap().put(&k, "n", "", &payload()).unwrap();
+    std::os::unix::fs::symlink(&real, &path).unwrap();
+    assert!(matches!(s.get(&k, "n"), Lookup::Corrupt(_)));
+    assert!(real.exists(), "the link's target is not touched");
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    let s2 = s.clone();
+    let list = within_20s("list", move || s2.list().unwrap());
+    assert!(list[0].problem.is_some());
+}
+
+/// Regression (hardening audit, item 3): reads are bounded. A file larger than
+/// MAX_ENTRY_BYTES (sparse here, so the test writes nothing) is damage, not read.
+#[test]
+fn an_oversized_entry_is_not_read() {
+    let (_d, s) = store();
+    let k = key("big");
+    let path = s.path_of(&k, "n");
+    std::fs::File::create(&path).unwrap().set_len(attnforge_cache::MAX_ENTRY_BYTES + 1).unwrap();
+    match s.get(&k, "n") {
+        Lookup::Corrupt(why) => assert!(why.contains("more than"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!path.exists());
+}
+
+/// Regression (hardening audit, item 4): temp files were named predictably (pid, counter, key)
+/// and created with File::create, which follows a planted symlink and overwrites its target.
+/// They are created exclusively now under unpredictable names, and the rename replaces a link
+/// planted at the entry's own path instead of writing through it.
+#[cfg(unix)]
+#[test]
+fn planted_symlinks_are_never_written_through() {
+    let (d, s) = store();
+    let victim_dir = tempfile::tempdir().unwrap();
+    let victim = victim_dir.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let k = key("plant");
+    // Every name the old scheme would have used for this process's next writes.
+    for n in 0..200 {
+        let tmp = d.path().join(format!(".tmp-{}-{n}-{}", std::process::id(), k.short()));
+        std::os::unix::fs::symlink(&victim, tmp).unwrap();
+    }
+    let path = s.path_of(&k, "n");
+    std::os::unix::fs::symlink(&victim, &path).unwrap();
+    let published = s.put(&k, "n", "", &payload()).unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(std::fs::symlink_metadata(&published).unwrap().file_type().is_file(), "a symlink was published");
+    assert_eq!(s.get(&k, "n"), Lookup::Hit(payload()));
+}
+
+/// Regression (hardening audit, item 5): `verify` said "removed" (and `clear` counted nothing
+/// and succeeded) when a removal failed. A directory named like an entry cannot be removed by
+/// the store: both reports say so.
+#[test]
+fn failed_removals_are_reported() {
+    let (d, s) = store();
+    let stuck = d.path().join("x.afk");
+    std::fs::create_dir(&stuck).unwrap();
+    s.put(&key("ok"), "ok", "", &payload()).unwrap();
+    let r = s.verify().unwrap();
+    assert_eq!((r.kept, r.removed.len(), r.not_removed.len()), (1, 0, 1));
+    assert!(r.not_removed[0].1.contains("directory"), "{:?}", r.not_removed);
+    let r = s.clear().unwrap();
+    assert_eq!((r.removed, r.not_removed.len()), (1, 1));
+    assert!(stuck.exists());
+}
+
+/// Regression (hardening audit, item 6): a payload length of u64::MAX - 50 overflowed an
+/// addition while decoding (a panic in debug builds, with overflow checks). Every size read from
+/// disk goes through checked arithmetic.
+#[test]
+fn a_crafted_payload_length_is_damage_not_a_panic() {
+    let (_d, s) = store();
+    let k = key("len");
+    for len in [u64::MAX - 50, u64::MAX, u64::MAX / 2, 1 << 40] {
+        let path = s.put(&k, "n", "m", &payload()).unwrap();
+        // The length field follows the 44-byte header and the 1-byte metadata.
+        damage(&path, |b| b[45..53].copy_from_slice(&len.to_le_bytes()));
+        assert!(matches!(s.get(&k, "n"), Lookup::Corrupt(_)), "length {len}");
+        let path = s.put(&k, "n", "m", &payload()).unwrap();
+        damage(&path, |b| b[45..53].copy_from_slice(&len.to_le_bytes()));
+        assert!(s.list().unwrap()[0].problem.is_some());
+    }
+}
+
+/// Regression (hardening audit, item 13): a 100 000-character name gave ENAMETOOLONG, reported
+/// as a damaged entry. File names are cut to MAX_NAME_CHARS (the key still tells entries apart).
+#[test]
+fn an_overlong_name_is_cut_to_fit_a_file_name() {
+    let (_d, s) = store();
+    let name = "v".repeat(100_000);
+    let path = s.put(&key("long"), &name, "", &payload()).unwrap();
+    assert!(path.file_name().unwrap().len() < 255);
+    assert_eq!(s.get(&key("long"), &name), Lookup::Hit(payload()));
+}
+
+/// Regression (hardening audit, item 13): a cache directory that is a regular file gave "File
+/// exists (os error 17): File exists (os error 17)". The message says what is wrong, once.
+#[test]
+fn a_regular_file_as_the_cache_directory_is_named_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let err = Store::open(&file).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("is not a directory") && text.contains("plain"), "{text}");
+    assert!(std::error::Error::source(&err).is_none(), "the cause is in the message, not repeated by a chain");
+    // A path *under* a file: the OS error, once.
+    let err = Store::open(file.join("sub")).unwrap_err();
+    assert!(std::error::Error::source(&err).is_none() && err.to_string().matches("os error").count() == 1, "{err}");
 }

@@ -444,7 +444,8 @@ pub struct CompiledKernel {
     pub origin: Origin,
     /// Time spent in this call (render + lookup + compile).
     pub elapsed: Duration,
-    /// The disk entry, if the store is usable.
+    /// The disk entry this kernel was read from or written to; `None` when it lives in memory
+    /// only (no usable store, or the write failed).
     pub path: Option<PathBuf>,
     /// Cache problems worked around (a rebuilt corrupt entry, an unwritable directory).
     pub warnings: Vec<String>,
@@ -455,7 +456,8 @@ pub struct Jit {
     nvrtc: Nvrtc,
     store: Option<Store>,
     store_error: Option<String>,
-    memory: DashMap<CacheKey, Arc<Vec<u8>>>,
+    /// Compiled kernels of this process, with the disk entry each was read from or written to.
+    memory: DashMap<CacheKey, (Arc<Vec<u8>>, Option<PathBuf>)>,
 }
 
 impl Jit {
@@ -497,43 +499,42 @@ impl Jit {
         let key = kernel_key(&src.code, &options, arch, self.nvrtc.version());
         let name = format!("{}.{}", src.name, arch.name());
         let mut warnings = Vec::new();
-        let path = self.store.as_ref().map(|s| s.path_of(&key, &name));
-        let done = |cubin, origin, warnings| CompiledKernel {
-            key,
-            name: name.clone(),
-            arch: arch.clone(),
-            cubin,
-            origin,
-            elapsed: t0.elapsed(),
-            path: path.clone(),
-            warnings,
-        };
+        let done = |cubin, origin, path, warnings| CompiledKernel { key, name: name.clone(), arch: arch.clone(), cubin, origin, elapsed: t0.elapsed(), path, warnings };
         if let Some(hit) = self.memory.get(&key) {
-            return Ok(done(hit.clone(), Origin::Memory, warnings));
+            let (cubin, path) = hit.value().clone();
+            return Ok(done(cubin, Origin::Memory, path, warnings));
         }
         if let Some(store) = &self.store {
             match store.get(&key, &name) {
                 Lookup::Hit(bytes) => {
-                    let cubin = Arc::new(bytes);
-                    self.memory.insert(key, cubin.clone());
-                    return Ok(done(cubin, Origin::Disk, warnings));
+                    let (cubin, path) = (Arc::new(bytes), Some(store.path_of(&key, &name)));
+                    self.memory.insert(key, (cubin.clone(), path.clone()));
+                    return Ok(done(cubin, Origin::Disk, path, warnings));
                 }
                 Lookup::Miss => {}
                 Lookup::Corrupt(why) => warnings.push(format!("cache entry {name} was damaged ({why}); rebuilt it")),
+                Lookup::Unreadable(why) => warnings.push(format!("cache entry {name} could not be read ({why}); compiled the kernel again")),
             }
         }
         let cubin = Arc::new(self.nvrtc.compile(&src, &options, self.store.as_ref().map(|s| s.dir()))?);
-        match (&self.store, &self.store_error) {
+        let path = match (&self.store, &self.store_error) {
             (Some(store), _) => {
                 let meta = format!("variant={} op={} arch={} nvrtc={}.{}", variant.name, cfg.op.name(), arch.name(), self.nvrtc.version().0, self.nvrtc.version().1);
-                if let Err(e) = store.put(&key, &name, &meta, &cubin) {
-                    warnings.push(format!("{e}; keeping the kernel in memory only"));
+                match store.put(&key, &name, &meta, &cubin) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        warnings.push(format!("{e}; keeping the kernel in memory only"));
+                        None
+                    }
                 }
             }
-            (None, Some(e)) => warnings.push(format!("{e}; keeping the kernel in memory only")),
-            (None, None) => {}
-        }
-        self.memory.insert(key, cubin.clone());
-        Ok(done(cubin, Origin::Compiled, warnings))
+            (None, Some(e)) => {
+                warnings.push(format!("{e}; keeping the kernel in memory only"));
+                None
+            }
+            (None, None) => None,
+        };
+        self.memory.insert(key, (cubin.clone(), path.clone()));
+        Ok(done(cubin, Origin::Compiled, path, warnings))
     }
 }

@@ -86,3 +86,45 @@ fn the_demo_runs_every_shipped_variant() {
         assert!(text.lines().any(|l| l.trim_start().starts_with(name)), "{name} missing from:\n{text}");
     }
 }
+
+fn attnforge_in(cache: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(attnforge_bin()).args(args).env("ATTNFORGE_CACHE_DIR", cache).output().expect("spawn attnforge");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// Regression (hardening audit, items 3 and 5): `cache list`/`verify` hung on a FIFO entry, and
+/// `verify`/`clear` exited 0 saying "removed …" when a removal failed.
+#[test]
+fn cache_commands_report_what_they_could_not_remove_and_never_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("stuck.afk")).unwrap();
+    #[cfg(unix)]
+    {
+        let fifo = std::ffi::CString::new(dir.path().join("pipe.afk").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path inside our temp dir.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    }
+    let (ok, text) = attnforge_in(dir.path(), &["cache", "list"]);
+    assert!(ok && text.contains("DAMAGED"), "{text}");
+    let (ok, text) = attnforge_in(dir.path(), &["cache", "verify"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("NOT removed stuck") && text.contains("could not be removed"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("removed stuck")), "{text}");
+    let (ok, text) = attnforge_in(dir.path(), &["cache", "clear"]);
+    assert!(!ok && text.contains("NOT removed") && text.contains("1 files in"), "{text}");
+    std::fs::remove_dir(dir.path().join("stuck.afk")).unwrap();
+    let (ok, text) = attnforge_in(dir.path(), &["cache", "clear"]);
+    assert!(ok, "{text}");
+}
+
+/// Regression (hardening audit, item 13): a cache directory that is a regular file printed the
+/// OS error twice ("File exists (os error 17): File exists (os error 17)").
+#[test]
+fn a_cache_directory_that_is_a_file_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let (ok, text) = attnforge_in(&file, &["cache", "list"]);
+    assert!(!ok && text.contains("is not a directory"), "{text}");
+    assert!(!text.contains("os error 17"), "{text}");
+}

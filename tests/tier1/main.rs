@@ -111,6 +111,33 @@ fn an_unusable_cache_directory_degrades_to_memory_with_a_warning() {
     let k = j.get(&v, &KernelConfig::decode(64, 64, DType::F16, 1).unwrap(), &"sm_80".parse().unwrap()).unwrap();
     assert_eq!(k.origin, Origin::Compiled);
     assert!(k.warnings.iter().any(|w| w.contains("memory only")), "{:?}", k.warnings);
+    assert!(k.path.is_none(), "a kernel kept in memory has no disk path");
+}
+
+/// Regression (hardening audit, item 13): a kernel whose entry could not be written printed the
+/// path it would have had. Here a directory sits at the entry's path: the lookup reports damage
+/// it cannot remove, the write fails, and the kernel has no path (in memory hits too).
+#[test]
+fn a_kernel_whose_entry_cannot_be_written_has_no_path() {
+    if nvrtc().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let v = shipped::resolve("causal").unwrap();
+    let cfg = KernelConfig::decode(64, 64, DType::F16, 1).unwrap();
+    let arch: Arch = "sm_80".parse().unwrap();
+    let first = jit(dir.path()).get(&v, &cfg, &arch).unwrap();
+    let path = first.path.clone().expect("written");
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    let j = jit(dir.path());
+    let k = j.get(&v, &cfg, &arch).unwrap();
+    assert_eq!(k.origin, Origin::Compiled);
+    assert!(k.path.is_none(), "{:?}", k.path);
+    assert!(k.warnings.iter().any(|w| w.contains("could not be removed")), "{:?}", k.warnings);
+    assert!(k.warnings.iter().any(|w| w.contains("memory only")), "{:?}", k.warnings);
+    let again = j.get(&v, &cfg, &arch).unwrap();
+    assert_eq!((again.origin, again.path), (Origin::Memory, None));
 }
 
 #[test]

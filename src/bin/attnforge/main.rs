@@ -313,13 +313,28 @@ fn cache(cmd: CacheCmd) -> Result<()> {
             println!("{} entries in {}", entries.len(), dir.display());
         }
         CacheCmd::Verify => {
-            let (ok, bad) = store.verify()?;
-            for e in &bad {
+            let r = store.verify()?;
+            for e in &r.removed {
                 println!("removed {}: {}", e.name, e.problem.as_deref().unwrap_or_default());
             }
-            println!("{ok} entries verified, {} damaged entries removed", bad.len());
+            for (e, why) in &r.not_removed {
+                println!("NOT removed {}: {} ({why})", e.name, e.problem.as_deref().unwrap_or_default());
+            }
+            println!("{} entries verified, {} damaged entries removed", r.kept, r.removed.len());
+            if !r.not_removed.is_empty() {
+                bail!("{} damaged entries in {} could not be removed", r.not_removed.len(), dir.display());
+            }
         }
-        CacheCmd::Clear => println!("removed {} files from {}", store.clear()?, dir.display()),
+        CacheCmd::Clear => {
+            let r = store.clear()?;
+            for (path, why) in &r.not_removed {
+                println!("NOT removed {}: {why}", path.display());
+            }
+            println!("removed {} files from {}", r.removed, dir.display());
+            if !r.not_removed.is_empty() {
+                bail!("{} files in {} could not be removed", r.not_removed.len(), dir.display());
+            }
+        }
     }
     Ok(())
 }
