@@ -53,7 +53,7 @@ fn plan(c: &mut Criterion) {
         if skew {
             lens[0] = 100_000;
         }
-        let pages = PageTable::from_lens(&lens, 16, &mut (0..).map(|i| i as usize));
+        let pages = PageTable::from_lens(&lens, 16, &mut (0..).map(|i| i as usize)).unwrap();
         let qo: Vec<i32> = (0..=b as i32).collect();
         let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages.indices.len(), page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
         let batch = Batch { qo_indptr: &qo, pages: &pages, kv, qo_heads: 32 };
@@ -72,7 +72,7 @@ fn plan(c: &mut Criterion) {
     for (variant, b, q, kv_len) in [("causal", 64usize, 8usize, 4096usize), ("causal", 1024, 4, 2048), ("causal", 2, 8, 20000), ("chunked", 2, 8, 20000)] {
         let v = shipped::resolve(variant).unwrap();
         let lens = vec![kv_len; b];
-        let pages = PageTable::from_lens(&lens, 16, &mut (0..).map(|i| i as usize));
+        let pages = PageTable::from_lens(&lens, 16, &mut (0..).map(|i| i as usize)).unwrap();
         let qo: Vec<i32> = (0..=b as i32).map(|i| i * q as i32).collect();
         let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages.indices.len(), page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
         let batch = Batch { qo_indptr: &qo, pages: &pages, kv, qo_heads: 32 };

@@ -204,7 +204,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
     for c in 0..copies {
         let mut order: Vec<usize> = (c * pages_per_copy..(c + 1) * pages_per_copy).collect();
         order.shuffle(&mut rng);
-        let table = PageTable::from_lens(&lens, PAGE, &mut order.into_iter());
+        let table = PageTable::from_lens(&lens, PAGE, &mut order.into_iter())?;
         let (indptr, indices, last) = (e.upload(&table.indptr)?, e.upload(&table.indices)?, e.upload(&table.last_page_len)?);
         tables.push(Copy { table, indptr, indices, last, bufs: None });
     }
@@ -348,7 +348,7 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
     let mut rng = StdRng::seed_from_u64(2);
     let mut order: Vec<usize> = (0..pages_needed).collect();
     order.shuffle(&mut rng);
-    let table = PageTable::from_lens(&kv_lens, PAGE, &mut order.into_iter());
+    let table = PageTable::from_lens(&kv_lens, PAGE, &mut order.into_iter())?;
     let mut qo_indptr = vec![0i32];
     for &(q, _) in &shape.lens {
         qo_indptr.push(qo_indptr.last().copied().unwrap_or(0) + q as i32);

@@ -135,15 +135,69 @@ pub struct KvShape {
     pub head_dim_vo: usize,
 }
 
+/// The largest stride, page size or head count the kernels take: they index within a page
+/// and across heads in `i32` (and across pages and tokens in 64 bits).
+pub const MAX_KERNEL_INDEX: usize = i32::MAX as usize;
+
+/// The most elements a buffer of the cache, the queries or the outputs may have, so that its
+/// size in bytes (elements of at most 4 bytes) fits an allocation.
+pub const MAX_ELEMS: usize = isize::MAX as usize / 4;
+
+/// The sizes of a shape, computed once with checked arithmetic by [`KvShape::sizes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvSizes {
+    pub k_len: usize,
+    pub v_len: usize,
+    pub k_page_stride: usize,
+    pub v_page_stride: usize,
+    pub k_strides: (usize, usize),
+    pub v_strides: (usize, usize),
+}
+
 impl KvShape {
+    /// Every size and stride of the shape, with checked arithmetic: an error names the size that
+    /// overflows or exceeds what the kernels can index ([`MAX_KERNEL_INDEX`], [`MAX_ELEMS`]).
+    /// The accessors below compute the same values (saturating), and are exact once this
+    /// accepted the shape.
+    pub fn sizes(&self) -> Result<KvSizes, LayoutError> {
+        for (what, v) in [("page_size", self.page_size), ("kv_heads", self.kv_heads), ("head_dim_qk", self.head_dim_qk), ("head_dim_vo", self.head_dim_vo)] {
+            if v == 0 {
+                return Err(LayoutError::Zero { what });
+            }
+            if v > MAX_KERNEL_INDEX {
+                return Err(LayoutError::TooLarge { what, value: v as u128, limit: "2^31 - 1, the kernels' i32 index" });
+            }
+        }
+        let too_large = |what: &'static str, value: Option<usize>, limit: usize, name: &'static str| match value {
+            Some(v) if v <= limit => Ok(v),
+            v => Err(LayoutError::TooLarge { what, value: v.map_or(u128::MAX, |v| v as u128), limit: name }),
+        };
+        let side = |dim: usize, page: &'static str, slot: &'static str, head: &'static str| -> Result<(usize, (usize, usize)), LayoutError> {
+            let elems = self.page_size.checked_mul(self.kv_heads).and_then(|x| x.checked_mul(dim));
+            let stride = elems.and_then(|e| if self.interleaved { e.checked_mul(2) } else { Some(e) });
+            let stride = too_large(page, stride, MAX_ELEMS, "2^61 elements")?;
+            let (s, h) = match self.layout {
+                KvLayout::Nhd => (self.kv_heads.checked_mul(dim), Some(dim)),
+                KvLayout::Hnd => (Some(dim), self.page_size.checked_mul(dim)),
+            };
+            let limit = "2^31 - 1 elements, the kernels' i32 index";
+            Ok((stride, (too_large(slot, s, MAX_KERNEL_INDEX, limit)?, too_large(head, h, MAX_KERNEL_INDEX, limit)?)))
+        };
+        let (k_page_stride, k_strides) = side(self.head_dim_qk, "K page stride (page_size × kv_heads × head_dim_qk)", "K slot stride", "K head stride")?;
+        let (v_page_stride, v_strides) = side(self.head_dim_vo, "V page stride (page_size × kv_heads × head_dim_vo)", "V slot stride", "V head stride")?;
+        let k_len = too_large("K buffer (num_pages × page stride)", self.num_pages.checked_mul(k_page_stride), MAX_ELEMS, "2^61 elements")?;
+        let v_len = too_large("V buffer (num_pages × page stride)", self.num_pages.checked_mul(v_page_stride), MAX_ELEMS, "2^61 elements")?;
+        Ok(KvSizes { k_len, v_len, k_page_stride, v_page_stride, k_strides, v_strides })
+    }
+
     fn page_elems(&self, dim: usize) -> usize {
-        self.page_size * self.kv_heads * dim
+        self.page_size.saturating_mul(self.kv_heads).saturating_mul(dim)
     }
 
     /// Elements between consecutive pages in the K (or V) buffer.
     pub fn page_stride(&self, dim: usize) -> usize {
         if self.interleaved {
-            2 * self.page_elems(dim)
+            self.page_elems(dim).saturating_mul(2)
         } else {
             self.page_elems(dim)
         }
@@ -152,8 +206,8 @@ impl KvShape {
     /// `(slot stride, head stride)` inside a page, in elements.
     pub fn strides(&self, dim: usize) -> (usize, usize) {
         match self.layout {
-            KvLayout::Nhd => (self.kv_heads * dim, dim),
-            KvLayout::Hnd => (dim, self.page_size * dim),
+            KvLayout::Nhd => (self.kv_heads.saturating_mul(dim), dim),
+            KvLayout::Hnd => (dim, self.page_size.saturating_mul(dim)),
         }
     }
 
@@ -166,14 +220,16 @@ impl KvShape {
         }
     }
 
-    /// Required length of the K buffer (the whole shared buffer when interleaved).
+    /// Required length of the K buffer (the whole shared buffer when interleaved); saturates
+    /// where [`KvShape::sizes`] reports an overflow, so it never equals a real buffer's length.
     pub fn k_len(&self) -> usize {
-        self.num_pages * self.page_stride(self.head_dim_qk)
+        self.num_pages.saturating_mul(self.page_stride(self.head_dim_qk))
     }
 
-    /// Required length of the V buffer (the whole shared buffer when interleaved).
+    /// Required length of the V buffer (the whole shared buffer when interleaved); saturating,
+    /// as [`KvShape::k_len`].
     pub fn v_len(&self) -> usize {
-        self.num_pages * self.page_stride(self.head_dim_vo)
+        self.num_pages.saturating_mul(self.page_stride(self.head_dim_vo))
     }
 
     /// Start of the key vector of (`page`, `slot`, `head`) in the K buffer.
@@ -230,16 +286,31 @@ impl PageTable {
     }
 
     /// Builds the table for requests of the given lengths, taking pages in the order `pages`
-    /// yields them (pass a permutation to scatter requests over the cache).
-    pub fn from_lens(lens: &[usize], page_size: usize, pages: &mut impl Iterator<Item = usize>) -> PageTable {
+    /// yields them (pass a permutation to scatter requests over the cache). Errors on a zero
+    /// page size, a table or page index beyond i32, or a page iterator that runs out.
+    pub fn from_lens(lens: &[usize], page_size: usize, pages: &mut impl Iterator<Item = usize>) -> Result<PageTable, LayoutError> {
+        if page_size == 0 {
+            return Err(LayoutError::Zero { what: "page_size" });
+        }
+        let limit = "2^31 - 1 (i32 indices)";
         let mut t = PageTable { indptr: vec![0], ..Default::default() };
         for &len in lens {
             let n = len.div_ceil(page_size);
-            t.indices.extend(pages.by_ref().take(n).map(|p| p as i32));
-            t.indptr.push(t.indices.len() as i32);
-            t.last_page_len.push(if n == 0 { 0 } else { (len - (n - 1) * page_size) as i32 });
+            let total = t.indices.len().checked_add(n).filter(|&x| x <= MAX_KERNEL_INDEX);
+            let total = total.ok_or(LayoutError::TooLarge { what: "total pages of the table", value: (t.indices.len() as u128) + n as u128, limit })?;
+            for p in pages.by_ref().take(n) {
+                t.indices.push(i32::try_from(p).map_err(|_| LayoutError::TooLarge { what: "page index", value: p as u128, limit })?);
+            }
+            if t.indices.len() != total {
+                return Err(LayoutError::Mismatch { what: "pages yielded by the page iterator", expected: total, got: t.indices.len() });
+            }
+            t.indptr.push(total as i32);
+            // 1..=page_size, and page_size fits i32 when n > 0 means len >= 1 (checked above
+            // only for the count): compute in usize, convert checked.
+            let last = if n == 0 { 0 } else { len - (n - 1) * page_size };
+            t.last_page_len.push(i32::try_from(last).map_err(|_| LayoutError::TooLarge { what: "last_page_len", value: last as u128, limit })?);
         }
-        t
+        Ok(t)
     }
 }
 
@@ -269,6 +340,8 @@ pub enum LayoutError {
     Zero { what: &'static str },
     #[error("an interleaved K/V buffer needs equal head dims, got qk {qk} and vo {vo}; use separate K and V buffers")]
     InterleavedDims { qk: usize, vo: usize },
+    #[error("{what} is {}; the limit is {limit}", if *value == u128::MAX { "beyond 2^64 (it overflows)".to_string() } else { value.to_string() })]
+    TooLarge { what: &'static str, value: u128, limit: &'static str },
 }
 
 /// The longest request, in query or KV tokens, that a batch may hold: positions and lengths
@@ -291,7 +364,7 @@ impl Batch<'_> {
     }
 
     pub fn total_q(&self) -> usize {
-        self.qo_indptr.last().map_or(0, |&x| x as usize)
+        self.qo_indptr.last().map_or(0, |&x| x.max(0) as usize)
     }
 
     pub fn q_len(&self, b: usize) -> usize {
@@ -306,14 +379,16 @@ impl Batch<'_> {
         self.qo_heads / self.kv.kv_heads
     }
 
-    /// Elements of the query buffer `[total_q, qo_heads, head_dim_qk]`.
+    /// Elements of the query buffer `[total_q, qo_heads, head_dim_qk]` (saturating: exact once
+    /// [`validate`] accepted the batch).
     pub fn q_elems(&self) -> usize {
-        self.total_q() * self.qo_heads * self.kv.head_dim_qk
+        self.total_q().saturating_mul(self.qo_heads).saturating_mul(self.kv.head_dim_qk)
     }
 
-    /// Elements of the output buffer `[total_q, qo_heads, head_dim_vo]`.
+    /// Elements of the output buffer `[total_q, qo_heads, head_dim_vo]` (saturating, as
+    /// [`Batch::q_elems`]).
     pub fn o_elems(&self) -> usize {
-        self.total_q() * self.qo_heads * self.kv.head_dim_vo
+        self.total_q().saturating_mul(self.qo_heads).saturating_mul(self.kv.head_dim_vo)
     }
 
     /// Checks every index and size; see [`validate`].
@@ -343,16 +418,12 @@ fn check_indptr(what: &'static str, indptr: &[i32], len: usize) -> Result<(), La
 /// error here, so kernels and the reference can index without checks.
 pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Result<(), LayoutError> {
     let kv = &b.kv;
-    for (what, v) in [
-        ("page_size", kv.page_size),
-        ("kv_heads", kv.kv_heads),
-        ("qo_heads", b.qo_heads),
-        ("head_dim_qk", kv.head_dim_qk),
-        ("head_dim_vo", kv.head_dim_vo),
-    ] {
-        if v == 0 {
-            return Err(LayoutError::Zero { what });
-        }
+    let sizes = kv.sizes()?;
+    if b.qo_heads == 0 {
+        return Err(LayoutError::Zero { what: "qo_heads" });
+    }
+    if b.qo_heads > MAX_KERNEL_INDEX {
+        return Err(LayoutError::TooLarge { what: "qo_heads", value: b.qo_heads as u128, limit: "2^31 - 1, the kernels' i32 index" });
     }
     if b.qo_heads % kv.kv_heads != 0 {
         return Err(LayoutError::HeadsNotDivisible { qo_heads: b.qo_heads, kv_heads: kv.kv_heads });
@@ -388,7 +459,7 @@ pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Resu
     }
     for req in 0..batch {
         let pages = (t.indptr[req + 1] - t.indptr[req]) as u64;
-        let kv_len = pages.saturating_sub(1) * kv.page_size as u64 + t.last_page_len[req].max(0) as u64;
+        let kv_len = pages.saturating_sub(1).saturating_mul(kv.page_size as u64).saturating_add(t.last_page_len[req].max(0) as u64);
         let q_len = (b.qo_indptr[req + 1] - b.qo_indptr[req]) as u64;
         for (what, len) in [("KV", kv_len), ("query", q_len)] {
             if len > MAX_TOKENS as u64 {
@@ -402,10 +473,13 @@ pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Resu
             return Err(LayoutError::LastPageLen { req, value, page_size: kv.page_size, empty });
         }
     }
+    let elems = |dim: usize| b.total_q().checked_mul(b.qo_heads).and_then(|x| x.checked_mul(dim)).filter(|&x| x <= MAX_ELEMS);
+    let q_elems = elems(kv.head_dim_qk).ok_or(LayoutError::TooLarge { what: "query buffer [total_q, qo_heads, head_dim_qk]", value: u128::MAX, limit: "2^61 elements" })?;
+    elems(kv.head_dim_vo).ok_or(LayoutError::TooLarge { what: "output buffer [total_q, qo_heads, head_dim_vo]", value: u128::MAX, limit: "2^61 elements" })?;
     for (what, expected, got) in [
-        ("query buffer length [total_q, qo_heads, head_dim_qk]", b.q_elems(), q_len),
-        ("K buffer length", kv.k_len(), k_len),
-        ("V buffer length", kv.v_len(), v_len),
+        ("query buffer length [total_q, qo_heads, head_dim_qk]", q_elems, q_len),
+        ("K buffer length", sizes.k_len, k_len),
+        ("V buffer length", sizes.v_len, v_len),
     ] {
         if expected != got {
             return Err(LayoutError::Mismatch { what, expected, got });

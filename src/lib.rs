@@ -31,7 +31,7 @@
 //! let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: 4, page_size: 16,
 //!                    kv_heads: 2, head_dim_qk: 64, head_dim_vo: 64 };
 //! // Two requests of 20 and 7 tokens, one query token each (decode), pages permuted.
-//! let pages = PageTable::from_lens(&[20, 7], 16, &mut [3, 0, 2].into_iter());
+//! let pages = PageTable::from_lens(&[20, 7], 16, &mut [3, 0, 2].into_iter())?;
 //! let qo_indptr = [0, 1, 2];
 //! let batch = Batch { qo_indptr: &qo_indptr, pages: &pages, kv, qo_heads: 8 };
 //! let q = vec![bf16::from_f32(0.1); batch.q_elems()];

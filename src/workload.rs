@@ -4,7 +4,8 @@
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use crate::kv::{Batch, Element, KvLayout, KvShape, PageTable};
+use crate::kv::{Batch, Element, KvLayout, KvShape, LayoutError, PageTable, MAX_KERNEL_INDEX, MAX_TOKENS};
+use crate::{Error, Result};
 
 /// The shape of a random workload.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,35 +39,80 @@ pub struct Workload<T> {
     pub v: Vec<T>,
 }
 
+impl WorkloadSpec {
+    /// The cache's shape and the query count, checked before anything is allocated: request
+    /// lengths within [`MAX_TOKENS`], page and token counts within the i32 indices, every buffer
+    /// size without overflow ([`KvShape::sizes`]).
+    pub fn shape(&self) -> Result<(KvShape, usize)> {
+        let limit = "2^31 - 1 (i32 indices)";
+        let (mut pages, mut total_q) = (0usize, 0usize);
+        if self.page_size == 0 {
+            return Err(LayoutError::Zero { what: "page_size" }.into());
+        }
+        for (req, &(q, kv)) in self.lens.iter().enumerate() {
+            for (what, len) in [("query", q), ("KV", kv)] {
+                if len > MAX_TOKENS {
+                    return Err(LayoutError::TooLong { req, what, len: len as u64 }.into());
+                }
+            }
+            pages = pages.checked_add(kv.div_ceil(self.page_size)).filter(|&p| p <= MAX_KERNEL_INDEX).ok_or(LayoutError::TooLarge { what: "pages in the cache", value: u128::MAX, limit })?;
+            total_q = total_q.checked_add(q).filter(|&t| t <= MAX_KERNEL_INDEX).ok_or(LayoutError::TooLarge { what: "query tokens in the batch", value: u128::MAX, limit })?;
+        }
+        let num_pages = pages.checked_add(self.spare_pages).filter(|&p| p <= MAX_KERNEL_INDEX).ok_or(LayoutError::TooLarge { what: "pages in the cache", value: u128::MAX, limit })?;
+        let kv = KvShape {
+            layout: self.layout,
+            interleaved: self.interleaved,
+            num_pages,
+            page_size: self.page_size,
+            kv_heads: self.kv_heads,
+            head_dim_qk: self.head_dim_qk,
+            head_dim_vo: self.head_dim_vo,
+        };
+        kv.sizes()?;
+        if self.qo_heads == 0 || self.qo_heads % self.kv_heads != 0 {
+            return Err(LayoutError::HeadsNotDivisible { qo_heads: self.qo_heads, kv_heads: self.kv_heads }.into());
+        }
+        Ok((kv, total_q))
+    }
+}
+
+/// Room for `n` elements, or an error (never an abort) when it cannot be allocated.
+fn reserved<T>(what: &str, n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::Unsupported(format!("cannot allocate the {what}: {n} elements of {} bytes", std::mem::size_of::<T>())))?;
+    Ok(v)
+}
+
 impl<T: Element> Workload<T> {
-    pub fn random(spec: &WorkloadSpec, rng: &mut impl Rng) -> Self {
+    /// A random workload of this shape; a shape that overflows, or whose buffers cannot be
+    /// allocated, is an error before anything large is allocated.
+    pub fn random(spec: &WorkloadSpec, rng: &mut impl Rng) -> Result<Self> {
+        let (kv, total_q) = spec.shape()?;
         let kv_lens: Vec<usize> = spec.lens.iter().map(|l| l.1).collect();
-        let needed: usize = kv_lens.iter().map(|l| l.div_ceil(spec.page_size)).sum();
-        let num_pages = needed + spec.spare_pages;
-        let mut order: Vec<usize> = (0..num_pages).collect();
+        let q_elems = total_q.checked_mul(spec.qo_heads).and_then(|x| x.checked_mul(spec.head_dim_qk));
+        let q_elems = q_elems.ok_or(LayoutError::TooLarge { what: "query buffer", value: u128::MAX, limit: "2^64 elements" })?;
+        // Everything is reserved before anything is drawn; values are drawn in a fixed order
+        // (pages, then q, k, v), so a seed always gives the same workload.
+        let (mut q, mut k) = (reserved::<T>("query buffer", q_elems)?, reserved::<T>(if spec.interleaved { "KV cache" } else { "K cache" }, kv.k_len())?);
+        let mut v = reserved::<T>("V cache", if spec.interleaved { 0 } else { kv.v_len() })?;
+        let mut order = reserved::<usize>("page order", kv.num_pages)?;
+        order.extend(0..kv.num_pages);
         if spec.permute {
             order.shuffle(rng);
         }
-        let pages = PageTable::from_lens(&kv_lens, spec.page_size, &mut order.into_iter());
+        let mut fill = |buf: &mut Vec<T>, n: usize| buf.extend((0..n).map(|_| T::from_f32(rng.random_range(-1.0..1.0))));
+        fill(&mut q, q_elems);
+        fill(&mut k, kv.k_len());
+        if !spec.interleaved {
+            fill(&mut v, kv.v_len());
+        }
+        let pages = PageTable::from_lens(&kv_lens, spec.page_size, &mut order.into_iter())?;
         let mut qo_indptr = vec![0i32];
         for &(q, _) in &spec.lens {
+            // Fits: total_q <= i32::MAX was checked.
             qo_indptr.push(qo_indptr.last().copied().unwrap_or(0) + q as i32);
         }
-        let kv = KvShape {
-            layout: spec.layout,
-            interleaved: spec.interleaved,
-            num_pages,
-            page_size: spec.page_size,
-            kv_heads: spec.kv_heads,
-            head_dim_qk: spec.head_dim_qk,
-            head_dim_vo: spec.head_dim_vo,
-        };
-        let total_q = *qo_indptr.last().unwrap_or(&0) as usize;
-        let mut fill = |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.random_range(-1.0..1.0))).collect() };
-        let q = fill(total_q * spec.qo_heads * spec.head_dim_qk);
-        let k = fill(kv.k_len());
-        let v = if spec.interleaved { Vec::new() } else { fill(kv.v_len()) };
-        Workload { qo_indptr, pages, kv, qo_heads: spec.qo_heads, q, k, v }
+        Ok(Workload { qo_indptr, pages, kv, qo_heads: spec.qo_heads, q, k, v })
     }
 
     pub fn batch(&self) -> Batch<'_> {

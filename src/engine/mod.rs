@@ -312,8 +312,13 @@ impl Engine {
         let ptr = |x: &CudaSlice<i32>| x.device_ptr(s).0;
         let plan_ptr = bufs.plan.device_ptr(s).0;
         let ws = bufs.workspace.device_ptr(s).0;
-        let (k_slot, k_head) = kv.strides(kv.head_dim_qk);
-        let (v_slot, v_head) = kv.strides(kv.head_dim_vo);
+        // `validate` checked every size against the kernels' index types (`KvShape::sizes`), so
+        // these conversions cannot fail; they are checked rather than cast all the same.
+        let sizes = kv.sizes()?;
+        let (k_slot, k_head) = sizes.k_strides;
+        let (v_slot, v_head) = sizes.v_strides;
+        let i32_of = |x: usize, what: &'static str| i32::try_from(x).map_err(|_| Error::Layout(LayoutError::TooLarge { what, value: x as u128, limit: "2^31 - 1" }));
+        let i64_of = |x: usize, what: &'static str| i64::try_from(x).map_err(|_| Error::Layout(LayoutError::TooLarge { what, value: x as u128, limit: "2^63 - 1" }));
         let elem = std::mem::size_of::<T>() as u64;
         Ok(crate::abi::DecodeArgs {
             q: dev.q.device_ptr(s).0,
@@ -329,14 +334,14 @@ impl Engine {
             last_page_len: ptr(dev.last_page_len),
             work: plan_ptr + 4 * crate::plan::PLAN_HEADER_INTS as u64,
             num_work: plan_ptr,
-            k_page_stride: kv.page_stride(kv.head_dim_qk) as i64,
-            v_page_stride: kv.page_stride(kv.head_dim_vo) as i64,
-            k_slot_stride: k_slot as i32,
-            k_head_stride: k_head as i32,
-            v_slot_stride: v_slot as i32,
-            v_head_stride: v_head as i32,
-            page_size: kv.page_size as i32,
-            num_qo_heads: batch.qo_heads as i32,
+            k_page_stride: i64_of(sizes.k_page_stride, "K page stride")?,
+            v_page_stride: i64_of(sizes.v_page_stride, "V page stride")?,
+            k_slot_stride: i32_of(k_slot, "K slot stride")?,
+            k_head_stride: i32_of(k_head, "K head stride")?,
+            v_slot_stride: i32_of(v_slot, "V slot stride")?,
+            v_head_stride: i32_of(v_head, "V head stride")?,
+            page_size: i32_of(kv.page_size, "page_size")?,
+            num_qo_heads: i32_of(batch.qo_heads, "qo_heads")?,
             sm_scale,
             page_shift: if kv.page_size.is_power_of_two() { kv.page_size.trailing_zeros() as i32 } else { -1 },
         })

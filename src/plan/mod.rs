@@ -105,7 +105,8 @@ impl DecodePlan {
 
     /// Workspace bytes needed for `partials` slots.
     pub fn workspace_for(partials: usize, qo_heads: usize, head_dim_vo: usize) -> usize {
-        partials * qo_heads * (head_dim_vo + 1) * 4
+        // Saturating: a workspace beyond usize cannot be allocated, and says so at upload.
+        partials.saturating_mul(qo_heads).saturating_mul(head_dim_vo.saturating_add(1)).saturating_mul(4)
     }
 }
 
@@ -508,6 +509,15 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, 
     let rows = rows.max(1);
     params.fits(&variant.params, Dims { qo_heads: batch.qo_heads, kv_heads: kv.kv_heads, batch: b }).map_err(Error::Param)?;
     check_mode(mode)?;
+    // A block's rows are (token, head) pairs, indexed in i32 by the kernel.
+    for r in 0..b {
+        if batch.q_len(r).checked_mul(group).is_none_or(|n| n > i32::MAX as usize) {
+            return Err(Error::Unsupported(format!(
+                "request {r}: {} query tokens × a GQA group of {group} is more than the 2^31 - 1 query rows a prefill kernel indexes",
+                batch.q_len(r)
+            )));
+        }
+    }
     let heads_to_scan = range_heads(variant, kv.kv_heads);
     let can_split = rows % group == 0 && !matches!(mode, PlanMode::FixedGrid { .. });
     let n_blocks: usize = (0..b).map(|r| (batch.q_len(r) * group).div_ceil(rows)).sum();
@@ -574,6 +584,9 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, 
             merge.push(MergeWork { req: req as i32, first: (partials + k * n) as i32, count: n as i32, token: batch.qo_indptr[req] + (t0 + k) as i32 });
         }
         partials += ntok * n;
+    }
+    if partials > i32::MAX as usize {
+        return Err(Error::Plan(format!("the split needs {partials} partial states, more than the 2^31 - 1 the kernels index")));
     }
     work.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
     let work: Vec<PrefillWork> = work.into_iter().map(|(_, w)| w).collect();

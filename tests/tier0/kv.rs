@@ -132,3 +132,69 @@ fn requests_longer_than_2_pow_30_tokens_are_rejected() {
     let edge = PageTable { indices: vec![0; 1024], ..edge };
     assert_eq!(run(&edge, &[0, 1], kv, 4), Ok(()));
 }
+
+/// Regression (hardening audit, item 7): `num_pages = 2^62` made `k_len()` wrap to 0, so an
+/// empty buffer validated and the reference indexed out of bounds. Every size is computed with
+/// checked arithmetic in `KvShape::sizes`, and the lengths saturate instead of wrapping.
+#[test]
+fn sizes_that_overflow_are_errors_not_wrapped_lengths() {
+    let t = table();
+    let kv = KvShape { num_pages: 1 << 62, ..shape() };
+    assert_eq!(kv.k_len(), usize::MAX, "saturates, never wraps");
+    let b = Batch { qo_indptr: &QO, pages: &t, kv, qo_heads: 4 };
+    for len in [0, kv.k_len()] {
+        let err = validate(&b, b.q_elems(), len, len).unwrap_err();
+        assert!(matches!(err, LayoutError::TooLarge { what, .. } if what.starts_with("K buffer")), "{err}");
+        assert!(err.to_string().contains("limit"), "{err}");
+    }
+}
+
+/// Regression (hardening audit, item 7): 2^40 heads × head dim 2^24 aborted on a 4 TB
+/// allocation (the sizes wrapped past validation). Now an error before anything is allocated,
+/// in validation and in the reference.
+#[test]
+fn heads_times_head_dim_that_overflow_are_errors() {
+    let t = table();
+    let kv = KvShape { kv_heads: 1 << 40, head_dim_qk: 1 << 24, head_dim_vo: 1 << 24, ..shape() };
+    let b = Batch { qo_indptr: &QO, pages: &t, kv, qo_heads: 1 << 40 };
+    let err = validate(&b, 0, 0, 0).unwrap_err();
+    assert!(matches!(err, LayoutError::TooLarge { .. }), "{err}");
+    let v = attnforge::spec::shipped::resolve("default").unwrap();
+    let p = attnforge::spec::params::ParamValues::default();
+    let e = attnforge::reference::attention::<f32>(&v, &p, &b, &[], &[], &[], None).unwrap_err();
+    assert!(e.to_string().contains("limit"), "{e}");
+}
+
+/// Regression (hardening audit, item 7): an HND cache with page size 2^27, 2 KV heads and d 16
+/// passed validation and the planners, and the engine cast the head stride (2^31) to i32,
+/// giving −2^31: a GPU fault. Strides beyond the kernels' i32 index are an error naming it.
+#[test]
+fn a_head_stride_beyond_the_kernels_index_is_an_error_naming_the_limit() {
+    let kv = KvShape { layout: KvLayout::Hnd, interleaved: true, num_pages: 1, page_size: 1 << 27, kv_heads: 2, head_dim_qk: 16, head_dim_vo: 16 };
+    let t = PageTable { indptr: vec![0, 1], indices: vec![0], last_page_len: vec![5] };
+    let qo = [0, 1];
+    let b = Batch { qo_indptr: &qo, pages: &t, kv, qo_heads: 2 };
+    // The lengths are right (nothing is allocated): only the stride is refused.
+    let err = validate(&b, b.q_elems(), kv.k_len(), kv.v_len()).unwrap_err();
+    assert_eq!(err, LayoutError::TooLarge { what: "K head stride", value: 1 << 31, limit: "2^31 - 1 elements, the kernels' i32 index" });
+    assert!(err.to_string().contains("K head stride is 2147483648; the limit is 2^31 - 1"), "{err}");
+    // The same page size in NHD has small strides and a page stride the kernels take in 64 bits.
+    let nhd = KvShape { layout: KvLayout::Nhd, ..kv };
+    let b = Batch { qo_indptr: &qo, pages: &t, kv: nhd, qo_heads: 2 };
+    validate(&b, b.q_elems(), nhd.k_len(), nhd.v_len()).unwrap();
+    // A page size beyond i32 is refused on its own.
+    let huge = KvShape { page_size: 1 << 31, ..nhd };
+    assert!(matches!(huge.sizes(), Err(LayoutError::TooLarge { what: "page_size", .. })));
+}
+
+/// Regression (hardening audit, item 10): `PageTable::from_lens(&[5], 0, …)` divided by zero.
+#[test]
+fn from_lens_rejects_a_zero_page_size_and_a_short_page_supply() {
+    assert_eq!(PageTable::from_lens(&[5], 0, &mut (0..)).unwrap_err(), LayoutError::Zero { what: "page_size" });
+    let err = PageTable::from_lens(&[40, 40], 16, &mut (0..4)).unwrap_err();
+    assert!(matches!(err, LayoutError::Mismatch { what: "pages yielded by the page iterator", expected: 6, got: 4 }), "{err}");
+    let t = PageTable::from_lens(&[0, 17, 16], 16, &mut (0..)).unwrap();
+    assert_eq!((t.indptr, t.last_page_len), (vec![0, 0, 2, 3], vec![0, 1, 16]));
+    let err = PageTable::from_lens(&[5], 1, &mut [1usize << 40].into_iter()).unwrap_err();
+    assert!(matches!(err, LayoutError::TooLarge { what: "page index", .. }), "{err}");
+}

@@ -19,7 +19,7 @@ fn plan(variant: &str, params: &[(&str, f64)], lens: &[usize], target: usize, mo
 
 fn plan_resident(variant: &str, params: &[(&str, f64)], lens: &[usize], target: usize, resident: usize, mode: PlanMode) -> attnforge::Result<(DecodePlan, PageTable, Vec<i32>)> {
     let v = shipped::resolve(variant).unwrap();
-    let pages = PageTable::from_lens(lens, 16, &mut (0..).map(|i| i as usize));
+    let pages = PageTable::from_lens(lens, 16, &mut (0..).map(|i| i as usize)).unwrap();
     let qo: Vec<i32> = (0..=lens.len() as i32).collect();
     let given: HashMap<String, ParamInput> = params.iter().map(|(k, x)| (k.to_string(), ParamInput::Scalar(*x))).collect();
     let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
@@ -213,7 +213,7 @@ fn empty_requests_still_get_an_output_row_and_bad_batches_are_errors() {
     let err = plan("default", &[], &[10], 1000, PlanMode::Deterministic { chunk: 0 }).unwrap_err();
     assert!(err.to_string().contains("at least 1"), "{err}");
     let v = shipped::resolve("default").unwrap();
-    let pages = PageTable::from_lens(&[10, 10], 16, &mut (0..).map(|i| i as usize));
+    let pages = PageTable::from_lens(&[10, 10], 16, &mut (0..).map(|i| i as usize)).unwrap();
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 2 }).unwrap();
     let qo = [0, 2, 3];
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(2), qo_heads: 32 };
@@ -230,7 +230,7 @@ fn prefill_blocks_cover_every_query_row_once_longest_first() {
     let v = shipped::resolve("causal").unwrap();
     let lens = [(100usize, 100usize), (0, 50), (7, 3000), (2000, 2000)];
     let kv_lens: Vec<usize> = lens.iter().map(|l| l.1).collect();
-    let pages = PageTable::from_lens(&kv_lens, 16, &mut (0..).map(|i| i as usize));
+    let pages = PageTable::from_lens(&kv_lens, 16, &mut (0..).map(|i| i as usize)).unwrap();
     let mut qo = vec![0i32];
     for l in &lens {
         qo.push(qo.last().unwrap() + l.0 as i32);
@@ -256,7 +256,7 @@ fn prefill_blocks_cover_every_query_row_once_longest_first() {
 fn prefill_plan(variant: &str, params: &[(&str, f64)], lens: &[(usize, usize)], rows: usize, ctas: usize, mode: PlanMode) -> attnforge::Result<(attnforge::plan::PrefillPlan, Vec<i32>)> {
     let v = shipped::resolve(variant).unwrap();
     let kv_lens: Vec<usize> = lens.iter().map(|l| l.1).collect();
-    let pages = PageTable::from_lens(&kv_lens, 16, &mut (0..).map(|i| i as usize));
+    let pages = PageTable::from_lens(&kv_lens, 16, &mut (0..).map(|i| i as usize)).unwrap();
     let mut qo = vec![0i32];
     for l in lens {
         qo.push(qo.last().unwrap() + l.0 as i32);
@@ -335,7 +335,7 @@ fn prefill_split_modes() {
     assert!(plan.merge.is_empty() && plan.work.iter().all(|w| w.partial == -1));
     // A GQA group that does not divide the block: blocks straddle tokens, so no split.
     let v = shipped::resolve("causal").unwrap();
-    let pages = PageTable::from_lens(&[20000], 16, &mut (0..).map(|i| i as usize));
+    let pages = PageTable::from_lens(&[20000], 16, &mut (0..).map(|i| i as usize)).unwrap();
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 7, kv_heads: 1, batch: 1 }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &[0, 8], pages: &pages, kv: KvShape { kv_heads: 1, ..kv(pages.indices.len()) }, qo_heads: 7 };
     let plan = attnforge::plan::plan_prefill(&v, &p, &b, 32, PlanTarget { ctas: 264, kv_tile: 32, resident: 0, always_balance: false }, PlanMode::Default).unwrap();
@@ -363,7 +363,7 @@ fn the_wide_decode_tile_is_for_one_cta_per_sm_over_long_spans() {
     use attnforge::plan::wants_wide_tile;
     let v = shipped::resolve("default").unwrap();
     let wide = |lens: &[usize], mode: PlanMode| {
-        let pages = PageTable::from_lens(lens, 16, &mut (0..).map(|i| i as usize));
+        let pages = PageTable::from_lens(lens, 16, &mut (0..).map(|i| i as usize)).unwrap();
         let qo: Vec<i32> = (0..=lens.len() as i32).collect();
         let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
         let batch = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len()), qo_heads: 32 };

@@ -173,7 +173,7 @@ fn check_case<T: Element>(c: &Case) {
         permute: true,
         spare_pages: rng.random_range(0..3),
     };
-    let w = Workload::<T>::random(&spec, &mut rng);
+    let w = Workload::<T>::random(&spec, &mut rng).unwrap();
     let dims = Dims { qo_heads: spec.qo_heads, kv_heads: c.kv_heads, batch: c.lens.len() };
     let p = sample(&v.params, dims, &c.lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
     let scale = 1.0 / (c.head_dims.0 as f32).sqrt();
@@ -206,7 +206,7 @@ fn tiny(variant: &str, params: &[(&str, ParamInput)], q: &[f32], keys: &[[f32; 2
         permute: false,
         spare_pages: 0,
     };
-    let mut w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(0));
+    let mut w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(0)).unwrap();
     w.q = q.to_vec();
     for (pos, (k, val)) in keys.iter().zip(vals).enumerate() {
         let (page, slot) = (pos / 2, pos % 2);
@@ -263,7 +263,7 @@ fn fully_masked_rows_give_zero_and_minus_infinity_not_nan() {
     // reference once returned lse = sink here while the kernels return -inf).
     let v = attnforge::spec::load("t.json", r#"{ "name": "t", "params": { "s": "f32" }, "logits": "log(score * 0.0)", "sink": "s" }"#).unwrap();
     let spec = WorkloadSpec { lens: vec![(1, 3)], qo_heads: 1, kv_heads: 1, head_dim_qk: 16, head_dim_vo: 16, page_size: 2, layout: KvLayout::Nhd, interleaved: true, permute: false, spare_pages: 0 };
-    let w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(4));
+    let w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(4)).unwrap();
     let p = v.bind(&[("s".to_string(), ParamInput::Scalar(2.0))].into(), Dims { qo_heads: 1, kv_heads: 1, batch: 1 }).unwrap();
     let out = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
     assert_eq!(out.lse[0], f32::NEG_INFINITY);
@@ -285,7 +285,7 @@ fn mismatched_parameters_are_an_error_not_a_wrong_index() {
         permute: true,
         spare_pages: 0,
     };
-    let w = Workload::<f16>::random(&spec, &mut StdRng::seed_from_u64(1));
+    let w = Workload::<f16>::random(&spec, &mut StdRng::seed_from_u64(1)).unwrap();
     let p = sample(&v.params, Dims { qo_heads: 8, kv_heads: 2, batch: 1 }, &[(1, 5)], |lo, _| lo);
     let err = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap_err();
     assert!(err.to_string().contains("`slopes` has 8 values, expected 4"), "{err}");
@@ -297,7 +297,7 @@ fn a_tree_mask_shows_exactly_its_bits() {
     // bit offset 3: bits 3..9 of [0b1010_1000, 0b0000_0001] = 1,0,1, 0,1,1.
     let v = shipped::resolve("tree_mask").unwrap();
     let spec = WorkloadSpec { lens: vec![(2, 3)], qo_heads: 1, kv_heads: 1, head_dim_qk: 16, head_dim_vo: 16, page_size: 2, layout: KvLayout::Nhd, interleaved: true, permute: false, spare_pages: 0 };
-    let w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(3));
+    let w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(3)).unwrap();
     let given: HashMap<String, ParamInput> = [("tree".to_string(), ParamInput::Bits(vec![0b1010_1000, 0b0000_0001], vec![3]))].into();
     let p = v.bind(&given, Dims { qo_heads: 1, kv_heads: 1, batch: 1 }).unwrap();
     let got = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();

@@ -95,7 +95,7 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
         permute: true,
         spare_pages: rng.random_range(0..4),
     };
-    let w = Workload::<T>::random(&spec, &mut rng);
+    let w = Workload::<T>::random(&spec, &mut rng).unwrap();
     let dims = Dims { qo_heads: spec.qo_heads, kv_heads: c.kv_heads, batch: c.kv_lens.len() };
     let p = sample(&v.params, dims, &spec.lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
     let cfg = KernelConfig::decode(c.dims.0, c.dims.1, T::DTYPE, c.group).unwrap();
@@ -231,9 +231,9 @@ fn deterministic_mode_is_bit_identical_across_batch_compositions() {
     let k = e.decode_kernel(&v, &cfg).unwrap();
     let mut rng = StdRng::seed_from_u64(11);
     let spec = |lens: Vec<usize>| WorkloadSpec { lens: lens.into_iter().map(|l| (1, l)).collect(), qo_heads: 8, kv_heads: 2, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
-    let big = Workload::<bf16>::random(&spec(vec![7000, 300, 12000, 5]), &mut rng);
+    let big = Workload::<bf16>::random(&spec(vec![7000, 300, 12000, 5]), &mut rng).unwrap();
     // The same request 2 alone: copy its pages into a fresh cache in another order.
-    let mut alone = Workload::<bf16>::random(&spec(vec![12000]), &mut rng);
+    let mut alone = Workload::<bf16>::random(&spec(vec![12000]), &mut rng).unwrap();
     let kv = big.kv;
     let pages = big.pages.pages(2).to_vec();
     for (n, &src) in pages.iter().enumerate() {
@@ -271,7 +271,7 @@ fn a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths() {
     let spec = |lens: &[usize]| WorkloadSpec { lens: lens.iter().map(|&l| (1, l)).collect(), qo_heads: 16, kv_heads: 4, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
     // Step 1 defines the buffers (sized for the maximum) that the graph captures.
     let steps: Vec<Vec<usize>> = vec![vec![3000, 40, 0, 777], vec![5000, 1, 2, 3, 4000, 100, 9, 17], vec![10], vec![16000, 15000]];
-    let first = Workload::<bf16>::random(&spec(&steps[0]), &mut rng);
+    let first = Workload::<bf16>::random(&spec(&steps[0]), &mut rng).unwrap();
     let cache_len = max_pages * first.kv.page_stride(128);
     let mut cache = e.alloc::<bf16>(cache_len).unwrap();
     let mut q = e.alloc::<bf16>(max_batch * 16 * 128).unwrap();
@@ -285,7 +285,7 @@ fn a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths() {
     let p_all = v.bind(&[("sinks".to_string(), ParamInput::Scalar(1.5))].into(), Dims { qo_heads: 16, kv_heads: 4, batch: max_batch }).unwrap();
     let dp = e.upload_params(&k.layout, &p_all).unwrap();
     for (i, lens) in steps.iter().enumerate() {
-        let mut w = Workload::<bf16>::random(&spec(lens), &mut rng);
+        let mut w = Workload::<bf16>::random(&spec(lens), &mut rng).unwrap();
         // Pad the batch with empty requests (q_len 0) to the captured shape.
         while w.pages.batch_size() < max_batch {
             w.pages.indptr.push(*w.pages.indptr.last().unwrap());
@@ -350,7 +350,7 @@ fn capturing_a_default_plan_and_bad_shapes_are_errors() {
     let k = e.decode_kernel(&v, &cfg).unwrap();
     let mut rng = StdRng::seed_from_u64(3);
     let spec = WorkloadSpec { lens: vec![(1, 100), (1, 50)], qo_heads: 4, kv_heads: 2, head_dim_qk: 64, head_dim_vo: 64, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
-    let w = Workload::<f16>::random(&spec, &mut rng);
+    let w = Workload::<f16>::random(&spec, &mut rng).unwrap();
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: 2 }).unwrap();
     let dev = DeviceWorkload::upload(&e, &w).unwrap();
     let plan = e.plan_decode(&k, &p, &w.batch(), PlanMode::Default).unwrap();
@@ -363,7 +363,7 @@ fn capturing_a_default_plan_and_bad_shapes_are_errors() {
     let err = e.run_decode(&k, &plan, &bufs, &dp, &w.batch(), &dev.batch(), short.out(), None).unwrap_err();
     assert!(err.to_string().contains("output length"), "{err}");
     // Wrong dtype for the kernel.
-    let wb = Workload::<bf16>::random(&spec, &mut rng);
+    let wb = Workload::<bf16>::random(&spec, &mut rng).unwrap();
     let devb = DeviceWorkload::upload(&e, &wb).unwrap();
     let mut outb = DeviceResult::<bf16>::poisoned(&e, 2 * 4 * 64, 8).unwrap();
     let err = e.run_decode(&k, &plan, &bufs, &dp, &wb.batch(), &devb.batch(), outb.out(), None).unwrap_err();
@@ -382,7 +382,7 @@ fn capturing_a_default_plan_and_bad_shapes_are_errors() {
     assert!(err.to_string().contains("FixedGrid"), "{err}");
     // A prefill-shaped batch given to decode.
     let spec2 = WorkloadSpec { lens: vec![(3, 100)], ..spec };
-    let w2 = Workload::<f16>::random(&spec2, &mut rng);
+    let w2 = Workload::<f16>::random(&spec2, &mut rng).unwrap();
     let p2 = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: 1 }).unwrap();
     let err = e.plan_decode(&k, &p2, &w2.batch(), PlanMode::Default).unwrap_err();
     assert!(err.to_string().contains("use prefill"), "{err}");

@@ -31,7 +31,7 @@ fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, le
         permute: true,
         spare_pages: rng.random_range(0..3),
     };
-    let w = Workload::<T>::random(&spec, &mut rng);
+    let w = Workload::<T>::random(&spec, &mut rng).unwrap();
     let p = sample(&v.params, Dims { qo_heads: spec.qo_heads, kv_heads, batch: lens.len() }, &lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
     let k = e.prefill_kernel(&v, &KernelConfig::prefill(dims.0, dims.1, T::DTYPE, group).unwrap()).unwrap();
     let (got, plan) = prefill_once(e, &k, &p, &w, PlanMode::Default, None).unwrap();
@@ -119,9 +119,9 @@ fn prefill_is_bit_identical_across_batch_compositions() {
     let k = e.prefill_kernel(&v, &KernelConfig::prefill(128, 128, attnforge::kv::DType::Bf16, 4).unwrap()).unwrap();
     let mut rng = StdRng::seed_from_u64(21);
     let spec = |lens: Vec<(usize, usize)>| WorkloadSpec { lens, qo_heads: 8, kv_heads: 2, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
-    let big = Workload::<bf16>::random(&spec(vec![(300, 700), (100, 1200), (5, 90)]), &mut rng);
+    let big = Workload::<bf16>::random(&spec(vec![(300, 700), (100, 1200), (5, 90)]), &mut rng).unwrap();
     // Request 1 alone, its pages copied into a fresh cache in another order.
-    let mut alone = Workload::<bf16>::random(&spec(vec![(100, 1200)]), &mut rng);
+    let mut alone = Workload::<bf16>::random(&spec(vec![(100, 1200)]), &mut rng).unwrap();
     let stride = big.kv.page_stride(128);
     for (n, &src) in big.pages.pages(1).iter().enumerate() {
         let dst = alone.pages.indices[n] as usize;
@@ -166,7 +166,7 @@ fn a_fixed_grid_prefill_plan_replays_in_a_cuda_graph() {
         all.resize(max_batch, (0, 0));
         let mut order: Vec<usize> = (0..max_pages).collect();
         order.shuffle(&mut rng);
-        let table = PageTable::from_lens(&all.iter().map(|l| l.1).collect::<Vec<_>>(), 16, &mut order.into_iter());
+        let table = PageTable::from_lens(&all.iter().map(|l| l.1).collect::<Vec<_>>(), 16, &mut order.into_iter()).unwrap();
         let mut qo_host = vec![0i32];
         for &(ql, _) in &all {
             qo_host.push(qo_host.last().unwrap() + ql as i32);

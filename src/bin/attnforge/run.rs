@@ -78,7 +78,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
 }
 
 fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, p: &ParamValues, spec: &WorkloadSpec, rng: &mut StdRng) -> Result<()> {
-    let w = Workload::<T>::random(spec, rng);
+    let w = Workload::<T>::random(spec, rng)?;
     let t0 = Instant::now();
     let want = reference::attention(v, p, &w.batch(), &w.q, &w.k, w.v(), a.sm_scale)?;
     let ref_secs = t0.elapsed().as_secs_f64();
@@ -204,7 +204,7 @@ fn demo_case(v: &Variant, lens: Vec<(usize, usize)>, qo: usize, kvh: usize, rng:
     let batch = lens.len();
     let spec = WorkloadSpec { lens, qo_heads: qo, kv_heads: kvh, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 3 };
     let params = random_params(v, Dims { qo_heads: qo, kv_heads: kvh, batch }, &spec.lens, rng);
-    let w = Workload::<bf16>::random(&spec, rng);
+    let w = Workload::<bf16>::random(&spec, rng)?;
     let t0 = Instant::now();
     let want = reference::attention(v, &params, &w.batch(), &w.q, &w.k, w.v(), None)?;
     Ok((w, params, want, t0.elapsed().as_secs_f64() * 1e3))
