@@ -69,7 +69,13 @@ impl WorkloadSpec {
             head_dim_vo: self.head_dim_vo,
         };
         kv.sizes()?;
-        if self.qo_heads == 0 || self.qo_heads % self.kv_heads != 0 {
+        if self.qo_heads == 0 {
+            return Err(LayoutError::Zero { what: "qo_heads" }.into());
+        }
+        if self.qo_heads > MAX_KERNEL_INDEX {
+            return Err(LayoutError::TooLarge { what: "qo_heads", value: self.qo_heads as u128, limit: "2^31 - 1, the kernels' i32 index" }.into());
+        }
+        if self.qo_heads % self.kv_heads != 0 {
             return Err(LayoutError::HeadsNotDivisible { qo_heads: self.qo_heads, kv_heads: self.kv_heads }.into());
         }
         Ok((kv, total_q))

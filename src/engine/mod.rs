@@ -294,12 +294,7 @@ impl Engine {
             return Err(Error::Layout(LayoutError::Mismatch { what: "interleaved cache: v must be the same buffer as k", expected: 0, got: 1 }));
         }
         params.check_bits(decls, batch)?;
-        let sm_scale = sm_scale.unwrap_or_else(|| crate::reference::default_sm_scale(kv.head_dim_qk));
-        // Kernels fold a positive scale into the exponent (the row max of raw scores is then the
-        // max of the logits), so a zero, negative or non-finite one is refused here.
-        if !sm_scale.is_finite() || sm_scale <= 0.0 {
-            return Err(Error::Unsupported(format!("sm_scale {sm_scale}: it must be positive and finite")));
-        }
+        let sm_scale = crate::spec::params::resolve_sm_scale(sm_scale, kv.head_dim_qk).map_err(Error::Param)?;
         if bufs.plan.len() < plan.packed_len {
             return Err(Error::Plan("the plan was not uploaded to these buffers (upload_plan)".into()));
         }

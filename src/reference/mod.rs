@@ -10,7 +10,10 @@
 //!   denominator (sink included), natural log;
 //! - `none`: `o = Σ l_j v_j`, `lse = 0`;
 //! - a row with no visible key gives `o = 0`, `lse = -inf`, never NaN. So does a softmax row
-//!   whose visible logits are all `-inf`, whether or not it has a sink.
+//!   whose visible logits are all `-inf`, whether or not it has a sink;
+//! - a visible NaN logit (a hook computing `sqrt(-1.0)`) makes its softmax row NaN, `o` and
+//!   `lse` (with `none` the NaN reaches `o` through the sum), and so does a NaN sink;
+//! - `sm_scale` must be positive and finite ([`crate::spec::params::resolve_sm_scale`]).
 
 use rayon::prelude::*;
 
@@ -32,6 +35,12 @@ pub fn default_sm_scale(head_dim_qk: usize) -> f32 {
     1.0 / (head_dim_qk as f32).sqrt()
 }
 
+/// `(o, lse)` of a row with a NaN logit: NaN, which is what it is (not "fully masked").
+fn nan_row(o_row: &mut [f32]) -> f32 {
+    o_row.iter_mut().for_each(|x| *x = f32::NAN);
+    f32::NAN
+}
+
 /// Runs the reference. Validates the batch and the parameters first.
 pub fn attention<T: Element>(
     variant: &Variant,
@@ -46,7 +55,7 @@ pub fn attention<T: Element>(
     let dims = Dims { qo_heads: batch.qo_heads, kv_heads: batch.kv.kv_heads, batch: batch.batch_size() };
     params.fits(&variant.params, dims).map_err(Error::Param)?;
     params.check_bits(&variant.params, |b| (batch.q_len(b), batch.kv_len(b))).map_err(Error::Param)?;
-    let sm_scale = f64::from(sm_scale.unwrap_or_else(|| default_sm_scale(batch.kv.head_dim_qk)));
+    let sm_scale = f64::from(crate::spec::params::resolve_sm_scale(sm_scale, batch.kv.head_dim_qk).map_err(Error::Param)?);
 
     let total_q = batch.total_q();
     let mut token_req = vec![0usize; total_q];
@@ -55,7 +64,14 @@ pub fn attention<T: Element>(
     }
     let heads = batch.qo_heads;
     let dvo = batch.kv.head_dim_vo;
-    let mut out = AttnOutput { o: vec![0.0; total_q * heads * dvo], lse: vec![0.0; total_q * heads] };
+    // Validation bounded these sizes; an allocation that still fails is an error, not an abort.
+    let zeros = |n: usize, what: &str| -> Result<Vec<f32>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(n).map_err(|_| Error::Unsupported(format!("the reference cannot allocate its {what} ({n} f32 values)")))?;
+        v.resize(n, 0.0);
+        Ok(v)
+    };
+    let mut out = AttnOutput { o: zeros(total_q * heads * dvo, "output")?, lse: zeros(total_q * heads, "LSE")? };
     let ctx = RowCtx { variant, params, batch, q, k, v, sm_scale };
     out.o
         .par_chunks_mut(dvo.max(1))
@@ -133,6 +149,10 @@ impl<T: Element> RowCtx<'_, T> {
         let (weights, lse) = match self.variant.normalize {
             Normalize::None => (visible.iter().map(|&(_, l)| l).collect::<Vec<_>>(), 0.0),
             Normalize::Softmax => {
+                // A NaN logit (say sqrt(-1.0)) makes the row NaN; `max` below would skip it.
+                if visible.iter().any(|&(_, l)| l.is_nan()) {
+                    return nan_row(o_row);
+                }
                 let m = visible.iter().map(|&(_, l)| l).fold(f64::NEG_INFINITY, f64::max);
                 // No visible key with a finite logit: 0 and -inf, sink or not (as the kernels do).
                 if m == f64::NEG_INFINITY {

@@ -33,6 +33,18 @@ impl ParamDecl {
     }
 }
 
+/// The softmax scale of a launch: the given one, else `1/sqrt(head_dim_qk)`. It must be positive
+/// and finite — kernels fold it into the exponent, so the row max of raw scores is the max of
+/// the logits — and every entry point (the reference, every launch) refuses anything else.
+pub fn resolve_sm_scale(given: Option<f32>, head_dim_qk: usize) -> Result<f32, String> {
+    let s = given.unwrap_or_else(|| 1.0 / (head_dim_qk as f32).sqrt());
+    if s.is_finite() && s > 0.0 {
+        Ok(s)
+    } else {
+        Err(format!("sm_scale {s}: it must be positive and finite"))
+    }
+}
+
 /// The sizes that array parameters are indexed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dims {

@@ -5,6 +5,9 @@
 
 #define AF_LOG2E 1.4426950408889634f
 #define AF_INF __int_as_float(0x7f800000)
+// A NaN logit becomes +inf: the running max then reaches +inf and exp(inf - inf) makes the row's
+// sum NaN, as the reference's row is (fmaxf alone would skip the NaN and drop the key).
+__device__ __forceinline__ float af_nan_to_inf(float x) { return x != x ? AF_INF : x; }
 
 // Integer arithmetic of the spec language: wrapping + - *, division and remainder by zero give 0,
 // INT_MIN / -1 wraps. Must match src/spec/eval.rs exactly.

@@ -7,6 +7,9 @@
 
 #define AF_LOG2E 1.4426950408889634f
 #define AF_INF __int_as_float(0x7f800000)
+// A NaN logit becomes +inf: the running max then reaches +inf and exp(inf - inf) makes the row's
+// sum NaN, as the reference's row is (fmaxf alone would skip the NaN and drop the key).
+__device__ __forceinline__ float af_nan_to_inf(float x) { return x != x ? AF_INF : x; }
 
 // Integer arithmetic of the spec language: wrapping + - *, division and remainder by zero give 0,
 // INT_MIN / -1 wraps. Must match src/spec/eval.rs exactly.
@@ -139,7 +142,7 @@ static_assert(sizeof(Params) == 8, "Params layout differs from Rust (src/abi.rs)
 
 __device__ __forceinline__ float af_logits(AF_HOOK_ARGS) {
   // @hook logits
-  return (p.u_soft_cap * tanhf(((score * sm_scale) / p.u_soft_cap)));
+  return af_nan_to_inf((p.u_soft_cap * tanhf(((score * sm_scale) / p.u_soft_cap))));
 }
 __device__ __forceinline__ bool af_mask(AF_HOOK_ARGS) {
   // @hook mask

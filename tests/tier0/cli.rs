@@ -128,3 +128,48 @@ fn a_cache_directory_that_is_a_file_is_reported_once() {
     assert!(!ok && text.contains("is not a directory"), "{text}");
     assert!(!text.contains("os error 17"), "{text}");
 }
+
+/// Regression (hardening audit, item 8): `run --cpu` allocated before validating
+/// (`--kv-len 2147483648` aborted allocating 8 TB; huge `--q-len`, `--batch` and `--page-size`
+/// panicked on capacity overflow) and truncated `--q-len 4294967297` to one row. Every shape is
+/// checked first; each of these is a clear error and a normal exit code.
+#[test]
+fn run_validates_shapes_before_allocating_and_never_truncates() {
+    for (args, phrase) in [
+        (&["--kv-len", "2147483648"][..], "--kv-len 2147483648: at most"),
+        (&["--op", "prefill", "--q-len", "2147483648"], "--q-len 2147483648: at most"),
+        (&["--q-len", "4294967297"], "--q-len 4294967297: at most"),
+        (&["--batch", "18446744073709551615"], "--batch 18446744073709551615: at most"),
+        (&["--page-size", "18446744073709551615"], "--page-size 18446744073709551615: at most"),
+        (&["--page-size", "0"], "--page-size must be at least 1"),
+        (&["--batch", "100000", "--q-len", "100000"], "query tokens in a batch"),
+        (&["--qo-heads", "1099511627776", "--kv-heads", "1"], "qo_heads is 1099511627776"),
+        (&["--kv-len", "1073741824"], "GB of host memory"),
+    ] {
+        let mut all = vec!["run", "gemma2", "--cpu"];
+        all.extend_from_slice(args);
+        let out = Command::new(attnforge_bin()).args(&all).output().expect("spawn");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} must fail cleanly (no abort, no panic): {text}");
+        assert!(text.contains(phrase) && !text.contains("panicked"), "{args:?}: {text}");
+    }
+}
+
+/// Regression (hardening audit, items 9 and 13): a NaN, infinite, zero or negative
+/// `--sm-scale` ran; NaN logits were counted as "fully masked rows"; an empty output printed
+/// "lse in [inf, -inf]".
+#[test]
+fn run_rejects_a_bad_scale_and_names_nan_rows_and_empty_outputs() {
+    for s in ["nan", "inf", "0", "-1"] {
+        let (ok, text) = attnforge(&["run", "causal", "--cpu", &format!("--sm-scale={s}")]);
+        assert!(!ok && text.contains("must be positive and finite"), "{s}: {text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("nan.json");
+    std::fs::write(&spec, r#"{ "name": "nan_logits", "logits": "sqrt(-1.0 - abs(score))" }"#).unwrap();
+    let (ok, text) = attnforge(&["run", spec.to_str().unwrap(), "--cpu", "--batch", "2", "--kv-len", "30", "--qo-heads", "4", "--kv-heads", "2", "--head-dim", "16"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("0 fully masked rows") && text.contains("8 rows are NaN"), "{text}");
+    let (ok, text) = attnforge(&["run", "causal", "--cpu", "--batch", "0"]);
+    assert!(ok && text.contains("no output rows") && !text.contains("inf, -inf"), "{text}");
+}

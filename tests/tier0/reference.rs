@@ -319,3 +319,36 @@ fn a_tree_mask_shows_exactly_its_bits() {
     let err = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap_err();
     assert!(err.to_string().contains("needs bits [3, 3 + 2 × 3) but 8 bits were given"), "{err}");
 }
+
+/// Regression (hardening audit, item 9): NaN logits (here `sqrt` of a negative) were reported
+/// as "fully masked" (o = 0, lse = -inf), because the row max skipped them. A visible NaN logit
+/// makes its softmax row NaN; rows without one are untouched.
+#[test]
+fn a_nan_logit_makes_its_row_nan_not_fully_masked() {
+    let v = attnforge::spec::load("t.json", r#"{ "name": "t", "logits": "select(q_pos == 2 && kv_pos == 0, sqrt(-1.0), score * sm_scale)" }"#).unwrap();
+    let spec = WorkloadSpec { lens: vec![(3, 3)], qo_heads: 1, kv_heads: 1, head_dim_qk: 16, head_dim_vo: 16, page_size: 2, layout: KvLayout::Nhd, interleaved: true, permute: false, spare_pages: 0 };
+    let w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(5)).unwrap();
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 1, kv_heads: 1, batch: 1 }).unwrap();
+    let out = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
+    assert!(out.lse[2].is_nan() && out.o[32..48].iter().all(|x| x.is_nan()), "{:?}", &out.lse);
+    assert!(out.lse[..2].iter().all(|x| x.is_finite()) && out.o[..32].iter().all(|x| x.is_finite()));
+    // Every logit NaN: every row NaN, none "fully masked".
+    let v = attnforge::spec::load("t.json", r#"{ "name": "t", "logits": "sqrt(-1.0 - abs(score))" }"#).unwrap();
+    let out = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
+    assert!(out.lse.iter().all(|x| x.is_nan()), "{:?}", out.lse);
+}
+
+/// Regression (hardening audit, item 9): `--sm-scale nan|inf|0|-1` was accepted on the CPU path
+/// (NaN gave "128 fully masked rows" and exit 0). The reference refuses what the kernels refuse.
+#[test]
+fn the_softmax_scale_must_be_positive_and_finite() {
+    let v = shipped::resolve("causal").unwrap();
+    let spec = WorkloadSpec { lens: vec![(2, 5)], qo_heads: 2, kv_heads: 1, head_dim_qk: 16, head_dim_vo: 16, page_size: 4, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
+    let w = Workload::<f32>::random(&spec, &mut StdRng::seed_from_u64(6)).unwrap();
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 2, kv_heads: 1, batch: 1 }).unwrap();
+    for s in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, -1.0] {
+        let e = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), Some(s)).unwrap_err();
+        assert!(e.to_string().contains("must be positive and finite"), "{s}: {e}");
+    }
+    attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), Some(1e-30)).unwrap();
+}

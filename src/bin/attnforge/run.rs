@@ -22,17 +22,62 @@ use rand::{Rng, SeedableRng};
 
 use crate::{parse_params, Op, RunArgs, Suite};
 
+/// The shape flags of `run`, checked before anything is allocated: lengths within
+/// `MAX_TOKENS`, counts within the i32 indices, no size that overflows.
+fn checked_shape(a: &RunArgs, q_len: usize) -> Result<()> {
+    use attnforge::kv::{MAX_KERNEL_INDEX, MAX_TOKENS};
+    let limit = |what: &str, v: usize, max: usize, why: &str| if v > max { bail!("--{what} {v}: at most {max} ({why})") } else { Ok(()) };
+    limit("kv-len", a.kv_len, MAX_TOKENS, "2^30 tokens per request")?;
+    limit("q-len", q_len, MAX_TOKENS, "2^30 tokens per request")?;
+    limit("batch", a.batch, MAX_KERNEL_INDEX, "requests are indexed in i32")?;
+    limit("page-size", a.page_size, MAX_KERNEL_INDEX, "pages are indexed in i32")?;
+    for (what, v) in [("page-size", a.page_size), ("kv-heads", a.kv_heads), ("qo-heads", a.qo_heads)] {
+        if v == 0 {
+            bail!("--{what} must be at least 1");
+        }
+    }
+    if a.qo_heads % a.kv_heads != 0 {
+        bail!("qo_heads ({}) must be a multiple of kv_heads ({})", a.qo_heads, a.kv_heads);
+    }
+    if a.batch.checked_mul(q_len).is_none_or(|t| t > MAX_KERNEL_INDEX) {
+        bail!("--batch {} × --q-len {q_len}: at most 2^31 - 1 query tokens in a batch", a.batch);
+    }
+    if a.batch.checked_mul(a.kv_len.div_ceil(a.page_size)).is_none_or(|t| t > MAX_KERNEL_INDEX) {
+        bail!("--batch {} × --kv-len {} / --page-size {}: at most 2^31 - 1 pages in a cache", a.batch, a.kv_len, a.page_size);
+    }
+    Ok(())
+}
+
+/// Host memory `run` needs for a workload of `elems` input values of `elem` bytes and `out`
+/// output rows of `dvo` values (reference and GPU copies, f32), refused with a clear message when
+/// the machine has less available (`/proc/meminfo`), rather than dying in the allocator.
+fn check_host_memory(elems: u128, elem: u128, out_values: u128) -> Result<()> {
+    let need = elems * elem + out_values * 4 * 2;
+    let Some(avail) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<u128>().ok()).map(|kb| kb * 1024)
+    }) else {
+        return Ok(());
+    };
+    if need > avail {
+        bail!("this workload needs about {:.1} GB of host memory for its inputs and outputs; {:.1} GB are available", need as f64 / 1e9, avail as f64 / 1e9);
+    }
+    Ok(())
+}
+
 pub(crate) fn run(a: &RunArgs) -> Result<()> {
     let variant = shipped::resolve(&a.spec)?;
     let q_len = match a.op {
         Op::Decode => a.q_len.unwrap_or(1),
         Op::Prefill => a.q_len.unwrap_or(a.kv_len),
     };
-    if a.page_size == 0 || a.kv_heads == 0 || a.qo_heads % a.kv_heads != 0 {
-        bail!("qo_heads ({}) must be a multiple of kv_heads ({}) and page_size at least 1", a.qo_heads, a.kv_heads);
-    }
+    checked_shape(a, q_len)?;
+    // The scale is checked before any work (the reference and the launch check it again).
+    attnforge::spec::params::resolve_sm_scale(a.sm_scale, a.head_dim).map_err(anyhow::Error::msg)?;
+    let mut lens = Vec::new();
+    lens.try_reserve_exact(a.batch).map_err(|_| anyhow::anyhow!("--batch {}: cannot allocate the request list", a.batch))?;
+    lens.resize(a.batch, (q_len, a.kv_len));
     let spec = WorkloadSpec {
-        lens: vec![(q_len, a.kv_len); a.batch],
+        lens,
         qo_heads: a.qo_heads,
         kv_heads: a.kv_heads,
         head_dim_qk: a.head_dim,
@@ -43,6 +88,10 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         permute: true,
         spare_pages: 0,
     };
+    let (kv, total_q) = spec.shape()?;
+    let dvo = spec.head_dim_vo as u128;
+    let inputs = total_q as u128 * spec.qo_heads as u128 * spec.head_dim_qk as u128 + kv.k_len() as u128 + if spec.interleaved { 0 } else { kv.v_len() as u128 };
+    check_host_memory(inputs, a.dtype.size() as u128, total_q as u128 * spec.qo_heads as u128 * (dvo + 1))?;
     let mut given = parse_params(&a.params)?;
     let mut rng = StdRng::seed_from_u64(a.seed);
     let dims = Dims { qo_heads: a.qo_heads, kv_heads: a.kv_heads, batch: a.batch };
@@ -83,7 +132,7 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
     let want = reference::attention(v, p, &w.batch(), &w.q, &w.k, w.v(), a.sm_scale)?;
     let ref_secs = t0.elapsed().as_secs_f64();
     println!("  CPU reference (f64): {} rows in {:.1} ms", want.lse.len(), ref_secs * 1e3);
-    summarise(&want);
+    summarise(&want, spec.head_dim_vo);
     let mut got = None;
     if !a.cpu {
         let e = Engine::new(0).context("the GPU path needs a GPU (pass --cpu for the reference alone)")?;
@@ -186,12 +235,24 @@ fn origin(o: Origin) -> &'static str {
     }
 }
 
-fn summarise(out: &AttnOutput) {
+fn summarise(out: &AttnOutput, head_dim_vo: usize) {
+    if out.lse.is_empty() {
+        println!("  no output rows (the batch has no query tokens)");
+        return;
+    }
+    let rows = || out.o.chunks(head_dim_vo.max(1)).zip(&out.lse);
+    // A NaN row (a NaN logit) is not a masked one: count them apart.
+    let nan = rows().filter(|(o, l)| l.is_nan() || o.iter().any(|x| x.is_nan())).count();
     let masked = out.lse.iter().filter(|x| **x == f32::NEG_INFINITY).count();
     let finite: Vec<f32> = out.lse.iter().copied().filter(|x| x.is_finite()).collect();
-    let (lo, hi) = finite.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-    let mean_abs = out.o.iter().map(|x| f64::from(x.abs())).sum::<f64>() / out.o.len().max(1) as f64;
-    println!("  mean |o| {mean_abs:.4}; lse in [{lo:.3}, {hi:.3}]; {masked} fully masked rows");
+    let lse = match finite.iter().copied().reduce(f32::min).zip(finite.iter().copied().reduce(f32::max)) {
+        Some((lo, hi)) => format!("lse in [{lo:.3}, {hi:.3}]"),
+        None => "no finite lse".to_string(),
+    };
+    let values: Vec<f64> = out.o.iter().filter(|x| !x.is_nan()).map(|x| f64::from(x.abs())).collect();
+    let mean_abs = values.iter().sum::<f64>() / values.len().max(1) as f64;
+    let nan_note = if nan > 0 { format!("; {nan} rows are NaN (a NaN logit or sink)") } else { String::new() };
+    println!("  mean |o| {mean_abs:.4}; {lse}; {masked} fully masked rows{nan_note}");
 }
 
 fn random_params(v: &Variant, dims: Dims, lens: &[(usize, usize)], rng: &mut StdRng) -> ParamValues {
