@@ -4,55 +4,14 @@
 //! drift between these and `templates/common/*.cuh` fails at compile time, not as garbage on the
 //! GPU. Device pointers are `u64` (`CUdeviceptr`).
 
-use crate::spec::params::{ParamDecl, ParamValue};
-use crate::spec::typed::Ty;
+use crate::spec::params::ParamValue;
 
-/// Words in the fixed-size params blob every kernel takes (128 bytes).
-pub const PARAM_WORDS: usize = 16;
+pub use crate::spec::params::{param_layout, ParamField, PARAM_WORDS};
 
 /// A variant's runtime parameters, laid out as the rendered `Params` struct.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ParamBlob(pub [u64; PARAM_WORDS]);
-
-/// One field of the rendered `Params` struct.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParamField {
-    pub field: String,
-    pub ctype: &'static str,
-    pub offset: usize,
-    pub size: usize,
-}
-
-/// C layout of the params struct in declaration order: scalars are 4 bytes, arrays are device
-/// pointers (8 bytes, 8-aligned), a `bits` parameter is two pointers (`u_<name>` to the packed
-/// bits, `o_<name>` to the per-request offsets). Errors if it does not fit the blob.
-pub fn param_layout(decls: &[ParamDecl]) -> Result<Vec<ParamField>, String> {
-    let mut at = 0usize;
-    let mut out = Vec::with_capacity(decls.len());
-    for d in decls {
-        if d.ty.dim == Some(crate::spec::typed::ParamDim::QueryKey) {
-            at = at.div_ceil(8) * 8;
-            out.push(ParamField { field: crate::spec::cuda::param_field(&d.name), ctype: "const unsigned char*", offset: at, size: 8 });
-            out.push(ParamField { field: crate::spec::cuda::bits_offsets_field(&d.name), ctype: "const long long*", offset: at + 8, size: 8 });
-            at += 16;
-            continue;
-        }
-        let (ctype, size) = match (d.ty.elem, d.ty.dim.is_some()) {
-            (Ty::I32, false) => ("int", 4),
-            (_, false) => ("float", 4),
-            (Ty::I32, true) => ("const int*", 8),
-            (_, true) => ("const float*", 8),
-        };
-        at = at.div_ceil(size) * size;
-        out.push(ParamField { field: crate::spec::cuda::param_field(&d.name), ctype, offset: at, size });
-        at += size;
-    }
-    if at > PARAM_WORDS * 8 {
-        return Err(format!("the parameters need {at} bytes; at most {} fit a kernel's params blob", PARAM_WORDS * 8));
-    }
-    Ok(out)
-}
 
 /// `sizeof(Params)` in C for this layout (an empty struct has size 1).
 pub fn params_size(layout: &[ParamField]) -> usize {

@@ -254,16 +254,35 @@ impl Loader<'_> {
                 }
             }
         }
-        if let (Some(x), Some((lo, hi))) = (decl.default, decl.range) {
-            if x < lo || x > hi {
-                return Err(err(format!("default {x} is outside the range [{lo}, {hi}]")));
+        if ty.dim == Some(ParamDim::QueryKey) && (decl.default.is_some() || decl.range.is_some() || decl.sample.is_some()) {
+            return Err(err("a bits parameter has no default, range or sample".into()));
+        }
+        // Every value this declaration admits must be one that binds: a range must hold a value
+        // of the type, a sample must lie in the range, a default must be a value of the type.
+        let holds_type = |(lo, hi): (f64, f64)| match ty.elem {
+            Ty::I32 => lo.max(i32::MIN as f64).ceil() <= hi.min(i32::MAX as f64).floor(),
+            _ => lo <= f32::MAX as f64 && hi >= -(f32::MAX as f64),
+        };
+        for (what, r) in [("range", decl.range), ("sample", decl.sample)] {
+            if let Some((lo, hi)) = r.filter(|r| !holds_type(*r)) {
+                return Err(err(format!("`{what}` [{lo}, {hi}] holds no {} value", ty.elem.name())));
             }
         }
-        if ty.dim == Some(ParamDim::QueryKey) && (decl.default.is_some() || decl.range.is_some()) {
-            return Err(err("a bits parameter has no default or range".into()));
+        if let (Some((slo, shi)), Some((lo, hi))) = (decl.sample, decl.range) {
+            if slo < lo || shi > hi {
+                return Err(err(format!("`sample` [{slo}, {shi}] is outside the declared `range` [{lo}, {hi}]")));
+            }
         }
-        if ty.elem == Ty::I32 && decl.default.is_some_and(|x| x.fract() != 0.0) {
-            return Err(err("the default of an i32 parameter must be an integer".into()));
+        if let Some(x) = decl.default {
+            if ty.elem == Ty::I32 && (x.fract() != 0.0 || x < i32::MIN as f64 || x > i32::MAX as f64) {
+                return Err(err(format!("the default of an i32 parameter must be an integer in i32, found {x}")));
+            }
+            if ty.elem == Ty::F32 && x.abs() > f32::MAX as f64 {
+                return Err(err(format!("the default {x} does not fit in f32")));
+            }
+            if let Some((lo, hi)) = decl.range.filter(|&(lo, hi)| x < lo || x > hi) {
+                return Err(err(format!("default {x} is outside the range [{lo}, {hi}]")));
+            }
         }
         Ok(decl)
     }
@@ -323,10 +342,76 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// A JSON value whose objects must not repeat a key (serde_json keeps the last one silently,
+/// so `"mask"` given twice, or a parameter declared twice, would lose one without a word).
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Strict;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Strict, E> {
+                Ok(Strict(Value::Bool(b)))
+            }
+            fn visit_i64<E>(self, x: i64) -> Result<Strict, E> {
+                Ok(Strict(Value::from(x)))
+            }
+            fn visit_u64<E>(self, x: u64) -> Result<Strict, E> {
+                Ok(Strict(Value::from(x)))
+            }
+            fn visit_f64<E>(self, x: f64) -> Result<Strict, E> {
+                Ok(Strict(Value::from(x)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Strict, E> {
+                Ok(Strict(Value::String(s.to_string())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Strict, E> {
+                Ok(Strict(Value::String(s)))
+            }
+            fn visit_unit<E>(self) -> Result<Strict, E> {
+                Ok(Strict(Value::Null))
+            }
+            fn visit_none<E>(self) -> Result<Strict, E> {
+                Ok(Strict(Value::Null))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Strict, D::Error> {
+                serde::Deserialize::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+                let mut v = Vec::new();
+                while let Some(Strict(x)) = seq.next_element()? {
+                    v.push(x);
+                }
+                Ok(Strict(Value::Array(v)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+                let mut m = Map::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("duplicate key `{}`", shown(&k))));
+                    }
+                    let Strict(v) = map.next_value()?;
+                    m.insert(k, v);
+                }
+                Ok(Strict(Value::Object(m)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn strict_json(text: &str) -> serde_json::Result<Value> {
+    serde_json::from_str::<Strict>(text).map(|s| s.0)
+}
+
 /// Parses and checks a spec. `file` names it in errors (a path, or `shipped:<name>`).
 pub fn load(file: &str, text: &str) -> Result<Variant, SpecError> {
     let l = Loader { file, text };
-    let root: Value = serde_json::from_str(text).map_err(|e| SpecError {
+    let root: Value = strict_json(text).map_err(|e| SpecError {
         line: Some(e.line()),
         column: Some(e.column()),
         ..l.error(None, format!("invalid JSON: {e}"))
@@ -359,6 +444,9 @@ pub fn load(file: &str, text: &str) -> Result<Variant, SpecError> {
         Some(Value::Object(m)) => m.iter().map(|(k, v)| l.param(k, v)).collect::<Result<Vec<_>, _>>()?,
         Some(v) => return Err(l.error(Some("params"), format!("`params` must be an object, found {}", kind(v)))),
     };
+    // The kernels take the parameters in one fixed-size blob: a spec that cannot fit it would
+    // never compile.
+    params::param_layout(&params).map_err(|m| l.error(Some("params"), m))?;
     let sigs: Vec<ParamSig<'_>> = params.iter().map(|p| ParamSig { name: &p.name, ty: p.ty }).collect();
 
     let logits_default = Value::String("score * sm_scale".into());

@@ -33,6 +33,49 @@ impl ParamDecl {
     }
 }
 
+/// Words in the fixed-size params blob every kernel takes (128 bytes): a spec whose parameters
+/// need more is refused by `spec::load`.
+pub const PARAM_WORDS: usize = 16;
+
+/// One field of the rendered `Params` struct.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamField {
+    pub field: String,
+    pub ctype: &'static str,
+    pub offset: usize,
+    pub size: usize,
+}
+
+/// C layout of the params struct in declaration order: scalars are 4 bytes, arrays are device
+/// pointers (8 bytes, 8-aligned), a `bits` parameter is two pointers (`u_<name>` to the packed
+/// bits, `o_<name>` to the per-request offsets). Errors if it does not fit the blob.
+pub fn param_layout(decls: &[ParamDecl]) -> Result<Vec<ParamField>, String> {
+    let mut at = 0usize;
+    let mut out = Vec::with_capacity(decls.len());
+    for d in decls {
+        if d.ty.dim == Some(ParamDim::QueryKey) {
+            at = at.div_ceil(8) * 8;
+            out.push(ParamField { field: super::cuda::param_field(&d.name), ctype: "const unsigned char*", offset: at, size: 8 });
+            out.push(ParamField { field: super::cuda::bits_offsets_field(&d.name), ctype: "const long long*", offset: at + 8, size: 8 });
+            at += 16;
+            continue;
+        }
+        let (ctype, size) = match (d.ty.elem, d.ty.dim.is_some()) {
+            (Ty::I32, false) => ("int", 4),
+            (_, false) => ("float", 4),
+            (Ty::I32, true) => ("const int*", 8),
+            (_, true) => ("const float*", 8),
+        };
+        at = at.div_ceil(size) * size;
+        out.push(ParamField { field: super::cuda::param_field(&d.name), ctype, offset: at, size });
+        at += size;
+    }
+    if at > PARAM_WORDS * 8 {
+        return Err(format!("the parameters need {at} bytes; at most {} fit a kernel's params blob", PARAM_WORDS * 8));
+    }
+    Ok(out)
+}
+
 /// The softmax scale of a launch: the given one, else `1/sqrt(head_dim_qk)`. It must be positive
 /// and finite — kernels fold it into the exponent, so the row max of raw scores is the max of
 /// the logits — and every entry point (the reference, every launch) refuses anything else.

@@ -173,3 +173,20 @@ fn run_rejects_a_bad_scale_and_names_nan_rows_and_empty_outputs() {
     let (ok, text) = attnforge(&["run", "causal", "--cpu", "--batch", "0"]);
     assert!(ok && text.contains("no output rows") && !text.contains("inf, -inf"), "{text}");
 }
+
+/// Regression (hardening audit, items 11 and 12): `check` on a spec that can never bind fails,
+/// and on a spec too large to sample fully it says the sampling was cut short.
+#[test]
+fn check_refuses_unbindable_specs_and_says_when_sampling_was_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("long.json");
+    let mask = vec!["kv_pos"; 570].join("+") + "<0-1";
+    std::fs::write(&long, format!(r#"{{ "name": "long", "mask": "{mask}", "kv_range": {{ "hi": "-1" }} }}"#)).unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{ "name": "bad", "params": { "w": { "type": "i32", "default": 1e20 } } }"#).unwrap();
+    let (ok, text) = attnforge(&["check", long.to_str().unwrap(), bad.to_str().unwrap()]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("ok    long") && text.contains("sampled shapes only"), "{text}");
+    assert!(text.contains("more than the 1024 the prover analyses"), "{text}");
+    assert!(text.contains("FAIL") && text.contains("must be an integer in i32"), "{text}");
+}

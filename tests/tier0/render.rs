@@ -138,7 +138,10 @@ fn arch_names_parse() {
 #[test]
 fn a_spec_path_never_reaches_the_cuda_source() {
     let text = shipped::SHIPPED.iter().find(|(n, _)| *n == "soft_cap").unwrap().1;
-    let hostile = text.replacen("\"name\"", "\"description\": \"*/\\n#define tanhf(x) (x)\\n\", \"name\"", 1);
+    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+    let mut v = v.as_object().unwrap().clone();
+    v.insert("description".into(), "*/\n#define tanhf(x) (x)\n".into());
+    let hostile = serde_json::Value::Object(v).to_string();
     let plain = attnforge::spec::load("soft_cap.json", text).unwrap();
     let evil = attnforge::spec::load("x\n#define tanhf(x) (x)\n//.json", &hostile).unwrap();
     for cfg in [KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap(), KernelConfig::prefill(128, 128, DType::Bf16, 4).unwrap()] {

@@ -219,10 +219,94 @@ fn bits_parameters_are_read_only_through_bit() {
     let e = load("bad.json", text).unwrap_err();
     assert!(e.message.contains("cannot read a bit matrix"), "{}", e.message);
     let text = r#"{ "name": "t", "params": { "t": { "type": "bits", "default": 1 } } }"#;
-    assert!(load("bad.json", text).unwrap_err().message.contains("no default or range"));
+    assert!(load("bad.json", text).unwrap_err().message.contains("no default, range or sample"));
     let v = load("ok.json", r#"{ "name": "t", "params": { "t": "bits" }, "mask": "bit(t) && kv_pos <= q_pos" }"#).unwrap();
     assert_eq!(
         attnforge::spec::cuda::emit(&v.mask.unwrap().typed, &v.params),
         "(af_bit(p.u_t, p.o_t, req, af_isub(q_pos, af_isub(kv_len, q_len)), kv_pos, kv_len) && (kv_pos <= q_pos))"
     );
+}
+
+/// Regression (hardening audit, item 11): `check` accepted specs that could never compile or
+/// bind. Each is now refused by the loader, naming the parameter and the rule.
+#[test]
+fn specs_that_could_never_compile_or_bind_are_refused() {
+    let bad = |params: &str| load("bad.json", &format!(r#"{{ "name": "t", "params": {{ {params} }} }}"#)).unwrap_err().to_string();
+    // More than the 128 bytes of the kernels' params blob (17 arrays of 8-byte pointers).
+    let many: Vec<String> = (0..17).map(|i| format!(r#""a{i}": "f32[qo_heads]""#)).collect();
+    let e = bad(&many.join(", "));
+    assert!(e.contains("136 bytes") && e.contains("at most 128"), "{e}");
+    assert!(load("ok.json", &format!(r#"{{ "name": "t", "params": {{ {} }} }}"#, many[..16].join(", "))).is_ok());
+    // An i32 default no i32 can hold: every run would fail.
+    let e = bad(r#""w": { "type": "i32", "default": 1e20 }"#);
+    assert!(e.contains("parameter `w`") && e.contains("must be an integer in i32, found 100000000000000000000"), "{e}");
+    let e = bad(r#""s": { "type": "f32", "default": 1e300 }"#);
+    assert!(e.contains("does not fit in f32"), "{e}");
+    // A sample outside the declared range (it made bogus counterexamples), or holding no value.
+    let e = bad(r#""w": { "type": "i32", "range": [1, 100], "sample": [0, 50] }"#);
+    assert!(e.contains("`sample` [0, 50] is outside the declared `range` [1, 100]"), "{e}");
+    let e = bad(r#""w": { "type": "i32", "sample": [0.2, 0.8] }"#);
+    assert!(e.contains("holds no i32 value"), "{e}");
+    let e = bad(r#""w": { "type": "i32", "range": [3e9, 4e9] }"#);
+    assert!(e.contains("holds no i32 value"), "{e}");
+    let e = bad(r#""t": { "type": "bits", "sample": [0, 1] }"#);
+    assert!(e.contains("no default, range or sample"), "{e}");
+    // A bits parameter beside one named like its old offsets field is fine now (see render).
+    assert!(load("ok.json", r#"{ "name": "t", "params": { "t": "bits", "t_off": "i32" }, "mask": "bit(t) && kv_pos != t_off" }"#).is_ok());
+}
+
+/// Regression (hardening audit, item 11): duplicate JSON keys (a hook or a parameter given twice)
+/// were silently last-wins. They are an error naming the key and its line.
+#[test]
+fn duplicate_keys_are_an_error_not_last_wins() {
+    for (text, key, line) in [
+        ("{\n \"name\": \"t\",\n \"mask\": \"kv_pos <= q_pos\",\n \"mask\": \"true\"\n}", "mask", 4),
+        ("{\n \"name\": \"t\",\n \"params\": {\n  \"w\": \"i32\",\n  \"w\": \"f32\"\n }\n}", "w", 5),
+        ("{ \"name\": \"t\", \"kv_range\": { \"hi\": \"q_pos\", \"hi\": \"q_pos - 1\" } }", "hi", 1),
+        ("{ \"name\": \"t\", \"params\": { \"w\": { \"type\": \"i32\", \"type\": \"f32\" } } }", "type", 1),
+    ] {
+        let e = load("dup.json", text).unwrap_err();
+        assert!(e.message.contains(&format!("duplicate key `{key}`")), "{e}");
+        assert_eq!(e.line, Some(line), "{e}");
+    }
+}
+
+/// Regression (hardening audit, item 12): a 4 KB spec (a long mask over an empty `kv_range`)
+/// took 18–25 s in `check`. The soundness sampling is charged per evaluated node; when the
+/// budget runs out the check stops and says how far it got. The shipped variants are never cut.
+#[test]
+fn the_soundness_check_is_bounded_and_says_when_it_was_cut_short() {
+    use attnforge::spec::soundness::{check_kv_range, check_kv_range_within, EVAL_BUDGET};
+    let mask = vec!["kv_pos"; 570].join("+") + "<0-1";
+    let v = load("long.json", &format!(r#"{{ "name": "long", "mask": "{mask}", "kv_range": {{ "hi": "-1" }} }}"#)).unwrap();
+    let c = check_kv_range(&v, 300, 0).unwrap();
+    assert!(c.cut_short() && c.trials < 300 && c.evaluated <= EVAL_BUDGET, "{c:?}");
+    for s in attnforge::spec::shipped::all().unwrap() {
+        let c = check_kv_range(&s, 300, 0).unwrap();
+        assert!(!c.cut_short() && c.evaluated < EVAL_BUDGET / 4, "{}: {c:?}", s.name);
+    }
+    // A budget too small for one shape checks none, and says so.
+    let c = check_kv_range_within(&v, 10, 0, 1).unwrap();
+    assert_eq!((c.trials, c.wanted), (0, 10));
+}
+
+/// Regression (hardening audit, item 13): an integer literal beyond i64 was reported as the
+/// saturated value 9223372036854775807; NUL and U+2028 printed as invisible characters.
+#[test]
+fn messages_show_what_was_written_and_name_invisible_characters() {
+    let e = err_of("", "mask", "kv_pos < 99999999999999999999999999999");
+    check(&e, "mask", 10, "integer literal 99999999999999999999999999999 does not fit in i32");
+    for (c, name) in [('\u{0}', "U+0000"), ('\u{2028}', "U+2028"), ('\u{200b}', "U+200B")] {
+        let text = format!("{{\n  \"name\": \"t\",\n  \"params\": {{}},\n  \"mask\": \"kv_pos {c}< q_pos\"\n}}\n").replace('\u{0}', "\\u0000");
+        let e = load("bad.json", &text).unwrap_err();
+        assert!(e.message.contains(&format!("unexpected character {name}")), "{e}");
+        let shown = e.to_string();
+        assert!(!shown.contains(c), "an invisible character reached the message: {shown:?}");
+    }
+    // A hostile name is shown escaped and cut, not printed whole.
+    let long = format!("{{ \"name\": \"{}\\u2028\" }}", "v".repeat(100_000));
+    let e = load("bad.json", &long).unwrap_err().to_string();
+    assert!(e.len() < 400 && e.contains("characters)"), "{}", &e[..e.len().min(400)]);
+    let e = load("bad.json", "{ \"name\": \"a\\u2028b\" }").unwrap_err().to_string();
+    assert!(e.contains("\\u{2028}") && !e.contains('\u{2028}'), "{e:?}");
 }
