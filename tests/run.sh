@@ -17,4 +17,5 @@ if [[ -z "${CUDA_HOME:-}" && ! -e /usr/local/cuda/include/cuda_fp16.h ]]; then
 fi
 # NVRTC is installed now, so tier 1 must run: a missing NVRTC is a failure, not a skip.
 export ATTNFORGE_REQUIRE_NVRTC=1
-cargo test --release --workspace "$@"
+# The `ci` profile is release with overflow checks (Cargo.toml says why).
+cargo test --profile ci --workspace "$@"

@@ -331,7 +331,13 @@ pub fn sample(decls: &[ParamDecl], dims: Dims, lens: &[(usize, usize)], mut unif
                 let data = (0..(total as usize).div_ceil(8)).map(|_| uniform(0.0, 255.0).round() as u8).collect();
                 return (ParamValue::Bits { data, offsets }, d.ty.dim);
             }
+            // Bounds clamped to the type (a declared range may exceed it: an f32 range of ±1e300
+            // would otherwise sample infinities, an i32 one values that do not bind).
             let (lo, hi) = d.sample_bounds();
+            let (lo, hi) = match d.ty.elem {
+                Ty::I32 => (lo.max(i32::MIN as f64), hi.min(i32::MAX as f64)),
+                _ => (lo.max(-(f32::MAX as f64)), hi.min(f32::MAX as f64)),
+            };
             let n = d.ty.dim.map_or(1, |dim| dims.len(dim));
             let nums: Vec<f64> = (0..n)
                 .map(|_| {

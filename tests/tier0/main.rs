@@ -1,6 +1,7 @@
 //! Tier 0: everything that runs without NVRTC or a GPU.
 
 mod cli;
+mod fuzz;
 mod implied;
 mod kv;
 mod plan;

@@ -1,6 +1,7 @@
-//! Tier 1: needs NVRTC (not a GPU). Skips with a printed reason when NVRTC is missing, unless
-//! `ATTNFORGE_REQUIRE_NVRTC=1` (set by `tests/run.sh` once it has installed NVRTC), which turns
-//! a missing NVRTC into a failure rather than a silent skip.
+//! Tier 1: needs NVRTC (not a GPU). Without it every test is reported *ignored* (with the reason
+//! printed), unless `ATTNFORGE_REQUIRE_NVRTC=1` (set by `tests/run.sh` once it has installed
+//! NVRTC), which turns a missing NVRTC into a failure. A custom harness (libtest-mimic) decides
+//! at run time.
 
 use std::sync::Arc;
 
@@ -8,29 +9,55 @@ use attnforge::jit::{render::render, Arch, Jit, KernelConfig, Nvrtc, Origin};
 use attnforge::kv::DType;
 use attnforge::spec::{load, shipped};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rayon::prelude::*;
 
-fn nvrtc() -> Option<Nvrtc> {
-    match Nvrtc::load() {
-        Ok(n) => Some(n),
-        Err(e) if std::env::var_os("ATTNFORGE_REQUIRE_NVRTC").is_some() => panic!("ATTNFORGE_REQUIRE_NVRTC is set but {e}"),
-        Err(e) => {
-            eprintln!("skipping NVRTC tests: {e}");
-            None
-        }
+#[path = "../support/gen.rs"]
+mod gen;
+use gen::gen;
+
+/// NVRTC for one test. Tests run only where `main` found it, so a failure here is real.
+fn nvrtc() -> Nvrtc {
+    Nvrtc::load().unwrap_or_else(|e| panic!("no NVRTC: {e}"))
+}
+
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    // Probe once: without NVRTC every test is ignored (and says why), unless one is required.
+    let missing = Nvrtc::load().err().map(|e| e.to_string());
+    let required = std::env::var_os("ATTNFORGE_REQUIRE_NVRTC").is_some();
+    if let Some(why) = &missing {
+        eprintln!("tier 1: no NVRTC ({why}); {}", if required { "ATTNFORGE_REQUIRE_NVRTC is set, so every test fails" } else { "every NVRTC test is reported ignored" });
     }
+    let trial = |name: &'static str, f: fn()| {
+        let (ignored, missing) = (missing.is_some() && !required, missing.clone());
+        libtest_mimic::Trial::test(name, move || match &missing {
+            Some(why) => Err(format!("ATTNFORGE_REQUIRE_NVRTC is set but there is no NVRTC: {why}").into()),
+            None => {
+                f();
+                Ok(())
+            }
+        })
+        .with_ignored_flag(ignored)
+    };
+    let tests = vec![
+        trial("every_shipped_variant_and_op_compiles_for_sm80_and_sm90a", every_shipped_variant_and_op_compiles_for_sm80_and_sm90a),
+        trial("second_lookups_hit_memory_then_disk_and_damage_is_rebuilt", second_lookups_hit_memory_then_disk_and_damage_is_rebuilt),
+        trial("an_unusable_cache_directory_degrades_to_memory_with_a_warning", an_unusable_cache_directory_degrades_to_memory_with_a_warning),
+        trial("a_kernel_whose_entry_cannot_be_written_has_no_path", a_kernel_whose_entry_cannot_be_written_has_no_path),
+        trial("a_compile_failure_names_the_hook_and_shows_the_rendered_lines", a_compile_failure_names_the_hook_and_shows_the_rendered_lines),
+        trial("random_well_typed_specs_compile", random_well_typed_specs_compile),
+        trial("the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process", the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process),
+        trial("a_bits_parameter_beside_one_named_like_its_offsets_compiles", a_bits_parameter_beside_one_named_like_its_offsets_compiles),
+    ];
+    libtest_mimic::run(&args, tests).exit();
 }
 
 fn jit(dir: &std::path::Path) -> Jit {
     Jit::with_store_dir(dir).unwrap()
 }
 
-#[test]
 fn every_shipped_variant_and_op_compiles_for_sm80_and_sm90a() {
-    if nvrtc().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let jit = Arc::new(jit(dir.path()));
     let mut jobs = Vec::new();
@@ -67,11 +94,7 @@ fn every_shipped_variant_and_op_compiles_for_sm80_and_sm90a() {
     assert_eq!(jit.store().unwrap().list().unwrap().len(), 264 + 66);
 }
 
-#[test]
 fn second_lookups_hit_memory_then_disk_and_damage_is_rebuilt() {
-    if nvrtc().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let v = shipped::resolve("soft_cap").unwrap();
     let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
@@ -97,11 +120,7 @@ fn second_lookups_hit_memory_then_disk_and_damage_is_rebuilt() {
     assert_eq!(rebuilt.cubin, first.cubin);
 }
 
-#[test]
 fn an_unusable_cache_directory_degrades_to_memory_with_a_warning() {
-    if nvrtc().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
@@ -117,11 +136,7 @@ fn an_unusable_cache_directory_degrades_to_memory_with_a_warning() {
 /// Regression (hardening audit, item 13): a kernel whose entry could not be written printed the
 /// path it would have had. Here a directory sits at the entry's path: the lookup reports damage
 /// it cannot remove, the write fails, and the kernel has no path (in memory hits too).
-#[test]
 fn a_kernel_whose_entry_cannot_be_written_has_no_path() {
-    if nvrtc().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let v = shipped::resolve("causal").unwrap();
     let cfg = KernelConfig::decode(64, 64, DType::F16, 1).unwrap();
@@ -140,9 +155,8 @@ fn a_kernel_whose_entry_cannot_be_written_has_no_path() {
     assert_eq!((again.origin, again.path), (Origin::Memory, None));
 }
 
-#[test]
 fn a_compile_failure_names_the_hook_and_shows_the_rendered_lines() {
-    let Some(nvrtc) = nvrtc() else { return };
+    let nvrtc = nvrtc();
     // The emitter is total over the typed language, so no valid spec is known to fail NVRTC
     // (see `random_well_typed_specs_compile`). Simulate an emitter bug instead: corrupt the line
     // the `mask` hook was emitted to, and check the report.
@@ -165,64 +179,7 @@ fn a_compile_failure_names_the_hook_and_shows_the_rendered_lines() {
     assert_eq!(std::fs::read_to_string(saved).unwrap(), src.code);
 }
 
-/// Random expression text of the given type over the given identifiers.
-fn gen(rng: &mut StdRng, ty: char, depth: u32, ints: &[&str], floats: &[&str]) -> String {
-    let leaf = depth == 0 || rng.random_bool(0.3);
-    match ty {
-        'f' if leaf => match rng.random_range(0..3) {
-            0 if !floats.is_empty() => floats[rng.random_range(0..floats.len())].to_string(),
-            1 => format!("{:?}", rng.random_range(-100.0f32..100.0)),
-            _ => format!("float({})", gen(rng, 'i', 0, ints, floats)),
-        },
-        'f' => {
-            let a = gen(rng, 'f', depth - 1, ints, floats);
-            let b = gen(rng, 'f', depth - 1, ints, floats);
-            match rng.random_range(0..8) {
-                0 => format!("({a} + {b})"),
-                1 => format!("({a} * {b})"),
-                2 => format!("({a} / {b})"),
-                3 => format!("tanh({a})"),
-                4 => format!("exp(min({a}, 10.0))"),
-                5 => format!("select({}, {a}, {b})", gen(rng, 'b', depth - 1, ints, floats)),
-                6 => format!("sigmoid({a} - {b})"),
-                _ => format!("max(sqrt(abs({a})), log2(abs({b}) + 1.0))"),
-            }
-        }
-        'i' if leaf => match rng.random_range(0..2) {
-            0 => ints[rng.random_range(0..ints.len())].to_string(),
-            _ => rng.random_range(-50..50).to_string(),
-        },
-        'i' => {
-            let a = gen(rng, 'i', depth - 1, ints, floats);
-            let b = gen(rng, 'i', depth - 1, ints, floats);
-            match rng.random_range(0..7) {
-                0 => format!("({a} + {b})"),
-                1 => format!("({a} - {b})"),
-                2 => format!("({a} * {b})"),
-                3 => format!("({a} / {b})"),
-                4 => format!("({a} % {b})"),
-                5 => format!("min(abs({a}), {b})"),
-                _ => format!("int({})", gen(rng, 'f', depth - 1, ints, floats)),
-            }
-        }
-        _ => {
-            let a = gen(rng, 'i', depth.saturating_sub(1), ints, floats);
-            let b = gen(rng, 'i', depth.saturating_sub(1), ints, floats);
-            match rng.random_range(0..4) {
-                0 => format!("({a} <= {b})"),
-                1 => format!("(({a} != {b}) || !({a} > 3))"),
-                2 => format!("({a} == {b} && true)"),
-                _ => format!("({} < {})", gen(rng, 'f', depth.saturating_sub(1), ints, floats), gen(rng, 'f', 0, ints, floats)),
-            }
-        }
-    }
-}
-
-#[test]
 fn random_well_typed_specs_compile() {
-    if nvrtc().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let jit = jit(dir.path());
     let mut rng = StdRng::seed_from_u64(42);
@@ -248,11 +205,7 @@ fn random_well_typed_specs_compile() {
     }
 }
 
-#[test]
 fn the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process() {
-    if nvrtc().is_none() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
         // Cargo's build, or the packed binary where tests run on another machine (device-pack).
@@ -282,4 +235,15 @@ fn the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process() {
     }
     let (ok, text) = run(&["cache", "clear"]);
     assert!(ok && text.contains("removed 1 files"), "{text}");
+}
+
+/// Regression (hardening audit, item 11): a `bits` parameter `t` beside a parameter `t_off`
+/// failed NVRTC ("already declared"): the offsets field was `u_t_off`. It compiles now.
+fn a_bits_parameter_beside_one_named_like_its_offsets_compiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = load("t.json", r#"{ "name": "t", "params": { "t": "bits", "t_off": "i32" }, "mask": "bit(t) && kv_pos != t_off" }"#).unwrap();
+    let j = jit(dir.path());
+    for cfg in [KernelConfig::decode(64, 64, DType::F16, 2).unwrap(), KernelConfig::prefill(64, 64, DType::F16, 2).unwrap()] {
+        j.get(&v, &cfg, &"sm_90a".parse().unwrap()).unwrap_or_else(|e| panic!("{e}"));
+    }
 }

@@ -1,5 +1,7 @@
-//! Tier 2: needs a GPU. Skips with a printed reason when there is none, unless
-//! `ATTNFORGE_REQUIRE_GPU=1` (set on the device), which makes a missing GPU a failure.
+//! Tier 2: needs a GPU. Without one every test is reported *ignored* (with the reason printed),
+//! never passed, unless `ATTNFORGE_REQUIRE_GPU=1` (set on the device), which makes a missing GPU
+//! a failure. A custom harness (libtest-mimic, `harness = false`) decides that at run time; it
+//! takes the usual test arguments (filters, `--list`, `--test-threads`).
 //!
 //! Every check compares with the f64 CPU reference through `harness::compare` (its doc comment
 //! justifies the tolerance) on fresh random inputs with poisoned outputs.
@@ -21,15 +23,47 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-fn engine() -> Option<Engine> {
-    match Engine::new(0) {
-        Ok(e) => Some(e),
-        Err(e) if std::env::var_os("ATTNFORGE_REQUIRE_GPU").is_some() => panic!("ATTNFORGE_REQUIRE_GPU is set but {e}"),
-        Err(e) => {
-            eprintln!("skipping GPU tests: {e}");
-            None
-        }
+/// The GPU for one test. Tests run only where `main` found a GPU, so a failure here is real.
+fn engine() -> Engine {
+    Engine::new(0).unwrap_or_else(|e| panic!("no GPU: {e}"))
+}
+
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    // Probe once: without a GPU every test is ignored (and says why), unless one is required.
+    let missing = Engine::new(0).err().map(|e| e.to_string());
+    let required = std::env::var_os("ATTNFORGE_REQUIRE_GPU").is_some();
+    if let Some(why) = &missing {
+        eprintln!("tier 2: no GPU ({why}); {}", if required { "ATTNFORGE_REQUIRE_GPU is set, so every test fails" } else { "every GPU test is reported ignored" });
     }
+    let trial = |name: &'static str, f: fn()| {
+        let (ignored, missing) = (missing.is_some() && !required, missing.clone());
+        libtest_mimic::Trial::test(name, move || match &missing {
+            Some(why) => Err(format!("ATTNFORGE_REQUIRE_GPU is set but there is no GPU: {why}").into()),
+            None => {
+                f();
+                Ok(())
+            }
+        })
+        .with_ignored_flag(ignored)
+    };
+    let tests = vec![
+        trial("decode_matches_the_reference_on_random_batches", decode_matches_the_reference_on_random_batches),
+        trial("merges_are_right_with_and_without_the_overlapped_launch", merges_are_right_with_and_without_the_overlapped_launch),
+        trial("skewed_big_batches_are_balanced_across_ctas", skewed_big_batches_are_balanced_across_ctas),
+        trial("wide_tiles_run_every_variant_where_a_launch_leaves_one_cta_per_sm", wide_tiles_run_every_variant_where_a_launch_leaves_one_cta_per_sm),
+        trial("every_variant_splits_and_merges_correctly_with_many_heads", every_variant_splits_and_merges_correctly_with_many_heads),
+        trial("deterministic_mode_is_bit_identical_across_batch_compositions", deterministic_mode_is_bit_identical_across_batch_compositions),
+        trial("a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths", a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths),
+        trial("capturing_a_default_plan_and_bad_shapes_are_errors", capturing_a_default_plan_and_bad_shapes_are_errors),
+        trial("prefill::prefill_matches_the_reference_on_random_ragged_batches", prefill::prefill_matches_the_reference_on_random_ragged_batches),
+        trial("prefill::a_long_causal_prompt_and_short_appends", prefill::a_long_causal_prompt_and_short_appends),
+        trial("prefill::long_caches_split_across_ctas_and_merge", prefill::long_caches_split_across_ctas_and_merge),
+        trial("prefill::prefill_is_bit_identical_across_batch_compositions", prefill::prefill_is_bit_identical_across_batch_compositions),
+        trial("prefill::a_fixed_grid_prefill_plan_replays_in_a_cuda_graph", prefill::a_fixed_grid_prefill_plan_replays_in_a_cuda_graph),
+        trial("nan_logits_make_their_rows_nan_as_in_the_reference", nan_logits_make_their_rows_nan_as_in_the_reference),
+    ];
+    libtest_mimic::run(&args, tests).exit();
 }
 
 #[derive(Debug, Clone)]
@@ -128,9 +162,8 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
     (line, plan.per_cta, wide)
 }
 
-#[test]
 fn decode_matches_the_reference_on_random_batches() {
-    let Some(e) = engine() else { return };
+    let e = engine();
     let mut rng = StdRng::seed_from_u64(std::env::var("ATTNFORGE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(2026));
     let cases: usize = std::env::var("ATTNFORGE_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     for i in 0..cases {
@@ -140,9 +173,8 @@ fn decode_matches_the_reference_on_random_batches() {
     }
 }
 
-#[test]
 fn merges_are_right_with_and_without_the_overlapped_launch() {
-    let Some(mut e) = engine() else { return };
+    let mut e = engine();
     let mut rng = StdRng::seed_from_u64(29);
     for on in [true, false] {
         e.set_programmatic_merge(on);
@@ -155,9 +187,8 @@ fn merges_are_right_with_and_without_the_overlapped_launch() {
     }
 }
 
-#[test]
 fn skewed_big_batches_are_balanced_across_ctas() {
-    let Some(e) = engine() else { return };
+    let e = engine();
     let mut rng = StdRng::seed_from_u64(23);
     // 300 requests (one empty, one of 20 000 positions, the rest 0–400) on 2 KV heads: more work
     // than one wave and one request far above a CTA's share, so every plan is balanced and the
@@ -174,9 +205,8 @@ fn skewed_big_batches_are_balanced_across_ctas() {
     }
 }
 
-#[test]
 fn wide_tiles_run_every_variant_where_a_launch_leaves_one_cta_per_sm() {
-    let Some(e) = engine() else { return };
+    let e = engine();
     let mut rng = StdRng::seed_from_u64(41);
     let mut wide_runs = 0;
     for variant in 0..shipped::SHIPPED.len() {
@@ -212,9 +242,8 @@ fn wide_tiles_run_every_variant_where_a_launch_leaves_one_cta_per_sm() {
     assert!(wide_runs >= 20, "only {wide_runs} cases ran on the wide tile");
 }
 
-#[test]
 fn every_variant_splits_and_merges_correctly_with_many_heads() {
-    let Some(e) = engine() else { return };
+    let e = engine();
     let mut rng = StdRng::seed_from_u64(7);
     for variant in 0..shipped::SHIPPED.len() {
         // 8 KV heads, GQA 4, one long and one short request: the planner must split.
@@ -223,9 +252,8 @@ fn every_variant_splits_and_merges_correctly_with_many_heads() {
     }
 }
 
-#[test]
 fn deterministic_mode_is_bit_identical_across_batch_compositions() {
-    let Some(e) = engine() else { return };
+    let e = engine();
     let v = shipped::resolve("gemma2").unwrap();
     let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
     let k = e.decode_kernel(&v, &cfg).unwrap();
@@ -258,9 +286,8 @@ fn deterministic_mode_is_bit_identical_across_batch_compositions() {
     assert!(compare(&b, &want, DType::Bf16, 128).ok());
 }
 
-#[test]
 fn a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths() {
-    let Some(e) = engine() else { return };
+    let e = engine();
     let v = shipped::resolve("sink").unwrap();
     let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
     let k = e.decode_kernel(&v, &cfg).unwrap();
@@ -342,9 +369,8 @@ fn a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths() {
     }
 }
 
-#[test]
 fn capturing_a_default_plan_and_bad_shapes_are_errors() {
-    let Some(e) = engine() else { return };
+    let e = engine();
     let v = shipped::resolve("causal").unwrap();
     let cfg = KernelConfig::decode(64, 64, DType::F16, 2).unwrap();
     let k = e.decode_kernel(&v, &cfg).unwrap();
@@ -389,4 +415,35 @@ fn capturing_a_default_plan_and_bad_shapes_are_errors() {
     // A fixed grid too small for the batch.
     let err = e.plan_decode(&k, &p, &w.batch(), PlanMode::FixedGrid { max_ctas: 1 }).unwrap_err();
     assert!(err.to_string().contains("fixed grid holds 1"), "{err}");
+}
+
+/// Regression (hardening audit, item 9): the reference reports a row with a NaN logit as NaN;
+/// the kernels must too (a NaN logit becomes +inf, which poisons the row's sum), in decode on
+/// both main loops and in prefill, split or not, with one NaN key or all of them.
+fn nan_logits_make_their_rows_nan_as_in_the_reference() {
+    let e = engine();
+    let mut rng = StdRng::seed_from_u64(13);
+    for logits in ["select(kv_pos == 3 && q_pos > 40, sqrt(-1.0), score * sm_scale * 0.5)", "sqrt(-1.0 - abs(score))"] {
+        let text = format!(r#"{{ "name": "nan_logits", "logits": "{logits}" }}"#);
+        let v = attnforge::spec::load("nan.json", &text).unwrap();
+        for (group, lens) in [(1usize, vec![(1usize, 9000usize), (1, 60), (1, 2)]), (4, vec![(1, 9000), (1, 60), (1, 2)]), (4, vec![(50, 300), (3, 8000)])] {
+            let spec = WorkloadSpec { lens: lens.clone(), qo_heads: 2 * group, kv_heads: 2, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 1 };
+            let w = Workload::<bf16>::random(&spec, &mut rng).unwrap();
+            let p = v.bind(&HashMap::new(), Dims { qo_heads: 2 * group, kv_heads: 2, batch: lens.len() }).unwrap();
+            let decode = lens.iter().all(|l| l.0 == 1);
+            let got = if decode {
+                let k = e.decode_kernel(&v, &KernelConfig::decode(128, 128, DType::Bf16, group).unwrap()).unwrap();
+                decode_once(&e, &k, &p, &w, PlanMode::Default, None).unwrap().0
+            } else {
+                let k = e.prefill_kernel(&v, &KernelConfig::prefill(128, 128, DType::Bf16, group).unwrap()).unwrap();
+                attnforge::harness::prefill_once(&e, &k, &p, &w, PlanMode::Default, None).unwrap().0
+            };
+            let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
+            let nan_rows = want.lse.iter().filter(|x| x.is_nan()).count();
+            assert!(nan_rows > 0, "the test must produce NaN rows");
+            let cmp = compare(&got, &want, DType::Bf16, 128);
+            eprintln!("{logits} g{group} {lens:?}: {nan_rows} NaN rows: {cmp}");
+            assert!(cmp.ok(), "{logits} g{group} {lens:?}: {cmp}");
+        }
+    }
 }

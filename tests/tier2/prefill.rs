@@ -49,9 +49,8 @@ fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, le
     line
 }
 
-#[test]
-fn prefill_matches_the_reference_on_random_ragged_batches() {
-    let Some(e) = super::engine() else { return };
+pub(crate) fn prefill_matches_the_reference_on_random_ragged_batches() {
+    let e = super::engine();
     let mut rng = StdRng::seed_from_u64(std::env::var("ATTNFORGE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(99));
     let cases: usize = std::env::var("ATTNFORGE_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
     for i in 0..cases {
@@ -78,9 +77,8 @@ fn prefill_matches_the_reference_on_random_ragged_batches() {
     }
 }
 
-#[test]
-fn a_long_causal_prompt_and_short_appends() {
-    let Some(e) = super::engine() else { return };
+pub(crate) fn a_long_causal_prompt_and_short_appends() {
+    let e = super::engine();
     // One 3000-token prompt (MHA) and speculative-decoding-style appends (q 8 over kv 900).
     eprintln!("{}", check::<bf16>(&e, 1, vec![(3000, 3000)], 2, 1, (128, 128), 16, KvLayout::Nhd, 1));
     eprintln!("{}", check::<bf16>(&e, 4, vec![(8, 900); 5], 2, 4, (128, 128), 16, KvLayout::Nhd, 2));
@@ -88,9 +86,8 @@ fn a_long_causal_prompt_and_short_appends() {
 
 /// Few short queries over long caches: the plan splits the KV across CTAs and merges the
 /// partial states (sink counted once, `normalize: none` summed, windows and masks per chunk).
-#[test]
-fn long_caches_split_across_ctas_and_merge() {
-    let Some(e) = super::engine() else { return };
+pub(crate) fn long_caches_split_across_ctas_and_merge() {
+    let e = super::engine();
     // (Windowed and chunked variants sample windows and chunks of at most 64 keys, too short to
     // split; the random test covers their splits over short prompts.)
     let names = ["causal", "sink", "sigmoid", "soft_cap", "tree_mask", "default", "alibi", "prefix_lm"];
@@ -110,9 +107,8 @@ fn long_caches_split_across_ctas_and_merge() {
     }
 }
 
-#[test]
-fn prefill_is_bit_identical_across_batch_compositions() {
-    let Some(e) = super::engine() else { return };
+pub(crate) fn prefill_is_bit_identical_across_batch_compositions() {
+    let e = super::engine();
     use attnforge::spec::params::ParamInput;
     use std::collections::HashMap;
     let v = shipped::resolve("soft_cap").unwrap();
@@ -139,9 +135,8 @@ fn prefill_is_bit_identical_across_batch_compositions() {
     assert!(a.lse[300 * 8..400 * 8].iter().zip(&b.lse).all(|(x, y)| x.to_bits() == y.to_bits()), "lse differs in bits");
 }
 
-#[test]
-fn a_fixed_grid_prefill_plan_replays_in_a_cuda_graph() {
-    let Some(e) = super::engine() else { return };
+pub(crate) fn a_fixed_grid_prefill_plan_replays_in_a_cuda_graph() {
+    let e = super::engine();
     use attnforge::engine::{DeviceBatch, DeviceOutput};
     use attnforge::harness::DeviceResult;
     use attnforge::kv::{Batch, PageTable};
