@@ -102,11 +102,7 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     ctx.insert("params_size", &abi::params_size(&layout));
     ctx.insert("hooks", &hooks);
     ctx.insert("mask_implied", &crate::spec::implied::mask_implied_by_range(variant));
-    let scaled_score = logits_scaled_score(&variant.logits.typed);
-    ctx.insert("logits_scaled_score", &scaled_score);
-    // `score * sm_scale` is NaN only for NaN inputs; any other softmax logits hook may compute
-    // one (sqrt of a negative, inf - inf) and is guarded.
-    ctx.insert("logits_nan_guard", &(!scaled_score && variant.normalize == Normalize::Softmax));
+    ctx.insert("logits_scaled_score", &logits_scaled_score(&variant.logits.typed));
     ctx.insert("normalize_softmax", &(variant.normalize == Normalize::Softmax));
     ctx.insert("dtype_q", cfg.dtype_q.cuda_type());
     ctx.insert("dtype_kv", cfg.dtype_kv.cuda_type());

@@ -85,7 +85,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
 #endif
 #if NORMALIZE_SOFTMAX
       l[jj] = vis ? af_logits(s, sm_scale, q_pos, pos, qo_head, kv_head, req, q_len, kv_len, p) : -AF_INF;
-      m_tile = fmaxf(m_tile, l[jj]);
+      m_tile = af_fmax(m_tile, l[jj]);
 #else
       l[jj] = vis ? af_logits(s, sm_scale, q_pos, pos, qo_head, kv_head, req, q_len, kv_len, p) : 0.f;
       any = any || vis;
@@ -105,7 +105,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
       }
     };
 #if NORMALIZE_SOFTMAX
-    const float m_new = fmaxf(m, m_tile);
+    const float m_new = af_fmax(m, m_tile);
     if (m_new != -AF_INF) {
       const float scale = exp2f((m - m_new) * AF_LOG2E);
       d *= scale;

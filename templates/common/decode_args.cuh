@@ -256,7 +256,7 @@ __device__ __forceinline__ bool decode_combine8(const float* red_m, const float*
 #pragma unroll
   for (int e = 0; e < VEC; ++e) O[e] = 0.f;
 #if NORMALIZE_SOFTMAX
-  for (int z = 0; z < N; ++z) M = fmaxf(M, red_m[z * GROUP + row]);
+  for (int z = 0; z < N; ++z) M = af_fmax(M, red_m[z * GROUP + row]);
   if (M == -AF_INF) return false;
   for (int z = 0; z < N; ++z) {
     const float f = exp2f((red_m[z * GROUP + row] - M) * AF_LOG2E);

@@ -111,13 +111,13 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
     }
 
 #if NORMALIZE_SOFTMAX
-    float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-    float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    float mx0 = af_fmax(af_fmax(s[0][0], s[0][1]), af_fmax(s[1][0], s[1][1]));
+    float mx1 = af_fmax(af_fmax(s[0][2], s[0][3]), af_fmax(s[1][2], s[1][3]));
+    mx0 = af_fmax(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = af_fmax(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = af_fmax(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = af_fmax(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = af_fmax(m0, mx0), mn1 = af_fmax(m1, mx1);
     // A row with nothing visible yet keeps its zero state: scale 1, weights 0.
     const float sc0 = mn0 == -AF_INF ? 1.f : exp2f((m0 - mn0) * AF_LOG2E);
     const float sc1 = mn1 == -AF_INF ? 1.f : exp2f((m1 - mn1) * AF_LOG2E);

@@ -36,12 +36,12 @@ __device__ __forceinline__ float merge_reduce(float x, float* red) {
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) {
     const float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = MAX ? fmaxf(x, y) : x + y;
+    x = MAX ? af_fmax(x, y) : x + y;
   }
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
   __syncthreads();
   float r = red[0];
-  for (int i = 1; i < (int)blockDim.x / 32; ++i) r = MAX ? fmaxf(r, red[i]) : r + red[i];
+  for (int i = 1; i < (int)blockDim.x / 32; ++i) r = MAX ? af_fmax(r, red[i]) : r + red[i];
   __syncthreads();  // red is reused by the next reduction
   return r;
 }
@@ -64,7 +64,7 @@ __device__ __forceinline__ void merge_body(const MergeArgs& a, const Params& p) 
   af_wait_prior_grid();
 
   float M = -AF_INF;
-  for (int s = tid; s < item.count; s += nt) M = fmaxf(M, lse[s * H]);
+  for (int s = tid; s < item.count; s += nt) M = af_fmax(M, lse[s * H]);  // a NaN partial makes the row NaN
   M = merge_reduce<true>(M, red);
   const long long out_row = (long long)item.token * H + qo_head;
 #if NORMALIZE_SOFTMAX

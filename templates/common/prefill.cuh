@@ -351,7 +351,10 @@ __device__ __forceinline__ void prefill_body(const DecodeArgs& a, const Params& 
       float dd = d[mt][h];
       dd += __shfl_xor_sync(0xffffffffu, dd, 1);
       dd += __shfl_xor_sync(0xffffffffu, dd, 2);
-      const bool visible = m[mt][h] != -AF_INF;
+      // A row whose visible logits were all NaN keeps m = -inf (the lazy max never raises on a
+      // NaN) but its d is NaN: it is visible, and its output and LSE come out NaN, as in the
+      // reference.
+      const bool visible = m[mt][h] != -AF_INF || dd != dd;
 #else
       const bool seen = (__shfl_xor_sync(0xffffffffu, (int)any[mt][h], 1) | __shfl_xor_sync(0xffffffffu, (int)any[mt][h], 2) | (int)any[mt][h]) != 0;
 #endif

@@ -5,9 +5,14 @@
 
 #define AF_LOG2E 1.4426950408889634f
 #define AF_INF __int_as_float(0x7f800000)
-// A NaN logit becomes +inf: the running max then reaches +inf and exp(inf - inf) makes the row's
-// sum NaN, as the reference's row is (fmaxf alone would skip the NaN and drop the key).
-__device__ __forceinline__ float af_nan_to_inf(float x) { return x != x ? AF_INF : x; }
+// The max of the decode softmax and the merges: NaN if either operand is (PTX max.NaN, one FMNMX
+// like fmaxf). fmaxf skips a NaN, so a row whose logits were all NaN kept m = -inf and came out
+// "fully masked"; the reference makes any row with a visible NaN logit NaN, and so do these.
+__device__ __forceinline__ float af_fmax(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
 
 // Integer arithmetic of the spec language: wrapping + - *, division and remainder by zero give 0,
 // INT_MIN / -1 wraps. Must match src/spec/eval.rs exactly.

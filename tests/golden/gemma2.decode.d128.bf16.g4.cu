@@ -7,9 +7,14 @@
 
 #define AF_LOG2E 1.4426950408889634f
 #define AF_INF __int_as_float(0x7f800000)
-// A NaN logit becomes +inf: the running max then reaches +inf and exp(inf - inf) makes the row's
-// sum NaN, as the reference's row is (fmaxf alone would skip the NaN and drop the key).
-__device__ __forceinline__ float af_nan_to_inf(float x) { return x != x ? AF_INF : x; }
+// The max of the decode softmax and the merges: NaN if either operand is (PTX max.NaN, one FMNMX
+// like fmaxf). fmaxf skips a NaN, so a row whose logits were all NaN kept m = -inf and came out
+// "fully masked"; the reference makes any row with a visible NaN logit NaN, and so do these.
+__device__ __forceinline__ float af_fmax(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
 
 // Integer arithmetic of the spec language: wrapping + - *, division and remainder by zero give 0,
 // INT_MIN / -1 wraps. Must match src/spec/eval.rs exactly.
@@ -142,7 +147,7 @@ static_assert(sizeof(Params) == 8, "Params layout differs from Rust (src/abi.rs)
 
 __device__ __forceinline__ float af_logits(AF_HOOK_ARGS) {
   // @hook logits
-  return af_nan_to_inf((p.u_soft_cap * tanhf(((score * sm_scale) / p.u_soft_cap))));
+  return (p.u_soft_cap * tanhf(((score * sm_scale) / p.u_soft_cap)));
 }
 __device__ __forceinline__ bool af_mask(AF_HOOK_ARGS) {
   // @hook mask
@@ -415,7 +420,7 @@ __device__ __forceinline__ bool decode_combine8(const float* red_m, const float*
 #pragma unroll
   for (int e = 0; e < VEC; ++e) O[e] = 0.f;
 #if NORMALIZE_SOFTMAX
-  for (int z = 0; z < N; ++z) M = fmaxf(M, red_m[z * GROUP + row]);
+  for (int z = 0; z < N; ++z) M = af_fmax(M, red_m[z * GROUP + row]);
   if (M == -AF_INF) return false;
   for (int z = 0; z < N; ++z) {
     const float f = exp2f((red_m[z * GROUP + row] - M) * AF_LOG2E);
@@ -667,13 +672,13 @@ __device__ __forceinline__ void decode_body(const DecodeArgs& a, const Params& p
     }
 
 #if NORMALIZE_SOFTMAX
-    float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-    float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    float mx0 = af_fmax(af_fmax(s[0][0], s[0][1]), af_fmax(s[1][0], s[1][1]));
+    float mx1 = af_fmax(af_fmax(s[0][2], s[0][3]), af_fmax(s[1][2], s[1][3]));
+    mx0 = af_fmax(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = af_fmax(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = af_fmax(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = af_fmax(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = af_fmax(m0, mx0), mn1 = af_fmax(m1, mx1);
     // A row with nothing visible yet keeps its zero state: scale 1, weights 0.
     const float sc0 = mn0 == -AF_INF ? 1.f : exp2f((m0 - mn0) * AF_LOG2E);
     const float sc1 = mn1 == -AF_INF ? 1.f : exp2f((m1 - mn1) * AF_LOG2E);
@@ -799,12 +804,12 @@ __device__ __forceinline__ float merge_reduce(float x, float* red) {
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) {
     const float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = MAX ? fmaxf(x, y) : x + y;
+    x = MAX ? af_fmax(x, y) : x + y;
   }
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
   __syncthreads();
   float r = red[0];
-  for (int i = 1; i < (int)blockDim.x / 32; ++i) r = MAX ? fmaxf(r, red[i]) : r + red[i];
+  for (int i = 1; i < (int)blockDim.x / 32; ++i) r = MAX ? af_fmax(r, red[i]) : r + red[i];
   __syncthreads();  // red is reused by the next reduction
   return r;
 }
@@ -827,7 +832,7 @@ __device__ __forceinline__ void merge_body(const MergeArgs& a, const Params& p) 
   af_wait_prior_grid();
 
   float M = -AF_INF;
-  for (int s = tid; s < item.count; s += nt) M = fmaxf(M, lse[s * H]);
+  for (int s = tid; s < item.count; s += nt) M = af_fmax(M, lse[s * H]);  // a NaN partial makes the row NaN
   M = merge_reduce<true>(M, red);
   const long long out_row = (long long)item.token * H + qo_head;
 #if NORMALIZE_SOFTMAX
