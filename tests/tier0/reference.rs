@@ -352,3 +352,19 @@ fn the_softmax_scale_must_be_positive_and_finite() {
     }
     attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), Some(1e-30)).unwrap();
 }
+
+/// The GPU check treats a NaN row as agreement only where the reference is NaN too (a NaN
+/// logit): a NaN against a number, either way round, is a mismatch.
+#[test]
+fn compare_accepts_nan_only_where_the_reference_is_nan() {
+    use attnforge::harness::compare;
+    use attnforge::kv::DType;
+    let want = AttnOutput { o: vec![1.0, 2.0, f32::NAN, f32::NAN], lse: vec![0.5, f32::NAN] };
+    let c = compare(&want.clone(), &want, DType::Bf16, 2);
+    assert!(c.ok() && c.max_err == 0.0 && c.rel_l2 == 0.0, "{c}");
+    let got = AttnOutput { o: vec![f32::NAN, 2.0, f32::NAN, f32::NAN], lse: vec![0.5, f32::NAN] };
+    assert_eq!(compare(&got, &want, DType::Bf16, 2).bad, 1);
+    let got = AttnOutput { o: vec![1.0, 2.0, 0.0, 0.0], lse: vec![0.5, f32::NEG_INFINITY] };
+    let c = compare(&got, &want, DType::Bf16, 2);
+    assert!(c.bad == 2 && c.bad_lse == 1, "{c}");
+}
