@@ -35,7 +35,7 @@ pub fn measure_copy_gbps(e: &Engine) -> Result<f64> {
     let n = 1usize << 30;
     let src = e.alloc::<u8>(n)?;
     let mut dst = e.alloc::<u8>(n)?;
-    let cu = |x: cudarc::driver::DriverError| Error::Cuda(x.to_string());
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
     let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
     let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
     for _ in 0..3 {
@@ -149,7 +149,7 @@ fn random_device(e: &Engine, rng: &mut StdRng, n: usize) -> Result<cudarc::drive
     for start in (0..n).step_by(block.len()) {
         let m = block.len().min(n - start);
         let mut view = buf.slice_mut(start..start + m);
-        e.stream().memcpy_htod(&block[..m], &mut view).map_err(|x| Error::Cuda(x.to_string()))?;
+        e.stream().memcpy_htod(&block[..m], &mut view).map_err(|x| Error::Cuda { call: "copy to device".into(), detail: x.to_string() })?;
     }
     Ok(buf)
 }
@@ -213,7 +213,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
 
     let launch = |c: &Copy, plan: &crate::plan::DecodePlan, o: &mut cudarc::driver::CudaSlice<bf16>, lse: &mut cudarc::driver::CudaSlice<f32>| {
         let dev = DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo_dev, kv_indptr: &c.indptr, kv_indices: &c.indices, last_page_len: &c.last };
-        let bufs = c.bufs.as_ref().ok_or_else(|| Error::Plan("plan not uploaded".into()))?;
+        let bufs = c.bufs.as_ref().ok_or_else(|| crate::error::PlanError::NotUploaded)?;
         e.run_decode(&k, plan, bufs, &dp, &Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, &dev, DeviceOutput { o, lse }, None)
     };
 
@@ -225,7 +225,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
         fixed_plans.push(plan);
     }
     e.synchronize()?;
-    let cu = |x: cudarc::driver::DriverError| Error::Cuda(x.to_string());
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
     e.stream().begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cu)?;
     let mut captured = Ok(());
     for i in 0..GRAPH_CALLS {
@@ -234,7 +234,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
     }
     let graph = e.stream().end_capture(CUgraphInstantiate_flags(0)).map_err(cu)?;
     captured?;
-    let graph = graph.ok_or_else(|| Error::Cuda("empty graph".into()))?;
+    let graph = graph.ok_or_else(|| Error::Cuda { call: "end capture".into(), detail: "an empty graph".into() })?;
     let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
     let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
     for _ in 0..3 {
@@ -362,9 +362,9 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
     let plan = e.plan_prefill(&k, &params, &batch, PlanMode::Default)?;
     let mut bufs = None;
     e.upload_plan(&plan, &mut bufs)?;
-    let bufs = bufs.ok_or_else(|| Error::Plan("no plan buffers".into()))?;
+    let bufs = bufs.ok_or_else(|| crate::error::PlanError::NotUploaded)?;
     let dev = DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo_dev, kv_indptr: &indptr, kv_indices: &indices, last_page_len: &last };
-    let cu = |x: cudarc::driver::DriverError| Error::Cuda(x.to_string());
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
     let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
     let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
     let mut run = || e.run_prefill(&k, &plan, &bufs, &dp, &batch, &dev, DeviceOutput { o: &mut o, lse: &mut lse }, None);

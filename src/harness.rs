@@ -88,7 +88,7 @@ fn run_once<T: Element + DeviceRepr, P: crate::plan::Upload>(
     let mut bufs: Option<PlanBuffers> = None;
     e.upload_plan(plan, &mut bufs)?;
     let dp = e.upload_params(layout, params)?;
-    let bufs = bufs.ok_or_else(|| crate::Error::Plan("no plan buffers".into()))?;
+    let bufs = bufs.ok_or_else(|| crate::error::PlanError::NotUploaded)?;
     launch(&bufs, &dp, &dev, res.out())?;
     res.download(e)
 }

@@ -44,6 +44,7 @@
 
 pub mod abi;
 pub mod bench;
+pub mod diagnostics;
 pub mod engine;
 pub mod error;
 pub mod jit;

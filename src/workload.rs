@@ -85,7 +85,7 @@ impl WorkloadSpec {
 /// Room for `n` elements, or an error (never an abort) when it cannot be allocated.
 fn reserved<T>(what: &str, n: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| Error::Unsupported(format!("cannot allocate the {what}: {n} elements of {} bytes", std::mem::size_of::<T>())))?;
+    v.try_reserve_exact(n).map_err(|_| Error::UnsupportedConfig(format!("cannot allocate the {what}: {n} elements of {} bytes", std::mem::size_of::<T>())))?;
     Ok(v)
 }
 

@@ -76,11 +76,11 @@ impl Engine {
     /// Compiles (or finds) and loads the decode kernel for `variant` and `cfg`.
     pub fn decode_kernel(&self, variant: &Variant, cfg: &KernelConfig) -> Result<DecodeKernel> {
         if cfg.op != Op::Decode {
-            return Err(Error::Unsupported(format!("{} config given to decode_kernel", cfg.op.name())));
+            return Err(Error::UnsupportedConfig(format!("{} config given to decode_kernel", cfg.op.name())));
         }
         let compiled = self.jit.get(variant, cfg, &self.arch)?;
         for w in &compiled.warnings {
-            eprintln!("attnforge: warning: {w}");
+            crate::diagnostics::warn(w);
         }
         let t0 = std::time::Instant::now();
         let module = self.module(&compiled)?;
@@ -91,7 +91,7 @@ impl Engine {
         let merge = module.load_function("attnforge_merge").map_err(cuda("load attnforge_merge"))?;
         let mut load_time = t0.elapsed();
         if ctas_per_sm == 0 {
-            return Err(Error::Unsupported(format!("{} needs {smem} bytes of shared memory and {threads} threads: it cannot run on this GPU", compiled.name)));
+            return Err(Error::UnsupportedConfig(format!("{} needs {smem} bytes of shared memory and {threads} threads: it cannot run on this GPU", compiled.name)));
         }
         let wide = match cfg.wide_decode() {
             Some(wc) if wc.smem_bytes() <= self.max_smem_per_block()? => {
@@ -113,7 +113,7 @@ impl Engine {
             tile,
             smem_bytes: smem,
             ctas_per_sm,
-            layout: param_layout(&variant.params).map_err(Error::Unsupported)?,
+            layout: param_layout(&variant.params).map_err(Error::UnsupportedConfig)?,
             compiled,
             load_time,
             wide,

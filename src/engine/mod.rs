@@ -23,6 +23,7 @@ use crate::abi::{ParamBlob, ParamField};
 use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::plan::Upload;
 use crate::spec::params::{ParamValue, ParamValues};
+use crate::error::PlanError;
 use crate::{Error, Result};
 
 /// Whether the CUDA driver library can be loaded at all (cudarc panics on use if it cannot).
@@ -32,25 +33,27 @@ pub fn driver_present() -> bool {
 }
 
 fn cuda(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Cuda(format!("{what}: {e}"))
+    move |e| Error::Cuda { call: what.to_string(), detail: e.to_string() }
 }
 
 /// Function `entry` of `module`, opted in to `smem` bytes of dynamic shared memory, and how many
 /// of its CTAs of `threads` threads fit on one SM (0: none can be resident). `what` names it in
 /// errors.
 fn load_entry(module: &Arc<CudaModule>, entry: &str, what: &str, threads: usize, smem: usize) -> Result<(CudaFunction, usize)> {
-    let func = module.load_function(entry).map_err(|e| Error::Cuda(format!("load {what}: {e}")))?;
+    let func = module.load_function(entry).map_err(|e| Error::Cuda { call: format!("load {what}"), detail: e.to_string() })?;
     func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .map_err(|e| Error::Cuda(format!("set shared memory size of {what}: {e}")))?;
-    let resident = func.occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None).map_err(|e| Error::Cuda(format!("occupancy of {what}: {e}")))?;
+        .map_err(|e| Error::Cuda { call: format!("set shared memory size of {what}"), detail: e.to_string() })?;
+    let resident = func
+        .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
+        .map_err(|e| Error::Cuda { call: format!("occupancy of {what}"), detail: e.to_string() })?;
     Ok((func, resident as usize))
 }
 
 fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !driver_present() {
-        return Err(Error::Cuda("no CUDA driver (libcuda.so) on this machine, so no GPU".into()));
+        return Err(Error::NoGpu { reason: "no CUDA driver (libcuda.so) on this machine".into() });
     }
-    CudaContext::new(ordinal).map_err(|e| Error::Cuda(format!("no usable GPU {ordinal}: {e}")))
+    CudaContext::new(ordinal).map_err(|e| Error::NoGpu { reason: format!("GPU {ordinal} is not usable: {e}") })
 }
 
 /// The compile target for GPU `ordinal`, or a clear error when there is no driver or no GPU.
@@ -164,7 +167,7 @@ impl Engine {
     /// Copies host data into an existing device buffer (lengths must match).
     pub fn copy_into<T: DeviceRepr>(&self, data: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
         if data.len() > dst.len() {
-            return Err(Error::Layout(crate::kv::LayoutError::Mismatch { what: "device buffer capacity", expected: data.len(), got: dst.len() }));
+            return Err(Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "device buffer capacity", expected: data.len(), got: dst.len() }));
         }
         if data.is_empty() {
             return Ok(());
@@ -215,7 +218,7 @@ impl Engine {
         let fits = bufs.as_ref().is_some_and(|b| b.plan.len() >= packed.len() && b.workspace.len() >= ws_floats);
         if !fits {
             if bufs.as_ref().is_some_and(|b| b.fixed) {
-                return Err(Error::Plan("this fixed-grid plan does not fit the buffers a graph captured; plan with the same max_ctas".into()));
+                return Err(PlanError::CapturedBuffersTooSmall.into());
             }
             // SAFETY: pinned host memory of `len` i32s, written before any copy reads it.
             let pinned = unsafe { self.ctx.alloc_pinned::<i32>(packed.len()) }.map_err(cuda("pinned alloc"))?;
@@ -226,7 +229,7 @@ impl Engine {
                 fixed: plan.fixed(),
             });
         }
-        let b = bufs.as_mut().ok_or_else(|| Error::Plan("plan buffers missing".into()))?;
+        let b = bufs.as_mut().ok_or(PlanError::NotUploaded)?;
         b.pinned.as_mut_slice().map_err(cuda("pinned access"))?[..packed.len()].copy_from_slice(&packed);
         // One copy of the whole pinned buffer; a tail left from a longer plan is never read
         // (the kernels read the counts first, and the launch passes this plan's offsets).
@@ -269,13 +272,13 @@ impl Engine {
             if expected == got {
                 Ok(())
             } else {
-                Err(Error::Layout(LayoutError::Mismatch { what, expected, got }))
+                Err(Error::InvalidBatch(LayoutError::Mismatch { what, expected, got }))
             }
         };
         let kv = batch.kv;
         batch.validate(dev.q.len(), dev.k.len(), if kv.interleaved { dev.k.len() } else { dev.v.len() })?;
         if T::DTYPE != cfg.dtype_q || T::DTYPE != cfg.dtype_kv || T::DTYPE != cfg.dtype_o {
-            return Err(Error::Unsupported(format!("buffers are {} but the kernel was compiled for {}", T::DTYPE.name(), cfg.dtype_q.name())));
+            return Err(Error::UnsupportedConfig(format!("buffers are {} but the kernel was compiled for {}", T::DTYPE.name(), cfg.dtype_q.name())));
         }
         mismatch("head_dim_qk (kernel vs batch)", cfg.head_dim_qk, kv.head_dim_qk)?;
         mismatch("head_dim_vo (kernel vs batch)", cfg.head_dim_vo, kv.head_dim_vo)?;
@@ -291,18 +294,18 @@ impl Engine {
         mismatch("plan qo_heads", batch.qo_heads, plan.qo_heads)?;
         let s = &self.stream;
         if kv.interleaved && dev.v.device_ptr(s).0 != dev.k.device_ptr(s).0 {
-            return Err(Error::Layout(LayoutError::Mismatch { what: "interleaved cache: v must be the same buffer as k", expected: 0, got: 1 }));
+            return Err(Error::InvalidBatch(LayoutError::Mismatch { what: "interleaved cache: v must be the same buffer as k", expected: 0, got: 1 }));
         }
         params.check_bits(decls, batch)?;
         let sm_scale = crate::spec::params::resolve_sm_scale(sm_scale, kv.head_dim_qk).map_err(Error::Param)?;
         if bufs.plan.len() < plan.packed_len {
-            return Err(Error::Plan("the plan was not uploaded to these buffers (upload_plan)".into()));
+            return Err(PlanError::NotUploaded.into());
         }
         if bufs.workspace_bytes() < plan.workspace_bytes {
-            return Err(Error::Plan(format!("the plan needs {} bytes of workspace, {} were given", plan.workspace_bytes, bufs.workspace_bytes())));
+            return Err(PlanError::WorkspaceTooSmall { needed: plan.workspace_bytes, given: bufs.workspace_bytes() }.into());
         }
         if self.capturing()? && !plan.fixed_grid {
-            return Err(Error::Plan("capturing a CUDA graph needs a FixedGrid plan (its grid and buffers stay fixed across steps)".into()));
+            return Err(PlanError::GraphNeedsFixedGrid.into());
         }
         let ptr = |x: &CudaSlice<i32>| x.device_ptr(s).0;
         let plan_ptr = bufs.plan.device_ptr(s).0;
@@ -312,8 +315,8 @@ impl Engine {
         let sizes = kv.sizes()?;
         let (k_slot, k_head) = sizes.k_strides;
         let (v_slot, v_head) = sizes.v_strides;
-        let i32_of = |x: usize, what: &'static str| i32::try_from(x).map_err(|_| Error::Layout(LayoutError::TooLarge { what, value: x as u128, limit: "2^31 - 1" }));
-        let i64_of = |x: usize, what: &'static str| i64::try_from(x).map_err(|_| Error::Layout(LayoutError::TooLarge { what, value: x as u128, limit: "2^63 - 1" }));
+        let i32_of = |x: usize, what: &'static str| i32::try_from(x).map_err(|_| Error::InvalidBatch(LayoutError::TooLarge { what, value: x as u128, limit: "2^31 - 1" }));
+        let i64_of = |x: usize, what: &'static str| i64::try_from(x).map_err(|_| Error::InvalidBatch(LayoutError::TooLarge { what, value: x as u128, limit: "2^63 - 1" }));
         let elem = std::mem::size_of::<T>() as u64;
         Ok(crate::abi::DecodeArgs {
             q: dev.q.device_ptr(s).0,

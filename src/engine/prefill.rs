@@ -50,7 +50,7 @@ fn mismatch(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {
         Ok(())
     } else {
-        Err(Error::Layout(LayoutError::Mismatch { what, expected, got }))
+        Err(Error::InvalidBatch(LayoutError::Mismatch { what, expected, got }))
     }
 }
 
@@ -59,17 +59,17 @@ impl Engine {
     /// [`PrefillKernel`]).
     pub fn prefill_kernel(&self, variant: &Variant, cfg: &KernelConfig) -> Result<PrefillKernel> {
         if cfg.op != Op::Prefill {
-            return Err(Error::Unsupported(format!("{} config given to prefill_kernel", cfg.op.name())));
+            return Err(Error::UnsupportedConfig(format!("{} config given to prefill_kernel", cfg.op.name())));
         }
         let wide = self.load_prefill(variant, cfg)?;
         let narrow = cfg.narrow_prefill().map(|c| self.load_prefill(variant, &c)).transpose()?;
-        Ok(PrefillKernel { wide, narrow, variant: variant.clone(), cfg: cfg.clone(), layout: param_layout(&variant.params).map_err(Error::Unsupported)? })
+        Ok(PrefillKernel { wide, narrow, variant: variant.clone(), cfg: cfg.clone(), layout: param_layout(&variant.params).map_err(Error::UnsupportedConfig)? })
     }
 
     fn load_prefill(&self, variant: &Variant, cfg: &KernelConfig) -> Result<PrefillFn> {
         let compiled = self.jit.get(variant, cfg, &self.arch)?;
         for w in &compiled.warnings {
-            eprintln!("attnforge: warning: {w}");
+            crate::diagnostics::warn(w);
         }
         let module = self.module(&compiled)?;
         let tile = cfg.prefill_tile();
@@ -77,7 +77,7 @@ impl Engine {
         let (func, ctas_per_sm) = load_entry(&module, "attnforge_prefill", "attnforge_prefill", 32 * tile.warps, smem)?;
         let merge = module.load_function("attnforge_merge").map_err(cuda("load attnforge_merge"))?;
         if ctas_per_sm == 0 {
-            return Err(Error::Unsupported(format!("{} needs {smem} bytes of shared memory: it cannot run on this GPU", compiled.name)));
+            return Err(Error::UnsupportedConfig(format!("{} needs {smem} bytes of shared memory: it cannot run on this GPU", compiled.name)));
         }
         let attr = |a| func.get_attribute(a).map(|v| v.max(0) as usize).map_err(cuda("read kernel attribute"));
         let regs = attr(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_NUM_REGS)?;
@@ -88,7 +88,7 @@ impl Engine {
     /// Plans a prefill batch for `k`.
     pub fn plan_prefill(&self, k: &PrefillKernel, params: &ParamValues, batch: &Batch<'_>, mode: PlanMode) -> Result<PrefillPlan> {
         if batch.group() != k.cfg.group {
-            return Err(Error::Layout(LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
+            return Err(Error::InvalidBatch(LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
         }
         // Short appends (every request within the narrow tile's rows) take the narrow tile, so a
         // few tokens × GQA heads do not leave most of a 128-row block idle. A fixed-grid plan

@@ -256,24 +256,24 @@ impl KernelConfig {
     pub fn validate(&self) -> Result<()> {
         for (what, d) in [("head_dim_qk", self.head_dim_qk), ("head_dim_vo", self.head_dim_vo)] {
             if d == 0 || d % 16 != 0 || d > 256 {
-                return Err(Error::Unsupported(format!("{what} {d}: head dims must be multiples of 16 up to 256")));
+                return Err(Error::UnsupportedConfig(format!("{what} {d}: head dims must be multiples of 16 up to 256")));
             }
         }
         for (what, t) in [("q", self.dtype_q), ("kv", self.dtype_kv), ("o", self.dtype_o)] {
             if t == DType::F32 {
-                return Err(Error::Unsupported(format!("{what} dtype f32: kernels take f16 or bf16")));
+                return Err(Error::UnsupportedConfig(format!("{what} dtype f32: kernels take f16 or bf16")));
             }
         }
         if self.group == 0 {
-            return Err(Error::Unsupported("GQA group 0".into()));
+            return Err(Error::UnsupportedConfig("GQA group 0".into()));
         }
         if self.op == Op::Prefill {
             let t = self.prefill_tile();
             if t.warps == 0 || t.warps > 16 || !(1..=4).contains(&t.mtiles) || t.kv_tile == 0 || t.kv_tile % 16 != 0 || t.stages < 2 || t.min_ctas == 0 {
-                return Err(Error::Unsupported(format!("prefill tile {t:?}: warps 1–16, mtiles 1–4, kv_tile a multiple of 16, stages ≥ 2")));
+                return Err(Error::UnsupportedConfig(format!("prefill tile {t:?}: warps 1–16, mtiles 1–4, kv_tile a multiple of 16, stages ≥ 2")));
             }
             if self.dtype_q != self.dtype_kv {
-                return Err(Error::Unsupported("prefill needs the same dtype for q and the KV cache (tensor-core operands)".into()));
+                return Err(Error::UnsupportedConfig("prefill needs the same dtype for q and the KV cache (tensor-core operands)".into()));
             }
             return Ok(());
         }
@@ -281,10 +281,10 @@ impl KernelConfig {
         let simt_ok = t.nv > 0 && t.bdx > 0 && t.bdx.is_power_of_two() && t.bdx <= 32 && t.bdx * t.nv * 8 >= self.head_dim_qk.max(self.head_dim_vo) && t.tile_per_z > 0 && t.bdz > 0;
         let mma_ok = t.warps > 0 && self.group <= 16 && self.dtype_q == self.dtype_kv;
         if !(if t.mma { mma_ok } else { simt_ok }) || t.stages < 2 || t.min_ctas == 0 || t.threads(self.group) % 32 != 0 {
-            return Err(Error::Unsupported(format!("decode tile {t:?} does not fit head dims {}/{} and group {}", self.head_dim_qk, self.head_dim_vo, self.group)));
+            return Err(Error::UnsupportedConfig(format!("decode tile {t:?} does not fit head dims {}/{} and group {}", self.head_dim_qk, self.head_dim_vo, self.group)));
         }
         if self.op == Op::Decode && t.threads(self.group) > 1024 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::UnsupportedConfig(format!(
                 "decode with a GQA group of {} at head dim {} needs more than 1024 threads per block",
                 self.group,
                 self.head_dim_qk.max(self.head_dim_vo)

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use cudarc::nvrtc::{result, sys};
 
 use super::{Arch, KernelSource};
+use crate::error::{log_line_number, CompileFailure, SourceExcerpt};
 use crate::{Error, Result};
 
 /// Where the wheels' files live under an install prefix.
@@ -52,17 +53,15 @@ pub fn find_cuda_include() -> Result<PathBuf> {
             return Ok(d);
         }
     }
+    let mut searched = Vec::new();
     for root in cuda_roots() {
         let inc = root.join("include");
         if inc.join("cuda_fp16.h").exists() && inc.join("cuda_bf16.h").exists() {
             return Ok(inc.canonicalize().unwrap_or(inc));
         }
+        searched.push(inc);
     }
-    Err(Error::Compile(
-        "CUDA headers not found (cuda_fp16.h, cuda_bf16.h): set CUDA_HOME to a CUDA toolkit, or \
-         `pip install --target .cuda nvidia-cuda-runtime==13.0.88` in the working directory"
-            .into(),
-    ))
+    Err(Error::CudaHeadersMissing { searched })
 }
 
 /// Makes libnvrtc loadable, preloading it from a known directory when it is not on the loader
@@ -80,6 +79,7 @@ fn ensure_library() -> Result<String> {
                 dirs.push(root.join("lib64"));
                 dirs.push(root.join("lib"));
             }
+            let tried: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
             for dir in dirs {
                 let Some(main) = find_lib(&dir, "libnvrtc.so.") else { continue };
                 // The builtins library is dlopened by libnvrtc by soname; load it first.
@@ -92,13 +92,10 @@ fn ensure_library() -> Result<String> {
                     return Ok(main.display().to_string());
                 }
             }
-            Err("NVRTC (libnvrtc.so.13) not found: install a CUDA toolkit and set CUDA_HOME, or \
-                 `pip install --target .cuda nvidia-cuda-nvrtc==13.0.88` in the working directory, \
-                 or put its directory on LD_LIBRARY_PATH"
-                .into())
+            Err(format!("not on the loader path, nor in {}", tried.join(", ")))
         })
         .clone()
-        .map_err(Error::Compile)
+        .map_err(|detail| Error::NvrtcMissing { detail })
 }
 
 fn find_lib(dir: &Path, prefix: &str) -> Option<PathBuf> {
@@ -135,6 +132,7 @@ pub struct Nvrtc {
 }
 
 impl Nvrtc {
+    /// Finds and loads NVRTC and the CUDA headers (see the module docs for where it looks).
     pub fn load() -> Result<Nvrtc> {
         let library = ensure_library()?;
         let include = find_cuda_include()?;
@@ -142,18 +140,21 @@ impl Nvrtc {
         // SAFETY: the library is loaded (checked above); the out-pointers are valid locals.
         unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
             .result()
-            .map_err(|e| Error::Compile(format!("nvrtcVersion failed: {e:?}")))?;
+            .map_err(|e| Error::Nvrtc { call: "nvrtcVersion", detail: format!("{e:?}") })?;
         Ok(Nvrtc { version: (major, minor), include, library })
     }
 
+    /// NVRTC's `(major, minor)` version (part of the cache key).
     pub fn version(&self) -> (i32, i32) {
         self.version
     }
 
+    /// The directory of the CUDA headers kernels include.
     pub fn include_dir(&self) -> &Path {
         &self.include
     }
 
+    /// Where the library was loaded from ("loader path" or a file).
     pub fn library(&self) -> &str {
         &self.library
     }
@@ -178,7 +179,7 @@ impl Nvrtc {
     pub fn compile(&self, src: &KernelSource, options: &[String], save_dir: Option<&Path>) -> Result<Vec<u8>> {
         let code = CString::new(src.code.as_str()).map_err(|_| Error::Render("rendered source contains a NUL byte".into()))?;
         let file = CString::new(format!("{}.cu", src.name)).map_err(|_| Error::Render("kernel name contains a NUL byte".into()))?;
-        let prog = result::create_program(&code, Some(&file)).map_err(|e| Error::Compile(format!("nvrtcCreateProgram: {e:?}")))?;
+        let prog = result::create_program(&code, Some(&file)).map_err(|e| Error::Nvrtc { call: "nvrtcCreateProgram", detail: format!("{e:?}") })?;
         // SAFETY: `prog` was created above and is destroyed exactly once, below, on every path.
         let compiled = unsafe { result::compile_program(prog, options) };
         // SAFETY: `prog` is live until destroy_program.
@@ -193,37 +194,20 @@ impl Nvrtc {
     }
 
     fn failure(&self, src: &KernelSource, log: &str, code: &str, save_dir: Option<&Path>) -> Error {
-        let saved = save_source(src, save_dir);
+        let saved = save_source(src, save_dir).map_err(|e| e.to_string());
         let lines: Vec<&str> = src.code.lines().collect();
-        let mut msg = format!("NVRTC failed to compile {} ({code}):\n", src.name);
-        let mut shown = std::collections::BTreeSet::new();
-        for l in log.lines().filter(|l| !l.trim().is_empty()) {
-            msg.push_str(&format!("  {l}\n"));
-            let Some(line) = error_line(l) else { continue };
-            if !shown.insert(line) {
+        let mut excerpts: Vec<SourceExcerpt> = Vec::new();
+        // One excerpt per line the log names, in log order, each line once.
+        for line in log.lines().filter_map(log_line_number) {
+            if line == 0 || line > lines.len() || excerpts.iter().any(|x| x.line == line) {
                 continue;
             }
-            if let Some((_, hook)) = src.hook_lines.iter().find(|(hl, _)| *hl == line) {
-                msg.push_str(&format!("  ^ in the code emitted for spec hook `{hook}`\n"));
-            }
-            for n in line.saturating_sub(2).max(1)..=(line + 1).min(lines.len()) {
-                let mark = if n == line { '>' } else { ' ' };
-                msg.push_str(&format!("  {mark} {n:>5} | {}\n", lines[n - 1]));
-            }
+            let hook = src.hook_lines.iter().find(|(hl, _)| *hl == line).map(|(_, h)| h.clone());
+            let shown = (line.saturating_sub(2).max(1)..=(line + 1).min(lines.len())).map(|n| (n, lines[n - 1].to_string())).collect();
+            excerpts.push(SourceExcerpt { line, hook, lines: shown });
         }
-        match saved {
-            Ok(p) => msg.push_str(&format!("  rendered source saved to {}", p.display())),
-            Err(e) => msg.push_str(&format!("  (could not save the rendered source: {e})")),
-        }
-        Error::Compile(msg)
+        Error::CompileFailed(Box::new(CompileFailure { kernel: src.name.clone(), code: code.to_string(), log: log.to_string(), excerpts, saved }))
     }
-}
-
-/// `name.cu(123): error: …` → 123.
-fn error_line(log_line: &str) -> Option<usize> {
-    let open = log_line.find(".cu(")? + 4;
-    let close = log_line[open..].find(')')? + open;
-    log_line[open..close].parse().ok()
 }
 
 fn save_source(src: &KernelSource, dir: Option<&Path>) -> std::io::Result<PathBuf> {
@@ -244,14 +228,14 @@ fn cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>> {
     // SAFETY: `prog` compiled successfully; `size` is a valid out-pointer.
     unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
         .result()
-        .map_err(|e| Error::Compile(format!("nvrtcGetCUBINSize: {e:?}")))?;
+        .map_err(|e| Error::Nvrtc { call: "nvrtcGetCUBINSize", detail: format!("{e:?}") })?;
     if size == 0 {
-        return Err(Error::Compile("NVRTC produced an empty CUBIN (was a virtual compute_XY arch targeted?)".into()));
+        return Err(Error::Nvrtc { call: "nvrtcGetCUBIN", detail: "an empty CUBIN (was a virtual compute_XY arch targeted?)".into() });
     }
     let mut buf = vec![0u8; size];
     // SAFETY: `buf` holds exactly the `size` bytes NVRTC reported.
     unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()) }
         .result()
-        .map_err(|e| Error::Compile(format!("nvrtcGetCUBIN: {e:?}")))?;
+        .map_err(|e| Error::Nvrtc { call: "nvrtcGetCUBIN", detail: format!("{e:?}") })?;
     Ok(buf)
 }

@@ -78,7 +78,7 @@ fn check_names(variant: &Variant) -> Result<()> {
 }
 
 pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
-    let layout = param_layout(&variant.params).map_err(Error::Unsupported)?;
+    let layout = param_layout(&variant.params).map_err(Error::UnsupportedConfig)?;
     let hook = |h: Option<&HookExpr>| h.map_or(String::new(), |h| emit(&h.typed, &variant.params));
     let range = variant.kv_range.as_ref();
     let hooks = json!({

@@ -19,6 +19,7 @@ use crate::kv::{validate, Batch, LayoutError};
 use crate::spec::eval::{eval, Env};
 use crate::spec::params::{Dims, ParamValues};
 use crate::spec::{HookExpr, Variant};
+use crate::error::PlanError;
 use crate::{Error, Result};
 
 /// How the planner splits work.
@@ -165,7 +166,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
                 spans.push(if needs_spans { span(req, kv_len) } else { (req, 0, kv_len) });
             }
             n => {
-                return Err(Error::Layout(LayoutError::Mismatch { what: "query tokens of a decode request (use prefill)", expected: 1, got: n }));
+                return Err(Error::InvalidBatch(LayoutError::Mismatch { what: "query tokens of a decode request (use prefill)", expected: 1, got: n }));
             }
         }
     }
@@ -196,10 +197,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
         let (grid, merge_grid, ws_partials) = match mode {
             PlanMode::FixedGrid { max_ctas } => {
                 if work.len() > max_ctas || partials > max_ctas || per_head > max_ctas {
-                    return Err(Error::Plan(format!(
-                        "the batch needs {} work items and {partials} partial slots on {per_head} CTAs but the fixed grid holds {max_ctas}; plan with a larger max_ctas",
-                        work.len()
-                    )));
+                    return Err(PlanError::FixedGridTooSmall { needed: work.len().max(partials).max(per_head), max_ctas }.into());
                 }
                 (max_ctas, max_ctas, max_ctas)
             }
@@ -251,7 +249,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
     let (grid, merge_grid) = match mode {
         PlanMode::FixedGrid { max_ctas } => {
             if work.len() > max_ctas {
-                return Err(Error::Plan(format!("the batch needs {} work items but the fixed grid holds {max_ctas}; plan with a larger max_ctas", work.len())));
+                return Err(PlanError::FixedGridTooSmall { needed: work.len(), max_ctas }.into());
             }
             (max_ctas, max_ctas)
         }
@@ -367,7 +365,7 @@ fn merge_offset(work_ints: usize, slots: usize) -> usize {
 /// Rejects a deterministic mode without a chunk size.
 fn check_mode(mode: PlanMode) -> Result<()> {
     match mode {
-        PlanMode::Deterministic { chunk: 0 } => Err(Error::Plan("deterministic chunk size must be at least 1".into())),
+        PlanMode::Deterministic { chunk: 0 } => Err(PlanError::Invalid("deterministic chunk size must be at least 1".into()).into()),
         _ => Ok(()),
     }
 }
@@ -512,7 +510,7 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, 
     // A block's rows are (token, head) pairs, indexed in i32 by the kernel.
     for r in 0..b {
         if batch.q_len(r).checked_mul(group).is_none_or(|n| n > i32::MAX as usize) {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::UnsupportedConfig(format!(
                 "request {r}: {} query tokens × a GQA group of {group} is more than the 2^31 - 1 query rows a prefill kernel indexes",
                 batch.q_len(r)
             )));
@@ -586,14 +584,14 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, 
         partials += ntok * n;
     }
     if partials > i32::MAX as usize {
-        return Err(Error::Plan(format!("the split needs {partials} partial states, more than the 2^31 - 1 the kernels index")));
+        return Err(PlanError::Invalid(format!("the split needs {partials} partial states, more than the 2^31 - 1 the kernels index")).into());
     }
     work.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
     let work: Vec<PrefillWork> = work.into_iter().map(|(_, w)| w).collect();
     let grid = match mode {
         PlanMode::FixedGrid { max_ctas } => {
             if work.len() > max_ctas {
-                return Err(Error::Plan(format!("the batch needs {} work items but the fixed grid holds {max_ctas}; plan with a larger max_ctas", work.len())));
+                return Err(PlanError::FixedGridTooSmall { needed: work.len(), max_ctas }.into());
             }
             max_ctas
         }

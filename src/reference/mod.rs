@@ -67,7 +67,7 @@ pub fn attention<T: Element>(
     // Validation bounded these sizes; an allocation that still fails is an error, not an abort.
     let zeros = |n: usize, what: &str| -> Result<Vec<f32>> {
         let mut v = Vec::new();
-        v.try_reserve_exact(n).map_err(|_| Error::Unsupported(format!("the reference cannot allocate its {what} ({n} f32 values)")))?;
+        v.try_reserve_exact(n).map_err(|_| Error::UnsupportedConfig(format!("the reference cannot allocate its {what} ({n} f32 values)")))?;
         v.resize(n, 0.0);
         Ok(v)
     };

@@ -32,15 +32,11 @@ pub fn all() -> Result<Vec<Variant>, SpecError> {
 pub fn resolve(arg: &str) -> Result<Variant, crate::Error> {
     let path = std::path::Path::new(arg);
     if path.exists() {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| crate::Error::Io(format!("cannot read spec {arg}: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io { path: path.to_path_buf(), source })?;
         return Ok(load(arg, &text)?);
     }
     match shipped(arg) {
         Some(v) => Ok(v?),
-        None => Err(crate::Error::Io(format!(
-            "no spec file `{arg}` and no shipped variant of that name (shipped: {})",
-            SHIPPED.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-        ))),
+        None => Err(crate::Error::UnknownVariant { name: arg.to_string(), shipped: SHIPPED.iter().map(|(n, _)| *n).collect() }),
     }
 }

@@ -169,7 +169,15 @@ fn a_compile_failure_names_the_hook_and_shows_the_rendered_lines() {
     src.code = lines.join("\n");
     let dir = tempfile::tempdir().unwrap();
     let arch: Arch = "sm_90a".parse().unwrap();
-    let err = nvrtc.compile(&src, &nvrtc.options(&arch), Some(dir.path())).unwrap_err().to_string();
+    let err = nvrtc.compile(&src, &nvrtc.options(&arch), Some(dir.path())).unwrap_err();
+    // A program can act on the failure: its kind and fields, not only its text.
+    let attnforge::Error::CompileFailed(f) = &err else { panic!("not CompileFailed: {err}") };
+    assert!(f.log.contains("undefined_thing"), "{}", f.log);
+    let x = f.excerpts.iter().find(|x| x.line == line).expect("an excerpt of the failing line");
+    assert_eq!(x.hook.as_deref(), Some("mask"));
+    assert!(x.lines.iter().any(|(n, t)| *n == line && t.contains("undefined_thing")));
+    assert_eq!(f.saved.as_ref().unwrap(), &dir.path().join("failed").join(format!("{}.cu", src.name)));
+    let err = err.to_string();
     assert_eq!(hook, "mask");
     assert!(err.contains("undefined_thing"), "{err}");
     assert!(err.contains("in the code emitted for spec hook `mask`"), "{err}");

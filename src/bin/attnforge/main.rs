@@ -168,6 +168,7 @@ pub(crate) struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    attnforge::diagnostics::set_warning_hook(|w| eprintln!("attnforge: warning: {w}"));
     let result = match cli.cmd {
         None => run::demo(),
         Some(Cmd::Check { specs }) => check(&specs),
