@@ -1,0 +1,305 @@
+//! Decode plans: one query token per request. A small batch splits long spans into equal chunks
+//! until every SM has one; a big batch of similar lengths gets one item per CTA, longest first; a
+//! big skewed batch is balanced over one wave of resident CTAs.
+
+use super::{check_mode, merge_offset, pack, packed_len, range_heads, split_piece, visible_span, wave_chunk, PlanMode, PlanTarget, Upload};
+use crate::abi::{DecodeWork, MergeWork};
+use crate::error::PlanError;
+use crate::kv::{validate, Batch, LayoutError};
+use crate::spec::params::{Dims, ParamValues};
+use crate::spec::Variant;
+use crate::{Error, Result};
+
+/// i32 words per decode work item (`DecodeWork`).
+const DECODE_WORK_INTS: usize = 4;
+
+/// A decode schedule, ready to upload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodePlan {
+    pub mode: PlanMode,
+    pub work: Vec<DecodeWork>,
+    pub merge: Vec<MergeWork>,
+    /// Partial-state slots the workspace must hold.
+    pub num_partials: usize,
+    /// CTAs along x for the decode launch (`work.len()`, the fixed grid, or a balanced plan's
+    /// `stride`).
+    pub grid: usize,
+    /// CTAs that take work: CTA x < stride runs items x, x + stride, … of the work list (the
+    /// kernel reads it from the packed header, so a captured fixed grid can run either kind).
+    pub stride: usize,
+    /// Work items per CTA: 1, or more in a balanced plan (padding items have `req == -1`).
+    pub per_cta: usize,
+    /// CTAs along x for the merge launch.
+    pub merge_grid: usize,
+    /// Chunk size used for split requests (0 if none was split).
+    pub chunk: usize,
+    /// Bytes of f32 workspace for partial states.
+    pub workspace_bytes: usize,
+    pub batch_size: usize,
+    pub qo_heads: usize,
+    pub head_dim_vo: usize,
+}
+
+impl DecodePlan {
+    /// The one buffer uploaded per step (see `pack`: header `[num_work, num_merge, stride, 0]`,
+    /// work list, merge list). In fixed-grid mode it is padded to the capacity so its size never
+    /// changes.
+    pub fn packed(&self) -> Vec<i32> {
+        pack(self.work.iter().map(|w| [w.req, w.kv_begin, w.kv_end, w.partial]), self.work.len(), self.stride, self.work_slots(), &self.merge, self.merge_grid)
+    }
+
+    pub fn packed_len(&self) -> usize {
+        packed_len(DECODE_WORK_INTS, self.work_slots(), self.merge_grid)
+    }
+
+    /// Byte offset of the merge list in the packed buffer.
+    pub fn merge_offset(&self) -> usize {
+        merge_offset(DECODE_WORK_INTS, self.work_slots())
+    }
+
+    /// Work items the packed buffer holds: a fixed grid's capacity, else the list.
+    fn work_slots(&self) -> usize {
+        if matches!(self.mode, PlanMode::FixedGrid { .. }) {
+            self.grid
+        } else {
+            self.work.len()
+        }
+    }
+
+    /// Workspace bytes needed for `partials` slots.
+    pub fn workspace_for(partials: usize, qo_heads: usize, head_dim_vo: usize) -> usize {
+        // Saturating: a workspace beyond usize cannot be allocated, and says so at upload.
+        partials.saturating_mul(qo_heads).saturating_mul(head_dim_vo.saturating_add(1)).saturating_mul(4)
+    }
+}
+
+/// Plans a decode batch: every request has exactly one query token (or none).
+pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, target: PlanTarget, mode: PlanMode) -> Result<DecodePlan> {
+    // Buffer lengths are checked at launch; here only the index arrays matter.
+    let kv = batch.kv;
+    validate(batch, batch.q_elems(), kv.k_len(), kv.v_len())?;
+    let b = batch.batch_size();
+    let dims = Dims { qo_heads: batch.qo_heads, kv_heads: kv.kv_heads, batch: b };
+    params.fits(&variant.params, dims).map_err(Error::Param)?;
+    check_mode(mode)?;
+    let heads_to_scan = range_heads(variant, kv.kv_heads);
+    // Host-side kv_range spans matter when work is split (they decide the chunks) and in
+    // deterministic mode (chunk offsets must not depend on the batch). A batch that fills the GPU
+    // unsplit gets whole requests: the kernel narrows each CTA's span by the same hooks, so no
+    // page outside it is read either way, and planning stays cheap (B = 256 gemma2: 21 → 15 µs).
+    let decode_rows = (0..b).filter(|&r| batch.q_len(r) > 0).count();
+    let needs_spans = variant.kv_range.is_some()
+        && (matches!(mode, PlanMode::Deterministic { .. }) || decode_rows * kv.kv_heads < target.ctas);
+    let span = |req: usize, kv_len: usize| {
+        let (mut lo, mut hi) = visible_span(variant, params, req, 1, kv_len, 0);
+        for h in 1..heads_to_scan {
+            let (l, r) = visible_span(variant, params, req, 1, kv_len, h);
+            (lo, hi) = (lo.min(l), hi.max(r));
+        }
+        (req, lo, hi)
+    };
+    let mut spans = Vec::with_capacity(b);
+    for req in 0..b {
+        match batch.q_len(req) {
+            0 => {}
+            1 => {
+                let kv_len = batch.kv_len(req);
+                spans.push(if needs_spans { span(req, kv_len) } else { (req, 0, kv_len) });
+            }
+            n => {
+                return Err(Error::InvalidBatch(LayoutError::Mismatch { what: "query tokens of a decode request (use prefill)", expected: 1, got: n }));
+            }
+        }
+    }
+    let tile = target.kv_tile.max(1);
+    // More work than one wave, with a request longer than a resident CTA's fair share: one CTA
+    // per item would leave that request's CTAs running alone at the end, so the batch is dealt
+    // out in equal shares to one wave of resident CTAs instead. (A batch of similar lengths keeps
+    // one item per CTA: the GPU schedules those as well, without the cuts' merges; on the H100,
+    // B64 L4096 balanced was 1% slower, B128 L1024 + one 32K request 2.8x faster.) Whole-request
+    // spans decide whether to look closer; balancing itself uses the visible spans.
+    let per_head = target.resident / kv.kv_heads.max(1);
+    let skewed = |spans: &[(usize, usize, usize)]| {
+        let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
+        spans.iter().any(|&(_, lo, hi)| hi - lo > total.div_ceil(per_head))
+    };
+    let mut balance = !matches!(mode, PlanMode::Deterministic { .. }) && per_head > 0 && spans.len() > per_head && (target.always_balance || skewed(&spans));
+    if balance && !needs_spans && variant.kv_range.is_some() {
+        for s in spans.iter_mut() {
+            *s = span(s.0, s.2);
+        }
+        balance = target.always_balance || skewed(&spans);
+    }
+    let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
+    if balance {
+        let (work, merge, partials, per_cta) = balanced_decode(&spans, batch.qo_indptr, tile, per_head);
+        // A fixed grid keeps its launch and buffer sizes: the balanced CTAs are its first
+        // `per_head`, and the list, the merges and the partials must fit its capacity.
+        let (grid, merge_grid, ws_partials) = match mode {
+            PlanMode::FixedGrid { max_ctas } => {
+                if work.len() > max_ctas || partials > max_ctas || per_head > max_ctas {
+                    return Err(PlanError::FixedGridTooSmall { needed: work.len().max(partials).max(per_head), max_ctas }.into());
+                }
+                (max_ctas, max_ctas, max_ctas)
+            }
+            _ => (per_head, merge.len(), partials),
+        };
+        return Ok(DecodePlan {
+            mode,
+            workspace_bytes: DecodePlan::workspace_for(ws_partials, batch.qo_heads, kv.head_dim_vo),
+            num_partials: partials,
+            grid,
+            stride: per_head,
+            per_cta,
+            merge_grid,
+            chunk: 0,
+            work,
+            merge,
+            batch_size: b,
+            qo_heads: batch.qo_heads,
+            head_dim_vo: kv.head_dim_vo,
+        });
+    }
+    let chunk = match mode {
+        PlanMode::Deterministic { chunk } => chunk,
+        _ if spans.len() * kv.kv_heads >= target.ctas || total == 0 => usize::MAX,
+        _ => wave_chunk(total, kv.kv_heads, target),
+    };
+    let mut work = Vec::new();
+    let mut merge = Vec::new();
+    let mut partials = 0usize;
+    let mut used_chunk = 0;
+    for &(req, lo, hi) in &spans {
+        let len = hi - lo;
+        let piece = split_piece(len, chunk, tile, matches!(mode, PlanMode::Deterministic { .. }));
+        if len <= piece {
+            work.push(DecodeWork { req: req as i32, kv_begin: lo as i32, kv_end: hi as i32, partial: -1 });
+            continue;
+        }
+        let n = len.div_ceil(piece);
+        used_chunk = used_chunk.max(piece);
+        merge.push(MergeWork { req: req as i32, first: partials as i32, count: n as i32, token: batch.qo_indptr[req] });
+        for c in 0..n {
+            let s = lo + c * piece;
+            work.push(DecodeWork { req: req as i32, kv_begin: s as i32, kv_end: (s + piece).min(hi) as i32, partial: (partials + c) as i32 });
+        }
+        partials += n;
+    }
+    // Longest first, so the tail of the launch is short chunks.
+    work.sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_begin));
+    let (grid, merge_grid) = match mode {
+        PlanMode::FixedGrid { max_ctas } => {
+            if work.len() > max_ctas {
+                return Err(PlanError::FixedGridTooSmall { needed: work.len(), max_ctas }.into());
+            }
+            (max_ctas, max_ctas)
+        }
+        _ => (work.len(), merge.len()),
+    };
+    let ws_partials = if let PlanMode::FixedGrid { max_ctas } = mode { max_ctas } else { partials };
+    Ok(DecodePlan {
+        mode,
+        workspace_bytes: DecodePlan::workspace_for(ws_partials, batch.qo_heads, kv.head_dim_vo),
+        num_partials: partials,
+        grid,
+        stride: grid,
+        per_cta: 1,
+        merge_grid,
+        chunk: used_chunk,
+        work,
+        merge,
+        batch_size: b,
+        qo_heads: batch.qo_heads,
+        head_dim_vo: kv.head_dim_vo,
+    })
+}
+
+/// Whether a decode plan should run on the kernel's wide tile (twice the warps, `wide_kv_tile`
+/// keys per tile): when the launch leaves every SM at most one CTA (`stride × kv_heads ≤ SMs`,
+/// so a scheduler would otherwise have one warp to issue from) and its items are long enough to
+/// fill the wide tile's ring (at least four wide tiles on average). Never for deterministic
+/// plans: a request's bits must not depend on the rest of the batch, and the tile decides the
+/// order of the sums. Either tile computes any plan; a CUDA graph keeps the tile it captured
+/// while the plans replayed into it change.
+pub fn wants_wide_tile(plan: &DecodePlan, kv_heads: usize, sm_count: usize, wide_kv_tile: usize) -> bool {
+    if matches!(plan.mode, PlanMode::Deterministic { .. }) || plan.stride == 0 || plan.stride * kv_heads > sm_count {
+        return false;
+    }
+    let (items, keys) = plan.work.iter().filter(|w| w.req >= 0).fold((0usize, 0usize), |(n, k), w| (n + 1, k + (w.kv_end - w.kv_begin).max(0) as usize));
+    items > 0 && keys >= 4 * wide_kv_tile * items
+}
+
+/// A balanced decode schedule: `ctas` CTAs (per KV head) each get an equal share of the batch's
+/// positions, taken in batch order, so the launch is one wave with no tail of short or idle
+/// CTAs, and each CTA walks several requests in turn. A request that straddles two shares is cut
+/// at the share boundary (snapped to the kernel's tile) and its pieces merge like any split.
+/// The work list is CTA-major in columns: CTA x runs items `x, x + ctas, …`, padded with
+/// `req == -1` items. Returns (work, merge, partial slots, items per CTA).
+fn balanced_decode(spans: &[(usize, usize, usize)], qo_indptr: &[i32], tile: usize, ctas: usize) -> (Vec<DecodeWork>, Vec<MergeWork>, usize, usize) {
+    let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
+    let share = total.div_ceil(ctas).max(1);
+    let mut items: Vec<(usize, DecodeWork)> = Vec::with_capacity(spans.len() + ctas); // (cta, item)
+    let mut merge = Vec::new();
+    let mut partials = 0usize;
+    let mut g = 0usize; // positions of the batch before this request
+    let (mut cta, mut boundary) = (0usize, share); // the CTA filling now, and where its share ends
+    let mut pieces = Vec::new(); // (cta, start, end) of one request, request-relative
+    for &(req, lo, hi) in spans {
+        let len = hi - lo;
+        while g >= boundary && cta + 1 < ctas {
+            (cta, boundary) = (cta + 1, boundary + share);
+        }
+        pieces.clear();
+        let mut start = 0;
+        while g + len > boundary && cta + 1 < ctas {
+            let cut = boundary - g; // in (0, len)
+            let snapped = (cut + tile / 2) / tile * tile;
+            if snapped >= len {
+                break; // the request's last bit stays with this CTA
+            }
+            if snapped > start {
+                pieces.push((cta, start, snapped));
+                start = snapped;
+            }
+            (cta, boundary) = (cta + 1, boundary + share);
+        }
+        pieces.push((cta, start, len));
+        g += len;
+        let whole = pieces.len() == 1;
+        if !whole {
+            merge.push(MergeWork { req: req as i32, first: partials as i32, count: pieces.len() as i32, token: qo_indptr[req] });
+        }
+        for (j, &(c, s, e)) in pieces.iter().enumerate() {
+            let partial = if whole { -1 } else { (partials + j) as i32 };
+            items.push((c, DecodeWork { req: req as i32, kv_begin: (lo + s) as i32, kv_end: (lo + e) as i32, partial }));
+        }
+        if !whole {
+            partials += pieces.len();
+        }
+    }
+    // Column layout: CTA c's k-th item at k * ctas + c, in batch order.
+    let mut next = vec![0usize; ctas];
+    for &(c, _) in &items {
+        next[c] += 1;
+    }
+    let per_cta = next.iter().copied().max().unwrap_or(0).max(1);
+    next.fill(0);
+    let mut work = vec![DecodeWork { req: -1, kv_begin: 0, kv_end: 0, partial: -1 }; per_cta * ctas];
+    for (c, w) in items {
+        work[next[c] * ctas + c] = w;
+        next[c] += 1;
+    }
+    (work, merge, partials, per_cta)
+}
+
+impl Upload for DecodePlan {
+    fn packed(&self) -> Vec<i32> {
+        DecodePlan::packed(self)
+    }
+    fn workspace_bytes(&self) -> usize {
+        self.workspace_bytes
+    }
+    fn fixed(&self) -> bool {
+        matches!(self.mode, PlanMode::FixedGrid { .. })
+    }
+}
