@@ -43,17 +43,15 @@
 //! ```
 
 pub mod abi;
-pub mod bench;
 pub mod diagnostics;
 pub mod engine;
 pub mod error;
 pub mod jit;
-pub mod harness;
 pub mod kv;
-pub mod npy;
 pub mod plan;
 pub mod reference;
 pub mod spec;
-pub mod workload;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{Error, Result};

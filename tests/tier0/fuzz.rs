@@ -14,7 +14,7 @@ use attnforge::kv::{DType, KvLayout};
 use attnforge::reference::attention;
 use attnforge::spec::eval::{eval, Env};
 use attnforge::spec::params::{Dims, ParamInput};
-use attnforge::workload::{Workload, WorkloadSpec};
+use attnforge::testing::workload::{Workload, WorkloadSpec};
 use proptest::prelude::{any, prop_assert, proptest, ProptestConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -92,7 +92,7 @@ fn npy_files_have_a_valid_header() {
     let dir = std::env::temp_dir().join(format!("attnforge-npy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("a.npy");
-    attnforge::npy::write(&p, &[2, 3], &[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    attnforge::testing::npy::write(&p, &[2, 3], &[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
     let b = std::fs::read(&p).unwrap();
     assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
     let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
@@ -101,7 +101,7 @@ fn npy_files_have_a_valid_header() {
     assert!(header.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"), "{header}");
     assert_eq!(b.len(), 10 + hlen + 24);
     assert_eq!(f32::from_le_bytes(b[10 + hlen + 20..].try_into().unwrap()), 6.0);
-    assert!(attnforge::npy::write(&p, &[4], &[1i32, 2]).is_err());
+    assert!(attnforge::testing::npy::write(&p, &[4], &[1i32, 2]).is_err());
 }
 
 #[test]

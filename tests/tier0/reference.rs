@@ -9,7 +9,7 @@ use attnforge::reference::{attention, AttnOutput};
 use attnforge::spec::eval::{eval, Env};
 use attnforge::spec::params::{sample, Dims, ParamInput, ParamValues};
 use attnforge::spec::{shipped, Normalize, Variant};
-use attnforge::workload::{Workload, WorkloadSpec};
+use attnforge::testing::workload::{Workload, WorkloadSpec};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -357,7 +357,7 @@ fn the_softmax_scale_must_be_positive_and_finite() {
 /// logit): a NaN against a number, either way round, is a mismatch.
 #[test]
 fn compare_accepts_nan_only_where_the_reference_is_nan() {
-    use attnforge::harness::compare;
+    use attnforge::testing::harness::compare;
     use attnforge::kv::DType;
     let want = AttnOutput { o: vec![1.0, 2.0, f32::NAN, f32::NAN], lse: vec![0.5, f32::NAN] };
     let c = compare(&want.clone(), &want, DType::Bf16, 2);

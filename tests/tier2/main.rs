@@ -11,14 +11,14 @@ mod prefill;
 use std::collections::HashMap;
 
 use attnforge::engine::{DeviceOutput, Engine, PlanBuffers};
-use attnforge::harness::{compare, decode_once, DeviceResult, DeviceWorkload};
+use attnforge::testing::harness::{compare, decode_once, DeviceResult, DeviceWorkload};
 use attnforge::jit::KernelConfig;
 use attnforge::kv::{DType, Element, KvLayout};
 use attnforge::plan::PlanMode;
 use attnforge::reference::attention;
 use attnforge::spec::params::{sample, Dims, ParamInput};
 use attnforge::spec::shipped;
-use attnforge::workload::{Workload, WorkloadSpec};
+use attnforge::testing::workload::{Workload, WorkloadSpec};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -436,7 +436,7 @@ fn nan_logits_make_their_rows_nan_as_in_the_reference() {
                 decode_once(&e, &k, &p, &w, PlanMode::Default, None).unwrap().0
             } else {
                 let k = e.prefill_kernel(&v, &KernelConfig::prefill(128, 128, DType::Bf16, group).unwrap()).unwrap();
-                attnforge::harness::prefill_once(&e, &k, &p, &w, PlanMode::Default, None).unwrap().0
+                attnforge::testing::harness::prefill_once(&e, &k, &p, &w, PlanMode::Default, None).unwrap().0
             };
             let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
             let nan_rows = want.lse.iter().filter(|x| x.is_nan()).count();

@@ -2,14 +2,14 @@
 //! shipped variant, page sizes, GQA ratios, head dims and dtypes.
 
 use attnforge::engine::Engine;
-use attnforge::harness::{compare, prefill_once};
+use attnforge::testing::harness::{compare, prefill_once};
 use attnforge::jit::KernelConfig;
 use attnforge::kv::{Element, KvLayout};
 use attnforge::plan::PlanMode;
 use attnforge::reference::attention;
 use attnforge::spec::params::{sample, Dims};
 use attnforge::spec::shipped;
-use attnforge::workload::{Workload, WorkloadSpec};
+use attnforge::testing::workload::{Workload, WorkloadSpec};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -138,7 +138,7 @@ pub(crate) fn prefill_is_bit_identical_across_batch_compositions() {
 pub(crate) fn a_fixed_grid_prefill_plan_replays_in_a_cuda_graph() {
     let e = super::engine();
     use attnforge::engine::{DeviceBatch, DeviceOutput};
-    use attnforge::harness::DeviceResult;
+    use attnforge::testing::harness::DeviceResult;
     use attnforge::kv::{Batch, PageTable};
     use std::collections::HashMap;
     let v = shipped::resolve("causal").unwrap();

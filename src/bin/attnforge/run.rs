@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use attnforge::bench::{anchor_decode_shapes, bench_decode, measure_copy_gbps, DecodeTuning, ANCHOR_CARD};
+use attnforge::testing::bench::{anchor_decode_shapes, bench_decode, measure_copy_gbps, DecodeTuning, ANCHOR_CARD};
 use attnforge::engine::Engine;
-use attnforge::harness::{compare, decode_once};
+use attnforge::testing::harness::{compare, decode_once};
 use attnforge::jit::{Jit, KernelConfig, Origin};
 use attnforge::kv::{DType, Element, KvLayout};
 use attnforge::plan::PlanMode;
@@ -15,7 +15,7 @@ use attnforge::reference::{self, AttnOutput};
 use attnforge::spec::params::{sample, Dims, ParamValues};
 use attnforge::spec::shipped;
 use attnforge::spec::Variant;
-use attnforge::workload::{Workload, WorkloadSpec};
+use attnforge::testing::workload::{Workload, WorkloadSpec};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -150,7 +150,7 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
             for f in std::iter::once(&k.wide).chain(k.narrow.as_ref()) {
                 println!("  prefill on {}: kernel {} ({} rows; {}, {:.1} ms)", e.describe(), f.compiled.name, f.tile.rows(), origin(f.compiled.origin), f.compiled.elapsed.as_secs_f64() * 1e3);
             }
-            let (out, plan) = attnforge::harness::prefill_once(&e, &k, p, &w, mode, a.sm_scale)?;
+            let (out, plan) = attnforge::testing::harness::prefill_once(&e, &k, p, &w, mode, a.sm_scale)?;
             println!(
                 "  plan: {} work items over blocks of {} query rows; {} tokens merged from KV chunks (chunk {}), workspace {} KB",
                 plan.work.len(),
@@ -177,7 +177,7 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
 }
 
 fn dump<T: Element>(dir: &Path, v: &Variant, p: &ParamValues, w: &Workload<T>, want: &AttnOutput, got: Option<&AttnOutput>) -> Result<()> {
-    use attnforge::npy::write;
+    use attnforge::testing::npy::write;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let f = |x: &[T]| x.iter().map(|e| e.to_f64() as f32).collect::<Vec<f32>>();
     let kv = w.kv;
@@ -332,9 +332,9 @@ pub(crate) fn demo() -> Result<()> {
         match &engine {
             Ok(e) => {
                 let k = e.prefill_kernel(v, &KernelConfig::prefill(128, 128, DType::Bf16, qo / kvh)?)?;
-                attnforge::harness::prefill_once(e, &k, &params, &w, PlanMode::Default, None)?;
+                attnforge::testing::harness::prefill_once(e, &k, &params, &w, PlanMode::Default, None)?;
                 let t1 = Instant::now();
-                let (got, _) = attnforge::harness::prefill_once(e, &k, &params, &w, PlanMode::Default, None)?;
+                let (got, _) = attnforge::testing::harness::prefill_once(e, &k, &params, &w, PlanMode::Default, None)?;
                 let gpu_ms = t1.elapsed().as_secs_f64() * 1e3;
                 let cmp = compare(&got, &want, DType::Bf16, 128);
                 println!("  {:<16} {gpu_ms:>10.2} {cpu_ms:>10.1}  {cmp}", v.name);
@@ -355,7 +355,7 @@ pub(crate) fn demo() -> Result<()> {
 /// Median µs of eager decode calls on one workload (plan, upload, launch), and GB/s of the
 /// visible KV. A quick number for the demo; `bench` is the careful one.
 fn time_decode(e: &Engine, k: &attnforge::engine::DecodeKernel, p: &ParamValues, w: &Workload<bf16>) -> Result<(f64, f64)> {
-    use attnforge::harness::{DeviceResult, DeviceWorkload};
+    use attnforge::testing::harness::{DeviceResult, DeviceWorkload};
     let batch = w.batch();
     let dev = DeviceWorkload::upload(e, w)?;
     let mut res = DeviceResult::<bf16>::poisoned(e, batch.o_elems(), batch.total_q() * batch.qo_heads)?;
@@ -487,8 +487,8 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
         for t in tiles.iter().filter_map(|t| t.strip_prefix("p,")) {
             ptiles.push(Some(t.parse::<attnforge::jit::PrefillTile>().map_err(|e| anyhow::anyhow!("--tile p,{t}: {e}"))?));
         }
-        for (s, tile) in attnforge::bench::anchor_prefill_shapes().into_iter().flat_map(|s| ptiles.iter().map(move |t| (s.clone(), *t))) {
-            let r = attnforge::bench::bench_prefill(&e, &s, tile)?;
+        for (s, tile) in attnforge::testing::bench::anchor_prefill_shapes().into_iter().flat_map(|s| ptiles.iter().map(move |t| (s.clone(), *t))) {
+            let r = attnforge::testing::bench::bench_prefill(&e, &s, tile)?;
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
             let name = format!("{}{}", s.name, tile.map_or(String::new(), |t| format!(" [{}w×{} {}k {}s {}c]", t.warps, t.mtiles, t.kv_tile, t.stages, t.min_ctas)));
             let t = r.tile;

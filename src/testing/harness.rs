@@ -11,7 +11,7 @@ use crate::kv::{DType, Element};
 use crate::plan::{DecodePlan, PlanMode};
 use crate::reference::AttnOutput;
 use crate::spec::params::ParamValues;
-use crate::workload::Workload;
+use crate::testing::workload::Workload;
 use crate::Result;
 
 /// A workload's inputs on the device.
