@@ -63,8 +63,9 @@ fn plan(c: &mut Criterion) {
         // balance bigger batches over 2 resident CTAs per SM.
         let target = PlanTarget { ctas: 132, kv_tile: 64, resident: 132 * 2, always_balance: false };
         let name = format!("plan/decode {variant} B={b}{}", if skew { " skewed" } else { "" });
-        assert_eq!(plan_decode(&v, &p, &batch, target, PlanMode::Default).unwrap().per_cta > 1, skew);
-        c.bench_function(&name, |bch| bch.iter(|| plan_decode(&v, &p, black_box(&batch), target, PlanMode::Default).unwrap()));
+        assert_eq!(plan_decode(&v, &p, &batch.validated().unwrap(), target, PlanMode::Default).unwrap().per_cta > 1, skew);
+        // A step's host work: validating the batch once, then planning it.
+        c.bench_function(&name, |bch| bch.iter(|| plan_decode(&v, &p, &black_box(&batch).validated().unwrap(), target, PlanMode::Default).unwrap()));
     }
     // Prefill: ANCHORS.md's plan() workloads (FlashInfer: 951 µs for B 64 × q 8, 4326 µs for
     // B 1024 × q 4), plus a case that splits (B 2 × q 8 over 20 000 keys) and one whose
@@ -80,7 +81,7 @@ fn plan(c: &mut Criterion) {
         // The 32-row tile at 5 CTAs per SM, as the engine picks for short appends.
         let target = PlanTarget { ctas: 132 * 5, kv_tile: 32, resident: 0, always_balance: false };
         c.bench_function(&format!("plan/prefill {variant} B={b} q={q} kv={kv_len}"), |bch| {
-            bch.iter(|| attnforge::plan::plan_prefill(&v, &p, black_box(&batch), 32, target, PlanMode::Default).unwrap())
+            bch.iter(|| attnforge::plan::plan_prefill(&v, &p, &black_box(&batch).validated().unwrap(), 32, target, PlanMode::Default).unwrap())
         });
     }
 }

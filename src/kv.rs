@@ -358,7 +358,7 @@ pub struct Batch<'a> {
     pub qo_heads: usize,
 }
 
-impl Batch<'_> {
+impl<'a> Batch<'a> {
     pub fn batch_size(&self) -> usize {
         self.pages.batch_size()
     }
@@ -395,6 +395,12 @@ impl Batch<'_> {
     pub fn validate(&self, q_len: usize, k_len: usize, v_len: usize) -> Result<(), LayoutError> {
         validate(self, q_len, k_len, v_len)
     }
+
+    /// Validates the page table, the query indptr and the shape once, giving the
+    /// [`ValidBatch`] that planners take; buffer lengths are checked later, in O(1).
+    pub fn validated(&self) -> Result<ValidBatch<'a>, LayoutError> {
+        validated(self)
+    }
 }
 
 fn check_indptr(what: &'static str, indptr: &[i32], len: usize) -> Result<(), LayoutError> {
@@ -414,9 +420,10 @@ fn check_indptr(what: &'static str, indptr: &[i32], len: usize) -> Result<(), La
     Ok(())
 }
 
-/// Validates a batch against its buffers' lengths (in elements). Every malformed table is an
-/// error here, so kernels and the reference can index without checks.
-pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Result<(), LayoutError> {
+/// Validates a batch's page table, query indptr and shape (every malformed table is an error
+/// here, so kernels and the reference can index without checks), once: the result is a
+/// [`ValidBatch`], which planners take and which checks buffer lengths in O(1).
+fn validated<'a>(b: &Batch<'a>) -> Result<ValidBatch<'a>, LayoutError> {
     let kv = &b.kv;
     let sizes = kv.sizes()?;
     if b.qo_heads == 0 {
@@ -457,7 +464,17 @@ pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Resu
             }
         }
     }
+    // What a plan depends on, hashed as the loop goes: requests' page counts, fill and query
+    // counts, and the shape (so a plan made for another batch is caught before launch).
+    let mut fp = Fingerprint::new();
+    fp.add(kv.page_size as u64);
+    fp.add(b.qo_heads as u64);
+    fp.add(kv.kv_heads as u64);
+    fp.add(batch as u64);
     for req in 0..batch {
+        fp.add(t.indptr[req + 1] as u64);
+        fp.add(t.last_page_len[req] as u64);
+        fp.add(b.qo_indptr[req + 1] as u64);
         let pages = (t.indptr[req + 1] - t.indptr[req]) as u64;
         let kv_len = pages.saturating_sub(1).saturating_mul(kv.page_size as u64).saturating_add(t.last_page_len[req].max(0) as u64);
         let q_len = (b.qo_indptr[req + 1] - b.qo_indptr[req]) as u64;
@@ -475,15 +492,120 @@ pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Resu
     }
     let elems = |dim: usize| b.total_q().checked_mul(b.qo_heads).and_then(|x| x.checked_mul(dim)).filter(|&x| x <= MAX_ELEMS);
     let q_elems = elems(kv.head_dim_qk).ok_or(LayoutError::TooLarge { what: "query buffer [total_q, qo_heads, head_dim_qk]", value: u128::MAX, limit: "2^61 elements" })?;
-    elems(kv.head_dim_vo).ok_or(LayoutError::TooLarge { what: "output buffer [total_q, qo_heads, head_dim_vo]", value: u128::MAX, limit: "2^61 elements" })?;
-    for (what, expected, got) in [
-        ("query buffer length [total_q, qo_heads, head_dim_qk]", q_elems, q_len),
-        ("K buffer length", sizes.k_len, k_len),
-        ("V buffer length", sizes.v_len, v_len),
-    ] {
-        if expected != got {
-            return Err(LayoutError::Mismatch { what, expected, got });
-        }
+    let o_elems = elems(kv.head_dim_vo).ok_or(LayoutError::TooLarge { what: "output buffer [total_q, qo_heads, head_dim_vo]", value: u128::MAX, limit: "2^61 elements" })?;
+    Ok(ValidBatch { batch: *b, sizes, q_elems, o_elems, fingerprint: fp.finish() })
+}
+
+/// Validates a batch (see [`Batch::validated`]) and its buffers' lengths, in elements.
+pub fn validate(b: &Batch<'_>, q_len: usize, k_len: usize, v_len: usize) -> Result<(), LayoutError> {
+    b.validated()?.check_buffers(q_len, k_len, v_len)
+}
+
+/// A 64-bit hash of a batch's shape and per-request lengths (not a cryptographic one: it tells
+/// a plan's batch from another by accident, not against an adversary — every index is still
+/// validated).
+struct Fingerprint(u64);
+
+impl Fingerprint {
+    fn new() -> Fingerprint {
+        Fingerprint(0xcbf2_9ce4_8422_2325)
     }
-    Ok(())
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0 ^ x).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+    }
+    fn finish(self) -> u64 {
+        self.0
+    }
+}
+
+/// A batch that [`Batch::validated`] accepted: its page table and query indptr are well formed
+/// for its shape, and every size fits. Planners take it, so a step validates once.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidBatch<'a> {
+    batch: Batch<'a>,
+    sizes: KvSizes,
+    q_elems: usize,
+    o_elems: usize,
+    fingerprint: u64,
+}
+
+impl<'a> ValidBatch<'a> {
+    /// A batch validated earlier (a device table's host copy), with what validation found.
+    pub(crate) fn trusted(batch: Batch<'a>, sizes: KvSizes, q_elems: usize, o_elems: usize, fingerprint: u64) -> ValidBatch<'a> {
+        ValidBatch { batch, sizes, q_elems, o_elems, fingerprint }
+    }
+
+    /// The batch.
+    pub fn batch(&self) -> &Batch<'a> {
+        &self.batch
+    }
+
+    /// The cache's sizes and strides, checked.
+    pub fn sizes(&self) -> &KvSizes {
+        &self.sizes
+    }
+
+    /// Elements of the query buffer `[total_q, qo_heads, head_dim_qk]`.
+    pub fn q_elems(&self) -> usize {
+        self.q_elems
+    }
+
+    /// Elements of the output buffer `[total_q, qo_heads, head_dim_vo]`.
+    pub fn o_elems(&self) -> usize {
+        self.o_elems
+    }
+
+    /// A hash of what a plan depends on (shape, per-request page counts, fills and query
+    /// counts): a plan records its batch's, and a launch refuses a plan made for another batch.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// Checks buffer lengths (in elements) against the batch: the query buffer, and the K and V
+    /// buffers (the whole shared buffer for both when interleaved).
+    pub fn check_buffers(&self, q_len: usize, k_len: usize, v_len: usize) -> Result<(), LayoutError> {
+        for (what, expected, got) in [
+            ("query buffer length [total_q, qo_heads, head_dim_qk]", self.q_elems, q_len),
+            ("K buffer length", self.sizes.k_len, k_len),
+            ("V buffer length", self.sizes.v_len, v_len),
+        ] {
+            if expected != got {
+                return Err(LayoutError::Mismatch { what, expected, got });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'a> std::ops::Deref for ValidBatch<'a> {
+    type Target = Batch<'a>;
+    fn deref(&self) -> &Batch<'a> {
+        &self.batch
+    }
+}
+
+/// A batch that owns its index arrays (a [`Batch`] borrows them), for state kept across calls:
+/// device tables and the two-call wrappers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedBatch {
+    /// Query token offsets per request, `[batch + 1]`.
+    pub qo_indptr: Vec<i32>,
+    /// The page table.
+    pub pages: PageTable,
+    /// The cache's geometry.
+    pub kv: KvShape,
+    /// Query heads.
+    pub qo_heads: usize,
+}
+
+impl OwnedBatch {
+    /// A copy of `b`'s arrays.
+    pub fn from_batch(b: &Batch<'_>) -> OwnedBatch {
+        OwnedBatch { qo_indptr: b.qo_indptr.to_vec(), pages: b.pages.clone(), kv: b.kv, qo_heads: b.qo_heads }
+    }
+
+    /// The borrowed view.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { qo_indptr: &self.qo_indptr, pages: &self.pages, kv: self.kv, qo_heads: self.qo_heads }
+    }
 }

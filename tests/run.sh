@@ -19,3 +19,16 @@ fi
 export ATTNFORGE_REQUIRE_NVRTC=1
 # The `ci` profile is release with overflow checks (Cargo.toml says why).
 cargo test --profile ci --workspace "$@"
+# The examples build; each runs one step, or, without a GPU, exits with a clear "no GPU" error
+# (never a panic).
+cargo build --profile ci --examples
+for ex in decode prefill; do
+  if out=$(target/ci/examples/$ex 2>&1); then
+    echo "example $ex: $out"
+  elif [[ $? -eq 1 && $out == "error: no GPU"* ]]; then
+    echo "example $ex: $out (expected without a GPU)"
+  else
+    echo "example $ex failed: $out"
+    exit 1
+  fi
+done

@@ -233,10 +233,10 @@ impl KernelConfig {
         }
     }
 
-    /// The short-append companion of a prefill config: 2 warps (32 query rows), which on the H100
+    /// The append companion of a prefill config (the prompt tile is the config's own): 2 warps (32 query rows), which on the H100
     /// ran a q=8, kv=4096, B=64 append in 392 µs against 647 µs with the 128-row tile (the plan
     /// picks it when every request fits in 32 rows). `None` when a tile was chosen explicitly.
-    pub fn narrow_prefill(&self) -> Option<KernelConfig> {
+    pub fn append_prefill(&self) -> Option<KernelConfig> {
         if self.op != Op::Prefill || self.prefill_override.is_some() {
             return None;
         }

@@ -2,10 +2,10 @@
 //! until every SM has one; a big batch of similar lengths gets one item per CTA, longest first; a
 //! big skewed batch is balanced over one wave of resident CTAs.
 
-use super::{check_mode, merge_offset, pack, packed_len, range_heads, split_piece, visible_span, wave_chunk, PlanMode, PlanTarget, Upload};
+use super::{check_mode, merge_offset, pack, packed_len, range_heads, split_piece, visible_span, wave_chunk, Plan, PlanMode, PlanTarget};
 use crate::abi::{DecodeWork, MergeWork};
 use crate::error::PlanError;
-use crate::kv::{validate, Batch, LayoutError};
+use crate::kv::{LayoutError, ValidBatch};
 use crate::spec::params::{Dims, ParamValues};
 use crate::spec::Variant;
 use crate::{Error, Result};
@@ -35,9 +35,16 @@ pub struct DecodePlan {
     pub chunk: usize,
     /// Bytes of f32 workspace for partial states.
     pub workspace_bytes: usize,
+    /// Requests of the batch planned.
     pub batch_size: usize,
+    /// Query heads of the batch planned.
     pub qo_heads: usize,
+    /// Value head dim of the batch planned.
     pub head_dim_vo: usize,
+    /// KV heads of the batch planned (the launch's grid along y).
+    pub kv_heads: usize,
+    /// [`ValidBatch::fingerprint`] of the batch planned: a launch refuses another batch.
+    pub batch_fingerprint: u64,
 }
 
 impl DecodePlan {
@@ -74,10 +81,9 @@ impl DecodePlan {
 }
 
 /// Plans a decode batch: every request has exactly one query token (or none).
-pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, target: PlanTarget, mode: PlanMode) -> Result<DecodePlan> {
+pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'_>, target: PlanTarget, mode: PlanMode) -> Result<DecodePlan> {
     // Buffer lengths are checked at launch; here only the index arrays matter.
     let kv = batch.kv;
-    validate(batch, batch.q_elems(), kv.k_len(), kv.v_len())?;
     let b = batch.batch_size();
     let dims = Dims { qo_heads: batch.qo_heads, kv_heads: kv.kv_heads, batch: b };
     params.fits(&variant.params, dims).map_err(Error::Param)?;
@@ -158,6 +164,8 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
             batch_size: b,
             qo_heads: batch.qo_heads,
             head_dim_vo: kv.head_dim_vo,
+            kv_heads: kv.kv_heads,
+            batch_fingerprint: batch.fingerprint(),
         });
     }
     let chunk = match mode {
@@ -211,6 +219,8 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, t
         batch_size: b,
         qo_heads: batch.qo_heads,
         head_dim_vo: kv.head_dim_vo,
+        kv_heads: kv.kv_heads,
+        batch_fingerprint: batch.fingerprint(),
     })
 }
 
@@ -292,14 +302,43 @@ fn balanced_decode(spans: &[(usize, usize, usize)], qo_indptr: &[i32], tile: usi
     (work, merge, partials, per_cta)
 }
 
-impl Upload for DecodePlan {
+impl Plan for DecodePlan {
     fn packed(&self) -> Vec<i32> {
         DecodePlan::packed(self)
+    }
+    fn packed_len(&self) -> usize {
+        DecodePlan::packed_len(self)
+    }
+    fn merge_offset(&self) -> usize {
+        DecodePlan::merge_offset(self)
     }
     fn workspace_bytes(&self) -> usize {
         self.workspace_bytes
     }
-    fn fixed(&self) -> bool {
-        matches!(self.mode, PlanMode::FixedGrid { .. })
+    fn partial_slots(&self) -> usize {
+        // A fixed-grid workspace holds a slot per CTA, whatever this step splits.
+        if self.fixed() {
+            self.grid
+        } else {
+            self.num_partials
+        }
+    }
+    fn mode(&self) -> PlanMode {
+        self.mode
+    }
+    fn grid(&self) -> usize {
+        self.grid
+    }
+    fn merge_grid(&self) -> usize {
+        self.merge_grid
+    }
+    fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+    fn qo_heads(&self) -> usize {
+        self.qo_heads
+    }
+    fn batch_fingerprint(&self) -> u64 {
+        self.batch_fingerprint
     }
 }

@@ -146,12 +146,32 @@ pub(super) fn split_piece(len: usize, chunk: usize, tile: usize, deterministic: 
     len.div_ceil(n).div_ceil(tile) * tile
 }
 
-/// What the engine needs to upload a plan.
-pub trait Upload {
-    /// The i32 buffer the kernels read.
+/// What the engine needs of a plan to upload and launch it, whatever the family.
+pub trait Plan {
+    /// The i32 buffer the kernels read: header, work list, merge list.
     fn packed(&self) -> Vec<i32>;
+    /// Its length (without building it).
+    fn packed_len(&self) -> usize;
+    /// Where the merge list starts in it, in bytes.
+    fn merge_offset(&self) -> usize;
     /// Bytes of f32 workspace the launch needs.
     fn workspace_bytes(&self) -> usize;
+    /// Partial-state slots the workspace is laid out for (o for every slot and head, then lse).
+    fn partial_slots(&self) -> usize;
+    /// The mode it was planned in.
+    fn mode(&self) -> PlanMode;
     /// Whether buffers must never be reallocated (CUDA-graph capture).
-    fn fixed(&self) -> bool;
+    fn fixed(&self) -> bool {
+        matches!(self.mode(), PlanMode::FixedGrid { .. })
+    }
+    /// CTAs along x of the main launch (along y: the KV heads).
+    fn grid(&self) -> usize;
+    /// CTAs along x of the merge launch (0: nothing to merge).
+    fn merge_grid(&self) -> usize;
+    /// Requests of the batch planned.
+    fn batch_size(&self) -> usize;
+    /// Query heads of the batch planned.
+    fn qo_heads(&self) -> usize;
+    /// The planned batch's [`crate::kv::ValidBatch::fingerprint`].
+    fn batch_fingerprint(&self) -> u64;
 }

@@ -1,11 +1,11 @@
 //! Prefill / append plans: each request's query rows cut into blocks, each block's visible KV
 //! span split into chunks when the blocks cannot fill the GPU.
 
-use super::{check_mode, merge_offset, pack, packed_len, range_heads, split_piece, visible_span, wave_chunk, PlanMode, PlanTarget, Upload};
+use super::{check_mode, merge_offset, pack, packed_len, range_heads, split_piece, visible_span, wave_chunk, Plan, PlanMode, PlanTarget};
 use super::decode::DecodePlan;
 use crate::abi::MergeWork;
 use crate::error::PlanError;
-use crate::kv::{validate, Batch};
+use crate::kv::ValidBatch;
 use crate::spec::params::{Dims, ParamValues};
 use crate::spec::{HookExpr, Variant};
 use crate::{Error, Result};
@@ -33,8 +33,12 @@ pub struct PrefillPlan {
     pub workspace_bytes: usize,
     /// Query rows per work item.
     pub rows: usize,
+    /// Requests of the batch planned.
     pub batch_size: usize,
+    /// Query heads of the batch planned.
     pub qo_heads: usize,
+    /// [`ValidBatch::fingerprint`] of the batch planned: a launch refuses another batch.
+    pub batch_fingerprint: u64,
 }
 
 impl PrefillPlan {
@@ -90,10 +94,9 @@ fn block_span(variant: &Variant, params: &ParamValues, req: usize, q_len: usize,
 /// needs blocks of whole tokens (`rows` a multiple of the GQA group); fixed-grid plans never
 /// split. Deterministic mode splits every span at fixed offsets (`chunk`) from its start, so a
 /// request's result does not depend on the rest of the batch.
-pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, rows: usize, target: PlanTarget, mode: PlanMode) -> Result<PrefillPlan> {
+pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'_>, rows: usize, target: PlanTarget, mode: PlanMode) -> Result<PrefillPlan> {
     use crate::abi::PrefillWork;
     let kv = batch.kv;
-    validate(batch, batch.q_elems(), kv.k_len(), kv.v_len())?;
     let b = batch.batch_size();
     let group = batch.group();
     let rows = rows.max(1);
@@ -201,17 +204,42 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, 
         rows,
         batch_size: b,
         qo_heads: batch.qo_heads,
+        batch_fingerprint: batch.fingerprint(),
     })
 }
 
-impl Upload for PrefillPlan {
+impl Plan for PrefillPlan {
     fn packed(&self) -> Vec<i32> {
         PrefillPlan::packed(self)
+    }
+    fn packed_len(&self) -> usize {
+        PrefillPlan::packed_len(self)
+    }
+    fn merge_offset(&self) -> usize {
+        PrefillPlan::merge_offset(self)
     }
     fn workspace_bytes(&self) -> usize {
         self.workspace_bytes
     }
-    fn fixed(&self) -> bool {
-        matches!(self.mode, PlanMode::FixedGrid { .. })
+    fn partial_slots(&self) -> usize {
+        self.num_partials
+    }
+    fn mode(&self) -> PlanMode {
+        self.mode
+    }
+    fn grid(&self) -> usize {
+        self.grid
+    }
+    fn merge_grid(&self) -> usize {
+        self.merge_grid
+    }
+    fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+    fn qo_heads(&self) -> usize {
+        self.qo_heads
+    }
+    fn batch_fingerprint(&self) -> u64 {
+        self.batch_fingerprint
     }
 }

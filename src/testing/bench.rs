@@ -14,9 +14,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::engine::{DeviceBatch, DeviceOutput, Engine, PlanBuffers};
+use crate::engine::{DeviceBatch, DeviceOutput, DeviceTable, Engine, KvCache, PlanBuffers};
 use crate::jit::KernelConfig;
-use crate::kv::{Batch, DType, KvLayout, KvShape, PageTable};
+use crate::kv::{Batch, DType, KvLayout, KvShape, PageTable, ValidBatch};
 use crate::plan::PlanMode;
 use crate::spec::params::{Dims, ParamInput};
 use crate::spec::shipped;
@@ -178,7 +178,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
     if shape.unbalanced {
         target.resident = 0;
     }
-    let plan = |batch: &Batch<'_>, mode: PlanMode| crate::plan::plan_decode(&k.variant, &params, batch, target, mode);
+    let plan = |batch: &ValidBatch<'_>, mode: PlanMode| crate::plan::plan_decode(&k.variant, &params, batch, target, mode);
     let lens = shape.lens();
     let pages_per_copy: usize = lens.iter().map(|l| l.div_ceil(PAGE)).sum();
     let kv_bytes_per_copy = (pages_per_copy * PAGE * KV_HEADS * HEAD_DIM * 2 * 2) as f64;
@@ -190,37 +190,35 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
     let mut o = e.alloc::<bf16>(shape.batch * QO_HEADS * HEAD_DIM)?;
     let mut lse = e.alloc::<f32>(shape.batch * QO_HEADS)?;
     let qo_indptr: Vec<i32> = (0..=shape.batch as i32).collect();
-    let qo_dev = e.upload(&qo_indptr)?;
 
-    // One page table per copy, each scattered over its own slice of the cache.
+    // One page table per copy, each scattered over its own slice of the cache, uploaded (and
+    // validated) once, as a serving engine's step would.
     struct Copy {
-        table: PageTable,
-        indptr: cudarc::driver::CudaSlice<i32>,
-        indices: cudarc::driver::CudaSlice<i32>,
-        last: cudarc::driver::CudaSlice<i32>,
+        table: DeviceTable,
         bufs: Option<PlanBuffers>,
     }
     let mut tables = Vec::with_capacity(copies);
     for c in 0..copies {
         let mut order: Vec<usize> = (c * pages_per_copy..(c + 1) * pages_per_copy).collect();
         order.shuffle(&mut rng);
-        let table = PageTable::from_lens(&lens, PAGE, &mut order.into_iter())?;
-        let (indptr, indices, last) = (e.upload(&table.indptr)?, e.upload(&table.indices)?, e.upload(&table.last_page_len)?);
-        tables.push(Copy { table, indptr, indices, last, bufs: None });
+        let pages = PageTable::from_lens(&lens, PAGE, &mut order.into_iter())?;
+        let mut table = None;
+        e.upload_table(&Batch { qo_indptr: &qo_indptr, pages: &pages, kv, qo_heads: QO_HEADS }.validated()?, &mut table)?;
+        tables.push(Copy { table: table.ok_or(crate::error::PlanError::NotUploaded)?, bufs: None });
     }
-    let default_plan = plan(&Batch { qo_indptr: &qo_indptr, pages: &tables[0].table, kv, qo_heads: QO_HEADS }, PlanMode::Default)?;
+    let default_plan = plan(&tables[0].table.batch(), PlanMode::Default)?;
     let fixed = PlanMode::FixedGrid { max_ctas: default_plan.work.len().max(1) };
 
     let launch = |c: &Copy, plan: &crate::plan::DecodePlan, o: &mut cudarc::driver::CudaSlice<bf16>, lse: &mut cudarc::driver::CudaSlice<f32>| {
-        let dev = DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo_dev, kv_indptr: &c.indptr, kv_indices: &c.indices, last_page_len: &c.last };
-        let bufs = c.bufs.as_ref().ok_or_else(|| crate::error::PlanError::NotUploaded)?;
-        e.run_decode(&k, plan, bufs, &dp, &Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, &dev, DeviceOutput { o, lse }, None)
+        let dev = DeviceBatch { q: &q, kv: KvCache::Interleaved(&cache) };
+        let bufs = c.bufs.as_ref().ok_or(crate::error::PlanError::NotUploaded)?;
+        e.run_decode(&k, plan, bufs, &dp, &c.table, &dev, DeviceOutput { o, lse }, None)
     };
 
     // Graph: GRAPH_CALLS calls rotating over the copies, each with its own uploaded plan.
     let mut fixed_plans = Vec::new();
     for c in tables.iter_mut() {
-        let plan = plan(&Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, fixed)?;
+        let plan = plan(&c.table.batch(), fixed)?;
         e.upload_plan(&plan, &mut c.bufs)?;
         fixed_plans.push(plan);
     }
@@ -263,7 +261,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
         let n = 2 * GRAPH_CALLS;
         for i in 0..n {
             let c = &mut tables[i % copies];
-            let plan = plan(&Batch { qo_indptr: &qo_indptr, pages: &c.table, kv, qo_heads: QO_HEADS }, PlanMode::Default)?;
+            let plan = plan(&c.table.batch(), PlanMode::Default)?;
             e.upload_plan(&plan, &mut c.bufs)?;
             launch(c, &plan, &mut o, &mut lse)?;
         }
@@ -279,7 +277,7 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
         })
         .sum();
     let bytes = (visible * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * shape.batch * QO_HEADS * HEAD_DIM * 2) as f64;
-    let tile = k.tile_for(&fixed_plans[0], KV_HEADS).label();
+    let tile = k.decode_tile_for(&fixed_plans[0]).label();
     Ok(DecodeResult { shape: shape.clone(), graph_us, eager_us: median(eager), bytes, work_items: default_plan.work.len(), splits: default_plan.merge.len(), copies, tile })
 }
 
@@ -353,21 +351,23 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
     for &(q, _) in &shape.lens {
         qo_indptr.push(qo_indptr.last().copied().unwrap_or(0) + q as i32);
     }
-    let batch = Batch { qo_indptr: &qo_indptr, pages: &table, kv, qo_heads: shape.qo_heads };
+    let batch = Batch { qo_indptr: &qo_indptr, pages: &table, kv, qo_heads: shape.qo_heads }.validated()?;
     let cache = random_device(e, &mut rng, kv.k_len())?;
     let q = random_device(e, &mut rng, batch.q_elems())?;
     let mut o = e.alloc::<bf16>(batch.o_elems())?;
     let mut lse = e.alloc::<f32>(batch.total_q() * shape.qo_heads)?;
-    let (qo_dev, indptr, indices, last) = (e.upload(&qo_indptr)?, e.upload(&table.indptr)?, e.upload(&table.indices)?, e.upload(&table.last_page_len)?);
+    let mut dev_table = None;
+    e.upload_table(&batch, &mut dev_table)?;
+    let dev_table = dev_table.ok_or(crate::error::PlanError::NotUploaded)?;
     let plan = e.plan_prefill(&k, &params, &batch, PlanMode::Default)?;
     let mut bufs = None;
     e.upload_plan(&plan, &mut bufs)?;
-    let bufs = bufs.ok_or_else(|| crate::error::PlanError::NotUploaded)?;
-    let dev = DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo_dev, kv_indptr: &indptr, kv_indices: &indices, last_page_len: &last };
+    let bufs = bufs.ok_or(crate::error::PlanError::NotUploaded)?;
+    let dev = DeviceBatch { q: &q, kv: KvCache::Interleaved(&cache) };
     let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
     let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
     let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
-    let mut run = || e.run_prefill(&k, &plan, &bufs, &dp, &batch, &dev, DeviceOutput { o: &mut o, lse: &mut lse }, None);
+    let mut run = || e.run_prefill(&k, &plan, &bufs, &dp, &dev_table, &dev, DeviceOutput { o: &mut o, lse: &mut lse }, None);
     run()?;
     run()?;
     let mut samples = Vec::new();
@@ -384,14 +384,14 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
     let visible: f64 = shape.lens.iter().map(|&(q, kv)| (0..q).map(|i| (kv - q + i + 1) as f64).sum::<f64>()).sum();
     let flops = 4.0 * visible * shape.qo_heads as f64 * HEAD_DIM as f64;
     let kv_bytes = kv_lens.iter().sum::<usize>() as f64 * (shape.kv_heads * HEAD_DIM * 2 * 2) as f64;
-    let f = k.tile_for(&plan);
+    let f = k.tile_for(&plan)?;
     Ok(PrefillResult {
         shape: shape.clone(),
         us: median(samples),
         flops,
         kv_bytes,
         blocks: plan.work.len(),
-        tile: f.tile,
+        tile: f.cfg.prefill_tile(),
         regs: f.regs,
         local_bytes: f.local_bytes,
         ctas_per_sm: f.ctas_per_sm,

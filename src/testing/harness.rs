@@ -6,121 +6,109 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
-use crate::engine::{DecodeKernel, DeviceBatch, DeviceOutput, Engine, PlanBuffers};
-use crate::kv::{DType, Element};
-use crate::plan::{DecodePlan, PlanMode};
+use crate::engine::{DecodeKernel, DeviceBatch, DeviceOutput, DeviceTable, Engine, Family, Kernel, KvCache, PlanBuffers, PrefillKernel};
+use crate::kv::{DType, Element, ValidBatch};
+use crate::plan::{DecodePlan, PlanMode, PrefillPlan};
 use crate::reference::AttnOutput;
 use crate::spec::params::ParamValues;
 use crate::testing::workload::Workload;
 use crate::Result;
 
-/// A workload's inputs on the device.
+/// A workload's inputs on the device: queries, the cache, and its validated page table.
 pub struct DeviceWorkload<T> {
+    /// Queries.
     pub q: CudaSlice<T>,
+    /// The K buffer (the whole cache when interleaved).
     pub k: CudaSlice<T>,
+    /// The V buffer when separate.
     pub v: Option<CudaSlice<T>>,
-    pub qo_indptr: CudaSlice<i32>,
-    pub kv_indptr: CudaSlice<i32>,
-    pub kv_indices: CudaSlice<i32>,
-    pub last_page_len: CudaSlice<i32>,
+    /// The page table and query offsets, as the engine uploaded them.
+    pub table: DeviceTable,
 }
 
 impl<T: Element + DeviceRepr> DeviceWorkload<T> {
+    /// Uploads `w` (validating its batch once).
     pub fn upload(e: &Engine, w: &Workload<T>) -> Result<Self> {
+        let mut table = None;
+        e.upload_table(&w.batch().validated()?, &mut table)?;
         Ok(DeviceWorkload {
             q: e.upload(&w.q)?,
             k: e.upload(&w.k)?,
             v: if w.kv.interleaved { None } else { Some(e.upload(&w.v)?) },
-            qo_indptr: e.upload(&w.qo_indptr)?,
-            kv_indptr: e.upload(&w.pages.indptr)?,
-            kv_indices: e.upload(&w.pages.indices)?,
-            last_page_len: e.upload(&w.pages.last_page_len)?,
+            table: table.ok_or(crate::error::PlanError::NotUploaded)?,
         })
     }
 
-    pub fn batch(&self) -> DeviceBatch<'_, T> {
-        DeviceBatch {
-            q: &self.q,
-            k: &self.k,
-            v: self.v.as_ref().unwrap_or(&self.k),
-            qo_indptr: &self.qo_indptr,
-            kv_indptr: &self.kv_indptr,
-            kv_indices: &self.kv_indices,
-            last_page_len: &self.last_page_len,
+    /// The K/V cache.
+    pub fn kv(&self) -> KvCache<'_, T> {
+        match &self.v {
+            None => KvCache::Interleaved(&self.k),
+            Some(v) => KvCache::Separate { k: &self.k, v },
         }
+    }
+
+    /// The launch inputs.
+    pub fn batch(&self) -> DeviceBatch<'_, T> {
+        DeviceBatch { q: &self.q, kv: self.kv() }
     }
 }
 
 /// Output buffers, poisoned with NaN.
 pub struct DeviceResult<T> {
+    /// The output.
     pub o: CudaSlice<T>,
+    /// The LSE.
     pub lse: CudaSlice<f32>,
 }
 
 impl<T: Element + DeviceRepr> DeviceResult<T> {
+    /// Outputs of the given lengths, filled with NaN.
     pub fn poisoned(e: &Engine, o_len: usize, lse_len: usize) -> Result<Self> {
         Ok(DeviceResult { o: e.upload(&vec![T::from_f32(f32::NAN); o_len])?, lse: e.upload(&vec![f32::NAN; lse_len])? })
     }
 
+    /// The launch's view.
     pub fn out(&mut self) -> DeviceOutput<'_, T> {
         DeviceOutput { o: &mut self.o, lse: &mut self.lse }
     }
 
+    /// Downloads (and widens) the outputs.
     pub fn download(&self, e: &Engine) -> Result<AttnOutput> {
         let o = e.download(&self.o)?.iter().map(|x| x.to_f64() as f32).collect();
         Ok(AttnOutput { o, lse: e.download(&self.lse)? })
     }
 }
 
-/// Uploads `w`, poisons the outputs, uploads `plan` and the parameters, runs `launch`, and
-/// downloads the result: the part every one-shot run shares.
-fn run_once<T: Element + DeviceRepr, P: crate::plan::Upload>(
+/// Uploads `w`, plans it with `plan`, uploads the plan and the parameters, launches with `k`,
+/// and downloads the result: every one-shot run.
+fn run_once<F: Family, T: Element + DeviceRepr>(
     e: &Engine,
-    layout: &[crate::abi::ParamField],
+    k: &Kernel<F>,
     params: &ParamValues,
     w: &Workload<T>,
-    plan: &P,
-    launch: impl FnOnce(&PlanBuffers, &crate::engine::DeviceParams, &DeviceWorkload<T>, DeviceOutput<'_, T>) -> Result<()>,
-) -> Result<AttnOutput> {
-    let batch = w.batch();
+    plan: impl FnOnce(&ValidBatch<'_>) -> Result<F::Plan>,
+    sm_scale: Option<f32>,
+) -> Result<(AttnOutput, F::Plan)> {
     let dev = DeviceWorkload::upload(e, w)?;
+    let batch = dev.table.batch();
+    let plan = plan(&batch)?;
     let mut res = DeviceResult::<T>::poisoned(e, batch.o_elems(), batch.total_q() * batch.qo_heads)?;
     let mut bufs: Option<PlanBuffers> = None;
-    e.upload_plan(plan, &mut bufs)?;
-    let dp = e.upload_params(layout, params)?;
-    let bufs = bufs.ok_or_else(|| crate::error::PlanError::NotUploaded)?;
-    launch(&bufs, &dp, &dev, res.out())?;
-    res.download(e)
+    e.upload_plan(&plan, &mut bufs)?;
+    let dp = e.upload_params(&k.layout, params)?;
+    let bufs = bufs.ok_or(crate::error::PlanError::NotUploaded)?;
+    e.launch(k, &plan, &bufs, &dp, &dev.table, &dev.batch(), res.out(), sm_scale)?;
+    Ok((res.download(e)?, plan))
 }
 
 /// Plans, uploads and runs one decode batch; returns the output and the plan.
-pub fn decode_once<T: Element + DeviceRepr>(
-    e: &Engine,
-    k: &DecodeKernel,
-    params: &ParamValues,
-    w: &Workload<T>,
-    mode: PlanMode,
-    sm_scale: Option<f32>,
-) -> Result<(AttnOutput, DecodePlan)> {
-    let batch = w.batch();
-    let plan = e.plan_decode(k, params, &batch, mode)?;
-    let out = run_once(e, &k.layout, params, w, &plan, |bufs, dp, dev, out| e.run_decode(k, &plan, bufs, dp, &batch, &dev.batch(), out, sm_scale))?;
-    Ok((out, plan))
+pub fn decode_once<T: Element + DeviceRepr>(e: &Engine, k: &DecodeKernel, params: &ParamValues, w: &Workload<T>, mode: PlanMode, sm_scale: Option<f32>) -> Result<(AttnOutput, DecodePlan)> {
+    run_once(e, k, params, w, |b| e.plan_decode(k, params, b, mode), sm_scale)
 }
 
 /// Plans, uploads and runs one prefill/append batch; returns the output and the plan.
-pub fn prefill_once<T: Element + DeviceRepr>(
-    e: &Engine,
-    k: &crate::engine::PrefillKernel,
-    params: &ParamValues,
-    w: &Workload<T>,
-    mode: PlanMode,
-    sm_scale: Option<f32>,
-) -> Result<(AttnOutput, crate::plan::PrefillPlan)> {
-    let batch = w.batch();
-    let plan = e.plan_prefill(k, params, &batch, mode)?;
-    let out = run_once(e, &k.layout, params, w, &plan, |bufs, dp, dev, out| e.run_prefill(k, &plan, bufs, dp, &batch, &dev.batch(), out, sm_scale))?;
-    Ok((out, plan))
+pub fn prefill_once<T: Element + DeviceRepr>(e: &Engine, k: &PrefillKernel, params: &ParamValues, w: &Workload<T>, mode: PlanMode, sm_scale: Option<f32>) -> Result<(AttnOutput, PrefillPlan)> {
+    run_once(e, k, params, w, |b| e.plan_prefill(k, params, b, mode), sm_scale)
 }
 
 /// How a kernel's output differs from the reference.

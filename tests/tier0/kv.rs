@@ -198,3 +198,27 @@ fn from_lens_rejects_a_zero_page_size_and_a_short_page_supply() {
     let err = PageTable::from_lens(&[5], 1, &mut [1usize << 40].into_iter()).unwrap_err();
     assert!(matches!(err, LayoutError::TooLarge { what: "page index", .. }), "{err}");
 }
+
+/// A batch is validated once (`Batch::validated`), which also fingerprints what a plan depends
+/// on; buffers are then checked in O(1). A plan records the fingerprint and a launch refuses a
+/// plan made for another batch.
+#[test]
+fn a_validated_batch_checks_buffers_and_tells_batches_apart() {
+    let t = table();
+    let b = Batch { qo_indptr: &QO, pages: &t, kv: shape(), qo_heads: 4 };
+    let v = b.validated().unwrap();
+    let kv = shape();
+    v.check_buffers(v.q_elems(), kv.k_len(), kv.v_len()).unwrap();
+    assert!(v.check_buffers(v.q_elems() + 1, kv.k_len(), kv.v_len()).is_err());
+    assert_eq!(v.o_elems(), 2 * 4 * 16);
+    // The same lengths in other pages: the same plan applies. Another fill: it does not.
+    let moved = PageTable { indices: vec![1, 2, 4], ..table() };
+    let same = Batch { qo_indptr: &QO, pages: &moved, kv: shape(), qo_heads: 4 };
+    assert_eq!(same.validated().unwrap().fingerprint(), v.fingerprint());
+    let refilled = PageTable { last_page_len: vec![3, 0, 4], ..table() };
+    let other = Batch { qo_indptr: &QO, pages: &refilled, kv: shape(), qo_heads: 4 };
+    assert_ne!(other.validated().unwrap().fingerprint(), v.fingerprint());
+    let more_q = [0, 1, 1, 3];
+    assert_ne!(Batch { qo_indptr: &more_q, pages: &t, kv: shape(), qo_heads: 4 }.validated().unwrap().fingerprint(), v.fingerprint());
+    assert_ne!(Batch { qo_indptr: &QO, pages: &t, kv: shape(), qo_heads: 2 }.validated().unwrap().fingerprint(), v.fingerprint());
+}

@@ -25,7 +25,7 @@ fn plan_resident(variant: &str, params: &[(&str, f64)], lens: &[usize], target: 
     let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
     let n = pages.indices.len();
     let batch = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(n), qo_heads: 32 };
-    let plan = plan_decode(&v, &p, &batch, PlanTarget { ctas: target, kv_tile: 32, resident, always_balance: false }, mode)?;
+    let plan = plan_decode(&v, &p, &batch.validated()?, PlanTarget { ctas: target, kv_tile: 32, resident, always_balance: false }, mode)?;
     Ok((plan, pages, qo))
 }
 
@@ -217,11 +217,12 @@ fn empty_requests_still_get_an_output_row_and_bad_batches_are_errors() {
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 2 }).unwrap();
     let qo = [0, 2, 3];
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(2), qo_heads: 32 };
-    let err = plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32, resident: 0, always_balance: false }, PlanMode::Default).unwrap_err();
+    let err = plan_decode(&v, &p, &b.validated().unwrap(), PlanTarget { ctas: 100, kv_tile: 32, resident: 0, always_balance: false }, PlanMode::Default).unwrap_err();
     assert!(err.to_string().contains("use prefill"), "{err}");
     let bad = PageTable { indices: vec![0, 7], ..pages.clone() };
     let b = attnforge::kv::Batch { qo_indptr: &[0, 1, 2], pages: &bad, kv: kv(2), qo_heads: 32 };
-    assert!(plan_decode(&v, &p, &b, PlanTarget { ctas: 100, kv_tile: 32, resident: 0, always_balance: false }, PlanMode::Default).is_err());
+    // A malformed table is refused before planning: planners take only validated batches.
+    assert!(b.validated().is_err());
 }
 
 #[test]
@@ -238,7 +239,7 @@ fn prefill_blocks_cover_every_query_row_once_longest_first() {
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: 4 }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len()), qo_heads: 32 };
     // A target the blocks already fill: no split.
-    let plan = plan_prefill(&v, &p, &b, 64, PlanTarget { ctas: 100, kv_tile: 64, resident: 0, always_balance: false }, PlanMode::Default).unwrap();
+    let plan = plan_prefill(&v, &p, &b.validated().unwrap(), 64, PlanTarget { ctas: 100, kv_tile: 64, resident: 0, always_balance: false }, PlanMode::Default).unwrap();
     assert!(plan.merge.is_empty() && plan.work.iter().all(|w| w.partial == -1));
     for (req, &(q, _)) in lens.iter().enumerate() {
         let mut starts: Vec<i32> = plan.work.iter().filter(|w| w.req == req as i32).map(|w| w.row_start).collect();
@@ -264,7 +265,7 @@ fn prefill_plan(variant: &str, params: &[(&str, f64)], lens: &[(usize, usize)], 
     let given: HashMap<String, ParamInput> = params.iter().map(|(k, x)| (k.to_string(), ParamInput::Scalar(*x))).collect();
     let p = v.bind(&given, Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len().max(1)), qo_heads: 32 };
-    let plan = attnforge::plan::plan_prefill(&v, &p, &b, rows, PlanTarget { ctas, kv_tile: 32, resident: 0, always_balance: false }, mode)?;
+    let plan = attnforge::plan::plan_prefill(&v, &p, &b.validated()?, rows, PlanTarget { ctas, kv_tile: 32, resident: 0, always_balance: false }, mode)?;
     Ok((plan, qo))
 }
 
@@ -338,7 +339,7 @@ fn prefill_split_modes() {
     let pages = PageTable::from_lens(&[20000], 16, &mut (0..).map(|i| i as usize)).unwrap();
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 7, kv_heads: 1, batch: 1 }).unwrap();
     let b = attnforge::kv::Batch { qo_indptr: &[0, 8], pages: &pages, kv: KvShape { kv_heads: 1, ..kv(pages.indices.len()) }, qo_heads: 7 };
-    let plan = attnforge::plan::plan_prefill(&v, &p, &b, 32, PlanTarget { ctas: 264, kv_tile: 32, resident: 0, always_balance: false }, PlanMode::Default).unwrap();
+    let plan = attnforge::plan::plan_prefill(&v, &p, &b.validated().unwrap(), 32, PlanTarget { ctas: 264, kv_tile: 32, resident: 0, always_balance: false }, PlanMode::Default).unwrap();
     assert!(plan.merge.is_empty());
     // Deterministic: chunks at fixed offsets, the same whatever else is in the batch.
     let mode = PlanMode::Deterministic { chunk: 1000 };
@@ -367,7 +368,7 @@ fn the_wide_decode_tile_is_for_one_cta_per_sm_over_long_spans() {
         let qo: Vec<i32> = (0..=lens.len() as i32).collect();
         let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
         let batch = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len()), qo_heads: 32 };
-        let plan = plan_decode(&v, &p, &batch, PlanTarget { ctas: 132, kv_tile: 64, resident: 264, always_balance: false }, mode).unwrap();
+        let plan = plan_decode(&v, &p, &batch.validated().unwrap(), PlanTarget { ctas: 132, kv_tile: 64, resident: 264, always_balance: false }, mode).unwrap();
         (wants_wide_tile(&plan, 8, 132, 128), plan.stride)
     };
     // B16 L4096: 128 whole requests on 132 SMs.

@@ -10,7 +10,7 @@ mod prefill;
 
 use std::collections::HashMap;
 
-use attnforge::engine::{DeviceOutput, Engine, PlanBuffers};
+use attnforge::engine::{DeviceOutput, Engine};
 use attnforge::testing::harness::{compare, decode_once, DeviceResult, DeviceWorkload};
 use attnforge::jit::KernelConfig;
 use attnforge::kv::{DType, Element, KvLayout};
@@ -55,6 +55,7 @@ fn main() {
         trial("every_variant_splits_and_merges_correctly_with_many_heads", every_variant_splits_and_merges_correctly_with_many_heads),
         trial("deterministic_mode_is_bit_identical_across_batch_compositions", deterministic_mode_is_bit_identical_across_batch_compositions),
         trial("a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths", a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths),
+        trial("a_fixed_table_replays_in_a_cuda_graph_through_the_low_level_calls", a_fixed_table_replays_in_a_cuda_graph_through_the_low_level_calls),
         trial("capturing_a_default_plan_and_bad_shapes_are_errors", capturing_a_default_plan_and_bad_shapes_are_errors),
         trial("prefill::prefill_matches_the_reference_on_random_ragged_batches", prefill::prefill_matches_the_reference_on_random_ragged_batches),
         trial("prefill::a_long_causal_prompt_and_short_appends", prefill::a_long_causal_prompt_and_short_appends),
@@ -135,8 +136,8 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
     let cfg = KernelConfig::decode(c.dims.0, c.dims.1, T::DTYPE, c.group).unwrap();
     let k = e.decode_kernel(&v, &cfg).unwrap();
     let (got, plan) = decode_once(e, &k, &p, &w, c.mode, None).unwrap();
-    let tile = k.tile_for(&plan, c.kv_heads);
-    let wide = k.wide_for(&plan, c.kv_heads).is_some();
+    let tile = k.decode_tile_for(&plan);
+    let wide = k.runs_wide(&plan);
     if matches!(c.mode, PlanMode::Deterministic { .. }) {
         assert!(!wide, "a deterministic plan ran on the wide tile");
     }
@@ -287,84 +288,104 @@ fn deterministic_mode_is_bit_identical_across_batch_compositions() {
 }
 
 fn a_fixed_grid_plan_replays_in_a_cuda_graph_with_changing_lengths() {
+    // Through the two-call wrapper in graph mode: buffers fixed at their capacities, `plan`
+    // rewrites them between replays of a graph captured around one `run`.
+    use attnforge::engine::{DecodeWrapper, GraphCapacity, KvCache, WrapperOptions};
     let e = engine();
     let v = shipped::resolve("sink").unwrap();
     let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
-    let k = e.decode_kernel(&v, &cfg).unwrap();
     let mut rng = StdRng::seed_from_u64(5);
-    let max_batch = 8usize;
-    let max_pages = 2000usize;
-    let mode = PlanMode::FixedGrid { max_ctas: 256 };
+    let (max_batch, max_pages) = (8usize, 2000usize);
+    let graph_cap = GraphCapacity { max_batch, max_tokens: max_batch, max_pages, max_ctas: 256 };
+    let mut w = DecodeWrapper::new(&e, &v, &cfg, WrapperOptions { graph: Some(graph_cap), ..Default::default() }).unwrap();
     let spec = |lens: &[usize]| WorkloadSpec { lens: lens.iter().map(|&l| (1, l)).collect(), qo_heads: 16, kv_heads: 4, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
-    // Step 1 defines the buffers (sized for the maximum) that the graph captures.
     let steps: Vec<Vec<usize>> = vec![vec![3000, 40, 0, 777], vec![5000, 1, 2, 3, 4000, 100, 9, 17], vec![10], vec![16000, 15000]];
     let first = Workload::<bf16>::random(&spec(&steps[0]), &mut rng).unwrap();
     let cache_len = max_pages * first.kv.page_stride(128);
     let mut cache = e.alloc::<bf16>(cache_len).unwrap();
     let mut q = e.alloc::<bf16>(max_batch * 16 * 128).unwrap();
-    let mut qo = e.alloc::<i32>(max_batch + 1).unwrap();
-    let mut indptr = e.alloc::<i32>(max_batch + 1).unwrap();
-    let mut indices = e.alloc::<i32>(max_pages).unwrap();
-    let mut last = e.alloc::<i32>(max_batch).unwrap();
     let mut res = DeviceResult::<bf16>::poisoned(&e, max_batch * 16 * 128, max_batch * 16).unwrap();
-    let mut bufs: Option<PlanBuffers> = None;
     let mut graph = None;
-    let p_all = v.bind(&[("sinks".to_string(), ParamInput::Scalar(1.5))].into(), Dims { qo_heads: 16, kv_heads: 4, batch: max_batch }).unwrap();
-    let dp = e.upload_params(&k.layout, &p_all).unwrap();
+    let p = v.bind(&[("sinks".to_string(), ParamInput::Scalar(1.5))].into(), Dims { qo_heads: 16, kv_heads: 4, batch: max_batch }).unwrap();
     for (i, lens) in steps.iter().enumerate() {
-        let mut w = Workload::<bf16>::random(&spec(lens), &mut rng).unwrap();
-        // Pad the batch with empty requests (q_len 0) to the captured shape.
-        while w.pages.batch_size() < max_batch {
-            w.pages.indptr.push(*w.pages.indptr.last().unwrap());
-            w.pages.last_page_len.push(0);
-            w.qo_indptr.push(*w.qo_indptr.last().unwrap());
-        }
-        w.kv.num_pages = max_pages;
-        w.k.resize(cache_len, bf16::from_f32(0.5));
-        let batch = w.batch();
-        let p = v.bind(&[("sinks".to_string(), ParamInput::Scalar(1.5))].into(), Dims { qo_heads: 16, kv_heads: 4, batch: max_batch }).unwrap();
-        let plan = e.plan_decode(&k, &p, &batch, mode).unwrap();
-        e.copy_into(&w.k, &mut cache).unwrap();
-        e.copy_into(&w.q, &mut q).unwrap();
-        e.copy_into(&w.qo_indptr, &mut qo).unwrap();
-        e.copy_into(&w.pages.indptr, &mut indptr).unwrap();
-        e.copy_into(&w.pages.indices, &mut indices).unwrap();
-        e.copy_into(&w.pages.last_page_len, &mut last).unwrap();
-        e.upload_plan(&plan, &mut bufs).unwrap();
+        let mut wl = Workload::<bf16>::random(&spec(lens), &mut rng).unwrap();
+        // One fixed cache pool for every step (the wrapper pads the batch to its capacity).
+        wl.kv.num_pages = max_pages;
+        wl.k.resize(cache_len, bf16::from_f32(0.5));
+        let batch = wl.batch();
+        let plan = w.plan(&batch, &p).unwrap().clone();
+        e.copy_into(&wl.k, &mut cache).unwrap();
+        e.copy_into(&wl.q, &mut q).unwrap();
         let total_q = batch.total_q();
-        assert!(total_q < max_batch || lens.len() == max_batch);
         if graph.is_none() {
             e.synchronize().unwrap();
             e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-            // The device views are cut to the maximum shape; only counts change between steps.
-            let dev = attnforge::engine::DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo, kv_indptr: &indptr, kv_indices: &indices, last_page_len: &last };
-            // run_decode checks exact buffer lengths, so capture with a batch description of
-            // the maximum shape (all padding tokens in the last request). The captured kernels
-            // read the real counts and page tables from device memory at each replay.
-            let mut pages_max = w.pages.clone();
-            pages_max.indices.resize(max_pages, 0);
-            *pages_max.indptr.last_mut().unwrap() = max_pages as i32;
-            pages_max.last_page_len[max_batch - 1] = 16;
-            let mut qo_max = w.qo_indptr.clone();
-            *qo_max.last_mut().unwrap() = max_batch as i32;
-            let b_max = attnforge::kv::Batch { qo_indptr: &qo_max, pages: &pages_max, kv: w.kv, qo_heads: 16 };
-            let out = DeviceOutput { o: &mut res.o, lse: &mut res.lse };
-            e.run_decode(&k, &plan, bufs.as_ref().unwrap(), &dp, &b_max, &dev, out, None).unwrap();
+            w.run(&q, KvCache::Interleaved(&cache), DeviceOutput { o: &mut res.o, lse: &mut res.lse }).unwrap();
             graph = e.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap();
         }
-        res = {
-            // Poison again, then replay.
-            let mut r = res;
-            e.copy_into(&vec![bf16::from_f32(f32::NAN); max_batch * 16 * 128], &mut r.o).unwrap();
-            e.copy_into(&vec![f32::NAN; max_batch * 16], &mut r.lse).unwrap();
-            r
-        };
+        // Poison again, then replay.
+        e.copy_into(&vec![bf16::from_f32(f32::NAN); max_batch * 16 * 128], &mut res.o).unwrap();
+        e.copy_into(&vec![f32::NAN; max_batch * 16], &mut res.lse).unwrap();
         graph.as_ref().unwrap().launch().unwrap();
         let got_all = res.download(&e).unwrap();
-        let want = attention(&v, &p, &batch, &w.q, &w.k, &w.k, None).unwrap();
+        let want = attention(&v, &p, &batch, &wl.q, &wl.k, &wl.k, None).unwrap();
         let got = attnforge::reference::AttnOutput { o: got_all.o[..total_q * 16 * 128].to_vec(), lse: got_all.lse[..total_q * 16].to_vec() };
         let cmp = compare(&got, &want, DType::Bf16, 128);
         eprintln!("graph step {i}: lens {lens:?}: {} items, {} merges: {cmp}", plan.work.len(), plan.merge.len());
+        assert!(cmp.ok(), "step {i}: {cmp}");
+    }
+    // A batch beyond the capacity, and parameters that change, are errors, not a silent write
+    // past the captured buffers.
+    let big = Workload::<bf16>::random(&spec(&[10; 9]), &mut rng).unwrap();
+    assert!(w.plan(&big.batch(), &p).unwrap_err().to_string().contains("fixed table holds 8"));
+}
+
+/// Without a wrapper: a fixed table and fixed plan buffers, captured around one low-level
+/// launch (buffers sized for the capacity), replayed with changing batches.
+fn a_fixed_table_replays_in_a_cuda_graph_through_the_low_level_calls() {
+    use attnforge::engine::{Capacity, KvCache};
+    let e = engine();
+    let v = shipped::resolve("gemma2").unwrap();
+    let k = e.decode_kernel(&v, &KernelConfig::decode(64, 64, DType::F16, 2).unwrap()).unwrap();
+    let mut rng = StdRng::seed_from_u64(15);
+    let cap = Capacity { max_batch: 6, max_tokens: 6, max_pages: 900 };
+    let spec = |lens: &[usize]| WorkloadSpec { lens: lens.iter().map(|&l| (1, l)).collect(), qo_heads: 4, kv_heads: 2, head_dim_qk: 64, head_dim_vo: 64, page_size: 16, layout: KvLayout::Hnd, interleaved: true, permute: true, spare_pages: 0 };
+    let p = v.bind(&[("window".to_string(), ParamInput::Scalar(700.0))].into(), Dims { qo_heads: 4, kv_heads: 2, batch: 1 }).unwrap();
+    let dp = e.upload_params(&k.layout, &p).unwrap();
+    let cache_len = cap.max_pages * 2 * 16 * 2 * 64;
+    let (mut cache, mut q) = (e.alloc::<f16>(cache_len).unwrap(), e.alloc::<f16>(cap.max_tokens * 4 * 64).unwrap());
+    let mut res = DeviceResult::<f16>::poisoned(&e, cap.max_tokens * 4 * 64, cap.max_tokens * 4).unwrap();
+    let mode = PlanMode::FixedGrid { max_ctas: 128 };
+    let (mut table, mut bufs, mut graph) = (None, None, None);
+    for (i, lens) in [vec![3000, 20], vec![1, 2, 5000, 4, 900, 0], vec![6000]].iter().enumerate() {
+        let mut wl = Workload::<f16>::random(&spec(lens), &mut rng).unwrap();
+        wl.kv.num_pages = cap.max_pages;
+        wl.k.resize(cache_len, f16::from_f32(0.25));
+        let batch = wl.batch().validated().unwrap();
+        match &mut table {
+            None => table = Some(e.fixed_table(&batch, cap).unwrap()),
+            Some(_) => e.upload_table(&batch, &mut table).unwrap(),
+        }
+        let t = table.as_ref().unwrap();
+        let plan = e.plan_decode(&k, &p, &t.batch(), mode).unwrap();
+        e.upload_plan(&plan, &mut bufs).unwrap();
+        e.copy_into(&wl.k, &mut cache).unwrap();
+        e.copy_into(&wl.q, &mut q).unwrap();
+        if graph.is_none() {
+            e.synchronize().unwrap();
+            e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+            let dev = attnforge::engine::DeviceBatch { q: &q, kv: KvCache::Interleaved(&cache) };
+            e.run_decode(&k, &plan, bufs.as_ref().unwrap(), &dp, t, &dev, DeviceOutput { o: &mut res.o, lse: &mut res.lse }, None).unwrap();
+            graph = e.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap();
+        }
+        e.copy_into(&vec![f16::from_f32(f32::NAN); cap.max_tokens * 4 * 64], &mut res.o).unwrap();
+        graph.as_ref().unwrap().launch().unwrap();
+        let got_all = res.download(&e).unwrap();
+        let total_q = batch.total_q();
+        let want = attention(&v, &p, batch.batch(), &wl.q, &wl.k, &wl.k, None).unwrap();
+        let got = attnforge::reference::AttnOutput { o: got_all.o[..total_q * 4 * 64].to_vec(), lse: got_all.lse[..total_q * 4].to_vec() };
+        let cmp = compare(&got, &want, DType::F16, 64);
+        eprintln!("low-level graph step {i}: lens {lens:?}: {} items: {cmp}", plan.work.len());
         assert!(cmp.ok(), "step {i}: {cmp}");
     }
 }
@@ -379,41 +400,57 @@ fn capturing_a_default_plan_and_bad_shapes_are_errors() {
     let w = Workload::<f16>::random(&spec, &mut rng).unwrap();
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: 2 }).unwrap();
     let dev = DeviceWorkload::upload(&e, &w).unwrap();
-    let plan = e.plan_decode(&k, &p, &w.batch(), PlanMode::Default).unwrap();
+    let plan = e.plan_decode(&k, &p, &dev.table.batch(), PlanMode::Default).unwrap();
     let mut bufs = None;
     e.upload_plan(&plan, &mut bufs).unwrap();
     let dp = e.upload_params(&k.layout, &p).unwrap();
     let bufs = bufs.unwrap();
     // Output one element short.
     let mut short = DeviceResult::<f16>::poisoned(&e, 2 * 4 * 64 - 1, 8).unwrap();
-    let err = e.run_decode(&k, &plan, &bufs, &dp, &w.batch(), &dev.batch(), short.out(), None).unwrap_err();
+    let err = e.run_decode(&k, &plan, &bufs, &dp, &dev.table, &dev.batch(), short.out(), None).unwrap_err();
     assert!(err.to_string().contains("output length"), "{err}");
     // Wrong dtype for the kernel.
     let wb = Workload::<bf16>::random(&spec, &mut rng).unwrap();
     let devb = DeviceWorkload::upload(&e, &wb).unwrap();
     let mut outb = DeviceResult::<bf16>::poisoned(&e, 2 * 4 * 64, 8).unwrap();
-    let err = e.run_decode(&k, &plan, &bufs, &dp, &wb.batch(), &devb.batch(), outb.out(), None).unwrap_err();
+    let err = e.run_decode(&k, &plan, &bufs, &dp, &devb.table, &devb.batch(), outb.out(), None).unwrap_err();
     assert!(err.to_string().contains("compiled for f16"), "{err}");
     // A softmax scale that is not positive and finite.
     let mut out = DeviceResult::<f16>::poisoned(&e, 2 * 4 * 64, 8).unwrap();
     for bad in [0.0, -0.125, f32::NAN, f32::INFINITY] {
-        let err = e.run_decode(&k, &plan, &bufs, &dp, &w.batch(), &dev.batch(), out.out(), Some(bad)).unwrap_err();
+        let err = e.run_decode(&k, &plan, &bufs, &dp, &dev.table, &dev.batch(), out.out(), Some(bad)).unwrap_err();
         assert!(err.to_string().contains("positive and finite"), "{err}");
     }
+    // A plan made for another batch (same size, other lengths), and one not uploaded.
+    let other = Workload::<f16>::random(&WorkloadSpec { lens: vec![(1, 300), (1, 10)], ..spec.clone() }, &mut rng).unwrap();
+    let dev_other = DeviceWorkload::upload(&e, &other).unwrap();
+    let err = e.run_decode(&k, &plan, &bufs, &dp, &dev_other.table, &dev_other.batch(), out.out(), None).unwrap_err();
+    assert!(err.to_string().contains("made for another batch"), "{err}");
+    let plan2 = e.plan_decode(&k, &p, &dev_other.table.batch(), PlanMode::Default).unwrap();
+    let err = e.run_decode(&k, &plan2, &bufs, &dp, &dev_other.table, &dev_other.batch(), out.out(), None).unwrap_err();
+    assert!(err.to_string().contains("not uploaded"), "{err}");
     // Capture with a default plan.
     e.synchronize().unwrap();
     e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-    let err = e.run_decode(&k, &plan, &bufs, &dp, &w.batch(), &dev.batch(), out.out(), None).unwrap_err();
+    let err = e.run_decode(&k, &plan, &bufs, &dp, &dev.table, &dev.batch(), out.out(), None).unwrap_err();
+    let _ = e.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+    assert!(err.to_string().contains("FixedGrid"), "{err}");
+    // And through a wrapper that is not in graph mode (FlashInfer issue #3904 corrupts silently).
+    let mut wr = attnforge::engine::DecodeWrapper::new(&e, &v, &cfg, Default::default()).unwrap();
+    wr.plan(&w.batch(), &p).unwrap();
+    e.synchronize().unwrap();
+    e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let err = wr.run(&dev.q, dev.kv(), out.out()).unwrap_err();
     let _ = e.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
     assert!(err.to_string().contains("FixedGrid"), "{err}");
     // A prefill-shaped batch given to decode.
     let spec2 = WorkloadSpec { lens: vec![(3, 100)], ..spec };
     let w2 = Workload::<f16>::random(&spec2, &mut rng).unwrap();
     let p2 = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: 1 }).unwrap();
-    let err = e.plan_decode(&k, &p2, &w2.batch(), PlanMode::Default).unwrap_err();
+    let err = e.plan_decode(&k, &p2, &w2.batch().validated().unwrap(), PlanMode::Default).unwrap_err();
     assert!(err.to_string().contains("use prefill"), "{err}");
     // A fixed grid too small for the batch.
-    let err = e.plan_decode(&k, &p, &w.batch(), PlanMode::FixedGrid { max_ctas: 1 }).unwrap_err();
+    let err = e.plan_decode(&k, &p, &dev.table.batch(), PlanMode::FixedGrid { max_ctas: 1 }).unwrap_err();
     assert!(err.to_string().contains("fixed grid holds 1"), "{err}");
 }
 

@@ -137,69 +137,51 @@ pub(crate) fn prefill_is_bit_identical_across_batch_compositions() {
 
 pub(crate) fn a_fixed_grid_prefill_plan_replays_in_a_cuda_graph() {
     let e = super::engine();
-    use attnforge::engine::{DeviceBatch, DeviceOutput};
-    use attnforge::testing::harness::DeviceResult;
+    // Through the prefill wrapper in graph mode.
+    use attnforge::engine::{DeviceOutput, GraphCapacity, KvCache, PrefillWrapper, WrapperOptions};
     use attnforge::kv::{Batch, PageTable};
+    use attnforge::testing::harness::DeviceResult;
     use std::collections::HashMap;
     let v = shipped::resolve("causal").unwrap();
-    let k = e.prefill_kernel(&v, &KernelConfig::prefill(64, 64, attnforge::kv::DType::F16, 2).unwrap()).unwrap();
+    let cfg = KernelConfig::prefill(64, 64, attnforge::kv::DType::F16, 2).unwrap();
     let (max_batch, max_tokens, max_pages) = (4usize, 512usize, 200usize);
+    let graph_cap = GraphCapacity { max_batch, max_tokens, max_pages, max_ctas: 64 };
+    let mut w = PrefillWrapper::new(&e, &v, &cfg, WrapperOptions { graph: Some(graph_cap), ..Default::default() }).unwrap();
     let kvs = attnforge::kv::KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: max_pages, page_size: 16, kv_heads: 2, head_dim_qk: 64, head_dim_vo: 64 };
     let mut rng = StdRng::seed_from_u64(8);
     let cache_host: Vec<f16> = (0..kvs.k_len()).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect();
     let cache = e.upload(&cache_host).unwrap();
-    let (mut q, mut qo, mut indptr, mut indices, mut last) = (e.alloc::<f16>(max_tokens * 4 * 64).unwrap(), e.alloc::<i32>(max_batch + 1).unwrap(), e.alloc::<i32>(max_batch + 1).unwrap(), e.alloc::<i32>(max_pages).unwrap(), e.alloc::<i32>(max_batch).unwrap());
+    let mut q = e.alloc::<f16>(max_tokens * 4 * 64).unwrap();
     let mut res = DeviceResult::<f16>::poisoned(&e, max_tokens * 4 * 64, max_tokens * 4).unwrap();
     let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: max_batch }).unwrap();
-    let dp = e.upload_params(&k.layout, &p).unwrap();
-    let mode = PlanMode::FixedGrid { max_ctas: 64 };
-    let mut bufs = None;
     let mut graph = None;
-    // Each step: lens padded with empty requests to max_batch; the last request absorbs spare rows.
     for (step, lens) in [vec![(200usize, 300usize), (60, 60)], vec![(3, 900), (100, 100), (7, 7), (40, 800)], vec![(8, 300), (4, 50)], vec![(250, 1000)]].into_iter().enumerate() {
-        let mut all = lens.clone();
-        all.resize(max_batch, (0, 0));
         let mut order: Vec<usize> = (0..max_pages).collect();
         order.shuffle(&mut rng);
-        let table = PageTable::from_lens(&all.iter().map(|l| l.1).collect::<Vec<_>>(), 16, &mut order.into_iter()).unwrap();
+        let table = PageTable::from_lens(&lens.iter().map(|l| l.1).collect::<Vec<_>>(), 16, &mut order.into_iter()).unwrap();
         let mut qo_host = vec![0i32];
-        for &(ql, _) in &all {
+        for &(ql, _) in &lens {
             qo_host.push(qo_host.last().unwrap() + ql as i32);
         }
         let total_q = *qo_host.last().unwrap() as usize;
         let q_host: Vec<f16> = (0..total_q * 4 * 64).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect();
         let batch = Batch { qo_indptr: &qo_host, pages: &table, kv: kvs, qo_heads: 4 };
-        let plan = e.plan_prefill(&k, &p, &batch, mode).unwrap();
+        let p_step = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: lens.len() }).unwrap();
+        let blocks = w.plan(&batch, &p_step).unwrap().work.len();
         e.copy_into(&q_host, &mut q).unwrap();
-        e.copy_into(&qo_host, &mut qo).unwrap();
-        e.copy_into(&table.indptr, &mut indptr).unwrap();
-        e.copy_into(&table.indices, &mut indices).unwrap();
-        e.copy_into(&table.last_page_len, &mut last).unwrap();
-        e.upload_plan(&plan, &mut bufs).unwrap();
         if graph.is_none() {
-            // Capture with a batch description of the buffers' full size; replays read the real
-            // counts and tables from device memory.
-            let mut qo_max = qo_host.clone();
-            *qo_max.last_mut().unwrap() = max_tokens as i32;
-            let mut t_max = table.clone();
-            t_max.indices.resize(max_pages, 0);
-            *t_max.indptr.last_mut().unwrap() = max_pages as i32;
-            t_max.last_page_len[max_batch - 1] = 16;
-            let b_max = Batch { qo_indptr: &qo_max, pages: &t_max, kv: kvs, qo_heads: 4 };
-            let dev = DeviceBatch { q: &q, k: &cache, v: &cache, qo_indptr: &qo, kv_indptr: &indptr, kv_indices: &indices, last_page_len: &last };
             e.synchronize().unwrap();
             e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-            e.run_prefill(&k, &plan, bufs.as_ref().unwrap(), &dp, &b_max, &dev, DeviceOutput { o: &mut res.o, lse: &mut res.lse }, None).unwrap();
+            w.run(&q, KvCache::Interleaved(&cache), DeviceOutput { o: &mut res.o, lse: &mut res.lse }).unwrap();
             graph = e.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap();
         }
         e.copy_into(&vec![f16::from_f32(f32::NAN); max_tokens * 4 * 64], &mut res.o).unwrap();
         graph.as_ref().unwrap().launch().unwrap();
         let got_all = res.download(&e).unwrap();
-        let batch = Batch { qo_indptr: &qo_host, pages: &table, kv: kvs, qo_heads: 4 };
         let want = attention(&v, &p, &batch, &q_host, &cache_host, &cache_host, None).unwrap();
         let got = attnforge::reference::AttnOutput { o: got_all.o[..total_q * 4 * 64].to_vec(), lse: got_all.lse[..total_q * 4].to_vec() };
         let cmp = compare(&got, &want, attnforge::kv::DType::F16, 64);
-        eprintln!("prefill graph step {step}: {lens:?}: {} blocks: {cmp}", plan.work.len());
+        eprintln!("prefill graph step {step}: {lens:?}: {blocks} blocks: {cmp}");
         assert!(cmp.ok(), "step {step}: {cmp}");
     }
 }

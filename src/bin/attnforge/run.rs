@@ -140,15 +140,15 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
         let mode = if a.deterministic { PlanMode::Deterministic { chunk: 1024 } } else { PlanMode::Default };
         let out = if a.op == Op::Decode {
             let k = e.decode_kernel(v, &KernelConfig::decode(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
-            println!("  decode on {}: kernel {} ({}, {:.1} ms)", e.describe(), k.compiled.name, origin(k.compiled.origin), k.compiled.elapsed.as_secs_f64() * 1e3);
+            println!("  decode on {}: kernel {} ({}, {:.1} ms)", e.describe(), k.compiled().name, origin(k.compiled().origin), k.compiled().elapsed.as_secs_f64() * 1e3);
             let (out, plan) = decode_once(&e, &k, p, &w, mode, a.sm_scale)?;
-            let wide = if k.wide_for(&plan, spec.kv_heads).is_some() { " (wide)" } else { "" };
-            println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB; tile {}{wide}", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024, k.tile_for(&plan, spec.kv_heads).label());
+            let wide = if k.runs_wide(&plan) { " (wide)" } else { "" };
+            println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB; tile {}{wide}", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024, k.decode_tile_for(&plan).label());
             out
         } else {
             let k = e.prefill_kernel(v, &KernelConfig::prefill(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
-            for f in std::iter::once(&k.wide).chain(k.narrow.as_ref()) {
-                println!("  prefill on {}: kernel {} ({} rows; {}, {:.1} ms)", e.describe(), f.compiled.name, f.tile.rows(), origin(f.compiled.origin), f.compiled.elapsed.as_secs_f64() * 1e3);
+            for f in &k.tiles {
+                println!("  prefill on {}: kernel {} ({} rows; {}, {:.1} ms)", e.describe(), f.compiled.name, f.cfg.prefill_tile().rows(), origin(f.compiled.origin), f.compiled.elapsed.as_secs_f64() * 1e3);
             }
             let (out, plan) = attnforge::testing::harness::prefill_once(&e, &k, p, &w, mode, a.sm_scale)?;
             println!(
@@ -290,7 +290,7 @@ pub(crate) fn demo() -> Result<()> {
             for v in &variants {
                 let t0 = Instant::now();
                 let k = e.decode_kernel(v, &cfg)?;
-                println!("  {:<44} {:<15} {:>8.1} ms", k.compiled.name, origin(k.compiled.origin), t0.elapsed().as_secs_f64() * 1e3);
+                println!("  {:<44} {:<15} {:>8.1} ms", k.compiled().name, origin(k.compiled().origin), t0.elapsed().as_secs_f64() * 1e3);
             }
         }
         Err(_) => match Jit::new() {
@@ -360,7 +360,7 @@ fn time_decode(e: &Engine, k: &attnforge::engine::DecodeKernel, p: &ParamValues,
     let dev = DeviceWorkload::upload(e, w)?;
     let mut res = DeviceResult::<bf16>::poisoned(e, batch.o_elems(), batch.total_q() * batch.qo_heads)?;
     let dp = e.upload_params(&k.layout, p)?;
-    let plan = e.plan_decode(k, p, &batch, PlanMode::Default)?;
+    let plan = e.plan_decode(k, p, &dev.table.batch(), PlanMode::Default)?;
     let mut bufs = None;
     e.upload_plan(&plan, &mut bufs)?;
     let bufs = bufs.context("plan buffers")?;
@@ -368,7 +368,7 @@ fn time_decode(e: &Engine, k: &attnforge::engine::DecodeKernel, p: &ParamValues,
     for i in 0..12 {
         e.synchronize()?;
         let t0 = Instant::now();
-        e.run_decode(k, &plan, &bufs, &dp, &batch, &dev.batch(), res.out(), None)?;
+        e.run_decode(k, &plan, &bufs, &dp, &dev.table, &dev.batch(), res.out(), None)?;
         e.synchronize()?;
         if i >= 2 {
             samples.push(t0.elapsed().as_secs_f64() * 1e6);

@@ -1,0 +1,295 @@
+//! Kernel families: decode and prefill, each one unit the engine loads, plans and launches the
+//! same way.
+//!
+//! A [`Family`] says which tiles a config compiles to on an arch (the config's own tile first,
+//! then companions a plan may pick: decode's wide tile, prefill's append tile), the entry point
+//! and block shape of a tile, which tile a plan runs on, and what the planner must know. One
+//! loader ([`Engine::load`]) and one launcher (`launch.rs`) serve every family; a new main loop
+//! is a branch in [`Family::tiles`] (and its template), a new op a new `Family`.
+
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::CudaFunction;
+
+use super::{cuda, load_entry, Engine};
+use crate::abi::{param_layout, ParamField};
+use crate::jit::{Arch, CompiledKernel, DecodeTile, KernelConfig, Op, PrefillTile};
+use crate::kv::ValidBatch;
+use crate::plan::{plan_decode, plan_prefill, wants_wide_tile, DecodePlan, Plan, PlanMode, PlanTarget, PrefillPlan};
+use crate::spec::params::ParamValues;
+use crate::spec::Variant;
+use crate::{Error, Result};
+
+/// One kernel family (decode, prefill): the choices the engine makes per family.
+pub trait Family: Sized + Send + Sync + 'static {
+    /// The op of the configs it takes.
+    const OP: Op;
+    /// The kernel's entry point in the rendered module.
+    const ENTRY: &'static str;
+    /// The plan its launches run.
+    type Plan: Plan;
+    /// The configs compiled for `cfg` on `arch`: `cfg` itself first, then companion tiles. The
+    /// arch decides the main loop: today every arch from sm_80 runs the portable `mma.sync`
+    /// loops; an sm_90a main loop is a branch here.
+    fn tiles(cfg: &KernelConfig, arch: &Arch) -> Vec<KernelConfig>;
+    /// Threads per CTA of a tile.
+    fn threads(cfg: &KernelConfig) -> usize;
+    /// The launch's block shape for a tile.
+    fn block(cfg: &KernelConfig) -> (u32, u32, u32);
+    /// The tile (index into [`Kernel::tiles`]) that `plan` runs on.
+    fn tile_for(k: &Kernel<Self>, plan: &Self::Plan) -> Result<usize>;
+    /// Plans a batch for `k` on `e`'s GPU.
+    fn plan(e: &Engine, k: &Kernel<Self>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode) -> Result<Self::Plan>;
+}
+
+/// The decode family: one query token per request.
+pub struct Decode;
+/// The prefill / append family: ragged query blocks.
+pub struct Prefill;
+
+impl Family for Decode {
+    const OP: Op = Op::Decode;
+    const ENTRY: &'static str = "attnforge_decode";
+    type Plan = DecodePlan;
+
+    fn tiles(cfg: &KernelConfig, _arch: &Arch) -> Vec<KernelConfig> {
+        std::iter::once(cfg.clone()).chain(cfg.wide_decode()).collect()
+    }
+
+    fn threads(cfg: &KernelConfig) -> usize {
+        cfg.decode_tile().threads(cfg.group)
+    }
+
+    fn block(cfg: &KernelConfig) -> (u32, u32, u32) {
+        cfg.decode_tile().block(cfg.group)
+    }
+
+    /// The wide tile when the kernel has it and [`wants_wide_tile`] says so (never for
+    /// deterministic plans, whose output must not depend on the batch), else the configured one.
+    fn tile_for(k: &Kernel<Decode>, plan: &DecodePlan) -> Result<usize> {
+        Ok(match k.tiles.get(1) {
+            Some(w) if wants_wide_tile(plan, plan.kv_heads, k.sm_count, w.cfg.decode_tile().kv_tile()) => 1,
+            _ => 0,
+        })
+    }
+
+    fn plan(e: &Engine, k: &Kernel<Decode>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode) -> Result<DecodePlan> {
+        e.plan_decode(k, params, batch, mode)
+    }
+}
+
+impl Family for Prefill {
+    const OP: Op = Op::Prefill;
+    const ENTRY: &'static str = "attnforge_prefill";
+    type Plan = PrefillPlan;
+
+    fn tiles(cfg: &KernelConfig, _arch: &Arch) -> Vec<KernelConfig> {
+        std::iter::once(cfg.clone()).chain(cfg.append_prefill()).collect()
+    }
+
+    fn threads(cfg: &KernelConfig) -> usize {
+        32 * cfg.prefill_tile().warps
+    }
+
+    fn block(cfg: &KernelConfig) -> (u32, u32, u32) {
+        (Self::threads(cfg) as u32, 1, 1)
+    }
+
+    /// The tile the plan was made for (its rows per block), the prompt tile first.
+    fn tile_for(k: &Kernel<Prefill>, plan: &PrefillPlan) -> Result<usize> {
+        k.tiles.iter().position(|t| t.cfg.prefill_tile().rows() == plan.rows).ok_or_else(|| {
+            Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "plan rows per block (no tile of the kernel)", expected: k.tiles[0].cfg.prefill_tile().rows(), got: plan.rows })
+        })
+    }
+
+    fn plan(e: &Engine, k: &Kernel<Prefill>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode) -> Result<PrefillPlan> {
+        e.plan_prefill(k, params, batch, mode)
+    }
+}
+
+/// One compiled and loaded tile of a kernel.
+pub struct LoadedTile {
+    pub(crate) func: CudaFunction,
+    /// Its config (with the tile a companion forces).
+    pub cfg: KernelConfig,
+    /// Dynamic shared memory per CTA, in bytes.
+    pub smem_bytes: usize,
+    /// Resident CTAs per SM, from the occupancy calculator.
+    pub ctas_per_sm: usize,
+    /// Registers per thread the compiler chose.
+    pub regs: usize,
+    /// Bytes of local memory per thread (register spills).
+    pub local_bytes: usize,
+    /// The compiled module it came from.
+    pub compiled: CompiledKernel,
+    /// Time to load its module into the context (zero when already loaded).
+    pub load_time: Duration,
+}
+
+/// A loaded kernel of family `F` for one variant and config: its tiles (the config's own
+/// first) and the merge kernel for split plans.
+pub struct Kernel<F: Family> {
+    /// The variant it was rendered from.
+    pub variant: Variant,
+    /// The config it was asked for.
+    pub cfg: KernelConfig,
+    /// The params struct's layout.
+    pub layout: Vec<ParamField>,
+    /// The loaded tiles: `tiles[0]` is the config's own; companions follow where they fit the GPU.
+    pub tiles: Vec<LoadedTile>,
+    pub(crate) merge: CudaFunction,
+    pub(crate) sm_count: usize,
+    _family: PhantomData<F>,
+}
+
+/// A loaded decode kernel: the configured tile and, for tensor-core configs whose ring fits the
+/// GPU, the wide tile (twice the warps) that a launch of at most one CTA per SM runs on.
+pub type DecodeKernel = Kernel<Decode>;
+/// A loaded prefill kernel: the prompt tile (128 rows up to d128) and, unless a tile was
+/// forced, the 32-row append tile that the plan picks when every request fits in it.
+pub type PrefillKernel = Kernel<Prefill>;
+
+impl<F: Family> Kernel<F> {
+    /// The config's own tile.
+    pub fn main(&self) -> &LoadedTile {
+        &self.tiles[0]
+    }
+
+    /// The compiled module of the config's own tile.
+    pub fn compiled(&self) -> &CompiledKernel {
+        &self.tiles[0].compiled
+    }
+
+    /// The tile `plan` runs on.
+    pub fn tile_for(&self, plan: &F::Plan) -> Result<&LoadedTile> {
+        Ok(&self.tiles[F::tile_for(self, plan)?])
+    }
+}
+
+impl DecodeKernel {
+    /// The configured decode tile.
+    pub fn tile(&self) -> DecodeTile {
+        self.tiles[0].cfg.decode_tile()
+    }
+
+    /// The wide tile, if the kernel has it.
+    pub fn wide(&self) -> Option<&LoadedTile> {
+        self.tiles.get(1)
+    }
+
+    /// The decode tile `plan` runs on.
+    pub fn decode_tile_for(&self, plan: &DecodePlan) -> DecodeTile {
+        self.tile_for(plan).map_or(self.tile(), |t| t.cfg.decode_tile())
+    }
+
+    /// Whether `plan` runs on the wide tile.
+    pub fn runs_wide(&self, plan: &DecodePlan) -> bool {
+        Decode::tile_for(self, plan).is_ok_and(|i| i == 1)
+    }
+}
+
+impl PrefillKernel {
+    /// The prompt tile (the config's own).
+    pub fn prompt(&self) -> &LoadedTile {
+        &self.tiles[0]
+    }
+
+    /// The append tile for short appends, if the kernel has it.
+    pub fn append(&self) -> Option<&LoadedTile> {
+        self.tiles.get(1)
+    }
+
+    /// The prefill tile of a loaded tile.
+    pub fn prefill_tile(t: &LoadedTile) -> PrefillTile {
+        t.cfg.prefill_tile()
+    }
+}
+
+impl Engine {
+    /// Compiles (or finds) and loads the kernel of family `F` for `variant` and `cfg`: every
+    /// tile of [`Family::tiles`] whose shared memory fits this GPU and that can be resident (a
+    /// companion that cannot is left out; the config's own tile must fit).
+    pub fn load<F: Family>(&self, variant: &Variant, cfg: &KernelConfig) -> Result<Kernel<F>> {
+        if cfg.op != F::OP {
+            return Err(Error::UnsupportedConfig(format!("a {} config given to a {} kernel", cfg.op.name(), F::OP.name())));
+        }
+        let max_smem = self.max_smem_per_block()?;
+        let mut tiles = Vec::new();
+        let mut merge = None;
+        for (i, c) in F::tiles(cfg, &self.arch).into_iter().enumerate() {
+            let smem = c.smem_bytes();
+            if i > 0 && smem > max_smem {
+                continue;
+            }
+            let compiled = self.jit.get(variant, &c, &self.arch)?;
+            for w in &compiled.warnings {
+                crate::diagnostics::warn(w);
+            }
+            let t0 = Instant::now();
+            let module = self.module(&compiled)?;
+            let threads = F::threads(&c);
+            let (func, ctas_per_sm) = load_entry(&module, F::ENTRY, &compiled.name, threads, smem)?;
+            if ctas_per_sm == 0 {
+                if i == 0 {
+                    return Err(Error::UnsupportedConfig(format!("{} needs {smem} bytes of shared memory and {threads} threads: it cannot run on this GPU", compiled.name)));
+                }
+                continue;
+            }
+            if merge.is_none() {
+                merge = Some(module.load_function("attnforge_merge").map_err(cuda("load attnforge_merge"))?);
+            }
+            let attr = |a| func.get_attribute(a).map(|v| v.max(0) as usize).map_err(cuda("read kernel attribute"));
+            let regs = attr(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_NUM_REGS)?;
+            let local_bytes = attr(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)?;
+            tiles.push(LoadedTile { func, cfg: c, smem_bytes: smem, ctas_per_sm, regs, local_bytes, compiled, load_time: t0.elapsed() });
+        }
+        let merge = merge.ok_or_else(|| Error::UnsupportedConfig(format!("no tile of {} runs on this GPU", cfg.entry_name(&variant.name))))?;
+        let layout = param_layout(&variant.params).map_err(Error::UnsupportedConfig)?;
+        Ok(Kernel { variant: variant.clone(), cfg: cfg.clone(), layout, tiles, merge, sm_count: self.sm_count, _family: PhantomData })
+    }
+
+    /// Compiles (or finds) and loads the decode kernel for `variant` and `cfg`.
+    pub fn decode_kernel(&self, variant: &Variant, cfg: &KernelConfig) -> Result<DecodeKernel> {
+        self.load(variant, cfg)
+    }
+
+    /// Compiles (or finds) and loads the prefill kernel for `variant` and `cfg` (two tiles, see
+    /// [`PrefillKernel`]).
+    pub fn prefill_kernel(&self, variant: &Variant, cfg: &KernelConfig) -> Result<PrefillKernel> {
+        self.load(variant, cfg)
+    }
+
+    /// The decode planner's view of `k` on this GPU.
+    /// Decode reads memory: one chunk per SM already streams at the card's bandwidth, so a batch
+    /// splits only until every SM has a chunk, not every resident CTA slot (the kernel's
+    /// occupancy is for batches with more items than SMs, where resident CTAs hide each other's
+    /// prologues). Measured on the H100 against SMs × 2: B1 L16384 32.8 → 31.9 µs, B16 L4096
+    /// 102.9 → 98.2 µs (no split, no merge); SMs × 4 and × 16 were slower still.
+    pub fn plan_target(&self, k: &DecodeKernel) -> PlanTarget {
+        PlanTarget { ctas: self.sm_count, kv_tile: k.tile().kv_tile(), resident: self.sm_count * k.main().ctas_per_sm, always_balance: false }
+    }
+
+    /// Plans a decode batch for `k` on this GPU.
+    pub fn plan_decode(&self, k: &DecodeKernel, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode) -> Result<DecodePlan> {
+        plan_decode(&k.variant, params, batch, self.plan_target(k), mode)
+    }
+
+    /// Plans a prefill batch for `k`. Short appends (every request within the append tile's
+    /// rows) take the append tile, so a few tokens × GQA heads do not leave most of a 128-row
+    /// block idle. A fixed-grid plan always takes the prompt tile: a captured graph holds one
+    /// kernel for every step.
+    pub fn plan_prefill(&self, k: &PrefillKernel, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode) -> Result<PrefillPlan> {
+        if batch.group() != k.cfg.group {
+            return Err(Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
+        }
+        let f = match k.append() {
+            Some(a) if !matches!(mode, PlanMode::FixedGrid { .. }) && (0..batch.batch_size()).all(|b| batch.q_len(b) * batch.group() <= a.cfg.prefill_tile().rows()) => a,
+            _ => k.prompt(),
+        };
+        let t = f.cfg.prefill_tile();
+        let target = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false };
+        plan_prefill(&k.variant, params, batch, t.rows(), target, mode)
+    }
+}

@@ -1,0 +1,294 @@
+//! Launches: the one place kernels are started. Every launch goes through [`Engine::launch`]:
+//! the checks, the argument struct, the main kernel on the chosen tile, then `merge_states`
+//! when the plan split.
+//!
+//! **Invariant:** nothing is launched before [`checked_args`] has checked the buffers against
+//! the validated batch, the kernel's config against the batch, the plan against the batch (its
+//! fingerprint) and against what was uploaded, the workspace, the softmax scale and every `bits`
+//! matrix; the index arrays come from a [`DeviceTable`] (or a wrapper's equivalent), whose
+//! contents the engine validated and uploaded itself.
+
+use cudarc::driver::sys::CUstreamCaptureStatus;
+use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::buffers::{check_len, plan_id, DeviceBatch, DeviceOutput, DeviceParams, DeviceTable, PlanBuffers};
+use super::family::{Family, Kernel};
+use super::{cuda, Engine};
+use crate::abi::{DecodeArgs, MergeArgs, ParamBlob};
+use crate::error::PlanError;
+use crate::kv::{Element, LayoutError, ValidBatch};
+use crate::plan::{Plan, PLAN_HEADER_INTS};
+use crate::{Error, Result};
+
+/// Where one launch's plan, workspace and index arrays are on the device.
+pub(crate) struct Step<'a> {
+    pub batch: ValidBatch<'a>,
+    /// The packed plan (header first).
+    pub plan: u64,
+    /// The plan's identity when it was uploaded ([`plan_id`]).
+    pub uploaded: Option<u64>,
+    pub workspace: u64,
+    pub workspace_bytes: usize,
+    /// qo_indptr, kv_indptr, kv_indices, last_page_len.
+    pub table: [u64; 4],
+    /// Query tokens the query and output buffers hold when the launch may be captured and
+    /// replayed on other batches (a fixed table, a wrapper in graph mode); `None`: exactly the
+    /// batch's.
+    pub token_capacity: Option<usize>,
+}
+
+/// Checks everything a launch relies on (see the module docs) and builds the argument struct.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn checked_args<F: Family, T: Element + DeviceRepr>(
+    e: &Engine,
+    stream: &CudaStream,
+    k: &Kernel<F>,
+    plan: &F::Plan,
+    step: &Step<'_>,
+    params: &DeviceParams,
+    dev: &DeviceBatch<'_, T>,
+    out: &DeviceOutput<'_, T>,
+    sm_scale: Option<f32>,
+) -> Result<DecodeArgs> {
+    let cfg = &k.cfg;
+    let batch = &step.batch;
+    let kv = batch.kv;
+    let (kb, vb) = dev.kv.buffers();
+    // Query and output rows: exactly the batch's, or at least the capacity a graph replays in.
+    let rows = step.token_capacity.unwrap_or(batch.total_q()) * batch.qo_heads;
+    let fit = |what: &'static str, need: usize, got: usize| match step.token_capacity {
+        None => check_len(what, need, got),
+        Some(_) if got >= need => Ok(()),
+        Some(_) => Err(Error::InvalidBatch(LayoutError::Mismatch { what, expected: need, got })),
+    };
+    fit("query buffer length [tokens, qo_heads, head_dim_qk]", rows * kv.head_dim_qk, dev.q.len())?;
+    batch.check_buffers(batch.q_elems(), kb.len(), vb.len())?;
+    if T::DTYPE != cfg.dtype_q || T::DTYPE != cfg.dtype_kv || T::DTYPE != cfg.dtype_o {
+        return Err(Error::UnsupportedConfig(format!("buffers are {} but the kernel was compiled for {}", T::DTYPE.name(), cfg.dtype_q.name())));
+    }
+    check_len("head_dim_qk (kernel vs batch)", cfg.head_dim_qk, kv.head_dim_qk)?;
+    check_len("head_dim_vo (kernel vs batch)", cfg.head_dim_vo, kv.head_dim_vo)?;
+    check_len("GQA group (kernel vs qo_heads / kv_heads)", cfg.group, batch.group())?;
+    fit("output length [tokens, qo_heads, head_dim_vo]", rows * kv.head_dim_vo, out.o.len())?;
+    fit("lse length [tokens, qo_heads]", rows, out.lse.len())?;
+    if kv.interleaved && vb.device_ptr(stream).0 != kb.device_ptr(stream).0 {
+        return Err(Error::InvalidBatch(LayoutError::Mismatch { what: "interleaved cache: v must be the same buffer as k", expected: 0, got: 1 }));
+    }
+    if plan.batch_fingerprint() != batch.fingerprint() || plan.batch_size() != batch.batch_size() || plan.qo_heads() != batch.qo_heads {
+        return Err(PlanError::Invalid("the plan was made for another batch (plan the batch you run)".into()).into());
+    }
+    if step.uploaded != Some(plan_id(plan)) {
+        return Err(PlanError::NotUploaded.into());
+    }
+    if step.workspace_bytes < plan.workspace_bytes() {
+        return Err(PlanError::WorkspaceTooSmall { needed: plan.workspace_bytes(), given: step.workspace_bytes }.into());
+    }
+    params.check_bits(&k.variant.params, batch)?;
+    let sm_scale = crate::spec::params::resolve_sm_scale(sm_scale, kv.head_dim_qk).map_err(Error::Param)?;
+    let status = stream.capture_status().map_err(cuda("capture status"))?;
+    if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE && !plan.fixed() {
+        return Err(PlanError::GraphNeedsFixedGrid.into());
+    }
+    // `validated` checked every size against the kernels' index types, so these conversions
+    // cannot fail; they are checked rather than cast all the same.
+    let sizes = batch.sizes();
+    let (k_slot, k_head) = sizes.k_strides;
+    let (v_slot, v_head) = sizes.v_strides;
+    let i32_of = |x: usize, what: &'static str| i32::try_from(x).map_err(|_| Error::InvalidBatch(LayoutError::TooLarge { what, value: x as u128, limit: "2^31 - 1" }));
+    let i64_of = |x: usize, what: &'static str| i64::try_from(x).map_err(|_| Error::InvalidBatch(LayoutError::TooLarge { what, value: x as u128, limit: "2^63 - 1" }));
+    let elem = std::mem::size_of::<T>() as u64;
+    let ws = step.workspace;
+    let _ = e;
+    Ok(DecodeArgs {
+        q: dev.q.device_ptr(stream).0,
+        k: kb.device_ptr(stream).0,
+        v: vb.device_ptr(stream).0 + kv.v_base() as u64 * elem,
+        o: out.o.device_ptr(stream).0,
+        lse: out.lse.device_ptr(stream).0,
+        part_o: ws,
+        part_lse: ws + (plan.partial_slots() * batch.qo_heads * kv.head_dim_vo * 4) as u64,
+        qo_indptr: step.table[0],
+        kv_indptr: step.table[1],
+        kv_indices: step.table[2],
+        last_page_len: step.table[3],
+        work: step.plan + 4 * PLAN_HEADER_INTS as u64,
+        num_work: step.plan,
+        k_page_stride: i64_of(sizes.k_page_stride, "K page stride")?,
+        v_page_stride: i64_of(sizes.v_page_stride, "V page stride")?,
+        k_slot_stride: i32_of(k_slot, "K slot stride")?,
+        k_head_stride: i32_of(k_head, "K head stride")?,
+        v_slot_stride: i32_of(v_slot, "V slot stride")?,
+        v_head_stride: i32_of(v_head, "V head stride")?,
+        page_size: i32_of(kv.page_size, "page_size")?,
+        num_qo_heads: i32_of(batch.qo_heads, "qo_heads")?,
+        sm_scale,
+        page_shift: if kv.page_size.is_power_of_two() { kv.page_size.trailing_zeros() as i32 } else { -1 },
+    })
+}
+
+impl Engine {
+    /// Launches `plan` with kernel `k` on the engine's stream: the checks of the module docs,
+    /// the main kernel on the tile the plan runs on, then `merge_states` when the plan split.
+    /// The index arrays are `table`'s, which must hold the batch the plan was made for.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch<F: Family, T: Element + DeviceRepr>(
+        &self,
+        k: &Kernel<F>,
+        plan: &F::Plan,
+        bufs: &PlanBuffers,
+        params: &DeviceParams,
+        table: &DeviceTable,
+        dev: &DeviceBatch<'_, T>,
+        out: DeviceOutput<'_, T>,
+        sm_scale: Option<f32>,
+    ) -> Result<()> {
+        let step = Step {
+            batch: table.batch(),
+            plan: bufs.plan.ptr(self),
+            uploaded: bufs.uploaded,
+            workspace: bufs.workspace.device_ptr(&self.stream).0,
+            workspace_bytes: bufs.workspace_bytes(),
+            table: table.pointers(self),
+            token_capacity: table.capacity().map(|c| c.max_tokens),
+        };
+        self.launch_step(&self.stream, k, plan, &step, params, dev, out, sm_scale)
+    }
+
+    /// [`Engine::launch`] for decode.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_decode<T: Element + DeviceRepr>(
+        &self,
+        k: &super::DecodeKernel,
+        plan: &crate::plan::DecodePlan,
+        bufs: &PlanBuffers,
+        params: &DeviceParams,
+        table: &DeviceTable,
+        dev: &DeviceBatch<'_, T>,
+        out: DeviceOutput<'_, T>,
+        sm_scale: Option<f32>,
+    ) -> Result<()> {
+        self.launch(k, plan, bufs, params, table, dev, out, sm_scale)
+    }
+
+    /// [`Engine::launch`] for prefill.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_prefill<T: Element + DeviceRepr>(
+        &self,
+        k: &super::PrefillKernel,
+        plan: &crate::plan::PrefillPlan,
+        bufs: &PlanBuffers,
+        params: &DeviceParams,
+        table: &DeviceTable,
+        dev: &DeviceBatch<'_, T>,
+        out: DeviceOutput<'_, T>,
+        sm_scale: Option<f32>,
+    ) -> Result<()> {
+        self.launch(k, plan, bufs, params, table, dev, out, sm_scale)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_step<F: Family, T: Element + DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        k: &Kernel<F>,
+        plan: &F::Plan,
+        step: &Step<'_>,
+        params: &DeviceParams,
+        dev: &DeviceBatch<'_, T>,
+        out: DeviceOutput<'_, T>,
+        sm_scale: Option<f32>,
+    ) -> Result<()> {
+        let args = checked_args(self, stream, k, plan, step, params, dev, &out, sm_scale)?;
+        if plan.grid() == 0 {
+            return Ok(());
+        }
+        let tile = k.tile_for(plan)?;
+        let kv = step.batch.kv;
+        let launch = LaunchConfig {
+            // Decode numbers these CTAs KV head first (decode.cu.tera).
+            grid_dim: (plan.grid() as u32, kv.kv_heads as u32, 1),
+            block_dim: F::block(&tile.cfg),
+            shared_mem_bytes: tile.smem_bytes as u32,
+        };
+        // SAFETY: every pointer comes from a live CudaSlice whose length `checked_args` checked
+        // against the validated batch; the index arrays are the engine's own upload of that
+        // batch (a DeviceTable or a wrapper's buffer), and the plan was made for it (its
+        // fingerprint) and uploaded as it is (its id), so every work item indexes inside them;
+        // the argument structs' layouts are static_asserted in the compiled source. Every tile
+        // takes any plan of its family: the ring covers each item's span whatever its key count.
+        unsafe { stream.launch_builder(&tile.func).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch"))?;
+        // The packed plan holds the merge list after the work list.
+        self.launch_merge(stream, &k.merge, &args, plan.merge_offset() as u64, plan.merge_grid(), k.cfg.group, step.batch.qo_heads, kv.head_dim_vo, &params.blob)
+    }
+
+    /// Launches `merge_states` over a plan's merge list, which starts `merge_offset` bytes into
+    /// the packed plan; nothing when the list is empty.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_merge(
+        &self,
+        stream: &CudaStream,
+        func: &CudaFunction,
+        args: &DecodeArgs,
+        merge_offset: u64,
+        merge_grid: usize,
+        group: usize,
+        qo_heads: usize,
+        head_dim_vo: usize,
+        blob: &ParamBlob,
+    ) -> Result<()> {
+        if merge_grid == 0 {
+            return Ok(());
+        }
+        let margs = MergeArgs {
+            o: args.o,
+            lse: args.lse,
+            part_o: args.part_o,
+            part_lse: args.part_lse,
+            work: args.num_work + merge_offset,
+            num_work: args.num_work + 4, // header word 1: num_merge
+            qo_indptr: args.qo_indptr,
+            kv_indptr: args.kv_indptr,
+            last_page_len: args.last_page_len,
+            num_qo_heads: args.num_qo_heads,
+            group: group as i32,
+            page_size: args.page_size,
+            sm_scale: args.sm_scale,
+        };
+        // Whole warps (merge_states reduces with shuffles), at most 4.
+        let block = head_dim_vo.min(128).div_ceil(32) as u32 * 32;
+        if !self.programmatic_merge {
+            let cfg = LaunchConfig { grid_dim: (merge_grid as u32, qo_heads as u32, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the pointers are those of a launch checked by `checked_args`; the merge list
+            // and the partial slots it reads were written by the plan upload and the preceding
+            // launch.
+            unsafe { stream.launch_builder(func).arg(&margs).arg(blob).launch(cfg) }.map_err(cuda("launch merge"))?;
+            return Ok(());
+        }
+        use cudarc::driver::sys;
+        // SAFETY: zero is a valid bit pattern for the attribute union.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: merge_grid as u32,
+            gridDimY: qo_heads as u32,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut kernel_params = [&margs as *const MergeArgs as *mut std::ffi::c_void, blob as *const ParamBlob as *mut std::ffi::c_void];
+        self.ctx.bind_to_thread().map_err(cuda("bind context"))?;
+        // SAFETY: as above; in addition `kernel_params` points at the two kernel arguments, which
+        // outlive the call (the driver copies them at launch), and merge_states reads the
+        // partials only after `griddepcontrol.wait`, which waits for the preceding grid to
+        // complete and its writes to be visible.
+        let r = unsafe { sys::cuLaunchKernelEx(&cfg, func.cu_function(), kernel_params.as_mut_ptr(), std::ptr::null_mut()) };
+        r.result().map_err(cuda("launch merge"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,214 @@
+//! The two-call API, FlashInfer's shape: a wrapper owns a kernel, the bound parameters, the
+//! plan and page-table buffers and the workspace; `plan` (host arrays, once per step) validates
+//! the batch once, plans it and uploads the plan and the page table together in one pinned
+//! copy; `run` (device tensors, once per layer) launches.
+//!
+//! Because the wrapper uploaded the index arrays itself from the batch it validated, a launch
+//! knows their contents, not only their lengths. In CUDA-graph mode ([`GraphCapacity`]) every
+//! buffer is allocated once at its capacity and `plan` only rewrites it, so a graph captured
+//! around `run` replays the latest plan.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+
+use super::buffers::{plan_id, table_parts, Capacity, DeviceBatch, DeviceOutput, DeviceParams, KvCache, Staged};
+use super::family::{Decode, Family, Kernel, Prefill};
+use super::launch::Step;
+use super::{cuda, Engine};
+use crate::error::PlanError;
+use crate::jit::KernelConfig;
+use crate::kv::{Batch, Element, KvSizes, OwnedBatch, ValidBatch};
+use crate::plan::{Plan, PlanMode};
+use crate::spec::params::ParamValues;
+use crate::spec::Variant;
+use crate::{Error, Result};
+
+/// Words rounded up to a multiple of 64 (256 bytes).
+fn aligned(words: usize) -> usize {
+    words.div_ceil(64) * 64
+}
+
+/// Fixed capacities for CUDA-graph mode: buffers are allocated once at these sizes and never
+/// move, plans are fixed-grid plans of `max_ctas` CTAs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphCapacity {
+    /// Most requests a step may have.
+    pub max_batch: usize,
+    /// Most query tokens a step may have: `run`'s query and output buffers hold this many.
+    pub max_tokens: usize,
+    /// Most pages a step's page table may hold.
+    pub max_pages: usize,
+    /// CTAs of the fixed grid (per KV head).
+    pub max_ctas: usize,
+}
+
+/// How a wrapper plans.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WrapperOptions {
+    /// The plan mode outside graph mode: [`PlanMode::Default`] or [`PlanMode::Deterministic`].
+    pub mode: PlanMode,
+    /// CUDA-graph mode, with its capacities; `None` for eager use.
+    pub graph: Option<GraphCapacity>,
+    /// The softmax scale (`None`: `1/sqrt(head_dim_qk)`).
+    pub sm_scale: Option<f32>,
+}
+
+impl Default for WrapperOptions {
+    fn default() -> Self {
+        WrapperOptions { mode: PlanMode::Default, graph: None, sm_scale: None }
+    }
+}
+
+/// What the last `plan` call made: the plan, the batch it was made for, where both are.
+struct Planned<P> {
+    plan: P,
+    batch: OwnedBatch,
+    sizes: KvSizes,
+    q_elems: usize,
+    o_elems: usize,
+    fingerprint: u64,
+    /// Offsets (i32 words) of the plan and the four index arrays in the buffer.
+    offsets: [usize; 5],
+}
+
+/// A two-call wrapper of one kernel family; see the module docs. [`DecodeWrapper`] and
+/// [`PrefillWrapper`] are its two instances.
+pub struct Wrapper<'e, F: Family> {
+    engine: &'e Engine,
+    kernel: Arc<Kernel<F>>,
+    options: WrapperOptions,
+    params: Option<DeviceParams>,
+    /// The plan and the index arrays, one buffer, one copy per `plan`.
+    mem: Option<Staged>,
+    workspace: Option<CudaSlice<f32>>,
+    planned: Option<Planned<F::Plan>>,
+}
+
+/// Batch decode through `plan` / `run`.
+pub type DecodeWrapper<'e> = Wrapper<'e, Decode>;
+/// Batch prefill / append through `plan` / `run`.
+pub type PrefillWrapper<'e> = Wrapper<'e, Prefill>;
+
+impl<'e, F: Family> Wrapper<'e, F> {
+    /// A wrapper of the kernel for `variant` and `cfg` (compiled or found in the cache, and
+    /// loaded). In graph mode its buffers are allocated now, at their capacities.
+    pub fn new(engine: &'e Engine, variant: &Variant, cfg: &KernelConfig, options: WrapperOptions) -> Result<Self> {
+        let kernel = Arc::new(engine.load::<F>(variant, cfg)?);
+        Self::with_kernel(engine, kernel, options)
+    }
+
+    /// A wrapper of an already loaded kernel (several wrappers may share one).
+    pub fn with_kernel(engine: &'e Engine, kernel: Arc<Kernel<F>>, options: WrapperOptions) -> Result<Self> {
+        if options.graph.is_none() && matches!(options.mode, PlanMode::FixedGrid { .. }) {
+            return Err(PlanError::Invalid("FixedGrid is the graph mode's plan: give WrapperOptions::graph instead".into()).into());
+        }
+        let mut w = Wrapper { engine, kernel, options, params: None, mem: None, workspace: None, planned: None };
+        if let Some(g) = options.graph {
+            // The four index arrays at their capacities, then the plan: header, a fixed grid's
+            // work list (at most 6 words an item) and merge list (at most one item per CTA or
+            // request).
+            let plan_words = 4 + 6 * g.max_ctas + 4 * g.max_ctas.max(g.max_batch);
+            let table_words = aligned(2 * (g.max_batch + 1) + g.max_batch + g.max_pages.max(1));
+            w.mem = Some(Staged::new(engine, table_words + plan_words, true)?);
+        }
+        Ok(w)
+    }
+
+    /// The kernel.
+    pub fn kernel(&self) -> &Arc<Kernel<F>> {
+        &self.kernel
+    }
+
+    /// The plan of the last `plan` call.
+    pub fn current_plan(&self) -> Option<&F::Plan> {
+        self.planned.as_ref().map(|p| &p.plan)
+    }
+
+    /// Plans one step: validates `batch` (host arrays) once, binds `params`, plans, and uploads
+    /// the plan and the page table in one pinned copy (the parameters' arrays when they
+    /// changed). In graph mode the batch must fit the capacities and the parameters must stay
+    /// those of the first step (a captured graph holds their pointers).
+    pub fn plan(&mut self, batch: &Batch<'_>, params: &ParamValues) -> Result<&F::Plan> {
+        let valid = batch.validated()?;
+        let mode = match self.options.graph {
+            Some(g) => PlanMode::FixedGrid { max_ctas: g.max_ctas },
+            None => self.options.mode,
+        };
+        let plan = F::plan(self.engine, &self.kernel, params, &valid, mode)?;
+        let capacity = self.options.graph.map(|g| Capacity { max_batch: g.max_batch, max_tokens: g.max_tokens, max_pages: g.max_pages });
+        let table = table_parts(batch, capacity)?;
+        // The index arrays first, padded so the plan after them starts on a 256-byte boundary
+        // and (in graph mode, where the arrays are at their capacities) at a fixed address.
+        let table_words: usize = table.iter().map(Vec::len).sum();
+        let pad = vec![0i32; aligned(table_words) - table_words];
+        let packed = plan.packed();
+        let mem = match &mut self.mem {
+            Some(m) => m,
+            None => self.mem.insert(Staged::new(self.engine, aligned(table_words) + packed.len(), false)?),
+        };
+        let o = mem.write(self.engine, &[&table[0], &table[1], &table[2], &table[3], &pad, &packed])?;
+        let ws_floats = plan.workspace_bytes() / 4;
+        if self.workspace.as_ref().is_none_or(|w| w.len() < ws_floats) {
+            if self.options.graph.is_some() && self.workspace.is_some() {
+                return Err(PlanError::CapturedBuffersTooSmall.into());
+            }
+            self.workspace = Some(self.engine.alloc::<f32>(ws_floats)?);
+        }
+        match &self.params {
+            Some(p) if p.values() == params => {}
+            Some(_) if self.options.graph.is_some() => {
+                return Err(Error::Param("in graph mode the parameters are those of the first step (a captured graph holds their device pointers)".into()));
+            }
+            _ => self.params = Some(self.engine.upload_params(&self.kernel.layout, params)?),
+        }
+        self.planned = Some(Planned {
+            batch: OwnedBatch::from_batch(batch),
+            sizes: *valid.sizes(),
+            q_elems: valid.q_elems(),
+            o_elems: valid.o_elems(),
+            fingerprint: valid.fingerprint(),
+            offsets: [o[5], o[0], o[1], o[2], o[3]],
+            plan,
+        });
+        Ok(&self.planned.as_ref().ok_or(PlanError::NotUploaded)?.plan)
+    }
+
+    /// Runs the planned step on the engine's stream: `q` `[total_q, qo_heads, head_dim_qk]`, the
+    /// cache, and the outputs, all checked against the planned batch first.
+    pub fn run<T: Element + DeviceRepr>(&self, q: &CudaSlice<T>, kv: KvCache<'_, T>, out: DeviceOutput<'_, T>) -> Result<()> {
+        self.launch(&self.engine.stream, q, kv, out)
+    }
+
+    /// [`Wrapper::run`] on a caller's stream of the engine's context (a serving engine's
+    /// current stream). Outside a graph capture the stream first waits for this step's upload.
+    pub fn run_on<T: Element + DeviceRepr>(&self, stream: &Arc<CudaStream>, q: &CudaSlice<T>, kv: KvCache<'_, T>, out: DeviceOutput<'_, T>) -> Result<()> {
+        if !Arc::ptr_eq(stream.context(), self.engine.context()) {
+            return Err(Error::UnsupportedConfig("the stream belongs to another CUDA context than the engine's".into()));
+        }
+        let capturing = stream.capture_status().map_err(cuda("capture status"))? != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        if !capturing {
+            stream.join(&self.engine.stream).map_err(cuda("order the stream after the upload"))?;
+        }
+        self.launch(stream, q, kv, out)
+    }
+
+    fn launch<T: Element + DeviceRepr>(&self, stream: &CudaStream, q: &CudaSlice<T>, kv: KvCache<'_, T>, out: DeviceOutput<'_, T>) -> Result<()> {
+        let p = self.planned.as_ref().ok_or(PlanError::Invalid("run before plan: plan the step first".into()))?;
+        let (mem, params) = (self.mem.as_ref().ok_or(PlanError::NotUploaded)?, self.params.as_ref().ok_or(PlanError::NotUploaded)?);
+        let workspace = self.workspace.as_ref().ok_or(PlanError::NotUploaded)?;
+        let base = mem.ptr(self.engine);
+        let at = |i: usize| base + 4 * p.offsets[i] as u64;
+        let step = Step {
+            batch: ValidBatch::trusted(p.batch.batch(), p.sizes, p.q_elems, p.o_elems, p.fingerprint),
+            plan: at(0),
+            uploaded: Some(plan_id(&p.plan)),
+            workspace: workspace.device_ptr(stream).0,
+            workspace_bytes: workspace.len() * 4,
+            table: [at(1), at(2), at(3), at(4)],
+            token_capacity: self.options.graph.map(|g| g.max_tokens),
+        };
+        let dev = DeviceBatch { q, kv };
+        self.engine.launch_step(stream, &self.kernel, &p.plan, &step, params, &dev, out, self.options.sm_scale)
+    }
+}
