@@ -1,8 +1,9 @@
-//! The host–device ABI: `#[repr(C)]` mirrors of the structs the kernels take.
+//! The host–device ABI: `#[repr(C)]` mirrors of the structs the kernels take
+//! (`templates/common/abi.cuh`).
 //!
-//! Rendering writes each struct's size into the CUDA source as a `static_assert`, so a layout
-//! drift between these and `templates/common/*.cuh` fails at compile time, not as garbage on the
-//! GPU. Device pointers are `u64` (`CUdeviceptr`).
+//! Rendering writes each struct's size and every field's offset into the CUDA source as
+//! `static_assert`s ([`layouts`], `templates/abi.cu.tera`), so a layout drift fails at compile
+//! time, not as garbage on the GPU. Device pointers are `u64` (`CUdeviceptr`).
 
 use crate::spec::params::ParamValue;
 
@@ -46,7 +47,7 @@ impl ParamBlob {
     }
 }
 
-/// Mirrors `DecodeWork` in `templates/common/decode.cuh`.
+/// Mirrors `DecodeWork` in `templates/common/abi.cuh`: one request's KV chunk.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DecodeWork {
@@ -57,7 +58,7 @@ pub struct DecodeWork {
     pub partial: i32,
 }
 
-/// Mirrors `PrefillWork` in `templates/common/prefill.cuh`.
+/// Mirrors `PrefillWork` in `templates/common/abi.cuh`: a block of query rows over a KV chunk.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PrefillWork {
@@ -72,7 +73,7 @@ pub struct PrefillWork {
     pub stride: i32,
 }
 
-/// Mirrors `MergeWork` in `templates/common/merge.cuh`.
+/// Mirrors `MergeWork` in `templates/common/abi.cuh`: the partial states of one query token.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MergeWork {
@@ -82,10 +83,11 @@ pub struct MergeWork {
     pub token: i32,
 }
 
-/// Mirrors `DecodeArgs` in `templates/common/decode.cuh`.
+/// Mirrors `AttnArgs<Q, KV, O, Work>` in `templates/common/abi.cuh`: the argument of every
+/// attention kernel (decode and prefill; only the work items' type differs, behind a pointer).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-pub struct DecodeArgs {
+pub struct AttnArgs {
     pub q: u64,
     pub k: u64,
     pub v: u64,
@@ -112,7 +114,7 @@ pub struct DecodeArgs {
     pub page_shift: i32,
 }
 
-/// Mirrors `MergeArgs` in `templates/common/merge.cuh`.
+/// Mirrors `MergeArgs<O>` in `templates/common/abi.cuh`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MergeArgs {
@@ -134,7 +136,61 @@ pub struct MergeArgs {
 // SAFETY: plain-old-data `#[repr(C)]` structs of integers and floats, passed by value as kernel
 // arguments; their C layouts are asserted in the rendered source.
 unsafe impl cudarc::driver::DeviceRepr for ParamBlob {}
-unsafe impl cudarc::driver::DeviceRepr for DecodeArgs {}
+unsafe impl cudarc::driver::DeviceRepr for AttnArgs {}
 unsafe impl cudarc::driver::DeviceRepr for MergeArgs {}
 unsafe impl cudarc::driver::DeviceRepr for DecodeWork {}
 unsafe impl cudarc::driver::DeviceRepr for MergeWork {}
+
+/// One ABI struct as the rendered source declares it: its C++ declaration (rendered from this
+/// table, so Rust and CUDA cannot disagree on fields, types or order), its size, and its fields'
+/// offsets, which a tier-2 test reads back from the device (NVRTC has no compile-time
+/// `offsetof`), next to the `static_assert` on every size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StructLayout {
+    /// The Rust (and C++) name.
+    pub name: &'static str,
+    /// `template <…>` before the declaration, or empty.
+    pub template: &'static str,
+    /// The C++ type an instance has in a rendered kernel (for the size assertion).
+    pub instance: &'static str,
+    /// A concrete C++ type of it, for the device probe of its offsets.
+    pub probe: &'static str,
+    /// `size_of`.
+    pub size: usize,
+    /// `(field, C++ type, offset_of)` in declaration order.
+    pub fields: Vec<(&'static str, &'static str, usize)>,
+}
+
+macro_rules! layout {
+    ($t:ty, $template:expr, $instance:expr, $probe:expr, [$($f:ident: $c:expr),* $(,)?]) => {
+        StructLayout {
+            name: stringify!($t),
+            template: $template,
+            instance: $instance,
+            probe: $probe,
+            size: std::mem::size_of::<$t>(),
+            fields: vec![$((stringify!($f), $c, std::mem::offset_of!($t, $f))),*],
+        }
+    };
+}
+
+/// The ABI structs every kernel declares, in declaration order: the work items, the attention
+/// kernels' argument (`Tr::Args` in a rendered source) and merge_states' argument.
+pub fn layouts() -> Vec<StructLayout> {
+    vec![
+        layout!(DecodeWork, "", "DecodeWork", "DecodeWork", [req: "int", kv_begin: "int", kv_end: "int", partial: "int"]),
+        layout!(PrefillWork, "", "PrefillWork", "PrefillWork", [req: "int", row_start: "int", kv_begin: "int", kv_end: "int", partial: "int", stride: "int"]),
+        layout!(MergeWork, "", "MergeWork", "MergeWork", [req: "int", first: "int", count: "int", token: "int"]),
+        layout!(AttnArgs, "template <typename Q, typename KV, typename O, typename Work>", "Tr::Args", "AttnArgs<__half, __nv_bfloat16, __half, PrefillWork>", [
+            q: "const Q*", k: "const KV*", v: "const KV*", o: "O*", lse: "float*", part_o: "float*", part_lse: "float*",
+            qo_indptr: "const int*", kv_indptr: "const int*", kv_indices: "const int*", last_page_len: "const int*",
+            work: "const Work*", num_work: "const int*", k_page_stride: "long long", v_page_stride: "long long",
+            k_slot_stride: "int", k_head_stride: "int", v_slot_stride: "int", v_head_stride: "int",
+            page_size: "int", num_qo_heads: "int", sm_scale: "float", page_shift: "int",
+        ]),
+        layout!(MergeArgs, "template <typename O>", "MergeArgs<Shape::DTypeO>", "MergeArgs<__nv_bfloat16>", [
+            o: "O*", lse: "float*", part_o: "const float*", part_lse: "const float*", work: "const MergeWork*", num_work: "const int*",
+            qo_indptr: "const int*", kv_indptr: "const int*", last_page_len: "const int*", num_qo_heads: "int", group: "int", page_size: "int", sm_scale: "float",
+        ]),
+    ]
+}

@@ -14,7 +14,7 @@ use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConf
 use super::buffers::{check_len, plan_id, DeviceBatch, DeviceOutput, DeviceParams, DeviceTable, PlanBuffers};
 use super::family::{Family, Kernel};
 use super::{cuda, Engine};
-use crate::abi::{DecodeArgs, MergeArgs, ParamBlob};
+use crate::abi::{AttnArgs, MergeArgs, ParamBlob};
 use crate::error::PlanError;
 use crate::kv::{Element, LayoutError, ValidBatch};
 use crate::plan::{Plan, PLAN_HEADER_INTS};
@@ -49,7 +49,7 @@ pub(crate) fn checked_args<F: Family, T: Element + DeviceRepr>(
     dev: &DeviceBatch<'_, T>,
     out: &DeviceOutput<'_, T>,
     sm_scale: Option<f32>,
-) -> Result<DecodeArgs> {
+) -> Result<AttnArgs> {
     let cfg = &k.cfg;
     let batch = &step.batch;
     let kv = batch.kv;
@@ -99,7 +99,7 @@ pub(crate) fn checked_args<F: Family, T: Element + DeviceRepr>(
     let elem = std::mem::size_of::<T>() as u64;
     let ws = step.workspace;
     let _ = e;
-    Ok(DecodeArgs {
+    Ok(AttnArgs {
         q: dev.q.device_ptr(stream).0,
         k: kb.device_ptr(stream).0,
         v: vb.device_ptr(stream).0 + kv.v_base() as u64 * elem,
@@ -228,7 +228,7 @@ impl Engine {
         &self,
         stream: &CudaStream,
         func: &CudaFunction,
-        args: &DecodeArgs,
+        args: &AttnArgs,
         merge_offset: u64,
         merge_grid: usize,
         group: usize,
@@ -289,6 +289,38 @@ impl Engine {
         // complete and its writes to be visible.
         let r = unsafe { sys::cuLaunchKernelEx(&cfg, func.cu_function(), kernel_params.as_mut_ptr(), std::ptr::null_mut()) };
         r.result().map_err(cuda("launch merge"))?;
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Checks the host–device ABI on this GPU: compiles the probe of
+    /// [`crate::jit::render::abi_probe_source`], runs it, and compares every ABI struct's size
+    /// and field offsets as the device compiler laid them out with Rust's (`offset_of!`). A
+    /// mismatch is an error naming the struct and field.
+    pub fn check_abi(&self) -> Result<()> {
+        let src = crate::jit::render::abi_probe_source()?;
+        let cubin = self.jit.nvrtc().compile(&src, &self.jit.nvrtc().options(&self.arch), None)?;
+        let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cuda("load the ABI probe"))?;
+        let func = module.load_function("attnforge_abi_probe").map_err(cuda("load the ABI probe"))?;
+        let layouts = crate::abi::layouts();
+        let n: usize = layouts.iter().map(|l| 1 + l.fields.len()).sum();
+        let mut out = self.alloc::<u64>(n)?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the probe writes exactly `n` u64s (one per size and field of `layouts`, the
+        // table it was rendered from) into `out`, which holds `n`.
+        unsafe { self.stream.launch_builder(&func).arg(&mut out).launch(cfg) }.map_err(cuda("launch the ABI probe"))?;
+        let got = self.download(&out)?;
+        let mut at = 0;
+        for l in &layouts {
+            let expect = std::iter::once(("size", l.size)).chain(l.fields.iter().map(|(f, _, o)| (*f, *o)));
+            for (what, want) in expect {
+                if got[at] != want as u64 {
+                    return Err(Error::Render(format!("ABI mismatch: {}::{what} is {} on the device, {want} in src/abi.rs", l.name, got[at])));
+                }
+                at += 1;
+            }
+        }
         Ok(())
     }
 }

@@ -16,17 +16,24 @@ use crate::abi::{self, param_layout, PARAM_WORDS};
 use crate::spec::{cuda::emit, HookExpr, Normalize, Variant};
 use crate::{Error, Result};
 
-const TEMPLATES: [(&str, &str); 10] = [
+const TEMPLATES: [(&str, &str); 17] = [
+    ("abi_probe.cu.tera", include_str!("../../templates/abi_probe.cu.tera")),
     ("common/prelude.cuh", include_str!("../../templates/common/prelude.cuh")),
-    ("common/decode.cuh", include_str!("../../templates/common/decode.cuh")),
-    ("common/decode_args.cuh", include_str!("../../templates/common/decode_args.cuh")),
-    ("common/decode_mma.cuh", include_str!("../../templates/common/decode_mma.cuh")),
+    ("abi_sizes.cu.tera", include_str!("../../templates/abi_sizes.cu.tera")),
+    ("common/traits.cuh", include_str!("../../templates/common/traits.cuh")),
+    ("common/softmax.cuh", include_str!("../../templates/common/softmax.cuh")),
+    ("common/kv_ring.cuh", include_str!("../../templates/common/kv_ring.cuh")),
+    ("common/scheduler.cuh", include_str!("../../templates/common/scheduler.cuh")),
+    ("common/epilogue.cuh", include_str!("../../templates/common/epilogue.cuh")),
     ("common/mma.cuh", include_str!("../../templates/common/mma.cuh")),
-    ("common/prefill.cuh", include_str!("../../templates/common/prefill.cuh")),
-    ("prefill.cu.tera", include_str!("../../templates/prefill.cu.tera")),
+    ("common/decode_simt.cuh", include_str!("../../templates/common/decode_simt.cuh")),
+    ("common/decode_mma.cuh", include_str!("../../templates/common/decode_mma.cuh")),
+    ("common/prefill_sm80.cuh", include_str!("../../templates/common/prefill_sm80.cuh")),
     ("common/merge.cuh", include_str!("../../templates/common/merge.cuh")),
     ("variant.cuh.tera", include_str!("../../templates/variant.cuh.tera")),
+    ("abi.cu.tera", include_str!("../../templates/abi.cu.tera")),
     ("decode.cu.tera", include_str!("../../templates/decode.cu.tera")),
+    ("prefill.cu.tera", include_str!("../../templates/prefill.cu.tera")),
 ];
 
 fn tera() -> Result<&'static Tera> {
@@ -77,6 +84,28 @@ fn check_names(variant: &Variant) -> Result<()> {
     }
 }
 
+/// The ABI structs for the templates (`abi.cu.tera`, `abi_sizes.cu.tera`).
+fn abi_context() -> Vec<serde_json::Value> {
+    abi::layouts()
+        .into_iter()
+        .map(|l| {
+            let fields: Vec<_> = l.fields.iter().map(|(n, c, o)| json!({ "name": n, "ctype": c, "offset": o })).collect();
+            json!({ "name": l.name, "template": l.template, "instance": l.instance, "probe": l.probe, "size": l.size, "fields": fields })
+        })
+        .collect()
+}
+
+/// A translation unit whose kernel `attnforge_abi_probe(unsigned long long* out)` writes, from
+/// the device, the size and then every field offset of each ABI struct in [`abi::layouts`]
+/// order: NVRTC has no compile-time `offsetof`, so the offsets are checked by running it
+/// ([`crate::engine::Engine::check_abi`]).
+pub fn abi_probe_source() -> Result<KernelSource> {
+    let mut ctx = Context::new();
+    ctx.insert("abi", &abi_context());
+    let code = tera()?.render("abi_probe.cu.tera", &ctx).map_err(|e| Error::Render(e.to_string()))?;
+    Ok(KernelSource { name: "abi_probe".into(), code, hook_lines: Vec::new() })
+}
+
 pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     let layout = param_layout(&variant.params).map_err(Error::UnsupportedConfig)?;
     let hook = |h: Option<&HookExpr>| h.map_or(String::new(), |h| emit(&h.typed, &variant.params));
@@ -110,6 +139,7 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     ctx.insert("head_dim_qk", &cfg.head_dim_qk);
     ctx.insert("head_dim_vo", &cfg.head_dim_vo);
     ctx.insert("group", &cfg.group);
+    ctx.insert("abi", &abi_context());
     let template = match cfg.op {
         Op::Decode => {
             let t = cfg.decode_tile();
@@ -122,8 +152,6 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
             ctx.insert("mma", &t.mma);
             ctx.insert("warps", &t.warps);
             ctx.insert("kv_swizzle", &cfg.kv_swizzle());
-            ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
-            ctx.insert("merge_args_size", &std::mem::size_of::<abi::MergeArgs>());
             "decode.cu.tera"
         }
         Op::Prefill => {
@@ -133,9 +161,6 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
             ctx.insert("kv_tile", &t.kv_tile);
             ctx.insert("stages", &t.stages);
             ctx.insert("min_ctas", &t.min_ctas);
-            ctx.insert("decode_args_size", &std::mem::size_of::<abi::DecodeArgs>());
-            ctx.insert("merge_args_size", &std::mem::size_of::<abi::MergeArgs>());
-            ctx.insert("prefill_work_size", &std::mem::size_of::<abi::PrefillWork>());
             "prefill.cu.tera"
         }
     };

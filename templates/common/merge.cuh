@@ -1,31 +1,8 @@
 // merge.cuh — merge_states: combine the f32 partials (o, lse) of split requests into the output.
-// The merge is associative and commutative; the sink joins the denominator here, once.
+// The merge is associative and commutative; the sink joins the denominator here, once
+// (af_softmax_final, softmax.cuh).
 //
-// Needs: DTypeO, Params, HEAD_DIM_VO, HAS_SINK, NORMALIZE_SOFTMAX, af_sink.
-
-// Mirrors src/engine/decode.rs `MergeWork`.
-struct MergeWork {
-  int req;
-  int first;  // first partial slot
-  int count;  // number of partial slots
-  int token;  // output row (token index)
-};
-
-struct MergeArgs {
-  DTypeO* o;
-  float* lse;
-  const float* part_o;
-  const float* part_lse;
-  const MergeWork* work;
-  const int* num_work;
-  const int* qo_indptr;
-  const int* kv_indptr;
-  const int* last_page_len;
-  int num_qo_heads;
-  int group;
-  int page_size;
-  float sm_scale;
-};
+// Needs: traits (DTypeO, HEAD_DIM_VO), abi.cuh, softmax.cuh, and the variant's hooks.
 
 // Partial weights kept in shared memory per merge item; a longer item recomputes the rest.
 #define MERGE_STAGE 256
@@ -51,7 +28,10 @@ __device__ __forceinline__ float merge_reduce(float x, float* red) {
 // head dims tx, tx + blockDim.x, … and sums the partials' outputs with 8 loads in flight.
 // Launched right behind the kernel that writes the partials (programmatic dependent launch on
 // sm_90+): everything before af_wait_prior_grid reads only what the plan upload wrote.
-__device__ __forceinline__ void merge_body(const MergeArgs& a, const Params& p) {
+template <class Tr>
+__device__ __forceinline__ void merge_body(const MergeArgs<typename Tr::DTypeO>& a, const Params& p) {
+  using DTypeO = typename Tr::DTypeO;
+  constexpr int HEAD_DIM_VO = Tr::HEAD_DIM_VO;
   const int w = blockIdx.x;
   if (w >= *a.num_work) return;
   const MergeWork item = a.work[w];
@@ -84,11 +64,10 @@ __device__ __forceinline__ void merge_body(const MergeArgs& a, const Params& p) 
     const int kv_len = n_pages == 0 ? 0 : (n_pages - 1) * a.page_size + a.last_page_len[req];
     const int q_len = a.qo_indptr[req + 1] - a.qo_indptr[req];
     const int q_pos = kv_len - q_len + (item.token - a.qo_indptr[req]);
-    const float sk = af_sink(0.f, a.sm_scale, q_pos, 0, qo_head, qo_head / a.group, req, q_len, kv_len, p);
-    const float mf = fmaxf(lse_total, sk);
-    const float df = exp2f((lse_total - mf) * AF_LOG2E) + exp2f((sk - mf) * AF_LOG2E);
-    final_scale *= exp2f((lse_total - mf) * AF_LOG2E) / df;
-    lse_total = mf + logf(df);
+    // The partials combined are one row at max lse_total and denominator 1.
+    const SoftmaxFinal f = af_softmax_final(lse_total, 1.f, a.sm_scale, q_pos, qo_head, qo_head / a.group, req, q_len, kv_len, p);
+    final_scale *= f.scale;
+    lse_total = f.lse;
   }
 #endif
 #else

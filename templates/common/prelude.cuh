@@ -14,6 +14,16 @@ __device__ __forceinline__ float af_fmax(float a, float b) {
   return r;
 }
 
+// Whether two types are the same (NVRTC has no <type_traits>).
+template <class A, class B>
+struct af_same {
+  enum : bool { value = false };
+};
+template <class A>
+struct af_same<A, A> {
+  enum : bool { value = true };
+};
+
 // Integer arithmetic of the spec language: wrapping + - *, division and remainder by zero give 0,
 // INT_MIN / -1 wraps. Must match src/spec/eval.rs exactly.
 __device__ __forceinline__ int af_iadd(int a, int b) { return (int)((unsigned)a + (unsigned)b); }

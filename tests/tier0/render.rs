@@ -89,8 +89,9 @@ fn the_decode_ring_is_swizzled_for_head_dims_of_whole_lines() {
         let cfg = KernelConfig::decode(dqk, dvo, DType::Bf16, g).unwrap();
         assert_eq!(cfg.kv_swizzle(), swizzled, "d{dqk}x{dvo} g{g}");
         let code = render(&v, &cfg).unwrap().code;
-        let define = format!("#define AF_KV_SWIZZLE {}", swizzled as u8);
-        assert!(code.contains(&define), "d{dqk}x{dvo} g{g}: no `{define}`");
+        // The traits' last argument is the ring's swizzle.
+        let traits = code.lines().find(|l| l.starts_with("using Tr = Decode")).unwrap_or_default();
+        assert!(traits.ends_with(&format!(", {swizzled}>;")), "d{dqk}x{dvo} g{g}: {traits}");
     }
     // bf16 d128 GQA 4: 4 warps x 64 keys x 3 stages of unpadded K and V rows.
     let cfg = KernelConfig::decode(128, 128, DType::Bf16, 4).unwrap();
@@ -99,7 +100,8 @@ fn the_decode_ring_is_swizzled_for_head_dims_of_whole_lines() {
     assert_eq!(cfg.smem_bytes(), 3 * 64 * (96 + 8 + 96 + 8) * 2);
     let cfg = KernelConfig::prefill(128, 128, DType::Bf16, 4).unwrap();
     assert!(!cfg.kv_swizzle(), "prefill keeps padded rows");
-    assert!(!render(&v, &cfg).unwrap().code.contains("#define AF_KV_SWIZZLE 1"));
+    // Prefill's traits (PrefillSm80Traits) have no swizzle: its ring rows are padded.
+    assert!(render(&v, &cfg).unwrap().code.lines().any(|l| l.starts_with("using Tr = PrefillSm80Traits<")));
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn main() {
         trial("random_well_typed_specs_compile", random_well_typed_specs_compile),
         trial("the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process", the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process),
         trial("a_bits_parameter_beside_one_named_like_its_offsets_compiles", a_bits_parameter_beside_one_named_like_its_offsets_compiles),
+        trial("the_abi_probe_compiles", the_abi_probe_compiles),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -253,5 +254,15 @@ fn a_bits_parameter_beside_one_named_like_its_offsets_compiles() {
     let j = jit(dir.path());
     for cfg in [KernelConfig::decode(64, 64, DType::F16, 2).unwrap(), KernelConfig::prefill(64, 64, DType::F16, 2).unwrap()] {
         j.get(&v, &cfg, &"sm_90a".parse().unwrap()).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// The device probe of the ABI structs' offsets (run by tier 2's `check_abi`) compiles.
+fn the_abi_probe_compiles() {
+    let n = nvrtc();
+    let src = attnforge::jit::render::abi_probe_source().unwrap();
+    for arch in ["sm_80", "sm_90a"] {
+        let arch: Arch = arch.parse().unwrap();
+        n.compile(&src, &n.options(&arch), None).unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -63,6 +63,7 @@ fn main() {
         trial("prefill::prefill_is_bit_identical_across_batch_compositions", prefill::prefill_is_bit_identical_across_batch_compositions),
         trial("prefill::a_fixed_grid_prefill_plan_replays_in_a_cuda_graph", prefill::a_fixed_grid_prefill_plan_replays_in_a_cuda_graph),
         trial("nan_logits_make_their_rows_nan_as_in_the_reference", nan_logits_make_their_rows_nan_as_in_the_reference),
+        trial("the_abi_structs_have_rusts_offsets_on_the_device", the_abi_structs_have_rusts_offsets_on_the_device),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -483,4 +484,13 @@ fn nan_logits_make_their_rows_nan_as_in_the_reference() {
             assert!(cmp.ok(), "{logits} g{group} {lens:?}: {cmp}");
         }
     }
+}
+
+/// Every ABI struct's size and field offsets as the device compiler lays them out equal Rust's
+/// (NVRTC has no compile-time offsetof; the sizes are also static_asserted in every kernel).
+fn the_abi_structs_have_rusts_offsets_on_the_device() {
+    engine().check_abi().unwrap();
+    // And the probe really reads them: a layout with a field moved is caught.
+    let src = attnforge::jit::render::abi_probe_source().unwrap();
+    assert_eq!(src.code.matches("out[i++] =").count(), attnforge::abi::layouts().iter().map(|l| 1 + l.fields.len()).sum::<usize>());
 }
