@@ -51,8 +51,11 @@ impl ParamBlob {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DecodeWork {
+    /// Request index in the batch, or -1 for a padding item (does nothing).
     pub req: i32,
+    /// First KV position of the chunk.
     pub kv_begin: i32,
+    /// One past the last KV position of the chunk.
     pub kv_end: i32,
     /// Partial slot, or -1 to write the final output.
     pub partial: i32,
@@ -62,10 +65,13 @@ pub struct DecodeWork {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PrefillWork {
+    /// Request index in the batch.
     pub req: i32,
     /// First query row (token × group + head) of the block.
     pub row_start: i32,
+    /// First KV position of the chunk.
     pub kv_begin: i32,
+    /// One past the last KV position of the chunk.
     pub kv_end: i32,
     /// Partial slot of the block's first token for this KV chunk, or -1 to write the output.
     pub partial: i32,
@@ -77,9 +83,13 @@ pub struct PrefillWork {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MergeWork {
+    /// Request index in the batch.
     pub req: i32,
+    /// First of the token's consecutive partial slots.
     pub first: i32,
+    /// Number of partial slots to merge.
     pub count: i32,
+    /// Query token index in the batch (its row in the output).
     pub token: i32,
 }
 
@@ -88,27 +98,49 @@ pub struct MergeWork {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AttnArgs {
+    /// Queries, `[tokens, qo_heads, head_dim_qk]`.
     pub q: u64,
+    /// The paged K cache.
     pub k: u64,
+    /// The paged V cache (offset to V's first element when K and V are interleaved).
     pub v: u64,
+    /// Output, `[tokens, qo_heads, head_dim_vo]`.
     pub o: u64,
+    /// Output log-sum-exp (f32), `[tokens, qo_heads]`.
     pub lse: u64,
+    /// Partial outputs in the workspace (f32), `[slots, qo_heads, head_dim_vo]`.
     pub part_o: u64,
+    /// Partial log-sum-exps in the workspace (f32), `[slots, qo_heads]`, after `part_o`.
     pub part_lse: u64,
+    /// Each request's first query token, `[batch + 1]`.
     pub qo_indptr: u64,
+    /// Each request's first entry in `kv_indices`, `[batch + 1]`.
     pub kv_indptr: u64,
+    /// Page numbers of every request's KV, in order.
     pub kv_indices: u64,
+    /// Tokens in each request's last page, `[batch]`.
     pub last_page_len: u64,
+    /// The plan's work list (right after its header).
     pub work: u64,
+    /// The plan's header `[num_work, num_merge, stride, 0]`.
     pub num_work: u64,
+    /// Elements between consecutive pages of K.
     pub k_page_stride: i64,
+    /// Elements between consecutive pages of V.
     pub v_page_stride: i64,
+    /// Elements between consecutive token slots of a K page.
     pub k_slot_stride: i32,
+    /// Elements between consecutive KV heads of K.
     pub k_head_stride: i32,
+    /// Elements between consecutive token slots of a V page.
     pub v_slot_stride: i32,
+    /// Elements between consecutive KV heads of V.
     pub v_head_stride: i32,
+    /// Tokens per KV page.
     pub page_size: i32,
+    /// Query (and output) heads per token.
     pub num_qo_heads: i32,
+    /// Softmax scale applied to the scores.
     pub sm_scale: f32,
     /// log2(page_size) when it is a power of two, else -1.
     pub page_shift: i32,
@@ -118,18 +150,31 @@ pub struct AttnArgs {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MergeArgs {
+    /// Output, `[tokens, qo_heads, head_dim_vo]`.
     pub o: u64,
+    /// Output log-sum-exp (f32), `[tokens, qo_heads]`.
     pub lse: u64,
+    /// Partial outputs to merge (f32), `[slots, qo_heads, head_dim_vo]`.
     pub part_o: u64,
+    /// Partial log-sum-exps to merge (f32), `[slots, qo_heads]`.
     pub part_lse: u64,
+    /// The plan's merge list.
     pub work: u64,
+    /// The number of merge items (word 1 of the plan's header, `num_merge`).
     pub num_work: u64,
+    /// Each request's first query token, `[batch + 1]`.
     pub qo_indptr: u64,
+    /// Each request's first entry in the page list, `[batch + 1]`.
     pub kv_indptr: u64,
+    /// Tokens in each request's last page, `[batch]`.
     pub last_page_len: u64,
+    /// Query (and output) heads per token.
     pub num_qo_heads: i32,
+    /// Query heads per KV head (the GQA group).
     pub group: i32,
+    /// Tokens per KV page.
     pub page_size: i32,
+    /// Softmax scale (read by the sink hook).
     pub sm_scale: f32,
 }
 

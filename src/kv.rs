@@ -15,11 +15,14 @@ use half::{bf16, f16};
 /// Token-major (`[page, slot, head, dim]`) or head-major (`[page, head, slot, dim]`) pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KvLayout {
+    /// `[page, slot, head, dim]`: a token's heads side by side.
     Nhd,
+    /// `[page, head, slot, dim]`: a head's tokens side by side.
     Hnd,
 }
 
 impl KvLayout {
+    /// "nhd" or "hnd".
     pub fn name(self) -> &'static str {
         match self {
             KvLayout::Nhd => "nhd",
@@ -42,12 +45,16 @@ impl std::str::FromStr for KvLayout {
 /// Element types of queries, keys, values and outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     Bf16,
+    /// f32 (the reference and tests; no kernel takes it).
     F32,
 }
 
 impl DType {
+    /// "f16", "bf16" or "f32".
     pub fn name(self) -> &'static str {
         match self {
             DType::F16 => "f16",
@@ -56,6 +63,7 @@ impl DType {
         }
     }
 
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
@@ -87,8 +95,11 @@ impl std::str::FromStr for DType {
 
 /// A storage element: `f16`, `bf16` or `f32`.
 pub trait Element: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
+    /// Its [`DType`].
     const DTYPE: DType;
+    /// The value, widened.
     fn to_f64(self) -> f64;
+    /// The nearest value (round to nearest even).
     fn from_f32(x: f32) -> Self;
 }
 
@@ -125,13 +136,19 @@ impl Element for f32 {
 /// The geometry of a paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KvShape {
+    /// Token- or head-major pages.
     pub layout: KvLayout,
     /// Keys and values share one buffer, `[num_pages, 2, …]`; needs `head_dim_qk == head_dim_vo`.
     pub interleaved: bool,
+    /// Pages in the cache.
     pub num_pages: usize,
+    /// Token slots per page.
     pub page_size: usize,
+    /// KV heads.
     pub kv_heads: usize,
+    /// Key (and query) head dim.
     pub head_dim_qk: usize,
+    /// Value (and output) head dim.
     pub head_dim_vo: usize,
 }
 
@@ -146,11 +163,17 @@ pub const MAX_ELEMS: usize = isize::MAX as usize / 4;
 /// The sizes of a shape, computed once with checked arithmetic by [`KvShape::sizes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvSizes {
+    /// Elements of the K buffer (the whole buffer when interleaved).
     pub k_len: usize,
+    /// Elements of the V buffer (the whole buffer when interleaved).
     pub v_len: usize,
+    /// Elements between consecutive pages of K.
     pub k_page_stride: usize,
+    /// Elements between consecutive pages of V.
     pub v_page_stride: usize,
+    /// `(slot stride, head stride)` of K, in elements.
     pub k_strides: (usize, usize),
+    /// `(slot stride, head stride)` of V, in elements.
     pub v_strides: (usize, usize),
 }
 
@@ -248,12 +271,16 @@ impl KvShape {
 /// A CSR page table: request `b` owns pages `indices[indptr[b]..indptr[b+1]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PageTable {
+    /// `[batch + 1]`: request `b` owns `indices[indptr[b]..indptr[b + 1]]`.
     pub indptr: Vec<i32>,
+    /// Page indices, request after request.
     pub indices: Vec<i32>,
+    /// `[batch]`: tokens in each request's last page (1..=page_size; 0 without pages).
     pub last_page_len: Vec<i32>,
 }
 
 impl PageTable {
+    /// Requests in the table.
     pub fn batch_size(&self) -> usize {
         self.indptr.len().saturating_sub(1)
     }
@@ -318,31 +345,120 @@ impl PageTable {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LayoutError {
+    /// A request longer than [`MAX_TOKENS`] query or KV tokens.
     #[error("request {req}: {len} {what} tokens; at most 2^30 are supported")]
-    TooLong { req: usize, what: &'static str, len: u64 },
+    TooLong {
+        /// The request.
+        req: usize,
+        /// "query" or "KV".
+        what: &'static str,
+        /// Its length.
+        len: u64,
+    },
+    /// An index array without its leading 0.
     #[error("{what} is empty; it needs batch_size + 1 entries, starting with 0")]
-    EmptyIndptr { what: &'static str },
+    EmptyIndptr {
+        /// Which array.
+        what: &'static str,
+    },
+    /// An index array that does not start at 0.
     #[error("{what}[0] is {first}; it must be 0")]
-    IndptrStart { what: &'static str, first: i32 },
+    IndptrStart {
+        /// Which array.
+        what: &'static str,
+        /// Its first entry.
+        first: i32,
+    },
+    /// An index array that decreases.
     #[error("{what} is not monotone: {what}[{at}] = {next} < {what}[{}] = {prev}", at - 1)]
-    NonMonotone { what: &'static str, at: usize, prev: i32, next: i32 },
+    NonMonotone {
+        /// Which array.
+        what: &'static str,
+        /// The index of the entry smaller than its predecessor.
+        at: usize,
+        /// The predecessor.
+        prev: i32,
+        /// The entry.
+        next: i32,
+    },
+    /// An index array whose last entry is not the length of what it indexes.
     #[error("{what} ends at {last}, but {len} entries were given")]
-    IndptrEnd { what: &'static str, last: i32, len: usize },
+    IndptrEnd {
+        /// Which array.
+        what: &'static str,
+        /// Its last entry.
+        last: i32,
+        /// The length of the array it indexes.
+        len: usize,
+    },
+    /// A page index outside the cache.
     #[error("request {req}: page index {index} (at indices[{pos}]) is outside 0..{num_pages}")]
-    PageIndex { req: usize, pos: usize, index: i32, num_pages: usize },
+    PageIndex {
+        /// The request.
+        req: usize,
+        /// Where in `indices`.
+        pos: usize,
+        /// The index.
+        index: i32,
+        /// Pages in the cache.
+        num_pages: usize,
+    },
+    /// A `last_page_len` outside `1..=page_size` (or not 0 for a request without pages).
     #[error("request {req}: last_page_len is {value}; {}", if *empty { "a request with no pages must have 0".to_string() } else { format!("it must be in 1..={page_size}") })]
-    LastPageLen { req: usize, value: i32, page_size: usize, empty: bool },
+    LastPageLen {
+        /// The request.
+        req: usize,
+        /// Its `last_page_len`.
+        value: i32,
+        /// The page size.
+        page_size: usize,
+        /// Whether the request has no pages.
+        empty: bool,
+    },
+    /// A length that does not match the batch.
     #[error("{what}: expected {expected}, got {got}")]
-    Mismatch { what: &'static str, expected: usize, got: usize },
+    Mismatch {
+        /// What was measured.
+        what: &'static str,
+        /// What the batch needs.
+        expected: usize,
+        /// What was given.
+        got: usize,
+    },
+    /// Query heads not a multiple of KV heads.
     #[error("qo_heads ({qo_heads}) is not a multiple of kv_heads ({kv_heads})")]
-    HeadsNotDivisible { qo_heads: usize, kv_heads: usize },
+    HeadsNotDivisible {
+        /// Query heads.
+        qo_heads: usize,
+        /// KV heads.
+        kv_heads: usize,
+    },
+    /// A size that must be at least 1.
     #[error("{what} must be at least 1")]
-    Zero { what: &'static str },
+    Zero {
+        /// Which size.
+        what: &'static str,
+    },
+    /// An interleaved cache with different key and value head dims.
     #[error("an interleaved K/V buffer needs equal head dims, got qk {qk} and vo {vo}; use separate K and V buffers")]
-    InterleavedDims { qk: usize, vo: usize },
+    InterleavedDims {
+        /// The key head dim.
+        qk: usize,
+        /// The value head dim.
+        vo: usize,
+    },
+    /// A size, stride or count beyond what the kernels can index, or one that overflows.
     #[error("{what} is {}; the limit is {limit}", if *value == u128::MAX { "beyond 2^64 (it overflows)".to_string() } else { value.to_string() })]
-    TooLarge { what: &'static str, value: u128, limit: &'static str },
+    TooLarge {
+        /// Which size.
+        what: &'static str,
+        /// Its value (`u128::MAX`: it overflowed).
+        value: u128,
+        /// The limit, in words.
+        limit: &'static str,
+    },
 }
+
 
 /// The longest request, in query or KV tokens, that a batch may hold: positions and lengths
 /// then stay far from i32 overflow in the kernels, and spec arithmetic on them can be proven
@@ -352,29 +468,38 @@ pub const MAX_TOKENS: usize = 1 << 30;
 /// A batch of attention problems: ragged queries over one paged cache.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
+    /// `[batch + 1]`: request `b` owns query tokens `qo_indptr[b]..qo_indptr[b + 1]`.
     pub qo_indptr: &'a [i32],
+    /// The page table.
     pub pages: &'a PageTable,
+    /// The cache's geometry.
     pub kv: KvShape,
+    /// Query heads.
     pub qo_heads: usize,
 }
 
 impl<'a> Batch<'a> {
+    /// Requests in the batch.
     pub fn batch_size(&self) -> usize {
         self.pages.batch_size()
     }
 
+    /// Query tokens in the batch.
     pub fn total_q(&self) -> usize {
         self.qo_indptr.last().map_or(0, |&x| x.max(0) as usize)
     }
 
+    /// Query tokens of request `b` (valid after validation).
     pub fn q_len(&self, b: usize) -> usize {
         (self.qo_indptr[b + 1] - self.qo_indptr[b]) as usize
     }
 
+    /// KV tokens of request `b` (valid after validation).
     pub fn kv_len(&self, b: usize) -> usize {
         self.pages.kv_len(b, self.kv.page_size)
     }
 
+    /// Query heads per KV head (the GQA group).
     pub fn group(&self) -> usize {
         self.qo_heads / self.kv.kv_heads
     }

@@ -7,7 +7,7 @@
 //! ```text
 //! variants/*.json ─► spec ─► Variant ─┬─► render (Tera) ─► NVRTC ─► cache ─► launch
 //!                                     └─► reference (CPU, f64)
-//! PageTable + qo_indptr ─► kv::validate ─► plan ─► launch
+//! PageTable + qo_indptr ─► Batch::validated ─► plan ─► upload ─► launch
 //! ```
 //!
 //! | concept | module |
@@ -19,7 +19,12 @@
 //! | host-device ABI structs | [`abi`] |
 //! | render (Tera) → NVRTC → disk cache | [`jit`] |
 //! | decode and prefill schedules (split-KV, merge, graph and deterministic modes) | [`plan`] |
-//! | the GPU: kernels, checked launches | [`engine`] |
+//! | the GPU: kernel families, the two-call wrappers, checked launches | [`engine`] |
+//! | typed errors; warnings through a hook | [`Error`], [`diagnostics`] |
+//! | workloads, GPU-vs-reference harness, benchmarks (feature `testing`) | `testing` |
+//!
+//! Serving code drives the engine through [`engine::DecodeWrapper`] and
+//! [`engine::PrefillWrapper`] (see `examples/`); the example below runs the CPU reference.
 //!
 //! ```
 //! use std::collections::HashMap;
@@ -41,6 +46,8 @@
 //! assert_eq!(out.o.len(), 2 * 8 * 64);
 //! # Ok::<(), attnforge::Error>(())
 //! ```
+
+#![deny(missing_docs)]
 
 pub mod abi;
 pub mod diagnostics;

@@ -2,8 +2,8 @@
 //!
 //! [`Engine`] owns a context, a non-default stream (CUDA graphs cannot capture the legacy
 //! stream) and a [`Jit`]. Kernels are fetched through the JIT and loaded once per process, one
-//! loader for every kernel family ([`family`]); every launch goes through one launcher
-//! ([`launch`]), which checks the caller's buffers against the validated batch first.
+//! loader for every kernel family (`family.rs`); every launch goes through one launcher
+//! (`launch.rs`), which checks the caller's buffers against the validated batch first.
 //!
 //! Two ways to drive it:
 //! - the two-call wrappers ([`DecodeWrapper`], [`PrefillWrapper`]): `plan` uploads the page table
@@ -99,18 +99,22 @@ impl Engine {
         Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new(), programmatic_merge: major >= 9 })
     }
 
+    /// The CUDA context (the primary context of its device).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
 
+    /// The engine's stream: uploads and launches go on it.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
 
+    /// The arch kernels are compiled for.
     pub fn arch(&self) -> &Arch {
         &self.arch
     }
 
+    /// SMs of the GPU.
     pub fn sm_count(&self) -> usize {
         self.sm_count
     }
@@ -143,6 +147,7 @@ impl Engine {
         self.programmatic_merge = on && self.arch.major >= 9;
     }
 
+    /// The JIT (compiler and cache).
     pub fn jit(&self) -> &Jit {
         &self.jit
     }
@@ -188,6 +193,7 @@ impl Engine {
         self.stream.clone_dtoh(src).map_err(cuda("copy to host"))
     }
 
+    /// Waits for the engine's stream.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda("synchronize"))
     }

@@ -26,11 +26,14 @@ use crate::{Error, Result};
 /// Which kernel family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
+    /// One query token per request.
     Decode,
+    /// Ragged query blocks (prompts, appends).
     Prefill,
 }
 
 impl Op {
+    /// "decode" or "prefill".
     pub fn name(self) -> &'static str {
         match self {
             Op::Decode => "decode",
@@ -53,7 +56,9 @@ impl std::str::FromStr for Op {
 /// A GPU architecture to compile for, e.g. `sm_90a`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Arch {
+    /// Compute capability, major.
     pub major: u32,
+    /// Compute capability, minor.
     pub minor: u32,
     /// The arch-specific variant (`sm_90a`), which Hopper-only instructions need.
     pub specific: bool,
@@ -66,6 +71,7 @@ impl Arch {
         Arch { major, minor, specific: major >= 9 }
     }
 
+    /// "sm_90a", "sm_80", …
     pub fn name(&self) -> String {
         format!("sm_{}{}{}", self.major, self.minor, if self.specific { "a" } else { "" })
     }
@@ -97,11 +103,17 @@ impl std::str::FromStr for Arch {
 /// size, lengths, strides — are not here, so changing them never recompiles).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KernelConfig {
+    /// The kernel family.
     pub op: Op,
+    /// Query and key head dim.
     pub head_dim_qk: usize,
+    /// Value and output head dim.
     pub head_dim_vo: usize,
+    /// Query element type.
     pub dtype_q: DType,
+    /// K/V cache element type.
     pub dtype_kv: DType,
+    /// Output element type.
     pub dtype_o: DType,
     /// Query heads per KV head (GQA group).
     pub group: usize,
@@ -129,10 +141,12 @@ pub struct DecodeTile {
     /// The tensor-core main loop (`decode_mma.cuh`): query heads are MMA rows, `warps` warps
     /// each take 16 keys of a tile. `nv`, `bdx`, `bdz`, `tile_per_z` then do not apply.
     pub mma: bool,
+    /// Warps of the tensor-core loop (`mma`).
     pub warps: usize,
 }
 
 impl DecodeTile {
+    /// Threads per CTA for a GQA group.
     pub fn threads(&self, group: usize) -> usize {
         if self.mma {
             32 * self.warps
@@ -141,6 +155,7 @@ impl DecodeTile {
         }
     }
 
+    /// Keys per K/V tile.
     pub fn kv_tile(&self) -> usize {
         if self.mma {
             16 * self.warps
@@ -253,6 +268,7 @@ impl KernelConfig {
         Ok(cfg)
     }
 
+    /// Checks the head dims, dtypes, group and tile; `UnsupportedConfig` names what does not fit.
     pub fn validate(&self) -> Result<()> {
         for (what, d) in [("head_dim_qk", self.head_dim_qk), ("head_dim_vo", self.head_dim_vo)] {
             if d == 0 || d % 16 != 0 || d > 256 {
@@ -410,6 +426,7 @@ impl KernelConfig {
 pub struct KernelSource {
     /// Readable name: variant, op, dims, dtypes, group.
     pub name: String,
+    /// The CUDA source.
     pub code: String,
     /// `(1-based line, hook)`: the line holding each hook's expression.
     pub hook_lines: Vec<(usize, String)>,
@@ -429,18 +446,26 @@ pub fn kernel_key(source: &str, options: &[String], arch: &Arch, nvrtc_version: 
 /// Where a kernel came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
+    /// This process compiled or loaded it earlier.
     Memory,
+    /// Read from the disk cache.
     Disk,
+    /// Compiled by NVRTC now.
     Compiled,
 }
 
 /// A compiled kernel and how it was obtained.
 #[derive(Debug, Clone)]
 pub struct CompiledKernel {
+    /// Its cache key.
     pub key: CacheKey,
+    /// Readable name: variant, config, arch.
     pub name: String,
+    /// The arch it was compiled for.
     pub arch: Arch,
+    /// The CUBIN.
     pub cubin: Arc<Vec<u8>>,
+    /// Where it came from.
     pub origin: Origin,
     /// Time spent in this call (render + lookup + compile).
     pub elapsed: Duration,
@@ -482,10 +507,12 @@ impl Jit {
         Ok(Jit { nvrtc, store, store_error, memory: DashMap::new() })
     }
 
+    /// The NVRTC it compiles with.
     pub fn nvrtc(&self) -> &Nvrtc {
         &self.nvrtc
     }
 
+    /// The disk store, when usable.
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
     }

@@ -106,6 +106,7 @@ pub fn abi_probe_source() -> Result<KernelSource> {
     Ok(KernelSource { name: "abi_probe".into(), code, hook_lines: Vec::new() })
 }
 
+/// Renders the translation unit of `variant` and `cfg`: pure (no disk, no GPU), deterministic.
 pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     let layout = param_layout(&variant.params).map_err(Error::UnsupportedConfig)?;
     let hook = |h: Option<&HookExpr>| h.map_or(String::new(), |h| emit(&h.typed, &variant.params));

@@ -16,8 +16,11 @@ const DECODE_WORK_INTS: usize = 4;
 /// A decode schedule, ready to upload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodePlan {
+    /// The mode it was planned in.
     pub mode: PlanMode,
+    /// The work list (balanced plans: column-major over CTAs, padded with `req == -1`).
     pub work: Vec<DecodeWork>,
+    /// One item per split request: its partial states to merge.
     pub merge: Vec<MergeWork>,
     /// Partial-state slots the workspace must hold.
     pub num_partials: usize,
@@ -55,6 +58,7 @@ impl DecodePlan {
         pack(self.work.iter().map(|w| [w.req, w.kv_begin, w.kv_end, w.partial]), self.work.len(), self.stride, self.work_slots(), &self.merge, self.merge_grid)
     }
 
+    /// Length of [`DecodePlan::packed`] in i32 words.
     pub fn packed_len(&self) -> usize {
         packed_len(DECODE_WORK_INTS, self.work_slots(), self.merge_grid)
     }

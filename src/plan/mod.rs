@@ -1,6 +1,6 @@
 //! The planner: from CPU index arrays to work lists, on the host, with no device copy.
 //!
-//! [`decode`] plans batches of one query token per request, [`prefill`] ragged query blocks; this
+//! `decode.rs` plans batches of one query token per request, `prefill.rs` ragged query blocks; this
 //! file holds what both share — the modes, the target, the visible span of a query, the split
 //! sizes and the packed buffer every plan uploads.
 //!
@@ -34,11 +34,21 @@ use crate::Result;
 /// How the planner splits work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanMode {
+    /// Split-KV sized to fill the GPU, balanced for skewed big batches.
     Default,
     /// For CUDA graphs: at most `max_ctas` work items (per KV head), always launched in full.
-    FixedGrid { max_ctas: usize },
+    /// For CUDA-graph capture: a grid of `max_ctas` CTAs whose spare CTAs exit, buffers fixed.
+    FixedGrid {
+        /// CTAs of the grid (per KV head).
+        max_ctas: usize,
+    },
     /// Split every span into chunks of exactly `chunk` positions (the last one shorter).
-    Deterministic { chunk: usize },
+    /// Splits at fixed offsets of `chunk` positions: bit-identical results whatever else is in
+    /// the batch.
+    Deterministic {
+        /// KV positions per chunk.
+        chunk: usize,
+    },
 }
 
 /// What the planner needs to know about the kernel and the device.

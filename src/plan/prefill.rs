@@ -17,7 +17,9 @@ const PREFILL_WORK_INTS: usize = 6;
 /// first, and the merge list of the blocks whose KV was split.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefillPlan {
+    /// The mode it was planned in.
     pub mode: PlanMode,
+    /// The work list, longest first.
     pub work: Vec<crate::abi::PrefillWork>,
     /// One item per query token of a split block: combines its chunks' partial states.
     pub merge: Vec<MergeWork>,
@@ -48,6 +50,7 @@ impl PrefillPlan {
         pack(words, self.work.len(), self.grid, self.grid, &self.merge, self.merge_grid)
     }
 
+    /// Length of [`PrefillPlan::packed`] in i32 words.
     pub fn packed_len(&self) -> usize {
         packed_len(PREFILL_WORK_INTS, self.grid, self.merge_grid)
     }

@@ -26,7 +26,9 @@ use crate::{Error, Result};
 /// Attention output `[total_q, qo_heads, head_dim_vo]` and LSE `[total_q, qo_heads]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttnOutput {
+    /// The output, `[total_q, qo_heads, head_dim_vo]`.
     pub o: Vec<f32>,
+    /// The LSE (natural log), `[total_q, qo_heads]`.
     pub lse: Vec<f32>,
 }
 

@@ -10,11 +10,14 @@ use std::fmt;
 /// A half-open byte range `[start, end)` inside one hook's expression text.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Span {
+    /// First byte of the range.
     pub start: usize,
+    /// One past the last byte of the range.
     pub end: usize,
 }
 
 impl Span {
+    /// The span `[start, end)`.
     pub fn new(start: usize, end: usize) -> Self {
         Span { start, end }
     }
@@ -25,30 +28,48 @@ impl Span {
     }
 }
 
+/// A prefix operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UnOp {
+    /// `-x`: negation (wrapping for `i32`).
     Neg,
+    /// `!x`: logical negation of a bool.
     Not,
 }
 
+/// An infix operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BinOp {
+    /// `+` (wrapping for `i32`).
     Add,
+    /// `-` (wrapping for `i32`).
     Sub,
+    /// `*` (wrapping for `i32`).
     Mul,
+    /// `/`: truncating for `i32`, where division by zero gives 0.
     Div,
+    /// `%`: `i32` only; the sign follows the dividend, and by zero it gives 0.
     Rem,
+    /// `<`.
     Lt,
+    /// `<=`.
     Le,
+    /// `>`.
     Gt,
+    /// `>=`.
     Ge,
+    /// `==`, on two numbers or two bools.
     Eq,
+    /// `!=`, on two numbers or two bools.
     Ne,
+    /// `&&`, on bools.
     And,
+    /// `||`, on bools.
     Or,
 }
 
 impl BinOp {
+    /// The operator as written in source, which is also its C++ spelling.
     pub fn symbol(self) -> &'static str {
         match self {
             BinOp::Add => "+",
@@ -78,6 +99,7 @@ impl BinOp {
         }
     }
 
+    /// Whether the operator is a comparison (`< <= > >= == !=`): it yields a bool and does not chain.
     pub fn is_comparison(self) -> bool {
         self.precedence() == 3
     }
@@ -87,17 +109,26 @@ impl BinOp {
 /// printing with `{:?}` and re-parsing is exact.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Lit {
+    /// `true` or `false`.
     Bool(bool),
+    /// An integer literal.
     Int(i32),
+    /// A float literal, rounded to `f32`.
     Float(f32),
 }
 
+/// What an [`Expr`] node is.
 #[derive(Debug, Clone)]
 pub enum ExprKind {
+    /// A literal.
     Lit(Lit),
+    /// A name: a built-in or a parameter, resolved by the checker.
     Ident(String),
+    /// A prefix operator and its operand.
     Unary(UnOp, Box<Expr>),
+    /// An infix operator and its left and right operands.
     Binary(BinOp, Box<Expr>, Box<Expr>),
+    /// A call: the function's name and its arguments.
     Call(String, Vec<Expr>),
 }
 
@@ -105,7 +136,9 @@ pub enum ExprKind {
 /// same thing, wherever they were written.
 #[derive(Debug, Clone)]
 pub struct Expr {
+    /// What the node is.
     pub kind: ExprKind,
+    /// Where the node was written in the hook's text.
     pub span: Span,
 }
 
@@ -129,6 +162,7 @@ impl PartialEq for Expr {
 }
 
 impl Expr {
+    /// A node of `kind` written at `span`.
     pub fn new(kind: ExprKind, span: Span) -> Self {
         Expr { kind, span }
     }

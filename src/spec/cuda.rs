@@ -23,6 +23,8 @@ pub fn bits_offsets_field(name: &str) -> String {
     format!("o_{name}")
 }
 
+/// The C++ expression for typed hook `e`, fully parenthesised; `params` are the variant's
+/// declarations, which `TKind::Param` indexes.
 pub fn emit(e: &TExpr, params: &[ParamDecl]) -> String {
     match &e.kind {
         TKind::Lit(Lit::Bool(b)) => b.to_string(),

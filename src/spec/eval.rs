@@ -10,19 +10,32 @@ use super::typed::{Builtin, Func, TExpr, TKind};
 
 /// The float operations hooks need, for `f32` and `f64`.
 pub trait Real: Copy + PartialOrd + std::fmt::Debug + Send + Sync + 'static {
+    /// `x` in this type (exact).
     fn from_f32(x: f32) -> Self;
+    /// `x` in this type (rounded to nearest for `f32` beyond 2^24).
     fn from_i32(x: i32) -> Self;
+    /// `x` in this type (rounded to nearest for `f32`).
     fn from_f64(x: f64) -> Self;
+    /// The value as an `f64` (exact).
     fn to_f64(self) -> f64;
     /// Truncation toward zero, saturating, NaN to 0 (CUDA's `__float2int_rz`).
     fn to_i32(self) -> i32;
+    /// `self + o`.
     fn add(self, o: Self) -> Self;
+    /// `self - o`.
     fn sub(self, o: Self) -> Self;
+    /// `self * o`.
     fn mul(self, o: Self) -> Self;
+    /// `self / o` (IEEE: by zero gives an infinity or NaN).
     fn div(self, o: Self) -> Self;
+    /// `-self`.
     fn neg(self) -> Self;
+    /// Unary float function `f` applied to `self`; `min`, `max`, `select`, `float`, `int` and `bit`,
+    /// which are not ones, return `self`.
     fn apply(self, f: Func) -> Self;
+    /// The smaller of the two; if one is NaN, the other.
     fn min(self, o: Self) -> Self;
+    /// The larger of the two; if one is NaN, the other.
     fn max(self, o: Self) -> Self;
 }
 
@@ -107,26 +120,41 @@ pub fn irem(a: i32, b: i32) -> i32 {
 /// The values a hook reads for one (query row, key) pair.
 #[derive(Debug, Clone, Copy)]
 pub struct Env<'a, F> {
+    /// The raw (unscaled) dot product of the query and the key.
     pub score: F,
+    /// The launch's softmax scale.
     pub sm_scale: F,
+    /// The query's position in its request's KV sequence (`kv_len - q_len + row`).
     pub q_pos: i32,
+    /// The key's position in its request's KV sequence, from 0.
     pub kv_pos: i32,
+    /// The query (and output) head.
     pub qo_head: i32,
+    /// The KV head that `qo_head` reads.
     pub kv_head: i32,
+    /// The request's index in the batch.
     pub req: i32,
+    /// The request's number of query tokens.
     pub q_len: i32,
+    /// The request's number of KV tokens.
     pub kv_len: i32,
+    /// The launch's bound parameter values.
     pub params: &'a ParamValues,
 }
 
+/// A hook value: a bool, an integer or a float.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Val<F> {
+    /// A `bool`.
     B(bool),
+    /// An `i32`.
     I(i32),
+    /// A float, in the evaluator's float type.
     F(F),
 }
 
 impl<F: Real> Val<F> {
+    /// The value as a float (a bool is 0 or 1).
     pub fn as_f(self) -> F {
         match self {
             Val::F(x) => x,
@@ -135,6 +163,7 @@ impl<F: Real> Val<F> {
         }
     }
 
+    /// The value as an `i32`: a float truncates toward zero, saturating, NaN to 0; a bool is 0 or 1.
     pub fn as_i(self) -> i32 {
         match self {
             Val::I(i) => i,
@@ -143,6 +172,7 @@ impl<F: Real> Val<F> {
         }
     }
 
+    /// The value as a bool: nonzero (NaN included) is true.
     pub fn as_b(self) -> bool {
         match self {
             Val::B(b) => b,

@@ -247,6 +247,7 @@ pub enum Proof {
 }
 
 impl Proof {
+    /// Whether it is [`Proof::Proven`].
     pub fn is_proven(&self) -> bool {
         *self == Proof::Proven
     }

@@ -37,43 +37,60 @@ pub enum Normalize {
 /// One checked hook: its text, its tree and its typed tree.
 #[derive(Debug, Clone)]
 pub struct HookExpr {
+    /// Which hook this is.
     pub hook: Hook,
+    /// The expression as written in the spec.
     pub source: String,
+    /// The parsed tree, with spans into `source`.
     pub ast: Expr,
+    /// The type-checked tree the back ends read.
     pub typed: TExpr,
 }
 
 /// Optional bounds on the visible `kv_pos` of a query, inclusive. A missing side is open.
 #[derive(Debug, Clone)]
 pub struct KvRange {
+    /// The first visible `kv_pos`; `None` leaves the range open below.
     pub lo: Option<HookExpr>,
+    /// The last visible `kv_pos`; `None` leaves the range open above.
     pub hi: Option<HookExpr>,
 }
 
 /// A parsed and type-checked variant.
 #[derive(Debug, Clone)]
 pub struct Variant {
+    /// The variant's name: a lowercase identifier of at most [`MAX_NAME_LEN`] characters.
     pub name: String,
+    /// Free text from the spec (empty when absent); never rendered.
     pub description: String,
     /// Where the spec came from (a path, or `shipped:<name>`), for messages.
     pub origin: String,
+    /// The parameter declarations, in the spec's order (the params blob's order).
     pub params: Vec<ParamDecl>,
+    /// The `logits` hook (`score * sm_scale` when the spec gives none).
     pub logits: HookExpr,
+    /// The `mask` hook; `None` admits every key.
     pub mask: Option<HookExpr>,
+    /// Bounds on the visible keys of a query; `None` when the spec declares no `kv_range`.
     pub kv_range: Option<KvRange>,
+    /// The `sink` hook; `None` when the variant has no sink.
     pub sink: Option<HookExpr>,
+    /// How logits become weights (`Softmax` unless the spec says `"none"`).
     pub normalize: Normalize,
 }
 
 /// A malformed spec, located as precisely as possible.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpecError {
+    /// The spec's file: a path, or `shipped:<name>`.
     pub file: String,
     /// 1-based line of the hook (or of the JSON error) in the file, when known.
     pub line: Option<usize>,
+    /// The hook the error is in, when it is in one.
     pub hook: Option<String>,
     /// 1-based column inside the hook's expression.
     pub column: Option<usize>,
+    /// What was wrong and what was expected.
     pub message: String,
     /// The hook's text and the span to underline (boxed: it is rare, and every `Result` of the
     /// spec loader would otherwise carry its size).

@@ -10,10 +10,14 @@ use std::collections::HashMap;
 use super::eval::{Real, Val};
 use super::typed::{Builtin, ParamDim, ParamTy, Ty};
 
+/// A parameter as a spec declares it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamDecl {
+    /// The parameter's name: a plain identifier that is not reserved.
     pub name: String,
+    /// The parameter's declared type.
     pub ty: ParamTy,
+    /// Free text from the spec (empty when absent).
     pub description: String,
     /// Used when a launch does not give the parameter; a scalar default fills an array.
     pub default: Option<f64>,
@@ -40,9 +44,13 @@ pub const PARAM_WORDS: usize = 16;
 /// One field of the rendered `Params` struct.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamField {
+    /// The C++ field name (`u_<name>`, or `o_<name>` for a `bits` parameter's offsets).
     pub field: String,
+    /// The field's C type (`int`, `float`, `const float*`, …).
     pub ctype: &'static str,
+    /// Byte offset of the field in the blob.
     pub offset: usize,
+    /// Size of the field in bytes (4 or 8).
     pub size: usize,
 }
 
@@ -91,12 +99,17 @@ pub fn resolve_sm_scale(given: Option<f32>, head_dim_qk: usize) -> Result<f32, S
 /// The sizes that array parameters are indexed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dims {
+    /// Query heads.
     pub qo_heads: usize,
+    /// KV heads.
     pub kv_heads: usize,
+    /// Requests in the batch.
     pub batch: usize,
 }
 
 impl Dims {
+    /// The element count of an array over `d`; a `bits` parameter has one matrix (one offset) per
+    /// request.
     pub fn len(&self, d: ParamDim) -> usize {
         match d {
             ParamDim::QoHeads => self.qo_heads,
@@ -109,7 +122,9 @@ impl Dims {
 /// A value as a user gives it: one number, or one per element.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamInput {
+    /// One number; for an array, it fills every element.
     Scalar(f64),
+    /// One number per element, in index order.
     List(Vec<f64>),
     /// A `bits` value: little-endian packed bits, and per request the bit offset of its
     /// row-major q_len × kv_len matrix.
@@ -135,12 +150,21 @@ impl ParamInput {
 /// One bound parameter value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamValue {
+    /// An `i32` scalar.
     I32(i32),
+    /// An `f32` scalar.
     F32(f32),
+    /// An `i32` array, one element per index of its dimension.
     I32s(Vec<i32>),
+    /// An `f32` array, one element per index of its dimension.
     F32s(Vec<f32>),
     /// Packed bits (bit `k` is `data[k / 8] >> (k % 8) & 1`) and each request's bit offset.
-    Bits { data: Vec<u8>, offsets: Vec<i64> },
+    Bits {
+        /// The packed bits of every request's matrix.
+        data: Vec<u8>,
+        /// Each request's bit offset into `data`, one per request.
+        offsets: Vec<i64>,
+    },
 }
 
 /// The values of all of a variant's parameters, in declaration order, checked against the
@@ -151,14 +175,17 @@ pub struct ParamValues {
 }
 
 impl ParamValues {
+    /// The bound values, in declaration order.
     pub fn values(&self) -> impl Iterator<Item = &ParamValue> {
         self.values.iter().map(|(v, _)| v)
     }
 
+    /// How many parameters are bound.
     pub fn len(&self) -> usize {
         self.values.len()
     }
 
+    /// Whether no parameter is bound.
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }

@@ -15,10 +15,14 @@ pub const MAX_DEPTH: usize = 64;
 /// A parse failure: where, and what was expected.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParseError {
+    /// The offending bytes in the expression's text.
     pub span: Span,
+    /// What was expected, and what was found.
     pub message: String,
 }
 
+/// Parses one hook expression; text over [`MAX_EXPR_LEN`] bytes, nesting deeper than [`MAX_DEPTH`]
+/// and any syntax error are errors.
 pub fn parse(src: &str) -> Result<Expr, ParseError> {
     if src.len() > MAX_EXPR_LEN {
         return Err(ParseError {

@@ -19,15 +19,25 @@ use super::{HookExpr, Variant};
 /// A query and key where the mask says visible but the range says skip.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Counterexample {
+    /// The query's position in its request's KV sequence.
     pub q_pos: i32,
+    /// The key the mask admits but the range skips.
     pub kv_pos: i32,
+    /// The request's number of query tokens.
     pub q_len: i32,
+    /// The request's number of KV tokens.
     pub kv_len: i32,
+    /// The request's index in the batch.
     pub req: i32,
+    /// The query head for which the mask admits the key.
     pub qo_head: i32,
+    /// The KV head of `qo_head`.
     pub kv_head: i32,
+    /// The range's lower bound for this query (`i64::MIN` when open).
     pub lo: i64,
+    /// The range's upper bound for this query (`i64::MAX` when open).
     pub hi: i64,
+    /// The sampled parameter values as `name = value` pairs joined by `, `; empty when there are none.
     pub params: String,
 }
 

@@ -7,14 +7,19 @@
 
 use super::ast::{BinOp, Expr, ExprKind, Lit, Span, UnOp};
 
+/// The type of a value in the expression language.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Ty {
+    /// A boolean.
     Bool,
+    /// A 32-bit signed integer; `+ - *` wrap.
     I32,
+    /// A 32-bit float, the precision the kernels use.
     F32,
 }
 
 impl Ty {
+    /// The type's name as written in specs and messages.
     pub fn name(self) -> &'static str {
         match self {
             Ty::Bool => "bool",
@@ -31,18 +36,28 @@ impl Ty {
 /// Values every hook may read (subject to [`Hook::allows`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Builtin {
+    /// `score`: the raw (unscaled) dot product of the query and the key.
     Score,
+    /// `sm_scale`: the softmax scale of the launch.
     SmScale,
+    /// `q_pos`: the query's position in its request's KV sequence.
     QPos,
+    /// `kv_pos`: the key's position in its request's KV sequence, from 0.
     KvPos,
+    /// `qo_head`: the query (and output) head.
     QoHead,
+    /// `kv_head`: the KV head that the query head reads.
     KvHead,
+    /// `req`: the request's index in the batch.
     Req,
+    /// `q_len`: the request's number of query tokens.
     QLen,
+    /// `kv_len`: the request's number of KV tokens.
     KvLen,
 }
 
 impl Builtin {
+    /// Every built-in, in declaration order.
     pub const ALL: [Builtin; 9] = [
         Builtin::Score,
         Builtin::SmScale,
@@ -55,6 +70,7 @@ impl Builtin {
         Builtin::KvLen,
     ];
 
+    /// The name hooks read it by, which is also its variable name in the kernels.
     pub fn name(self) -> &'static str {
         match self {
             Builtin::Score => "score",
@@ -69,6 +85,7 @@ impl Builtin {
         }
     }
 
+    /// The built-in's type: `f32` for `score` and `sm_scale`, `i32` for the rest.
     pub fn ty(self) -> Ty {
         match self {
             Builtin::Score | Builtin::SmScale => Ty::F32,
@@ -76,32 +93,49 @@ impl Builtin {
         }
     }
 
+    /// The built-in called `s`, if any.
     pub fn from_name(s: &str) -> Option<Builtin> {
         Builtin::ALL.into_iter().find(|b| b.name() == s)
     }
 }
 
+/// A built-in function hooks may call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Func {
+    /// `tanh(x)`: hyperbolic tangent, in `f32`.
     Tanh,
+    /// `exp(x)`: e to the power `x`, in `f32`.
     Exp,
+    /// `exp2(x)`: 2 to the power `x`, in `f32`.
     Exp2,
+    /// `log(x)`: natural logarithm, in `f32`.
     Log,
+    /// `log2(x)`: base-2 logarithm, in `f32`.
     Log2,
+    /// `sqrt(x)`: square root, in `f32`.
     Sqrt,
+    /// `abs(x)`: absolute value, of the argument's type (wrapping for `i32::MIN`).
     Abs,
+    /// `min(a, b)`: the smaller operand, in their common type.
     Min,
+    /// `max(a, b)`: the larger operand, in their common type.
     Max,
+    /// `floor(x)`: rounding toward negative infinity, in `f32`.
     Floor,
+    /// `sigmoid(x)`: `1 / (1 + exp(-x))`, in `f32`.
     Sigmoid,
+    /// `select(c, a, b)`: `a` if `c` holds, else `b` (both are evaluated).
     Select,
+    /// `float(x)`: conversion to `f32`.
     Float,
+    /// `int(x)`: conversion to `i32`, truncating toward zero and saturating, NaN to 0.
     Int,
     /// `bit(m)`: the bit of `bits` parameter `m` for this (query, key).
     Bit,
 }
 
 impl Func {
+    /// Every function, in declaration order.
     pub const ALL: [Func; 15] = [
         Func::Tanh,
         Func::Exp,
@@ -120,6 +154,7 @@ impl Func {
         Func::Bit,
     ];
 
+    /// The name a hook calls it by.
     pub fn name(self) -> &'static str {
         match self {
             Func::Tanh => "tanh",
@@ -140,6 +175,7 @@ impl Func {
         }
     }
 
+    /// How many arguments it takes.
     pub fn arity(self) -> usize {
         match self {
             Func::Min | Func::Max => 2,
@@ -148,6 +184,7 @@ impl Func {
         }
     }
 
+    /// The function called `s`, if any.
     pub fn from_name(s: &str) -> Option<Func> {
         Func::ALL.into_iter().find(|f| f.name() == s)
     }
@@ -156,14 +193,20 @@ impl Func {
 /// The hooks of a variant; each has its own result type and its own set of readable values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Hook {
+    /// `logits`: the logit of a (query, key) pair, an `f32`.
     Logits,
+    /// `mask`: whether a key is visible to a query, a `bool`.
     Mask,
+    /// `kv_range.lo`: the first visible `kv_pos` of a query, inclusive, an `i32`.
     KvLo,
+    /// `kv_range.hi`: the last visible `kv_pos` of a query, inclusive, an `i32`.
     KvHi,
+    /// `sink`: one extra logit per query row, added to the softmax denominator, an `f32`.
     Sink,
 }
 
 impl Hook {
+    /// The hook's name in specs and messages.
     pub fn name(self) -> &'static str {
         match self {
             Hook::Logits => "logits",
@@ -205,14 +248,18 @@ impl Hook {
 /// What a per-element parameter array is indexed by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ParamDim {
+    /// One element per query head, indexed by `qo_head`.
     QoHeads,
+    /// One element per KV head, indexed by `kv_head`.
     KvHeads,
+    /// One element per request, indexed by `req`.
     Batch,
     /// A `bits` matrix: one bit per (query, key) of each request, read with `bit(name)`.
     QueryKey,
 }
 
 impl ParamDim {
+    /// The dimension's name in messages; the array dimensions are also spelt so in types (`f32[qo_heads]`).
     pub fn name(self) -> &'static str {
         match self {
             ParamDim::QoHeads => "qo_heads",
@@ -237,7 +284,9 @@ impl ParamDim {
 /// `qo_head`, `kv_head` or `req`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ParamTy {
+    /// The element type (`bool` for a `bits` matrix).
     pub elem: Ty,
+    /// What an array is indexed by; `None` for a scalar.
     pub dim: Option<ParamDim>,
 }
 
@@ -251,20 +300,29 @@ impl std::fmt::Display for ParamTy {
     }
 }
 
+/// A type-checked expression node: its type and what it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TExpr {
+    /// The node's type, with every implicit conversion already made explicit.
     pub ty: Ty,
+    /// What the node is.
     pub kind: TKind,
 }
 
+/// What a [`TExpr`] node is.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TKind {
+    /// A literal.
     Lit(Lit),
+    /// A built-in value.
     Builtin(Builtin),
     /// Index into the variant's parameter list.
     Param(usize),
+    /// A prefix operator; the operand has the node's type.
     Unary(UnOp, Box<TExpr>),
+    /// An infix operator; both operands have one type (a comparison's result is `bool`).
     Binary(BinOp, Box<TExpr>, Box<TExpr>),
+    /// A function call; a `bit` call's one argument is the `Param` it reads.
     Call(Func, Vec<TExpr>),
     /// An `i32` used where an `f32` is wanted.
     ToF32(Box<TExpr>),
@@ -303,16 +361,22 @@ impl TExpr {
 /// A type error: where, and what was expected.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TypeError {
+    /// The offending sub-expression's bytes in the hook's text.
     pub span: Span,
+    /// What was wrong and what was expected.
     pub message: String,
 }
 
 /// A parameter as the checker sees it: its name and type.
 pub struct ParamSig<'a> {
+    /// The parameter's name.
     pub name: &'a str,
+    /// The parameter's declared type.
     pub ty: ParamTy,
 }
 
+/// Type-checks `e` as hook `hook` with `params` in scope; an `i32` result is widened where the hook
+/// wants an `f32`, and any other mismatch with the hook's type is an error.
 pub fn check(e: &Expr, hook: Hook, params: &[ParamSig<'_>]) -> Result<TExpr, TypeError> {
     let t = Checker { hook, params }.expr(e)?;
     let want = hook.result();

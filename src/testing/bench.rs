@@ -67,9 +67,13 @@ pub struct DecodeTuning {
 /// One decode benchmark shape.
 #[derive(Debug, Clone)]
 pub struct DecodeShape {
+    /// The shipped variant.
     pub variant: &'static str,
+    /// Its parameters.
     pub params: Vec<(&'static str, f64)>,
+    /// Requests.
     pub batch: usize,
+    /// KV tokens per request.
     pub kv_len: usize,
     /// A skewed batch: the first request has this many positions instead of `kv_len`.
     pub first_len: Option<usize>,
@@ -77,6 +81,7 @@ pub struct DecodeShape {
     pub unbalanced: bool,
     /// FlashInfer's graph and eager µs on the same card, where published.
     pub anchor_graph_us: Option<f64>,
+    /// FlashInfer's eager µs on the anchor card, from ANCHORS.md.
     pub anchor_eager_us: Option<f64>,
 }
 
@@ -117,19 +122,26 @@ impl DecodeShape {
 /// What one shape measured.
 #[derive(Debug, Clone)]
 pub struct DecodeResult {
+    /// The shape timed.
     pub shape: DecodeShape,
+    /// µs per call inside a CUDA graph.
     pub graph_us: f64,
+    /// µs per eager call (plan + upload + launch).
     pub eager_us: f64,
     /// Visible K and V bytes read once, plus q and o.
     pub bytes: f64,
+    /// Work items of the default plan.
     pub work_items: usize,
+    /// Split requests of the default plan.
     pub splits: usize,
+    /// Copies of the cache rotated through (to defeat L2).
     pub copies: usize,
     /// The tile the graph's launches ran on ("mma 4w 3s").
     pub tile: String,
 }
 
 impl DecodeResult {
+    /// GB/s of the bytes read and written, at the graph time.
     pub fn gbps(&self) -> f64 {
         self.bytes / (self.graph_us * 1e-6) / 1e9
     }
@@ -284,12 +296,17 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
 /// One prefill benchmark: causal attention of requests `(q_len, kv_len)` over a paged cache.
 #[derive(Debug, Clone)]
 pub struct PrefillShape {
+    /// The workload's name.
     pub name: &'static str,
+    /// `(q_len, kv_len)` per request.
     pub lens: Vec<(usize, usize)>,
+    /// Query heads.
     pub qo_heads: usize,
+    /// KV heads.
     pub kv_heads: usize,
     /// FlashInfer's TFLOP/s, or its µs for appends, from ANCHORS.md.
     pub anchor_tflops: Option<f64>,
+    /// FlashInfer's µs, for appends.
     pub anchor_us: Option<f64>,
 }
 
@@ -310,21 +327,28 @@ pub fn anchor_prefill_shapes() -> Vec<PrefillShape> {
 /// What a prefill shape measured.
 #[derive(Debug, Clone)]
 pub struct PrefillResult {
+    /// The workload timed.
     pub shape: PrefillShape,
+    /// µs per launch (median).
     pub us: f64,
     /// FLOPs of the causal triangle: Σ 4 · q · kv_visible · heads · d (for q = kv: len² / 2).
     pub flops: f64,
     /// K and V bytes of the visible positions, read once.
     pub kv_bytes: f64,
+    /// Work items of the plan.
     pub blocks: usize,
     /// The kernel that ran: its tile, registers per thread, spill bytes and CTAs per SM.
     pub tile: crate::jit::PrefillTile,
+    /// Registers per thread of the tile that ran.
     pub regs: usize,
+    /// Spilled bytes per thread.
     pub local_bytes: usize,
+    /// Resident CTAs per SM.
     pub ctas_per_sm: usize,
 }
 
 impl PrefillResult {
+    /// TFLOP/s on the causal triangle.
     pub fn tflops(&self) -> f64 {
         self.flops / (self.us * 1e-6) / 1e12
     }

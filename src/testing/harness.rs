@@ -116,16 +116,20 @@ pub fn prefill_once<T: Element + DeviceRepr>(e: &Engine, k: &PrefillKernel, para
 pub struct Comparison {
     /// Elements outside the tolerance (NaN and unwritten included).
     pub bad: usize,
+    /// The first element out of tolerance.
     pub worst: Option<usize>,
+    /// The largest absolute error of the output (infinite for a NaN error).
     pub max_err: f32,
     /// ‖got − want‖ / ‖want‖ over the output.
     pub rel_l2: f64,
     /// LSE entries outside tolerance, or -inf where the reference is finite (or vice versa).
     pub bad_lse: usize,
+    /// The largest absolute LSE error among finite entries.
     pub max_lse_err: f32,
 }
 
 impl Comparison {
+    /// Whether every output and LSE entry is within tolerance.
     pub fn ok(&self) -> bool {
         self.bad == 0 && self.bad_lse == 0
     }

@@ -6,7 +6,9 @@ use std::path::Path;
 
 /// Element types that can be written.
 pub trait NpyElem: Copy {
+    /// Its `.npy` dtype descriptor.
     const DESCR: &'static str;
+    /// Its little-endian bytes.
     fn le_bytes(self) -> [u8; 4];
 }
 

@@ -12,11 +12,17 @@ use crate::{Error, Result};
 pub struct WorkloadSpec {
     /// `(q_len, kv_len)` per request.
     pub lens: Vec<(usize, usize)>,
+    /// Query heads.
     pub qo_heads: usize,
+    /// KV heads.
     pub kv_heads: usize,
+    /// Query and key head dim.
     pub head_dim_qk: usize,
+    /// Value head dim.
     pub head_dim_vo: usize,
+    /// Token slots per page.
     pub page_size: usize,
+    /// Token- or head-major pages.
     pub layout: KvLayout,
     /// Use one `[num_pages, 2, …]` buffer (needs equal head dims).
     pub interleaved: bool,
@@ -29,11 +35,17 @@ pub struct WorkloadSpec {
 /// A generated batch with its buffers.
 #[derive(Debug, Clone)]
 pub struct Workload<T> {
+    /// Query token offsets.
     pub qo_indptr: Vec<i32>,
+    /// The page table.
     pub pages: PageTable,
+    /// The cache's geometry.
     pub kv: KvShape,
+    /// Query heads.
     pub qo_heads: usize,
+    /// Queries.
     pub q: Vec<T>,
+    /// The K buffer (the whole cache when interleaved).
     pub k: Vec<T>,
     /// Empty when the cache is interleaved (`k` holds both).
     pub v: Vec<T>,
@@ -121,6 +133,7 @@ impl<T: Element> Workload<T> {
         Ok(Workload { qo_indptr, pages, kv, qo_heads: spec.qo_heads, q, k, v })
     }
 
+    /// The batch description.
     pub fn batch(&self) -> Batch<'_> {
         Batch { qo_indptr: &self.qo_indptr, pages: &self.pages, kv: self.kv, qo_heads: self.qo_heads }
     }
