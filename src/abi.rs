@@ -1,5 +1,5 @@
 //! The host–device ABI: `#[repr(C)]` mirrors of the structs the kernels take
-//! (`templates/common/abi.cuh`).
+//! (`templates/abi.cu.tera`, rendered from [`layouts`]).
 //!
 //! Rendering writes each struct's size and every field's offset into the CUDA source as
 //! `static_assert`s ([`layouts`], `templates/abi.cu.tera`), so a layout drift fails at compile
@@ -47,7 +47,7 @@ impl ParamBlob {
     }
 }
 
-/// Mirrors `DecodeWork` in `templates/common/abi.cuh`: one request's KV chunk.
+/// Mirrors `DecodeWork` in `templates/abi.cu.tera`, rendered from [`layouts`]: one request's KV chunk.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DecodeWork {
@@ -61,7 +61,7 @@ pub struct DecodeWork {
     pub partial: i32,
 }
 
-/// Mirrors `PrefillWork` in `templates/common/abi.cuh`: a block of query rows over a KV chunk.
+/// Mirrors `PrefillWork` in `templates/abi.cu.tera`, rendered from [`layouts`]: a block of query rows over a KV chunk.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PrefillWork {
@@ -79,7 +79,7 @@ pub struct PrefillWork {
     pub stride: i32,
 }
 
-/// Mirrors `MergeWork` in `templates/common/abi.cuh`: the partial states of one query token.
+/// Mirrors `MergeWork` in `templates/abi.cu.tera`, rendered from [`layouts`]: the partial states of one query token.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MergeWork {
@@ -93,7 +93,7 @@ pub struct MergeWork {
     pub token: i32,
 }
 
-/// Mirrors `AttnArgs<Q, KV, O, Work>` in `templates/common/abi.cuh`: the argument of every
+/// Mirrors `AttnArgs<Q, KV, O, Work>` in `templates/abi.cu.tera`, rendered from [`layouts`]: the argument of every
 /// attention kernel (decode and prefill; only the work items' type differs, behind a pointer).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -146,7 +146,7 @@ pub struct AttnArgs {
     pub page_shift: i32,
 }
 
-/// Mirrors `MergeArgs<O>` in `templates/common/abi.cuh`.
+/// Mirrors `MergeArgs<O>` in `templates/abi.cu.tera`, rendered from [`layouts`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MergeArgs {

@@ -2,7 +2,7 @@
 // The merge is associative and commutative; the sink joins the denominator here, once
 // (af_softmax_final, softmax.cuh).
 //
-// Needs: traits (DTypeO, HEAD_DIM_VO), abi.cuh, softmax.cuh, and the variant's hooks.
+// Needs: traits (DTypeO, HEAD_DIM_VO), the ABI structs (abi.cu.tera), softmax.cuh, and the variant's hooks.
 
 // Partial weights kept in shared memory per merge item; a longer item recomputes the rest.
 #define MERGE_STAGE 256
