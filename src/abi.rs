@@ -1,9 +1,10 @@
 //! The host–device ABI: `#[repr(C)]` mirrors of the structs the kernels take
 //! (`templates/abi.cu.tera`, rendered from [`layouts`]).
 //!
-//! Rendering writes each struct's size and every field's offset into the CUDA source as
-//! `static_assert`s ([`layouts`], `templates/abi.cu.tera`), so a layout drift fails at compile
-//! time, not as garbage on the GPU. Device pointers are `u64` (`CUdeviceptr`).
+//! The C++ declarations are rendered from Rust's layout, with every member's size and each
+//! struct's size `static_assert`ed, which proves the offsets too (see [`StructLayout`]): a layout
+//! drift fails at compile time, not as garbage on the GPU. Device pointers are `u64`
+//! (`CUdeviceptr`).
 
 use crate::spec::params::ParamValue;
 
@@ -186,10 +187,47 @@ unsafe impl cudarc::driver::DeviceRepr for MergeArgs {}
 unsafe impl cudarc::driver::DeviceRepr for DecodeWork {}
 unsafe impl cudarc::driver::DeviceRepr for MergeWork {}
 
+/// One field of an ABI struct, from Rust's `#[repr(C)]` layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldLayout {
+    /// The Rust (and C++) name.
+    pub name: &'static str,
+    /// Its C++ type in the rendered declaration.
+    pub ctype: &'static str,
+    /// `offset_of!`.
+    pub offset: usize,
+    /// `size_of` of the Rust field.
+    pub size: usize,
+}
+
+/// One member of a rendered ABI declaration: a field, or explicit padding where Rust's
+/// `#[repr(C)]` layout has a gap (none of today's structs has one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The field's name, or `_pad<offset>` for padding.
+    pub name: String,
+    /// The C++ type (`unsigned char` for padding, declared as an array of `size`).
+    pub ctype: &'static str,
+    /// Its offset in Rust's layout.
+    pub offset: usize,
+    /// Its size in bytes.
+    pub size: usize,
+    /// Padding rather than a field.
+    pub pad: bool,
+}
+
 /// One ABI struct as the rendered source declares it: its C++ declaration (rendered from this
-/// table, so Rust and CUDA cannot disagree on fields, types or order), its size, and its fields'
-/// offsets, which a tier-2 test reads back from the device (NVRTC has no compile-time
-/// `offsetof`), next to the `static_assert` on every size.
+/// table, so Rust and CUDA cannot disagree on fields, types or order), its size and its fields'
+/// offsets and sizes.
+///
+/// **How the offsets are proven at compile time** (NVRTC has no `offsetof`): the declaration is
+/// [`StructLayout::members`], Rust's fields in offset order with explicit padding in every gap,
+/// so the members' sizes add up to exactly [`StructLayout::size`]. The rendered source asserts
+/// each member's `sizeof` and the struct's `sizeof`. C++ lays members out in declaration order
+/// without overlap, so a struct whose size is the sum of its members' sizes has no padding, and
+/// every member's offset is the sum of the sizes before it — which is Rust's offset. A drift in
+/// a field's type, order or padding fails the compile. A tier-2 test also reads the offsets back
+/// from the device ([`crate::engine::Engine::check_abi`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StructLayout {
     /// The Rust (and C++) name.
@@ -202,8 +240,51 @@ pub struct StructLayout {
     pub probe: &'static str,
     /// `size_of`.
     pub size: usize,
-    /// `(field, C++ type, offset_of)` in declaration order.
-    pub fields: Vec<(&'static str, &'static str, usize)>,
+    /// The fields in declaration order.
+    pub fields: Vec<FieldLayout>,
+}
+
+impl StructLayout {
+    /// The members to declare: the fields in offset order, with explicit padding in every gap
+    /// and at the end, covering `[0, size)` exactly. An error if two fields overlap or one
+    /// runs past the end (a table that does not describe a `#[repr(C)]` struct).
+    pub fn members(&self) -> Result<Vec<Member>, String> {
+        declare(self.name, self.fields.iter().map(|f| (f.name.to_string(), f.ctype, f.offset, f.size)), self.size)
+    }
+}
+
+/// The members that declare a struct of `size` bytes whose fields are `(name, C++ type, offset,
+/// size)`: in offset order, with explicit `unsigned char` padding in every gap and at the end,
+/// so the members' sizes add up to `size` and the compiler has no padding to add (the layout
+/// proof of [`StructLayout`]). An error if two fields overlap or one runs past `size`.
+pub fn declare(what: &str, fields: impl Iterator<Item = (String, &'static str, usize, usize)>, size: usize) -> Result<Vec<Member>, String> {
+    let mut fields: Vec<_> = fields.collect();
+    fields.sort_by_key(|f| f.2);
+    let pad = |offset: usize, size: usize| Member { name: format!("_pad{offset}"), ctype: "unsigned char", offset, size, pad: true };
+    let mut out = Vec::with_capacity(fields.len());
+    let mut end = 0;
+    for (name, ctype, offset, n) in fields {
+        if offset < end {
+            return Err(format!("{what}::{name} at offset {offset} overlaps the field before it (which ends at {end})"));
+        }
+        if offset > end {
+            out.push(pad(end, offset - end));
+        }
+        out.push(Member { name, ctype, offset, size: n, pad: false });
+        end = offset + n;
+    }
+    if end > size {
+        return Err(format!("{what}'s fields end at {end}, past its size {size}"));
+    }
+    if end < size && end > 0 {
+        out.push(pad(end, size - end));
+    }
+    Ok(out)
+}
+
+/// `size_of` of the field a projection returns (for [`layouts`]).
+fn field_size<S, F>(_: impl Fn(&S) -> &F) -> usize {
+    std::mem::size_of::<F>()
 }
 
 macro_rules! layout {
@@ -214,7 +295,12 @@ macro_rules! layout {
             instance: $instance,
             probe: $probe,
             size: std::mem::size_of::<$t>(),
-            fields: vec![$((stringify!($f), $c, std::mem::offset_of!($t, $f))),*],
+            fields: vec![$(FieldLayout {
+                name: stringify!($f),
+                ctype: $c,
+                offset: std::mem::offset_of!($t, $f),
+                size: field_size(|s: &$t| &s.$f),
+            }),*],
         }
     };
 }

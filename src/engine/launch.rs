@@ -313,7 +313,7 @@ impl Engine {
         let got = self.download(&out)?;
         let mut at = 0;
         for l in &layouts {
-            let expect = std::iter::once(("size", l.size)).chain(l.fields.iter().map(|(f, _, o)| (*f, *o)));
+            let expect = std::iter::once(("size", l.size)).chain(l.fields.iter().map(|f| (f.name, f.offset)));
             for (what, want) in expect {
                 if got[at] != want as u64 {
                     return Err(Error::Render(format!("ABI mismatch: {}::{what} is {} on the device, {want} in src/abi.rs", l.name, got[at])));

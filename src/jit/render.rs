@@ -84,24 +84,32 @@ fn check_names(variant: &Variant) -> Result<()> {
     }
 }
 
-/// The ABI structs for the templates (`abi.cu.tera`, `abi_sizes.cu.tera`).
-fn abi_context() -> Vec<serde_json::Value> {
-    abi::layouts()
-        .into_iter()
+/// The ABI structs for the templates (`abi.cu.tera`, `abi_sizes.cu.tera`, `abi_probe.cu.tera`).
+fn abi_context(layouts: &[abi::StructLayout]) -> Result<Vec<serde_json::Value>> {
+    layouts
+        .iter()
         .map(|l| {
-            let fields: Vec<_> = l.fields.iter().map(|(n, c, o)| json!({ "name": n, "ctype": c, "offset": o })).collect();
-            json!({ "name": l.name, "template": l.template, "instance": l.instance, "probe": l.probe, "size": l.size, "fields": fields })
+            let members = l.members().map_err(|e| Error::Render(format!("ABI table (src/abi.rs): {e}")))?;
+            let members: Vec<_> = members.iter().map(|m| json!({ "name": m.name, "ctype": m.ctype, "offset": m.offset, "size": m.size, "pad": m.pad })).collect();
+            let fields: Vec<_> = l.fields.iter().map(|f| json!({ "name": f.name })).collect();
+            Ok(json!({ "name": l.name, "template": l.template, "instance": l.instance, "probe": l.probe, "size": l.size, "members": members, "fields": fields }))
         })
         .collect()
 }
 
 /// A translation unit whose kernel `attnforge_abi_probe(unsigned long long* out)` writes, from
 /// the device, the size and then every field offset of each ABI struct in [`abi::layouts`]
-/// order: NVRTC has no compile-time `offsetof`, so the offsets are checked by running it
-/// ([`crate::engine::Engine::check_abi`]).
+/// order, for [`crate::engine::Engine::check_abi`]. The compile itself already proves the
+/// layout (see [`abi::StructLayout`]); the probe checks it on the device as well.
 pub fn abi_probe_source() -> Result<KernelSource> {
+    abi_probe_source_for(&abi::layouts())
+}
+
+/// [`abi_probe_source`] for another ABI table: a table that does not match what the C++ types
+/// make of it fails to compile (how the tests show the layout proof can fail).
+pub fn abi_probe_source_for(layouts: &[abi::StructLayout]) -> Result<KernelSource> {
     let mut ctx = Context::new();
-    ctx.insert("abi", &abi_context());
+    ctx.insert("abi", &abi_context(layouts)?);
     let code = tera()?.render("abi_probe.cu.tera", &ctx).map_err(|e| Error::Render(e.to_string()))?;
     Ok(KernelSource { name: "abi_probe".into(), code, hook_lines: Vec::new() })
 }
@@ -126,7 +134,11 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     ctx.insert("name", &cfg.config_name());
     ctx.insert(
         "params",
-        &layout.iter().map(|f| json!({ "field": f.field, "ctype": f.ctype, "offset": f.offset })).collect::<Vec<_>>(),
+        &abi::declare("Params", layout.iter().map(|f| (f.field.clone(), f.ctype, f.offset, f.size)), abi::params_size(&layout))
+            .map_err(Error::Render)?
+            .iter()
+            .map(|m| json!({ "field": m.name, "ctype": m.ctype, "offset": m.offset, "size": m.size, "pad": m.pad }))
+            .collect::<Vec<_>>(),
     );
     ctx.insert("params_words", &PARAM_WORDS);
     ctx.insert("params_size", &abi::params_size(&layout));
@@ -140,7 +152,7 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     ctx.insert("head_dim_qk", &cfg.head_dim_qk);
     ctx.insert("head_dim_vo", &cfg.head_dim_vo);
     ctx.insert("group", &cfg.group);
-    ctx.insert("abi", &abi_context());
+    ctx.insert("abi", &abi_context(&abi::layouts())?);
     let template = match cfg.op {
         Op::Decode => {
             let t = cfg.decode_tile();

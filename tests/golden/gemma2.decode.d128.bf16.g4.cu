@@ -118,68 +118,120 @@ template <int N>
 __device__ __forceinline__ void af_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 
-// The host–device ABI (src/abi.rs): work items and kernel arguments.
+// The host–device ABI (src/abi.rs): work items and kernel arguments. Every member's size is
+// asserted and so is each struct's; as the sizes add up to the struct's, there is no padding the
+// compiler added, and every offset is Rust's (src/abi.rs, StructLayout).
 struct DecodeWork {
   int req;  // offset 0
+  static_assert(sizeof(int) == 4, "DecodeWork::req has another size in src/abi.rs");
   int kv_begin;  // offset 4
+  static_assert(sizeof(int) == 4, "DecodeWork::kv_begin has another size in src/abi.rs");
   int kv_end;  // offset 8
+  static_assert(sizeof(int) == 4, "DecodeWork::kv_end has another size in src/abi.rs");
   int partial;  // offset 12
+  static_assert(sizeof(int) == 4, "DecodeWork::partial has another size in src/abi.rs");
 };
 struct PrefillWork {
   int req;  // offset 0
+  static_assert(sizeof(int) == 4, "PrefillWork::req has another size in src/abi.rs");
   int row_start;  // offset 4
+  static_assert(sizeof(int) == 4, "PrefillWork::row_start has another size in src/abi.rs");
   int kv_begin;  // offset 8
+  static_assert(sizeof(int) == 4, "PrefillWork::kv_begin has another size in src/abi.rs");
   int kv_end;  // offset 12
+  static_assert(sizeof(int) == 4, "PrefillWork::kv_end has another size in src/abi.rs");
   int partial;  // offset 16
+  static_assert(sizeof(int) == 4, "PrefillWork::partial has another size in src/abi.rs");
   int stride;  // offset 20
+  static_assert(sizeof(int) == 4, "PrefillWork::stride has another size in src/abi.rs");
 };
 struct MergeWork {
   int req;  // offset 0
+  static_assert(sizeof(int) == 4, "MergeWork::req has another size in src/abi.rs");
   int first;  // offset 4
+  static_assert(sizeof(int) == 4, "MergeWork::first has another size in src/abi.rs");
   int count;  // offset 8
+  static_assert(sizeof(int) == 4, "MergeWork::count has another size in src/abi.rs");
   int token;  // offset 12
+  static_assert(sizeof(int) == 4, "MergeWork::token has another size in src/abi.rs");
 };
 template <typename Q, typename KV, typename O, typename Work>
 struct AttnArgs {
   const Q* q;  // offset 0
+  static_assert(sizeof(const Q*) == 8, "AttnArgs::q has another size in src/abi.rs");
   const KV* k;  // offset 8
+  static_assert(sizeof(const KV*) == 8, "AttnArgs::k has another size in src/abi.rs");
   const KV* v;  // offset 16
+  static_assert(sizeof(const KV*) == 8, "AttnArgs::v has another size in src/abi.rs");
   O* o;  // offset 24
+  static_assert(sizeof(O*) == 8, "AttnArgs::o has another size in src/abi.rs");
   float* lse;  // offset 32
+  static_assert(sizeof(float*) == 8, "AttnArgs::lse has another size in src/abi.rs");
   float* part_o;  // offset 40
+  static_assert(sizeof(float*) == 8, "AttnArgs::part_o has another size in src/abi.rs");
   float* part_lse;  // offset 48
+  static_assert(sizeof(float*) == 8, "AttnArgs::part_lse has another size in src/abi.rs");
   const int* qo_indptr;  // offset 56
+  static_assert(sizeof(const int*) == 8, "AttnArgs::qo_indptr has another size in src/abi.rs");
   const int* kv_indptr;  // offset 64
+  static_assert(sizeof(const int*) == 8, "AttnArgs::kv_indptr has another size in src/abi.rs");
   const int* kv_indices;  // offset 72
+  static_assert(sizeof(const int*) == 8, "AttnArgs::kv_indices has another size in src/abi.rs");
   const int* last_page_len;  // offset 80
+  static_assert(sizeof(const int*) == 8, "AttnArgs::last_page_len has another size in src/abi.rs");
   const Work* work;  // offset 88
+  static_assert(sizeof(const Work*) == 8, "AttnArgs::work has another size in src/abi.rs");
   const int* num_work;  // offset 96
+  static_assert(sizeof(const int*) == 8, "AttnArgs::num_work has another size in src/abi.rs");
   long long k_page_stride;  // offset 104
+  static_assert(sizeof(long long) == 8, "AttnArgs::k_page_stride has another size in src/abi.rs");
   long long v_page_stride;  // offset 112
+  static_assert(sizeof(long long) == 8, "AttnArgs::v_page_stride has another size in src/abi.rs");
   int k_slot_stride;  // offset 120
+  static_assert(sizeof(int) == 4, "AttnArgs::k_slot_stride has another size in src/abi.rs");
   int k_head_stride;  // offset 124
+  static_assert(sizeof(int) == 4, "AttnArgs::k_head_stride has another size in src/abi.rs");
   int v_slot_stride;  // offset 128
+  static_assert(sizeof(int) == 4, "AttnArgs::v_slot_stride has another size in src/abi.rs");
   int v_head_stride;  // offset 132
+  static_assert(sizeof(int) == 4, "AttnArgs::v_head_stride has another size in src/abi.rs");
   int page_size;  // offset 136
+  static_assert(sizeof(int) == 4, "AttnArgs::page_size has another size in src/abi.rs");
   int num_qo_heads;  // offset 140
+  static_assert(sizeof(int) == 4, "AttnArgs::num_qo_heads has another size in src/abi.rs");
   float sm_scale;  // offset 144
+  static_assert(sizeof(float) == 4, "AttnArgs::sm_scale has another size in src/abi.rs");
   int page_shift;  // offset 148
+  static_assert(sizeof(int) == 4, "AttnArgs::page_shift has another size in src/abi.rs");
 };
 template <typename O>
 struct MergeArgs {
   O* o;  // offset 0
+  static_assert(sizeof(O*) == 8, "MergeArgs::o has another size in src/abi.rs");
   float* lse;  // offset 8
+  static_assert(sizeof(float*) == 8, "MergeArgs::lse has another size in src/abi.rs");
   const float* part_o;  // offset 16
+  static_assert(sizeof(const float*) == 8, "MergeArgs::part_o has another size in src/abi.rs");
   const float* part_lse;  // offset 24
+  static_assert(sizeof(const float*) == 8, "MergeArgs::part_lse has another size in src/abi.rs");
   const MergeWork* work;  // offset 32
+  static_assert(sizeof(const MergeWork*) == 8, "MergeArgs::work has another size in src/abi.rs");
   const int* num_work;  // offset 40
+  static_assert(sizeof(const int*) == 8, "MergeArgs::num_work has another size in src/abi.rs");
   const int* qo_indptr;  // offset 48
+  static_assert(sizeof(const int*) == 8, "MergeArgs::qo_indptr has another size in src/abi.rs");
   const int* kv_indptr;  // offset 56
+  static_assert(sizeof(const int*) == 8, "MergeArgs::kv_indptr has another size in src/abi.rs");
   const int* last_page_len;  // offset 64
+  static_assert(sizeof(const int*) == 8, "MergeArgs::last_page_len has another size in src/abi.rs");
   int num_qo_heads;  // offset 72
+  static_assert(sizeof(int) == 4, "MergeArgs::num_qo_heads has another size in src/abi.rs");
   int group;  // offset 76
+  static_assert(sizeof(int) == 4, "MergeArgs::group has another size in src/abi.rs");
   int page_size;  // offset 80
+  static_assert(sizeof(int) == 4, "MergeArgs::page_size has another size in src/abi.rs");
   float sm_scale;  // offset 84
+  static_assert(sizeof(float) == 4, "MergeArgs::sm_scale has another size in src/abi.rs");
 };
 
 // traits.cuh — what a kernel instance is, at compile time: one traits struct per instance, built
@@ -259,10 +311,13 @@ struct PrefillSm80Traits : RingTraits<S, STAGES_, KV_TILE_, 32 * WARPS_, false> 
 
 // ---- the variant: params struct and hooks, emitted from its typed tree
 // Declared from Rust's layout (src/spec/params.rs `param_layout`): fields, types and order are
-// one definition.
+// one definition. Every member's size is asserted and so is the struct's, with explicit padding,
+// so the compiler adds none and every offset is Rust's (src/abi.rs, StructLayout).
 struct Params {
   float u_soft_cap;  // offset 0
+  static_assert(sizeof(float) == 4, "Params::u_soft_cap has another size in src/spec/params.rs");
   int u_window;  // offset 4
+  static_assert(sizeof(int) == 4, "Params::u_window has another size in src/spec/params.rs");
 };
 // The kernel argument: Params padded to the fixed-size blob Rust passes (src/jit/render.rs).
 union ParamsArg {
@@ -954,7 +1009,7 @@ struct DecodeMma {
 // The merge is associative and commutative; the sink joins the denominator here, once
 // (af_softmax_final, softmax.cuh).
 //
-// Needs: traits (DTypeO, HEAD_DIM_VO), abi.cuh, softmax.cuh, and the variant's hooks.
+// Needs: traits (DTypeO, HEAD_DIM_VO), the ABI structs (abi.cu.tera), softmax.cuh, and the variant's hooks.
 
 // Partial weights kept in shared memory per merge item; a longer item recomputes the rest.
 #define MERGE_STAGE 256

@@ -210,3 +210,72 @@ fn a_bits_parameter_beside_one_named_like_its_offset_field_has_distinct_fields()
         assert_eq!(code.matches(&format!(" {f};")).count(), 1, "{f} declared once");
     }
 }
+
+/// The ABI declarations cover every struct exactly: Rust's fields in offset order, padding in
+/// every gap, sizes adding up to the struct's — what the compile-time layout proof rests on.
+#[test]
+fn every_abi_struct_is_declared_without_gaps() {
+    for l in attnforge::abi::layouts() {
+        let members = l.members().unwrap();
+        let mut end = 0;
+        for m in &members {
+            assert_eq!(m.offset, end, "{}::{} follows the member before it", l.name, m.name);
+            end += m.size;
+        }
+        assert_eq!(end, l.size, "{}: members add up to its size", l.name);
+        // Today's structs need no padding: every member is a field.
+        assert_eq!(members.iter().filter(|m| !m.pad).count(), l.fields.len(), "{}", l.name);
+        assert!(members.iter().all(|m| !m.pad), "{}", l.name);
+    }
+    let code = render(&attnforge::spec::shipped::resolve("default").unwrap(), &KernelConfig::decode(64, 64, DType::F16, 2).unwrap()).unwrap().code;
+    for l in attnforge::abi::layouts() {
+        for f in &l.fields {
+            let assert = format!("static_assert(sizeof({}) == {}, \"{}::{} has another size in src/abi.rs\");", f.ctype, f.size, l.name, f.name);
+            assert!(code.contains(&assert), "missing: {assert}");
+        }
+        assert!(code.contains(&format!("static_assert(sizeof({}) == {},", l.instance, l.size)), "{}", l.name);
+    }
+}
+
+/// Gaps and a tail in Rust's layout become explicit padding; fields are declared in offset
+/// order whatever the table's order; overlapping fields or fields past the end are an error.
+#[test]
+fn abi_members_pad_gaps_and_reject_overlaps() {
+    use attnforge::abi::{FieldLayout, StructLayout};
+    let f = |name, ctype, offset, size| FieldLayout { name, ctype, offset, size };
+    let s = |size, fields| StructLayout { name: "S", template: "", instance: "S", probe: "S", size, fields };
+    let m = s(24, vec![f("b", "long long", 8, 8), f("a", "int", 0, 4), f("c", "int", 16, 4)]).members().unwrap();
+    let got: Vec<(&str, usize, usize, bool)> = m.iter().map(|m| (m.name.as_str(), m.offset, m.size, m.pad)).collect();
+    assert_eq!(got, [("a", 0, 4, false), ("_pad4", 4, 4, true), ("b", 8, 8, false), ("c", 16, 4, false), ("_pad20", 20, 4, true)]);
+    let e = s(16, vec![f("a", "long long", 0, 8), f("b", "int", 4, 4)]).members().unwrap_err();
+    assert!(e.contains("S::b at offset 4 overlaps"), "{e}");
+    let e = s(8, vec![f("a", "long long", 4, 8)]).members().unwrap_err();
+    assert!(e.contains("past its size 8"), "{e}");
+}
+
+/// A variant's `Params` with alignment gaps is declared with explicit padding, each member's
+/// size asserted: `a` (4 bytes), a gap to the pointer `w` at 8, `b` at 16 and a tail to 24.
+#[test]
+fn params_with_alignment_gaps_are_declared_with_explicit_padding() {
+    let v = attnforge::spec::load(
+        "p.json",
+        r#"{ "name": "p", "params": { "a": "i32", "w": "f32[qo_heads]", "b": "i32" }, "logits": "score * sm_scale + w * a + b" }"#,
+    )
+    .unwrap();
+    let code = render(&v, &KernelConfig::decode(64, 64, DType::F16, 2).unwrap()).unwrap().code;
+    let start = code.find("struct Params {").unwrap();
+    let decl: Vec<&str> = code[start..].lines().take_while(|l| *l != "};").filter(|l| !l.contains("static_assert")).map(str::trim).collect();
+    assert_eq!(
+        decl,
+        [
+            "struct Params {",
+            "int u_a;  // offset 0",
+            "unsigned char _pad4[4];  // offset 4: padding",
+            "const float* u_w;  // offset 8",
+            "int u_b;  // offset 16",
+            "unsigned char _pad20[4];  // offset 20: padding",
+        ]
+    );
+    assert!(code.contains("static_assert(sizeof(const float*) == 8, \"Params::u_w has another size in src/spec/params.rs\");"));
+    assert!(code.contains("static_assert(sizeof(Params) == 24,"));
+}

@@ -50,6 +50,7 @@ fn main() {
         trial("the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process", the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process),
         trial("a_bits_parameter_beside_one_named_like_its_offsets_compiles", a_bits_parameter_beside_one_named_like_its_offsets_compiles),
         trial("the_abi_probe_compiles", the_abi_probe_compiles),
+        trial("an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile", an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -251,10 +252,53 @@ fn the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process() {
 fn a_bits_parameter_beside_one_named_like_its_offsets_compiles() {
     let dir = tempfile::tempdir().unwrap();
     let v = load("t.json", r#"{ "name": "t", "params": { "t": "bits", "t_off": "i32" }, "mask": "bit(t) && kv_pos != t_off" }"#).unwrap();
+    // And a Params with alignment gaps, declared with explicit padding (its layout proof holds).
+    let padded = load("p.json", r#"{ "name": "p", "params": { "a": "i32", "w": "f32[qo_heads]", "b": "i32" }, "logits": "score * sm_scale + w * a + b" }"#).unwrap();
     let j = jit(dir.path());
-    for cfg in [KernelConfig::decode(64, 64, DType::F16, 2).unwrap(), KernelConfig::prefill(64, 64, DType::F16, 2).unwrap()] {
-        j.get(&v, &cfg, &"sm_90a".parse().unwrap()).unwrap_or_else(|e| panic!("{e}"));
+    for v in [&v, &padded] {
+        for cfg in [KernelConfig::decode(64, 64, DType::F16, 2).unwrap(), KernelConfig::prefill(64, 64, DType::F16, 2).unwrap()] {
+            j.get(v, &cfg, &"sm_90a".parse().unwrap()).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
+}
+
+/// The layout proof can fail: a table whose C++ type has another size than Rust's field (a
+/// field changed on one side only) is a compile error naming the field, and one whose struct
+/// size disagrees with its members' is one naming the struct.
+fn an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile() {
+    let n = nvrtc();
+    let arch: Arch = "sm_90a".parse().unwrap();
+    let compile_log = |layouts: &[attnforge::abi::StructLayout]| {
+        let src = attnforge::jit::render::abi_probe_source_for(layouts).unwrap();
+        match n.compile(&src, &n.options(&arch), None) {
+            Err(attnforge::Error::CompileFailed(f)) => f.log,
+            other => panic!("expected a compile failure, got {:?}", other.map(|c| c.len())),
+        }
+    };
+    // `k_slot_stride` widened to 64 bits in C++ only: every later offset would move.
+    let mut t = attnforge::abi::layouts();
+    let a = t.iter_mut().find(|l| l.name == "AttnArgs").unwrap();
+    a.fields.iter_mut().find(|f| f.name == "k_slot_stride").unwrap().ctype = "long long";
+    let log = compile_log(&t);
+    assert!(log.contains("AttnArgs::k_slot_stride has another size in src/abi.rs"), "{log}");
+    // A pointer declared where Rust has a 4-byte field.
+    let mut t = attnforge::abi::layouts();
+    let m = t.iter_mut().find(|l| l.name == "MergeArgs").unwrap();
+    m.fields.iter_mut().find(|f| f.name == "group").unwrap().ctype = "const int*";
+    assert!(compile_log(&t).contains("MergeArgs::group has another size"));
+    // A table that packs a `long long` at offset 4: the sizes match, but C++ aligns it to 8,
+    // which the struct's size shows.
+    use attnforge::abi::{FieldLayout, StructLayout};
+    let mut t = attnforge::abi::layouts();
+    t.push(StructLayout {
+        name: "Packed",
+        template: "",
+        instance: "Packed",
+        probe: "Packed",
+        size: 12,
+        fields: vec![FieldLayout { name: "a", ctype: "int", offset: 0, size: 4 }, FieldLayout { name: "b", ctype: "long long", offset: 4, size: 8 }],
+    });
+    assert!(compile_log(&t).contains("Packed size differs from Rust"));
 }
 
 /// The device probe of the ABI structs' offsets (run by tier 2's `check_abi`) compiles.
