@@ -24,6 +24,11 @@ use crate::spec::params::ParamValues;
 use crate::spec::Variant;
 use crate::{Error, Result};
 
+/// Whether `stream` is being captured into a CUDA graph.
+fn capturing(stream: &CudaStream) -> Result<bool> {
+    Ok(stream.capture_status().map_err(cuda("capture status"))? != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
 /// Words rounded up to a multiple of 64 (256 bytes).
 fn aligned(words: usize) -> usize {
     words.div_ceil(64) * 64
@@ -83,6 +88,9 @@ pub struct Wrapper<'e, F: Family> {
     mem: Option<Staged>,
     workspace: Option<CudaSlice<f32>>,
     planned: Option<Planned<F::Plan>>,
+    /// The stream the last plan was made on by [`Wrapper::plan_on`] (it already waits for the
+    /// upload, so launches on it need no join).
+    planned_on: Option<usize>,
 }
 
 /// Batch decode through `plan` / `run`.
@@ -103,7 +111,7 @@ impl<'e, F: Family> Wrapper<'e, F> {
         if options.graph.is_none() && matches!(options.mode, PlanMode::FixedGrid { .. }) {
             return Err(PlanError::Invalid("FixedGrid is the graph mode's plan: give WrapperOptions::graph instead".into()).into());
         }
-        let mut w = Wrapper { engine, kernel, options, params: None, mem: None, workspace: None, planned: None };
+        let mut w = Wrapper { engine, kernel, options, params: None, mem: None, workspace: None, planned: None, planned_on: None };
         if let Some(g) = options.graph {
             // The four index arrays at their capacities, then the plan: header, a fixed grid's
             // work list (at most 6 words an item) and merge list (at most one item per CTA or
@@ -130,6 +138,7 @@ impl<'e, F: Family> Wrapper<'e, F> {
     /// changed). In graph mode the batch must fit the capacities and the parameters must stay
     /// those of the first step (a captured graph holds their pointers).
     pub fn plan(&mut self, batch: &Batch<'_>, params: &ParamValues) -> Result<&F::Plan> {
+        self.planned_on = None;
         let valid = batch.validated()?;
         let mode = match self.options.graph {
             Some(g) => PlanMode::FixedGrid { max_ctas: g.max_ctas },
@@ -174,6 +183,30 @@ impl<'e, F: Family> Wrapper<'e, F> {
         Ok(&self.planned.as_ref().ok_or(PlanError::NotUploaded)?.plan)
     }
 
+    /// [`Wrapper::plan`] for launches on a caller's stream of the engine's context (a serving
+    /// engine's current stream): the upload waits for the work already queued on `stream` (a
+    /// previous step's launches may still read the buffers it rewrites), and `stream` waits for
+    /// the upload (the next launches, or a graph replay, read it). Refused while `stream` is
+    /// being captured: plan between replays, capture only `run`.
+    pub fn plan_on(&mut self, stream: &Arc<CudaStream>, batch: &Batch<'_>, params: &ParamValues) -> Result<&F::Plan> {
+        self.check_stream(stream)?;
+        if capturing(stream)? {
+            return Err(PlanError::Invalid("plan while the stream is being captured: plan between replays and capture only run".into()).into());
+        }
+        self.engine.stream.join(stream).map_err(cuda("order the upload after the stream's work"))?;
+        self.plan(batch, params)?;
+        stream.join(&self.engine.stream).map_err(cuda("order the stream after the upload"))?;
+        self.planned_on = Some(stream.cu_stream() as usize);
+        Ok(&self.planned.as_ref().ok_or(PlanError::NotUploaded)?.plan)
+    }
+
+    fn check_stream(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        if !Arc::ptr_eq(stream.context(), self.engine.context()) && stream.context().cu_ctx() != self.engine.context().cu_ctx() {
+            return Err(Error::UnsupportedConfig("the stream belongs to another CUDA context than the engine's".into()));
+        }
+        Ok(())
+    }
+
     /// Runs the planned step on the engine's stream: `q` `[total_q, qo_heads, head_dim_qk]`, the
     /// cache, and the outputs, all checked against the planned batch first.
     pub fn run<T: Element + DeviceRepr>(&self, q: &CudaSlice<T>, kv: KvCache<'_, T>, out: DeviceOutput<'_, T>) -> Result<()> {
@@ -181,13 +214,11 @@ impl<'e, F: Family> Wrapper<'e, F> {
     }
 
     /// [`Wrapper::run`] on a caller's stream of the engine's context (a serving engine's
-    /// current stream). Outside a graph capture the stream first waits for this step's upload.
+    /// current stream). Outside a graph capture the stream first waits for this step's upload,
+    /// unless the step was planned on it by [`Wrapper::plan_on`], which made it wait already.
     pub fn run_on<T: Element + DeviceRepr>(&self, stream: &Arc<CudaStream>, q: &CudaSlice<T>, kv: KvCache<'_, T>, out: DeviceOutput<'_, T>) -> Result<()> {
-        if !Arc::ptr_eq(stream.context(), self.engine.context()) {
-            return Err(Error::UnsupportedConfig("the stream belongs to another CUDA context than the engine's".into()));
-        }
-        let capturing = stream.capture_status().map_err(cuda("capture status"))? != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-        if !capturing {
+        self.check_stream(stream)?;
+        if self.planned_on != Some(stream.cu_stream() as usize) && !capturing(stream)? {
             stream.join(&self.engine.stream).map_err(cuda("order the stream after the upload"))?;
         }
         self.launch(stream, q, kv, out)

@@ -67,6 +67,21 @@ pub struct PlanTarget {
     pub always_balance: bool,
 }
 
+/// The CTAs (per KV head) of a fixed decode grid on which every batch of at most `max_batch`
+/// requests can be planned, whatever its lengths: for a CUDA-graph wrapper that must size its
+/// buffers before it sees a batch.
+///
+/// Unsplit, a plan has one item per visible span, at most `max_batch × kv_heads` (a `kv_range`
+/// that reads `kv_head` gives one span per head). Split into wave chunks (only when the spans
+/// do not fill `target.ctas`), pieces of at least `total × kv_heads / ctas` positions give at
+/// most `ctas / kv_heads` items plus one per span. Balanced, one share per resident CTA and KV
+/// head plus one cut per span, and as many partials. The sum bounds all three (tier 0 checks it
+/// on random batches).
+pub fn decode_fixed_grid_bound(target: PlanTarget, kv_heads: usize, max_batch: usize) -> usize {
+    let kv_heads = kv_heads.max(1);
+    target.resident.div_ceil(kv_heads) + target.ctas.div_ceil(kv_heads) + 1 + max_batch.saturating_mul(kv_heads)
+}
+
 /// Splits shorter than this cost more in merging than they gain in parallelism.
 const MIN_CHUNK: usize = 64;
 

@@ -387,3 +387,36 @@ fn the_wide_decode_tile_is_for_one_cta_per_sm_over_long_spans() {
     // Empty requests do not count towards the average span.
     assert!(!wide(&[0, 0, 0, 600], PlanMode::Default).0);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// A fixed grid of `decode_fixed_grid_bound` CTAs plans every batch within its capacity
+    /// (what a CUDA-graph wrapper sizes its buffers by before it sees a batch): random lengths,
+    /// skewed or not, empty requests, for variants whose spans are whole or windowed, on targets
+    /// like the H200's (132 SMs, 1–32 resident CTAs per SM).
+    #[test]
+    fn a_fixed_grid_of_the_bound_plans_every_batch_within_capacity(
+        lens in proptest::collection::vec(prop_oneof![Just(0usize), 1usize..64, 1usize..5000, 20000usize..70000], 1..64),
+        variant in prop_oneof![Just("causal"), Just("default"), Just("sliding_window"), Just("gemma2")],
+        per_sm in 1usize..33,
+        kv_tile in prop_oneof![Just(32usize), Just(64), Just(128)],
+        spare in 0usize..64,
+    ) {
+        use attnforge::plan::decode_fixed_grid_bound;
+        let max_batch = lens.len() + spare;
+        let target = PlanTarget { ctas: 132, kv_tile, resident: 132 * per_sm, always_balance: false };
+        let bound = decode_fixed_grid_bound(target, 8, max_batch);
+        let v = shipped::resolve(variant).unwrap();
+        let pages = PageTable::from_lens(&lens, 16, &mut (0..).map(|i| i as usize)).unwrap();
+        let qo: Vec<i32> = (0..=lens.len() as i32).collect();
+        let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
+        let batch = attnforge::kv::Batch { qo_indptr: &qo, pages: &pages, kv: kv(pages.indices.len().max(1)), qo_heads: 32 };
+        let valid = batch.validated().unwrap();
+        let fixed = plan_decode(&v, &p, &valid, target, PlanMode::FixedGrid { max_ctas: bound });
+        prop_assert!(fixed.is_ok(), "bound {bound}: {:?}", fixed.err());
+        // The bound is not slack for nothing: the default plan of the same batch fits it too.
+        let default = plan_decode(&v, &p, &valid, target, PlanMode::Default).unwrap();
+        prop_assert!(default.work.len() <= bound);
+    }
+}
