@@ -32,3 +32,14 @@ for ex in decode prefill; do
     exit 1
   fi
 done
+# The Python package (python/): built with maturin into a local virtual environment
+# (./.venv, git-ignored) and tested with pytest; its GPU tests skip, saying so, without a GPU and
+# torch. The build needs PyPI (maturin, numpy, pytest) and the Rust toolchain, nothing else.
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "numpy>=1.22" "pytest>=7"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check ./python
+# From python/tests (not python/), so `import attnforge` finds the installed package rather than
+# the source folder, which lacks the compiled extension.
+(cd python/tests && ../../.venv/bin/python -m pytest -q -p no:cacheprovider .)

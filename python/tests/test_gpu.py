@@ -1,0 +1,252 @@
+"""On the device: the wrappers against torch's SDPA in float64 (variants it can express) and
+against attnforge.reference (the rest), bad tensors, CUDA-graph capture and replay with changing
+lengths, and two threads on two streams. Skipped, saying why, without torch or a GPU."""
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import naive  # noqa: E402
+
+import attnforge  # noqa: E402
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+if not torch.cuda.is_available() or not attnforge.gpu_available():
+    pytest.skip("no GPU (or no NVRTC): the GPU tests need one", allow_module_level=True)
+
+DEV = torch.device("cuda:0")
+
+
+def table(rng, kv_lens, page_size):
+    total, indptr, indices, last = naive.random_table(rng, kv_lens, page_size)
+    return total, indptr, indices, last
+
+
+def cache(total, page_size, kv_heads, d, dtype, layout="NHD", dv=None):
+    shape = lambda dim: (total, page_size, kv_heads, dim) if layout == "NHD" else (total, kv_heads, page_size, dim)  # noqa: E731
+    k = torch.randn(shape(d), dtype=dtype, device=DEV)
+    v = torch.randn(shape(dv or d), dtype=dtype, device=DEV)
+    return k, v
+
+
+def sdpa(q, k_rows, v_rows, causal_offset, scale):
+    """float64 SDPA of one request: q (q_len, H, d), k/v (kv_len, Hkv, d)."""
+    qh, kvh = q.shape[1], k_rows.shape[1]
+    k = k_rows.repeat_interleave(qh // kvh, dim=1)
+    v = v_rows.repeat_interleave(qh // kvh, dim=1)
+    q_len, kv_len = q.shape[0], k.shape[0]
+    mask = None
+    if causal_offset is not None:
+        qp = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= qp
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None].double(), k.transpose(0, 1)[None].double(), v.transpose(0, 1)[None].double(), attn_mask=mask, scale=scale)
+    return o[0].transpose(0, 1)
+
+
+def rows_of(kc, vc, indptr, indices, last, b, page_size, layout):
+    pages = indices[indptr[b]:indptr[b + 1]]
+    if len(pages) == 0:
+        return None, None
+    kl = (len(pages) - 1) * page_size + last[b]
+    idx = torch.as_tensor(pages, device=DEV, dtype=torch.long)
+    k, v = kc[idx], vc[idx]
+    if layout == "HND":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    return k.reshape(-1, k.shape[2], k.shape[3])[:kl], v.reshape(-1, v.shape[2], v.shape[3])[:kl]
+
+
+def tol(dtype):
+    return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,page_size,layout", [(64, 1, "NHD"), (128, 16, "NHD"), (128, 16, "HND"), (256, 5, "NHD")])
+def test_decode_matches_sdpa(dtype, d, page_size, layout):
+    rng = np.random.default_rng(d * 7 + page_size)
+    kv_lens = [1, 0, 37, 300, 16, 1029]
+    total, indptr, indices, last = table(rng, kv_lens, page_size)
+    kc, vc = cache(total, page_size, 2, d, dtype, layout)
+    q = torch.randn((len(kv_lens), 8, d), dtype=dtype, device=DEV)
+    w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, layout)
+    w.plan(indptr, indices, last, 8, 2, d, page_size, q_data_type=dtype)
+    out, lse = w.run(q, (kc, vc), return_lse=True)
+    torch.cuda.synchronize()
+    for b in range(len(kv_lens)):
+        k, v = rows_of(kc, vc, indptr, indices, last, b, page_size, layout)
+        if k is None:
+            assert torch.all(torch.isneginf(lse[b])), "an empty request has lse = -inf"
+            continue
+        want = sdpa(q[b:b + 1], k, v, None, 1 / d**0.5)
+        torch.testing.assert_close(out[b:b + 1].double(), want, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("form", ["pair", "interleaved", "halves"])
+def test_prefill_matches_sdpa(dtype, d, form):
+    rng = np.random.default_rng(d + len(form))
+    kv_lens, q_lens = [200, 0, 17, 64, 513], [200, 0, 3, 1, 100]
+    ps = 16
+    total, indptr, indices, last = table(rng, kv_lens, ps)
+    kc, vc = cache(total, ps, 4, d, dtype)
+    qo = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    q = torch.randn((int(qo[-1]), 8, d), dtype=dtype, device=DEV)
+    kv = (kc, vc)
+    if form != "pair":
+        both = torch.stack([kc, vc], dim=1).contiguous()
+        kv = both if form == "interleaved" else (both[:, 0], both[:, 1])
+    w = attnforge.BatchPrefillWithPagedKVCacheWrapper(None, "NHD")
+    w.plan(qo, indptr, indices, last, 8, 4, d, ps, causal=True, q_data_type=dtype)
+    out = w.run(q, kv)
+    torch.cuda.synchronize()
+    for b in range(len(kv_lens)):
+        k, v = rows_of(kc, vc, indptr, indices, last, b, ps, "NHD")
+        if k is None or q_lens[b] == 0:
+            continue
+        want = sdpa(q[qo[b]:qo[b + 1]], k, v, 0, 1 / d**0.5)
+        torch.testing.assert_close(out[qo[b]:qo[b + 1]].double(), want, **tol(dtype))
+
+
+def test_ragged_prefill_matches_sdpa():
+    kv_lens, q_lens = [100, 7, 64], [100, 7, 10]
+    kvi = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    qo = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    k = torch.randn((int(kvi[-1]), 2, 128), dtype=torch.bfloat16, device=DEV)
+    v = torch.randn_like(k)
+    q = torch.randn((int(qo[-1]), 8, 128), dtype=torch.bfloat16, device=DEV)
+    w = attnforge.BatchPrefillWithRaggedKVCacheWrapper(None, "NHD")
+    w.plan(qo, kvi, 8, 2, 128, causal=True, q_data_type=torch.bfloat16)
+    out = w.run(q, k, v)
+    torch.cuda.synchronize()
+    for b in range(3):
+        want = sdpa(q[qo[b]:qo[b + 1]], k[kvi[b]:kvi[b + 1]], v[kvi[b]:kvi[b + 1]], 0, 128**-0.5)
+        torch.testing.assert_close(out[qo[b]:qo[b + 1]].double(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name,params", [("soft_cap", {"soft_cap": 5.0}), ("gemma2", {"soft_cap": 4.0, "window": 33}), ("alibi", {"slopes": [2.0 ** -(i + 1) for i in range(8)]}), ("sink", {"sinks": [0.5 * i - 1.0 for i in range(8)]}), ("sigmoid", None), ("chunked", {"chunk": 16})])
+def test_variants_match_the_reference(name, params):
+    rng = np.random.default_rng(len(name))
+    kv_lens, q_lens = [90, 1, 40], [30, 1, 1]
+    ps = 8
+    total, indptr, indices, last = table(rng, kv_lens, ps)
+    kc, vc = cache(total, ps, 2, 64, torch.float16)
+    qo = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    q = torch.randn((int(qo[-1]), 8, 64), dtype=torch.float16, device=DEV)
+    w = attnforge.BatchPrefillWithPagedKVCacheWrapper(None, "NHD")
+    w.plan(qo, indptr, indices, last, 8, 2, 64, ps, q_data_type="float16", variant=name, params=params)
+    out, lse = w.run(q, (kc, vc), return_lse=True)
+    want_o, want_lse = attnforge.reference(name, q.cpu().numpy(), (kc.cpu().numpy(), vc.cpu().numpy()), qo, indptr, indices, last, params=params)
+    np.testing.assert_allclose(out.float().cpu().numpy(), want_o, rtol=5e-3, atol=5e-3)
+    fin = np.isfinite(want_lse)
+    np.testing.assert_allclose(lse.cpu().numpy()[fin], want_lse[fin], rtol=1e-3, atol=1e-3)
+
+
+def test_bad_tensors_name_the_argument():
+    rng = np.random.default_rng(0)
+    total, indptr, indices, last = table(rng, [20, 5], 16)
+    kc, vc = cache(total, 16, 2, 64, torch.float16)
+    q = torch.randn((2, 8, 64), dtype=torch.float16, device=DEV)
+    w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD")
+    w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type=torch.float16)
+    with pytest.raises(attnforge.TensorError, match=r"^q: in CPU memory"):
+        w.run(q.cpu(), (kc, vc))
+    with pytest.raises(attnforge.TensorError, match=r"^q: dtype bfloat16"):
+        w.run(q.bfloat16(), (kc, vc))
+    with pytest.raises(attnforge.TensorError, match=r"^q: shape"):
+        w.run(q[:, :4], (kc, vc))
+    with pytest.raises(attnforge.TensorError, match=r"^q: not contiguous"):
+        w.run(torch.randn((2, 8, 128), dtype=torch.float16, device=DEV)[:, :, ::2], (kc, vc))
+    with pytest.raises(attnforge.TensorError, match=r"^q: 3 tokens"):
+        w.run(torch.randn((3, 8, 64), dtype=torch.float16, device=DEV), (kc, vc))
+    with pytest.raises(attnforge.TensorError, match=r"pages, but the page table indexes"):
+        w.run(q, (kc[:1].contiguous(), vc[:1].contiguous()))
+    with pytest.raises(attnforge.TensorError, match=r"^out: shape"):
+        w.run(q, (kc, vc), out=torch.empty((2, 8, 32), dtype=torch.float16, device=DEV))
+    with pytest.raises(attnforge.TensorError, match=r"^lse: dtype float16"):
+        w.run(q, (kc, vc), lse=torch.empty((2, 8), dtype=torch.float16, device=DEV))
+    with pytest.raises(attnforge.TensorError, match=r"page_size, num_kv_heads"):
+        w.run(q, cache(total, 8, 2, 64, torch.float16))
+
+
+def test_capturing_an_eager_wrapper_is_an_error():
+    total, indptr, indices, last = table(np.random.default_rng(1), [20], 16)
+    kc, vc = cache(total, 16, 2, 64, torch.float16)
+    q = torch.randn((1, 8, 64), dtype=torch.float16, device=DEV)
+    w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD")
+    w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type="float16")
+    w.run(q, (kc, vc))
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(attnforge.PlanError, match="graph"):
+        with torch.cuda.graph(g):
+            w.run(q, (kc, vc))
+
+
+def test_cuda_graph_replays_new_plans():
+    B, ps, d = 8, 16, 128
+    max_pages = 512
+    kc, vc = cache(max_pages, ps, 8, d, torch.bfloat16)
+    w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=B, max_pages=max_pages)
+    rng = np.random.default_rng(2)
+    q = torch.randn((B, 32, d), dtype=torch.bfloat16, device=DEV)
+    out = torch.empty((B, 32, d), dtype=torch.bfloat16, device=DEV)
+    lse = torch.empty((B, 32), dtype=torch.float32, device=DEV)
+
+    def plan(lens):
+        total, indptr, indices, last = naive.random_table(rng, lens, ps, spare_pages=max_pages - sum((n + ps - 1) // ps for n in lens))
+        w.plan(indptr, indices, last, 32, 8, d, ps, q_data_type=torch.bfloat16)
+        return indptr, indices, last
+
+    plan([100] * B)
+    w.run(q, (kc, vc), out=out, lse=lse)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q, (kc, vc), out=out, lse=lse)
+    for step, lens in enumerate([[5] * B, [1000, 1, 300, 7, 64, 900, 16, 2], [17, 0, 33, 1, 1, 500, 250, 129]]):
+        indptr, indices, last = plan(lens)
+        q.copy_(torch.randn_like(q))
+        g.replay()
+        torch.cuda.synchronize()
+        for b in range(B):
+            k, v = rows_of(kc, vc, indptr, indices, last, b, ps, "NHD")
+            if k is None:
+                assert torch.all(torch.isneginf(lse[b])), f"step {step}: empty request"
+                continue
+            torch.testing.assert_close(out[b:b + 1].double(), sdpa(q[b:b + 1], k, v, None, d**-0.5), rtol=2e-2, atol=2e-2, msg=f"step {step}, request {b}")
+    with pytest.raises(attnforge.PlanError):
+        plan([100] * (B + 1))  # over the capacity
+
+
+def test_two_threads_on_two_streams():
+    errors = []
+
+    def worker(seed):
+        try:
+            s = torch.cuda.Stream()
+            rng = np.random.default_rng(seed)
+            w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD")
+            with torch.cuda.stream(s):
+                for it in range(10):
+                    lens = list(rng.integers(1, 600, size=4))
+                    total, indptr, indices, last = naive.random_table(rng, lens, 16)
+                    kc, vc = cache(total, 16, 2, 64, torch.float16)
+                    q = torch.randn((4, 8, 64), dtype=torch.float16, device=DEV)
+                    w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type="float16")
+                    out = w.run(q, (kc, vc))
+                    s.synchronize()
+                    for b in range(4):
+                        k, v = rows_of(kc, vc, indptr, indices, last, b, 16, "NHD")
+                        torch.testing.assert_close(out[b:b + 1].double(), sdpa(q[b:b + 1], k, v, None, 0.125), rtol=5e-3, atol=5e-3)
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
