@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Puts FlashInfer 0.7.2 (the version of ANCHORS.md) under .whl/ for benches/flashinfer_decode.py on
-# the device machine, which has no network: the wheel trimmed to what batch decode needs (its
-# Python package and the headers and sources its decode JIT compiles, with its bundled CCCL; no CUTLASS,
-# none of the large generated MoE/MLA sources), packed as one tar.xz (~10 MB), and the
+# Puts FlashInfer 0.7.2 (the version of ANCHORS.md) under .whl/ for benches/flashinfer_decode.py and
+# benches/serving_loop.py on the device machine, which has no network: the wheel trimmed to what
+# batch decode and prefill need (its Python package and the headers and sources its JIT compiles,
+# with its bundled CCCL and CUTLASS's headers, which the Hopper (fa3) prefill includes; none of the
+# large generated MoE/MLA sources), packed as one tar.xz (~12 MB), and the
 # apache-tvm-ffi wheel it binds kernels with. Run here (needs PyPI); .whl/ is git-ignored.
 # On the device: see the command in BENCHMARKS.md ("FlashInfer on the same card").
 set -euo pipefail
@@ -20,8 +21,10 @@ pip_dl .whl apache-tvm-ffi==0.1.12
 python3 -m zipfile -e "$tmp"/flashinfer_python-0.7.2-py3-none-any.whl "$tmp/x"
 (
   cd "$tmp/x/flashinfer"
-  rm -rf data/cutlass data/csrc/cake_* data/csrc/cake_sampling
-  find . -type f ! -name '*.py' ! -path './data/include/*' ! -path './data/cccl/*' -size +150k -delete
+  rm -rf data/csrc/cake_* data/csrc/cake_sampling data/cutlass/test data/cutlass/python data/cutlass/examples \
+    data/cutlass/docs data/cutlass/media
+  find data/cutlass/tools -mindepth 1 -maxdepth 1 ! -name util -exec rm -rf {} +
+  find . -type f ! -name '*.py' ! -path './data/include/*' ! -path './data/cccl/*' ! -path './data/cutlass/*' -size +150k -delete
 )
 tar -C "$tmp/x" -cJf .whl/flashinfer-0.7.2-trimmed.tar.xz flashinfer
 ls -la .whl
