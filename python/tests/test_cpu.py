@@ -258,3 +258,45 @@ def test_compile_warms_the_cache_without_a_gpu():
         attnforge.compile("causal", "encode", 64, 8, 2, arch="sm_90a")
     with pytest.raises(attnforge.UnsupportedError):
         attnforge.compile("causal", "decode", 72, 8, 2, arch="sm_90a")
+
+
+def test_garbage_at_every_entry_point_is_an_error_never_a_panic():
+    """Random junk for every argument: an attnforge error (or Python's own TypeError for an
+    argument of the wrong Python type), never InternalError or a Rust panic."""
+    rng = np.random.default_rng(11)
+    junk = [None, 0, -1, 2**63, 1.5, float("nan"), "", "x" * 3, b"\x00", [], [1, -2], [[1]], {}, {"a": 1}, (1, 2), np.zeros(0), np.zeros((2, 2)),
+            np.array([2**31], dtype=np.int64), np.array([1.5]), np.zeros(3, np.int32), object()]
+    q, k, v, qo, indptr, indices, last = small()
+    good = ["causal", q, (k, v), qo, indptr, indices, last]
+    allowed = (attnforge.Error, TypeError, OverflowError)
+    for trial in range(400):
+        args = list(good)
+        for i in rng.choice(len(args), size=rng.integers(1, 3), replace=False):
+            args[i] = junk[rng.integers(len(junk))]
+        try:
+            attnforge.reference(*args, params=junk[rng.integers(len(junk))] if trial % 3 == 0 else None)
+        except attnforge.InternalError as e:
+            raise AssertionError(f"panic for {args!r}: {e}")
+        except allowed:
+            pass
+    for trial in range(200):
+        text = "".join(chr(c) for c in rng.integers(0, 0x2FF, size=rng.integers(0, 60)))
+        for t in (text, '{"name": "x", "logits": "' + text.replace('"', "") + '"}'):
+            try:
+                attnforge.check_spec(t)
+            except attnforge.InternalError as e:
+                raise AssertionError(f"panic for {t!r}: {e}")
+            except allowed:
+                pass
+    w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD")
+    plan_good = [[0, 1], [0], [4], 8, 2, 64, 16]
+    for trial in range(300):
+        args = list(plan_good)
+        for i in rng.choice(len(args), size=rng.integers(1, 3), replace=False):
+            args[i] = junk[rng.integers(len(junk))]
+        try:
+            w.plan(*args)
+        except attnforge.InternalError as e:
+            raise AssertionError(f"panic for {args!r}: {e}")
+        except allowed:
+            pass
