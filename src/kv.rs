@@ -345,6 +345,26 @@ impl PageTable {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LayoutError {
+    /// A device buffer whose address the kernels cannot use.
+    #[error("{what} is at {address:#x}, not a multiple of {align} bytes, which the kernels need")]
+    Misaligned {
+        /// Which buffer.
+        what: &'static str,
+        /// Its address.
+        address: u64,
+        /// The alignment needed.
+        align: u64,
+    },
+    /// A cascade (`crate::cascade`) that does not decompose its batch.
+    #[error("cascade level {level}, group {group}: {message}")]
+    Cascade {
+        /// The level (the number of levels for a request the levels do not cover).
+        level: usize,
+        /// The group within the level.
+        group: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// A request longer than [`MAX_TOKENS`] query or KV tokens.
     #[error("request {req}: {len} {what} tokens; at most 2^30 are supported")]
     TooLong {

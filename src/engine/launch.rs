@@ -74,6 +74,13 @@ pub(crate) fn checked_args<F: Family, T: Element + DeviceRepr>(
     if kv.interleaved && vb.device_ptr(stream).0 != kb.device_ptr(stream).0 {
         return Err(Error::InvalidBatch(LayoutError::Mismatch { what: "interleaved cache: v must be the same buffer as k", expected: 0, got: 1 }));
     }
+    // The kernels move q, K, V and o in 16-byte vectors and the LSE in f32s.
+    let v_ptr = vb.device_ptr(stream).0 + kv.v_base() as u64 * std::mem::size_of::<T>() as u64;
+    for (what, ptr, align) in [("q", dev.q.device_ptr(stream).0, 16), ("k", kb.device_ptr(stream).0, 16), ("v", v_ptr, 16), ("o", out.o.device_ptr(stream).0, 16), ("lse", out.lse.device_ptr(stream).0, 4)] {
+        if ptr % align != 0 {
+            return Err(Error::InvalidBatch(LayoutError::Misaligned { what, address: ptr, align }));
+        }
+    }
     if plan.batch_fingerprint() != batch.fingerprint() || plan.batch_size() != batch.batch_size() || plan.qo_heads() != batch.qo_heads {
         return Err(PlanError::Invalid("the plan was made for another batch (plan the batch you run)".into()).into());
     }

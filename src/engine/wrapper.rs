@@ -91,6 +91,9 @@ pub struct Wrapper<'e, F: Family> {
     /// The stream the last plan was made on by [`Wrapper::plan_on`] (it already waits for the
     /// upload, so launches on it need no join).
     planned_on: Option<usize>,
+    /// Events recorded after launches on streams other than the one the step was planned on:
+    /// the next upload waits for them (those launches may still read the buffers it rewrites).
+    pending: std::sync::Mutex<Vec<cudarc::driver::CudaEvent>>,
 }
 
 /// Batch decode through `plan` / `run`.
@@ -111,7 +114,7 @@ impl<'e, F: Family> Wrapper<'e, F> {
         if options.graph.is_none() && matches!(options.mode, PlanMode::FixedGrid { .. }) {
             return Err(PlanError::Invalid("FixedGrid is the graph mode's plan: give WrapperOptions::graph instead".into()).into());
         }
-        let mut w = Wrapper { engine, kernel, options, params: None, mem: None, workspace: None, planned: None, planned_on: None };
+        let mut w = Wrapper { engine, kernel, options, params: None, mem: None, workspace: None, planned: None, planned_on: None, pending: Default::default() };
         if let Some(g) = options.graph {
             // The four index arrays at their capacities, then the plan: header, a fixed grid's
             // work list (at most 6 words an item) and merge list (at most one item per CTA or
@@ -140,6 +143,9 @@ impl<'e, F: Family> Wrapper<'e, F> {
     pub fn plan(&mut self, batch: &Batch<'_>, params: &ParamValues) -> Result<&F::Plan> {
         self.planned_on = None;
         let valid = batch.validated()?;
+        for ev in self.pending.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            self.engine.stream.wait(&ev).map_err(cuda("order the upload after launches on other streams"))?;
+        }
         let mode = match self.options.graph {
             Some(g) => PlanMode::FixedGrid { max_ctas: g.max_ctas },
             None => self.options.mode,
@@ -215,13 +221,23 @@ impl<'e, F: Family> Wrapper<'e, F> {
 
     /// [`Wrapper::run`] on a caller's stream of the engine's context (a serving engine's
     /// current stream). Outside a graph capture the stream first waits for this step's upload,
-    /// unless the step was planned on it by [`Wrapper::plan_on`], which made it wait already.
+    /// unless the step was planned on it by [`Wrapper::plan_on`], which made it wait already;
+    /// on any other stream the next `plan`'s upload waits for this launch.
     pub fn run_on<T: Element + DeviceRepr>(&self, stream: &Arc<CudaStream>, q: &CudaSlice<T>, kv: KvCache<'_, T>, out: DeviceOutput<'_, T>) -> Result<()> {
         self.check_stream(stream)?;
-        if self.planned_on != Some(stream.cu_stream() as usize) && !capturing(stream)? {
+        // The per-thread default stream (handle 2) is another stream in every thread.
+        let handle = stream.cu_stream() as usize;
+        let planned_here = self.planned_on == Some(handle) && handle != 2;
+        let other = !planned_here && !capturing(stream)?;
+        if other {
             stream.join(&self.engine.stream).map_err(cuda("order the stream after the upload"))?;
         }
-        self.launch(stream, q, kv, out)
+        self.launch(stream, q, kv, out)?;
+        if other {
+            let ev = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(cuda("record the launch"))?;
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(ev);
+        }
+        Ok(())
     }
 
     fn launch<T: Element + DeviceRepr>(&self, stream: &CudaStream, q: &CudaSlice<T>, kv: KvCache<'_, T>, out: DeviceOutput<'_, T>) -> Result<()> {

@@ -141,17 +141,18 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
         balance = target.always_balance || skewed(&spans);
     }
     let total: usize = spans.iter().map(|&(_, lo, hi)| hi - lo).sum();
-    if balance {
-        let (work, merge, partials, per_cta) = balanced_decode(&spans, batch.qo_indptr, tile, per_head);
-        // A fixed grid keeps its launch and buffer sizes: the balanced CTAs are its first
-        // `per_head`, and the list, the merges and the partials must fit its capacity.
+    // A fixed grid keeps its launch and buffer sizes: the balanced CTAs are its first
+    // `per_head`, and the list (a column per CTA, as long as the fullest CTA's), the merges and
+    // the partials must fit its capacity. Many short requests can pile into one CTA's column, so
+    // a balanced list that does not fit is planned unbalanced instead, which
+    // `decode_fixed_grid_bound` bounds.
+    let balanced = balance.then(|| balanced_decode(&spans, batch.qo_indptr, tile, per_head)).filter(|(work, _, partials, _)| match mode {
+        PlanMode::FixedGrid { max_ctas } => work.len() <= max_ctas && *partials <= max_ctas && per_head <= max_ctas,
+        _ => true,
+    });
+    if let Some((work, merge, partials, per_cta)) = balanced {
         let (grid, merge_grid, ws_partials) = match mode {
-            PlanMode::FixedGrid { max_ctas } => {
-                if work.len() > max_ctas || partials > max_ctas || per_head > max_ctas {
-                    return Err(PlanError::FixedGridTooSmall { needed: work.len().max(partials).max(per_head), max_ctas }.into());
-                }
-                (max_ctas, max_ctas, max_ctas)
-            }
+            PlanMode::FixedGrid { max_ctas } => (max_ctas, max_ctas, max_ctas),
             _ => (per_head, merge.len(), partials),
         };
         return Ok(DecodePlan {

@@ -71,15 +71,16 @@ pub struct PlanTarget {
 /// requests can be planned, whatever its lengths: for a CUDA-graph wrapper that must size its
 /// buffers before it sees a batch.
 ///
-/// Unsplit, a plan has one item per visible span, at most `max_batch × kv_heads` (a `kv_range`
-/// that reads `kv_head` gives one span per head). Split into wave chunks (only when the spans
+/// Unsplit, a plan has one item per visible span: one per request, or one per request and KV
+/// head when the variant's `kv_range` reads `kv_head`. Split into wave chunks (only when the spans
 /// do not fill `target.ctas`), pieces of at least `total × kv_heads / ctas` positions give at
-/// most `ctas / kv_heads` items plus one per span. Balanced, one share per resident CTA and KV
-/// head plus one cut per span, and as many partials. The sum bounds all three (tier 0 checks it
-/// on random batches).
-pub fn decode_fixed_grid_bound(target: PlanTarget, kv_heads: usize, max_batch: usize) -> usize {
+/// most `ctas / kv_heads` items plus one per span. A balanced list (a column per resident CTA)
+/// is used only when it fits, else the batch is planned unbalanced; the resident CTAs are in the
+/// bound so that balanced lists of even spans still fit. Tier 0 checks the bound on random
+/// batches.
+pub fn decode_fixed_grid_bound(variant: &Variant, target: PlanTarget, kv_heads: usize, max_batch: usize) -> usize {
     let kv_heads = kv_heads.max(1);
-    target.resident.div_ceil(kv_heads) + target.ctas.div_ceil(kv_heads) + 1 + max_batch.saturating_mul(kv_heads)
+    target.resident.div_ceil(kv_heads) + target.ctas.div_ceil(kv_heads) + 1 + max_batch.saturating_mul(range_heads(variant, kv_heads))
 }
 
 /// Splits shorter than this cost more in merging than they gain in parallelism.
