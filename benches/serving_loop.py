@@ -49,6 +49,8 @@ import torch
 LAYERS, QO, KV, D, PAGE = 32, 32, 8, 128, 16
 PREFILL_BUDGET = 512
 BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+# Page-table entries a graph wrapper holds (shared prefix pages count once per request).
+GRAPH_INDICES = 1 << 17
 DEV = torch.device("cuda")
 DT = torch.bfloat16
 
@@ -186,7 +188,7 @@ class AttnForge:
         w.run(q, cache, out=out, lse=lse)
 
     def graph_wrapper(self, b):
-        return self.af.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=b, max_pages=self.max_pages)
+        return self.af.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=b, max_pages=GRAPH_INDICES)
 
 
 class FlashInfer:
@@ -213,12 +215,13 @@ class FlashInfer:
     def graph_wrapper(self, b):
         i32 = lambda n: torch.empty(n, dtype=torch.int32, device=DEV)  # noqa: E731
         ws = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
-        return self.fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=i32(b + 1), paged_kv_indices_buffer=i32(self.max_pages), paged_kv_last_page_len_buffer=i32(b))
+        return self.fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=i32(b + 1), paged_kv_indices_buffer=i32(GRAPH_INDICES), paged_kv_last_page_len_buffer=i32(b))
 
 
 def run_loop(engine, args, scenario, rate, mode, caches, qbuf, obuf, lbuf):
     sim = Sim(args, rate, scenario)
-    kv_src = torch.randn((LAYERS, 4096, 2, KV, D), dtype=DT, device=DEV) * 0.5
+    gen = torch.Generator(device=DEV).manual_seed(args.seed)  # the same K/V for every engine
+    kv_src = torch.randn((LAYERS, 4096, 2, KV, D), dtype=DT, device=DEV, generator=gen) * 0.5
     rows = []
     torch.cuda.synchronize()
     for t in range(args.warmup + args.steps):

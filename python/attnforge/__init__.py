@@ -226,6 +226,8 @@ def _empty(like, shape, float32=False):
         import cupy
 
         return cupy.empty(shape, dtype=cupy.float32 if float32 else like.dtype)
+    if hasattr(like, "__dlpack_device__") and like.__dlpack_device__()[0] != 2:
+        raise TensorError(f"q: a {type(like).__name__} in host memory; the kernels need a CUDA tensor")
     raise ArgumentError(f"out=None with a {type(like).__name__}: attnforge allocates outputs for torch and CuPy tensors; pass out= and lse=")
 
 
@@ -304,11 +306,13 @@ class _Wrapper:
         return _current_stream(self._device, hint, stream)
 
     def _outputs(self, q, out, lse):
-        rows, heads = q.shape[0], q.shape[1]
         planned = self._core.planned()
         if planned is None:
             raise PlanError("plan: run before plan: plan the step first")
-        dv = planned[2]
+        shape = getattr(q, "shape", None)
+        if shape is None or len(shape) != 3:
+            raise TensorError(f"q: shape {tuple(shape) if shape is not None else type(q).__name__}, expected (tokens, num_qo_heads, head_dim_qk)")
+        rows, heads, dv = shape[0], shape[1], planned[2]
         if out is None:
             out = _empty(q, (rows, heads, dv))
         if lse is None:

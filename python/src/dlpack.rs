@@ -120,18 +120,11 @@ impl Dt {
 pub fn parse_dtype(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<attnforge::kv::DType> {
     use attnforge::kv::DType;
     let s = obj.str()?.to_string();
-    let s = s
-        .trim_start_matches("torch.")
-        .trim_start_matches("numpy.")
-        .trim_start_matches("<class 'numpy.")
-        .trim_end_matches("'>");
+    let s = s.trim_start_matches("torch.").trim_start_matches("numpy.").trim_start_matches("<class 'numpy.").trim_end_matches("'>");
     match s {
         "float16" | "half" | "f16" | "fp16" => Ok(DType::F16),
         "bfloat16" | "bf16" => Ok(DType::Bf16),
-        _ => Err(argument_error(
-            obj.py(),
-            &format!("{arg}: `{s}` is not a kernel dtype (float16 or bfloat16)"),
-        )),
+        _ => Err(argument_error(obj.py(), &format!("{arg}: `{s}` is not a kernel dtype (float16 or bfloat16)"))),
     }
 }
 
@@ -165,15 +158,8 @@ impl Tensor {
         if !obj.hasattr("__dlpack__")? || !obj.hasattr("__dlpack_device__")? {
             return Err(tensor_error(py, &format!("{arg}: a {} is not a tensor (it has no __dlpack__); pass a torch, CuPy, JAX or NumPy array", type_name(obj))));
         }
-        let (device_type, _): (i32, i32) = obj
-            .call_method0("__dlpack_device__")?
-            .extract()
-            .map_err(|_| {
-                tensor_error(
-                    py,
-                    &format!("{arg}: __dlpack_device__ did not return (device_type, device_id)"),
-                )
-            })?;
+        let (device_type, _): (i32, i32) =
+            obj.call_method0("__dlpack_device__")?.extract().map_err(|_| tensor_error(py, &format!("{arg}: __dlpack_device__ did not return (device_type, device_id)")))?;
         let capsule = if device_type == DL_CUDA {
             let kw = PyDict::new(py);
             if let Some(s) = stream {
@@ -187,14 +173,10 @@ impl Tensor {
         // SAFETY: `capsule` is a live object; PyCapsule_GetPointer checks that it is a capsule
         // named "dltensor" (an unconsumed DLPack tensor) and returns null (with an error set)
         // otherwise.
-        let raw = unsafe { pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), c"dltensor".as_ptr()) }
-            as *const DLManagedTensor;
+        let raw = unsafe { pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), c"dltensor".as_ptr()) } as *const DLManagedTensor;
         if raw.is_null() {
             let _ = PyErr::take(py);
-            return Err(tensor_error(
-                py,
-                &format!("{arg}: __dlpack__ did not return a \"dltensor\" capsule"),
-            ));
+            return Err(tensor_error(py, &format!("{arg}: __dlpack__ did not return a \"dltensor\" capsule")));
         }
         // SAFETY: a "dltensor" capsule holds a DLManagedTensor that stays valid while the
         // capsule is alive and unconsumed; we only read it, and keep the capsule until `self` is
@@ -204,36 +186,15 @@ impl Tensor {
             return Err(tensor_error(py, &format!("{arg}: {} dimensions", t.ndim)));
         }
         let nd = t.ndim as usize;
-        let shape_i: Vec<i64> = if nd == 0 {
-            Vec::new()
-        } else {
-            unsafe { std::slice::from_raw_parts(t.shape, nd) }.to_vec()
-        };
+        let shape_i: Vec<i64> = if nd == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(t.shape, nd) }.to_vec() };
         if shape_i.iter().any(|&d| d < 0) {
-            return Err(tensor_error(
-                py,
-                &format!("{arg}: a negative extent in shape {shape_i:?}"),
-            ));
+            return Err(tensor_error(py, &format!("{arg}: a negative extent in shape {shape_i:?}")));
         }
         let shape: Vec<usize> = shape_i.iter().map(|&d| d as usize).collect();
-        let strides = if t.strides.is_null() || nd == 0 {
-            compact_strides(&shape)
-        } else {
-            unsafe { std::slice::from_raw_parts(t.strides, nd) }.to_vec()
-        };
-        let data = (t.data as u64)
-            .checked_add(t.byte_offset)
-            .ok_or_else(|| tensor_error(py, &format!("{arg}: its byte offset overflows")))?;
+        let strides = if t.strides.is_null() || nd == 0 { compact_strides(&shape) } else { unsafe { std::slice::from_raw_parts(t.strides, nd) }.to_vec() };
+        let data = (t.data as u64).checked_add(t.byte_offset).ok_or_else(|| tensor_error(py, &format!("{arg}: its byte offset overflows")))?;
         let (device, dtype) = ((t.device.device_type, t.device.device_id), Dt::of(t.dtype));
-        Ok(Tensor {
-            arg: arg.to_string(),
-            data,
-            device,
-            dtype,
-            shape,
-            strides,
-            _capsule: capsule.unbind(),
-        })
+        Ok(Tensor { arg: arg.to_string(), data, device, dtype, shape, strides, _capsule: capsule.unbind() })
     }
 
     /// A torch tensor's metadata read from its attributes (`data_ptr`, `shape`, `stride`,
@@ -245,9 +206,7 @@ impl Tensor {
     /// dtype this module does not name (DLPack reads those).
     fn from_torch(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<Option<Tensor>> {
         let ty = obj.get_type();
-        if ty.module().ok().map(|m| m.to_string()).as_deref() != Some("torch")
-            || !obj.hasattr("data_ptr")?
-        {
+        if ty.module().ok().map(|m| m.to_string()).as_deref() != Some("torch") || !obj.hasattr("data_ptr")? {
             return Ok(None);
         }
         let dtype = match obj.getattr("dtype")?.str()?.to_string().as_str() {
@@ -270,15 +229,7 @@ impl Tensor {
         let data: u64 = obj.call_method0("data_ptr")?.extract()?;
         let shape: Vec<usize> = obj.getattr("shape")?.extract()?;
         let strides: Vec<i64> = obj.call_method0("stride")?.extract()?;
-        Ok(Some(Tensor {
-            arg: arg.to_string(),
-            data,
-            device: (kind, index.unwrap_or(0)),
-            dtype,
-            shape,
-            strides,
-            _capsule: obj.clone().unbind(),
-        }))
+        Ok(Some(Tensor { arg: arg.to_string(), data, device: (kind, index.unwrap_or(0)), dtype, shape, strides, _capsule: obj.clone().unbind() }))
     }
 
     /// Elements (the product of the shape).
@@ -289,10 +240,7 @@ impl Tensor {
     /// Whether the elements are dense in row-major order (extents of 1 have any stride).
     pub fn is_contiguous(&self) -> bool {
         let want = compact_strides(&self.shape);
-        self.shape
-            .iter()
-            .zip(self.strides.iter().zip(&want))
-            .all(|(&d, (&s, &w))| d <= 1 || s == w)
+        self.shape.iter().zip(self.strides.iter().zip(&want)).all(|(&d, (&s, &w))| d <= 1 || s == w)
     }
 
     /// Errors unless the elements are dense in row-major order.
@@ -300,13 +248,7 @@ impl Tensor {
         if self.is_contiguous() {
             Ok(())
         } else {
-            Err(tensor_error(
-                py,
-                &format!(
-                    "{}: not contiguous (shape {:?}, strides {:?} in elements); pass .contiguous()",
-                    self.arg, self.shape, self.strides
-                ),
-            ))
+            Err(tensor_error(py, &format!("{}: not contiguous (shape {:?}, strides {:?} in elements); pass .contiguous()", self.arg, self.shape, self.strides)))
         }
     }
 
@@ -314,21 +256,8 @@ impl Tensor {
     pub fn on_cuda(&self, py: Python<'_>, ordinal: usize) -> PyResult<()> {
         match self.device {
             (DL_CUDA, d) if d as usize == ordinal => Ok(()),
-            (DL_CUDA, d) => Err(tensor_error(
-                py,
-                &format!(
-                    "{}: on cuda:{d}, but the wrapper runs on cuda:{ordinal}",
-                    self.arg
-                ),
-            )),
-            (t, _) => Err(tensor_error(
-                py,
-                &format!(
-                    "{}: in {} memory; the kernels need a CUDA tensor on cuda:{ordinal}",
-                    self.arg,
-                    device_name(t)
-                ),
-            )),
+            (DL_CUDA, d) => Err(tensor_error(py, &format!("{}: on cuda:{d}, but the wrapper runs on cuda:{ordinal}", self.arg))),
+            (t, _) => Err(tensor_error(py, &format!("{}: in {} memory; the kernels need a CUDA tensor on cuda:{ordinal}", self.arg, device_name(t)))),
         }
     }
 
@@ -336,14 +265,7 @@ impl Tensor {
     pub fn on_host(&self, py: Python<'_>) -> PyResult<()> {
         match self.device.0 {
             DL_CPU | DL_CUDA_HOST => Ok(()),
-            t => Err(tensor_error(
-                py,
-                &format!(
-                    "{}: in {} memory; this needs a host (CPU) array",
-                    self.arg,
-                    device_name(t)
-                ),
-            )),
+            t => Err(tensor_error(py, &format!("{}: in {} memory; this needs a host (CPU) array", self.arg, device_name(t)))),
         }
     }
 
@@ -353,42 +275,18 @@ impl Tensor {
             Ok(self.dtype)
         } else {
             let names: Vec<String> = want.iter().map(|d| d.name()).collect();
-            Err(tensor_error(
-                py,
-                &format!(
-                    "{}: dtype {}, expected {}",
-                    self.arg,
-                    self.dtype.name(),
-                    names.join(" or ")
-                ),
-            ))
+            Err(tensor_error(py, &format!("{}: dtype {}, expected {}", self.arg, self.dtype.name(), names.join(" or "))))
         }
     }
 
     /// Errors unless the shape is `want` (`None` entries match any extent).
     pub fn shape_is(&self, py: Python<'_>, want: &[Option<usize>], what: &str) -> PyResult<()> {
-        let ok = self.shape.len() == want.len()
-            && self
-                .shape
-                .iter()
-                .zip(want)
-                .all(|(&d, w)| w.is_none_or(|w| w == d));
+        let ok = self.shape.len() == want.len() && self.shape.iter().zip(want).all(|(&d, w)| w.is_none_or(|w| w == d));
         if ok {
             Ok(())
         } else {
-            let w: Vec<String> = want
-                .iter()
-                .map(|w| w.map_or("*".to_string(), |w| w.to_string()))
-                .collect();
-            Err(tensor_error(
-                py,
-                &format!(
-                    "{}: shape {:?}, expected ({}) {what}",
-                    self.arg,
-                    self.shape,
-                    w.join(", ")
-                ),
-            ))
+            let w: Vec<String> = want.iter().map(|w| w.map_or("*".to_string(), |w| w.to_string())).collect();
+            Err(tensor_error(py, &format!("{}: shape {:?}, expected ({}) {what}", self.arg, self.shape, w.join(", "))))
         }
     }
 
@@ -429,84 +327,47 @@ fn device_name(t: i32) -> String {
 
 /// The Python type's name of `obj`.
 pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "object".into())
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into())
 }
 
 /// A host index array as i32: a list or tuple of ints, or a host tensor (NumPy, a CPU torch
 /// tensor) of int32 or int64, 1-D. A CUDA tensor is refused: reading it would synchronise.
 pub fn host_ints(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
     let py = obj.py();
-    let too_big = |x: i64| {
-        argument_error(
-            py,
-            &format!("{arg}: {x} does not fit the kernels' int32 indices"),
-        )
-    };
-    if obj.hasattr("__dlpack__")?
-        && !obj.is_instance_of::<PyList>()
-        && !obj.is_instance_of::<PyTuple>()
-    {
-        if let Ok((dt, _)) = obj
-            .call_method0("__dlpack_device__")
-            .and_then(|d| d.extract::<(i32, i32)>())
-        {
+    let too_big = |x: i64| argument_error(py, &format!("{arg}: {x} does not fit the kernels' int32 indices"));
+    if obj.hasattr("__dlpack__")? && !obj.is_instance_of::<PyList>() && !obj.is_instance_of::<PyTuple>() {
+        if let Ok((dt, _)) = obj.call_method0("__dlpack_device__").and_then(|d| d.extract::<(i32, i32)>()) {
             if dt != DL_CPU && dt != DL_CUDA_HOST {
-                return Err(argument_error(py, &format!("{arg}: in {} memory; plan takes host index arrays (lists, NumPy arrays or CPU tensors: a device array would need a device-to-host sync), e.g. .cpu()", device_name(dt))));
+                return Err(argument_error(
+                    py,
+                    &format!("{arg}: in {} memory; plan takes host index arrays (lists, NumPy arrays or CPU tensors: a device array would need a device-to-host sync), e.g. .cpu()", device_name(dt)),
+                ));
             }
         }
         if let Ok(t) = Tensor::from_obj(arg, obj, None) {
             if t.shape.len() != 1 {
-                return Err(argument_error(
-                    py,
-                    &format!("{arg}: shape {:?}; an index array is 1-D", t.shape),
-                ));
+                return Err(argument_error(py, &format!("{arg}: shape {:?}; an index array is 1-D", t.shape)));
             }
             let n = t.shape[0];
             let at = |i: usize| t.data as i64 + t.strides[0] * i as i64 * t.dtype.size() as i64;
             // SAFETY: a host tensor's elements at `data + i * stride` for i < n, of its dtype.
             return match t.dtype {
                 Dt::I32 => Ok((0..n).map(|i| unsafe { *(at(i) as *const i32) }).collect()),
-                Dt::I64 => (0..n)
-                    .map(|i| unsafe { *(at(i) as *const i64) })
-                    .map(|x| i32::try_from(x).map_err(|_| too_big(x)))
-                    .collect(),
-                d => Err(argument_error(
-                    py,
-                    &format!("{arg}: dtype {}; index arrays are int32 or int64", d.name()),
-                )),
+                Dt::I64 => (0..n).map(|i| unsafe { *(at(i) as *const i64) }).map(|x| i32::try_from(x).map_err(|_| too_big(x))).collect(),
+                d => Err(argument_error(py, &format!("{arg}: dtype {}; index arrays are int32 or int64", d.name()))),
             };
         }
     }
-    let not_an_array = || {
-        argument_error(
-            py,
-            &format!(
-                "{arg}: a {} is not an index array (a list of ints, a NumPy array or a CPU tensor)",
-                type_name(obj)
-            ),
-        )
-    };
-    if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>()
-    {
+    let not_an_array = || argument_error(py, &format!("{arg}: a {} is not an index array (a list of ints, a NumPy array or a CPU tensor)", type_name(obj)));
+    if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>() {
         return Err(not_an_array());
     }
-    let items: Vec<Bound<'_, PyAny>> = obj
-        .try_iter()
-        .map_err(|_| not_an_array())?
-        .collect::<PyResult<_>>()?;
+    let items: Vec<Bound<'_, PyAny>> = obj.try_iter().map_err(|_| not_an_array())?.collect::<PyResult<_>>()?;
     items
         .iter()
         .enumerate()
         .map(|(i, x)| {
-            let v: i64 = x.extract().map_err(|_| {
-                argument_error(
-                    py,
-                    &format!("{arg}[{i}]: a {} is not an integer", type_name(x)),
-                )
-            })?;
+            let v: i64 = x.extract().map_err(|_| argument_error(py, &format!("{arg}[{i}]: a {} is not an integer", type_name(x))))?;
             i32::try_from(v).map_err(|_| too_big(v))
         })
         .collect()

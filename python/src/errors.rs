@@ -19,11 +19,7 @@ fn raise(py: Python<'_>, class: &str, message: &str, attrs: &[(&str, Py<PyAny>)]
         }
         Ok(PyErr::from_value(e))
     })();
-    made.unwrap_or_else(|e| {
-        PyRuntimeError::new_err(format!(
-            "{message} (and attnforge.errors.{class} could not be raised: {e})"
-        ))
-    })
+    made.unwrap_or_else(|e| PyRuntimeError::new_err(format!("{message} (and attnforge.errors.{class} could not be raised: {e})")))
 }
 
 /// `attnforge.TensorError`: a tensor of the wrong dtype, shape, device or strides.
@@ -41,47 +37,14 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let msg = e.to_string();
     let class = match &e {
         Error::Spec(s) => {
-            let opt = |v: Option<usize>| {
-                v.map_or_else(
-                    || py.None(),
-                    |v| {
-                        v.into_pyobject(py)
-                            .map(|o| o.into_any().unbind())
-                            .unwrap_or_else(|_| py.None())
-                    },
-                )
-            };
+            let opt = |v: Option<usize>| v.map_or_else(|| py.None(), |v| v.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None()));
             let s = s.as_ref();
             let attrs = [
-                (
-                    "file",
-                    s.file
-                        .clone()
-                        .into_pyobject(py)
-                        .map(|o| o.into_any().unbind())
-                        .unwrap_or_else(|_| py.None()),
-                ),
+                ("file", s.file.clone().into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None())),
                 ("line", opt(s.line)),
-                (
-                    "hook",
-                    s.hook.clone().map_or_else(
-                        || py.None(),
-                        |h| {
-                            h.into_pyobject(py)
-                                .map(|o| o.into_any().unbind())
-                                .unwrap_or_else(|_| py.None())
-                        },
-                    ),
-                ),
+                ("hook", s.hook.clone().map_or_else(|| py.None(), |h| h.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None()))),
                 ("column", opt(s.column)),
-                (
-                    "detail",
-                    s.message
-                        .clone()
-                        .into_pyobject(py)
-                        .map(|o| o.into_any().unbind())
-                        .unwrap_or_else(|_| py.None()),
-                ),
+                ("detail", s.message.clone().into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None())),
             ];
             return raise(py, "SpecError", &msg, &attrs);
         }
@@ -107,17 +70,8 @@ pub fn guard<T>(py: Python<'_>, f: impl FnOnce() -> PyResult<T>) -> PyResult<T> 
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => {
-            let what = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into());
-            Err(raise(
-                py,
-                "InternalError",
-                &format!("internal error in attnforge (please report): {what}"),
-                &[],
-            ))
+            let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic".into());
+            Err(raise(py, "InternalError", &format!("internal error in attnforge (please report): {what}"), &[]))
         }
     }
 }

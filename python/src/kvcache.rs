@@ -45,15 +45,7 @@ pub struct Kv {
 impl Kv {
     /// The engine's shape of this cache.
     pub fn shape(&self, layout: KvLayout) -> KvShape {
-        KvShape {
-            layout,
-            interleaved: self.interleaved,
-            num_pages: self.num_pages,
-            page_size: self.page_size,
-            kv_heads: self.kv_heads,
-            head_dim_qk: self.head_dim_qk,
-            head_dim_vo: self.head_dim_vo,
-        }
+        KvShape { layout, interleaved: self.interleaved, num_pages: self.num_pages, page_size: self.page_size, kv_heads: self.kv_heads, head_dim_qk: self.head_dim_qk, head_dim_vo: self.head_dim_vo }
     }
 
     /// Errors unless every tensor is host memory.
@@ -80,105 +72,50 @@ fn page_dims(t: &Tensor, layout: KvLayout) -> (usize, usize, usize, usize) {
 
 /// Reads a cache in one of the forms of the module docs. `ragged`: the ragged wrapper's
 /// `(k, v)` of `[tokens, kv_heads, head_dim]`.
-pub fn parse(
-    py: Python<'_>,
-    obj: &Bound<'_, PyAny>,
-    layout: KvLayout,
-    stream: Option<u64>,
-    ragged: bool,
-) -> PyResult<Kv> {
+pub fn parse(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: KvLayout, stream: Option<u64>, ragged: bool) -> PyResult<Kv> {
     let err = |m: String| tensor_error(py, &m);
     let pair = obj.is_instance_of::<PyTuple>() || obj.is_instance_of::<PyList>();
     if ragged || pair {
         let items: Vec<Bound<'_, PyAny>> = obj.try_iter()?.collect::<PyResult<_>>()?;
         if items.len() != 2 {
-            return Err(err(format!(
-                "{ARG}: a {} of {} items; a pair is (k, v)",
-                type_name(obj),
-                items.len()
-            )));
+            return Err(err(format!("{ARG}: a {} of {} items; a pair is (k, v)", type_name(obj), items.len())));
         }
-        let (kn, vn) = if ragged {
-            ("k", "v")
-        } else {
-            ("paged_kv_cache[0] (k)", "paged_kv_cache[1] (v)")
-        };
+        let (kn, vn) = if ragged { ("k", "v") } else { ("paged_kv_cache[0] (k)", "paged_kv_cache[1] (v)") };
         let k = Tensor::from_obj(kn, &items[0], stream)?;
         let v = Tensor::from_obj(vn, &items[1], stream)?;
         if k.dtype != v.dtype {
-            return Err(err(format!(
-                "{ARG}: k is {} but v is {}",
-                k.dtype.name(),
-                v.dtype.name()
-            )));
+            return Err(err(format!("{ARG}: k is {} but v is {}", k.dtype.name(), v.dtype.name())));
         }
         if k.device != v.device {
-            return Err(err(format!(
-                "{ARG}: k and v are on different devices ({:?}, {:?})",
-                k.device, v.device
-            )));
+            return Err(err(format!("{ARG}: k and v are on different devices ({:?}, {:?})", k.device, v.device)));
         }
         let nd = if ragged { 3 } else { 4 };
         for t in [&k, &v] {
             if t.shape.len() != nd {
                 let want = match (ragged, layout) {
                     (true, _) => "(tokens, num_kv_heads, head_dim)",
-                    (false, KvLayout::Nhd) => {
-                        "(num_pages, page_size, num_kv_heads, head_dim) for NHD"
-                    }
-                    (false, KvLayout::Hnd) => {
-                        "(num_pages, num_kv_heads, page_size, head_dim) for HND"
-                    }
+                    (false, KvLayout::Nhd) => "(num_pages, page_size, num_kv_heads, head_dim) for NHD",
+                    (false, KvLayout::Hnd) => "(num_pages, num_kv_heads, page_size, head_dim) for HND",
                 };
-                return Err(err(format!(
-                    "{}: shape {:?}, expected {want}",
-                    t.arg, t.shape
-                )));
+                return Err(err(format!("{}: shape {:?}, expected {want}", t.arg, t.shape)));
             }
         }
-        let ((pk, sk, hk, dk), (pv, sv, hv, dv)) = if ragged {
-            (
-                (k.shape[0], 1, k.shape[1], k.shape[2]),
-                (v.shape[0], 1, v.shape[1], v.shape[2]),
-            )
-        } else {
-            (page_dims(&k, layout), page_dims(&v, layout))
-        };
+        let ((pk, sk, hk, dk), (pv, sv, hv, dv)) =
+            if ragged { ((k.shape[0], 1, k.shape[1], k.shape[2]), (v.shape[0], 1, v.shape[1], v.shape[2])) } else { (page_dims(&k, layout), page_dims(&v, layout)) };
         if (pk, sk, hk) != (pv, sv, hv) {
-            return Err(err(format!(
-                "{ARG}: k has shape {:?} but v has {:?}; they differ beyond the head dim",
-                k.shape, v.shape
-            )));
+            return Err(err(format!("{ARG}: k has shape {:?} but v has {:?}; they differ beyond the head dim", k.shape, v.shape)));
         }
         let esize = k.dtype.size() as u64;
         if k.is_contiguous() && v.is_contiguous() {
-            let (dtype, k_ptr, v_ptr, k_len, v_len) =
-                (k.dtype, k.data, v.data, k.numel(), v.numel());
-            return Ok(Kv {
-                tensors: vec![k, v],
-                interleaved: false,
-                num_pages: pk,
-                page_size: sk,
-                kv_heads: hk,
-                head_dim_qk: dk,
-                head_dim_vo: dv,
-                dtype,
-                k_ptr,
-                v_ptr,
-                k_len,
-                v_len,
-            });
+            let (dtype, k_ptr, v_ptr, k_len, v_len) = (k.dtype, k.data, v.data, k.numel(), v.numel());
+            return Ok(Kv { tensors: vec![k, v], interleaved: false, num_pages: pk, page_size: sk, kv_heads: hk, head_dim_qk: dk, head_dim_vo: dv, dtype, k_ptr, v_ptr, k_len, v_len });
         }
         // The two halves of one [pages, 2, …] tensor: page stride twice a page, V one page
         // after K, each page dense.
         let page = (sk * hk * dk) as i64;
         let inner_dense = |t: &Tensor| {
             let c = crate::dlpack::compact_strides(&t.shape);
-            t.shape
-                .iter()
-                .zip(t.strides.iter().zip(&c))
-                .skip(1)
-                .all(|(&d, (&s, &w))| d <= 1 || s == w)
+            t.shape.iter().zip(t.strides.iter().zip(&c)).skip(1).all(|(&d, (&s, &w))| d <= 1 || s == w)
         };
         let halves = !ragged
             && dk == dv
@@ -189,24 +126,14 @@ pub fn parse(
             && v.data == k.data + page as u64 * esize;
         if !halves {
             let bad = if k.is_contiguous() { &v } else { &k };
-            return Err(err(format!("{}: not contiguous (shape {:?}, strides {:?} in elements); k and v must each be contiguous, or be the two halves of one [num_pages, 2, …] tensor", bad.arg, bad.shape, bad.strides)));
+            return Err(err(format!(
+                "{}: not contiguous (shape {:?}, strides {:?} in elements); k and v must each be contiguous, or be the two halves of one [num_pages, 2, …] tensor",
+                bad.arg, bad.shape, bad.strides
+            )));
         }
         let len = pk * 2 * page as usize;
         let (dtype, k_ptr) = (k.dtype, k.data);
-        return Ok(Kv {
-            tensors: vec![k, v],
-            interleaved: true,
-            num_pages: pk,
-            page_size: sk,
-            kv_heads: hk,
-            head_dim_qk: dk,
-            head_dim_vo: dv,
-            dtype,
-            k_ptr,
-            v_ptr: k_ptr,
-            k_len: len,
-            v_len: len,
-        });
+        return Ok(Kv { tensors: vec![k, v], interleaved: true, num_pages: pk, page_size: sk, kv_heads: hk, head_dim_qk: dk, head_dim_vo: dv, dtype, k_ptr, v_ptr: k_ptr, k_len: len, v_len: len });
     }
     let t = Tensor::from_obj(ARG, obj, stream)?;
     if t.shape.len() != 5 || t.shape[1] != 2 {
@@ -214,10 +141,7 @@ pub fn parse(
             KvLayout::Nhd => "(num_pages, 2, page_size, num_kv_heads, head_dim) for NHD",
             KvLayout::Hnd => "(num_pages, 2, num_kv_heads, page_size, head_dim) for HND",
         };
-        return Err(err(format!(
-            "{ARG}: shape {:?}, expected {want}, or a pair (k, v)",
-            t.shape
-        )));
+        return Err(err(format!("{ARG}: shape {:?}, expected {want}, or a pair (k, v)", t.shape)));
     }
     t.contiguous(py)?;
     let s = &t.shape;
@@ -226,18 +150,5 @@ pub fn parse(
         KvLayout::Hnd => (s[0], s[3], s[2], s[4]),
     };
     let (dtype, ptr, len) = (t.dtype, t.data, t.numel());
-    Ok(Kv {
-        tensors: vec![t],
-        interleaved: true,
-        num_pages: p,
-        page_size: ps,
-        kv_heads: h,
-        head_dim_qk: d,
-        head_dim_vo: d,
-        dtype,
-        k_ptr: ptr,
-        v_ptr: ptr,
-        k_len: len,
-        v_len: len,
-    })
+    Ok(Kv { tensors: vec![t], interleaved: true, num_pages: p, page_size: ps, kv_heads: h, head_dim_qk: d, head_dim_vo: d, dtype, k_ptr: ptr, v_ptr: ptr, k_len: len, v_len: len })
 }

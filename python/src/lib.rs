@@ -38,15 +38,8 @@ impl PyVariant {
     #[staticmethod]
     fn from_file(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyVariant> {
         guard(py, || {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|source| attnforge::Error::Io {
-                    path: path.clone(),
-                    source,
-                })
-                .or_raise(py)?;
-            let v = attnforge::spec::load(&path.display().to_string(), &text)
-                .map_err(attnforge::Error::from)
-                .or_raise(py)?;
+            let text = std::fs::read_to_string(&path).map_err(|source| attnforge::Error::Io { path: path.clone(), source }).or_raise(py)?;
+            let v = attnforge::spec::load(&path.display().to_string(), &text).map_err(attnforge::Error::from).or_raise(py)?;
             Ok(PyVariant { inner: Arc::new(v) })
         })
     }
@@ -56,9 +49,7 @@ impl PyVariant {
     #[pyo3(signature = (text, file = "<string>"))]
     fn from_json(py: Python<'_>, text: &str, file: &str) -> PyResult<PyVariant> {
         guard(py, || {
-            let v = attnforge::spec::load(file, text)
-                .map_err(attnforge::Error::from)
-                .or_raise(py)?;
+            let v = attnforge::spec::load(file, text).map_err(attnforge::Error::from).or_raise(py)?;
             Ok(PyVariant { inner: Arc::new(v) })
         })
     }
@@ -123,10 +114,7 @@ impl PyVariant {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "attnforge.Variant({:?} from {})",
-            self.inner.name, self.inner.origin
-        )
+        format!("attnforge.Variant({:?} from {})", self.inner.name, self.inner.origin)
     }
 }
 
@@ -137,24 +125,13 @@ fn param_ty(t: &ParamTy) -> String {
 /// A shipped variant by name, or a spec file by path.
 #[pyfunction]
 fn variant(py: Python<'_>, name: &str) -> PyResult<PyVariant> {
-    guard(py, || {
-        Ok(PyVariant {
-            inner: Arc::new(attnforge::spec::shipped::resolve(name).or_raise(py)?),
-        })
-    })
+    guard(py, || Ok(PyVariant { inner: Arc::new(attnforge::spec::shipped::resolve(name).or_raise(py)?) }))
 }
 
 /// The names of the shipped variants.
 #[pyfunction]
 fn shipped_variants(py: Python<'_>) -> PyResult<Vec<String>> {
-    guard(py, || {
-        Ok(attnforge::spec::shipped::all()
-            .map_err(attnforge::Error::from)
-            .or_raise(py)?
-            .into_iter()
-            .map(|v| v.name)
-            .collect())
-    })
+    guard(py, || Ok(attnforge::spec::shipped::all().map_err(attnforge::Error::from).or_raise(py)?.into_iter().map(|v| v.name).collect()))
 }
 
 /// Parses and checks spec text; returns the variant or raises `SpecError` with its position.
@@ -165,58 +142,28 @@ fn check_spec(py: Python<'_>, text: &str, file: &str) -> PyResult<PyVariant> {
 }
 
 /// User parameter values: a number, a sequence of numbers, or `{"bits": bytes, "offsets": [..]}`.
-pub(crate) fn param_inputs(
-    py: Python<'_>,
-    params: Option<&Bound<'_, PyDict>>,
-) -> PyResult<HashMap<String, ParamInput>> {
+pub(crate) fn param_inputs(py: Python<'_>, params: Option<&Bound<'_, PyDict>>) -> PyResult<HashMap<String, ParamInput>> {
     let mut m = HashMap::new();
     let Some(params) = params else { return Ok(m) };
     for (k, v) in params.iter() {
-        let name: String = k
-            .extract()
-            .map_err(|_| argument_error(py, "params: keys are parameter names (str)"))?;
+        let name: String = k.extract().map_err(|_| argument_error(py, "params: keys are parameter names (str)"))?;
         let input = if let Ok(x) = v.extract::<f64>() {
             ParamInput::Scalar(x)
         } else if let Ok(d) = v.cast::<PyDict>() {
             let bits = d.get_item("bits")?.ok_or_else(|| argument_error(py, &format!("params[{name:?}]: a dict value is a bits matrix {{'bits': bytes, 'offsets': [...]}}")))?;
-            let offsets = d.get_item("offsets")?.ok_or_else(|| {
-                argument_error(
-                    py,
-                    &format!("params[{name:?}]: a bits value needs 'offsets'"),
-                )
-            })?;
+            let offsets = d.get_item("offsets")?.ok_or_else(|| argument_error(py, &format!("params[{name:?}]: a bits value needs 'offsets'")))?;
             let data: Vec<u8> = match bits.extract::<Vec<u8>>() {
                 Ok(b) => b,
-                Err(_) => bits
-                    .call_method0("tobytes")
-                    .and_then(|b| b.extract())
-                    .map_err(|_| {
-                        argument_error(
-                            py,
-                            &format!("params[{name:?}]['bits']: bytes or a uint8 array"),
-                        )
-                    })?,
+                Err(_) => bits.call_method0("tobytes").and_then(|b| b.extract()).map_err(|_| argument_error(py, &format!("params[{name:?}]['bits']: bytes or a uint8 array")))?,
             };
-            let offsets: Vec<i64> = host_ints(&format!("params[{name:?}]['offsets']"), &offsets)?
-                .into_iter()
-                .map(i64::from)
-                .collect();
+            let offsets: Vec<i64> = host_ints(&format!("params[{name:?}]['offsets']"), &offsets)?.into_iter().map(i64::from).collect();
             ParamInput::Bits(data, offsets)
         } else if let Ok(xs) = v.extract::<Vec<f64>>() {
             ParamInput::List(xs)
-        } else if let Ok(xs) = v
-            .call_method0("tolist")
-            .and_then(|l| l.extract::<Vec<f64>>())
-        {
+        } else if let Ok(xs) = v.call_method0("tolist").and_then(|l| l.extract::<Vec<f64>>()) {
             ParamInput::List(xs)
         } else {
-            return Err(argument_error(
-                py,
-                &format!(
-                    "params[{name:?}]: a {} is not a number, a list of numbers or a bits dict",
-                    dlpack::type_name(&v)
-                ),
-            ));
+            return Err(argument_error(py, &format!("params[{name:?}]: a {} is not a number, a list of numbers or a bits dict", dlpack::type_name(&v))));
         };
         m.insert(name, input);
     }
@@ -224,12 +171,7 @@ pub(crate) fn param_inputs(
 }
 
 /// Binds parameter values against a variant for a batch's dimensions.
-pub(crate) fn bind(
-    py: Python<'_>,
-    v: &attnforge::spec::Variant,
-    params: Option<&Bound<'_, PyDict>>,
-    dims: Dims,
-) -> PyResult<ParamValues> {
+pub(crate) fn bind(py: Python<'_>, v: &attnforge::spec::Variant, params: Option<&Bound<'_, PyDict>>, dims: Dims) -> PyResult<ParamValues> {
     let given = param_inputs(py, params)?;
     v.bind(&given, dims).or_raise(py)
 }
@@ -258,89 +200,41 @@ fn reference<'py>(
     guard(py, || {
         let layout = parse_layout(py, kv_layout)?;
         let qo_indptr = host_ints("qo_indptr", qo_indptr)?;
-        let pages = PageTable {
-            indptr: host_ints("kv_indptr", kv_indptr)?,
-            indices: host_ints("kv_indices", kv_indices)?,
-            last_page_len: host_ints("last_page_len", last_page_len)?,
-        };
+        let pages = PageTable { indptr: host_ints("kv_indptr", kv_indptr)?, indices: host_ints("kv_indices", kv_indices)?, last_page_len: host_ints("last_page_len", last_page_len)? };
         let qt = Tensor::from_obj("q", q, None)?;
         qt.on_host(py)?;
         let dt = qt.dtype_in(py, &[Dt::F16, Dt::Bf16, Dt::F32])?;
         if qt.shape.len() != 3 {
-            return Err(errors::tensor_error(
-                py,
-                &format!(
-                    "q: shape {:?}, expected (total_q, num_qo_heads, head_dim_qk)",
-                    qt.shape
-                ),
-            ));
+            return Err(errors::tensor_error(py, &format!("q: shape {:?}, expected (total_q, num_qo_heads, head_dim_qk)", qt.shape)));
         }
         qt.contiguous(py)?;
         let kv = kvcache::parse(py, paged_kv_cache, layout, None, false)?;
         kv.on_host(py)?;
         if kv.dtype != dt {
-            return Err(errors::tensor_error(
-                py,
-                &format!(
-                    "paged_kv_cache: dtype {}, but q is {}",
-                    kv.dtype.name(),
-                    dt.name()
-                ),
-            ));
+            return Err(errors::tensor_error(py, &format!("paged_kv_cache: dtype {}, but q is {}", kv.dtype.name(), dt.name())));
         }
         if kv.head_dim_qk != qt.shape[2] {
-            return Err(errors::tensor_error(
-                py,
-                &format!(
-                    "q: head_dim {} but the cache's keys have {}",
-                    qt.shape[2], kv.head_dim_qk
-                ),
-            ));
+            return Err(errors::tensor_error(py, &format!("q: head_dim {} but the cache's keys have {}", qt.shape[2], kv.head_dim_qk)));
         }
         let shape = kv.shape(layout);
-        let batch = Batch {
-            qo_indptr: &qo_indptr,
-            pages: &pages,
-            kv: shape,
-            qo_heads: qt.shape[1],
-        };
+        let batch = Batch { qo_indptr: &qo_indptr, pages: &pages, kv: shape, qo_heads: qt.shape[1] };
         let valid = batch.validated().or_raise(py)?;
         if valid.total_q() != qt.shape[0] {
-            return Err(errors::tensor_error(
-                py,
-                &format!(
-                    "q: {} tokens, but qo_indptr ends at {}",
-                    qt.shape[0],
-                    valid.total_q()
-                ),
-            ));
+            return Err(errors::tensor_error(py, &format!("q: {} tokens, but qo_indptr ends at {}", qt.shape[0], valid.total_q())));
         }
-        let dims = Dims {
-            qo_heads: batch.qo_heads,
-            kv_heads: shape.kv_heads,
-            batch: batch.batch_size(),
-        };
+        let dims = Dims { qo_heads: batch.qo_heads, kv_heads: shape.kv_heads, batch: batch.batch_size() };
         let values = bind(py, &variant.inner, params, dims)?;
         // SAFETY: host tensors of the checked dtype; the K/V spans are the cache's buffers as
         // `kvcache::parse` measured them (the same buffer twice when interleaved).
         let out = unsafe {
             match dt {
-                Dt::F16 => {
-                    run_reference::<f16>(&variant.inner, &values, &batch, &qt, &kv, sm_scale)
-                }
-                Dt::Bf16 => {
-                    run_reference::<bf16>(&variant.inner, &values, &batch, &qt, &kv, sm_scale)
-                }
+                Dt::F16 => run_reference::<f16>(&variant.inner, &values, &batch, &qt, &kv, sm_scale),
+                Dt::Bf16 => run_reference::<bf16>(&variant.inner, &values, &batch, &qt, &kv, sm_scale),
                 _ => run_reference::<f32>(&variant.inner, &values, &batch, &qt, &kv, sm_scale),
             }
         }
         .or_raise(py)?;
-        let bytes = |xs: &[f32]| {
-            PyByteArray::new(
-                py,
-                &xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
-            )
-        };
+        let bytes = |xs: &[f32]| PyByteArray::new(py, &xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
         let (t, h, dv) = (qt.shape[0], qt.shape[1], kv.head_dim_vo);
         Ok((bytes(&out.o), vec![t, h, dv], bytes(&out.lse), vec![t, h]))
     })
@@ -366,10 +260,7 @@ pub(crate) fn parse_layout(py: Python<'_>, s: &str) -> PyResult<KvLayout> {
     match s {
         "NHD" | "nhd" => Ok(KvLayout::Nhd),
         "HND" | "hnd" => Ok(KvLayout::Hnd),
-        _ => Err(argument_error(
-            py,
-            &format!("kv_layout: `{s}`, expected \"NHD\" or \"HND\""),
-        )),
+        _ => Err(argument_error(py, &format!("kv_layout: `{s}`, expected \"NHD\" or \"HND\""))),
     }
 }
 
@@ -401,36 +292,18 @@ fn compile(
             let cfg = match op {
                 "decode" => KernelConfig::decode(head_dim, dv, dt, group),
                 "prefill" => KernelConfig::prefill(head_dim, dv, dt, group),
-                _ => {
-                    return Err(argument_error(
-                        py,
-                        &format!("op: `{op}`, expected \"decode\" or \"prefill\""),
-                    ))
-                }
+                _ => return Err(argument_error(py, &format!("op: `{op}`, expected \"decode\" or \"prefill\""))),
             }
             .or_raise(py)?;
             let arch = match arch {
-                Some(a) => a
-                    .parse::<Arch>()
-                    .map_err(|e| argument_error(py, &format!("arch: {e}")))?,
+                Some(a) => a.parse::<Arch>().map_err(|e| argument_error(py, &format!("arch: {e}")))?,
                 None => attnforge::engine::device_arch(device).or_raise(py)?,
             };
             (cfg, arch)
         };
-        let tiles = if cfg.op == attnforge::jit::Op::Decode {
-            Decode::tiles(&cfg, &arch)
-        } else {
-            Prefill::tiles(&cfg, &arch)
-        };
+        let tiles = if cfg.op == attnforge::jit::Op::Decode { Decode::tiles(&cfg, &arch) } else { Prefill::tiles(&cfg, &arch) };
         let jit = Jit::new().or_raise(py)?;
-        tiles
-            .iter()
-            .map(|c| {
-                jit.get(&variant.inner, c, &arch)
-                    .map(|k| k.name)
-                    .or_raise(py)
-            })
-            .collect()
+        tiles.iter().map(|c| jit.get(&variant.inner, c, &arch).map(|k| k.name).or_raise(py)).collect()
     })
 }
 

@@ -10,9 +10,7 @@
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use attnforge::engine::{
-    DeviceOutput, Engine, Family, GraphCapacity, KvCache, Wrapper, WrapperOptions,
-};
+use attnforge::engine::{DeviceOutput, Engine, Family, GraphCapacity, KvCache, Wrapper, WrapperOptions};
 use attnforge::jit::KernelConfig;
 use attnforge::kv::{Batch, DType, Element, KvLayout, KvShape, PageTable};
 use attnforge::plan::PlanMode;
@@ -30,10 +28,7 @@ use crate::{kvcache, PyVariant};
 /// One engine per CUDA device, for the life of the process (the wrappers borrow it).
 fn engine(py: Python<'_>, device: usize) -> PyResult<&'static Engine> {
     static ENGINES: OnceLock<Mutex<Vec<(usize, &'static Engine)>>> = OnceLock::new();
-    let mut engines = ENGINES
-        .get_or_init(|| Mutex::new(Vec::new()))
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let mut engines = ENGINES.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, e)) = engines.iter().find(|(d, _)| *d == device) {
         return Ok(e);
     }
@@ -52,10 +47,7 @@ pub fn gpu_available(py: Python<'_>, device: usize) -> bool {
 /// Query heads per KV head, checked.
 pub fn group(py: Python<'_>, qo: usize, kv: usize) -> PyResult<usize> {
     if qo == 0 || kv == 0 || qo % kv != 0 {
-        return Err(argument_error(
-            py,
-            &format!("num_qo_heads ({qo}) must be a positive multiple of num_kv_heads ({kv})"),
-        ));
+        return Err(argument_error(py, &format!("num_qo_heads ({qo}) must be a positive multiple of num_kv_heads ({kv})")));
     }
     Ok(qo / kv)
 }
@@ -113,12 +105,18 @@ impl Step {
     }
 }
 
-/// The kernel a wrapper runs: its variant (by identity), config and softmax scale.
-#[derive(PartialEq)]
+/// The kernel a wrapper runs: its variant (by identity, held so that its address is never
+/// reused while this key lives), config and softmax scale.
 struct Key {
-    variant: usize,
+    variant: Arc<Variant>,
     cfg: KernelConfig,
     sm_scale: Option<u32>,
+}
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Key) -> bool {
+        Arc::ptr_eq(&self.variant, &o.variant) && self.cfg == o.cfg && self.sm_scale == o.sm_scale
+    }
 }
 
 /// The shared core of the decode and prefill wrappers.
@@ -130,6 +128,9 @@ pub struct Core<F: Family> {
     interleaved: bool,
     current: Option<(Key, Wrapper<'static, F>)>,
     step: Option<Step>,
+    /// In graph mode, the fewest pages of the caches `run` has seen: a captured graph replays on
+    /// them without a `run`, so `plan` checks the page table against this.
+    cache_pages: Option<usize>,
 }
 
 /// Host-side inputs of one plan call.
@@ -150,49 +151,22 @@ pub struct PlanArgs<'a, 'py> {
 fn stream_of(e: &Engine, stream: u64) -> Arc<CudaStream> {
     // SAFETY: the caller gives its current stream of this device's primary context (the one
     // torch and CuPy use), alive for the call; work on it is ordered by the stream itself.
-    unsafe {
-        e.context()
-            .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
-    }
+    unsafe { e.context().wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream) }
 }
 
 impl<F: Family> Core<F> {
-    fn new(
-        py: Python<'_>,
-        device: usize,
-        kv_layout: &str,
-        graph: Option<GraphCapacity>,
-        deterministic: bool,
-    ) -> PyResult<Self> {
+    fn new(py: Python<'_>, device: usize, kv_layout: &str, graph: Option<GraphCapacity>, deterministic: bool) -> PyResult<Self> {
         let layout = crate::parse_layout(py, kv_layout)?;
-        let mode = if deterministic {
-            PlanMode::Deterministic { chunk: 1024 }
-        } else {
-            PlanMode::Default
-        };
+        let mode = if deterministic { PlanMode::Deterministic { chunk: 1024 } } else { PlanMode::Default };
         if deterministic && graph.is_some() {
             return Err(argument_error(py, "deterministic and use_cuda_graph: a graph's fixed-grid plan is its own schedule; choose one"));
         }
-        Ok(Core {
-            device,
-            layout,
-            graph,
-            mode,
-            interleaved: false,
-            current: None,
-            step: None,
-        })
+        Ok(Core { device, layout, graph, mode, interleaved: false, current: None, step: None, cache_pages: None })
     }
 
     fn plan(&mut self, py: Python<'_>, a: PlanArgs<'_, '_>, stream: u64) -> PyResult<()> {
         let group = group(py, a.qo_heads, a.kv_heads)?;
-        let pages_needed = a
-            .pages
-            .indices
-            .iter()
-            .copied()
-            .max()
-            .map_or(0, |m| m.max(0) as usize + 1);
+        let pages_needed = a.pages.indices.iter().copied().max().map_or(0, |m| m.max(0) as usize + 1);
         let total_q = a.qo_indptr.last().copied().unwrap_or(0).max(0) as usize;
         let step = Step {
             variant: a.variant.inner.clone(),
@@ -210,25 +184,19 @@ impl<F: Family> Core<F> {
             interleaved: self.interleaved,
             total_q,
         };
+        if let (Some(_), Some(have)) = (self.graph, self.cache_pages) {
+            if pages_needed > have {
+                return Err(tensor_error(py, &format!("the page table indexes page {}, but the cache the graph was captured on holds {have} pages", pages_needed - 1)));
+            }
+        }
         // Host checks first: a bad page table is a BatchError on any machine.
         let shape = step.shape(self.layout);
-        let batch = Batch {
-            qo_indptr: &step.qo_indptr,
-            pages: &step.pages,
-            kv: shape,
-            qo_heads: step.qo_heads,
-        };
+        let batch = Batch { qo_indptr: &step.qo_indptr, pages: &step.pages, kv: shape, qo_heads: step.qo_heads };
         batch.validated().or_raise(py)?;
-        let dims = Dims {
-            qo_heads: step.qo_heads,
-            kv_heads: step.kv_heads,
-            batch: batch.batch_size(),
-        };
+        let dims = Dims { qo_heads: step.qo_heads, kv_heads: step.kv_heads, batch: batch.batch_size() };
         let params = crate::bind(py, &step.variant, a.params, dims)?;
         let cfg = match F::OP {
-            attnforge::jit::Op::Decode => {
-                KernelConfig::decode(step.head_dim_qk, step.head_dim_vo, step.dtype, group)
-            }
+            attnforge::jit::Op::Decode => KernelConfig::decode(step.head_dim_qk, step.head_dim_vo, step.dtype, group),
             _ => KernelConfig::prefill(step.head_dim_qk, step.head_dim_vo, step.dtype, group),
         }
         .or_raise(py)?;
@@ -236,51 +204,27 @@ impl<F: Family> Core<F> {
         self.plan_step(py, step, cfg, stream)
     }
 
-    fn plan_step(
-        &mut self,
-        py: Python<'_>,
-        step: Step,
-        cfg: KernelConfig,
-        stream: u64,
-    ) -> PyResult<()> {
+    fn plan_step(&mut self, py: Python<'_>, step: Step, cfg: KernelConfig, stream: u64) -> PyResult<()> {
         let e = engine(py, self.device)?;
-        let key = Key {
-            variant: Arc::as_ptr(&step.variant) as usize,
-            cfg: cfg.clone(),
-            sm_scale: step.sm_scale.map(f32::to_bits),
-        };
+        let key = Key { variant: step.variant.clone(), cfg: cfg.clone(), sm_scale: step.sm_scale.map(f32::to_bits) };
         if self.current.as_ref().is_none_or(|(k, _)| *k != key) {
             if self.graph.is_some() && self.current.is_some() {
-                return Err(to_py(py, attnforge::Error::Plan(attnforge::error::PlanError::Invalid("in CUDA-graph mode a wrapper keeps its kernel (variant, head dims, heads, dtype, sm_scale): a captured graph holds its buffers; make another wrapper".into()))));
+                return Err(to_py(
+                    py,
+                    attnforge::Error::Plan(attnforge::error::PlanError::Invalid(
+                        "in CUDA-graph mode a wrapper keeps its kernel (variant, head dims, heads, dtype, sm_scale): a captured graph holds its buffers; make another wrapper".into(),
+                    )),
+                ));
             }
             let kernel = Arc::new(e.load::<F>(&step.variant, &cfg).or_raise(py)?);
-            let graph = self.graph.map(|g| GraphCapacity {
-                max_ctas: if g.max_ctas == 0 {
-                    fixed_grid_bound::<F>(e, &kernel, &g, &step)
-                } else {
-                    g.max_ctas
-                },
-                ..g
-            });
-            let options = WrapperOptions {
-                mode: self.mode,
-                graph,
-                sm_scale: step.sm_scale,
-            };
+            let graph = self.graph.map(|g| GraphCapacity { max_ctas: if g.max_ctas == 0 { fixed_grid_bound::<F>(e, &kernel, &g, &step) } else { g.max_ctas }, ..g });
+            let options = WrapperOptions { mode: self.mode, graph, sm_scale: step.sm_scale };
             let w = Wrapper::<F>::with_kernel(e, kernel, options).or_raise(py)?;
             self.current = Some((key, w));
         }
-        let (_, w) = self
-            .current
-            .as_mut()
-            .ok_or_else(|| argument_error(py, "no kernel"))?;
+        let (_, w) = self.current.as_mut().ok_or_else(|| argument_error(py, "no kernel"))?;
         let shape = step.shape(self.layout);
-        let batch = Batch {
-            qo_indptr: &step.qo_indptr,
-            pages: &step.pages,
-            kv: shape,
-            qo_heads: step.qo_heads,
-        };
+        let batch = Batch { qo_indptr: &step.qo_indptr, pages: &step.pages, kv: shape, qo_heads: step.qo_heads };
         let s = stream_of(e, stream);
         self.step = None;
         w.plan_on(&s, &batch, &step.params).or_raise(py)?;
@@ -289,42 +233,13 @@ impl<F: Family> Core<F> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(
-        &mut self,
-        py: Python<'_>,
-        q: &Bound<'_, PyAny>,
-        kv: &Bound<'_, PyAny>,
-        out: &Bound<'_, PyAny>,
-        lse: &Bound<'_, PyAny>,
-        stream: u64,
-        ragged: bool,
-    ) -> PyResult<()> {
-        let step = self.step.as_ref().ok_or_else(|| {
-            to_py(
-                py,
-                attnforge::Error::Plan(attnforge::error::PlanError::Invalid(
-                    "run before plan: plan the step first".into(),
-                )),
-            )
-        })?;
+    fn run(&mut self, py: Python<'_>, q: &Bound<'_, PyAny>, kv: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>, lse: &Bound<'_, PyAny>, stream: u64, ragged: bool) -> PyResult<()> {
+        let step = self.step.as_ref().ok_or_else(|| to_py(py, attnforge::Error::Plan(attnforge::error::PlanError::Invalid("run before plan: plan the step first".into()))))?;
         let want = Dt::of_engine(step.dtype);
         let qt = Tensor::from_obj("q", q, Some(stream))?;
         qt.on_cuda(py, self.device)?;
-        qt.dtype_in(py, &[want]).map_err(|_| {
-            tensor_error(
-                py,
-                &format!(
-                    "q: dtype {}, but the plan was made for q_data_type {}",
-                    qt.dtype.name(),
-                    want.name()
-                ),
-            )
-        })?;
-        qt.shape_is(
-            py,
-            &[None, Some(step.qo_heads), Some(step.head_dim_qk)],
-            "(tokens, num_qo_heads, head_dim_qk)",
-        )?;
+        qt.dtype_in(py, &[want]).map_err(|_| tensor_error(py, &format!("q: dtype {}, but the plan was made for q_data_type {}", qt.dtype.name(), want.name())))?;
+        qt.shape_is(py, &[None, Some(step.qo_heads), Some(step.head_dim_qk)], "(tokens, num_qo_heads, head_dim_qk)")?;
         qt.contiguous(py)?;
         let rows = qt.shape[0];
         match self.graph {
@@ -335,105 +250,48 @@ impl<F: Family> Core<F> {
         let cache = kvcache::parse(py, kv, self.layout, Some(stream), ragged)?;
         cache.on_cuda(py, self.device)?;
         if cache.dtype != want {
-            return Err(tensor_error(
-                py,
-                &format!(
-                    "paged_kv_cache: dtype {}, but the plan was made for {}",
-                    cache.dtype.name(),
-                    want.name()
-                ),
-            ));
+            return Err(tensor_error(py, &format!("paged_kv_cache: dtype {}, but the plan was made for {}", cache.dtype.name(), want.name())));
         }
-        let geometry = (
-            cache.page_size,
-            cache.kv_heads,
-            cache.head_dim_qk,
-            cache.head_dim_vo,
-        );
-        let planned = (
-            step.page_size,
-            step.kv_heads,
-            step.head_dim_qk,
-            step.head_dim_vo,
-        );
+        let geometry = (cache.page_size, cache.kv_heads, cache.head_dim_qk, cache.head_dim_vo);
+        let planned = (step.page_size, step.kv_heads, step.head_dim_qk, step.head_dim_vo);
         if geometry != planned {
             return Err(tensor_error(py, &format!("paged_kv_cache: (page_size, num_kv_heads, head_dim_qk, head_dim_vo) = {geometry:?}, but the plan was made for {planned:?}")));
         }
+        if self.graph.is_some() {
+            self.cache_pages = Some(self.cache_pages.map_or(cache.num_pages, |c| c.min(cache.num_pages)));
+        }
         if cache.num_pages < step.pages_needed {
-            return Err(tensor_error(
-                py,
-                &format!(
-                    "paged_kv_cache: {} pages, but the page table indexes page {}",
-                    cache.num_pages,
-                    step.pages_needed - 1
-                ),
-            ));
+            return Err(tensor_error(py, &format!("paged_kv_cache: {} pages, but the page table indexes page {}", cache.num_pages, step.pages_needed - 1)));
         }
         let ot = Tensor::from_obj("out", out, Some(stream))?;
         ot.on_cuda(py, self.device)?;
         ot.dtype_in(py, &[want])?;
-        ot.shape_is(
-            py,
-            &[Some(rows), Some(step.qo_heads), Some(step.head_dim_vo)],
-            "(tokens, num_qo_heads, head_dim_vo), as q",
-        )?;
+        ot.shape_is(py, &[Some(rows), Some(step.qo_heads), Some(step.head_dim_vo)], "(tokens, num_qo_heads, head_dim_vo), as q")?;
         ot.contiguous(py)?;
         let lt = Tensor::from_obj("lse", lse, Some(stream))?;
         lt.on_cuda(py, self.device)?;
         lt.dtype_in(py, &[Dt::F32])?;
-        lt.shape_is(
-            py,
-            &[Some(rows), Some(step.qo_heads)],
-            "(tokens, num_qo_heads), as q",
-        )?;
+        lt.shape_is(py, &[Some(rows), Some(step.qo_heads)], "(tokens, num_qo_heads), as q")?;
         lt.contiguous(py)?;
+        // The kernels move q, K, V and out in 16-byte vectors, the LSE in f32s.
+        for (t, align) in [(&qt, 16u64), (&ot, 16), (&lt, 4)].into_iter().chain(cache.tensors.iter().map(|t| (t, 16))) {
+            if t.data % align != 0 {
+                return Err(tensor_error(py, &format!("{}: at address {:#x}, not a multiple of {align} bytes, which the kernels need (a view at an odd offset?)", t.arg, t.data)));
+            }
+        }
         if cache.interleaved != step.interleaved {
             // The plan assumed the other cache format: plan the same step for this one.
-            let (cfg, step) = (
-                self.current
-                    .as_ref()
-                    .map(|(k, _)| k.cfg.clone())
-                    .ok_or_else(|| argument_error(py, "no kernel"))?,
-                self.step
-                    .take()
-                    .ok_or_else(|| argument_error(py, "no plan"))?,
-            );
+            let (cfg, step) = (self.current.as_ref().map(|(k, _)| k.cfg.clone()).ok_or_else(|| argument_error(py, "no kernel"))?, self.step.take().ok_or_else(|| argument_error(py, "no plan"))?);
+            self.plan_step(py, Step { interleaved: cache.interleaved, ..step }, cfg, stream)?;
             self.interleaved = cache.interleaved;
-            self.plan_step(
-                py,
-                Step {
-                    interleaved: cache.interleaved,
-                    ..step
-                },
-                cfg,
-                stream,
-            )?;
         }
-        let step = self
-            .step
-            .as_ref()
-            .ok_or_else(|| argument_error(py, "no plan"))?;
-        let (_, w) = self
-            .current
-            .as_ref()
-            .ok_or_else(|| argument_error(py, "no kernel"))?;
+        let step = self.step.as_ref().ok_or_else(|| argument_error(py, "no plan"))?;
+        let (_, w) = self.current.as_ref().ok_or_else(|| argument_error(py, "no kernel"))?;
         let e = engine(py, self.device)?;
         let s = stream_of(e, stream);
         let shape = step.shape(self.layout);
-        let lens = Lens {
-            q: rows * step.qo_heads * step.head_dim_qk,
-            o: rows * step.qo_heads * step.head_dim_vo,
-            lse: rows * step.qo_heads,
-            k: shape.k_len(),
-            v: shape.v_len(),
-        };
-        let ptrs = Ptrs {
-            q: qt.data,
-            k: cache.k_ptr,
-            v: cache.v_ptr,
-            o: ot.data,
-            lse: lt.data,
-        };
+        let lens = Lens { q: rows * step.qo_heads * step.head_dim_qk, o: rows * step.qo_heads * step.head_dim_vo, lse: rows * step.qo_heads, k: shape.k_len(), v: shape.v_len() };
+        let ptrs = Ptrs { q: qt.data, k: cache.k_ptr, v: cache.v_ptr, o: ot.data, lse: lt.data };
         // SAFETY: every pointer is a live CUDA tensor's on this device, checked above for dtype,
         // shape and contiguity; the K/V lengths are the planned cache's (at most as many pages as
         // the caller's cache holds), so the launch reads and writes inside the caller's tensors,
@@ -472,32 +330,14 @@ struct Lens {
 
 /// # Safety
 /// See the call in [`Core::run`].
-unsafe fn launch<F: Family, T: Element + DeviceRepr>(
-    w: &Wrapper<'static, F>,
-    s: &Arc<CudaStream>,
-    interleaved: bool,
-    p: Ptrs,
-    n: Lens,
-) -> attnforge::Result<()> {
+unsafe fn launch<F: Family, T: Element + DeviceRepr>(w: &Wrapper<'static, F>, s: &Arc<CudaStream>, interleaved: bool, p: Ptrs, n: Lens) -> attnforge::Result<()> {
     let q = Borrowed::<T>::new(s, p.q, n.q);
     let k = Borrowed::<T>::new(s, p.k, n.k);
     let v = Borrowed::<T>::new(s, p.v, n.v);
     let mut o = Borrowed::<T>::new(s, p.o, n.o);
     let mut lse = Borrowed::<f32>::new(s, p.lse, n.lse);
-    let kv = if interleaved {
-        KvCache::Interleaved(&k.0)
-    } else {
-        KvCache::Separate { k: &k.0, v: &v.0 }
-    };
-    w.run_on(
-        s,
-        &q.0,
-        kv,
-        DeviceOutput {
-            o: &mut o.0,
-            lse: &mut lse.0,
-        },
-    )
+    let kv = if interleaved { KvCache::Interleaved(&k.0) } else { KvCache::Separate { k: &k.0, v: &v.0 } };
+    w.run_on(s, &q.0, kv, DeviceOutput { o: &mut o.0, lse: &mut lse.0 })
 }
 
 impl Dt {
@@ -525,66 +365,32 @@ fn capacity(
         }
         return Ok(None);
     }
-    let b = max_batch_size.ok_or_else(|| {
-        argument_error(
-            py,
-            "use_cuda_graph=True needs max_batch_size (or FlashInfer's paged_kv_indptr_buffer)",
-        )
-    })?;
-    let p = max_pages.ok_or_else(|| {
-        argument_error(
-            py,
-            "use_cuda_graph=True needs max_pages (or FlashInfer's paged_kv_indices_buffer)",
-        )
-    })?;
-    let t = if decode {
-        max_tokens.unwrap_or(b)
-    } else {
-        max_tokens.ok_or_else(|| {
-            argument_error(
-                py,
-                "a prefill wrapper with use_cuda_graph=True needs max_tokens",
-            )
-        })?
-    };
+    let b = max_batch_size.ok_or_else(|| argument_error(py, "use_cuda_graph=True needs max_batch_size (or FlashInfer's paged_kv_indptr_buffer)"))?;
+    let p = max_pages.ok_or_else(|| argument_error(py, "use_cuda_graph=True needs max_pages (or FlashInfer's paged_kv_indices_buffer)"))?;
+    let t = if decode { max_tokens.unwrap_or(b) } else { max_tokens.ok_or_else(|| argument_error(py, "a prefill wrapper with use_cuda_graph=True needs max_tokens"))? };
     if b == 0 || t == 0 {
-        return Err(argument_error(
-            py,
-            "CUDA-graph capacities must be at least 1",
-        ));
+        return Err(argument_error(py, "CUDA-graph capacities must be at least 1"));
     }
-    Ok(Some(GraphCapacity {
-        max_batch: b,
-        max_tokens: t,
-        max_pages: p,
-        max_ctas: max_ctas.unwrap_or(0),
-    }))
+    Ok(Some(GraphCapacity { max_batch: b, max_tokens: t, max_pages: p, max_ctas: max_ctas.unwrap_or(0) }))
 }
 
 /// The CTAs of a fixed grid that any batch within the capacities can be planned on, for a
 /// graph wrapper whose `max_ctas` was not given (known once the kernel and the head counts are).
 /// Decode: [`attnforge::plan::decode_fixed_grid_bound`] (tier 0 checks it on random batches).
-/// Prefill in a fixed grid never splits KV: one item per block of query rows, at most
-/// `max_tokens × group` rows in `max_batch` requests.
-fn fixed_grid_bound<F: Family>(
-    e: &Engine,
-    k: &attnforge::engine::Kernel<F>,
-    g: &GraphCapacity,
-    s: &Step,
-) -> usize {
+/// Prefill in a fixed grid never splits KV: one item per block of the prompt tile's query rows,
+/// `max_tokens × group` rows in at most `max_batch` requests.
+fn fixed_grid_bound<F: Family>(e: &Engine, k: &attnforge::engine::Kernel<F>, g: &GraphCapacity, s: &Step) -> usize {
     let sms = e.sm_count();
     match F::OP {
         attnforge::jit::Op::Decode => {
             let per_sm = k.tiles.iter().map(|t| t.ctas_per_sm).max().unwrap_or(1);
-            let target = attnforge::plan::PlanTarget {
-                ctas: sms,
-                kv_tile: 1,
-                resident: sms * per_sm,
-                always_balance: false,
-            };
-            attnforge::plan::decode_fixed_grid_bound(target, s.kv_heads, g.max_batch)
+            let target = attnforge::plan::PlanTarget { ctas: sms, kv_tile: 1, resident: sms * per_sm, always_balance: false };
+            attnforge::plan::decode_fixed_grid_bound(&s.variant, target, s.kv_heads, g.max_batch)
         }
-        _ => g.max_tokens * (s.qo_heads / s.kv_heads.max(1)).max(1) + g.max_batch,
+        _ => {
+            let rows = k.tiles.first().map_or(1, |t| t.cfg.prefill_tile().rows()).max(1);
+            (g.max_tokens * (s.qo_heads / s.kv_heads.max(1)).max(1)).div_ceil(rows) + g.max_batch
+        }
     }
 }
 
@@ -596,8 +402,15 @@ pub struct DecodeCore(Mutex<Core<attnforge::engine::Decode>>);
 #[pyclass(module = "attnforge._attnforge")]
 pub struct PrefillCore(Mutex<Core<attnforge::engine::Prefill>>);
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// The core, or an error when another thread is inside this wrapper: a wrapper serves one
+/// thread at a time (as FlashInfer's), and waiting here while holding the GIL could deadlock
+/// with a thread that holds the lock and waits for the GIL inside `__dlpack__`.
+fn lock<'a, T>(py: Python<'_>, m: &'a Mutex<T>) -> PyResult<std::sync::MutexGuard<'a, T>> {
+    match m.try_lock() {
+        Ok(g) => Ok(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => Err(argument_error(py, "this wrapper is in use by another thread: give each thread its own wrapper")),
+    }
 }
 
 #[pymethods]
@@ -616,22 +429,8 @@ impl DecodeCore {
         deterministic: bool,
     ) -> PyResult<Self> {
         guard(py, || {
-            let g = capacity(
-                py,
-                use_cuda_graph,
-                max_batch_size,
-                None,
-                max_pages,
-                max_ctas,
-                true,
-            )?;
-            Ok(DecodeCore(Mutex::new(Core::new(
-                py,
-                device,
-                kv_layout,
-                g,
-                deterministic,
-            )?)))
+            let g = capacity(py, use_cuda_graph, max_batch_size, None, max_pages, max_ctas, true)?;
+            Ok(DecodeCore(Mutex::new(Core::new(py, device, kv_layout, g, deterministic)?)))
         })
     }
 
@@ -655,11 +454,7 @@ impl DecodeCore {
         stream: u64,
     ) -> PyResult<()> {
         guard(py, || {
-            let pages = PageTable {
-                indptr: host_ints("indptr", indptr)?,
-                indices: host_ints("indices", indices)?,
-                last_page_len: host_ints("last_page_len", last_page_len)?,
-            };
+            let pages = PageTable { indptr: host_ints("indptr", indptr)?, indices: host_ints("indices", indices)?, last_page_len: host_ints("last_page_len", last_page_len)? };
             let b = pages.indptr.len().saturating_sub(1) as i32;
             let args = PlanArgs {
                 variant,
@@ -674,31 +469,18 @@ impl DecodeCore {
                 params,
                 sm_scale,
             };
-            lock(&self.0).plan(py, args, stream)
+            lock(py, &self.0)?.plan(py, args, stream)
         })
     }
 
     #[pyo3(signature = (q, paged_kv_cache, out, lse, stream))]
-    fn run(
-        &self,
-        py: Python<'_>,
-        q: &Bound<'_, PyAny>,
-        paged_kv_cache: &Bound<'_, PyAny>,
-        out: &Bound<'_, PyAny>,
-        lse: &Bound<'_, PyAny>,
-        stream: u64,
-    ) -> PyResult<()> {
-        guard(py, || {
-            lock(&self.0).run(py, q, paged_kv_cache, out, lse, stream, false)
-        })
+    fn run(&self, py: Python<'_>, q: &Bound<'_, PyAny>, paged_kv_cache: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>, lse: &Bound<'_, PyAny>, stream: u64) -> PyResult<()> {
+        guard(py, || lock(py, &self.0)?.run(py, q, paged_kv_cache, out, lse, stream, false))
     }
 
     /// The planned step's (total query tokens, query heads, value head dim), or None.
-    fn planned(&self) -> Option<(usize, usize, usize)> {
-        lock(&self.0)
-            .step
-            .as_ref()
-            .map(|s| (s.total_q, s.qo_heads, s.head_dim_vo))
+    fn planned(&self, py: Python<'_>) -> Option<(usize, usize, usize)> {
+        lock(py, &self.0).ok()?.step.as_ref().map(|s| (s.total_q, s.qo_heads, s.head_dim_vo))
     }
 }
 
@@ -719,22 +501,8 @@ impl PrefillCore {
         deterministic: bool,
     ) -> PyResult<Self> {
         guard(py, || {
-            let g = capacity(
-                py,
-                use_cuda_graph,
-                max_batch_size,
-                max_tokens,
-                max_pages,
-                max_ctas,
-                false,
-            )?;
-            Ok(PrefillCore(Mutex::new(Core::new(
-                py,
-                device,
-                kv_layout,
-                g,
-                deterministic,
-            )?)))
+            let g = capacity(py, use_cuda_graph, max_batch_size, max_tokens, max_pages, max_ctas, false)?;
+            Ok(PrefillCore(Mutex::new(Core::new(py, device, kv_layout, g, deterministic)?)))
         })
     }
 
@@ -762,7 +530,9 @@ impl PrefillCore {
     ) -> PyResult<()> {
         guard(py, || {
             let pages = match (kv_indices, last_page_len) {
-                (Some(i), Some(l)) => PageTable { indptr: host_ints("paged_kv_indptr", kv_indptr)?, indices: host_ints("paged_kv_indices", i)?, last_page_len: host_ints("paged_kv_last_page_len", l)? },
+                (Some(i), Some(l)) => {
+                    PageTable { indptr: host_ints("paged_kv_indptr", kv_indptr)?, indices: host_ints("paged_kv_indices", i)?, last_page_len: host_ints("paged_kv_last_page_len", l)? }
+                }
                 (None, None) => {
                     let indptr = host_ints("kv_indptr", kv_indptr)?;
                     let total = indptr.last().copied().unwrap_or(0).max(0);
@@ -784,32 +554,18 @@ impl PrefillCore {
                 params,
                 sm_scale,
             };
-            lock(&self.0).plan(py, args, stream)
+            lock(py, &self.0)?.plan(py, args, stream)
         })
     }
 
     #[pyo3(signature = (q, kv, out, lse, stream, ragged))]
     #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        py: Python<'_>,
-        q: &Bound<'_, PyAny>,
-        kv: &Bound<'_, PyAny>,
-        out: &Bound<'_, PyAny>,
-        lse: &Bound<'_, PyAny>,
-        stream: u64,
-        ragged: bool,
-    ) -> PyResult<()> {
-        guard(py, || {
-            lock(&self.0).run(py, q, kv, out, lse, stream, ragged)
-        })
+    fn run(&self, py: Python<'_>, q: &Bound<'_, PyAny>, kv: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>, lse: &Bound<'_, PyAny>, stream: u64, ragged: bool) -> PyResult<()> {
+        guard(py, || lock(py, &self.0)?.run(py, q, kv, out, lse, stream, ragged))
     }
 
     /// The planned step's (total query tokens, query heads, value head dim), or None.
-    fn planned(&self) -> Option<(usize, usize, usize)> {
-        lock(&self.0)
-            .step
-            .as_ref()
-            .map(|s| (s.total_q, s.qo_heads, s.head_dim_vo))
+    fn planned(&self, py: Python<'_>) -> Option<(usize, usize, usize)> {
+        lock(py, &self.0).ok()?.step.as_ref().map(|s| (s.total_q, s.qo_heads, s.head_dim_vo))
     }
 }

@@ -170,6 +170,9 @@ def test_bad_tensors_name_the_argument():
         w.run(q, (kc, vc), lse=torch.empty((2, 8), dtype=torch.float16, device=DEV))
     with pytest.raises(attnforge.TensorError, match=r"page_size, num_kv_heads"):
         w.run(q, cache(total, 8, 2, 64, torch.float16))
+    odd = torch.empty(2 * 8 * 64 + 1, dtype=torch.float16, device=DEV)[1:].view(2, 8, 64)
+    with pytest.raises(attnforge.TensorError, match=r"^q: at address .* not a multiple of 16 bytes"):
+        w.run(odd, (kc, vc))
 
 
 def test_capturing_an_eager_wrapper_is_an_error():
@@ -219,6 +222,9 @@ def test_cuda_graph_replays_new_plans():
             torch.testing.assert_close(out[b:b + 1].double(), sdpa(q[b:b + 1], k, v, None, d**-0.5), rtol=2e-2, atol=2e-2, msg=f"step {step}, request {b}")
     with pytest.raises(attnforge.PlanError):
         plan([100] * (B + 1))  # over the capacity
+    # A replay reads the cache it was captured on: a table past its pages is refused at plan.
+    with pytest.raises(attnforge.TensorError, match="the graph was captured on holds 512 pages"):
+        w.plan([0, 1], [600], [1], 32, 8, d, ps, q_data_type=torch.bfloat16)
 
 
 def test_two_threads_on_two_streams():
