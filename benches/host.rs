@@ -86,5 +86,31 @@ fn plan(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, spec, jit, plan);
+/// Shared-prefix detection (`cascade::detect`): a batch with no shared prefix must cost almost
+/// nothing (issue 15: < 5 µs at B = 256), and one where every request shares a 32K prefix.
+fn cascade(c: &mut Criterion) {
+    use attnforge::cascade::{detect, Policy};
+    use attnforge::kv::{Batch, KvLayout, KvShape, PageTable};
+    let b = 256usize;
+    let lens: Vec<usize> = (0..b).map(|i| 1000 + (i * 37) % 3000).collect();
+    let lone = PageTable::from_lens(&lens, 16, &mut (0..).map(|i| i as usize)).unwrap();
+    // Every request: the same 2048 pages (32768 tokens), then 16 of its own.
+    let shared_pages = 2048i32;
+    let mut indptr = vec![0i32];
+    let mut indices = Vec::new();
+    for r in 0..b as i32 {
+        indices.extend(0..shared_pages);
+        indices.extend((0..16).map(|j| shared_pages + r * 16 + j));
+        indptr.push(indices.len() as i32);
+    }
+    let shared = PageTable { indptr, indices, last_page_len: vec![16; b] };
+    let qo: Vec<i32> = (0..=b as i32).collect();
+    for (name, pages) in [("no shared prefix", &lone), ("all share 32K", &shared)] {
+        let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages.indices.iter().copied().max().unwrap() as usize + 1, page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
+        let batch = Batch { qo_indptr: &qo, pages, kv, qo_heads: 32 };
+        c.bench_function(&format!("cascade/detect B=256 {name}"), |bch| bch.iter(|| detect(black_box(&batch), &Policy::default())));
+    }
+}
+
+criterion_group!(benches, spec, jit, plan, cascade);
 criterion_main!(benches);

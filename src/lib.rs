@@ -14,6 +14,7 @@
 //! |---|---|
 //! | spec language: parse, type-check, emit CUDA, evaluate | [`spec`] |
 //! | paged KV layout, page tables, validation | [`kv`] |
+//! | composable formats: shared-prefix levels, detection (host side) | [`cascade`] |
 //! | CPU reference attention | [`reference`](mod@reference) |
 //! | provable facts about a spec (mask implied by `kv_range`, monotone bounds) | [`spec::implied`] |
 //! | host-device ABI structs | [`abi`] |
@@ -50,6 +51,7 @@
 #![deny(missing_docs)]
 
 pub mod abi;
+pub mod cascade;
 pub mod diagnostics;
 pub mod engine;
 pub mod error;

@@ -96,12 +96,24 @@ struct RowCtx<'a, T> {
     sm_scale: f64,
 }
 
+/// The visible keys of one row over a window of its positions.
+struct RowKeys {
+    /// (position, logit, page, slot) of each visible key.
+    visible: Vec<(usize, f64, usize, usize)>,
+    /// The row's sink logit, when the variant has one.
+    sink: Option<f64>,
+    kv_head: usize,
+}
+
 impl<T: Element> RowCtx<'_, T> {
-    /// Computes one output row (token `t`, head `h` of request `b`) and returns its LSE.
-    fn row(&self, b: usize, t: usize, h: usize, o_row: &mut [f32]) -> f32 {
+    /// The visible keys of row (token `t`, head `h` of request `b`) among logical positions
+    /// `from..to`, which `pages` hold from position `first` on (`first` a multiple of the page
+    /// size): in `kv_range`, unmasked, with their logits.
+    #[allow(clippy::too_many_arguments)]
+    fn keys(&self, b: usize, t: usize, h: usize, from: usize, to: usize, pages: &[i32], first: usize) -> RowKeys {
         let batch = self.batch;
         let kv = &batch.kv;
-        let (dqk, dvo) = (kv.head_dim_qk, kv.head_dim_vo);
+        let dqk = kv.head_dim_qk;
         let kv_len = batch.kv_len(b);
         let q_len = batch.q_len(b);
         let i = t - batch.qo_indptr[b] as usize;
@@ -125,11 +137,11 @@ impl<T: Element> RowCtx<'_, T> {
             None => (0, kv_len as i64 - 1),
             Some(r) => (bound(&r.lo, &env, 0).max(0), bound(&r.hi, &env, i64::MAX).min(kv_len as i64 - 1)),
         };
+        let (lo, hi) = (lo.max(from as i64), hi.min(to as i64 - 1));
         let qv: Vec<f64> = (0..dqk).map(|d| self.q[(t * batch.qo_heads + h) * dqk + d].to_f64()).collect();
-        let pages = batch.pages.pages(b);
-        let locate = |pos: usize| (pages[pos / kv.page_size] as usize, pos % kv.page_size);
+        let locate = |pos: usize| (pages[(pos - first) / kv.page_size] as usize, pos % kv.page_size);
 
-        let mut visible: Vec<(usize, f64)> = Vec::new();
+        let mut visible = Vec::new();
         for pos in lo.max(0)..=hi {
             env.kv_pos = pos as i32;
             if let Some(m) = &self.variant.mask {
@@ -140,14 +152,24 @@ impl<T: Element> RowCtx<'_, T> {
             let (page, slot) = locate(pos as usize);
             let base = kv.k_index(page, slot, kv_head);
             env.score = (0..dqk).map(|d| qv[d] * self.k[base + d].to_f64()).sum();
-            visible.push((pos as usize, eval(&self.variant.logits.typed, &env).as_f()));
+            visible.push((pos as usize, eval(&self.variant.logits.typed, &env).as_f(), page, slot));
         }
+        let sink = self.variant.sink.as_ref().map(|s| eval(&s.typed, &env).as_f());
+        RowKeys { visible, sink, kv_head }
+    }
 
+    /// Computes one output row (token `t`, head `h` of request `b`) and returns its LSE.
+    fn row(&self, b: usize, t: usize, h: usize, o_row: &mut [f32]) -> f32 {
+        let kv = &self.batch.kv;
+        let dvo = kv.head_dim_vo;
+        let RowKeys { visible, sink, kv_head } = self.keys(b, t, h, 0, self.batch.kv_len(b), self.batch.pages.pages(b), 0);
+        let visible: Vec<(usize, f64)> = visible.iter().map(|&(pos, l, _, _)| (pos, l)).collect();
+        let pages = self.batch.pages.pages(b);
+        let locate = |pos: usize| (pages[pos / kv.page_size] as usize, pos % kv.page_size);
         o_row.iter_mut().for_each(|x| *x = 0.0);
         if visible.is_empty() {
             return f32::NEG_INFINITY;
         }
-        let sink = self.variant.sink.as_ref().map(|s| eval(&s.typed, &env).as_f());
         let (weights, lse) = match self.variant.normalize {
             Normalize::None => (visible.iter().map(|&(_, l)| l).collect::<Vec<_>>(), 0.0),
             Normalize::Softmax => {
@@ -178,5 +200,164 @@ impl<T: Element> RowCtx<'_, T> {
             *o = *a as f32;
         }
         lse as f32
+    }
+}
+
+/// The multi-level formulation of [`attention`]: each level's groups give every row a partial
+/// state over the group's keys (logical positions, the group's own pages), the partial states
+/// merge by `(o, lse)` ([`merge_state`]) and the sink joins once, at the end. Equal to
+/// [`attention`] of `batch` up to floating-point reassociation when `cascade` decomposes it
+/// (validated first).
+pub fn attention_cascade<T: Element>(
+    variant: &Variant,
+    params: &ParamValues,
+    batch: &Batch<'_>,
+    cascade: &crate::cascade::Cascade,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    sm_scale: Option<f32>,
+) -> Result<AttnOutput> {
+    batch.validate(q.len(), k.len(), v.len())?;
+    cascade.validate(batch)?;
+    let dims = Dims { qo_heads: batch.qo_heads, kv_heads: batch.kv.kv_heads, batch: batch.batch_size() };
+    params.fits(&variant.params, dims).map_err(Error::Param)?;
+    params.check_bits(&variant.params, |b| (batch.q_len(b), batch.kv_len(b))).map_err(Error::Param)?;
+    let sm_scale = f64::from(crate::spec::params::resolve_sm_scale(sm_scale, batch.kv.head_dim_qk).map_err(Error::Param)?);
+    let total_q = batch.total_q();
+    let mut token_req = vec![0usize; total_q];
+    for b in 0..batch.batch_size() {
+        token_req[batch.qo_indptr[b] as usize..batch.qo_indptr[b + 1] as usize].fill(b);
+    }
+    // Each request's groups, level by level.
+    let mut groups: Vec<Vec<&crate::cascade::Group>> = vec![Vec::new(); batch.batch_size()];
+    for level in &cascade.levels {
+        for g in &level.groups {
+            for &r in &g.requests {
+                groups[r].push(g);
+            }
+        }
+    }
+    let heads = batch.qo_heads;
+    let dvo = batch.kv.head_dim_vo;
+    let ctx = RowCtx { variant, params, batch, q, k, v, sm_scale };
+    let rows: Vec<(Vec<f32>, f32)> = (0..total_q * heads)
+        .into_par_iter()
+        .map(|r| {
+            let (t, h) = (r / heads, r % heads);
+            let b = token_req[t];
+            let mut acc = State::empty(dvo);
+            let mut sink = None;
+            for g in &groups[b] {
+                let keys = ctx.keys(b, t, h, g.kv_start, g.kv_start + g.len, &g.pages, g.kv_start);
+                sink = keys.sink;
+                acc = merge_state(variant.normalize, &acc, &ctx.partial(&keys));
+            }
+            let done = acc.finish(variant.normalize, sink);
+            (done.o.iter().map(|&x| x as f32).collect(), done.lse as f32)
+        })
+        .collect();
+    let mut out = AttnOutput { o: Vec::with_capacity(total_q * heads * dvo), lse: Vec::with_capacity(total_q * heads) };
+    for (o, lse) in rows {
+        out.o.extend(o);
+        out.lse.push(lse);
+    }
+    Ok(out)
+}
+
+/// A row's attention state over some of its keys, in f64: for softmax, the output normalised
+/// over those keys and their LSE (`-inf`: no visible key; NaN: a NaN logit); with
+/// `normalize: "none"`, the sum `Σ logit · v` and 0 (`-inf` without a visible key). No sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    /// The output.
+    pub o: Vec<f64>,
+    /// The LSE (natural log).
+    pub lse: f64,
+}
+
+impl State {
+    /// The state of no key: `(0, -inf)`.
+    pub fn empty(dim: usize) -> State {
+        State { o: vec![0.0; dim], lse: f64::NEG_INFINITY }
+    }
+
+    /// The final `(o, lse)` of a row: the sink (a logit that joins the softmax denominator only)
+    /// added once. A row with no visible key stays `(0, -inf)`, sink or not, as the kernels do.
+    pub fn finish(mut self, normalize: Normalize, sink: Option<f64>) -> State {
+        if self.lse.is_nan() {
+            self.o.iter_mut().for_each(|x| *x = f64::NAN);
+            return self;
+        }
+        match (normalize, sink) {
+            (Normalize::Softmax, Some(s)) if self.lse > f64::NEG_INFINITY => {
+                let m = self.lse.max(s);
+                let lse = m + ((self.lse - m).exp() + (s - m).exp()).ln();
+                let scale = (self.lse - lse).exp();
+                self.o.iter_mut().for_each(|x| *x *= scale);
+                State { o: self.o, lse }
+            }
+            _ => self,
+        }
+    }
+}
+
+/// Merges the states of a row over two disjoint key sets (associative and commutative): for
+/// softmax, `lse = log(e^a + e^b)` and the outputs weighted by `e^(lse_side - lse)`; a side
+/// with `lse = -inf` contributes nothing, and a NaN side makes the row NaN. With
+/// `normalize: "none"`, the sums add.
+pub fn merge_state(normalize: Normalize, a: &State, b: &State) -> State {
+    if a.lse.is_nan() || b.lse.is_nan() {
+        return State { o: vec![f64::NAN; a.o.len()], lse: f64::NAN };
+    }
+    if b.lse == f64::NEG_INFINITY {
+        return a.clone();
+    }
+    if a.lse == f64::NEG_INFINITY {
+        return b.clone();
+    }
+    match normalize {
+        Normalize::None => State { o: a.o.iter().zip(&b.o).map(|(x, y)| x + y).collect(), lse: 0.0 },
+        Normalize::Softmax => {
+            let m = a.lse.max(b.lse);
+            let (wa, wb) = ((a.lse - m).exp(), (b.lse - m).exp());
+            let lse = m + (wa + wb).ln();
+            let (wa, wb) = (wa / (wa + wb), wb / (wa + wb));
+            State { o: a.o.iter().zip(&b.o).map(|(x, y)| wa * x + wb * y).collect(), lse }
+        }
+    }
+}
+
+impl<T: Element> RowCtx<'_, T> {
+    /// The state of a row over `keys` (no sink).
+    fn partial(&self, keys: &RowKeys) -> State {
+        let kv = &self.batch.kv;
+        let dvo = kv.head_dim_vo;
+        if keys.visible.is_empty() {
+            return State::empty(dvo);
+        }
+        let (weights, lse): (Vec<f64>, f64) = match self.variant.normalize {
+            Normalize::None => (keys.visible.iter().map(|k| k.1).collect(), 0.0),
+            Normalize::Softmax => {
+                if keys.visible.iter().any(|k| k.1.is_nan()) {
+                    return State { o: vec![f64::NAN; dvo], lse: f64::NAN };
+                }
+                let m = keys.visible.iter().map(|k| k.1).fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    return State::empty(dvo);
+                }
+                let e: Vec<f64> = keys.visible.iter().map(|k| (k.1 - m).exp()).collect();
+                let d: f64 = e.iter().sum();
+                (e.iter().map(|x| x / d).collect(), m + d.ln())
+            }
+        };
+        let mut o = vec![0.0f64; dvo];
+        for (&(_, _, page, slot), w) in keys.visible.iter().zip(&weights) {
+            let base = kv.v_index(page, slot, keys.kv_head);
+            for (d, a) in o.iter_mut().enumerate() {
+                *a += w * self.v[base + d].to_f64();
+            }
+        }
+        State { o, lse }
     }
 }

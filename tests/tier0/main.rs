@@ -1,5 +1,6 @@
 //! Tier 0: everything that runs without NVRTC or a GPU.
 
+mod cascade;
 mod cli;
 mod fuzz;
 mod implied;

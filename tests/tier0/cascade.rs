@@ -1,0 +1,281 @@
+//! Composable formats on the host: multi-level validation errors, shared-prefix detection on
+//! random tries, and the multi-level reference against the single-level one for every variant.
+
+use std::collections::HashMap;
+
+use attnforge::cascade::{detect, Cascade, Group, Level, Policy};
+use attnforge::kv::{Batch, KvLayout, KvShape, LayoutError, PageTable};
+use attnforge::spec::params::{sample, Dims};
+use attnforge::spec::shipped;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+const PS: usize = 4;
+
+/// A batch whose requests share prefixes along a random trie: request `r` takes the pages of a
+/// random earlier request's first `k` pages (nested sharing), then pages of its own; lengths
+/// end anywhere (a partial last page).
+struct Case {
+    pages: PageTable,
+    qo_indptr: Vec<i32>,
+    num_pages: usize,
+}
+
+fn case(rng: &mut impl Rng, n: usize, share: f64, q_lens: &[usize]) -> Case {
+    let mut next = 0i32;
+    let mut lists: Vec<Vec<i32>> = Vec::new();
+    let mut lens = Vec::new();
+    for r in 0..n {
+        let mut list: Vec<i32> = Vec::new();
+        if r > 0 && rng.random_bool(share) {
+            let from = rng.random_range(0..r);
+            // Only whole pages of the other request can be shared.
+            let full = lens[from] / PS;
+            let k = rng.random_range(0..=full);
+            list.extend_from_slice(&lists[from][..k]);
+        }
+        let extra = rng.random_range(0..5usize);
+        for _ in 0..extra {
+            list.push(next);
+            next += 1;
+        }
+        let len = if list.is_empty() { 0 } else { (list.len() - 1) * PS + rng.random_range(1..=PS) };
+        // A request whose own pages ended early must end on one of them, not on a shared page's
+        // slot past its owner's length: keep the shared pages full.
+        let len = len.max(if extra == 0 { list.len() * PS } else { 0 });
+        lens.push(len);
+        lists.push(list);
+    }
+    let mut indptr = vec![0i32];
+    let mut indices = Vec::new();
+    let mut last = Vec::new();
+    for (l, &len) in lists.iter().zip(&lens) {
+        indices.extend_from_slice(l);
+        indptr.push(indices.len() as i32);
+        last.push(if l.is_empty() { 0 } else { (len - (l.len() - 1) * PS) as i32 });
+    }
+    let mut qo = vec![0i32];
+    for (r, &len) in lens.iter().enumerate() {
+        let q = q_lens[r % q_lens.len()].min(len);
+        qo.push(qo[r] + q as i32);
+    }
+    Case { pages: PageTable { indptr, indices, last_page_len: last }, qo_indptr: qo, num_pages: next.max(1) as usize }
+}
+
+fn kv(num_pages: usize) -> KvShape {
+    KvShape { layout: KvLayout::Nhd, interleaved: false, num_pages, page_size: PS, kv_heads: 2, head_dim_qk: 16, head_dim_vo: 8 }
+}
+
+fn batch<'a>(c: &'a Case) -> Batch<'a> {
+    Batch { qo_indptr: &c.qo_indptr, pages: &c.pages, kv: kv(c.num_pages), qo_heads: 4 }
+}
+
+/// Any sharing at all pays (the tests look at the structure, not the cost model).
+fn eager() -> Policy {
+    Policy { min_saved_bytes: 0, ..Policy::default() }
+}
+
+/// The longest common prefix of full pages of two requests.
+fn lcp(b: &Batch<'_>, x: usize, y: usize) -> usize {
+    let full = |r: usize| &b.pages.pages(r)[..b.kv_len(r) / PS];
+    full(x).iter().zip(full(y)).take_while(|(a, b)| a == b).count()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Detection on random tries: the cascade decomposes the batch, every group of several
+    /// requests is a run of pages all of them share at the same place, no two requests that
+    /// share a first full page end up reading it separately at the first level, and keys are
+    /// read no more often than without the cascade.
+    #[test]
+    fn detection_on_random_tries_decomposes_the_batch(seed in any::<u64>(), n in 1usize..24, share in 0.0f64..1.0, levels in 2usize..5) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let c = case(&mut rng, n, share, &[1]);
+        let b = batch(&c);
+        b.validated().unwrap();
+        let policy = Policy { max_levels: levels, ..eager() };
+        let Some(cascade) = detect(&b, &policy) else {
+            // None: no two requests share their first full page.
+            for x in 0..n {
+                for y in 0..x {
+                    prop_assert_eq!(lcp(&b, x, y), 0, "requests {} and {} share a prefix, but no cascade", x, y);
+                }
+            }
+            return Ok(());
+        };
+        cascade.validate(&b).unwrap();
+        prop_assert!(cascade.levels.len() <= levels);
+        prop_assert!(cascade.keys_read() < Cascade::single(&b).keys_read());
+        for level in &cascade.levels[..cascade.levels.len() - 1] {
+            for g in &level.groups {
+                prop_assert!(g.requests.len() >= 2, "a shared level has a group of one");
+                prop_assert_eq!(g.len, g.pages.len() * PS, "a shared run is whole pages");
+                for &x in &g.requests {
+                    for &y in &g.requests {
+                        prop_assert!(lcp(&b, x, y) * PS >= g.kv_start + g.len);
+                    }
+                }
+            }
+        }
+        // The first level's groups are the maximal sharing classes of the first page.
+        let first: HashMap<usize, usize> = cascade.levels[0].groups.iter().enumerate().flat_map(|(gi, g)| g.requests.iter().map(move |&r| (r, gi))).collect();
+        for x in 0..n {
+            for y in 0..x {
+                if lcp(&b, x, y) > 0 && cascade.levels.len() > 1 {
+                    prop_assert_eq!(first.get(&x), first.get(&y), "requests {} and {} share page 0 but not a group", x, y);
+                }
+            }
+        }
+    }
+
+    /// reference(multi-level) == reference(single-level) for every shipped variant, decode and
+    /// append rows, on random shared-prefix batches (detected cascades and the trivial one).
+    #[test]
+    fn the_multi_level_reference_equals_the_single_level_one(seed in any::<u64>(), n in 1usize..10, share in 0.3f64..1.0) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let c = case(&mut rng, n, share, &[1, 3, 1, 7]);
+        let b = batch(&c);
+        b.validated().unwrap();
+        let q: Vec<f32> = (0..b.q_elems()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let k: Vec<f32> = (0..b.kv.k_len()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let v: Vec<f32> = (0..b.kv.v_len()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let lens: Vec<(usize, usize)> = (0..n).map(|r| (b.q_len(r), b.kv_len(r))).collect();
+        let cascades = [detect(&b, &Policy { max_levels: 3, ..eager() }), detect(&b, &Policy { max_levels: 2, ..eager() }), Some(Cascade::single(&b))];
+        for variant in shipped::all().unwrap() {
+            let params = sample(&variant.params, Dims { qo_heads: 4, kv_heads: 2, batch: n }, &lens, |lo, hi| rng.random_range(lo..=hi));
+            let single = attnforge::reference::attention(&variant, &params, &b, &q, &k, &v, None).unwrap();
+            for cascade in cascades.iter().flatten() {
+                let multi = attnforge::reference::attention_cascade(&variant, &params, &b, cascade, &q, &k, &v, None).unwrap();
+                for (i, (x, y)) in single.lse.iter().zip(&multi.lse).enumerate() {
+                    prop_assert!((x.is_nan() && y.is_nan()) || x == y || (x - y).abs() <= 1e-5 * x.abs().max(1.0), "{}: lse[{}] {} vs {}", variant.name, i, x, y);
+                }
+                for (i, (x, y)) in single.o.iter().zip(&multi.o).enumerate() {
+                    prop_assert!((x.is_nan() && y.is_nan()) || (x - y).abs() <= 1e-5 * x.abs().max(1.0), "{}: o[{}] {} vs {}", variant.name, i, x, y);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn no_shared_prefix_is_no_cascade_and_partial_last_pages_stay_with_their_request() {
+    // Requests 0 and 1 share pages 0 and 1; request 0's page 2 is partial, so even though
+    // request 1 lists page 2 too, page 2 is not shared.
+    let pages = PageTable { indptr: vec![0, 3, 7, 8], indices: vec![0, 1, 2, 0, 1, 2, 3, 4], last_page_len: vec![2, 4, 3] };
+    let qo = [0, 1, 2, 3];
+    let b = Batch { qo_indptr: &qo, pages: &pages, kv: kv(5), qo_heads: 4 };
+    let c = detect(&b, &eager()).unwrap();
+    c.validate(&b).unwrap();
+    assert_eq!(c.levels.len(), 2);
+    assert_eq!(c.levels[0].groups, vec![Group { requests: vec![0, 1], kv_start: 0, pages: vec![0, 1], len: 8 }]);
+    let suffixes: Vec<(usize, usize, usize)> = c.levels[1].groups.iter().map(|g| (g.requests[0], g.kv_start, g.len)).collect();
+    assert_eq!(suffixes, [(0, 8, 2), (1, 8, 8), (2, 0, 3)]);
+    // Nothing shared: no cascade; off: no cascade; a cost model the saving does not meet: none.
+    let lone = PageTable { indptr: vec![0, 2, 3], indices: vec![0, 1, 2], last_page_len: vec![4, 1] };
+    let qo2 = [0, 1, 2];
+    let b2 = Batch { qo_indptr: &qo2, pages: &lone, kv: kv(3), qo_heads: 4 };
+    assert_eq!(detect(&b2, &eager()), None);
+    assert_eq!(detect(&b, &Policy { enabled: false, ..eager() }), None);
+    assert_eq!(detect(&b, &Policy::default()), None, "two shared pages of 256 bytes do not pay for a launch");
+    // Every request shares everything: the suffix level holds only what is past the prefix.
+    let all = PageTable { indptr: vec![0, 2, 4, 6], indices: vec![7, 8, 7, 8, 7, 8], last_page_len: vec![4, 4, 4] };
+    let b3 = Batch { qo_indptr: &qo, pages: &all, kv: kv(9), qo_heads: 4 };
+    let c3 = detect(&b3, &eager()).unwrap();
+    c3.validate(&b3).unwrap();
+    assert_eq!(c3.levels[0].groups.len(), 1);
+    assert!(c3.levels[1].groups.is_empty());
+}
+
+#[test]
+fn nested_prefixes_become_levels() {
+    // All three share page 10; requests 0 and 1 also share page 11.
+    let pages = PageTable { indptr: vec![0, 3, 6, 8], indices: vec![10, 11, 0, 10, 11, 1, 10, 2], last_page_len: vec![1, 1, 1] };
+    let qo = [0, 1, 2, 3];
+    let b = Batch { qo_indptr: &qo, pages: &pages, kv: kv(12), qo_heads: 4 };
+    let c = detect(&b, &eager()).unwrap();
+    c.validate(&b).unwrap();
+    let shape: Vec<Vec<(Vec<usize>, usize, usize)>> = c.levels.iter().map(|l| l.groups.iter().map(|g| (g.requests.clone(), g.kv_start, g.len)).collect()).collect();
+    assert_eq!(shape, vec![vec![(vec![0, 1, 2], 0, 4)], vec![(vec![0, 1], 4, 4)], vec![(vec![0], 8, 1), (vec![1], 8, 1), (vec![2], 4, 1)]]);
+    // Two levels at most: the deeper run joins the suffixes.
+    let c2 = detect(&b, &Policy { max_levels: 2, ..eager() }).unwrap();
+    c2.validate(&b).unwrap();
+    assert_eq!(c2.levels.len(), 2);
+    assert_eq!(c2.levels[1].groups[0].len, 5);
+}
+
+#[test]
+fn a_cascade_that_does_not_decompose_its_batch_is_an_error() {
+    let pages = PageTable { indptr: vec![0, 2, 4], indices: vec![0, 1, 0, 2], last_page_len: vec![3, 4] };
+    let qo = [0, 1, 2];
+    let b = Batch { qo_indptr: &qo, pages: &pages, kv: kv(3), qo_heads: 4 };
+    let g = |requests: Vec<usize>, kv_start: usize, pages: Vec<i32>, len: usize| Group { requests, kv_start, pages, len };
+    let good = Cascade { levels: vec![Level { groups: vec![g(vec![0, 1], 0, vec![0], 4)] }, Level { groups: vec![g(vec![0], 4, vec![1], 3), g(vec![1], 4, vec![2], 4)] }] };
+    good.validate(&b).unwrap();
+    let message = |c: Cascade| match c.validate(&b) {
+        Err(LayoutError::Cascade { level, group, message }) => format!("{level}/{group}: {message}"),
+        other => panic!("expected a cascade error, got {other:?}"),
+    };
+    let mut c = good.clone();
+    c.levels[1].groups.pop();
+    assert!(message(c).contains("request 1: the levels cover 4 of its 8 keys"));
+    let mut c = good.clone();
+    c.levels[1].groups[0].pages = vec![2];
+    assert!(message(c).contains("not request 0's pages 1..2"));
+    let mut c = good.clone();
+    c.levels[0].groups[0].kv_start = 2;
+    assert!(message(c).starts_with("0/0: kv_start 2 is not a multiple"));
+    let mut c = good.clone();
+    c.levels[1].groups[1].requests = vec![0];
+    assert!(message(c).contains("request 0 is also in group 0"));
+    let mut c = good.clone();
+    c.levels[0].groups[0].requests = vec![0, 5];
+    assert!(message(c).contains("request 5 is outside the batch of 2"));
+    let mut c = good.clone();
+    c.levels[1].groups[0].len = 4;
+    assert!(message(c).contains("past request 0's 7"));
+    let mut c = good.clone();
+    c.levels[0].groups[0].len = 5;
+    assert!(message(c).contains("5 keys on 1 pages of 4"));
+    let mut c = good.clone();
+    c.levels.push(Level { groups: vec![g(vec![1], 0, vec![0], 4)] });
+    assert!(message(c).contains("overlaps"));
+    let mut c = good.clone();
+    c.levels[0].groups[0].requests.clear();
+    assert!(message(c).contains("without requests"));
+    // And the reference refuses it too.
+    let v = shipped::resolve("causal").unwrap();
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: 2 }).unwrap();
+    let mut c = good.clone();
+    c.levels[1].groups.pop();
+    let zeros = vec![0.0f32; 2 * 4 * 16];
+    let kvz = vec![0.0f32; b.kv.k_len()];
+    let vz = vec![0.0f32; b.kv.v_len()];
+    assert!(attnforge::reference::attention_cascade(&v, &p, &b, &c, &zeros, &kvz, &vz, None).is_err());
+}
+
+#[test]
+fn merge_state_handles_empty_and_nan_sides() {
+    use attnforge::reference::{merge_state, State};
+    use attnforge::spec::Normalize;
+    let a = State { o: vec![1.0, 2.0], lse: 0.5 };
+    let b = State { o: vec![3.0, -1.0], lse: -0.25 };
+    let ab = merge_state(Normalize::Softmax, &a, &b);
+    let ba = merge_state(Normalize::Softmax, &b, &a);
+    assert!((ab.lse - (0.5f64.exp() + (-0.25f64).exp()).ln()).abs() < 1e-15);
+    for (x, y) in ab.o.iter().zip(&ba.o) {
+        assert!((x - y).abs() < 1e-15);
+    }
+    let wa = (0.5 - ab.lse).exp();
+    assert!((ab.o[0] - (wa * 1.0 + (1.0 - wa) * 3.0)).abs() < 1e-12);
+    let e = State::empty(2);
+    assert_eq!(merge_state(Normalize::Softmax, &a, &e), a);
+    assert_eq!(merge_state(Normalize::Softmax, &e, &e), e);
+    assert!(merge_state(Normalize::Softmax, &a, &State { o: vec![0.0; 2], lse: f64::NAN }).lse.is_nan());
+    assert_eq!(merge_state(Normalize::None, &State { o: vec![1.0, 1.0], lse: 0.0 }, &State { o: vec![2.0, 0.5], lse: 0.0 }).o, vec![3.0, 1.5]);
+    // The sink joins once, at the end; a row without keys stays (0, -inf) with a sink.
+    let fin = a.clone().finish(Normalize::Softmax, Some(0.5));
+    assert!((fin.lse - (0.5 + 2f64.ln())).abs() < 1e-15);
+    assert!((fin.o[0] - 0.5).abs() < 1e-15);
+    assert_eq!(e.clone().finish(Normalize::Softmax, Some(3.0)), e);
+}
