@@ -190,3 +190,15 @@ fn check_refuses_unbindable_specs_and_says_when_sampling_was_cut_short() {
     assert!(text.contains("more than the 1024 the prover analyses"), "{text}");
     assert!(text.contains("FAIL") && text.contains("must be an integer in i32"), "{text}");
 }
+
+#[test]
+fn run_cpu_shared_prefix_compares_both_formulations() {
+    let (ok, out) = attnforge(&["run", "gemma2", "--cpu", "--shared-prefix", "100", "--batch", "5", "--kv-len", "160", "--qo-heads", "8", "--kv-heads", "2", "--head-dim", "64", "--param", "window=120"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("cascade: 2 levels (1 group(s), 5 group(s)), 416 keys read instead of 800"), "{out}");
+    assert!(out.contains("multi-level reference"), "{out}");
+    let (ok, out) = attnforge(&["run", "causal", "--shared-prefix", "64", "--batch", "2", "--kv-len", "100"]);
+    assert!(!ok && out.contains("pass --cpu"), "{out}");
+    let (ok, out) = attnforge(&["run", "causal", "--cpu", "--shared-prefix", "200", "--kv-len", "100"]);
+    assert!(!ok && out.contains("longer than --kv-len"), "{out}");
+}

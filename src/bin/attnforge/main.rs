@@ -164,6 +164,11 @@ pub(crate) struct RunArgs {
     /// A runtime parameter, `name=value` or `name=v0,v1,…` (repeatable).
     #[arg(long = "param", value_name = "NAME=VALUE")]
     pub(crate) params: Vec<String>,
+    /// Every request starts with the same N-token prefix (the same pages, whole pages only: a
+    /// partial last prefix page is each request's own). With --cpu, the single- and the
+    /// multi-level (cascade) reference are computed and compared; the GPU cascade is not built.
+    #[arg(long, value_name = "N")]
+    pub(crate) shared_prefix: Option<usize>,
 }
 
 fn main() -> ExitCode {

@@ -127,12 +127,21 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
 }
 
 fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, p: &ParamValues, spec: &WorkloadSpec, rng: &mut StdRng) -> Result<()> {
-    let w = Workload::<T>::random(spec, rng)?;
+    let mut w = Workload::<T>::random(spec, rng)?;
+    if let Some(n) = a.shared_prefix {
+        if !a.cpu {
+            bail!("--shared-prefix runs the cascade's CPU reference only (pass --cpu): the GPU path through a cascade is not built yet");
+        }
+        share_prefix(&mut w, n, a.kv_len)?;
+    }
     let t0 = Instant::now();
     let want = reference::attention(v, p, &w.batch(), &w.q, &w.k, w.v(), a.sm_scale)?;
     let ref_secs = t0.elapsed().as_secs_f64();
     println!("  CPU reference (f64): {} rows in {:.1} ms", want.lse.len(), ref_secs * 1e3);
     summarise(&want, spec.head_dim_vo);
+    if a.shared_prefix.is_some() {
+        compare_cascade(a, v, p, &w, &want)?;
+    }
     let mut got = None;
     if !a.cpu {
         let e = Engine::new(0).context("the GPU path needs a GPU (pass --cpu for the reference alone)")?;
@@ -509,3 +518,39 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
     Ok(())
 }
 
+/// Makes every request start with request 0's pages for the first `n` tokens (whole pages).
+fn share_prefix<T: Element>(w: &mut Workload<T>, n: usize, kv_len: usize) -> Result<()> {
+    if n > kv_len {
+        bail!("--shared-prefix {n} is longer than --kv-len {kv_len}");
+    }
+    let shared = n / w.kv.page_size;
+    let first: Vec<i32> = w.pages.pages(0).get(..shared).map(<[i32]>::to_vec).unwrap_or_default();
+    for b in 1..w.pages.batch_size() {
+        let at = w.pages.indptr[b] as usize;
+        w.pages.indices[at..at + shared].copy_from_slice(&first);
+    }
+    Ok(())
+}
+
+/// The multi-level formulation of the same batch (levels detected from the page table) against
+/// the single-level reference.
+fn compare_cascade<T: Element>(a: &RunArgs, v: &Variant, p: &ParamValues, w: &Workload<T>, want: &AttnOutput) -> Result<()> {
+    use attnforge::cascade::{detect, Policy};
+    let batch = w.batch();
+    let Some(cascade) = detect(&batch, &Policy { min_saved_bytes: 0, ..Policy::default() }) else {
+        println!("  cascade: no shared whole page to read once (prefix shorter than a page, or one request)");
+        return Ok(());
+    };
+    let shape: Vec<String> = cascade.levels.iter().map(|l| format!("{} group(s)", l.groups.len())).collect();
+    let single = attnforge::cascade::Cascade::single(&batch).keys_read();
+    println!("  cascade: {} levels ({}), {} keys read instead of {single}", cascade.levels.len(), shape.join(", "), cascade.keys_read());
+    let t0 = Instant::now();
+    let multi = reference::attention_cascade(v, p, &batch, &cascade, &w.q, &w.k, w.v(), a.sm_scale)?;
+    let diff = |x: &[f32], y: &[f32]| x.iter().zip(y).filter(|(a, b)| !(a.is_nan() && b.is_nan()) && a != b).map(|(a, b)| (a - b).abs() / a.abs().max(1.0)).fold(0.0f32, f32::max);
+    let (d_o, d_lse) = (diff(&want.o, &multi.o), diff(&want.lse, &multi.lse));
+    println!("  multi-level reference ({:.1} ms) vs single-level: max relative |Δo| {d_o:.2e}, |Δlse| {d_lse:.2e}", t0.elapsed().as_secs_f64() * 1e3);
+    if d_o > 1e-5 || d_lse > 1e-5 || !d_o.is_finite() || !d_lse.is_finite() {
+        bail!("the multi-level reference differs from the single-level one");
+    }
+    Ok(())
+}
