@@ -24,6 +24,9 @@ use crate::spec::params::ParamValues;
 use crate::spec::Variant;
 use crate::{Error, Result};
 
+/// Most launch events a wrapper keeps for the next upload to wait for (beyond, the host waits).
+const MAX_PENDING: usize = 64;
+
 /// Whether `stream` is being captured into a CUDA graph.
 fn capturing(stream: &CudaStream) -> Result<bool> {
     Ok(stream.capture_status().map_err(cuda("capture status"))? != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
@@ -93,7 +96,9 @@ pub struct Wrapper<'e, F: Family> {
     planned_on: Option<usize>,
     /// Events recorded after launches on streams other than the one the step was planned on:
     /// the next upload waits for them (those launches may still read the buffers it rewrites).
-    pending: std::sync::Mutex<Vec<cudarc::driver::CudaEvent>>,
+    /// One event per stream handle (the last launch on it), except the per-thread default
+    /// stream (handle 2, another stream in every thread), of which at most `MAX_PENDING` wait.
+    pending: std::sync::Mutex<Vec<(usize, cudarc::driver::CudaEvent)>>,
 }
 
 /// Batch decode through `plan` / `run`.
@@ -141,10 +146,24 @@ impl<'e, F: Family> Wrapper<'e, F> {
     /// changed). In graph mode the batch must fit the capacities and the parameters must stay
     /// those of the first step (a captured graph holds their pointers).
     pub fn plan(&mut self, batch: &Batch<'_>, params: &ParamValues) -> Result<&F::Plan> {
-        self.planned_on = None;
+        if self.planned_on.is_some() {
+            // Launches on that stream may still read the buffers this upload rewrites, and only
+            // `plan_on` orders the upload after them.
+            return Err(PlanError::Invalid("the last step was planned with plan_on: plan this one with plan_on as well (plan cannot order its upload after that stream's launches)".into()).into());
+        }
+        self.plan_after_launches(batch, params)
+    }
+
+    fn plan_after_launches(&mut self, batch: &Batch<'_>, params: &ParamValues) -> Result<&F::Plan> {
         let valid = batch.validated()?;
-        for ev in self.pending.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
-            self.engine.stream.wait(&ev).map_err(cuda("order the upload after launches on other streams"))?;
+        let mut failed = None;
+        for (_, ev) in self.pending.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            if let Err(e) = self.engine.stream.wait(&ev) {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            return Err(cuda("order the upload after launches on other streams")(e));
         }
         let mode = match self.options.graph {
             Some(g) => PlanMode::FixedGrid { max_ctas: g.max_ctas },
@@ -200,7 +219,8 @@ impl<'e, F: Family> Wrapper<'e, F> {
             return Err(PlanError::Invalid("plan while the stream is being captured: plan between replays and capture only run".into()).into());
         }
         self.engine.stream.join(stream).map_err(cuda("order the upload after the stream's work"))?;
-        self.plan(batch, params)?;
+        self.planned_on = None;
+        self.plan_after_launches(batch, params)?;
         stream.join(&self.engine.stream).map_err(cuda("order the stream after the upload"))?;
         self.planned_on = Some(stream.cu_stream() as usize);
         Ok(&self.planned.as_ref().ok_or(PlanError::NotUploaded)?.plan)
@@ -235,7 +255,14 @@ impl<'e, F: Family> Wrapper<'e, F> {
         self.launch(stream, q, kv, out)?;
         if other {
             let ev = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(cuda("record the launch"))?;
-            self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(ev);
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            // Launches on one stream are ordered: its last event stands for all of them.
+            pending.retain(|(h, _)| *h != handle || handle == 2);
+            if pending.len() >= MAX_PENDING {
+                let (_, oldest) = pending.remove(0);
+                oldest.synchronize().map_err(cuda("wait for an earlier launch"))?;
+            }
+            pending.push((handle, ev));
         }
         Ok(())
     }
@@ -257,5 +284,16 @@ impl<'e, F: Family> Wrapper<'e, F> {
         };
         let dev = DeviceBatch { q, kv };
         self.engine.launch_step(stream, &self.kernel, &p.plan, &step, params, &dev, out, self.options.sm_scale)
+    }
+}
+
+impl<F: Family> Drop for Wrapper<'_, F> {
+    /// Waits for the launches on other streams than the plan's (they read this wrapper's
+    /// buffers). Launches on the stream of `plan_on` are the caller's to finish first, as for
+    /// any buffer a launch reads.
+    fn drop(&mut self) {
+        for (_, ev) in self.pending.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = ev.synchronize();
+        }
     }
 }
