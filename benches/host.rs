@@ -108,7 +108,8 @@ fn cascade(c: &mut Criterion) {
     for (name, pages) in [("no shared prefix", &lone), ("all share 32K", &shared)] {
         let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages.indices.iter().copied().max().unwrap() as usize + 1, page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
         let batch = Batch { qo_indptr: &qo, pages, kv, qo_heads: 32 };
-        c.bench_function(&format!("cascade/detect B=256 {name}"), |bch| bch.iter(|| detect(black_box(&batch), &Policy::default())));
+        let valid = batch.validated().unwrap();
+        c.bench_function(&format!("cascade/detect B=256 {name}"), |bch| bch.iter(|| detect(black_box(&valid), &Policy::default())));
     }
 }
 

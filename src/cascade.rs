@@ -12,7 +12,7 @@
 //! Status: the host side (levels, validation, detection, the reference) — the GPU path through
 //! the cascade (a prefill-style prefix tile, decode suffixes, one merge) is not built yet.
 
-use crate::kv::{Batch, LayoutError};
+use crate::kv::{Batch, LayoutError, ValidBatch};
 
 /// Keys shared by some requests at one level: the same pages, at the same logical positions of
 /// each request.
@@ -74,6 +74,9 @@ impl Cascade {
                     return Err(err(li, gi, format!("{} keys on {np} pages of {ps}", g.len)));
                 }
                 let first = g.kv_start / ps;
+                let Some(end) = first.checked_add(np) else {
+                    return Err(err(li, gi, format!("pages {first}..+{np} overflow")));
+                };
                 for &r in &g.requests {
                     if r >= n {
                         return Err(err(li, gi, format!("request {r} is outside the batch of {n}")));
@@ -83,12 +86,12 @@ impl Cascade {
                     }
                     seen[r] = gi;
                     let kv_len = batch.kv_len(r);
-                    if g.kv_start + g.len > kv_len {
-                        return Err(err(li, gi, format!("keys {}..{} are past request {r}'s {kv_len}", g.kv_start, g.kv_start + g.len)));
+                    if g.len > kv_len || g.kv_start > kv_len - g.len {
+                        return Err(err(li, gi, format!("keys {}..+{} are past request {r}'s {kv_len}", g.kv_start, g.len)));
                     }
                     let own = batch.pages.pages(r);
-                    if own.get(first..first + np) != Some(&g.pages[..]) {
-                        return Err(err(li, gi, format!("its pages are not request {r}'s pages {first}..{}", first + np)));
+                    if own.get(first..end) != Some(&g.pages[..]) {
+                        return Err(err(li, gi, format!("its pages are not request {r}'s pages {first}..{end}")));
                     }
                     spans[r].push((g.kv_start, g.len, li, gi));
                 }
@@ -151,19 +154,22 @@ impl Default for Policy {
 /// Finds the prefixes that requests of `batch` share — the same leading page indices, whole
 /// pages only (a request's partial last page is its own) — and returns the cascade that reads
 /// each shared run once, when `policy` says the saved reads pay; `None` otherwise (and for a
-/// batch with no shared first page, after a check of O(batch)).
+/// batch with no shared first page, after a check of O(batch)). Requests without query tokens
+/// read nothing and share nothing. It takes a validated batch (a serving step validates its
+/// batch once, for the plan as well).
 ///
 /// Along a request's leading full pages, the requests that share them so far only shrink, so
 /// its shared part splits into runs of constant membership (a trie's chains): run `k` of a
 /// request is its group at level `k`, and what follows its last shared run is its suffix, the
 /// last level. O(total pages), by splitting sets of requests that agree.
-pub fn detect(batch: &Batch<'_>, policy: &Policy) -> Option<Cascade> {
+pub fn detect(batch: &ValidBatch<'_>, policy: &Policy) -> Option<Cascade> {
     if !policy.enabled || policy.max_levels < 2 {
         return None;
     }
     let ps = batch.kv.page_size.max(1);
     let n = batch.batch_size();
-    let full = |r: usize| &batch.pages.pages(r)[..batch.kv_len(r) / ps];
+    // A request's leading full pages; none for a request without queries (it reads nothing).
+    let full = |r: usize| if batch.q_len(r) == 0 { &[][..] } else { &batch.pages.pages(r)[..batch.kv_len(r) / ps] };
     // Fast path: no two requests share their first full page (sorting beats hashing here:
     // criterion, B = 256, 5.6 µs with a HashMap).
     let mut first: Vec<i32> = (0..n).filter_map(|r| full(r).first().copied()).collect();
@@ -179,14 +185,7 @@ pub fn detect(batch: &Batch<'_>, policy: &Policy) -> Option<Cascade> {
     let mut shared = vec![0usize; n]; // full pages of each request read by its shared runs
     let mut stack: Vec<(Vec<usize>, usize, usize)> = vec![((0..n).filter(|&r| !full(r).is_empty()).collect(), 0, 0)];
     while let Some((members, depth, level)) = stack.pop() {
-        let lead = &full(members[0])[depth..];
-        let mut len = lead.len();
-        for &r in &members[1..] {
-            len = common_prefix(&lead[..len], &full(r)[depth..]);
-            if len == 0 {
-                break;
-            }
-        }
+        let len = common_run(&members.iter().map(|&r| &full(r)[depth..]).collect::<Vec<_>>());
         let next_level = if len > 0 {
             runs.push((level, members.clone(), depth, len));
             for &r in &members {
@@ -232,14 +231,17 @@ pub fn detect(batch: &Batch<'_>, policy: &Policy) -> Option<Cascade> {
     Some(Cascade { levels })
 }
 
-/// The length of the common prefix of `a` and `b` (compared 64 entries at a time first).
-fn common_prefix(a: &[i32], b: &[i32]) -> usize {
-    let n = a.len().min(b.len());
+/// The length of the common prefix of all `rows`, column by column (64 at a time while whole
+/// windows agree), so a node costs its members × its run: detection stays O(total pages) however
+/// the runs nest (comparing against the first member's whole tail re-scanned long pairs).
+fn common_run(rows: &[&[i32]]) -> usize {
+    let n = rows.iter().map(|r| r.len()).min().unwrap_or(0);
+    let lead = rows[0];
     let mut i = 0;
-    while i + 64 <= n && a[i..i + 64] == b[i..i + 64] {
+    while i + 64 <= n && rows[1..].iter().all(|r| r[i..i + 64] == lead[i..i + 64]) {
         i += 64;
     }
-    while i < n && a[i] == b[i] {
+    while i < n && rows[1..].iter().all(|r| r[i] == lead[i]) {
         i += 1;
     }
     i

@@ -95,7 +95,7 @@ proptest! {
         let b = batch(&c);
         b.validated().unwrap();
         let policy = Policy { max_levels: levels, ..eager() };
-        let Some(cascade) = detect(&b, &policy) else {
+        let Some(cascade) = detect(&b.validated().unwrap(), &policy) else {
             // None: no two requests share their first full page.
             for x in 0..n {
                 for y in 0..x {
@@ -141,7 +141,7 @@ proptest! {
         let k: Vec<f32> = (0..b.kv.k_len()).map(|_| rng.random_range(-1.0..1.0)).collect();
         let v: Vec<f32> = (0..b.kv.v_len()).map(|_| rng.random_range(-1.0..1.0)).collect();
         let lens: Vec<(usize, usize)> = (0..n).map(|r| (b.q_len(r), b.kv_len(r))).collect();
-        let cascades = [detect(&b, &Policy { max_levels: 3, ..eager() }), detect(&b, &Policy { max_levels: 2, ..eager() }), Some(Cascade::single(&b))];
+        let cascades = [detect(&b.validated().unwrap(), &Policy { max_levels: 3, ..eager() }), detect(&b.validated().unwrap(), &Policy { max_levels: 2, ..eager() }), Some(Cascade::single(&b))];
         for variant in shipped::all().unwrap() {
             let params = sample(&variant.params, Dims { qo_heads: 4, kv_heads: 2, batch: n }, &lens, |lo, hi| rng.random_range(lo..=hi));
             let single = attnforge::reference::attention(&variant, &params, &b, &q, &k, &v, None).unwrap();
@@ -165,7 +165,7 @@ fn no_shared_prefix_is_no_cascade_and_partial_last_pages_stay_with_their_request
     let pages = PageTable { indptr: vec![0, 3, 7, 8], indices: vec![0, 1, 2, 0, 1, 2, 3, 4], last_page_len: vec![2, 4, 3] };
     let qo = [0, 1, 2, 3];
     let b = Batch { qo_indptr: &qo, pages: &pages, kv: kv(5), qo_heads: 4 };
-    let c = detect(&b, &eager()).unwrap();
+    let c = detect(&b.validated().unwrap(), &eager()).unwrap();
     c.validate(&b).unwrap();
     assert_eq!(c.levels.len(), 2);
     assert_eq!(c.levels[0].groups, vec![Group { requests: vec![0, 1], kv_start: 0, pages: vec![0, 1], len: 8 }]);
@@ -175,13 +175,13 @@ fn no_shared_prefix_is_no_cascade_and_partial_last_pages_stay_with_their_request
     let lone = PageTable { indptr: vec![0, 2, 3], indices: vec![0, 1, 2], last_page_len: vec![4, 1] };
     let qo2 = [0, 1, 2];
     let b2 = Batch { qo_indptr: &qo2, pages: &lone, kv: kv(3), qo_heads: 4 };
-    assert_eq!(detect(&b2, &eager()), None);
-    assert_eq!(detect(&b, &Policy { enabled: false, ..eager() }), None);
-    assert_eq!(detect(&b, &Policy::default()), None, "two shared pages of 256 bytes do not pay for a launch");
+    assert_eq!(detect(&b2.validated().unwrap(), &eager()), None);
+    assert_eq!(detect(&b.validated().unwrap(), &Policy { enabled: false, ..eager() }), None);
+    assert_eq!(detect(&b.validated().unwrap(), &Policy::default()), None, "two shared pages of 256 bytes do not pay for a launch");
     // Every request shares everything: the suffix level holds only what is past the prefix.
     let all = PageTable { indptr: vec![0, 2, 4, 6], indices: vec![7, 8, 7, 8, 7, 8], last_page_len: vec![4, 4, 4] };
     let b3 = Batch { qo_indptr: &qo, pages: &all, kv: kv(9), qo_heads: 4 };
-    let c3 = detect(&b3, &eager()).unwrap();
+    let c3 = detect(&b3.validated().unwrap(), &eager()).unwrap();
     c3.validate(&b3).unwrap();
     assert_eq!(c3.levels[0].groups.len(), 1);
     assert!(c3.levels[1].groups.is_empty());
@@ -193,12 +193,12 @@ fn nested_prefixes_become_levels() {
     let pages = PageTable { indptr: vec![0, 3, 6, 8], indices: vec![10, 11, 0, 10, 11, 1, 10, 2], last_page_len: vec![1, 1, 1] };
     let qo = [0, 1, 2, 3];
     let b = Batch { qo_indptr: &qo, pages: &pages, kv: kv(12), qo_heads: 4 };
-    let c = detect(&b, &eager()).unwrap();
+    let c = detect(&b.validated().unwrap(), &eager()).unwrap();
     c.validate(&b).unwrap();
     let shape: Vec<Vec<(Vec<usize>, usize, usize)>> = c.levels.iter().map(|l| l.groups.iter().map(|g| (g.requests.clone(), g.kv_start, g.len)).collect()).collect();
     assert_eq!(shape, vec![vec![(vec![0, 1, 2], 0, 4)], vec![(vec![0, 1], 4, 4)], vec![(vec![0], 8, 1), (vec![1], 8, 1), (vec![2], 4, 1)]]);
     // Two levels at most: the deeper run joins the suffixes.
-    let c2 = detect(&b, &Policy { max_levels: 2, ..eager() }).unwrap();
+    let c2 = detect(&b.validated().unwrap(), &Policy { max_levels: 2, ..eager() }).unwrap();
     c2.validate(&b).unwrap();
     assert_eq!(c2.levels.len(), 2);
     assert_eq!(c2.levels[1].groups[0].len, 5);
@@ -278,4 +278,47 @@ fn merge_state_handles_empty_and_nan_sides() {
     assert!((fin.lse - (0.5 + 2f64.ln())).abs() < 1e-15);
     assert!((fin.o[0] - 0.5).abs() < 1e-15);
     assert_eq!(e.clone().finish(Normalize::Softmax, Some(3.0)), e);
+}
+
+#[test]
+fn requests_without_queries_share_nothing_and_hostile_groups_are_errors_not_panics() {
+    // Request 1 has no query: sharing its pages would save nothing.
+    let pages = PageTable { indptr: vec![0, 4, 8], indices: vec![0, 1, 2, 3, 0, 1, 2, 3], last_page_len: vec![4, 4] };
+    let qo = [0, 1, 1];
+    let b = Batch { qo_indptr: &qo, pages: &pages, kv: kv(4), qo_heads: 4 };
+    assert_eq!(detect(&b.validated().unwrap(), &Policy { min_saved_bytes: 1, page_bytes: 1, ..eager() }), None);
+    // A group whose kv_start + len overflows is an error.
+    let c = Cascade { levels: vec![Level { groups: vec![Group { requests: vec![0], kv_start: usize::MAX & !3, pages: vec![0], len: 4 }] }] };
+    assert!(matches!(c.validate(&b), Err(LayoutError::Cascade { .. })));
+}
+
+/// Deeply nested runs cost O(total pages): a long pair plus many requests branching off it at
+/// every page, with unlimited levels (comparing tails re-scanned the pair at every branch).
+#[test]
+fn detection_of_deeply_nested_runs_is_linear() {
+    let long: Vec<i32> = (0..4000).collect();
+    let mut indptr = vec![0i32];
+    let mut indices: Vec<i32> = Vec::new();
+    let mut next = 4000;
+    for _ in 0..2 {
+        indices.extend(&long);
+        indptr.push(indices.len() as i32);
+    }
+    for i in 1..2000usize {
+        indices.extend(&long[..i]);
+        indices.push(next);
+        next += 1;
+        indptr.push(indices.len() as i32);
+    }
+    let n = indptr.len() - 1;
+    let pages = PageTable { indptr, indices, last_page_len: vec![1; n] };
+    let qo: Vec<i32> = (0..=n as i32).collect();
+    let shape = KvShape { page_size: 1, ..kv(next as usize) };
+    let b = Batch { qo_indptr: &qo, pages: &pages, kv: shape, qo_heads: 4 };
+    let t = std::time::Instant::now();
+    let c = detect(&b.validated().unwrap(), &Policy { max_levels: usize::MAX, ..eager() }).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    c.validate(&b).unwrap();
+    // ~2M pages: linear is a few ms; the quadratic rescan took seconds. Generous for CI.
+    assert!(secs < 2.0, "detection took {secs:.2} s");
 }

@@ -537,7 +537,7 @@ fn share_prefix<T: Element>(w: &mut Workload<T>, n: usize, kv_len: usize) -> Res
 fn compare_cascade<T: Element>(a: &RunArgs, v: &Variant, p: &ParamValues, w: &Workload<T>, want: &AttnOutput) -> Result<()> {
     use attnforge::cascade::{detect, Policy};
     let batch = w.batch();
-    let Some(cascade) = detect(&batch, &Policy { min_saved_bytes: 0, ..Policy::default() }) else {
+    let Some(cascade) = detect(&batch.validated()?, &Policy { min_saved_bytes: 0, ..Policy::default() }) else {
         println!("  cascade: no shared whole page to read once (prefix shorter than a page, or one request)");
         return Ok(());
     };
