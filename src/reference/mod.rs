@@ -208,6 +208,7 @@ impl<T: Element> RowCtx<'_, T> {
 /// merge by `(o, lse)` ([`merge_state`]) and the sink joins once, at the end. Equal to
 /// [`attention`] of `batch` up to floating-point reassociation when `cascade` decomposes it
 /// (validated first).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_cascade<T: Element>(
     variant: &Variant,
     params: &ParamValues,
