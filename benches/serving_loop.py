@@ -33,7 +33,9 @@ share, as a radix cache gives; its prefill is not repeated).
 
 Usage (device): PYTHONPATH=/tmp/site:python-build python3 benches/serving_loop.py --json out.json
   [--engines attnforge,flashinfer] [--modes eager,graph] [--scenarios llama,gemma2,prefix]
-  [--rates 0.05,0.2,0.6] [--steps 300] [--warmup 150]
+  [--rates 0.05,0.2,0.6] [--steps 300] [--warmup 150] [--budget-s S]
+
+A configuration that fails (an error from either engine) is recorded as failed and the rest run.
 """
 import argparse
 import json
@@ -323,7 +325,9 @@ def main():
     ap.add_argument("--pages", type=int, default=12288)
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--json")
+    ap.add_argument("--budget-s", type=float, default=0, help="stop starting new runs after this many seconds (0: no limit)")
     args = ap.parse_args()
+    started = time.time()
     caches = torch.zeros((LAYERS, args.pages, 2, PAGE, KV, D), dtype=DT, device=DEV)
     maxq = max(PREFILL_BUDGET, BUCKETS[-1])
     qbuf = torch.randn((maxq, QO, D), dtype=DT, device=DEV)
@@ -346,22 +350,32 @@ def main():
         for rate in [float(x) for x in args.rates.split(",")]:
             for mode in args.modes.split(","):
                 for e in args.engines.split(","):
-                    eng = (AttnForge if e == "attnforge" else FlashInfer)(mods[e], scenario, args.pages)
+                    if args.budget_s and time.time() - started > args.budget_s:
+                        print(f"time budget of {args.budget_s} s spent: skipping {scenario} {rate} {mode} {e}", flush=True)
+                        continue
                     t0 = time.time()
-                    rows = run_loop(eng, args, scenario, rate, mode, caches, qbuf, obuf, lbuf)
-                    s = summarise(rows)
+                    try:
+                        eng = (AttnForge if e == "attnforge" else FlashInfer)(mods[e], scenario, args.pages)
+                        rows = run_loop(eng, args, scenario, rate, mode, caches, qbuf, obuf, lbuf)
+                        s = summarise(rows)
+                        if e == "flashinfer":
+                            s["prefill_backend"] = eng.prefill_backend
+                        del eng
+                    except Exception as err:  # one failed configuration must not lose the others
+                        torch.cuda.synchronize()
+                        s = dict(error=f"{type(err).__name__}: {err}")
                     s.update(engine=e, scenario=scenario, rate=rate, mode=mode, wall_s=time.time() - t0)
-                    if e == "flashinfer":
-                        s["prefill_backend"] = eng.prefill_backend
                     results.append(s)
                     print(json.dumps(s), flush=True)
                     if args.json:  # after every run, so a cut-short call keeps what it measured
                         with open(args.json, "w") as f:
                             json.dump(results, f, indent=1)
-                    del eng
     print("\n| scenario | rate | mode | mean batch | engine | ITL median µs | ITL p99 µs | µs / token | host plan µs | host launch µs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s in results:
+        if "error" in s:
+            print(f"| {s['scenario']} | {s['rate']} | {s['mode']} | — | {s['engine']} | failed: {s['error'][:120]} | | | | |")
+            continue
         print(f"| {s['scenario']} | {s['rate']} | {s['mode']} | {s['mean_batch']:.1f} | {s['engine']} | {s['itl_median_us']:.0f} | {s['itl_p99_us']:.0f} | {s['attn_per_token_us']:.1f} | {s['host_plan_us']:.0f} | {s['host_launch_us']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
