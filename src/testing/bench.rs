@@ -53,6 +53,61 @@ pub fn measure_copy_gbps(e: &Engine) -> Result<f64> {
     Ok(median(samples))
 }
 
+/// The read-only stream the decode suite measures the card's read ceiling with: every thread
+/// loads 16-byte vectors in a grid-stride loop and folds them into a register, written only
+/// when it equals a value no input holds (so the loads cannot be dropped).
+pub fn read_probe_source() -> crate::jit::KernelSource {
+    let code = r#"
+extern "C" __global__ void __launch_bounds__(512) attnforge_read_probe(const uint4* __restrict__ src, unsigned long long n, unsigned int* out) {
+  unsigned int acc = 0;
+#pragma unroll 4
+  for (unsigned long long i = blockIdx.x * 512ull + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * 512ull) {
+    uint4 v = __ldcs(src + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) out[0] = acc;
+}
+"#;
+    crate::jit::KernelSource { name: "read_probe".into(), code: code.into(), hook_lines: Vec::new() }
+}
+
+/// The card's read ceiling in GB/s: [`read_probe_source`] over 1 GiB (more than L2 holds, the
+/// buffer zeroed so no value matches), 8 CTAs of 512 threads per SM, median of 20 after warm-up.
+/// Decode reads its cache once, so this, not the copy rate, is its limit.
+pub fn measure_read_gbps(e: &Engine) -> Result<f64> {
+    let n = 1usize << 30;
+    let src = e.alloc::<u8>(n)?;
+    let mut out = e.alloc::<u32>(1)?;
+    let nvrtc = e.jit().nvrtc();
+    let cubin = nvrtc.compile(&read_probe_source(), &nvrtc.options(e.arch()), None)?;
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "read probe".into(), detail: x.to_string() };
+    let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu)?;
+    let f = module.load_function("attnforge_read_probe").map_err(cu)?;
+    let vectors = (n / 16) as u64;
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: (8 * e.sm_count() as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let launch = |out: &mut cudarc::driver::CudaSlice<u32>| {
+        use cudarc::driver::PushKernelArg;
+        // SAFETY: the probe reads `vectors` 16-byte vectors of `src` (1 GiB) and writes at most
+        // `out[0]`; both buffers are live and that large.
+        unsafe { e.stream().launch_builder(&f).arg(&src).arg(&vectors).arg(out).launch(cfg) }.map(|_| ()).map_err(cu)
+    };
+    for _ in 0..3 {
+        launch(&mut out)?;
+    }
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        start.record(e.stream()).map_err(cu)?;
+        launch(&mut out)?;
+        end.record(e.stream()).map_err(cu)?;
+        end.synchronize().map_err(cu)?;
+        let ms = f64::from(start.elapsed_ms(&end).map_err(cu)?);
+        samples.push(n as f64 / (ms * 1e-3) / 1e9);
+    }
+    Ok(median(samples))
+}
+
 /// Tuning overrides for `bench_decode` (the defaults are what the engine plans).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DecodeTuning {

@@ -50,6 +50,7 @@ fn main() {
         trial("the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process", the_cli_compiles_without_a_gpu_and_hits_the_disk_cache_in_a_new_process),
         trial("a_bits_parameter_beside_one_named_like_its_offsets_compiles", a_bits_parameter_beside_one_named_like_its_offsets_compiles),
         trial("the_abi_probe_compiles", the_abi_probe_compiles),
+        trial("the_read_ceiling_probe_compiles", the_read_ceiling_probe_compiles),
         trial("an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile", an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile),
     ];
     libtest_mimic::run(&args, tests).exit();
@@ -302,6 +303,17 @@ fn an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile() {
 }
 
 /// The device probe of the ABI structs' offsets (run by tier 2's `check_abi`) compiles.
+/// `bench`'s read-only stream (decode's ceiling) compiles for every arch the kernels take.
+fn the_read_ceiling_probe_compiles() {
+    let n = nvrtc();
+    let src = attnforge::testing::bench::read_probe_source();
+    for arch in ["sm_80", "sm_90a"] {
+        let arch: Arch = arch.parse().unwrap();
+        let cubin = n.compile(&src, &n.options(&arch), None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!cubin.is_empty());
+    }
+}
+
 fn the_abi_probe_compiles() {
     let n = nvrtc();
     let src = attnforge::jit::render::abi_probe_source().unwrap();

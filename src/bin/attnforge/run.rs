@@ -408,6 +408,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
     }
     // The decode table's ceiling; measured only when that suite runs (it takes 2 GiB).
     let mut copy_gbps = None;
+    let mut read_gbps = None;
     if suites.contains(&Suite::Compile) {
         println!("\ncompile (first use into an empty cache; then a new Jit + disk hit + module load):");
         let dir = std::env::temp_dir().join(format!("attnforge-bench-cache-{}", std::process::id()));
@@ -433,10 +434,13 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
     if suites.contains(&Suite::Decode) {
         let copy = measure_copy_gbps(&e)?;
         copy_gbps = Some(copy);
-        println!("\ndevice-to-device copy: {copy:.0} GB/s (bytes read + written; the % column is against it)");
+        let read = attnforge::testing::bench::measure_read_gbps(&e)?;
+        read_gbps = Some(read);
+        println!("\ndevice-to-device copy: {copy:.0} GB/s (bytes read + written; the % copy column is against it)");
+        println!("read-only stream (ours, 1 GiB, 16-byte loads): {read:.0} GB/s (decode's ceiling; the % read column is against it)");
         println!("decode: bf16, 32/8 heads, d128, page 16, NHD, permuted pages; graph = per call inside a 20-call CUDA graph");
         let card = if anchor_card { "" } else { " (H100)" };
-        println!("  {:<28} {:>9} {:>9} {:>8} {:>7} {:>12} {:>12} {:>6}", "shape", "graph µs", "eager µs", "GB/s", "% copy", format!("FI{card} graph"), format!("FI{card} eager"), "items  tile");
+        println!("  {:<28} {:>9} {:>9} {:>8} {:>7} {:>7} {:>12} {:>12} {:>6}", "shape", "graph µs", "eager µs", "GB/s", "% copy", "% read", format!("FI{card} graph"), format!("FI{card} eager"), "items  tile");
         let mut overrides: Vec<Option<attnforge::jit::DecodeTile>> = vec![None];
         for t in tiles.iter().filter(|t| !t.starts_with("p,")) {
             // `mma,WARPS,STAGES` picks the tensor-core loop; four or five numbers the CUDA-core one.
@@ -470,11 +474,12 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
             let label = format!("{} {}{}{split}", s.variant, s.label(), tile.map_or(String::new(), |t| format!(" [{}]", t.label())));
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
             println!(
-                "  {label:<28} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>12} {:>12} {:>6}  {}",
+                "  {label:<28} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>6.0}% {:>12} {:>12} {:>6}  {}",
                 r.graph_us,
                 r.eager_us,
                 r.gbps(),
                 100.0 * r.gbps() / copy,
+                100.0 * r.gbps() / read,
                 fmt(s.anchor_graph_us),
                 fmt(s.anchor_eager_us),
                 r.work_items,
@@ -484,7 +489,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
                 "suite": "decode", "variant": s.variant, "params": s.params.iter().map(|(n, x)| (n.to_string(), *x)).collect::<std::collections::BTreeMap<_, _>>(),
                 "batch": s.batch, "kv_len": s.kv_len, "first_len": s.first_len, "graph_us": r.graph_us, "eager_us": r.eager_us, "gbps": r.gbps(),
                 "flashinfer_graph_us": s.anchor_graph_us, "flashinfer_eager_us": s.anchor_eager_us, "work_items": r.work_items, "splits": r.splits, "copies": r.copies, "tile_run": r.tile,
-                "tile": tile.map(|t| format!("{t:?}")), "split_ctas": tuning.split_ctas, "balanced": tuning.balance, "pct_copy": 100.0 * r.gbps() / copy,
+                "tile": tile.map(|t| format!("{t:?}")), "split_ctas": tuning.split_ctas, "balanced": tuning.balance, "pct_copy": 100.0 * r.gbps() / copy, "pct_read": 100.0 * r.gbps() / read,
             }));
         }
     }
@@ -511,7 +516,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
         }
     }
     if let Some(path) = json {
-        let doc = serde_json::json!({ "device": e.describe(), "date": date, "version": env!("CARGO_PKG_VERSION"), "copy_gbps": copy_gbps, "flashinfer_numbers_card": ANCHOR_CARD, "results": records });
+        let doc = serde_json::json!({ "device": e.describe(), "date": date, "version": env!("CARGO_PKG_VERSION"), "copy_gbps": copy_gbps, "read_gbps": read_gbps, "flashinfer_numbers_card": ANCHOR_CARD, "results": records });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("write {}", path.display()))?;
         println!("\nwrote {}", path.display());
     }
