@@ -53,17 +53,31 @@ pub fn attention<T: Element>(
     v: &[T],
     sm_scale: Option<f32>,
 ) -> Result<AttnOutput> {
+    let (sm_scale, token_req) = prepare(variant, params, batch, q, k, v, sm_scale)?;
+    let ctx = RowCtx { variant, params, batch, q, k, v, sm_scale };
+    fill_rows(batch, |t, h, o_row| ctx.row(token_req[t], t, h, o_row))
+}
+
+/// What both formulations check first: the batch against the buffers, the parameters against
+/// their declarations and the batch, the softmax scale. Returns the scale and each query
+/// token's request.
+fn prepare<T>(variant: &Variant, params: &ParamValues, batch: &Batch<'_>, q: &[T], k: &[T], v: &[T], sm_scale: Option<f32>) -> Result<(f64, Vec<usize>)> {
     batch.validate(q.len(), k.len(), v.len())?;
     let dims = Dims { qo_heads: batch.qo_heads, kv_heads: batch.kv.kv_heads, batch: batch.batch_size() };
     params.fits(&variant.params, dims).map_err(Error::Param)?;
     params.check_bits(&variant.params, |b| (batch.q_len(b), batch.kv_len(b))).map_err(Error::Param)?;
     let sm_scale = f64::from(crate::spec::params::resolve_sm_scale(sm_scale, batch.kv.head_dim_qk).map_err(Error::Param)?);
-
-    let total_q = batch.total_q();
-    let mut token_req = vec![0usize; total_q];
+    let mut token_req = vec![0usize; batch.total_q()];
     for b in 0..batch.batch_size() {
         token_req[batch.qo_indptr[b] as usize..batch.qo_indptr[b + 1] as usize].fill(b);
     }
+    Ok((sm_scale, token_req))
+}
+
+/// The batch's output, each row (token `t`, head `h`) written by `row`, which returns its LSE;
+/// in parallel over rows.
+fn fill_rows(batch: &Batch<'_>, row: impl Fn(usize, usize, &mut [f32]) -> f32 + Sync) -> Result<AttnOutput> {
+    let total_q = batch.total_q();
     let heads = batch.qo_heads;
     let dvo = batch.kv.head_dim_vo;
     // Validation bounded these sizes; an allocation that still fails is an error, not an abort.
@@ -74,15 +88,11 @@ pub fn attention<T: Element>(
         Ok(v)
     };
     let mut out = AttnOutput { o: zeros(total_q * heads * dvo, "output")?, lse: zeros(total_q * heads, "LSE")? };
-    let ctx = RowCtx { variant, params, batch, q, k, v, sm_scale };
     out.o
         .par_chunks_mut(dvo.max(1))
         .zip(out.lse.par_iter_mut())
         .enumerate()
-        .for_each(|(r, (o_row, lse))| {
-            let (t, h) = (r / heads, r % heads);
-            *lse = ctx.row(token_req[t], t, h, o_row);
-        });
+        .for_each(|(r, (o_row, lse))| *lse = row(r / heads, r % heads, o_row));
     Ok(out)
 }
 
@@ -219,17 +229,8 @@ pub fn attention_cascade<T: Element>(
     v: &[T],
     sm_scale: Option<f32>,
 ) -> Result<AttnOutput> {
-    batch.validate(q.len(), k.len(), v.len())?;
+    let (sm_scale, token_req) = prepare(variant, params, batch, q, k, v, sm_scale)?;
     cascade.validate(batch)?;
-    let dims = Dims { qo_heads: batch.qo_heads, kv_heads: batch.kv.kv_heads, batch: batch.batch_size() };
-    params.fits(&variant.params, dims).map_err(Error::Param)?;
-    params.check_bits(&variant.params, |b| (batch.q_len(b), batch.kv_len(b))).map_err(Error::Param)?;
-    let sm_scale = f64::from(crate::spec::params::resolve_sm_scale(sm_scale, batch.kv.head_dim_qk).map_err(Error::Param)?);
-    let total_q = batch.total_q();
-    let mut token_req = vec![0usize; total_q];
-    for b in 0..batch.batch_size() {
-        token_req[batch.qo_indptr[b] as usize..batch.qo_indptr[b + 1] as usize].fill(b);
-    }
     // Each request's groups, level by level.
     let mut groups: Vec<Vec<&crate::cascade::Group>> = vec![Vec::new(); batch.batch_size()];
     for level in &cascade.levels {
@@ -239,31 +240,22 @@ pub fn attention_cascade<T: Element>(
             }
         }
     }
-    let heads = batch.qo_heads;
-    let dvo = batch.kv.head_dim_vo;
     let ctx = RowCtx { variant, params, batch, q, k, v, sm_scale };
-    let rows: Vec<(Vec<f32>, f32)> = (0..total_q * heads)
-        .into_par_iter()
-        .map(|r| {
-            let (t, h) = (r / heads, r % heads);
-            let b = token_req[t];
-            let mut acc = State::empty(dvo);
-            let mut sink = None;
-            for g in &groups[b] {
-                let keys = ctx.keys(b, t, h, g.kv_start, g.kv_start + g.len, &g.pages, g.kv_start);
-                sink = keys.sink;
-                acc = merge_state(variant.normalize, &acc, &ctx.partial(&keys));
-            }
-            let done = acc.finish(variant.normalize, sink);
-            (done.o.iter().map(|&x| x as f32).collect(), done.lse as f32)
-        })
-        .collect();
-    let mut out = AttnOutput { o: Vec::with_capacity(total_q * heads * dvo), lse: Vec::with_capacity(total_q * heads) };
-    for (o, lse) in rows {
-        out.o.extend(o);
-        out.lse.push(lse);
-    }
-    Ok(out)
+    fill_rows(batch, |t, h, o_row| {
+        let b = token_req[t];
+        let mut acc = State::empty(o_row.len());
+        let mut sink = None;
+        for g in &groups[b] {
+            let keys = ctx.keys(b, t, h, g.kv_start, g.kv_start + g.len, &g.pages, g.kv_start);
+            sink = keys.sink;
+            acc = merge_state(variant.normalize, &acc, &ctx.partial(&keys));
+        }
+        let done = acc.finish(variant.normalize, sink);
+        for (o, x) in o_row.iter_mut().zip(&done.o) {
+            *o = *x as f32;
+        }
+        done.lse as f32
+    })
 }
 
 /// A row's attention state over some of its keys, in f64: for softmax, the output normalised
