@@ -18,18 +18,8 @@ use crate::errors::tensor_error;
 pub struct Kv {
     /// The tensors read (kept alive while the buffers are used).
     pub tensors: Vec<Tensor>,
-    /// K and V share one buffer.
-    pub interleaved: bool,
-    /// Pages in the cache.
-    pub num_pages: usize,
-    /// Slots per page.
-    pub page_size: usize,
-    /// KV heads.
-    pub kv_heads: usize,
-    /// Key head dim.
-    pub head_dim_qk: usize,
-    /// Value head dim.
-    pub head_dim_vo: usize,
+    /// The cache's geometry as the engine takes it (the layout is the one `parse` was given).
+    pub shape: KvShape,
     /// Element type.
     pub dtype: Dt,
     /// Where the K buffer starts (the shared buffer when interleaved).
@@ -43,11 +33,6 @@ pub struct Kv {
 }
 
 impl Kv {
-    /// The engine's shape of this cache.
-    pub fn shape(&self, layout: KvLayout) -> KvShape {
-        KvShape { layout, interleaved: self.interleaved, num_pages: self.num_pages, page_size: self.page_size, kv_heads: self.kv_heads, head_dim_qk: self.head_dim_qk, head_dim_vo: self.head_dim_vo }
-    }
-
     /// Errors unless every tensor is host memory.
     pub fn on_host(&self, py: Python<'_>) -> PyResult<()> {
         self.tensors.iter().try_for_each(|t| t.on_host(py))
@@ -73,6 +58,7 @@ fn page_dims(t: &Tensor, layout: KvLayout) -> (usize, usize, usize, usize) {
 /// Reads a cache in one of the forms of the module docs. `ragged`: the ragged wrapper's
 /// `(k, v)` of `[tokens, kv_heads, head_dim]`.
 pub fn parse(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: KvLayout, stream: Option<u64>, ragged: bool) -> PyResult<Kv> {
+    let shape = |interleaved, num_pages, page_size, kv_heads, head_dim_qk, head_dim_vo| KvShape { layout, interleaved, num_pages, page_size, kv_heads, head_dim_qk, head_dim_vo };
     let err = |m: String| tensor_error(py, &m);
     let pair = obj.is_instance_of::<PyTuple>() || obj.is_instance_of::<PyList>();
     if ragged || pair {
@@ -108,7 +94,7 @@ pub fn parse(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: KvLayout, stream: O
         let esize = k.dtype.size() as u64;
         if k.is_contiguous() && v.is_contiguous() {
             let (dtype, k_ptr, v_ptr, k_len, v_len) = (k.dtype, k.data, v.data, k.numel(), v.numel());
-            return Ok(Kv { tensors: vec![k, v], interleaved: false, num_pages: pk, page_size: sk, kv_heads: hk, head_dim_qk: dk, head_dim_vo: dv, dtype, k_ptr, v_ptr, k_len, v_len });
+            return Ok(Kv { tensors: vec![k, v], shape: shape(false, pk, sk, hk, dk, dv), dtype, k_ptr, v_ptr, k_len, v_len });
         }
         // The two halves of one [pages, 2, …] tensor: page stride twice a page, V one page
         // after K, each page dense.
@@ -133,7 +119,7 @@ pub fn parse(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: KvLayout, stream: O
         }
         let len = pk * 2 * page as usize;
         let (dtype, k_ptr) = (k.dtype, k.data);
-        return Ok(Kv { tensors: vec![k, v], interleaved: true, num_pages: pk, page_size: sk, kv_heads: hk, head_dim_qk: dk, head_dim_vo: dv, dtype, k_ptr, v_ptr: k_ptr, k_len: len, v_len: len });
+        return Ok(Kv { tensors: vec![k, v], shape: shape(true, pk, sk, hk, dk, dv), dtype, k_ptr, v_ptr: k_ptr, k_len: len, v_len: len });
     }
     let t = Tensor::from_obj(ARG, obj, stream)?;
     if t.shape.len() != 5 || t.shape[1] != 2 {
@@ -150,5 +136,5 @@ pub fn parse(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: KvLayout, stream: O
         KvLayout::Hnd => (s[0], s[3], s[2], s[4]),
     };
     let (dtype, ptr, len) = (t.dtype, t.data, t.numel());
-    Ok(Kv { tensors: vec![t], interleaved: true, num_pages: p, page_size: ps, kv_heads: h, head_dim_qk: d, head_dim_vo: d, dtype, k_ptr: ptr, v_ptr: ptr, k_len: len, v_len: len })
+    Ok(Kv { tensors: vec![t], shape: shape(true, p, ps, h, d, d), dtype, k_ptr: ptr, v_ptr: ptr, k_len: len, v_len: len })
 }

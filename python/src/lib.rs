@@ -213,10 +213,10 @@ fn reference<'py>(
         if kv.dtype != dt {
             return Err(errors::tensor_error(py, &format!("paged_kv_cache: dtype {}, but q is {}", kv.dtype.name(), dt.name())));
         }
-        if kv.head_dim_qk != qt.shape[2] {
-            return Err(errors::tensor_error(py, &format!("q: head_dim {} but the cache's keys have {}", qt.shape[2], kv.head_dim_qk)));
+        if kv.shape.head_dim_qk != qt.shape[2] {
+            return Err(errors::tensor_error(py, &format!("q: head_dim {} but the cache's keys have {}", qt.shape[2], kv.shape.head_dim_qk)));
         }
-        let shape = kv.shape(layout);
+        let shape = kv.shape;
         let batch = Batch { qo_indptr: &qo_indptr, pages: &pages, kv: shape, qo_heads: qt.shape[1] };
         let valid = batch.validated().or_raise(py)?;
         if valid.total_q() != qt.shape[0] {
@@ -235,7 +235,7 @@ fn reference<'py>(
         }
         .or_raise(py)?;
         let bytes = |xs: &[f32]| PyByteArray::new(py, &xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
-        let (t, h, dv) = (qt.shape[0], qt.shape[1], kv.head_dim_vo);
+        let (t, h, dv) = (qt.shape[0], qt.shape[1], kv.shape.head_dim_vo);
         Ok((bytes(&out.o), vec![t, h, dv], bytes(&out.lse), vec![t, h]))
     })
 }

@@ -164,6 +164,11 @@ impl<F: Family> Core<F> {
         Ok(Core { device, layout, graph, mode, interleaved: false, current: None, step: None, cache_pages: None })
     }
 
+    /// The planned step's (total query tokens, query heads, value head dim).
+    fn planned(&self) -> Option<(usize, usize, usize)> {
+        self.step.as_ref().map(|s| (s.total_q, s.qo_heads, s.head_dim_vo))
+    }
+
     fn plan(&mut self, py: Python<'_>, a: PlanArgs<'_, '_>, stream: u64) -> PyResult<()> {
         let group = group(py, a.qo_heads, a.kv_heads)?;
         let pages_needed = a.pages.indices.iter().copied().max().map_or(0, |m| m.max(0) as usize + 1);
@@ -252,16 +257,16 @@ impl<F: Family> Core<F> {
         if cache.dtype != want {
             return Err(tensor_error(py, &format!("paged_kv_cache: dtype {}, but the plan was made for {}", cache.dtype.name(), want.name())));
         }
-        let geometry = (cache.page_size, cache.kv_heads, cache.head_dim_qk, cache.head_dim_vo);
+        let geometry = (cache.shape.page_size, cache.shape.kv_heads, cache.shape.head_dim_qk, cache.shape.head_dim_vo);
         let planned = (step.page_size, step.kv_heads, step.head_dim_qk, step.head_dim_vo);
         if geometry != planned {
             return Err(tensor_error(py, &format!("paged_kv_cache: (page_size, num_kv_heads, head_dim_qk, head_dim_vo) = {geometry:?}, but the plan was made for {planned:?}")));
         }
         if self.graph.is_some() {
-            self.cache_pages = Some(self.cache_pages.map_or(cache.num_pages, |c| c.min(cache.num_pages)));
+            self.cache_pages = Some(self.cache_pages.map_or(cache.shape.num_pages, |c| c.min(cache.shape.num_pages)));
         }
-        if cache.num_pages < step.pages_needed {
-            return Err(tensor_error(py, &format!("paged_kv_cache: {} pages, but the page table indexes page {}", cache.num_pages, step.pages_needed - 1)));
+        if cache.shape.num_pages < step.pages_needed {
+            return Err(tensor_error(py, &format!("paged_kv_cache: {} pages, but the page table indexes page {}", cache.shape.num_pages, step.pages_needed - 1)));
         }
         let ot = Tensor::from_obj("out", out, Some(stream))?;
         ot.on_cuda(py, self.device)?;
@@ -279,11 +284,11 @@ impl<F: Family> Core<F> {
                 return Err(tensor_error(py, &format!("{}: at address {:#x}, not a multiple of {align} bytes, which the kernels need (a view at an odd offset?)", t.arg, t.data)));
             }
         }
-        if cache.interleaved != step.interleaved {
+        if cache.shape.interleaved != step.interleaved {
             // The plan assumed the other cache format: plan the same step for this one.
             let (cfg, step) = (self.current.as_ref().map(|(k, _)| k.cfg.clone()).ok_or_else(|| argument_error(py, "no kernel"))?, self.step.take().ok_or_else(|| argument_error(py, "no plan"))?);
-            self.plan_step(py, Step { interleaved: cache.interleaved, ..step }, cfg, stream)?;
-            self.interleaved = cache.interleaved;
+            self.plan_step(py, Step { interleaved: cache.shape.interleaved, ..step }, cfg, stream)?;
+            self.interleaved = cache.shape.interleaved;
         }
         let step = self.step.as_ref().ok_or_else(|| argument_error(py, "no plan"))?;
         let (_, w) = self.current.as_ref().ok_or_else(|| argument_error(py, "no kernel"))?;
@@ -298,18 +303,14 @@ impl<F: Family> Core<F> {
         // which stay alive (`qt`, `cache`, `ot`, `lt`) until the launch is queued.
         unsafe {
             match want {
-                Dt::F16 => launch::<F, f16>(w, &s, interleaved_of(step), ptrs, lens),
-                _ => launch::<F, bf16>(w, &s, interleaved_of(step), ptrs, lens),
+                Dt::F16 => launch::<F, f16>(w, &s, step.interleaved, ptrs, lens),
+                _ => launch::<F, bf16>(w, &s, step.interleaved, ptrs, lens),
             }
         }
         .or_raise(py)?;
         drop((qt, cache, ot, lt));
         Ok(())
     }
-}
-
-fn interleaved_of(s: &Step) -> bool {
-    s.interleaved
 }
 
 struct Ptrs {
@@ -480,7 +481,7 @@ impl DecodeCore {
 
     /// The planned step's (total query tokens, query heads, value head dim), or None.
     fn planned(&self, py: Python<'_>) -> Option<(usize, usize, usize)> {
-        lock(py, &self.0).ok()?.step.as_ref().map(|s| (s.total_q, s.qo_heads, s.head_dim_vo))
+        lock(py, &self.0).ok()?.planned()
     }
 }
 
@@ -566,6 +567,6 @@ impl PrefillCore {
 
     /// The planned step's (total query tokens, query heads, value head dim), or None.
     fn planned(&self, py: Python<'_>) -> Option<(usize, usize, usize)> {
-        lock(py, &self.0).ok()?.step.as_ref().map(|s| (s.total_q, s.qo_heads, s.head_dim_vo))
+        lock(py, &self.0).ok()?.planned()
     }
 }
