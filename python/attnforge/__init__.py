@@ -305,6 +305,11 @@ class _Wrapper:
     def _stream(self, hint, stream):
         return _current_stream(self._device, hint, stream)
 
+    def _run(self, q, kv, out, lse, return_lse, stream, *extra):
+        out, lse = self._outputs(q, out, lse)
+        self._core.run(q, kv, out, lse, self._stream(q, stream), *extra)
+        return (out, lse) if return_lse else out
+
     def _outputs(self, q, out, lse):
         planned = self._core.planned()
         if planned is None:
@@ -354,9 +359,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         """Attention of ``q`` ``(batch, num_qo_heads, head_dim)`` over the cache (one tensor
         ``(pages, 2, page_size, kv_heads, head_dim)`` for NHD, or a pair ``(k, v)``). Returns
         ``out``, or ``(out, lse)`` with ``return_lse``."""
-        out, lse = self._outputs(q, out, lse)
-        self._core.run(q, paged_kv_cache, out, lse, self._stream(q, stream))
-        return (out, lse) if return_lse else out
+        return self._run(q, paged_kv_cache, out, lse, return_lse, stream)
 
     forward = run
 
@@ -381,17 +384,18 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1, logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None, non_blocking=True, *, variant=None, params=None, stream=None):
         """Plans one prefill step from host index arrays. ``causal``, ``window_left`` and
         ``logits_soft_cap`` pick a shipped variant; or give ``variant`` (and ``params``)."""
+        self._plan(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode, sm_scale, window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, variant, params, stream)
+
+    def _plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode, sm_scale, window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, variant, params, stream):
         if custom_mask is not None or packed_custom_mask is not None:
-            raise UnsupportedError("custom_mask: use variant='tree_mask' with its bits parameter (params={'mask': {'bits': ..., 'offsets': [...]}})")
+            raise UnsupportedError("custom_mask: use variant='tree_mask' with its bits parameter (params={'tree': {'bits': ..., 'offsets': [...]}})")
         v, params = _map_flashinfer("prefill", variant, params, causal, window_left, logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta, q_data_type, kv_data_type)
-        self._core.plan(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, _dtype_name(q_data_type), v, params, sm_scale, self._stream(None, stream))
+        self._core.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, _dtype_name(q_data_type), v, params, sm_scale, self._stream(None, stream))
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse=False, stream=None):
         """Attention of ``q`` ``(total_q, num_qo_heads, head_dim_qk)`` over the cache. Returns
         ``out``, or ``(out, lse)`` with ``return_lse``."""
-        out, lse = self._outputs(q, out, lse)
-        self._core.run(q, paged_kv_cache, out, lse, self._stream(q, stream), False)
-        return (out, lse) if return_lse else out
+        return self._run(q, paged_kv_cache, out, lse, return_lse, stream, False)
 
     forward = run
 
@@ -410,15 +414,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None, custom_mask=None, packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1, logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None, non_blocking=True, *, variant=None, params=None, stream=None):
         """Plans one step: request ``b``'s queries ``qo_indptr[b]..qo_indptr[b+1]`` over its keys
         ``kv_indptr[b]..kv_indptr[b+1]``."""
-        if custom_mask is not None or packed_custom_mask is not None:
-            raise UnsupportedError("custom_mask: use variant='tree_mask' with its bits parameter")
-        v, params = _map_flashinfer("prefill", variant, params, causal, window_left, logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta, q_data_type, kv_data_type)
-        self._core.plan(qo_indptr, kv_indptr, None, None, num_qo_heads, num_kv_heads, head_dim_qk, 1, head_dim_vo, _dtype_name(q_data_type), v, params, sm_scale, self._stream(None, stream))
+        # Pages of one token: the table is kv_indptr itself (the core builds it).
+        self._plan(qo_indptr, kv_indptr, None, None, num_qo_heads, num_kv_heads, head_dim_qk, 1, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode, sm_scale, window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, variant, params, stream)
 
     def run(self, q, k, v, *, out=None, lse=None, return_lse=False, stream=None):
         """Attention of ``q`` over ``k``, ``v`` ``(total_kv, kv_heads, dim)``."""
-        out, lse = self._outputs(q, out, lse)
-        self._core.run(q, (k, v), out, lse, self._stream(q, stream), True)
-        return (out, lse) if return_lse else out
+        return self._run(q, (k, v), out, lse, return_lse, stream, True)
 
     forward = run
