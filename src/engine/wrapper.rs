@@ -227,7 +227,7 @@ impl<'e, F: Family> Wrapper<'e, F> {
     }
 
     fn check_stream(&self, stream: &Arc<CudaStream>) -> Result<()> {
-        if !Arc::ptr_eq(stream.context(), self.engine.context()) && stream.context().cu_ctx() != self.engine.context().cu_ctx() {
+        if stream.context().cu_ctx() != self.engine.context().cu_ctx() {
             return Err(Error::UnsupportedConfig("the stream belongs to another CUDA context than the engine's".into()));
         }
         Ok(())
