@@ -2,7 +2,8 @@
 # Issue 16 on the device: the Python package's GPU tests, then the serving loop for attnforge and
 # FlashInfer 0.7.2 in the same call. Carry [".device", ".whl"]: the attnforge wheel in
 # .device/wheels (maturin build), FlashInfer trimmed (benches/fetch-flashinfer.sh) and pytest's
-# wheels in .whl/py. Usage: bash benches/device/issue16.sh [tests|loop|all] [serving_loop args…]
+# wheels in .whl/py. Usage: bash benches/device/issue16.sh [tests|host|loop|all] [serving_loop args…]
+# (host: benches/host_overhead.py, each call of an eager decode step timed alone)
 set -uo pipefail
 what=${1:-all}; shift || true
 export CUDA_HOME=/usr/local/cuda MAX_JOBS=16 FLASHINFER_CUDA_ARCH_LIST=9.0a
@@ -16,6 +17,9 @@ python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', 
 status=0
 if [[ $what == tests || $what == all ]]; then
   PYTHONPATH=/tmp/afpy python3 -m pytest -q -p no:cacheprovider python/tests 2>&1 | tail -40 || status=1
+fi
+if [[ $what == host || $what == all ]]; then
+  PYTHONPATH=/tmp/afpy:/tmp/site python3 benches/host_overhead.py --json "${OUT:-/tmp}/host.json" || status=1
 fi
 if [[ $what == loop || $what == all ]]; then
   PYTHONPATH=/tmp/afpy:/tmp/site python3 benches/serving_loop.py --json "${OUT:-/tmp}/serving.json" "$@" || status=1

@@ -9,8 +9,10 @@
 
 use std::ffi::c_void;
 
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyList, PyTuple, PyType};
 
 use crate::errors::{argument_error, tensor_error};
 
@@ -197,39 +199,33 @@ impl Tensor {
         Ok(Tensor { arg: arg.to_string(), data, device, dtype, shape, strides, _capsule: capsule.unbind() })
     }
 
-    /// A torch tensor's metadata read from its attributes (`data_ptr`, `shape`, `stride`,
-    /// `dtype`, `device`): the same facts DLPack gives, without building a capsule (in the
-    /// serving loop on the H200, capsules for the four tensors of a `run` made our host launch
-    /// time 3.5× FlashInfer's; with this, level with it; BENCHMARKS.md).
+    /// A torch tensor's metadata read from its attributes (`dtype`, `is_cuda`, `get_device`,
+    /// `data_ptr`, `shape`, `stride`): the same facts DLPack gives, without building a capsule (in
+    /// the serving loop on the H200, capsules for the four tensors of a `run` made our host launch
+    /// time 3.5× FlashInfer's; BENCHMARKS.md). torch's `Tensor` type and dtypes are looked up once
+    /// ([`TorchTypes`]) and then compared by identity, so a tensor costs six attribute reads.
     /// No stream handshake: the launch goes on the stream the caller named, by default torch's
     /// current one, which orders it after the tensors' producers. `None` for anything else, or a
-    /// dtype this module does not name (DLPack reads those).
+    /// dtype or device this module does not name (DLPack reads those).
     fn from_torch(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<Option<Tensor>> {
-        let ty = obj.get_type();
-        if ty.module().ok().map(|m| m.to_string()).as_deref() != Some("torch") || !obj.hasattr("data_ptr")? {
+        let py = obj.py();
+        let Some(torch) = TorchTypes::get(obj)? else { return Ok(None) };
+        if !obj.is_instance(torch.tensor.bind(py))? {
             return Ok(None);
         }
-        let dtype = match obj.getattr("dtype")?.str()?.to_string().as_str() {
-            "torch.float16" => Dt::F16,
-            "torch.bfloat16" => Dt::Bf16,
-            "torch.float32" => Dt::F32,
-            "torch.float64" => Dt::F64,
-            "torch.int32" => Dt::I32,
-            "torch.int64" => Dt::I64,
-            "torch.uint8" => Dt::U8,
-            _ => return Ok(None),
+        let dt = obj.getattr(intern!(py, "dtype"))?;
+        let Some(&(_, dtype)) = torch.dtypes.iter().find(|(d, _)| d.bind(py).is(&dt)) else { return Ok(None) };
+        let device = if obj.getattr(intern!(py, "is_cuda"))?.extract::<bool>()? {
+            (DL_CUDA, obj.call_method0(intern!(py, "get_device"))?.extract::<i32>()?)
+        } else if obj.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
+            (DL_CPU, 0)
+        } else {
+            return Ok(None);
         };
-        let device = obj.getattr("device")?;
-        let kind = match device.getattr("type")?.str()?.to_string().as_str() {
-            "cuda" => DL_CUDA,
-            "cpu" => DL_CPU,
-            _ => return Ok(None),
-        };
-        let index: Option<i32> = device.getattr("index")?.extract()?;
-        let data: u64 = obj.call_method0("data_ptr")?.extract()?;
-        let shape: Vec<usize> = obj.getattr("shape")?.extract()?;
-        let strides: Vec<i64> = obj.call_method0("stride")?.extract()?;
-        Ok(Some(Tensor { arg: arg.to_string(), data, device: (kind, index.unwrap_or(0)), dtype, shape, strides, _capsule: obj.clone().unbind() }))
+        let data: u64 = obj.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        let shape: Vec<usize> = obj.getattr(intern!(py, "shape"))?.extract()?;
+        let strides: Vec<i64> = obj.call_method0(intern!(py, "stride"))?.extract()?;
+        Ok(Some(Tensor { arg: arg.to_string(), data, device, dtype, shape, strides, _capsule: obj.clone().unbind() }))
     }
 
     /// Elements (the product of the shape).
@@ -302,6 +298,35 @@ impl Tensor {
     }
 }
 
+/// torch's `Tensor` type and the dtypes this module names, looked up once the first torch
+/// object is seen (torch is never imported for a caller that does not use it).
+struct TorchTypes {
+    tensor: Py<PyType>,
+    dtypes: Vec<(Py<PyAny>, Dt)>,
+}
+
+impl TorchTypes {
+    /// The types, or `None` while no torch object has been seen and `obj` is not one.
+    fn get<'a>(obj: &Bound<'a, PyAny>) -> PyResult<Option<&'a TorchTypes>> {
+        static TORCH: PyOnceLock<TorchTypes> = PyOnceLock::new();
+        let py = obj.py();
+        if let Some(t) = TORCH.get(py) {
+            return Ok(Some(t));
+        }
+        let module = obj.get_type().module().ok().map(|m| m.to_string());
+        if !module.as_deref().is_some_and(|m| m == "torch" || m.starts_with("torch.")) {
+            return Ok(None);
+        }
+        let torch = py.import("torch")?;
+        let mut dtypes = Vec::new();
+        for (name, dt) in [("float16", Dt::F16), ("bfloat16", Dt::Bf16), ("float32", Dt::F32), ("float64", Dt::F64), ("int32", Dt::I32), ("int64", Dt::I64), ("uint8", Dt::U8)] {
+            dtypes.push((torch.getattr(name)?.unbind(), dt));
+        }
+        let tensor = torch.getattr("Tensor")?.cast_into::<PyType>()?.unbind();
+        Ok(Some(TORCH.get_or_init(py, || TorchTypes { tensor, dtypes })))
+    }
+}
+
 /// Row-major strides of `shape`, in elements.
 pub fn compact_strides(shape: &[usize]) -> Vec<i64> {
     let mut s = vec![1i64; shape.len()];
@@ -335,28 +360,41 @@ pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
 pub fn host_ints(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
     let py = obj.py();
     let too_big = |x: i64| argument_error(py, &format!("{arg}: {x} does not fit the kernels' int32 indices"));
-    if obj.hasattr("__dlpack__")? && !obj.is_instance_of::<PyList>() && !obj.is_instance_of::<PyTuple>() {
+    let on_host = |dt: i32| {
+        if dt == DL_CPU || dt == DL_CUDA_HOST {
+            return Ok(());
+        }
+        Err(argument_error(
+            py,
+            &format!("{arg}: in {} memory; plan takes host index arrays (lists, NumPy arrays or CPU tensors: a device array would need a device-to-host sync), e.g. .cpu()", device_name(dt)),
+        ))
+    };
+    let tensor = if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
+        None
+    } else if let Some(t) = Tensor::from_torch(arg, obj)? {
+        on_host(t.device.0)?;
+        Some(t)
+    } else if obj.hasattr("__dlpack__")? {
+        // Asked before __dlpack__: exporting a device array could synchronise.
         if let Ok((dt, _)) = obj.call_method0("__dlpack_device__").and_then(|d| d.extract::<(i32, i32)>()) {
-            if dt != DL_CPU && dt != DL_CUDA_HOST {
-                return Err(argument_error(
-                    py,
-                    &format!("{arg}: in {} memory; plan takes host index arrays (lists, NumPy arrays or CPU tensors: a device array would need a device-to-host sync), e.g. .cpu()", device_name(dt)),
-                ));
-            }
+            on_host(dt)?;
         }
-        if let Ok(t) = Tensor::from_obj(arg, obj, None) {
-            if t.shape.len() != 1 {
-                return Err(argument_error(py, &format!("{arg}: shape {:?}; an index array is 1-D", t.shape)));
-            }
-            let n = t.shape[0];
-            let at = |i: usize| t.data as i64 + t.strides[0] * i as i64 * t.dtype.size() as i64;
-            // SAFETY: a host tensor's elements at `data + i * stride` for i < n, of its dtype.
-            return match t.dtype {
-                Dt::I32 => Ok((0..n).map(|i| unsafe { *(at(i) as *const i32) }).collect()),
-                Dt::I64 => (0..n).map(|i| unsafe { *(at(i) as *const i64) }).map(|x| i32::try_from(x).map_err(|_| too_big(x))).collect(),
-                d => Err(argument_error(py, &format!("{arg}: dtype {}; index arrays are int32 or int64", d.name()))),
-            };
+        Tensor::from_obj(arg, obj, None).ok()
+    } else {
+        None
+    };
+    if let Some(t) = tensor {
+        if t.shape.len() != 1 {
+            return Err(argument_error(py, &format!("{arg}: shape {:?}; an index array is 1-D", t.shape)));
         }
+        let n = t.shape[0];
+        let at = |i: usize| t.data as i64 + t.strides[0] * i as i64 * t.dtype.size() as i64;
+        // SAFETY: a host tensor's elements at `data + i * stride` for i < n, of its dtype.
+        return match t.dtype {
+            Dt::I32 => Ok((0..n).map(|i| unsafe { *(at(i) as *const i32) }).collect()),
+            Dt::I64 => (0..n).map(|i| unsafe { *(at(i) as *const i64) }).map(|x| i32::try_from(x).map_err(|_| too_big(x))).collect(),
+            d => Err(argument_error(py, &format!("{arg}: dtype {}; index arrays are int32 or int64", d.name()))),
+        };
     }
     let not_an_array = || argument_error(py, &format!("{arg}: a {} is not an index array (a list of ints, a NumPy array or a CPU tensor)", type_name(obj)));
     if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>() {

@@ -55,12 +55,12 @@ impl DecodePlan {
     /// work list, merge list). In fixed-grid mode it is padded to the capacity so its size never
     /// changes.
     pub fn packed(&self) -> Vec<i32> {
-        pack(self.work.iter().map(|w| [w.req, w.kv_begin, w.kv_end, w.partial]), self.work.len(), self.stride, self.work_slots(), &self.merge, self.merge_grid)
+        pack(self.work.iter().map(|w| [w.req, w.kv_begin, w.kv_end, w.partial]), self.work.len(), self.stride, self.work_slots(), &self.merge, self.merge_slots())
     }
 
     /// Length of [`DecodePlan::packed`] in i32 words.
     pub fn packed_len(&self) -> usize {
-        packed_len(DECODE_WORK_INTS, self.work_slots(), self.merge_grid)
+        packed_len(DECODE_WORK_INTS, self.work_slots(), self.merge_slots())
     }
 
     /// Byte offset of the merge list in the packed buffer.
@@ -70,10 +70,17 @@ impl DecodePlan {
 
     /// Work items the packed buffer holds: a fixed grid's capacity, else the list.
     fn work_slots(&self) -> usize {
-        if matches!(self.mode, PlanMode::FixedGrid { .. }) {
-            self.grid
-        } else {
-            self.work.len()
+        match self.mode {
+            PlanMode::FixedGrid { max_ctas } => max_ctas,
+            _ => self.work.len(),
+        }
+    }
+
+    /// Merge items the packed buffer holds: a fixed grid's capacity, else the list.
+    fn merge_slots(&self) -> usize {
+        match self.mode {
+            PlanMode::FixedGrid { max_ctas } => max_ctas,
+            _ => self.merge.len(),
         }
     }
 
@@ -152,7 +159,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
     });
     if let Some((work, merge, partials, per_cta)) = balanced {
         let (grid, merge_grid, ws_partials) = match mode {
-            PlanMode::FixedGrid { max_ctas } => (max_ctas, max_ctas, max_ctas),
+            PlanMode::FixedGrid { max_ctas } => (fixed_launch(max_ctas, per_head), fixed_merge_launch(max_ctas, target, batch.qo_heads), max_ctas),
             _ => (per_head, merge.len(), partials),
         };
         return Ok(DecodePlan {
@@ -200,23 +207,28 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
     }
     // Longest first, so the tail of the launch is short chunks.
     work.sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_begin));
-    let (grid, merge_grid) = match mode {
+    // A fixed grid's launch is one wave of resident CTAs (per KV head), whatever the capacity:
+    // CTA x < stride runs items x, x + stride, … (scheduler.cuh), so a list longer than the wave
+    // is walked by the CTAs in turn, longest items first, and no CTA is launched only to exit.
+    let (grid, stride, merge_grid) = match mode {
         PlanMode::FixedGrid { max_ctas } => {
             if work.len() > max_ctas {
                 return Err(PlanError::FixedGridTooSmall { needed: work.len(), max_ctas }.into());
             }
-            (max_ctas, max_ctas)
+            let grid = fixed_launch(max_ctas, per_head);
+            (grid, work.len().min(grid), fixed_merge_launch(max_ctas, target, batch.qo_heads))
         }
-        _ => (work.len(), merge.len()),
+        _ => (work.len(), work.len(), merge.len()),
     };
+    let per_cta = if stride == 0 { 1 } else { work.len().div_ceil(stride).max(1) };
     let ws_partials = if let PlanMode::FixedGrid { max_ctas } = mode { max_ctas } else { partials };
     Ok(DecodePlan {
         mode,
         workspace_bytes: DecodePlan::workspace_for(ws_partials, batch.qo_heads, kv.head_dim_vo),
         num_partials: partials,
         grid,
-        stride: grid,
-        per_cta: 1,
+        stride,
+        per_cta,
         merge_grid,
         chunk: used_chunk,
         work,
@@ -227,6 +239,24 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
         kv_heads: kv.kv_heads,
         batch_fingerprint: batch.fingerprint(),
     })
+}
+
+/// CTAs (per KV head) a fixed-grid decode launch has: one wave of resident CTAs, at most the
+/// capacity (a captured graph replays this launch, so it depends on the capacity and the GPU
+/// only). Before, the launch was the capacity itself: at a graph bucket of 256 requests, about
+/// 2 100 CTAs per KV head of which most exited at once.
+fn fixed_launch(max_ctas: usize, per_head: usize) -> usize {
+    if per_head == 0 {
+        max_ctas
+    } else {
+        max_ctas.min(per_head)
+    }
+}
+
+/// CTAs along x a fixed-grid merge launch has: about eight CTAs (of `qo_heads` along y) per SM,
+/// at most the capacity; `merge_states` walks the list by the grid's stride (merge.cuh).
+fn fixed_merge_launch(max_ctas: usize, target: PlanTarget, qo_heads: usize) -> usize {
+    max_ctas.min((8 * target.ctas.max(1)).div_ceil(qo_heads.max(1)).max(1))
 }
 
 /// Whether a decode plan should run on the kernel's wide tile (twice the warps, `wide_kv_tile`

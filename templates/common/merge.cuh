@@ -23,25 +23,21 @@ __device__ __forceinline__ float merge_reduce(float x, float* red) {
   return r;
 }
 
-// One CTA of whole warps (at most 4) per (merge item, qo head). The item's partial LSEs are read
-// in parallel, one per thread, and their weights staged in shared memory; each thread then owns
-// head dims tx, tx + blockDim.x, … and sums the partials' outputs with 8 loads in flight.
-// Launched right behind the kernel that writes the partials (programmatic dependent launch on
-// sm_90+): everything before af_wait_prior_grid reads only what the plan upload wrote.
+// One CTA of whole warps (at most 4) per (merge item, qo head) at a time: CTA x merges items
+// x, x + gridDim.x, … (a fixed grid is smaller than its list's capacity; otherwise the grid is
+// the list). The item's partial LSEs are read in parallel, one per thread, and their weights
+// staged in shared memory; each thread then owns head dims tx, tx + blockDim.x, … and sums the
+// partials' outputs with 8 loads in flight. Launched right behind the kernel that writes the
+// partials (programmatic dependent launch on sm_90+): everything before af_wait_prior_grid
+// reads only what the plan upload wrote.
 template <class Tr>
-__device__ __forceinline__ void merge_body(const MergeArgs<typename Tr::DTypeO>& a, const Params& p) {
+__device__ __forceinline__ void merge_item(const MergeArgs<typename Tr::DTypeO>& a, const Params& p, const MergeWork item, float* wgt, float* red) {
   using DTypeO = typename Tr::DTypeO;
   constexpr int HEAD_DIM_VO = Tr::HEAD_DIM_VO;
-  const int w = blockIdx.x;
-  if (w >= *a.num_work) return;
-  const MergeWork item = a.work[w];
   const int qo_head = blockIdx.y;
   const int tid = threadIdx.x, nt = blockDim.x;
-  __shared__ float wgt[MERGE_STAGE];
-  __shared__ float red[4];
   const long long H = a.num_qo_heads;
   const float* lse = a.part_lse + (long long)item.first * H + qo_head;
-  af_wait_prior_grid();
 
   float M = -AF_INF;
   for (int s = tid; s < item.count; s += nt) M = af_fmax(M, lse[s * H]);  // a NaN partial makes the row NaN
@@ -95,4 +91,17 @@ __device__ __forceinline__ void merge_body(const MergeArgs<typename Tr::DTypeO>&
     a.o[out_row * HEAD_DIM_VO + dd] = af_from_float<DTypeO>(acc * final_scale);
   }
   if (tid == 0) a.lse[out_row] = lse_total;
+}
+
+template <class Tr>
+__device__ __forceinline__ void merge_body(const MergeArgs<typename Tr::DTypeO>& a, const Params& p) {
+  const int n = *a.num_work;
+  if ((int)blockIdx.x >= n) return;
+  __shared__ float wgt[MERGE_STAGE];
+  __shared__ float red[4];
+  af_wait_prior_grid();
+  for (int w = blockIdx.x; w < n; w += gridDim.x) {
+    merge_item<Tr>(a, p, a.work[w], wgt, red);
+    __syncthreads();  // the next item rewrites wgt and red
+  }
 }

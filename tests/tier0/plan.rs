@@ -71,7 +71,11 @@ fn check_cover(plan: &DecodePlan, spans: &[(usize, usize)]) {
     if plan.per_cta == 1 {
         assert!(plan.work.windows(2).all(|w| w[0].kv_end - w[0].kv_begin >= w[1].kv_end - w[1].kv_begin), "longest first");
     }
-    assert_eq!(plan.workspace_bytes, DecodePlan::workspace_for(plan.num_partials, 32, 128));
+    let slots = match plan.mode {
+        PlanMode::FixedGrid { max_ctas } => max_ctas,
+        _ => plan.num_partials,
+    };
+    assert_eq!(plan.workspace_bytes, DecodePlan::workspace_for(slots, 32, 128));
 }
 
 /// Positions each CTA of a balanced plan reads.
@@ -172,18 +176,19 @@ fn big_batches_balance_into_one_wave() {
     // Similar lengths keep one item per CTA: the GPU schedules those as well, without merges.
     let (u, _, _) = plan_resident("default", &[], &[2048; 128], 132, 264, PlanMode::Default).unwrap();
     assert_eq!((u.per_cta, u.grid, u.merge.len()), (1, 128, 0));
-    // A fixed grid runs the same balanced list on its first 33 CTAs, padded to its capacity.
+    // A fixed grid runs the same balanced list on its 33 CTAs (one resident wave, not the
+    // capacity), the lists padded to its capacity; the merge grid is 8 CTAs an SM over 32 heads.
     let cap = p.work.len().max(p.num_partials) + 10;
     let (f, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: cap }).unwrap();
-    assert_eq!((f.grid, f.stride, f.per_cta, f.merge_grid), (cap, 33, p.per_cta, cap));
+    assert_eq!((f.grid, f.stride, f.per_cta, f.merge_grid), (33, 33, p.per_cta, 33));
     assert_eq!(f.work, p.work);
     assert_eq!(f.packed().len(), f.packed_len());
     assert_eq!(f.workspace_bytes, DecodePlan::workspace_for(cap, 32, 128));
     check_merge_offset(&f.packed(), f.merge_offset(), &f.merge);
     // A fixed grid the balanced list does not fit runs the batch unbalanced, one item per
-    // request, when that fits; smaller still is an error.
+    // request (128, walked by its 33 CTAs: 4 each), when that fits; smaller still is an error.
     let (n, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: p.work.len() - 1 }).unwrap();
-    assert_eq!((n.per_cta, n.merge.len(), n.work.len()), (1, 0, lens.len()));
+    assert_eq!((n.per_cta, n.stride, n.merge.len(), n.work.len()), (4, 33, 0, lens.len()));
     assert!(n.work.iter().zip(&lens).all(|(w, _)| w.kv_begin == 0 && w.kv_end as usize == lens[w.req as usize]));
     let err = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: lens.len() - 1 }).unwrap_err();
     assert!(err.to_string().contains("but the fixed grid holds"), "{err}");
@@ -201,9 +206,30 @@ fn big_batches_balance_into_one_wave() {
 }
 
 #[test]
+fn a_fixed_grid_launches_one_resident_wave_that_walks_a_longer_list() {
+    // 128 similar requests, 33 resident CTAs per head: unbalanced, one item per request, walked
+    // by 33 CTAs (CTA x runs items x, x + 33, …), longest first; the capacity only pads the lists.
+    let lens: Vec<usize> = (0..128).map(|i| 1000 + 8 * i).collect();
+    let (f, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: 500 }).unwrap();
+    assert_eq!((f.grid, f.stride, f.per_cta, f.work.len(), f.merge.len()), (33, 33, 4, 128, 0));
+    assert_eq!(f.packed()[..4], [128, 0, 33, 0]);
+    assert_eq!(f.packed().len(), f.packed_len());
+    assert!(f.work.windows(2).all(|w| w[0].kv_end - w[0].kv_begin >= w[1].kv_end - w[1].kv_begin));
+    let spans: Vec<(usize, usize)> = lens.iter().map(|&l| (0, l)).collect();
+    check_cover(&f, &spans);
+    // A batch that needs fewer CTAs than the wave uses only those.
+    let (s, _, _) = plan_resident("default", &[], &[4096; 4], 132, 264, PlanMode::FixedGrid { max_ctas: 500 }).unwrap();
+    assert_eq!(s.grid, 33);
+    assert_eq!(s.stride, s.work.len());
+    assert!(s.stride <= 33 && s.merge_grid == 33);
+    check_merge_offset(&s.packed(), s.merge_offset(), &s.merge);
+}
+
+#[test]
 fn fixed_grid_pads_to_its_capacity_and_refuses_to_overflow() {
+    // No residency known: the launch is the capacity; the merge grid is 8 CTAs an SM over 32 heads.
     let (p, _, _) = plan("default", &[], &[300, 0, 5000], 64, PlanMode::FixedGrid { max_ctas: 100 }).unwrap();
-    assert_eq!((p.grid, p.merge_grid), (100, 100));
+    assert_eq!((p.grid, p.merge_grid), (100, 16));
     assert_eq!(p.packed().len(), p.packed_len());
     assert_eq!(p.packed()[0] as usize, p.work.len());
     assert_eq!(p.workspace_bytes, DecodePlan::workspace_for(100, 32, 128), "sized for the capacity");
@@ -386,9 +412,11 @@ fn the_wide_decode_tile_is_for_one_cta_per_sm_over_long_spans() {
     assert!(!wide(&[4096; 64], PlanMode::Default).0);
     // Deterministic plans keep the configured tile whatever the batch.
     assert!(!wide(&[4096; 16], PlanMode::Deterministic { chunk: 4096 }).0);
-    // A fixed grid decides by its capacity: 16 CTAs per head may take the wide tile, 64 may not.
-    assert!(wide(&[4096; 16], PlanMode::FixedGrid { max_ctas: 16 }).0);
-    assert!(!wide(&[4096; 16], PlanMode::FixedGrid { max_ctas: 64 }).0);
+    // A fixed grid decides by the CTAs that take work, not its capacity: B16 has 16 per head
+    // whatever the capacity; B64 has a wave of 33 per head (264 resident / 8), two per SM.
+    assert_eq!(wide(&[4096; 16], PlanMode::FixedGrid { max_ctas: 16 }), (true, 16));
+    assert_eq!(wide(&[4096; 16], PlanMode::FixedGrid { max_ctas: 2000 }), (true, 16));
+    assert_eq!(wide(&[4096; 64], PlanMode::FixedGrid { max_ctas: 2000 }), (false, 33));
     // Empty requests do not count towards the average span.
     assert!(!wide(&[0, 0, 0, 600], PlanMode::Default).0);
 }
