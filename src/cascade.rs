@@ -9,8 +9,9 @@
 //! (what a radix / prefix cache produces) and builds the levels when [`Policy`] says it pays;
 //! [`crate::reference::attention_cascade`] is the multi-level formulation's reference.
 //!
-//! Status: the host side (levels, validation, detection, the reference) — the GPU path through
-//! the cascade (a prefill-style prefix tile, decode suffixes, one merge) is not built yet.
+//! On the GPU a cascade runs through [`crate::plan::plan_cascade`]: every group as tiles of many
+//! query rows on the prefill kernel, one merge per token. Not yet in CUDA-graph (fixed-grid)
+//! mode, and the suffixes run on the prefill tile too (a decode kernel for them is not wired).
 
 use crate::kv::{Batch, LayoutError, ValidBatch};
 

@@ -42,6 +42,12 @@ pub trait Family: Sized + Send + Sync + 'static {
     fn tile_for(k: &Kernel<Self>, plan: &Self::Plan) -> Result<usize>;
     /// Plans a batch for `k` on `e`'s GPU.
     fn plan(e: &Engine, k: &Kernel<Self>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode) -> Result<Self::Plan>;
+    /// [`Family::plan`], through a cascade when the family runs them and `policy` finds one
+    /// that pays (outside fixed-grid mode).
+    fn plan_detecting(e: &Engine, k: &Kernel<Self>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode, policy: &crate::cascade::Policy) -> Result<Self::Plan> {
+        let _ = policy;
+        Self::plan(e, k, params, batch, mode)
+    }
 }
 
 /// The decode family: one query token per request.
@@ -105,6 +111,15 @@ impl Family for Prefill {
     }
 
     fn plan(e: &Engine, k: &Kernel<Prefill>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode) -> Result<PrefillPlan> {
+        e.plan_prefill(k, params, batch, mode)
+    }
+
+    fn plan_detecting(e: &Engine, k: &Kernel<Prefill>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode, policy: &crate::cascade::Policy) -> Result<PrefillPlan> {
+        if !matches!(mode, PlanMode::FixedGrid { .. }) {
+            if let Some(c) = crate::cascade::detect(batch, policy) {
+                return e.plan_cascade(k, params, batch, &c, mode);
+            }
+        }
         e.plan_prefill(k, params, batch, mode)
     }
 }
@@ -291,5 +306,23 @@ impl Engine {
         let t = f.cfg.prefill_tile();
         let target = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false };
         plan_prefill(&k.variant, params, batch, t.rows(), target, mode)
+    }
+
+    /// Plans `batch` through `cascade` (checked against it first; [`crate::plan::plan_cascade`]):
+    /// on the append tile when every group's rows fit it, else on the prompt tile.
+    pub fn plan_cascade(&self, k: &PrefillKernel, params: &ParamValues, batch: &ValidBatch<'_>, cascade: &crate::cascade::Cascade, mode: PlanMode) -> Result<PrefillPlan> {
+        if batch.group() != k.cfg.group {
+            return Err(Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
+        }
+        cascade.validate(batch.batch())?;
+        let rows_of = |g: &crate::cascade::Group| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>() * batch.group();
+        let most = cascade.levels.iter().flat_map(|l| &l.groups).map(rows_of).max().unwrap_or(0);
+        let f = match k.append() {
+            Some(a) if most <= a.cfg.prefill_tile().rows() => a,
+            _ => k.prompt(),
+        };
+        let t = f.cfg.prefill_tile();
+        let target = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false };
+        crate::plan::plan_cascade(&k.variant, params, batch, cascade, t.rows(), target, mode)
     }
 }

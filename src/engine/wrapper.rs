@@ -60,11 +60,14 @@ pub struct WrapperOptions {
     pub graph: Option<GraphCapacity>,
     /// The softmax scale (`None`: `1/sqrt(head_dim_qk)`).
     pub sm_scale: Option<f32>,
+    /// When a prefill wrapper plans a batch whose requests share leading pages as a cascade
+    /// ([`crate::cascade::detect`]; never in graph mode). Decode wrappers ignore it.
+    pub cascade: crate::cascade::Policy,
 }
 
 impl Default for WrapperOptions {
     fn default() -> Self {
-        WrapperOptions { mode: PlanMode::Default, graph: None, sm_scale: None }
+        WrapperOptions { mode: PlanMode::Default, graph: None, sm_scale: None, cascade: crate::cascade::Policy::default() }
     }
 }
 
@@ -141,6 +144,11 @@ impl<'e, F: Family> Wrapper<'e, F> {
         self.planned.as_ref().map(|p| &p.plan)
     }
 
+    /// Whether the last `plan` runs its batch through a cascade (shared prefixes read once).
+    pub fn plans_cascade(&self) -> bool {
+        self.planned.as_ref().is_some_and(|p| p.plan.is_cascade())
+    }
+
     /// Plans one step: validates `batch` (host arrays) once, binds `params`, plans, and uploads
     /// the plan and the page table in one pinned copy (the parameters' arrays when they
     /// changed). In graph mode the batch must fit the capacities and the parameters must stay
@@ -169,7 +177,7 @@ impl<'e, F: Family> Wrapper<'e, F> {
             Some(g) => PlanMode::FixedGrid { max_ctas: g.max_ctas },
             None => self.options.mode,
         };
-        let plan = F::plan(self.engine, &self.kernel, params, &valid, mode)?;
+        let plan = F::plan_detecting(self.engine, &self.kernel, params, &valid, mode, &self.options.cascade)?;
         let capacity = self.options.graph.map(|g| Capacity { max_batch: g.max_batch, max_tokens: g.max_tokens, max_pages: g.max_pages });
         let table = table_parts(batch, capacity)?;
         // The index arrays first, padded so the plan after them starts on a 256-byte boundary

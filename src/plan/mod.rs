@@ -22,7 +22,7 @@ mod decode;
 mod prefill;
 
 pub use self::decode::{plan_decode, wants_wide_tile, DecodePlan};
-pub use self::prefill::{plan_prefill, PrefillPlan};
+pub use self::prefill::{plan_cascade, plan_prefill, PrefillPlan};
 
 use crate::abi::MergeWork;
 use crate::spec::eval::{eval, Env};
@@ -200,4 +200,8 @@ pub trait Plan {
     fn qo_heads(&self) -> usize;
     /// The planned batch's [`crate::kv::ValidBatch::fingerprint`].
     fn batch_fingerprint(&self) -> u64;
+    /// Whether it runs the batch through a cascade ([`plan_cascade`]).
+    fn is_cascade(&self) -> bool {
+        false
+    }
 }

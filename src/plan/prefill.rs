@@ -4,6 +4,7 @@
 use super::{check_mode, merge_offset, pack, packed_len, range_heads, split_piece, visible_span, wave_chunk, Plan, PlanMode, PlanTarget};
 use super::decode::DecodePlan;
 use crate::abi::MergeWork;
+use crate::cascade::Cascade;
 use crate::error::PlanError;
 use crate::kv::ValidBatch;
 use crate::spec::params::{Dims, ParamValues};
@@ -41,18 +42,38 @@ pub struct PrefillPlan {
     pub qo_heads: usize,
     /// [`ValidBatch::fingerprint`] of the batch planned: a launch refuses another batch.
     pub batch_fingerprint: u64,
+    /// A cascade plan's group table ([`plan_cascade`]): `[request, token, partial slot, 0]` per
+    /// row entry of its group items; empty otherwise.
+    pub groups: Vec<[i32; 4]>,
 }
 
 impl PrefillPlan {
     /// The buffer the kernels read (see `pack`; the prefill kernel ignores the header's stride).
     pub fn packed(&self) -> Vec<i32> {
         let words = self.work.iter().map(|w| [w.req, w.row_start, w.kv_begin, w.kv_end, w.partial, w.stride]);
-        pack(words, self.work.len(), self.grid, self.grid, &self.merge, self.merge_grid)
+        let mut v = pack(words, self.work.len(), self.grid, self.grid, &self.merge, self.merge_grid);
+        if !self.groups.is_empty() {
+            // The group table after the lists, 16-byte aligned; header word 3 is its offset.
+            let at = self.groups_offset();
+            v.resize(at, 0);
+            v[3] = at as i32;
+            v.extend(self.groups.iter().flatten());
+        }
+        v
+    }
+
+    /// Word offset of the group table in the packed buffer.
+    fn groups_offset(&self) -> usize {
+        packed_len(PREFILL_WORK_INTS, self.grid, self.merge_grid).next_multiple_of(4)
     }
 
     /// Length of [`PrefillPlan::packed`] in i32 words.
     pub fn packed_len(&self) -> usize {
-        packed_len(PREFILL_WORK_INTS, self.grid, self.merge_grid)
+        if self.groups.is_empty() {
+            packed_len(PREFILL_WORK_INTS, self.grid, self.merge_grid)
+        } else {
+            self.groups_offset() + 4 * self.groups.len()
+        }
     }
 
     /// Byte offset of the merge list in the packed buffer.
@@ -208,10 +229,123 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &ValidBatch<
         batch_size: b,
         qo_heads: batch.qo_heads,
         batch_fingerprint: batch.fingerprint(),
+        groups: Vec::new(),
+    })
+}
+
+/// Plans a batch through its cascade (`crate::cascade`): every group of every level becomes
+/// group items — blocks of at most `rows / group` member tokens (all query tokens of its
+/// requests) over a chunk of the group's keys — each row writing a partial state, and one merge
+/// item per query token combines the token's partials (the sink added there, once). A token of a
+/// request with no keys merges nothing: its output is zero and its LSE -inf, as the reference's.
+/// The keys of a group are split into chunks of at most one CTA's share of a wave of
+/// `target.ctas` (in deterministic mode, chunks of the mode's size). Not in fixed-grid mode: a
+/// CUDA graph's buffers have no room for the group table.
+pub fn plan_cascade(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'_>, cascade: &Cascade, rows: usize, target: PlanTarget, mode: PlanMode) -> Result<PrefillPlan> {
+    use crate::abi::PrefillWork;
+    let kv = batch.kv;
+    let b = batch.batch_size();
+    let group = batch.group();
+    params.fits(&variant.params, Dims { qo_heads: batch.qo_heads, kv_heads: kv.kv_heads, batch: b }).map_err(Error::Param)?;
+    check_mode(mode)?;
+    if matches!(mode, PlanMode::FixedGrid { .. }) {
+        return Err(Error::UnsupportedConfig("a cascade plan in CUDA-graph (fixed-grid) mode is not built: plan the batch without a cascade".into()));
+    }
+    let per_item = rows / group.max(1);
+    if per_item == 0 {
+        return Err(Error::UnsupportedConfig(format!("a cascade needs a tile of at least one token's rows: {rows} rows per block, a GQA group of {group}")));
+    }
+    let tokens = |r: usize| batch.qo_indptr[r] as usize..batch.qo_indptr[r + 1] as usize;
+    let groups: Vec<&crate::cascade::Group> = cascade.levels.iter().flat_map(|l| &l.groups).filter(|g| g.len > 0).collect();
+    let n_tok = |g: &crate::cascade::Group| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>();
+    let tile = target.kv_tile.max(1);
+    let chunk = match mode {
+        PlanMode::Deterministic { chunk } => chunk,
+        _ => {
+            // A tile costs the same per key whatever rows it holds, so the work is blocks × keys;
+            // no item may take more than a CTA's share of one wave (a 32K prefix left whole ran
+            // on 4 × 8 CTAs beside 1 024 short ones: H200, 1246 µs against 658 for FlashInfer's
+            // cascade, BENCHMARKS.md).
+            let total: usize = groups.iter().map(|g| n_tok(g).div_ceil(per_item) * g.len).sum();
+            if total == 0 {
+                usize::MAX
+            } else {
+                wave_chunk(total, kv.kv_heads, target)
+            }
+        }
+    };
+    let det = matches!(mode, PlanMode::Deterministic { .. });
+    let pieces = |g: &crate::cascade::Group| g.len.div_ceil(split_piece(g.len, chunk, tile, det));
+    // Slots per token: a partial for each chunk of each group its request is in, token-major.
+    let mut count = vec![0usize; b];
+    for g in &groups {
+        for &r in &g.requests {
+            count[r] += pieces(g);
+        }
+    }
+    let mut base = vec![0usize; batch.qo_indptr.last().map_or(0, |&t| t.max(0) as usize)];
+    let mut merge = Vec::with_capacity(base.len());
+    let mut slots = 0usize;
+    for (r, &n) in count.iter().enumerate() {
+        for t in tokens(r) {
+            base[t] = slots;
+            merge.push(MergeWork { req: r as i32, first: slots as i32, count: n as i32, token: t as i32 });
+            slots += n;
+        }
+    }
+    if slots > i32::MAX as usize {
+        return Err(PlanError::Invalid(format!("the cascade needs {slots} partial states, more than the 2^31 - 1 the kernels index")).into());
+    }
+    let mut used = vec![0usize; b]; // slots of each request's tokens taken so far
+    let mut work: Vec<(usize, PrefillWork)> = Vec::new();
+    let mut table: Vec<[i32; 4]> = Vec::new();
+    let mut used_chunk = 0;
+    for g in &groups {
+        let piece = split_piece(g.len, chunk, tile, det);
+        let n = g.len.div_ceil(piece);
+        if n > 1 {
+            used_chunk = used_chunk.max(piece);
+        }
+        let members: Vec<(usize, usize)> = g.requests.iter().flat_map(|&r| tokens(r).map(move |t| (r, t))).collect();
+        for c in 0..n {
+            let (s, e) = (g.kv_start + c * piece, (g.kv_start + (c + 1) * piece).min(g.kv_start + g.len));
+            for block in members.chunks(per_item) {
+                let at = table.len();
+                table.extend(block.iter().map(|&(r, t)| [r as i32, t as i32, (base[t] + used[r] + c) as i32, 0]));
+                let item = PrefillWork { req: g.requests[0] as i32, row_start: at as i32, kv_begin: s as i32, kv_end: e as i32, partial: -1, stride: -(block.len() as i32) };
+                work.push(((e - s) * block.len(), item));
+            }
+        }
+        for &r in &g.requests {
+            used[r] += n;
+        }
+    }
+    if table.len() > i32::MAX as usize {
+        return Err(PlanError::Invalid(format!("the cascade's group table has {} entries, more than the kernels index", table.len())).into());
+    }
+    work.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
+    let work: Vec<PrefillWork> = work.into_iter().map(|(_, w)| w).collect();
+    Ok(PrefillPlan {
+        mode,
+        merge_grid: merge.len(),
+        merge,
+        num_partials: slots,
+        workspace_bytes: DecodePlan::workspace_for(slots, batch.qo_heads, kv.head_dim_vo),
+        chunk: used_chunk,
+        grid: work.len(),
+        work,
+        rows,
+        batch_size: b,
+        qo_heads: batch.qo_heads,
+        batch_fingerprint: batch.fingerprint(),
+        groups: table,
     })
 }
 
 impl Plan for PrefillPlan {
+    fn is_cascade(&self) -> bool {
+        !self.groups.is_empty()
+    }
     fn packed(&self) -> Vec<i32> {
         PrefillPlan::packed(self)
     }

@@ -106,6 +106,23 @@ pub fn decode_once<T: Element + DeviceRepr>(e: &Engine, k: &DecodeKernel, params
     run_once(e, k, params, w, |b| e.plan_decode(k, params, b, mode), sm_scale)
 }
 
+/// Plans `w` through the cascade `policy` detects in its page table (`None` when it finds none),
+/// uploads and runs it on the prefill kernel (decode batches included: a decode request is an
+/// append of one token); returns the output, the plan and the cascade.
+pub fn cascade_once<T: Element + DeviceRepr>(
+    e: &Engine,
+    k: &PrefillKernel,
+    params: &ParamValues,
+    w: &Workload<T>,
+    policy: &crate::cascade::Policy,
+    mode: PlanMode,
+    sm_scale: Option<f32>,
+) -> Result<Option<(AttnOutput, PrefillPlan, crate::cascade::Cascade)>> {
+    let Some(c) = crate::cascade::detect(&w.batch().validated()?, policy) else { return Ok(None) };
+    let (out, plan) = run_once(e, k, params, w, |b| e.plan_cascade(k, params, b, &c, mode), sm_scale)?;
+    Ok(Some((out, plan, c)))
+}
+
 /// Plans, uploads and runs one prefill/append batch; returns the output and the plan.
 pub fn prefill_once<T: Element + DeviceRepr>(e: &Engine, k: &PrefillKernel, params: &ParamValues, w: &Workload<T>, mode: PlanMode, sm_scale: Option<f32>) -> Result<(AttnOutput, PrefillPlan)> {
     run_once(e, k, params, w, |b| e.plan_prefill(k, params, b, mode), sm_scale)

@@ -102,6 +102,40 @@ fn reserved<T>(what: &str, n: usize) -> Result<Vec<T>> {
 }
 
 impl<T: Element> Workload<T> {
+    /// Makes every request start with request 0's pages for the first `n` tokens (whole pages
+    /// only, at most each request's full pages): one shared prefix, as a prefix cache gives.
+    pub fn share_prefix(&mut self, n: usize) {
+        let ps = self.kv.page_size.max(1);
+        let full0 = self.pages.kv_len(0, ps) / ps;
+        let first: Vec<i32> = self.pages.pages(0)[..(n / ps).min(full0)].to_vec();
+        for b in 1..self.pages.batch_size() {
+            let k = first.len().min(self.pages.kv_len(b, ps) / ps);
+            let at = self.pages.indptr[b] as usize;
+            self.pages.indices[at..at + k].copy_from_slice(&first[..k]);
+        }
+    }
+
+    /// Random shared prefixes, nested like a trie's: each request after the first may take a
+    /// random number of leading full pages from a random earlier request (which may have taken
+    /// its own from another). Only full pages of both are shared.
+    pub fn share_random_prefixes(&mut self, rng: &mut impl Rng) {
+        let ps = self.kv.page_size.max(1);
+        for b in 1..self.pages.batch_size() {
+            if rng.random_bool(0.2) {
+                continue;
+            }
+            let a = rng.random_range(0..b);
+            let most = (self.pages.kv_len(a, ps) / ps).min(self.pages.kv_len(b, ps) / ps);
+            if most == 0 {
+                continue;
+            }
+            let k = if rng.random_bool(0.5) { most } else { rng.random_range(1..=most) };
+            let src: Vec<i32> = self.pages.pages(a)[..k].to_vec();
+            let at = self.pages.indptr[b] as usize;
+            self.pages.indices[at..at + k].copy_from_slice(&src);
+        }
+    }
+
     /// A random workload of this shape; a shape that overflows, or whose buffers cannot be
     /// allocated, is an error before anything large is allocated.
     pub fn random(spec: &WorkloadSpec, rng: &mut impl Rng) -> Result<Self> {

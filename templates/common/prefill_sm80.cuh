@@ -18,6 +18,13 @@
 // A work item of a split block (partial >= 0) covers one KV chunk and writes f32 partial states
 // that merge_states combines.
 //
+// A cascade group item (stride < 0, src/cascade.rs) takes its rows from -stride entries of the
+// plan's group table (at header word 3), from entry row_start: (request, token, partial slot),
+// GROUP rows an entry, the tokens of several requests that share the keys [kv_begin, kv_end) —
+// logical positions, read through the first member's (item.req's) page table, whose pages there
+// are every member's. Each row sees the hooks with its own request, position and lengths, and
+// always writes its partial state to its entry's slot; merge_states adds the sink once.
+//
 // Online softmax with a lazily raised max (softmax.cuh); the sink joins at the end, once.
 //
 // Needs: traits (PrefillSm80Traits, Q and KV of one type), the parts, mma.cuh, and the
@@ -65,7 +72,9 @@ struct PrefillSm80 {
     const int page_begin = a.kv_indptr[req];
     const int n_pages = a.kv_indptr[req + 1] - page_begin;
     const int kv_len = n_pages == 0 ? 0 : (n_pages - 1) * a.page_size + a.last_page_len[req];
-    const int n_rows = q_len * GROUP;
+    const bool grouped = item.stride < 0;
+    const int n_rows = grouped ? -item.stride * GROUP : q_len * GROUP;
+    const int rbase = grouped ? 0 : item.row_start;  // the item's first row in its request's rows
     const float sm_scale = a.sm_scale;
   #if LOGITS_SCALED_SCORE
     const float exp_scale = sm_scale * AF_LOG2E;  // sm_scale > 0, checked on the host
@@ -80,8 +89,36 @@ struct PrefillSm80 {
 
     // Row r of the block: its token (clamped to 0 past the request's rows, so hooks never index
     // outside it), query head and position.
-    auto row_token = [&](int r) { return item.row_start + r < n_rows ? (item.row_start + r) / GROUP : 0; };
-    auto row_head = [&](int r) { return kv_head * GROUP + (item.row_start + r) % GROUP; };
+    auto row_token = [&](int r) { return rbase + r < n_rows ? (rbase + r) / GROUP : 0; };
+    auto row_head = [&](int r) { return kv_head * GROUP + (rbase + r) % GROUP; };
+    // A group item's entries, staged once: each row's token, request, position, lengths and slot
+    // (rows past the item's take entry 0's, so hooks never index outside a request).
+    constexpr int GMAX = ROWS / GROUP > 0 ? ROWS / GROUP : 1;
+    __shared__ int g_tok[GMAX], g_req[GMAX], g_qpos[GMAX], g_qlen[GMAX], g_kvlen[GMAX], g_slot[GMAX];
+    if (grouped) {
+      const int4* table = reinterpret_cast<const int4*>(a.num_work + a.num_work[3]);
+      for (int e = tid; e < -item.stride; e += NUM_THREADS) {
+        const int4 en = table[item.row_start + e];
+        const int rq = en.x, t0 = a.qo_indptr[rq];
+        const int ql = a.qo_indptr[rq + 1] - t0, np = a.kv_indptr[rq + 1] - a.kv_indptr[rq];
+        const int kl = np == 0 ? 0 : (np - 1) * a.page_size + a.last_page_len[rq];
+        g_tok[e] = en.y;
+        g_req[e] = rq;
+        g_qlen[e] = ql;
+        g_kvlen[e] = kl;
+        g_qpos[e] = kl - ql + (en.y - t0);
+        g_slot[e] = en.z;
+      }
+      __syncthreads();
+    }
+    // A row's hook context: the item's request, or in a group item its entry's.
+    auto row_entry = [&](int r) { return r < n_rows ? r / GROUP : 0; };
+    auto row_qpos = [&](int r) { return grouped ? g_qpos[row_entry(r)] : kv_len - q_len + row_token(r); };
+    auto row_req = [&](int r) { return grouped ? g_req[row_entry(r)] : req; };
+    auto row_qlen = [&](int r) { return grouped ? g_qlen[row_entry(r)] : q_len; };
+    auto row_kvlen = [&](int r) { return grouped ? g_kvlen[row_entry(r)] : kv_len; };
+    (void)row_req;
+    (void)row_qlen;
     // Each row's visible range [lo, hi] in shared memory (empty for rows past the request): read
     // only by boundary tiles. The warp keeps four bounds: the union of its rows' ranges (tiles
     // outside it are skipped) and their intersection (tiles inside it skip the range tests).
@@ -97,17 +134,17 @@ struct PrefillSm80 {
   #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = warp_row0 + mt * 16 + g + 8 * h;
-        const int qpos = kv_len - q_len + row_token(r);
+        const int qpos = row_qpos(r);
         int rlo = max(item.kv_begin, 0);
-        int rhi = min(item.kv_end, kv_len) - 1;
+        int rhi = min(item.kv_end, row_kvlen(r)) - 1;
   #if HAS_KV_LO
-        rlo = max(rlo, af_kv_lo(0.f, sm_scale, qpos, 0, row_head(r), kv_head, req, q_len, kv_len, p));
+        rlo = max(rlo, af_kv_lo(0.f, sm_scale, qpos, 0, row_head(r), kv_head, row_req(r), row_qlen(r), row_kvlen(r), p));
   #endif
   #if HAS_KV_HI
-        rhi = min(rhi, af_kv_hi(0.f, sm_scale, qpos, 0, row_head(r), kv_head, req, q_len, kv_len, p));
+        rhi = min(rhi, af_kv_hi(0.f, sm_scale, qpos, 0, row_head(r), kv_head, row_req(r), row_qlen(r), row_kvlen(r), p));
   #endif
         (void)qpos;
-        if (item.row_start + r < n_rows) {
+        if (rbase + r < n_rows) {
           in_lo = max(in_lo, rlo);
           in_hi = min(in_hi, rhi);
         } else {
@@ -147,9 +184,10 @@ struct PrefillSm80 {
   #pragma unroll 4
       for (int c = tid; c < ROWS * KCH; c += NUM_THREADS) {
         const int r = c / KCH, ch = c % KCH;
-        const int row = item.row_start + r;
+        const int row = rbase + r;
         const bool ok = row < n_rows;
-        const DTypeQ* src = ok ? a.q + ((long long)(tok0 + row / GROUP) * a.num_qo_heads + kv_head * GROUP + row % GROUP) * HEAD_DIM_QK + ch * VEC : a.q;
+        const int tok = grouped ? g_tok[row_entry(r)] : tok0 + row / GROUP;
+        const DTypeQ* src = ok ? a.q + ((long long)tok * a.num_qo_heads + kv_head * GROUP + row % GROUP) * HEAD_DIM_QK + ch * VEC : a.q;
         af_cp_async16(q_smem + r * ROW_QK + ch * VEC, src, ok);
       }
     }
@@ -215,7 +253,11 @@ struct PrefillSm80 {
   #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int r = warp_row0 + mt * 16 + g + 8 * h;
-            const int qpos = kv_len - q_len + row_token(r), head = row_head(r);
+            const int qpos = row_qpos(r), head = row_head(r);
+            const int rreq = row_req(r), rql = row_qlen(r), rkl = row_kvlen(r);
+            (void)rreq;
+            (void)rql;
+            (void)rkl;
             const int rlo = check ? row_lo[r] : 0, rhi = check ? row_hi[r] : 0;
             (void)qpos;
             (void)head;
@@ -226,14 +268,14 @@ struct PrefillSm80 {
                 const int pos = t0 + n * 8 + 2 * t4 + (j & 1);
                 bool vis = !check || (pos >= rlo && pos <= rhi);
   #if HAS_MASK
-                vis = vis && af_mask(0.f, sm_scale, qpos, pos, head, kv_head, req, q_len, kv_len, p);
+                vis = vis && af_mask(0.f, sm_scale, qpos, pos, head, kv_head, rreq, rql, rkl, p);
   #endif
   #if NORMALIZE_SOFTMAX && LOGITS_SCALED_SCORE
                 s[mt][n][j] = vis ? s[mt][n][j] : -AF_INF;  // raw: the scale is folded into exp2
   #elif NORMALIZE_SOFTMAX
-                s[mt][n][j] = vis ? af_logits(s[mt][n][j], sm_scale, qpos, pos, head, kv_head, req, q_len, kv_len, p) : -AF_INF;
+                s[mt][n][j] = vis ? af_logits(s[mt][n][j], sm_scale, qpos, pos, head, kv_head, rreq, rql, rkl, p) : -AF_INF;
   #else
-                s[mt][n][j] = vis ? af_logits(s[mt][n][j], sm_scale, qpos, pos, head, kv_head, req, q_len, kv_len, p) : 0.f;
+                s[mt][n][j] = vis ? af_logits(s[mt][n][j], sm_scale, qpos, pos, head, kv_head, rreq, rql, rkl, p) : 0.f;
                 any[mt][h] = any[mt][h] || vis;
   #endif
               }
@@ -353,10 +395,10 @@ struct PrefillSm80 {
   #else
         const bool seen = (__shfl_xor_sync(0xffffffffu, (int)any[mt][h], 1) | __shfl_xor_sync(0xffffffffu, (int)any[mt][h], 2) | (int)any[mt][h]) != 0;
   #endif
-        if (item.partial >= 0) {
-          // One KV chunk of a split block: the f32 partial (o normalised, lse without the sink)
-          // that merge_states combines.
-          if (item.row_start + r >= n_rows) continue;
+        if (item.partial >= 0 || grouped) {
+          // One KV chunk of a split block, or a group item's rows: the f32 partial (o
+          // normalised, lse without the sink) that merge_states combines.
+          if (rbase + r >= n_rows) continue;
   #if NORMALIZE_SOFTMAX
           const SoftmaxPartial part = af_softmax_partial(visible, m[mt][h], m_unit, dd);
           const float inv = part.inv, part_lse = part.lse;
@@ -364,7 +406,7 @@ struct PrefillSm80 {
           const float inv = 1.f;
           const float part_lse = seen ? 0.f : -AF_INF;
   #endif
-          const long long slot = item.partial + (long long)(tq - item.row_start / GROUP) * item.stride;
+          const long long slot = grouped ? (long long)g_slot[row_entry(r)] : item.partial + (long long)(tq - item.row_start / GROUP) * item.stride;
           const long long prow = slot * a.num_qo_heads + head;
           float* po = a.part_o + prow * HEAD_DIM_VO + 2 * t4;
   #pragma unroll
@@ -383,7 +425,7 @@ struct PrefillSm80 {
   #else
         const float scale = 1.f, lse_out = seen ? 0.f : -AF_INF;
   #endif
-        if (item.row_start + r >= n_rows) continue;
+        if (rbase + r >= n_rows) continue;
         const long long row = (long long)(tok0 + tq) * a.num_qo_heads + head;
         DTypeO* out = a.o + row * HEAD_DIM_VO + 2 * t4;
   #pragma unroll

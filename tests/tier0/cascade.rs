@@ -322,3 +322,77 @@ fn detection_of_deeply_nested_runs_is_linear() {
     // ~2M pages: linear is a few ms; the quadratic rescan took seconds. Generous for CI.
     assert!(secs < 2.0, "detection took {secs:.2} s");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// The GPU plan of a cascade on random tries: every query token gets one merge item, every
+    /// partial slot is written by exactly one group-item row, and a token's slots cover its
+    /// request's keys exactly once; group items hold at most a tile's tokens; the packed buffer
+    /// carries the group table at the offset its header names.
+    #[test]
+    fn the_cascade_plan_covers_every_token_s_keys_once(seed in any::<u64>(), n in 1usize..16, share in 0.3f64..1.0, ctas in 1usize..300, rows in prop::sample::select(vec![2usize, 16, 64]), det in any::<bool>()) {
+        use attnforge::plan::{plan_cascade, PlanMode, PlanTarget};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let c = case(&mut rng, n, share, &[1, 3, 0, 5, 1]);
+        let b = batch(&c);
+        let valid = b.validated().unwrap();
+        let Some(cascade) = detect(&valid, &eager()) else { return Ok(()) };
+        let v = shipped::resolve("causal").unwrap();
+        let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: n }).unwrap();
+        let target = PlanTarget { ctas, kv_tile: 4, resident: 0, always_balance: false };
+        let mode = if det { PlanMode::Deterministic { chunk: 8 } } else { PlanMode::Default };
+        let plan = plan_cascade(&v, &p, &valid, &cascade, rows, target, mode).unwrap();
+        let total_q = *c.qo_indptr.last().unwrap() as usize;
+        prop_assert_eq!(plan.merge.len(), total_q);
+        let mut slot_range: Vec<Option<(i32, i32)>> = vec![None; plan.num_partials];
+        for w in &plan.work {
+            prop_assert!(w.stride < 0 && w.partial == -1, "{:?}", w);
+            let entries = &plan.groups[w.row_start as usize..(w.row_start - w.stride) as usize];
+            prop_assert!(entries.len() <= rows / 2);
+            for &[r, t, slot, _] in entries {
+                let (r, t) = (r as usize, t as usize);
+                prop_assert!((c.qo_indptr[r] as usize..c.qo_indptr[r + 1] as usize).contains(&t));
+                prop_assert!(w.kv_begin < w.kv_end && w.kv_end as usize <= b.kv_len(r));
+                let m = plan.merge[t];
+                prop_assert_eq!(m.token as usize, t);
+                prop_assert!(slot >= m.first && slot < m.first + m.count, "slot {} outside token {}'s {:?}", slot, t, m);
+                prop_assert!(slot_range[slot as usize].replace((w.kv_begin, w.kv_end)).is_none(), "slot {} written twice", slot);
+            }
+        }
+        for m in &plan.merge {
+            let mut spans: Vec<(i32, i32)> = (m.first..m.first + m.count).map(|s| slot_range[s as usize].expect("every slot is written")).collect();
+            spans.sort();
+            let mut at = 0;
+            for (lo, hi) in spans {
+                prop_assert_eq!(lo, at, "token {}: a gap or an overlap", m.token);
+                at = hi;
+            }
+            prop_assert_eq!(at as usize, b.kv_len(m.req as usize));
+        }
+        let packed = plan.packed();
+        prop_assert_eq!(packed.len(), plan.packed_len());
+        let at = packed[3] as usize;
+        prop_assert_eq!(at % 4, 0);
+        let table: Vec<i32> = plan.groups.iter().flatten().copied().collect();
+        prop_assert_eq!(&packed[at..], &table[..]);
+        prop_assert_eq!(packed[1] as usize, plan.merge.len());
+    }
+}
+
+#[test]
+fn a_cascade_plan_refuses_a_fixed_grid_and_a_tile_smaller_than_a_token() {
+    use attnforge::plan::{plan_cascade, PlanMode, PlanTarget};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let c = case(&mut rng, 6, 1.0, &[1]);
+    let b = batch(&c);
+    let valid = b.validated().unwrap();
+    let cascade = Cascade::single(&b);
+    let v = shipped::resolve("causal").unwrap();
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: 6 }).unwrap();
+    let target = PlanTarget { ctas: 100, kv_tile: 4, resident: 0, always_balance: false };
+    let err = plan_cascade(&v, &p, &valid, &cascade, 64, target, PlanMode::FixedGrid { max_ctas: 1000 }).unwrap_err();
+    assert!(err.to_string().contains("fixed-grid"), "{err}");
+    let err = plan_cascade(&v, &p, &valid, &cascade, 1, target, PlanMode::Default).unwrap_err();
+    assert!(err.to_string().contains("at least one token"), "{err}");
+}

@@ -185,3 +185,123 @@ pub(crate) fn a_fixed_grid_prefill_plan_replays_in_a_cuda_graph() {
         assert!(cmp.ok(), "step {step}: {cmp}");
     }
 }
+
+/// One random shared-prefix batch through its detected cascade (any sharing pays) on the
+/// prefill kernel, against the single-level f64 reference; deterministic plans run twice and
+/// must agree bit for bit.
+#[allow(clippy::too_many_arguments)]
+fn check_cascade<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, deterministic: bool, seed: u64) -> String {
+    use attnforge::cascade::Policy;
+    use attnforge::testing::harness::cascade_once;
+    let v = shipped::all().unwrap().swap_remove(variant);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let spec = WorkloadSpec {
+        lens: lens.clone(),
+        qo_heads: kv_heads * group,
+        kv_heads,
+        head_dim_qk: dims.0,
+        head_dim_vo: dims.1,
+        page_size,
+        layout: if rng.random_bool(0.5) { KvLayout::Nhd } else { KvLayout::Hnd },
+        interleaved: dims.0 == dims.1 && rng.random_bool(0.5),
+        permute: true,
+        spare_pages: 1,
+    };
+    let mut w = Workload::<T>::random(&spec, &mut rng).unwrap();
+    if rng.random_bool(0.5) {
+        w.share_prefix(usize::MAX);
+    } else {
+        w.share_random_prefixes(&mut rng);
+    }
+    let p = sample(&v.params, Dims { qo_heads: spec.qo_heads, kv_heads, batch: lens.len() }, &lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
+    let k = e.prefill_kernel(&v, &KernelConfig::prefill(dims.0, dims.1, T::DTYPE, group).unwrap()).unwrap();
+    let policy = Policy { min_saved_bytes: 0, ..Policy::default() };
+    let mode = if deterministic { PlanMode::Deterministic { chunk: 256 } } else { PlanMode::Default };
+    let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
+    let Some((got, plan, cascade)) = cascade_once(e, &k, &p, &w, &policy, mode, None).unwrap() else {
+        return format!("{:<15} lens {:?}: no shared page, no cascade", v.name, &lens[..lens.len().min(4)]);
+    };
+    let cmp = compare(&got, &want, T::DTYPE, dims.1);
+    let line = format!(
+        "{:<15} lens {:?} g{group} d{dims:?} p{page_size} {} {}: {} levels, {} keys read of {}, {} group items, {} slots → {cmp}",
+        v.name,
+        &lens[..lens.len().min(4)],
+        T::DTYPE.name(),
+        if deterministic { "det" } else { "default" },
+        cascade.levels.len(),
+        cascade.keys_read(),
+        attnforge::cascade::Cascade::single(&w.batch()).keys_read(),
+        plan.work.len(),
+        plan.num_partials
+    );
+    assert!(cmp.ok(), "{line}");
+    if deterministic {
+        let (again, _, _) = cascade_once(e, &k, &p, &w, &policy, mode, None).unwrap().unwrap();
+        let bits = |o: &attnforge::reference::AttnOutput| o.o.iter().chain(&o.lse).map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert!(bits(&again) == bits(&got), "{line}: a deterministic cascade differs between two runs");
+    }
+    line
+}
+
+pub(crate) fn cascades_match_the_reference_on_random_shared_prefixes() {
+    let e = super::engine();
+    let mut rng = StdRng::seed_from_u64(std::env::var("ATTNFORGE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(15));
+    let cases: usize = std::env::var("ATTNFORGE_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    for i in 0..cases {
+        let n = rng.random_range(1..=12);
+        // Decode-like batches (one query token) and appends, an empty request now and then.
+        let decode = rng.random_bool(0.5);
+        let lens: Vec<(usize, usize)> = (0..n)
+            .map(|_| {
+                let kv = if rng.random_bool(0.1) { 0 } else { rng.random_range(1..=1200) };
+                let q = if decode { kv.min(1) } else { rng.random_range(0..=kv.min(40)) };
+                (q, kv)
+            })
+            .collect();
+        let dims = [(64, 64), (128, 128), (256, 256), (192, 128)][rng.random_range(0..4)];
+        let group = [1, 4, 7, 8][rng.random_range(0..4)];
+        let page = [1, 16, 64][rng.random_range(0..3)];
+        let kv_heads = rng.random_range(1..=2);
+        let det = rng.random_bool(0.25);
+        let seed = rng.random();
+        let line = if rng.random_bool(0.5) {
+            check_cascade::<bf16>(&e, i % shipped::SHIPPED.len(), lens, kv_heads, group, dims, page, det, seed)
+        } else {
+            check_cascade::<f16>(&e, i % shipped::SHIPPED.len(), lens, kv_heads, group, dims, page, det, seed)
+        };
+        eprintln!("cascade case {i:>3}: {line}");
+    }
+}
+
+/// A prefill wrapper with the default policy plans 24 decode requests sharing a 4096-token
+/// prefix as a cascade by itself (the prefix's keys read once), and gives the reference's result.
+pub(crate) fn a_prefill_wrapper_runs_a_shared_prefix_as_a_cascade() {
+    use attnforge::engine::{DeviceOutput, KvCache, PrefillWrapper, WrapperOptions};
+    use attnforge::testing::harness::DeviceResult;
+    use std::collections::HashMap;
+    let e = super::engine();
+    let v = shipped::resolve("causal").unwrap();
+    let cfg = KernelConfig::prefill(128, 128, attnforge::kv::DType::Bf16, 4).unwrap();
+    let lens: Vec<(usize, usize)> = (0..24).map(|i| (1, 4096 + 37 * i + 1)).collect();
+    let spec = WorkloadSpec { lens: lens.clone(), qo_heads: 32, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut w = Workload::<bf16>::random(&spec, &mut rng).unwrap();
+    w.share_prefix(4096);
+    let batch = w.batch();
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: lens.len() }).unwrap();
+    let mut wr = PrefillWrapper::new(&e, &v, &cfg, WrapperOptions::default()).unwrap();
+    let plan = wr.plan(&batch, &p).unwrap().clone();
+    assert!(!plan.groups.is_empty(), "the wrapper did not plan a cascade: {} items", plan.work.len());
+    let q = e.upload(&w.q).unwrap();
+    let cache = e.upload(&w.k).unwrap();
+    let mut res = DeviceResult::<bf16>::poisoned(&e, w.q.len(), lens.len() * 32).unwrap();
+    wr.run(&q, KvCache::Interleaved(&cache), DeviceOutput { o: &mut res.o, lse: &mut res.lse }).unwrap();
+    let got = res.download(&e).unwrap();
+    let want = attention(&v, &p, &batch, &w.q, &w.k, w.v(), None).unwrap();
+    let cmp = compare(&got, &want, attnforge::kv::DType::Bf16, 128);
+    eprintln!("wrapper cascade: {} group items, {} slots → {cmp}", plan.work.len(), plan.num_partials);
+    assert!(cmp.ok(), "{cmp}");
+    // Turned off, the same batch plans without one.
+    let mut off = PrefillWrapper::new(&e, &v, &cfg, WrapperOptions { cascade: attnforge::cascade::Policy { enabled: false, ..Default::default() }, ..Default::default() }).unwrap();
+    assert!(off.plan(&batch, &p).unwrap().groups.is_empty());
+}
