@@ -309,6 +309,14 @@ class _Wrapper:
     _core = None
     _device = 0
 
+    @property
+    def is_cascade(self):
+        """Whether the planned step runs as a cascade: requests that share leading pages (a
+        prefix cache's shared prompt) have those keys read once for all their queries, on the
+        prefill kernel, and the states merged. Detected from the page table at ``plan`` when it
+        pays (``cascade=True``, the default; never in CUDA-graph mode)."""
+        return self._core.cascaded()
+
     def _stream(self, hint, stream):
         return _current_stream(self._device, hint, stream)
 
@@ -345,14 +353,14 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     written.
     """
 
-    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=False, use_tensor_cores=False, paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None, backend="auto", *, device=None, max_batch_size=None, max_pages=None, max_ctas=None, deterministic=False):
+    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=False, use_tensor_cores=False, paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None, backend="auto", *, device=None, max_batch_size=None, max_pages=None, max_ctas=None, deterministic=False, cascade=True):
         self._device = _device_of(float_workspace_buffer, device)
         if paged_kv_indptr_buffer is not None and max_batch_size is None:
             max_batch_size = len(paged_kv_indptr_buffer) - 1
         if paged_kv_indices_buffer is not None and max_pages is None:
             max_pages = len(paged_kv_indices_buffer)
         self._layout = kv_layout
-        self._core = _DecodeCore(self._device, kv_layout, bool(use_cuda_graph), max_batch_size, max_pages, max_ctas, bool(deterministic))
+        self._core = _DecodeCore(self._device, kv_layout, bool(use_cuda_graph), max_batch_size, max_pages, max_ctas, bool(deterministic), bool(cascade))
         self.is_cuda_graph_enabled = bool(use_cuda_graph)
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None, q_data_type="float16", kv_data_type=None, data_type=None, sm_scale=None, rope_scale=None, rope_theta=None, non_blocking=True, *, variant=None, params=None, head_dim_vo=None, stream=None):
@@ -379,14 +387,14 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
 
     _ragged = False
 
-    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None, paged_kv_indptr_buf=None, paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None, backend="auto", *, device=None, max_batch_size=None, max_tokens=None, max_pages=None, max_ctas=None, deterministic=False):
+    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None, paged_kv_indptr_buf=None, paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None, backend="auto", *, device=None, max_batch_size=None, max_tokens=None, max_pages=None, max_ctas=None, deterministic=False, cascade=True):
         self._device = _device_of(float_workspace_buffer, device)
         if qo_indptr_buf is not None and max_batch_size is None:
             max_batch_size = len(qo_indptr_buf) - 1
         if paged_kv_indices_buf is not None and max_pages is None:
             max_pages = len(paged_kv_indices_buf)
         self._layout = kv_layout
-        self._core = _PrefillCore(self._device, kv_layout, bool(use_cuda_graph), max_batch_size, max_tokens, max_pages, max_ctas, bool(deterministic))
+        self._core = _PrefillCore(self._device, kv_layout, bool(use_cuda_graph), max_batch_size, max_tokens, max_pages, max_ctas, bool(deterministic), bool(cascade))
         self.is_cuda_graph_enabled = bool(use_cuda_graph)
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1, logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None, non_blocking=True, *, variant=None, params=None, stream=None):
@@ -414,10 +422,10 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
     ``kv_indptr`` itself); there is no contiguous-K/V kernel, and this path's speed against one
     is not measured."""
 
-    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=False, backend="auto", *, device=None, max_batch_size=None, max_tokens=None, max_kv_tokens=None, max_ctas=None, deterministic=False):
+    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=False, backend="auto", *, device=None, max_batch_size=None, max_tokens=None, max_kv_tokens=None, max_ctas=None, deterministic=False, cascade=True):
         if kv_layout != "NHD":
             raise UnsupportedError("the ragged wrapper takes NHD K/V (tokens, heads, dim)")
-        super().__init__(float_workspace_buffer, "NHD", use_cuda_graph, device=device, max_batch_size=max_batch_size, max_tokens=max_tokens, max_pages=max_kv_tokens, max_ctas=max_ctas, deterministic=deterministic)
+        super().__init__(float_workspace_buffer, "NHD", use_cuda_graph, device=device, max_batch_size=max_batch_size, max_tokens=max_tokens, max_pages=max_kv_tokens, max_ctas=max_ctas, deterministic=deterministic, cascade=cascade)
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None, custom_mask=None, packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1, logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None, non_blocking=True, *, variant=None, params=None, stream=None):
         """Plans one step: request ``b``'s queries ``qo_indptr[b]..qo_indptr[b+1]`` over its keys

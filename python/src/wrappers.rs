@@ -10,7 +10,8 @@
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use attnforge::engine::{DeviceOutput, Engine, Family, GraphCapacity, KvCache, Wrapper, WrapperOptions};
+use attnforge::cascade::Policy;
+use attnforge::engine::{DeviceOutput, Engine, Family, GraphCapacity, KvCache, Prefill, Wrapper, WrapperOptions};
 use attnforge::jit::KernelConfig;
 use attnforge::kv::{Batch, DType, Element, KvLayout, KvShape, PageTable};
 use attnforge::plan::PlanMode;
@@ -127,6 +128,13 @@ pub struct Core<F: Family> {
     mode: PlanMode,
     interleaved: bool,
     current: Option<(Key, Wrapper<'static, F>)>,
+    /// When a plan goes through a cascade (shared prefixes read once).
+    policy: Policy,
+    /// A decode wrapper's cascade path: the prefill kernel of the same variant, which runs a
+    /// decode batch's cascade (its prefix groups as tiles of many query rows).
+    cascade: Option<(Key, Wrapper<'static, Prefill>)>,
+    /// Whether the last plan went through `cascade`.
+    cascaded: bool,
     step: Option<Step>,
     /// In graph mode, the fewest pages of the caches `run` has seen: a captured graph replays on
     /// them without a `run`, so `plan` checks the page table against this.
@@ -155,13 +163,14 @@ fn stream_of(e: &Engine, stream: u64) -> Arc<CudaStream> {
 }
 
 impl<F: Family> Core<F> {
-    fn new(py: Python<'_>, device: usize, kv_layout: &str, graph: Option<GraphCapacity>, deterministic: bool) -> PyResult<Self> {
+    fn new(py: Python<'_>, device: usize, kv_layout: &str, graph: Option<GraphCapacity>, deterministic: bool, cascade: bool) -> PyResult<Self> {
         let layout = crate::parse_layout(py, kv_layout)?;
         let mode = if deterministic { PlanMode::Deterministic { chunk: 1024 } } else { PlanMode::Default };
         if deterministic && graph.is_some() {
             return Err(argument_error(py, "deterministic and use_cuda_graph: a graph's fixed-grid plan is its own schedule; choose one"));
         }
-        Ok(Core { device, layout, graph, mode, interleaved: false, current: None, step: None, cache_pages: None })
+        let policy = Policy { enabled: cascade, ..Policy::default() };
+        Ok(Core { device, layout, graph, mode, interleaved: false, current: None, policy, cascade: None, cascaded: false, step: None, cache_pages: None })
     }
 
     /// The planned step's (total query tokens, query heads, value head dim).
@@ -223,18 +232,43 @@ impl<F: Family> Core<F> {
             }
             let kernel = Arc::new(e.load::<F>(&step.variant, &cfg).or_raise(py)?);
             let graph = self.graph.map(|g| GraphCapacity { max_ctas: if g.max_ctas == 0 { fixed_grid_bound::<F>(e, &kernel, &g, &step) } else { g.max_ctas }, ..g });
-            let options = WrapperOptions { mode: self.mode, graph, sm_scale: step.sm_scale };
+            let options = WrapperOptions { mode: self.mode, graph, sm_scale: step.sm_scale, cascade: self.policy };
             let w = Wrapper::<F>::with_kernel(e, kernel, options).or_raise(py)?;
             self.current = Some((key, w));
         }
-        let (_, w) = self.current.as_mut().ok_or_else(|| argument_error(py, "no kernel"))?;
         let shape = step.shape(self.layout);
         let batch = Batch { qo_indptr: &step.qo_indptr, pages: &step.pages, kv: shape, qo_heads: step.qo_heads };
         let s = stream_of(e, stream);
         self.step = None;
+        self.cascaded = false;
+        // A decode batch whose requests share leading pages runs as a cascade on the prefill
+        // kernel (eager mode only: a graph's buffers have no room for it).
+        if F::OP == attnforge::jit::Op::Decode && self.graph.is_none() && self.policy.enabled {
+            let valid = batch.validated().or_raise(py)?;
+            if attnforge::cascade::detect(&valid, &self.policy).is_some() {
+                let pcfg = KernelConfig::prefill(step.head_dim_qk, step.head_dim_vo, step.dtype, cfg.group).or_raise(py)?;
+                let pkey = Key { variant: step.variant.clone(), cfg: pcfg.clone(), sm_scale: step.sm_scale.map(f32::to_bits) };
+                if self.cascade.as_ref().is_none_or(|(k, _)| *k != pkey) {
+                    let kernel = Arc::new(e.load::<Prefill>(&step.variant, &pcfg).or_raise(py)?);
+                    let options = WrapperOptions { mode: self.mode, graph: None, sm_scale: step.sm_scale, cascade: self.policy };
+                    self.cascade = Some((pkey, Wrapper::<Prefill>::with_kernel(e, kernel, options).or_raise(py)?));
+                }
+                let (_, pw) = self.cascade.as_mut().ok_or_else(|| argument_error(py, "no cascade kernel"))?;
+                pw.plan_on(&s, &batch, &step.params).or_raise(py)?;
+                self.cascaded = true;
+                self.step = Some(step);
+                return Ok(());
+            }
+        }
+        let (_, w) = self.current.as_mut().ok_or_else(|| argument_error(py, "no kernel"))?;
         w.plan_on(&s, &batch, &step.params).or_raise(py)?;
         self.step = Some(step);
         Ok(())
+    }
+
+    /// Whether the last plan runs as a cascade (shared prefixes read once).
+    fn cascaded(&self) -> bool {
+        self.step.is_some() && (self.cascaded || self.current.as_ref().is_some_and(|(_, w)| w.plans_cascade()))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -302,8 +336,10 @@ impl<F: Family> Core<F> {
         // the caller's cache holds), so the launch reads and writes inside the caller's tensors,
         // which stay alive (`qt`, `cache`, `ot`, `lt`) until the launch is queued.
         unsafe {
-            match want {
-                Dt::F16 => launch::<F, f16>(w, &s, step.interleaved, ptrs, lens),
+            match (&self.cascade, self.cascaded, want) {
+                (Some((_, pw)), true, Dt::F16) => launch::<Prefill, f16>(pw, &s, step.interleaved, ptrs, lens),
+                (Some((_, pw)), true, _) => launch::<Prefill, bf16>(pw, &s, step.interleaved, ptrs, lens),
+                (_, _, Dt::F16) => launch::<F, f16>(w, &s, step.interleaved, ptrs, lens),
                 _ => launch::<F, bf16>(w, &s, step.interleaved, ptrs, lens),
             }
         }
@@ -417,7 +453,7 @@ fn lock<'a, T>(py: Python<'_>, m: &'a Mutex<T>) -> PyResult<std::sync::MutexGuar
 #[pymethods]
 impl DecodeCore {
     #[new]
-    #[pyo3(signature = (device, kv_layout, use_cuda_graph, max_batch_size, max_pages, max_ctas, deterministic))]
+    #[pyo3(signature = (device, kv_layout, use_cuda_graph, max_batch_size, max_pages, max_ctas, deterministic, cascade = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -428,10 +464,11 @@ impl DecodeCore {
         max_pages: Option<usize>,
         max_ctas: Option<usize>,
         deterministic: bool,
+        cascade: bool,
     ) -> PyResult<Self> {
         guard(py, || {
             let g = capacity(py, use_cuda_graph, max_batch_size, None, max_pages, max_ctas, true)?;
-            Ok(DecodeCore(Mutex::new(Core::new(py, device, kv_layout, g, deterministic)?)))
+            Ok(DecodeCore(Mutex::new(Core::new(py, device, kv_layout, g, deterministic, cascade)?)))
         })
     }
 
@@ -483,12 +520,17 @@ impl DecodeCore {
     fn planned(&self, py: Python<'_>) -> Option<(usize, usize, usize)> {
         lock(py, &self.0).ok()?.planned()
     }
+
+    /// Whether the planned step runs as a cascade (shared prefixes read once).
+    fn cascaded(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(lock(py, &self.0)?.cascaded())
+    }
 }
 
 #[pymethods]
 impl PrefillCore {
     #[new]
-    #[pyo3(signature = (device, kv_layout, use_cuda_graph, max_batch_size, max_tokens, max_pages, max_ctas, deterministic))]
+    #[pyo3(signature = (device, kv_layout, use_cuda_graph, max_batch_size, max_tokens, max_pages, max_ctas, deterministic, cascade = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -500,10 +542,11 @@ impl PrefillCore {
         max_pages: Option<usize>,
         max_ctas: Option<usize>,
         deterministic: bool,
+        cascade: bool,
     ) -> PyResult<Self> {
         guard(py, || {
             let g = capacity(py, use_cuda_graph, max_batch_size, max_tokens, max_pages, max_ctas, false)?;
-            Ok(PrefillCore(Mutex::new(Core::new(py, device, kv_layout, g, deterministic)?)))
+            Ok(PrefillCore(Mutex::new(Core::new(py, device, kv_layout, g, deterministic, cascade)?)))
         })
     }
 
@@ -568,5 +611,10 @@ impl PrefillCore {
     /// The planned step's (total query tokens, query heads, value head dim), or None.
     fn planned(&self, py: Python<'_>) -> Option<(usize, usize, usize)> {
         lock(py, &self.0).ok()?.planned()
+    }
+
+    /// Whether the planned step runs as a cascade (shared prefixes read once).
+    fn cascaded(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(lock(py, &self.0)?.cascaded())
     }
 }

@@ -256,3 +256,41 @@ def test_two_threads_on_two_streams():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["causal", "gemma2", "sink"])
+def test_decode_with_a_shared_prefix_runs_as_a_cascade(dtype, variant):
+    """32 requests share a 4096-token prefix (the same pages, as a prefix cache gives): the
+    decode wrapper plans a cascade by itself; the result is the reference's and the same as with
+    cascade=False."""
+    rng = np.random.default_rng(3)
+    ps, kvh, qh, d = 16, 2, 8, 128
+    shared = list(range(1, 1 + 4096 // ps))
+    nxt = 1 + len(shared)
+    indptr, indices, last = [0], [], []
+    for b in range(32):
+        extra = int(rng.integers(1, 300))
+        own = list(range(nxt, nxt + (extra + ps - 1) // ps))
+        nxt += len(own)
+        indices += shared + own
+        indptr.append(len(indices))
+        last.append(extra - (len(own) - 1) * ps)
+    kc, vc = cache(nxt, ps, kvh, d, dtype)
+    q = torch.randn((32, qh, d), dtype=dtype, device=DEV)
+    params = {"sink": {"sinks": [0.5] * qh}, "gemma2": {"soft_cap": 30.0, "window": 1000}}.get(variant)
+    outs = []
+    for cascade in (True, False):
+        w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", cascade=cascade)
+        w.plan(indptr, indices, last, qh, kvh, d, ps, q_data_type=dtype, variant=variant, params=params)
+        assert w.is_cascade == cascade
+        outs.append(w.run(q, (kc, vc), return_lse=True))
+    torch.cuda.synchronize()
+    (o1, l1), (o2, l2) = outs
+    torch.testing.assert_close(o1.float(), o2.float(), **tol(dtype))
+    torch.testing.assert_close(l1, l2, rtol=1e-3, atol=1e-3)
+    f32 = lambda t: t.float().cpu().numpy()  # noqa: E731
+    want_o, want_lse = attnforge.reference(variant, f32(q), (f32(kc), f32(vc)), list(range(33)), indptr, indices, last, params=params)
+    np.testing.assert_allclose(f32(o1), want_o, **tol(dtype))
+    fin = np.isfinite(want_lse)
+    np.testing.assert_allclose(l1.cpu().numpy()[fin], want_lse[fin], rtol=1e-3, atol=1e-3)

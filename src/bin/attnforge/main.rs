@@ -72,6 +72,8 @@ pub(crate) enum Suite {
     Decode,
     Prefill,
     Compile,
+    /// Shared-prefix decode, plain and through the cascade (issue 15's shapes).
+    Cascade,
 }
 
 #[derive(Args)]
@@ -165,8 +167,9 @@ pub(crate) struct RunArgs {
     #[arg(long = "param", value_name = "NAME=VALUE")]
     pub(crate) params: Vec<String>,
     /// Every request starts with the same N-token prefix (the same pages, whole pages only: a
-    /// partial last prefix page is each request's own). With --cpu, the single- and the
-    /// multi-level (cascade) reference are computed and compared; the GPU cascade is not built.
+    /// partial last prefix page is each request's own). The single- and the multi-level
+    /// (cascade) reference are computed and compared; without --cpu the batch then runs through
+    /// its cascade on the GPU's prefill kernel (decode batches too) against the reference.
     #[arg(long, value_name = "N")]
     pub(crate) shared_prefix: Option<usize>,
 }

@@ -129,10 +129,10 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
 fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, p: &ParamValues, spec: &WorkloadSpec, rng: &mut StdRng) -> Result<()> {
     let mut w = Workload::<T>::random(spec, rng)?;
     if let Some(n) = a.shared_prefix {
-        if !a.cpu {
-            bail!("--shared-prefix runs the cascade's CPU reference only (pass --cpu): the GPU path through a cascade is not built yet");
+        if n > a.kv_len {
+            bail!("--shared-prefix {n} is longer than --kv-len {}", a.kv_len);
         }
-        share_prefix(&mut w, n, a.kv_len)?;
+        w.share_prefix(n);
     }
     let t0 = Instant::now();
     let want = reference::attention(v, p, &w.batch(), &w.q, &w.k, w.v(), a.sm_scale)?;
@@ -147,7 +147,25 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
         let e = Engine::new(0).context("the GPU path needs a GPU (pass --cpu for the reference alone)")?;
         let group = spec.qo_heads / spec.kv_heads;
         let mode = if a.deterministic { PlanMode::Deterministic { chunk: 1024 } } else { PlanMode::Default };
-        let out = if a.op == Op::Decode {
+        let out = if a.shared_prefix.is_some() {
+            // The cascade runs on the prefill kernel, decode batches too (one-token appends).
+            let k = e.prefill_kernel(v, &KernelConfig::prefill(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
+            let policy = attnforge::cascade::Policy { min_saved_bytes: 0, ..Default::default() };
+            let Some((out, plan, c)) = attnforge::testing::harness::cascade_once(&e, &k, p, &w, &policy, mode, a.sm_scale)? else {
+                bail!("no shared whole page to read once (the prefix is shorter than a page, or there is one request): no cascade to run");
+            };
+            println!(
+                "  cascade on {}: {} levels, {} group items over blocks of {} rows, {} partial states merged into {} tokens (chunk {})",
+                e.describe(),
+                c.levels.len(),
+                plan.work.len(),
+                plan.rows,
+                plan.num_partials,
+                plan.merge.len(),
+                plan.chunk
+            );
+            out
+        } else if a.op == Op::Decode {
             let k = e.decode_kernel(v, &KernelConfig::decode(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
             println!("  decode on {}: kernel {} ({}, {:.1} ms)", e.describe(), k.compiled().name, origin(k.compiled().origin), k.compiled().elapsed.as_secs_f64() * 1e3);
             let (out, plan) = decode_once(&e, &k, p, &w, mode, a.sm_scale)?;
@@ -515,24 +533,22 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
             }));
         }
     }
+    if suites.contains(&Suite::Cascade) {
+        println!("\ncascade (causal decode over a shared prompt): bf16, 32/8 heads, d128, page 16; CUDA events, median of 7 × 10 launches of one step");
+        println!("  {:<30} {:>10} {:>12} {:>8} {:>7} {:>7} {:>9}", "workload", "plain µs", "cascade µs", "speedup", "levels", "items", "plan µs");
+        for s in attnforge::testing::bench::cascade_shapes() {
+            let r = attnforge::testing::bench::bench_cascade(&e, &s)?;
+            println!("  {:<30} {:>10.1} {:>12.1} {:>7.2}× {:>7} {:>7} {:>9.1}", s.name, r.plain_us, r.cascade_us, r.plain_us / r.cascade_us, r.levels, r.items, r.plan_us);
+            records.push(serde_json::json!({
+                "suite": "cascade", "workload": s.name, "prefix": s.prefix, "suffix": s.suffix, "plain_us": r.plain_us, "cascade_us": r.cascade_us,
+                "levels": r.levels, "items": r.items, "plan_us": r.plan_us,
+            }));
+        }
+    }
     if let Some(path) = json {
         let doc = serde_json::json!({ "device": e.describe(), "date": date, "version": env!("CARGO_PKG_VERSION"), "copy_gbps": copy_gbps, "read_gbps": read_gbps, "flashinfer_numbers_card": ANCHOR_CARD, "results": records });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("write {}", path.display()))?;
         println!("\nwrote {}", path.display());
-    }
-    Ok(())
-}
-
-/// Makes every request start with request 0's pages for the first `n` tokens (whole pages).
-fn share_prefix<T: Element>(w: &mut Workload<T>, n: usize, kv_len: usize) -> Result<()> {
-    if n > kv_len {
-        bail!("--shared-prefix {n} is longer than --kv-len {kv_len}");
-    }
-    let shared = n / w.kv.page_size;
-    let first: Vec<i32> = w.pages.pages(0).get(..shared).map(<[i32]>::to_vec).unwrap_or_default();
-    for b in 1..w.pages.batch_size() {
-        let at = w.pages.indptr[b] as usize;
-        w.pages.indices[at..at + shared].copy_from_slice(&first);
     }
     Ok(())
 }
