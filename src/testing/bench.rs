@@ -476,3 +476,131 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
         ctas_per_sm: f.ctas_per_sm,
     })
 }
+
+/// A cascade benchmark: decode requests that share one prompt (`prefix` tokens, the same pages)
+/// and then have `suffix[b]` tokens of their own.
+#[derive(Debug, Clone)]
+pub struct CascadeShape {
+    /// A label for the table.
+    pub name: String,
+    /// Tokens of the shared prompt.
+    pub prefix: usize,
+    /// Each request's own tokens after it.
+    pub suffix: Vec<usize>,
+}
+
+/// The shapes of issue 15: the ANCHORS.md case (128 requests sharing 32768 tokens, 256 of their
+/// own) and parallel generation (one prompt of 4096 tokens, n = 4, 8, 16, 32 samples of 0–512
+/// generated tokens, seeded).
+pub fn cascade_shapes() -> Vec<CascadeShape> {
+    let mut v = vec![CascadeShape { name: "B128 prefix 32768 + 256".into(), prefix: 32768, suffix: vec![256; 128] }];
+    let mut rng = StdRng::seed_from_u64(15);
+    for n in [4usize, 8, 16, 32] {
+        v.push(CascadeShape { name: format!("n{n} prompt 4096 + 0..512"), prefix: 4096, suffix: (0..n).map(|_| rng.random_range(0..=512)).collect() });
+    }
+    v
+}
+
+/// Device time of one decode step of a [`CascadeShape`], plain (the decode kernel) and through
+/// the detected cascade (the prefill kernel's group items and one merge), causal, bf16, 32/8
+/// heads, d 128, page 16; median of 7 runs of 10 back-to-back launches.
+#[derive(Debug, Clone)]
+pub struct CascadeResult {
+    /// The shape.
+    pub shape: CascadeShape,
+    /// Plain decode, µs.
+    pub plain_us: f64,
+    /// Through the cascade, µs.
+    pub cascade_us: f64,
+    /// Levels of the cascade.
+    pub levels: usize,
+    /// Group items of the cascade plan.
+    pub items: usize,
+    /// Host time of detection plus the cascade plan, µs.
+    pub plan_us: f64,
+}
+
+/// Runs one [`CascadeShape`].
+pub fn bench_cascade(e: &Engine, shape: &CascadeShape) -> Result<CascadeResult> {
+    let v = shipped::resolve("causal")?;
+    let group = QO_HEADS / KV_HEADS;
+    let dk = e.decode_kernel(&v, &KernelConfig::decode(HEAD_DIM, HEAD_DIM, DType::Bf16, group)?)?;
+    let pk = e.prefill_kernel(&v, &KernelConfig::prefill(HEAD_DIM, HEAD_DIM, DType::Bf16, group)?)?;
+    let n = shape.suffix.len();
+    let params = v.bind(&HashMap::new(), Dims { qo_heads: QO_HEADS, kv_heads: KV_HEADS, batch: n })?;
+    let shared = shape.prefix / PAGE;
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut next = shared as i32;
+    let (mut indptr, mut indices, mut last) = (vec![0i32], Vec::new(), Vec::new());
+    for &s in &shape.suffix {
+        let len = shared * PAGE + s;
+        let own = len.div_ceil(PAGE) - shared;
+        indices.extend(0..shared as i32);
+        let mut mine: Vec<i32> = (next..next + own as i32).collect();
+        mine.shuffle(&mut rng);
+        indices.extend(mine);
+        next += own as i32;
+        indptr.push(indices.len() as i32);
+        last.push((len - (len.div_ceil(PAGE) - 1) * PAGE) as i32);
+    }
+    let pages = PageTable { indptr, indices, last_page_len: last };
+    let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: next.max(1) as usize, page_size: PAGE, kv_heads: KV_HEADS, head_dim_qk: HEAD_DIM, head_dim_vo: HEAD_DIM };
+    let qo_indptr: Vec<i32> = (0..=n as i32).collect();
+    let batch = Batch { qo_indptr: &qo_indptr, pages: &pages, kv, qo_heads: QO_HEADS }.validated()?;
+    let cache = random_device(e, &mut rng, kv.k_len())?;
+    let q = random_device(e, &mut rng, n * QO_HEADS * HEAD_DIM)?;
+    let mut o = e.alloc::<bf16>(n * QO_HEADS * HEAD_DIM)?;
+    let mut lse = e.alloc::<f32>(n * QO_HEADS)?;
+    let mut table = None;
+    e.upload_table(&batch, &mut table)?;
+    let table = table.ok_or(crate::error::PlanError::NotUploaded)?;
+    let dev = DeviceBatch { q: &q, kv: KvCache::Interleaved(&cache) };
+    let dpd = e.upload_params(&dk.layout, &params)?;
+    let dpp = e.upload_params(&pk.layout, &params)?;
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
+    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let time = |run: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        run()?;
+        run()?;
+        let mut samples = Vec::new();
+        for _ in 0..7 {
+            start.record(e.stream()).map_err(cu)?;
+            for _ in 0..10 {
+                run()?;
+            }
+            end.record(e.stream()).map_err(cu)?;
+            end.synchronize().map_err(cu)?;
+            samples.push(f64::from(start.elapsed_ms(&end).map_err(cu)?) * 1e3 / 10.0);
+        }
+        Ok(median(samples))
+    };
+    let plain = e.plan_decode(&dk, &params, &batch, PlanMode::Default)?;
+    let mut pbufs = None;
+    e.upload_plan(&plain, &mut pbufs)?;
+    let pbufs = pbufs.ok_or(crate::error::PlanError::NotUploaded)?;
+    let plain_us = time(&mut || e.run_decode(&dk, &plain, &pbufs, &dpd, &table, &dev, DeviceOutput { o: &mut o, lse: &mut lse }, None))?;
+    let t0 = Instant::now();
+    let policy = crate::cascade::Policy::default();
+    let (c, plan) = match crate::cascade::detect(&batch, &policy) {
+        Some(c) => {
+            let p = e.plan_cascade(&pk, &params, &batch, &c, PlanMode::Default)?;
+            (c, p)
+        }
+        None => return Err(Error::UnsupportedConfig(format!("{}: the default policy found no cascade that pays", shape.name))),
+    };
+    let plan_us = t0.elapsed().as_secs_f64() * 1e6;
+    let mut cbufs = None;
+    e.upload_plan(&plan, &mut cbufs)?;
+    let cbufs = cbufs.ok_or(crate::error::PlanError::NotUploaded)?;
+    let mut o2 = e.alloc::<bf16>(n * QO_HEADS * HEAD_DIM)?;
+    let mut lse2 = e.alloc::<f32>(n * QO_HEADS)?;
+    let cascade_us = time(&mut || e.run_prefill(&pk, &plan, &cbufs, &dpp, &table, &dev, DeviceOutput { o: &mut o2, lse: &mut lse2 }, None))?;
+    // The two paths must agree (floating-point reassociation only).
+    let (a, b) = (e.download(&o)?, e.download(&o2)?);
+    let worst = a.iter().zip(&b).map(|(x, y)| (x.to_f32() - y.to_f32()).abs()).fold(0.0f32, f32::max);
+    if worst.is_nan() || worst >= 2e-2 {
+        return Err(Error::UnsupportedConfig(format!("{}: the cascade's output differs from plain decode by {worst}", shape.name)));
+    }
+    Ok(CascadeResult { shape: shape.clone(), plain_us, cascade_us, levels: c.levels.len(), items: plan.work.len(), plan_us })
+}
