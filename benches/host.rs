@@ -111,6 +111,18 @@ fn cascade(c: &mut Criterion) {
         let valid = batch.validated().unwrap();
         c.bench_function(&format!("cascade/detect B=256 {name}"), |bch| bch.iter(|| detect(black_box(&valid), &Policy::default())));
     }
+    // The GPU plan of the shared batch: validation of the detected cascade, then plan_cascade.
+    let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: shared.indices.iter().copied().max().unwrap() as usize + 1, page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
+    let batch = Batch { qo_indptr: &qo, pages: &shared, kv, qo_heads: 32 };
+    let valid = batch.validated().unwrap();
+    let cascade = detect(&valid, &Policy::default()).unwrap();
+    let v = attnforge::spec::shipped::resolve("causal").unwrap();
+    let params = v.bind(&std::collections::HashMap::new(), attnforge::spec::params::Dims { qo_heads: 32, kv_heads: 8, batch: b }).unwrap();
+    let target = attnforge::plan::PlanTarget { ctas: 132, kv_tile: 64, resident: 0, always_balance: false };
+    c.bench_function("cascade/validate B=256 all share 32K", |bch| bch.iter(|| black_box(&cascade).validate(&batch).unwrap()));
+    c.bench_function("cascade/plan_cascade B=256 all share 32K", |bch| {
+        bch.iter(|| attnforge::plan::plan_cascade(&v, &params, black_box(&valid), &cascade, 128, target, attnforge::plan::PlanMode::Default).unwrap())
+    });
 }
 
 criterion_group!(benches, spec, jit, plan, cascade);

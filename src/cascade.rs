@@ -232,15 +232,20 @@ pub fn detect(batch: &ValidBatch<'_>, policy: &Policy) -> Option<Cascade> {
     Some(Cascade { levels })
 }
 
-/// The length of the common prefix of all `rows`, column by column (64 at a time while whole
-/// windows agree), so a node costs its members × its run: detection stays O(total pages) however
-/// the runs nest (comparing against the first member's whole tail re-scanned long pairs).
+/// The length of the common prefix of all `rows`, column by column (512, then 64 at a time
+/// while whole windows agree), so a node costs its members × its run (plus a window):
+/// detection stays O(total pages) however the runs nest (comparing against the first member's whole tail re-scanned long pairs).
 fn common_run(rows: &[&[i32]]) -> usize {
     let n = rows.iter().map(|r| r.len()).min().unwrap_or(0);
     let lead = rows[0];
     let mut i = 0;
-    while i + 64 <= n && rows[1..].iter().all(|r| r[i..i + 64] == lead[i..i + 64]) {
-        i += 64;
+    // Windows of 512, then 64, then single columns: a node costs its members × (run + 512) at
+    // most, and long shared runs compare in long memcmps (criterion, B = 256 sharing 2048 pages:
+    // 166 µs with 64-column windows only, 127 µs with these).
+    for w in [512, 64] {
+        while i + w <= n && rows[1..].iter().all(|r| r[i..i + w] == lead[i..i + w]) {
+            i += w;
+        }
     }
     while i < n && rows[1..].iter().all(|r| r[i] == lead[i]) {
         i += 1;

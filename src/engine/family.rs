@@ -117,7 +117,9 @@ impl Family for Prefill {
     fn plan_detecting(e: &Engine, k: &Kernel<Prefill>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode, policy: &crate::cascade::Policy) -> Result<PrefillPlan> {
         if !matches!(mode, PlanMode::FixedGrid { .. }) {
             if let Some(c) = crate::cascade::detect(batch, policy) {
-                return e.plan_cascade(k, params, batch, &c, mode);
+                // detect builds the levels from this batch's own pages: no second check (at
+                // B = 256 sharing 32K, validation costs more than detection; criterion).
+                return e.plan_cascade_of(k, params, batch, &c, mode, false);
             }
         }
         e.plan_prefill(k, params, batch, mode)
@@ -311,10 +313,19 @@ impl Engine {
     /// Plans `batch` through `cascade` (checked against it first; [`crate::plan::plan_cascade`]):
     /// on the append tile when every group's rows fit it, else on the prompt tile.
     pub fn plan_cascade(&self, k: &PrefillKernel, params: &ParamValues, batch: &ValidBatch<'_>, cascade: &crate::cascade::Cascade, mode: PlanMode) -> Result<PrefillPlan> {
+        self.plan_cascade_of(k, params, batch, cascade, mode, true)
+    }
+
+    /// [`Engine::plan_cascade`]; `check: false` only for a cascade [`crate::cascade::detect`]
+    /// built from `batch` itself (the kernels read a group's keys through its first member's
+    /// page table, which only a checked decomposition makes everyone's).
+    pub(crate) fn plan_cascade_of(&self, k: &PrefillKernel, params: &ParamValues, batch: &ValidBatch<'_>, cascade: &crate::cascade::Cascade, mode: PlanMode, check: bool) -> Result<PrefillPlan> {
         if batch.group() != k.cfg.group {
             return Err(Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
         }
-        cascade.validate(batch.batch())?;
+        if check {
+            cascade.validate(batch.batch())?;
+        }
         let rows_of = |g: &crate::cascade::Group| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>() * batch.group();
         let most = cascade.levels.iter().flat_map(|l| &l.groups).map(rows_of).max().unwrap_or(0);
         let f = match k.append() {
