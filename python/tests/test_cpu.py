@@ -238,6 +238,16 @@ def test_without_a_gpu_planning_says_so():
     assert isinstance(attnforge.NoGpuError("x"), RuntimeError)
 
 
+def test_cascade_flag_on_every_wrapper():
+    for w in (attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", cascade=False), attnforge.BatchPrefillWithPagedKVCacheWrapper(None, "NHD", cascade=True), attnforge.BatchPrefillWithRaggedKVCacheWrapper(None, "NHD", cascade=False)):
+        assert w.is_cascade is False, "nothing is planned yet"
+    # A batch whose two requests share their first page is still checked on the host first.
+    w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD")
+    with pytest.raises(attnforge.BatchError):
+        w.plan([0, 2, 4], [7, 1, 7, 2], [16, 16, 3], 8, 2, 64, 16)  # last_page_len of the wrong length
+    assert w.is_cascade is False
+
+
 def nvrtc_missing():
     try:
         attnforge.compile("causal", "decode", 64, 8, 2, arch="sm_80")
