@@ -137,18 +137,21 @@ pub struct Policy {
     pub enabled: bool,
     /// Most levels, the suffix level included (deeper shared prefixes join the suffixes).
     pub max_levels: usize,
-    /// Bytes of K/V a cascade must save for its extra launches and merge to pay. A model, not a
-    /// measurement: 16 MiB is about 4 µs of the H200's read bandwidth, a launch and a merge
-    /// pass; to be measured when the GPU path exists.
+    /// Bytes of K/V a cascade must save, beyond the partial states it writes and reads back (a
+    /// state per query token and level), for its extra launch and merge to pay. A model, not a
+    /// measurement: 16 MiB is about 4 µs of the H200's read bandwidth, a launch and a merge pass.
     pub min_saved_bytes: usize,
     /// Bytes of K and V per page (page_size × kv_heads × (head_dim_qk + head_dim_vo) × element
     /// size); 0: computed from the batch with 2-byte elements.
     pub page_bytes: usize,
+    /// Whether the partial states count against the bytes saved (off: any sharing of at least
+    /// `min_saved_bytes` pays, as tests that want a cascade on tiny batches ask).
+    pub weigh_states: bool,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { enabled: true, max_levels: 3, min_saved_bytes: 16 << 20, page_bytes: 0 }
+        Policy { enabled: true, max_levels: 3, min_saved_bytes: 16 << 20, page_bytes: 0, weigh_states: true }
     }
 }
 
@@ -219,7 +222,11 @@ pub fn detect(batch: &ValidBatch<'_>, policy: &Policy) -> Option<Cascade> {
         let run = full(members[0])[first_page..first_page + pages].to_vec();
         levels[level].groups.push(Group { requests: members, kv_start: first_page * ps, pages: run, len: pages * ps });
     }
-    if saved_pages.saturating_mul(page_bytes) < policy.min_saved_bytes {
+    // What the cascade adds: a partial state per token and group (f32 o and lse per query head),
+    // written and read back once — at appends of thousands of tokens, more than the reads saved.
+    let state_bytes = if policy.weigh_states { batch.qo_heads * (batch.kv.head_dim_vo + 1) * 4 * 2 } else { 0 };
+    let slots: usize = (0..n).map(|r| batch.q_len(r)).sum::<usize>() + levels.iter().flat_map(|l| &l.groups).map(|g| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>()).sum::<usize>();
+    if saved_pages.saturating_mul(page_bytes) < policy.min_saved_bytes.saturating_add(slots.saturating_mul(state_bytes)) {
         return None;
     }
     let suffixes = (0..n)

@@ -243,21 +243,40 @@ impl<F: Family> Core<F> {
         self.cascaded = false;
         // A decode batch whose requests share leading pages runs as a cascade on the prefill
         // kernel (eager mode only: a graph's buffers have no room for it).
-        if F::OP == attnforge::jit::Op::Decode && self.graph.is_none() && self.policy.enabled {
+        // Default plans only: a deterministic plan's bits must not depend on the rest of the
+        // batch, which decides the levels. Where the cascade cannot be planned (a config the
+        // prefill kernel lacks), the batch is planned as ordinary decode, and a warning says so.
+        if F::OP == attnforge::jit::Op::Decode && self.graph.is_none() && self.policy.enabled && matches!(self.mode, PlanMode::Default) {
             let valid = batch.validated().or_raise(py)?;
             if attnforge::cascade::detect(&valid, &self.policy).is_some() {
-                let pcfg = KernelConfig::prefill(step.head_dim_qk, step.head_dim_vo, step.dtype, cfg.group).or_raise(py)?;
-                let pkey = Key { variant: step.variant.clone(), cfg: pcfg.clone(), sm_scale: step.sm_scale.map(f32::to_bits) };
-                if self.cascade.as_ref().is_none_or(|(k, _)| *k != pkey) {
-                    let kernel = Arc::new(e.load::<Prefill>(&step.variant, &pcfg).or_raise(py)?);
-                    let options = WrapperOptions { mode: self.mode, graph: None, sm_scale: step.sm_scale, cascade: self.policy };
-                    self.cascade = Some((pkey, Wrapper::<Prefill>::with_kernel(e, kernel, options).or_raise(py)?));
+                let (policy, mode) = (self.policy, self.mode);
+                let cascade = &mut self.cascade;
+                let mut try_cascade = || -> attnforge::Result<bool> {
+                    let pcfg = KernelConfig::prefill(step.head_dim_qk, step.head_dim_vo, step.dtype, cfg.group)?;
+                    let pkey = Key { variant: step.variant.clone(), cfg: pcfg.clone(), sm_scale: step.sm_scale.map(f32::to_bits) };
+                    if cascade.as_ref().is_none_or(|(k, _)| *k != pkey) {
+                        *cascade = None;
+                        let kernel = Arc::new(e.load::<Prefill>(&step.variant, &pcfg)?);
+                        let options = WrapperOptions { mode, graph: None, sm_scale: step.sm_scale, cascade: policy };
+                        *cascade = Some((pkey, Wrapper::<Prefill>::with_kernel(e, kernel, options)?));
+                    }
+                    let Some((_, pw)) = cascade.as_mut() else { return Ok(false) };
+                    pw.plan_on(&s, &batch, &step.params)?;
+                    Ok(pw.plans_cascade())
+                };
+                match try_cascade() {
+                    Ok(true) => {
+                        self.cascaded = true;
+                        self.step = Some(step);
+                        return Ok(());
+                    }
+                    Ok(false) => {}
+                    Err(attnforge::Error::UnsupportedConfig(why)) => {
+                        let msg = std::ffi::CString::new(format!("attnforge: the batch shares a prefix, but it is planned without a cascade: {why}").replace('\0', " ")).unwrap_or_default();
+                        PyErr::warn(py, &py.get_type::<pyo3::exceptions::PyRuntimeWarning>(), &msg, 1)?;
+                    }
+                    Err(e) => return Err(to_py(py, e)),
                 }
-                let (_, pw) = self.cascade.as_mut().ok_or_else(|| argument_error(py, "no cascade kernel"))?;
-                pw.plan_on(&s, &batch, &step.params).or_raise(py)?;
-                self.cascaded = true;
-                self.step = Some(step);
-                return Ok(());
             }
         }
         let (_, w) = self.current.as_mut().ok_or_else(|| argument_error(py, "no kernel"))?;

@@ -115,11 +115,16 @@ impl Family for Prefill {
     }
 
     fn plan_detecting(e: &Engine, k: &Kernel<Prefill>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode, policy: &crate::cascade::Policy) -> Result<PrefillPlan> {
-        if !matches!(mode, PlanMode::FixedGrid { .. }) {
+        // Only default plans: a fixed grid has no room for a cascade, and a deterministic plan's
+        // bits must not depend on the rest of the batch, which decides the levels.
+        if matches!(mode, PlanMode::Default) {
             if let Some(c) = crate::cascade::detect(batch, policy) {
                 // detect builds the levels from this batch's own pages: no second check (at
                 // B = 256 sharing 32K, validation costs more than detection; criterion).
-                return e.plan_cascade_of(k, params, batch, &c, mode, false);
+                match e.plan_cascade_of(k, params, batch, &c, mode, false) {
+                    Err(Error::UnsupportedConfig(why)) => crate::diagnostics::warn(&format!("the batch shares a prefix, but it is planned without a cascade: {why}")),
+                    r => return r,
+                }
             }
         }
         e.plan_prefill(k, params, batch, mode)

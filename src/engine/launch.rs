@@ -207,7 +207,8 @@ impl Engine {
     ) -> Result<()> {
         let args = checked_args(self, stream, k, plan, step, params, dev, &out, sm_scale)?;
         if plan.grid() == 0 {
-            return Ok(());
+            // Nothing to compute, but a cascade's merge still writes every token's (0, -inf).
+            return self.launch_merge(stream, &k.merge, &args, plan.merge_offset() as u64, plan.merge_grid(), k.cfg.group, step.batch.qo_heads, step.batch.kv.head_dim_vo, &params.blob);
         }
         let tile = k.tile_for(plan)?;
         let kv = step.batch.kv;

@@ -189,6 +189,8 @@ impl<'e, F: Family> Wrapper<'e, F> {
             Some(m) => m,
             None => self.mem.insert(Staged::new(self.engine, aligned(table_words) + packed.len(), false)?),
         };
+        // The buffer is rewritten now: a failure after this must not leave the last plan runnable.
+        self.planned = None;
         let o = mem.write(self.engine, &[&table[0], &table[1], &table[2], &table[3], &pad, &packed])?;
         let ws_floats = plan.workspace_bytes() / 4;
         if self.workspace.as_ref().is_none_or(|w| w.len() < ws_floats) {

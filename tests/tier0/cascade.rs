@@ -72,7 +72,7 @@ fn batch<'a>(c: &'a Case) -> Batch<'a> {
 
 /// Any sharing at all pays (the tests look at the structure, not the cost model).
 fn eager() -> Policy {
-    Policy { min_saved_bytes: 0, ..Policy::default() }
+    Policy { min_saved_bytes: 0, weigh_states: false, ..Policy::default() }
 }
 
 /// The longest common prefix of full pages of two requests.
@@ -395,4 +395,31 @@ fn a_cascade_plan_refuses_a_fixed_grid_and_a_tile_smaller_than_a_token() {
     assert!(err.to_string().contains("fixed-grid"), "{err}");
     let err = plan_cascade(&v, &p, &valid, &cascade, 1, target, PlanMode::Default).unwrap_err();
     assert!(err.to_string().contains("at least one token"), "{err}");
+}
+
+#[test]
+fn the_default_policy_weighs_the_partial_states_against_the_reads_saved() {
+    // Requests sharing a 4096-token prefix (256 pages of 16), then 16 pages of their own;
+    // 32/8 heads, d 128. Decoding, a cascade pays; appending 2048 tokens each, the partial
+    // states (2 per token × 32 heads × 129 floats, written and read) outweigh the 112 MiB saved.
+    let shape = |b: usize, q: usize| {
+        let mut indptr = vec![0i32];
+        let mut indices = Vec::new();
+        for r in 0..b as i32 {
+            indices.extend(0..256);
+            indices.extend((0..16).map(|j| 256 + r * 16 + j));
+            indptr.push(indices.len() as i32);
+        }
+        let pages = PageTable { indptr, indices, last_page_len: vec![16; b] };
+        let qo: Vec<i32> = (0..=b as i32).map(|r| r * q as i32).collect();
+        (pages, qo)
+    };
+    let kv = |n: usize| KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: n, page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
+    let (pages, qo) = shape(8, 1);
+    let b = Batch { qo_indptr: &qo, pages: &pages, kv: kv(256 + 8 * 16), qo_heads: 32 };
+    assert!(detect(&b.validated().unwrap(), &Policy::default()).is_some(), "8 decodes sharing 4096 tokens");
+    let (pages, qo) = shape(8, 2048);
+    let b = Batch { qo_indptr: &qo, pages: &pages, kv: kv(256 + 8 * 16), qo_heads: 32 };
+    assert_eq!(detect(&b.validated().unwrap(), &Policy::default()), None, "8 appends of 2048 tokens");
+    assert!(detect(&b.validated().unwrap(), &Policy { weigh_states: false, ..Policy::default() }).is_some());
 }

@@ -215,7 +215,7 @@ fn check_cascade<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: u
     }
     let p = sample(&v.params, Dims { qo_heads: spec.qo_heads, kv_heads, batch: lens.len() }, &lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
     let k = e.prefill_kernel(&v, &KernelConfig::prefill(dims.0, dims.1, T::DTYPE, group).unwrap()).unwrap();
-    let policy = Policy { min_saved_bytes: 0, ..Policy::default() };
+    let policy = Policy { min_saved_bytes: 0, weigh_states: false, ..Policy::default() };
     let mode = if deterministic { PlanMode::Deterministic { chunk: 256 } } else { PlanMode::Default };
     let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
     let Some((got, plan, cascade)) = cascade_once(e, &k, &p, &w, &policy, mode, None).unwrap() else {

@@ -150,7 +150,7 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
         let out = if a.shared_prefix.is_some() {
             // The cascade runs on the prefill kernel, decode batches too (one-token appends).
             let k = e.prefill_kernel(v, &KernelConfig::prefill(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, group)?)?;
-            let policy = attnforge::cascade::Policy { min_saved_bytes: 0, ..Default::default() };
+            let policy = attnforge::cascade::Policy { min_saved_bytes: 0, weigh_states: false, ..Default::default() };
             let Some((out, plan, c)) = attnforge::testing::harness::cascade_once(&e, &k, p, &w, &policy, mode, a.sm_scale)? else {
                 bail!("no shared whole page to read once (the prefix is shorter than a page, or there is one request): no cascade to run");
             };
@@ -558,7 +558,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
 fn compare_cascade<T: Element>(a: &RunArgs, v: &Variant, p: &ParamValues, w: &Workload<T>, want: &AttnOutput) -> Result<()> {
     use attnforge::cascade::{detect, Policy};
     let batch = w.batch();
-    let Some(cascade) = detect(&batch.validated()?, &Policy { min_saved_bytes: 0, ..Policy::default() }) else {
+    let Some(cascade) = detect(&batch.validated()?, &Policy { min_saved_bytes: 0, weigh_states: false, ..Policy::default() }) else {
         println!("  cascade: no shared whole page to read once (prefix shorter than a page, or one request)");
         return Ok(());
     };
