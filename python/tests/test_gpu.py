@@ -285,6 +285,10 @@ def test_decode_with_a_shared_prefix_runs_as_a_cascade(dtype, variant):
         w.plan(indptr, indices, last, qh, kvh, d, ps, q_data_type=dtype, variant=variant, params=params)
         assert w.is_cascade == cascade
         outs.append(w.run(q, (kc, vc), return_lse=True))
+    # Deterministic plans never cascade (the levels depend on the whole batch).
+    det = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", deterministic=True)
+    det.plan(indptr, indices, last, qh, kvh, d, ps, q_data_type=dtype, variant=variant, params=params)
+    assert not det.is_cascade
     torch.cuda.synchronize()
     (o1, l1), (o2, l2) = outs
     torch.testing.assert_close(o1.float(), o2.float(), **tol(dtype))
