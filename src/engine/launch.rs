@@ -206,25 +206,26 @@ impl Engine {
         sm_scale: Option<f32>,
     ) -> Result<()> {
         let args = checked_args(self, stream, k, plan, step, params, dev, &out, sm_scale)?;
-        if plan.grid() == 0 {
-            // Nothing to compute, but a cascade's merge still writes every token's (0, -inf).
-            return self.launch_merge(stream, &k.merge, &args, plan.merge_offset() as u64, plan.merge_grid(), k.cfg.group, step.batch.qo_heads, step.batch.kv.head_dim_vo, &params.blob);
-        }
-        let tile = k.tile_for(plan)?;
         let kv = step.batch.kv;
-        let launch = LaunchConfig {
-            // Decode numbers these CTAs KV head first (decode.cu.tera).
-            grid_dim: (plan.grid() as u32, kv.kv_heads as u32, 1),
-            block_dim: F::block(&tile.cfg),
-            shared_mem_bytes: tile.smem_bytes as u32,
-        };
-        // SAFETY: every pointer comes from a live CudaSlice whose length `checked_args` checked
-        // against the validated batch; the index arrays are the engine's own upload of that
-        // batch (a DeviceTable or a wrapper's buffer), and the plan was made for it (its
-        // fingerprint) and uploaded as it is (its id), so every work item indexes inside them;
-        // the argument structs' layouts are static_asserted in the compiled source. Every tile
-        // takes any plan of its family: the ring covers each item's span whatever its key count.
-        unsafe { stream.launch_builder(&tile.func).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch"))?;
+        // A plan without work items has nothing to compute, but a cascade's merge still writes
+        // every token's (0, -inf).
+        if plan.grid() > 0 {
+            let tile = k.tile_for(plan)?;
+            let launch = LaunchConfig {
+                // Decode numbers these CTAs KV head first (decode.cu.tera).
+                grid_dim: (plan.grid() as u32, kv.kv_heads as u32, 1),
+                block_dim: F::block(&tile.cfg),
+                shared_mem_bytes: tile.smem_bytes as u32,
+            };
+            // SAFETY: every pointer comes from a live CudaSlice whose length `checked_args`
+            // checked against the validated batch; the index arrays are the engine's own upload
+            // of that batch (a DeviceTable or a wrapper's buffer), and the plan was made for it
+            // (its fingerprint) and uploaded as it is (its id), so every work item indexes inside
+            // them; the argument structs' layouts are static_asserted in the compiled source.
+            // Every tile takes any plan of its family: the ring covers each item's span whatever
+            // its key count.
+            unsafe { stream.launch_builder(&tile.func).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch"))?;
+        }
         // The packed plan holds the merge list after the work list.
         self.launch_merge(stream, &k.merge, &args, plan.merge_offset() as u64, plan.merge_grid(), k.cfg.group, step.batch.qo_heads, kv.head_dim_vo, &params.blob)
     }

@@ -443,22 +443,7 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
     e.upload_plan(&plan, &mut bufs)?;
     let bufs = bufs.ok_or(crate::error::PlanError::NotUploaded)?;
     let dev = DeviceBatch { q: &q, kv: KvCache::Interleaved(&cache) };
-    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
-    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
-    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
-    let mut run = || e.run_prefill(&k, &plan, &bufs, &dp, &dev_table, &dev, DeviceOutput { o: &mut o, lse: &mut lse }, None);
-    run()?;
-    run()?;
-    let mut samples = Vec::new();
-    for _ in 0..7 {
-        start.record(e.stream()).map_err(cu)?;
-        for _ in 0..3 {
-            run()?;
-        }
-        end.record(e.stream()).map_err(cu)?;
-        end.synchronize().map_err(cu)?;
-        samples.push(f64::from(start.elapsed_ms(&end).map_err(cu)?) * 1e3 / 3.0);
-    }
+    let us = event_median_us(e, 3, &mut || e.run_prefill(&k, &plan, &bufs, &dp, &dev_table, &dev, DeviceOutput { o: &mut o, lse: &mut lse }, None))?;
     // Causal: query i of a request sees kv_len - q_len + i + 1 keys.
     let visible: f64 = shape.lens.iter().map(|&(q, kv)| (0..q).map(|i| (kv - q + i + 1) as f64).sum::<f64>()).sum();
     let flops = 4.0 * visible * shape.qo_heads as f64 * HEAD_DIM as f64;
@@ -466,7 +451,7 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
     let f = k.tile_for(&plan)?;
     Ok(PrefillResult {
         shape: shape.clone(),
-        us: median(samples),
+        us,
         flops,
         kv_bytes,
         blocks: plan.work.len(),
@@ -475,6 +460,27 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
         local_bytes: f.local_bytes,
         ctas_per_sm: f.ctas_per_sm,
     })
+}
+
+/// Device µs per call of `run` (CUDA events): two warm-up calls, then the median of 7 samples
+/// of `per_sample` back-to-back calls.
+fn event_median_us(e: &Engine, per_sample: usize, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
+    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    run()?;
+    run()?;
+    let mut samples = Vec::new();
+    for _ in 0..7 {
+        start.record(e.stream()).map_err(cu)?;
+        for _ in 0..per_sample {
+            run()?;
+        }
+        end.record(e.stream()).map_err(cu)?;
+        end.synchronize().map_err(cu)?;
+        samples.push(f64::from(start.elapsed_ms(&end).map_err(cu)?) * 1e3 / per_sample as f64);
+    }
+    Ok(median(samples))
 }
 
 /// A cascade benchmark: decode requests that share one prompt (`prefix` tokens, the same pages)
@@ -557,24 +563,7 @@ pub fn bench_cascade(e: &Engine, shape: &CascadeShape) -> Result<CascadeResult> 
     let dev = DeviceBatch { q: &q, kv: KvCache::Interleaved(&cache) };
     let dpd = e.upload_params(&dk.layout, &params)?;
     let dpp = e.upload_params(&pk.layout, &params)?;
-    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
-    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
-    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
-    let time = |run: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        run()?;
-        run()?;
-        let mut samples = Vec::new();
-        for _ in 0..7 {
-            start.record(e.stream()).map_err(cu)?;
-            for _ in 0..10 {
-                run()?;
-            }
-            end.record(e.stream()).map_err(cu)?;
-            end.synchronize().map_err(cu)?;
-            samples.push(f64::from(start.elapsed_ms(&end).map_err(cu)?) * 1e3 / 10.0);
-        }
-        Ok(median(samples))
-    };
+    let time = |run: &mut dyn FnMut() -> Result<()>| event_median_us(e, 10, run);
     let plain = e.plan_decode(&dk, &params, &batch, PlanMode::Default)?;
     let mut pbufs = None;
     e.upload_plan(&plain, &mut pbufs)?;

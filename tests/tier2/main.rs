@@ -28,6 +28,11 @@ fn engine() -> Engine {
     Engine::new(0).unwrap_or_else(|e| panic!("no GPU: {e}"))
 }
 
+/// `name` from the environment (ATTNFORGE_SEED, ATTNFORGE_GPU_CASES), else `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     // Probe once: without a GPU every test is ignored (and says why), unless one is required.
@@ -168,8 +173,8 @@ fn check_case<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, c: &Case) -> 
 
 fn decode_matches_the_reference_on_random_batches() {
     let e = engine();
-    let mut rng = StdRng::seed_from_u64(std::env::var("ATTNFORGE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(2026));
-    let cases: usize = std::env::var("ATTNFORGE_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let mut rng = StdRng::seed_from_u64(env_or("ATTNFORGE_SEED", 2026));
+    let cases: usize = env_or("ATTNFORGE_GPU_CASES", 60);
     for i in 0..cases {
         let c = random_case(&mut rng, i);
         let (line, _, _) = if c.bf16 { check_case::<bf16>(&e, &c) } else { check_case::<f16>(&e, &c) };

@@ -51,8 +51,8 @@ fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, le
 
 pub(crate) fn prefill_matches_the_reference_on_random_ragged_batches() {
     let e = super::engine();
-    let mut rng = StdRng::seed_from_u64(std::env::var("ATTNFORGE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(99));
-    let cases: usize = std::env::var("ATTNFORGE_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let mut rng = StdRng::seed_from_u64(super::env_or("ATTNFORGE_SEED", 99));
+    let cases: usize = super::env_or("ATTNFORGE_GPU_CASES", 40);
     for i in 0..cases {
         let n = rng.random_range(1..=6);
         let lens: Vec<(usize, usize)> = (0..n)
@@ -245,8 +245,8 @@ fn check_cascade<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: u
 
 pub(crate) fn cascades_match_the_reference_on_random_shared_prefixes() {
     let e = super::engine();
-    let mut rng = StdRng::seed_from_u64(std::env::var("ATTNFORGE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(15));
-    let cases: usize = std::env::var("ATTNFORGE_GPU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let mut rng = StdRng::seed_from_u64(super::env_or("ATTNFORGE_SEED", 15));
+    let cases: usize = super::env_or("ATTNFORGE_GPU_CASES", 40);
     for i in 0..cases {
         let n = rng.random_range(1..=12);
         // Decode-like batches (one query token) and appends, an empty request now and then.
