@@ -105,6 +105,9 @@ impl<T: Element> Workload<T> {
     /// Makes every request start with request 0's pages for the first `n` tokens (whole pages
     /// only, at most each request's full pages): one shared prefix, as a prefix cache gives.
     pub fn share_prefix(&mut self, n: usize) {
+        if self.pages.batch_size() == 0 {
+            return;
+        }
         let ps = self.kv.page_size.max(1);
         let full0 = self.pages.kv_len(0, ps) / ps;
         let first: Vec<i32> = self.pages.pages(0)[..(n / ps).min(full0)].to_vec();

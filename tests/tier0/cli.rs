@@ -206,4 +206,7 @@ fn run_cpu_shared_prefix_compares_both_formulations() {
     }
     let (ok, out) = attnforge(&["run", "causal", "--cpu", "--shared-prefix", "200", "--kv-len", "100"]);
     assert!(!ok && out.contains("longer than --kv-len"), "{out}");
+    // An empty batch shares nothing (it panicked on request 0's pages).
+    let (ok, out) = attnforge(&["run", "causal", "--cpu", "--shared-prefix", "16", "--batch", "0"]);
+    assert!(ok && out.contains("no shared whole page"), "{out}");
 }
