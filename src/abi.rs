@@ -179,11 +179,72 @@ pub struct MergeArgs {
     pub sm_scale: f32,
 }
 
+/// Mirrors `StateMergeArgs` in `templates/abi.cu.tera`, rendered from [`layouts`]: the argument
+/// of the public merge of attention states (`templates/merge_states.cu.tera`,
+/// [`crate::engine::Engine::merge_states`]). Strides are in elements, any sign; the head
+/// dimension is contiguous. With `v1 == 0` the `states` inputs lie along `v0`'s state stride;
+/// otherwise there are two, `v0` and `v1`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateMergeArgs {
+    /// First input's outputs (`[tokens, states, heads, head_dim]` by the strides).
+    pub v0: u64,
+    /// First input's log-sum-exps (f32, natural log).
+    pub s0: u64,
+    /// Second input's outputs, or 0.
+    pub v1: u64,
+    /// Second input's log-sum-exps, or 0.
+    pub s1: u64,
+    /// Merged outputs (may be `v0`: rows are read before they are written).
+    pub vo: u64,
+    /// Merged log-sum-exps, or 0 to skip them.
+    pub so: u64,
+    /// One byte per token, or 0: a token whose byte is 0 is left as it is.
+    pub mask: u64,
+    /// `v0` stride between tokens.
+    pub v0_tok: i64,
+    /// `v0` stride between states.
+    pub v0_state: i64,
+    /// `v0` stride between heads.
+    pub v0_head: i64,
+    /// `s0` stride between tokens.
+    pub s0_tok: i64,
+    /// `s0` stride between states.
+    pub s0_state: i64,
+    /// `s0` stride between heads.
+    pub s0_head: i64,
+    /// `v1` stride between tokens.
+    pub v1_tok: i64,
+    /// `v1` stride between heads.
+    pub v1_head: i64,
+    /// `s1` stride between tokens.
+    pub s1_tok: i64,
+    /// `s1` stride between heads.
+    pub s1_head: i64,
+    /// `vo` stride between tokens.
+    pub vo_tok: i64,
+    /// `vo` stride between heads.
+    pub vo_head: i64,
+    /// `so` stride between tokens.
+    pub so_tok: i64,
+    /// `so` stride between heads.
+    pub so_head: i64,
+    /// Tokens (rows of `heads` each).
+    pub tokens: i64,
+    /// Heads per token.
+    pub heads: i64,
+    /// States per row (2 with `v1`).
+    pub states: i32,
+    /// Head dimension.
+    pub head_dim: i32,
+}
+
 // SAFETY: plain-old-data `#[repr(C)]` structs of integers and floats, passed by value as kernel
 // arguments; their C layouts are asserted in the rendered source.
 unsafe impl cudarc::driver::DeviceRepr for ParamBlob {}
 unsafe impl cudarc::driver::DeviceRepr for AttnArgs {}
 unsafe impl cudarc::driver::DeviceRepr for MergeArgs {}
+unsafe impl cudarc::driver::DeviceRepr for StateMergeArgs {}
 unsafe impl cudarc::driver::DeviceRepr for DecodeWork {}
 unsafe impl cudarc::driver::DeviceRepr for MergeWork {}
 
@@ -306,7 +367,8 @@ macro_rules! layout {
 }
 
 /// The ABI structs every kernel declares, in declaration order: the work items, the attention
-/// kernels' argument (`Tr::Args` in a rendered source) and merge_states' argument.
+/// kernels' argument (`Tr::Args` in a rendered source), merge_states' argument and the public
+/// state merge's.
 pub fn layouts() -> Vec<StructLayout> {
     vec![
         layout!(DecodeWork, "", "DecodeWork", "DecodeWork", [req: "int", kv_begin: "int", kv_end: "int", partial: "int"]),
@@ -322,6 +384,14 @@ pub fn layouts() -> Vec<StructLayout> {
         layout!(MergeArgs, "template <typename O>", "MergeArgs<Shape::DTypeO>", "MergeArgs<__nv_bfloat16>", [
             o: "O*", lse: "float*", part_o: "const float*", part_lse: "const float*", work: "const MergeWork*", num_work: "const int*",
             qo_indptr: "const int*", kv_indptr: "const int*", last_page_len: "const int*", num_qo_heads: "int", group: "int", page_size: "int", sm_scale: "float",
+        ]),
+        layout!(StateMergeArgs, "", "StateMergeArgs", "StateMergeArgs", [
+            v0: "unsigned long long", s0: "unsigned long long", v1: "unsigned long long", s1: "unsigned long long",
+            vo: "unsigned long long", so: "unsigned long long", mask: "unsigned long long",
+            v0_tok: "long long", v0_state: "long long", v0_head: "long long", s0_tok: "long long", s0_state: "long long", s0_head: "long long",
+            v1_tok: "long long", v1_head: "long long", s1_tok: "long long", s1_head: "long long",
+            vo_tok: "long long", vo_head: "long long", so_tok: "long long", so_head: "long long",
+            tokens: "long long", heads: "long long", states: "int", head_dim: "int",
         ]),
     ]
 }

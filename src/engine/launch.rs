@@ -303,6 +303,18 @@ impl Engine {
 }
 
 impl Engine {
+    /// Launches the public state merge (`merge.rs`): `ctas` CTAs of four warps, one row each.
+    ///
+    /// # Safety
+    /// `args` satisfies [`Engine::merge_states_raw`]'s contract and `ctas` covers its rows.
+    pub(crate) unsafe fn launch_state_merge(&self, stream: &CudaStream, func: &CudaFunction, args: &crate::abi::StateMergeArgs, ctas: u32) -> Result<()> {
+        let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (32, 4, 1), shared_mem_bytes: 0 };
+        // SAFETY: the caller's contract; the kernel takes one StateMergeArgs by value, whose
+        // layout the rendered source asserts.
+        unsafe { stream.launch_builder(func).arg(args).launch(cfg) }.map_err(cuda("launch merge_states"))?;
+        Ok(())
+    }
+
     /// Checks the host–device ABI on this GPU: compiles the probe of
     /// [`crate::jit::render::abi_probe_source`], runs it, and compares every ABI struct's size
     /// and field offsets as the device compiler laid them out with Rust's (`offset_of!`). A

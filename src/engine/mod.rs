@@ -18,6 +18,7 @@
 mod buffers;
 mod family;
 mod launch;
+mod merge;
 mod wrapper;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use dashmap::DashMap;
 
 pub use self::buffers::{Capacity, DeviceBatch, DeviceOutput, DeviceParams, DeviceTable, KvCache, PlanBuffers};
+pub use self::merge::{StateShape, States, StatesMut, MAX_MERGE_HEAD_DIM};
 pub use self::family::{Decode, DecodeKernel, Family, Kernel, LoadedTile, Prefill, PrefillKernel};
 pub use self::wrapper::{DecodeWrapper, GraphCapacity, PrefillWrapper, Wrapper, WrapperOptions};
 use crate::jit::{Arch, CompiledKernel, Jit};
@@ -79,6 +81,8 @@ pub struct Engine {
     sm_count: usize,
     jit: Jit,
     modules: DashMap<CacheKey, Arc<CudaModule>>,
+    /// The public state merge's kernel per output dtype, once loaded.
+    merge_fns: DashMap<crate::kv::DType, CudaFunction>,
     /// Whether merge launches overlap the tail of the launch before them (programmatic
     /// dependent launch, sm_90+).
     programmatic_merge: bool,
@@ -96,7 +100,7 @@ impl Engine {
         let (major, minor) = ctx.compute_capability().map_err(cuda("compute capability"))?;
         let sm_count = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(cuda("SM count"))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new(), programmatic_merge: major >= 9 })
+        Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new(), merge_fns: DashMap::new(), programmatic_merge: major >= 9 })
     }
 
     /// The CUDA context (the primary context of its device).
@@ -160,6 +164,18 @@ impl Engine {
         let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(k.cubin.to_vec())).map_err(cuda("load module"))?;
         self.modules.insert(k.key, m.clone());
         Ok(m)
+    }
+
+    /// The public state merge's kernel for outputs of `dtype`, compiled (or found in the cache)
+    /// and loaded on first use.
+    fn merge_function(&self, dtype: crate::kv::DType) -> Result<CudaFunction> {
+        if let Some(f) = self.merge_fns.get(&dtype) {
+            return Ok(f.clone());
+        }
+        let k = self.jit.get_merge_states(dtype, &self.arch)?;
+        let f = self.module(&k)?.load_function("attnforge_merge_states").map_err(cuda("load merge_states"))?;
+        self.merge_fns.insert(dtype, f.clone());
+        Ok(f)
     }
 
     /// Allocates a zeroed device buffer.

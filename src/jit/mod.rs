@@ -522,6 +522,21 @@ impl Jit {
         let t0 = Instant::now();
         cfg.validate()?;
         let src = render::render(variant, cfg)?;
+        let meta = format!("variant={} op={} arch={}", variant.name, cfg.op.name(), arch.name());
+        self.cached(src, arch, &meta, t0)
+    }
+
+    /// The public state merge for outputs of `dtype` ([`render::merge_states_source`]), through
+    /// the same memory and disk cache as the attention kernels.
+    pub fn get_merge_states(&self, dtype: crate::kv::DType, arch: &Arch) -> Result<CompiledKernel> {
+        let t0 = Instant::now();
+        let src = render::merge_states_source(dtype)?;
+        self.cached(src, arch, &format!("op=merge_states dtype={} arch={}", dtype.name(), arch.name()), t0)
+    }
+
+    /// Looks `src` up in memory, then on disk, and compiles it on a miss; `meta` describes the
+    /// disk entry.
+    fn cached(&self, src: KernelSource, arch: &Arch, meta: &str, t0: Instant) -> Result<CompiledKernel> {
         let options = self.nvrtc.options(arch);
         let key = kernel_key(&src.code, &options, arch, self.nvrtc.version());
         let name = format!("{}.{}", src.name, arch.name());
@@ -546,7 +561,7 @@ impl Jit {
         let cubin = Arc::new(self.nvrtc.compile(&src, &options, self.store.as_ref().map(|s| s.dir()))?);
         let path = match (&self.store, &self.store_error) {
             (Some(store), _) => {
-                let meta = format!("variant={} op={} arch={} nvrtc={}.{}", variant.name, cfg.op.name(), arch.name(), self.nvrtc.version().0, self.nvrtc.version().1);
+                let meta = format!("{meta} nvrtc={}.{}", self.nvrtc.version().0, self.nvrtc.version().1);
                 match store.put(&key, &name, &meta, &cubin) {
                     Ok(p) => Some(p),
                     Err(e) => {

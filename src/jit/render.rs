@@ -16,7 +16,7 @@ use crate::abi::{self, param_layout, PARAM_WORDS};
 use crate::spec::{cuda::emit, HookExpr, Normalize, Variant};
 use crate::{Error, Result};
 
-const TEMPLATES: [(&str, &str); 17] = [
+const TEMPLATES: [(&str, &str); 18] = [
     ("abi_probe.cu.tera", include_str!("../../templates/abi_probe.cu.tera")),
     ("common/prelude.cuh", include_str!("../../templates/common/prelude.cuh")),
     ("abi_sizes.cu.tera", include_str!("../../templates/abi_sizes.cu.tera")),
@@ -34,6 +34,7 @@ const TEMPLATES: [(&str, &str); 17] = [
     ("abi.cu.tera", include_str!("../../templates/abi.cu.tera")),
     ("decode.cu.tera", include_str!("../../templates/decode.cu.tera")),
     ("prefill.cu.tera", include_str!("../../templates/prefill.cu.tera")),
+    ("merge_states.cu.tera", include_str!("../../templates/merge_states.cu.tera")),
 ];
 
 fn tera() -> Result<&'static Tera> {
@@ -112,6 +113,17 @@ pub fn abi_probe_source_for(layouts: &[abi::StructLayout]) -> Result<KernelSourc
     ctx.insert("abi", &abi_context(layouts)?);
     let code = tera()?.render("abi_probe.cu.tera", &ctx).map_err(|e| Error::Render(e.to_string()))?;
     Ok(KernelSource { name: "abi_probe".into(), code, hook_lines: Vec::new() })
+}
+
+/// The public merge of attention states for outputs of `dtype`
+/// (`templates/merge_states.cu.tera`, kernel `attnforge_merge_states(StateMergeArgs)`): no
+/// variant enters it, so one translation unit per dtype. Pure, like [`render`].
+pub fn merge_states_source(dtype: crate::kv::DType) -> Result<KernelSource> {
+    let mut ctx = Context::new();
+    ctx.insert("dtype", dtype.cuda_type());
+    ctx.insert("abi", &abi_context(&abi::layouts())?);
+    let code = tera()?.render("merge_states.cu.tera", &ctx).map_err(|e| Error::Render(e.to_string()))?;
+    Ok(KernelSource { name: format!("merge_states.{}", dtype.name()), code, hook_lines: Vec::new() })
 }
 
 /// Renders the translation unit of `variant` and `cfg`: pure (no disk, no GPU), deterministic.

@@ -233,6 +233,58 @@ struct MergeArgs {
   float sm_scale;  // offset 84
   static_assert(sizeof(float) == 4, "MergeArgs::sm_scale has another size in src/abi.rs");
 };
+struct StateMergeArgs {
+  unsigned long long v0;  // offset 0
+  static_assert(sizeof(unsigned long long) == 8, "StateMergeArgs::v0 has another size in src/abi.rs");
+  unsigned long long s0;  // offset 8
+  static_assert(sizeof(unsigned long long) == 8, "StateMergeArgs::s0 has another size in src/abi.rs");
+  unsigned long long v1;  // offset 16
+  static_assert(sizeof(unsigned long long) == 8, "StateMergeArgs::v1 has another size in src/abi.rs");
+  unsigned long long s1;  // offset 24
+  static_assert(sizeof(unsigned long long) == 8, "StateMergeArgs::s1 has another size in src/abi.rs");
+  unsigned long long vo;  // offset 32
+  static_assert(sizeof(unsigned long long) == 8, "StateMergeArgs::vo has another size in src/abi.rs");
+  unsigned long long so;  // offset 40
+  static_assert(sizeof(unsigned long long) == 8, "StateMergeArgs::so has another size in src/abi.rs");
+  unsigned long long mask;  // offset 48
+  static_assert(sizeof(unsigned long long) == 8, "StateMergeArgs::mask has another size in src/abi.rs");
+  long long v0_tok;  // offset 56
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::v0_tok has another size in src/abi.rs");
+  long long v0_state;  // offset 64
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::v0_state has another size in src/abi.rs");
+  long long v0_head;  // offset 72
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::v0_head has another size in src/abi.rs");
+  long long s0_tok;  // offset 80
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::s0_tok has another size in src/abi.rs");
+  long long s0_state;  // offset 88
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::s0_state has another size in src/abi.rs");
+  long long s0_head;  // offset 96
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::s0_head has another size in src/abi.rs");
+  long long v1_tok;  // offset 104
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::v1_tok has another size in src/abi.rs");
+  long long v1_head;  // offset 112
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::v1_head has another size in src/abi.rs");
+  long long s1_tok;  // offset 120
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::s1_tok has another size in src/abi.rs");
+  long long s1_head;  // offset 128
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::s1_head has another size in src/abi.rs");
+  long long vo_tok;  // offset 136
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::vo_tok has another size in src/abi.rs");
+  long long vo_head;  // offset 144
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::vo_head has another size in src/abi.rs");
+  long long so_tok;  // offset 152
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::so_tok has another size in src/abi.rs");
+  long long so_head;  // offset 160
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::so_head has another size in src/abi.rs");
+  long long tokens;  // offset 168
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::tokens has another size in src/abi.rs");
+  long long heads;  // offset 176
+  static_assert(sizeof(long long) == 8, "StateMergeArgs::heads has another size in src/abi.rs");
+  int states;  // offset 184
+  static_assert(sizeof(int) == 4, "StateMergeArgs::states has another size in src/abi.rs");
+  int head_dim;  // offset 188
+  static_assert(sizeof(int) == 4, "StateMergeArgs::head_dim has another size in src/abi.rs");
+};
 
 // traits.cuh — what a kernel instance is, at compile time: one traits struct per instance, built
 // by its .cu.tera from the config (src/jit: KernelConfig and the family's tile), instead of
@@ -1122,6 +1174,7 @@ static_assert(sizeof(PrefillWork) == 24, "PrefillWork size differs from Rust (sr
 static_assert(sizeof(MergeWork) == 16, "MergeWork size differs from Rust (src/abi.rs)");
 static_assert(sizeof(Tr::Args) == 152, "AttnArgs size differs from Rust (src/abi.rs)");
 static_assert(sizeof(MergeArgs<Shape::DTypeO>) == 88, "MergeArgs size differs from Rust (src/abi.rs)");
+static_assert(sizeof(StateMergeArgs) == 192, "StateMergeArgs size differs from Rust (src/abi.rs)");
 
 
 extern "C" __global__ void __launch_bounds__(Tr::NUM_THREADS, Tr::MIN_CTAS) attnforge_decode(const Tr::Args a, const ParamsArg pa) {

@@ -279,3 +279,22 @@ fn params_with_alignment_gaps_are_declared_with_explicit_padding() {
     assert!(code.contains("static_assert(sizeof(const float*) == 8, \"Params::u_w has another size in src/spec/params.rs\");"));
     assert!(code.contains("static_assert(sizeof(Params) == 24,"));
 }
+
+/// The public state merge renders one deterministic unit per output dtype: the kernel entry, the
+/// ABI struct it takes (with its size asserted) and the dtype, nothing of any variant.
+#[test]
+fn the_state_merge_renders_per_output_dtype() {
+    use attnforge::jit::render::merge_states_source;
+    let mut codes = Vec::new();
+    for (dt, ty) in [(DType::F16, "__half"), (DType::Bf16, "__nv_bfloat16"), (DType::F32, "float")] {
+        let src = merge_states_source(dt).unwrap();
+        assert_eq!(src.code, merge_states_source(dt).unwrap().code, "deterministic");
+        assert!(src.code.contains("extern \"C\" __global__ void __launch_bounds__(128) attnforge_merge_states(const StateMergeArgs a)"));
+        assert!(src.code.contains(&format!("typedef {ty} DType;")), "{ty}");
+        let size = std::mem::size_of::<attnforge::abi::StateMergeArgs>();
+        assert!(src.code.contains(&format!("static_assert(sizeof(StateMergeArgs) == {size},")));
+        assert!(!src.code.contains("{{") && !src.code.contains("{%"), "no template syntax left");
+        codes.push(src.code);
+    }
+    assert!(codes[0] != codes[1] && codes[1] != codes[2]);
+}

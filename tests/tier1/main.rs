@@ -51,6 +51,7 @@ fn main() {
         trial("a_bits_parameter_beside_one_named_like_its_offsets_compiles", a_bits_parameter_beside_one_named_like_its_offsets_compiles),
         trial("the_abi_probe_compiles", the_abi_probe_compiles),
         trial("the_read_ceiling_probe_compiles", the_read_ceiling_probe_compiles),
+        trial("the_state_merge_compiles_for_every_output_dtype_and_is_cached", the_state_merge_compiles_for_every_output_dtype_and_is_cached),
         trial("an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile", an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile),
     ];
     libtest_mimic::run(&args, tests).exit();
@@ -321,4 +322,25 @@ fn the_abi_probe_compiles() {
         let arch: Arch = arch.parse().unwrap();
         n.compile(&src, &n.options(&arch), None).unwrap_or_else(|e| panic!("{e}"));
     }
+}
+
+/// The public state merge (`merge_states.cu.tera`) compiles for f16/bf16/f32 outputs on both
+/// arches, goes through the same disk cache (a second process finds it), and its three dtypes
+/// are three different entries.
+fn the_state_merge_compiles_for_every_output_dtype_and_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let j1 = jit(dir.path());
+    let mut keys = std::collections::HashSet::new();
+    for arch in ["sm_80", "sm_90a"] {
+        let arch: Arch = arch.parse().unwrap();
+        for dt in [DType::F16, DType::Bf16, DType::F32] {
+            let k = j1.get_merge_states(dt, &arch).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(k.origin, Origin::Compiled, "{}", k.name);
+            assert!(k.name.starts_with(&format!("merge_states.{}", dt.name())), "{}", k.name);
+            assert!(keys.insert(k.key), "{} has its own key", k.name);
+            assert_eq!(j1.get_merge_states(dt, &arch).unwrap().origin, Origin::Memory);
+        }
+    }
+    let j2 = jit(dir.path());
+    assert_eq!(j2.get_merge_states(DType::Bf16, &"sm_90a".parse().unwrap()).unwrap().origin, Origin::Disk);
 }
