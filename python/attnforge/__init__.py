@@ -30,6 +30,7 @@ from ._attnforge import Variant, __version__
 from ._attnforge import check_spec as _check_spec
 from ._attnforge import compile as _compile
 from ._attnforge import gpu_available
+from ._attnforge import _merge_states
 from ._attnforge import reference as _reference
 from ._attnforge import shipped_variants
 from ._attnforge import variant as _variant
@@ -62,6 +63,8 @@ __all__ = [
     "compile",
     "reference",
     "merge_state",
+    "merge_state_in_place",
+    "merge_state_into",
     "merge_states",
     "gpu_available",
     "BatchDecodeWithPagedKVCacheWrapper",
@@ -126,13 +129,52 @@ def reference(variant, q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, last
     return np.frombuffer(o, dtype=np.float32).reshape(o_shape), np.frombuffer(lse, dtype=np.float32).reshape(lse_shape)
 
 
-def merge_state(v_a, s_a, v_b, s_b):
-    """Merges two attention states over disjoint key sets: ``(v, s)`` with ``v`` ``(tokens,
-    heads, dim)`` and ``s`` its LSE ``(tokens, heads)`` in natural log. A side with ``s = -inf``
-    (no visible key) contributes nothing; both: ``v = 0, s = -inf``.
+def merge_state(v_a, s_a, v_b, s_b, stream=None):
+    """Merges two attention states over disjoint key sets: ``v`` ``(tokens, heads, dim)``
+    (float16, bfloat16 or float32) and its LSE ``s`` ``(tokens, heads)`` float32, natural log.
+    Returns the new ``(v, s)``: ``s = log(e^s_a + e^s_b)``, ``v`` weighted by ``e^(s_side - s)``.
+    A side with ``s = -inf`` (no visible key) contributes nothing and its ``v`` is not read; both:
+    ``v = 0, s = -inf``; a NaN ``s`` makes the row NaN.
 
-    Runs as the arrays' own operations (torch or any array-API library); attnforge has no merge
-    kernel of its own yet."""
+    CUDA tensors (torch, CuPy) are merged by attnforge's kernel on the current stream (any
+    strides with a contiguous last dim); host arrays by the array library's own operations."""
+    if _on_cuda(v_a):
+        out_v, out_s = _empty(v_a, tuple(v_a.shape)), _empty(v_a, tuple(s_a.shape), float32=True)
+        _merge_states(v_a, s_a, v_b, s_b, None, out_v, out_s, _current_stream(_cuda_ordinal(v_a), v_a, stream))
+        return out_v, out_s
+    return _merge_pair_host(v_a, s_a, v_b, s_b)
+
+
+def merge_state_in_place(v, s, v_other, s_other, mask=None, stream=None):
+    """``(v, s) = merge_state(v, s, v_other, s_other)`` in place, on CUDA tensors; with ``mask``
+    (bool or uint8 ``(tokens,)``), only the tokens whose entry is true. Returns nothing."""
+    if not _on_cuda(v):
+        raise TensorError("v: merge_state_in_place needs CUDA tensors; on host arrays use merge_state")
+    _merge_states(v, s, v_other, s_other, mask, v, s, _current_stream(_cuda_ordinal(v), v, stream))
+
+
+merge_state_into = merge_state_in_place
+
+
+def merge_states(v, s, stream=None):
+    """Merges ``n`` states ``v`` ``(tokens, n, heads, dim)``, ``s`` ``(tokens, n, heads)`` into
+    one ``(tokens, heads, dim)`` / ``(tokens, heads)`` state, as :func:`merge_state` (``n = 0``:
+    ``v = 0, s = -inf``). One kernel launch for CUDA tensors."""
+    if _on_cuda(v):
+        t, _, h, d = v.shape
+        out_v, out_s = _empty(v, (t, h, d)), _empty(v, (t, h), float32=True)
+        _merge_states(v, s, None, None, None, out_v, out_s, _current_stream(_cuda_ordinal(v), v, stream))
+        return out_v, out_s
+    xp = _namespace(v)
+    t, n, h, d = v.shape
+    out_v, out_s = xp.zeros((t, h, d), dtype=v.dtype), xp.full((t, h), float("-inf"), dtype=s.dtype)
+    for i in range(n):
+        out_v, out_s = _merge_pair_host(out_v, out_s, v[:, i], s[:, i])
+    return out_v, out_s
+
+
+def _merge_pair_host(v_a, s_a, v_b, s_b):
+    """:func:`merge_state` as array operations (host arrays)."""
     xp = _namespace(v_a)
     m = xp.maximum(s_a, s_b)
     finite = xp.isfinite(m)
@@ -141,18 +183,30 @@ def merge_state(v_a, s_a, v_b, s_b):
     wb = xp.exp(s_b - m0)
     total = wa + wb
     safe = xp.where(total > 0, total, xp.ones_like(total))
-    v = (v_a.float() if hasattr(v_a, "float") else v_a) * (wa / safe)[..., None] + (v_b.float() if hasattr(v_b, "float") else v_b) * (wb / safe)[..., None]
+    fa, fb = _widen(v_a), _widen(v_b)
+    # A side with no visible key is not read (its v may be anything, NaN included).
+    fa = xp.where((wa > 0)[..., None], fa, xp.zeros_like(fa))
+    fb = xp.where((wb > 0)[..., None], fb, xp.zeros_like(fb))
+    v = fa * (wa / safe)[..., None] + fb * (wb / safe)[..., None]
+    v = xp.where(xp.isnan(m)[..., None], xp.full_like(v, float("nan")), v)
     s = xp.where(total > 0, m0 + xp.log(safe), xp.full_like(m, float("-inf")))
+    s = xp.where(xp.isnan(m), m, s)
     return _astype(v, v_a), s
 
 
-def merge_states(v, s):
-    """Merges ``n`` states ``v`` ``(tokens, n, heads, dim)``, ``s`` ``(tokens, n, heads)`` into one;
-    as :func:`merge_state`, in natural log, as the arrays' own operations."""
-    out_v, out_s = v[:, 0], s[:, 0]
-    for i in range(1, v.shape[1]):
-        out_v, out_s = merge_state(out_v, out_s, v[:, i], s[:, i])
-    return out_v, out_s
+def _widen(x):
+    """16-bit floats as float32 (wider types as they are)."""
+    if hasattr(x, "element_size"):
+        return x.float() if x.element_size() < 4 else x
+    return x.astype("float32") if x.dtype.itemsize < 4 else x
+
+
+def _on_cuda(x):
+    return hasattr(x, "__dlpack_device__") and int(x.__dlpack_device__()[0]) == 2
+
+
+def _cuda_ordinal(x):
+    return int(x.__dlpack_device__()[1])
 
 
 def _namespace(x):

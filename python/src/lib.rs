@@ -9,6 +9,7 @@
 mod dlpack;
 mod errors;
 mod kvcache;
+mod merge;
 mod wrappers;
 
 use std::collections::HashMap;
@@ -320,5 +321,6 @@ fn _attnforge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reference, m)?)?;
     m.add_function(wrap_pyfunction!(compile, m)?)?;
     m.add_function(wrap_pyfunction!(wrappers::gpu_available, m)?)?;
+    m.add_function(wrap_pyfunction!(merge::_merge_states, m)?)?;
     Ok(())
 }

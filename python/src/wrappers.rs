@@ -27,7 +27,7 @@ use crate::errors::{argument_error, guard, tensor_error, to_py, OrRaise};
 use crate::{kvcache, PyVariant};
 
 /// One engine per CUDA device, for the life of the process (the wrappers borrow it).
-fn engine(py: Python<'_>, device: usize) -> PyResult<&'static Engine> {
+pub(crate) fn engine(py: Python<'_>, device: usize) -> PyResult<&'static Engine> {
     static ENGINES: OnceLock<Mutex<Vec<(usize, &'static Engine)>>> = OnceLock::new();
     let mut engines = ENGINES.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, e)) = engines.iter().find(|(d, _)| *d == device) {
@@ -156,7 +156,7 @@ pub struct PlanArgs<'a, 'py> {
     sm_scale: Option<f32>,
 }
 
-fn stream_of(e: &Engine, stream: u64) -> Arc<CudaStream> {
+pub(crate) fn stream_of(e: &Engine, stream: u64) -> Arc<CudaStream> {
     // SAFETY: the caller gives its current stream of this device's primary context (the one
     // torch and CuPy use), alive for the call; work on it is ordered by the stream itself.
     unsafe { e.context().wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream) }

@@ -199,6 +199,31 @@ def test_merge_state_matches_attention_over_the_union():
     np.testing.assert_allclose(o, whole_o, rtol=1e-10, atol=1e-12)
 
 
+def test_host_merges_skip_masked_states_and_keep_nan_rows():
+    rng = np.random.default_rng(11)
+    t, h, d = 5, 3, 8
+    va, vb = rng.standard_normal((t, h, d)), rng.standard_normal((t, h, d))
+    sa, sb = rng.uniform(-5, 5, (t, h)), rng.uniform(-5, 5, (t, h))
+    sb[0] = -np.inf
+    vb[0] = np.nan  # no visible key: never read
+    sa[1, 2] = np.nan
+    o, s = attnforge.merge_state(va, sa, vb, sb)
+    np.testing.assert_allclose(o[0], va[0])
+    np.testing.assert_allclose(s[0], sa[0])
+    assert np.all(np.isnan(o[1, 2])) and np.isnan(s[1, 2])
+    m = np.maximum(sa[2:], sb[2:])
+    wa, wb = np.exp(sa[2:] - m), np.exp(sb[2:] - m)
+    np.testing.assert_allclose(o[2:], (va[2:] * wa[..., None] + vb[2:] * wb[..., None]) / (wa + wb)[..., None], rtol=1e-12)
+    np.testing.assert_allclose(s[2:], m + np.log(wa + wb), rtol=1e-12)
+    # No states at all: o = 0, lse = -inf.
+    o, s = attnforge.merge_states(np.zeros((t, 0, h, d)), np.zeros((t, 0, h)))
+    assert o.shape == (t, h, d) and np.all(o == 0) and np.all(np.isneginf(s))
+    # The in-place merge is a device operation.
+    with pytest.raises(attnforge.TensorError, match="CUDA"):
+        attnforge.merge_state_in_place(va, sa, vb, sb)
+    assert attnforge.merge_state_into is attnforge.merge_state_in_place
+
+
 def test_wrappers_check_host_arrays_and_flags_before_the_gpu():
     w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD")
     with pytest.raises(attnforge.BatchError):

@@ -298,3 +298,67 @@ def test_decode_with_a_shared_prefix_runs_as_a_cascade(dtype, variant):
     np.testing.assert_allclose(f32(o1), want_o, **tol(dtype))
     fin = np.isfinite(want_lse)
     np.testing.assert_allclose(l1.cpu().numpy()[fin], want_lse[fin], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_device_merges_match_the_host_merge(dtype):
+    g = torch.Generator(device="cpu").manual_seed(7)
+    t, n, h, d = 37, 5, 4, 128
+    v = torch.randn((t, n, h, d), generator=g).to(dtype)
+    s = torch.empty((t, n, h)).uniform_(-20, 20, generator=g)
+    s[torch.rand((t, n, h), generator=g) < 0.2] = float("-inf")
+    s[3] = float("-inf")  # a row with no visible key anywhere
+    v[torch.isinf(s)] = float("nan")  # never read
+    s[5, 1, 2] = float("nan")
+    want_v, want_s = attnforge.merge_states(v.double().numpy(), s.double().numpy())
+    got_v, got_s = attnforge.merge_states(v.to(DEV), s.to(DEV))
+    assert got_v.dtype == dtype and got_v.shape == (t, h, d) and got_s.dtype == torch.float32
+    t_ = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(got_v.double().cpu().numpy(), want_v, equal_nan=True, **t_)
+    np.testing.assert_allclose(got_s.double().cpu().numpy(), want_s, equal_nan=True, rtol=1e-5, atol=1e-4)
+    assert torch.all(got_v[3] == 0) and torch.all(torch.isneginf(got_s[3]))
+    # The pair on strided views (states 0 and 2 of the same tensors), then in place with a mask.
+    vd, sd = v.to(DEV), s.to(DEV)
+    pv, ps = attnforge.merge_state(vd[:, 0], sd[:, 0], vd[:, 2], sd[:, 2])
+    wv, ws = attnforge.merge_states(v[:, [0, 2]].double().numpy(), s[:, [0, 2]].double().numpy())
+    np.testing.assert_allclose(pv.double().cpu().numpy(), wv, equal_nan=True, **t_)
+    np.testing.assert_allclose(ps.double().cpu().numpy(), ws, equal_nan=True, rtol=1e-5, atol=1e-4)
+    a_v, a_s = vd[:, 0].clone(), sd[:, 0].clone()
+    mask = torch.rand(t, generator=g).to(DEV) < 0.5
+    attnforge.merge_state_in_place(a_v, a_s, vd[:, 2], sd[:, 2], mask=mask)
+    keep = mask.cpu().numpy()
+    np.testing.assert_allclose(a_v[mask].double().cpu().numpy(), wv[keep], equal_nan=True, **t_)
+    np.testing.assert_allclose(a_s[mask].double().cpu().numpy(), ws[keep], equal_nan=True, rtol=1e-5, atol=1e-4)
+    assert torch.equal(torch.nan_to_num(a_s[~mask]), torch.nan_to_num(sd[:, 0][~mask]))
+    untouched = ~mask
+    assert torch.equal(torch.nan_to_num(a_v[untouched]), torch.nan_to_num(vd[:, 0][untouched]))
+    # Bad arguments name themselves.
+    with pytest.raises(attnforge.TensorError, match="s_a"):
+        attnforge.merge_state(vd[:, 0], sd[:, 0].double(), vd[:, 2], sd[:, 2])
+    with pytest.raises(attnforge.TensorError, match="v_b"):
+        attnforge.merge_state(vd[:, 0], sd[:, 0], vd[:1, 2], sd[:, 2])
+    with pytest.raises(attnforge.TensorError, match="last dim"):
+        attnforge.merge_states(vd.transpose(2, 3), sd)
+
+
+def test_a_device_merge_replays_in_a_cuda_graph():
+    t, n, h, d = 16, 3, 2, 64
+    v = torch.randn((t, n, h, d), device=DEV, dtype=torch.float16)
+    s = torch.randn((t, n, h), device=DEV)
+    out_v, out_s = torch.empty((t, h, d), device=DEV, dtype=torch.float16), torch.empty((t, h), device=DEV)
+    attnforge.merge_states(v, s)  # compile outside the capture
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out_v.copy_(v[:, 0])
+            out_s.copy_(s[:, 0])
+            attnforge.merge_state_in_place(out_v, out_s, v[:, 1], s[:, 1])
+    for _ in range(2):
+        v.copy_(torch.randn_like(v))
+        s.copy_(torch.randn_like(s))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_v, want_s = attnforge.merge_states(v[:, :2].double().cpu().numpy(), s[:, :2].double().cpu().numpy())
+        np.testing.assert_allclose(out_v.double().cpu().numpy(), want_v, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(out_s.double().cpu().numpy(), want_s, rtol=1e-5, atol=1e-4)
