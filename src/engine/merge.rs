@@ -65,18 +65,56 @@ fn at_least<T>(what: &'static str, buf: &CudaSlice<T>, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Errors unless the merge kernel takes `head_dim` (its accumulators per lane bound it).
+fn check_head_dim(head_dim: i64) -> Result<()> {
+    if head_dim <= 0 || head_dim as usize > MAX_MERGE_HEAD_DIM {
+        return Err(Error::UnsupportedConfig(format!("merge_states: head_dim {head_dim} (the merge takes 1..={MAX_MERGE_HEAD_DIM})")));
+    }
+    Ok(())
+}
+
 impl StateShape {
     /// Checks the sizes the kernel can take.
     fn check(&self) -> Result<()> {
-        if self.head_dim == 0 || self.head_dim > MAX_MERGE_HEAD_DIM {
-            return Err(Error::UnsupportedConfig(format!("merge_states: head_dim {} (the merge takes 1..={MAX_MERGE_HEAD_DIM})", self.head_dim)));
-        }
+        check_head_dim(self.head_dim.min(i64::MAX as usize) as i64)?;
         count("merge_states: tokens × heads × head_dim", &[self.tokens, self.heads, self.head_dim]).map(|_| ())
     }
 
     /// Dense strides `(token, head)` of `o` with `states` states per token.
     fn o_strides(&self, states: usize) -> (i64, i64) {
         ((states * self.heads * self.head_dim) as i64, self.head_dim as i64)
+    }
+
+    /// Errors unless `o` and `lse` hold one dense state of this shape (`what`: "merge_state: a").
+    fn check_state<T>(&self, what: [&'static str; 2], o: &CudaSlice<T>, lse: &CudaSlice<f32>) -> Result<()> {
+        at_least(what[0], o, self.tokens * self.heads * self.head_dim)?;
+        at_least(what[1], lse, self.tokens * self.heads)
+    }
+
+    /// The arguments of a two-input merge whose inputs and output are dense states of this
+    /// shape, pointers left to fill.
+    fn pair_args(&self) -> StateMergeArgs {
+        let (ot, oh) = self.o_strides(1);
+        let (lt, lh) = (self.heads as i64, 1);
+        StateMergeArgs {
+            v0_tok: ot,
+            v0_head: oh,
+            s0_tok: lt,
+            s0_head: lh,
+            v1_tok: ot,
+            v1_head: oh,
+            s1_tok: lt,
+            s1_head: lh,
+            vo_tok: ot,
+            vo_head: oh,
+            so_tok: lt,
+            so_head: lh,
+            tokens: self.tokens as i64,
+            heads: self.heads as i64,
+            states: 2,
+            head_dim: self.head_dim as i32,
+            ..StateMergeArgs::default()
+        }
     }
 }
 
@@ -85,16 +123,10 @@ impl Engine {
     /// `b` only through [`Engine::merge_state_into`] (Rust's borrows keep them apart here).
     pub fn merge_state<T: Element + DeviceRepr>(&self, a: States<'_, T>, b: States<'_, T>, out: StatesMut<'_, T>, shape: StateShape) -> Result<()> {
         shape.check()?;
-        let (n_o, n_l) = (count("o", &[shape.tokens, shape.heads, shape.head_dim])?, shape.tokens * shape.heads);
-        for (what_o, what_l, s) in [("merge_state: a.o", "merge_state: a.lse", &a), ("merge_state: b.o", "merge_state: b.lse", &b)] {
-            at_least(what_o, s.o, n_o)?;
-            at_least(what_l, s.lse, n_l)?;
-        }
-        at_least("merge_state: out.o", out.o, n_o)?;
-        at_least("merge_state: out.lse", out.lse, n_l)?;
+        shape.check_state(["merge_state: a.o", "merge_state: a.lse"], a.o, a.lse)?;
+        shape.check_state(["merge_state: b.o", "merge_state: b.lse"], b.o, b.lse)?;
+        shape.check_state(["merge_state: out.o", "merge_state: out.lse"], out.o, out.lse)?;
         let st = &self.stream;
-        let (ot, oh) = shape.o_strides(1);
-        let (lt, lh) = (shape.heads as i64, 1);
         let args = StateMergeArgs {
             v0: a.o.device_ptr(st).0,
             s0: a.lse.device_ptr(st).0,
@@ -103,7 +135,7 @@ impl Engine {
             vo: out.o.device_ptr(st).0,
             so: out.lse.device_ptr(st).0,
             mask: 0,
-            ..pair_args(shape, (ot, oh, lt, lh))
+            ..shape.pair_args()
         };
         // SAFETY: every pointer is a live buffer of at least the dense size of `shape` (checked
         // above), which is all the strides reach.
@@ -114,16 +146,12 @@ impl Engine {
     /// token without a mask); the rest are left as they are.
     pub fn merge_state_into<T: Element + DeviceRepr>(&self, state: StatesMut<'_, T>, other: States<'_, T>, mask: Option<&CudaSlice<u8>>, shape: StateShape) -> Result<()> {
         shape.check()?;
-        let (n_o, n_l) = (count("o", &[shape.tokens, shape.heads, shape.head_dim])?, shape.tokens * shape.heads);
-        at_least("merge_state_into: state.o", state.o, n_o)?;
-        at_least("merge_state_into: state.lse", state.lse, n_l)?;
-        at_least("merge_state_into: other.o", other.o, n_o)?;
-        at_least("merge_state_into: other.lse", other.lse, n_l)?;
+        shape.check_state(["merge_state_into: state.o", "merge_state_into: state.lse"], state.o, state.lse)?;
+        shape.check_state(["merge_state_into: other.o", "merge_state_into: other.lse"], other.o, other.lse)?;
         if let Some(m) = mask {
             at_least("merge_state_into: mask", m, shape.tokens)?;
         }
         let st = &self.stream;
-        let (ot, oh) = shape.o_strides(1);
         let (v, s) = (state.o.device_ptr(st).0, state.lse.device_ptr(st).0);
         let args = StateMergeArgs {
             v0: v,
@@ -133,7 +161,7 @@ impl Engine {
             vo: v,
             so: s,
             mask: mask.map_or(0, |m| m.device_ptr(st).0),
-            ..pair_args(shape, (ot, oh, shape.heads as i64, 1))
+            ..shape.pair_args()
         };
         // SAFETY: as in `merge_state`; the output is the first input, which the kernel reads in
         // full for a row before it writes that row.
@@ -150,8 +178,7 @@ impl Engine {
         }
         at_least("merge_states: states.o", states.o, count("merge_states: states.o", &[shape.tokens, n, shape.heads, shape.head_dim])?)?;
         at_least("merge_states: states.lse", states.lse, count("merge_states: states.lse", &[shape.tokens, n, shape.heads])?)?;
-        at_least("merge_states: out.o", out.o, shape.tokens * shape.heads * shape.head_dim)?;
-        at_least("merge_states: out.lse", out.lse, shape.tokens * shape.heads)?;
+        shape.check_state(["merge_states: out.o", "merge_states: out.lse"], out.o, out.lse)?;
         let st = &self.stream;
         let (vt, vh) = shape.o_strides(n);
         let (ot, oh) = shape.o_strides(1);
@@ -190,9 +217,7 @@ impl Engine {
     /// inputs), of type `dtype` for the outputs and f32 for the LSEs; `vo`/`so` may equal
     /// `v0`/`s0` (with the same strides) but must not otherwise overlap an input.
     pub unsafe fn merge_states_raw(&self, stream: &CudaStream, dtype: DType, args: &StateMergeArgs) -> Result<()> {
-        if args.head_dim <= 0 || args.head_dim as usize > MAX_MERGE_HEAD_DIM {
-            return Err(Error::UnsupportedConfig(format!("merge_states: head_dim {} (the merge takes 1..={MAX_MERGE_HEAD_DIM})", args.head_dim)));
-        }
+        check_head_dim(i64::from(args.head_dim))?;
         if args.tokens < 0 || args.heads < 0 || args.states < 0 {
             return Err(Error::InvalidBatch(LayoutError::TooLarge { what: "merge_states: a negative size", value: u128::MAX, limit: "0..2^63" }));
         }
@@ -211,28 +236,5 @@ impl Engine {
         // SAFETY: the caller's contract covers every pointer and stride; the grid is 4 rows per
         // CTA, and the kernel returns for rows past tokens × heads.
         unsafe { self.launch_state_merge(stream, &func, args, ctas as u32) }
-    }
-}
-
-/// The strides of a two-input merge whose three buffers share one dense layout.
-fn pair_args(shape: StateShape, (ot, oh, lt, lh): (i64, i64, i64, i64)) -> StateMergeArgs {
-    StateMergeArgs {
-        v0_tok: ot,
-        v0_head: oh,
-        s0_tok: lt,
-        s0_head: lh,
-        v1_tok: ot,
-        v1_head: oh,
-        s1_tok: lt,
-        s1_head: lh,
-        vo_tok: ot,
-        vo_head: oh,
-        so_tok: lt,
-        so_head: lh,
-        tokens: shape.tokens as i64,
-        heads: shape.heads as i64,
-        states: 2,
-        head_dim: shape.head_dim as i32,
-        ..StateMergeArgs::default()
     }
 }

@@ -163,8 +163,8 @@ pub fn the_state_merge_matches_the_reference() {
             _ => one_case::<f32>(&e, &mut rng, i),
         }
     }
-    let (o, l) = (up(&e, &vec![f16::ZERO; 4 * 2 * 64]), up(&e, &vec![0f32; 4 * 2]));
-    let (mut oo, mut ol) = (up(&e, &vec![f16::ZERO; 2 * 64]), up(&e, &vec![0f32; 2]));
+    let (o, l) = (up(&e, &vec![f16::ZERO; 4 * 2 * 64]), up(&e, &[0f32; 4 * 2]));
+    let (mut oo, mut ol) = (up(&e, &vec![f16::ZERO; 2 * 64]), up(&e, &[0f32; 2]));
     let shape = StateShape { tokens: 2, heads: 1, head_dim: 64 };
     // Too short an output, too large a head dim, a states count whose buffers are too short.
     let err = e.merge_states(States { o: &o, lse: &l }, 2, StatesMut { o: &mut oo, lse: &mut ol }, StateShape { tokens: 2, heads: 2, head_dim: 64 }).unwrap_err();
