@@ -112,20 +112,30 @@ def import_flashinfer():
 QO, KV, D, PAGE, CALLS = 32, 8, 128, 16, 20
 
 
-def shapes(quick):
+def shapes(quick, suite="decode"):
+    """(label, batch, kv_len, variant, qo heads); variant None or (soft cap or None, window)."""
+    if suite == "latency":
+        # Issue 17's shapes (`attnforge bench --suite latency` prints the same labels).
+        s = []
+        for qo in (32, 64):
+            h = "" if qo == QO else f" H{qo}/{KV}"
+            for b, l in ((1, 1024), (1, 16384), (16, 4096), (1, 131072), (4, 32768), (64, 4096), (256, 4096)):
+                s.append((f"B{b} L{l}{h}", b, l, None, qo))
+            s.append((f"sliding_window B1 L131072{h} (window 4096)", 1, 131072, (None, 4096), qo))
+        return s
     s = [
-        ("B1 L1024", 1, 1024, None),
-        ("B1 L16384", 1, 16384, None),
-        ("B16 L4096", 16, 4096, None),
-        ("B64 L4096", 64, 4096, None),
-        ("B128 L2048", 128, 2048, None),
-        ("B256 L4096", 256, 4096, None),
-        ("gemma2 B64 L4096 (soft cap 30, window 1024)", 64, 4096, (30.0, 1024)),
+        ("B1 L1024", 1, 1024, None, QO),
+        ("B1 L16384", 1, 16384, None, QO),
+        ("B16 L4096", 16, 4096, None, QO),
+        ("B64 L4096", 64, 4096, None, QO),
+        ("B128 L2048", 128, 2048, None, QO),
+        ("B256 L4096", 256, 4096, None, QO),
+        ("gemma2 B64 L4096 (soft cap 30, window 1024)", 64, 4096, (30.0, 1024), QO),
     ]
     return s[:3] if quick else s
 
 
-def bench_shape(torch, fi, label, batch, kv_len, variant, tensor_cores):
+def bench_shape(torch, fi, label, batch, kv_len, variant, tensor_cores, QO=QO):
     dev = torch.device("cuda")
     pages_per_req = -(-kv_len // PAGE)
     pages_per_copy = pages_per_req * batch
@@ -142,7 +152,9 @@ def bench_shape(torch, fi, label, batch, kv_len, variant, tensor_cores):
     tables = [(torch.randperm(pages_per_copy, generator=cpu_gen).to(torch.int32) + c * pages_per_copy) for c in range(copies)]
     kw = dict(pos_encoding_mode="NONE", q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
     if variant is not None:
-        kw.update(logits_soft_cap=variant[0], window_left=variant[1] - 1)
+        if variant[0] is not None:
+            kw["logits_soft_cap"] = variant[0]
+        kw["window_left"] = variant[1] - 1
 
     def wrapper(graph):
         ws = torch.zeros(128 << 20, dtype=torch.uint8, device=dev)
@@ -164,7 +176,7 @@ def bench_shape(torch, fi, label, batch, kv_len, variant, tensor_cores):
         outs.append(w.run(q, cache))
     torch.cuda.synchronize()
     # A sanity check of FlashInfer itself on copy 0 against torch, first request.
-    ref = reference(torch, q[0], cache, tables[0][:pages_per_req], kv_len, variant)
+    ref = reference(torch, q[0], cache, tables[0][:pages_per_req], kv_len, variant, QO)
     err = ((outs[0][0].float() - ref).norm() / ref.norm()).item()
     if not err < 2e-2:
         raise RuntimeError(f"{label}: FlashInfer output differs from torch (relative L2 {err:.3g})")
@@ -212,8 +224,8 @@ def bench_shape(torch, fi, label, batch, kv_len, variant, tensor_cores):
                 gbps_visible=bytes_moved / (graph_us * 1e-6) / 1e9, copies=copies, check_rel_l2=err)
 
 
-def reference(torch, q, cache, pages, kv_len, variant):
-    """f32 decode of one request in torch: q [QO, D], pages of `cache`, GQA 4."""
+def reference(torch, q, cache, pages, kv_len, variant, QO=QO):
+    """f32 decode of one request in torch: q [QO, D], pages of `cache`, GQA QO / KV."""
     k = cache[pages.long(), 0].reshape(-1, KV, D)[:kv_len].float()
     v = cache[pages.long(), 1].reshape(-1, KV, D)[:kv_len].float()
     g = QO // KV
@@ -222,7 +234,8 @@ def reference(torch, q, cache, pages, kv_len, variant):
     s = torch.einsum("hd,nhd->hn", q.float(), k) / D**0.5
     if variant is not None:
         cap, window = variant
-        s = cap * torch.tanh(s / cap)
+        if cap is not None:
+            s = cap * torch.tanh(s / cap)
         s[:, : max(0, kv_len - window)] = float("-inf")
     return torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v)
 
@@ -248,6 +261,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="the first three shapes only")
+    ap.add_argument("--suite", choices=["decode", "latency"], default="decode",
+                    help="decode: ANCHORS.md's shapes; latency: issue 17's (few requests, long caches, 32/8 and 64/8 heads)")
     ap.add_argument("--only", action="append", default=[], metavar="SHAPE",
                     help="run only the shapes whose label starts with this (repeatable), e.g. 'B64 L4096'")
     ap.add_argument("--kernel", choices=["both", "tc", "cuda-cores"], default="both",
@@ -262,13 +277,13 @@ def main():
     print(f"device-to-device copy: {ceiling:.0f} GB/s")
     rows = []
     kernels = {"both": (False, True), "tc": (True,), "cuda-cores": (False,)}[args.kernel]
-    for label, batch, kv_len, variant in shapes(args.quick):
+    for label, batch, kv_len, variant, qo in shapes(args.quick, args.suite):
         if args.only and not any(label.startswith(o) for o in args.only):
             continue
         for tc in kernels:
             t0 = time.time()
             try:
-                r = bench_shape(torch, fi, label, batch, kv_len, variant, tc)
+                r = bench_shape(torch, fi, label, batch, kv_len, variant, tc, qo)
             except Exception as e:  # report and go on: one kernel's failure is a result too
                 print(f"{label:46} tensor_cores={tc}: FAILED {type(e).__name__}: {e}", flush=True)
                 continue

@@ -185,7 +185,14 @@ impl Nvrtc {
         // SAFETY: `prog` is live until destroy_program.
         let log = unsafe { result::get_program_log(prog) }.map(|l| cstr_log(&l)).unwrap_or_default();
         let out = match compiled {
-            Ok(()) => cubin(prog),
+            Ok(()) => {
+                // Tuning: `ATTNFORGE_NVRTC_LOG=1` prints a successful compile's log too (with
+                // `ATTNFORGE_NVRTC_FLAGS=--ptxas-options=-v`, registers, spills and shared memory).
+                if !log.trim().is_empty() && std::env::var_os("ATTNFORGE_NVRTC_LOG").is_some() {
+                    eprintln!("nvrtc log for {}:\n{log}", src.name);
+                }
+                cubin(prog)
+            }
             Err(e) => Err(self.failure(src, &log, &format!("{e:?}"), save_dir)),
         };
         // SAFETY: destroys the program created above; nothing uses it afterwards.

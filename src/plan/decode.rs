@@ -351,11 +351,14 @@ impl Plan for DecodePlan {
         self.workspace_bytes
     }
     fn partial_slots(&self) -> usize {
-        // A fixed-grid workspace holds a slot per CTA, whatever this step splits.
-        if self.fixed() {
-            self.grid
-        } else {
-            self.num_partials
+        // A fixed-grid workspace holds a slot per work item of its capacity, whatever this step
+        // splits (`workspace_bytes` is laid out for that many). The launched grid can be smaller
+        // (one wave of resident CTAs), and a balanced list's cut requests can have more pieces
+        // than it has CTAs: laying the workspace out for the grid put those partials' outputs
+        // over the LSEs.
+        match self.mode {
+            PlanMode::FixedGrid { max_ctas } => max_ctas,
+            _ => self.num_partials,
         }
     }
     fn mode(&self) -> PlanMode {

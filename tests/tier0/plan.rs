@@ -184,6 +184,14 @@ fn big_batches_balance_into_one_wave() {
     assert_eq!(f.work, p.work);
     assert_eq!(f.packed().len(), f.packed_len());
     assert_eq!(f.workspace_bytes, DecodePlan::workspace_for(cap, 32, 128));
+    // The cut requests' pieces outnumber the 33 launched CTAs: the workspace's layout (where the
+    // LSEs start) is the capacity's, which its size is (it was the grid's, and those partials'
+    // outputs overwrote LSEs).
+    assert!(f.num_partials > f.grid, "{} partials over {} CTAs", f.num_partials, f.grid);
+    {
+        use attnforge::plan::Plan;
+        assert_eq!(f.partial_slots(), cap);
+    }
     check_merge_offset(&f.packed(), f.merge_offset(), &f.merge);
     // A fixed grid the balanced list does not fit runs the batch unbalanced, one item per
     // request (128, walked by its 33 CTAs: 4 each), when that fits; smaller still is an error.

@@ -74,6 +74,9 @@ pub(crate) enum Suite {
     Compile,
     /// Shared-prefix decode, plain and through the cascade (issue 15's shapes).
     Cascade,
+    /// Latency-bound decode (issue 17's shapes: few requests, long caches; 32/8 and 64/8 heads,
+    /// a window of 4096 over 131072), each as a fraction of the measured read ceiling.
+    Latency,
 }
 
 #[derive(Args)]

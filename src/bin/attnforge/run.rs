@@ -449,16 +449,16 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
-    if suites.contains(&Suite::Decode) {
+    if suites.contains(&Suite::Decode) || suites.contains(&Suite::Latency) {
         let copy = measure_copy_gbps(&e)?;
         copy_gbps = Some(copy);
         let read = attnforge::testing::bench::measure_read_gbps(&e)?;
         read_gbps = Some(read);
         println!("\ndevice-to-device copy: {copy:.0} GB/s (bytes read + written; the % copy column is against it)");
-        println!("read-only stream (ours, 1 GiB, 16-byte loads): {read:.0} GB/s (decode's ceiling; the % read column is against it)");
-        println!("decode: bf16, 32/8 heads, d128, page 16, NHD, permuted pages; graph = per call inside a 20-call CUDA graph");
+        println!("read-only stream (ours, 1 GiB, 16-byte loads, best of 2 kernels x 3 grids): {read:.0} GB/s (decode's ceiling; the % read column is against it)");
+        println!("decode: bf16, 32/8 heads unless said (H64/8), d128, page 16, NHD, permuted pages; graph = per call inside a 20-call CUDA graph");
         let card = if anchor_card { "" } else { " (H100)" };
-        println!("  {:<28} {:>9} {:>9} {:>8} {:>7} {:>7} {:>12} {:>12} {:>6}", "shape", "graph µs", "eager µs", "GB/s", "% copy", "% read", format!("FI{card} graph"), format!("FI{card} eager"), "items  tile");
+        println!("  {:<34} {:>9} {:>9} {:>8} {:>7} {:>7} {:>12} {:>12} {:>8} {:>6}", "shape", "graph µs", "eager µs", "GB/s", "% copy", "% read", format!("FI{card} graph"), format!("FI{card} eager"), "target", "items  tile");
         let mut overrides: Vec<Option<attnforge::jit::DecodeTile>> = vec![None];
         for t in tiles.iter().filter(|t| !t.starts_with("p,")) {
             // `mma,WARPS,STAGES` picks the tensor-core loop; four or five numbers the CUDA-core one.
@@ -485,14 +485,21 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
                 tunings.push(DecodeTuning { tile: *tile, balance: true, ..Default::default() });
             }
         }
-        for (s, tuning) in anchor_decode_shapes().into_iter().flat_map(|s| tunings.iter().map(move |t| (s.clone(), *t))) {
+        let mut shapes = Vec::new();
+        if suites.contains(&Suite::Decode) {
+            shapes.extend(anchor_decode_shapes());
+        }
+        if suites.contains(&Suite::Latency) {
+            shapes.extend(attnforge::testing::bench::latency_decode_shapes());
+        }
+        for (s, tuning) in shapes.into_iter().flat_map(|s| tunings.iter().map(move |t| (s.clone(), *t))) {
             let r = bench_decode(&e, &s, tuning)?;
             let tile = tuning.tile;
             let split = tuning.split_ctas.map_or(String::new(), |n| format!(" [split {n}]")) + if tuning.balance { " [bal]" } else { "" };
             let label = format!("{} {}{}{split}", s.variant, s.label(), tile.map_or(String::new(), |t| format!(" [{}]", t.label())));
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
             println!(
-                "  {label:<28} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>6.0}% {:>12} {:>12} {:>6}  {}",
+                "  {label:<34} {:>9.1} {:>9.1} {:>8.0} {:>6.0}% {:>6.0}% {:>12} {:>12} {:>8} {:>6}  {}",
                 r.graph_us,
                 r.eager_us,
                 r.gbps(),
@@ -500,12 +507,13 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
                 100.0 * r.gbps() / read,
                 fmt(s.anchor_graph_us),
                 fmt(s.anchor_eager_us),
+                fmt(s.target_us),
                 r.work_items,
                 r.tile
             );
             records.push(serde_json::json!({
                 "suite": "decode", "variant": s.variant, "params": s.params.iter().map(|(n, x)| (n.to_string(), *x)).collect::<std::collections::BTreeMap<_, _>>(),
-                "batch": s.batch, "kv_len": s.kv_len, "first_len": s.first_len, "graph_us": r.graph_us, "eager_us": r.eager_us, "gbps": r.gbps(),
+                "batch": s.batch, "kv_len": s.kv_len, "first_len": s.first_len, "qo_heads": s.qo_heads, "kv_heads": s.kv_heads, "target_us": s.target_us, "label": s.label(), "graph_us": r.graph_us, "eager_us": r.eager_us, "gbps": r.gbps(),
                 "flashinfer_graph_us": s.anchor_graph_us, "flashinfer_eager_us": s.anchor_eager_us, "work_items": r.work_items, "splits": r.splits, "copies": r.copies, "tile_run": r.tile,
                 "tile": tile.map(|t| format!("{t:?}")), "split_ctas": tuning.split_ctas, "balanced": tuning.balance, "pct_copy": 100.0 * r.gbps() / copy, "pct_read": 100.0 * r.gbps() / read,
             }));
