@@ -10,8 +10,9 @@
 //! [`crate::reference::attention_cascade`] is the multi-level formulation's reference.
 //!
 //! On the GPU a cascade runs through [`crate::plan::plan_cascade`]: every group as tiles of many
-//! query rows on the prefill kernel, one merge per token. Not yet in CUDA-graph (fixed-grid)
-//! mode, and the suffixes run on the prefill tile too (a decode kernel for them is not wired).
+//! query rows on the prefill kernel, one merge per token; or, for a decode batch, through
+//! [`crate::plan::plan_decode_cascade`]: the shared groups on the prefill kernel, the suffixes
+//! on the decode kernel, one merge. Not yet in CUDA-graph (fixed-grid) mode.
 
 use crate::kv::{Batch, LayoutError, ValidBatch};
 

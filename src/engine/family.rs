@@ -341,4 +341,25 @@ impl Engine {
         let target = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false };
         crate::plan::plan_cascade(&k.variant, params, batch, cascade, t.rows(), target, mode)
     }
+
+    /// Plans a decode batch through `cascade` (checked against it first;
+    /// [`crate::plan::plan_decode_cascade`]): its shared levels as group items on `pk`, the prefill
+    /// kernel of `k`'s variant (on its append tile when every shared group's rows fit it), its
+    /// suffixes as decode items on `k`. Run it with [`Engine::run_decode_cascade`].
+    pub fn plan_decode_cascade(&self, k: &DecodeKernel, pk: &PrefillKernel, params: &ParamValues, batch: &ValidBatch<'_>, cascade: &crate::cascade::Cascade, mode: PlanMode) -> Result<DecodePlan> {
+        super::launch::check_companion(k, pk, true)?;
+        if batch.group() != k.cfg.group {
+            return Err(Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
+        }
+        cascade.validate(batch.batch())?;
+        let rows_of = |g: &crate::cascade::Group| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>() * batch.group();
+        let most = cascade.levels.iter().flat_map(|l| &l.groups).filter(|g| g.requests.len() > 1).map(rows_of).max().unwrap_or(0);
+        let f = match pk.append() {
+            Some(a) if most <= a.cfg.prefill_tile().rows() => a,
+            _ => pk.prompt(),
+        };
+        let t = f.cfg.prefill_tile();
+        let ptarget = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false };
+        crate::plan::plan_decode_cascade(&k.variant, params, batch, cascade, t.rows(), ptarget, self.plan_target(k), mode)
+    }
 }

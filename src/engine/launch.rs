@@ -35,6 +35,8 @@ pub(crate) struct Step<'a> {
     /// replayed on other batches (a fixed table, a wrapper in graph mode); `None`: exactly the
     /// batch's.
     pub token_capacity: Option<usize>,
+    /// The prefill kernel a decode cascade plan's prefix level runs on ([`crate::plan::Plan::prefix`]).
+    pub companion: Option<&'a super::PrefillKernel>,
 }
 
 /// Checks everything a launch relies on (see the module docs) and builds the argument struct.
@@ -149,7 +151,32 @@ impl Engine {
         out: DeviceOutput<'_, T>,
         sm_scale: Option<f32>,
     ) -> Result<()> {
-        let step = Step {
+        self.launch_step(&self.stream, k, plan, &self.step_of(bufs, table, None), params, dev, out, sm_scale)
+    }
+
+    /// Runs a decode cascade plan ([`Engine::plan_decode_cascade`]): the prefix level's group
+    /// items on `pk` (the prefill kernel of the same variant), then the suffixes on `k`, then
+    /// one merge, all on the engine's stream over `bufs`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_decode_cascade<T: Element + DeviceRepr>(
+        &self,
+        k: &super::DecodeKernel,
+        pk: &super::PrefillKernel,
+        plan: &crate::plan::DecodePlan,
+        bufs: &PlanBuffers,
+        params: &DeviceParams,
+        table: &DeviceTable,
+        dev: &DeviceBatch<'_, T>,
+        out: DeviceOutput<'_, T>,
+        sm_scale: Option<f32>,
+    ) -> Result<()> {
+        check_companion(k, pk, false)?;
+        self.launch_step(&self.stream, k, plan, &self.step_of(bufs, table, Some(pk)), params, dev, out, sm_scale)
+    }
+
+    /// The step of a launch over caller-held plan buffers and an uploaded table.
+    fn step_of<'a>(&self, bufs: &PlanBuffers, table: &'a DeviceTable, companion: Option<&'a super::PrefillKernel>) -> Step<'a> {
+        Step {
             batch: table.batch(),
             plan: bufs.plan.ptr(self),
             uploaded: bufs.uploaded,
@@ -157,8 +184,8 @@ impl Engine {
             workspace_bytes: bufs.workspace_bytes(),
             table: table.pointers(self),
             token_capacity: table.capacity().map(|c| c.max_tokens),
-        };
-        self.launch_step(&self.stream, k, plan, &step, params, dev, out, sm_scale)
+            companion,
+        }
     }
 
     /// [`Engine::launch`] for decode.
@@ -207,6 +234,14 @@ impl Engine {
     ) -> Result<()> {
         let args = checked_args(self, stream, k, plan, step, params, dev, &out, sm_scale)?;
         let kv = step.batch.kv;
+        if let Some((pre, offset)) = plan.prefix() {
+            // A decode cascade: its shared levels first, on the companion prefill kernel, into
+            // the same workspace (slots disjoint from the suffixes'); the merge below reads both.
+            let pk = step.companion.ok_or_else(|| Error::UnsupportedConfig("a decode cascade plan needs the prefill kernel of its variant: run it with Engine::run_decode_cascade".into()))?;
+            // The plan checked above was uploaded whole, the prefix level with it.
+            let pstep = Step { plan: step.plan + 4 * offset as u64, uploaded: Some(plan_id(pre)), companion: None, ..*step };
+            self.launch_step(stream, pk, pre, &pstep, params, dev, DeviceOutput { o: &mut *out.o, lse: &mut *out.lse }, sm_scale)?;
+        }
         // A plan without work items has nothing to compute, but a cascade's merge still writes
         // every token's (0, -inf).
         if plan.grid() > 0 {
@@ -300,6 +335,21 @@ impl Engine {
         r.result().map_err(cuda("launch merge"))?;
         Ok(())
     }
+}
+
+/// Checks that `pk` can run the prefix level of `k`'s decode cascades: the same variant (its
+/// name; with `hooks`, every hook and parameter too), dtypes, head dims and GQA group.
+pub(crate) fn check_companion(k: &super::DecodeKernel, pk: &super::PrefillKernel, hooks: bool) -> Result<()> {
+    let (a, b) = (&k.cfg, &pk.cfg);
+    let meaning = |v: &crate::spec::Variant| format!("{:?}", (&v.params, &v.logits, &v.mask, &v.kv_range, &v.sink, &v.normalize));
+    if k.variant.name != pk.variant.name || (hooks && meaning(&k.variant) != meaning(&pk.variant)) || a.dtype_q != b.dtype_q || a.dtype_kv != b.dtype_kv || a.dtype_o != b.dtype_o || a.head_dim_qk != b.head_dim_qk || a.head_dim_vo != b.head_dim_vo || a.group != b.group {
+        return Err(Error::UnsupportedConfig(format!(
+            "the cascade's prefill kernel ({}) is not of the decode kernel's variant, dtypes, head dims and GQA group ({})",
+            pk.cfg.entry_name(&pk.variant.name),
+            k.cfg.entry_name(&k.variant.name)
+        )));
+    }
+    Ok(())
 }
 
 impl Engine {

@@ -291,6 +291,7 @@ impl<'e, F: Family> Wrapper<'e, F> {
             workspace_bytes: workspace.len() * 4,
             table: [at(1), at(2), at(3), at(4)],
             token_capacity: self.options.graph.map(|g| g.max_tokens),
+            companion: None,
         };
         let dev = DeviceBatch { q, kv };
         self.engine.launch_step(stream, &self.kernel, &p.plan, &step, params, &dev, out, self.options.sm_scale)

@@ -48,6 +48,11 @@ pub struct DecodePlan {
     pub kv_heads: usize,
     /// [`ValidBatch::fingerprint`] of the batch planned: a launch refuses another batch.
     pub batch_fingerprint: u64,
+    /// A decode cascade's shared levels ([`super::plan_decode_cascade`]): group items on the
+    /// prefill kernel of the same variant, launched before this plan's items and writing
+    /// partial states into the same workspace; packed after this plan's lists. `None` for a
+    /// plain decode plan.
+    pub prefix: Option<Box<super::PrefillPlan>>,
 }
 
 impl DecodePlan {
@@ -55,12 +60,31 @@ impl DecodePlan {
     /// work list, merge list). In fixed-grid mode it is padded to the capacity so its size never
     /// changes.
     pub fn packed(&self) -> Vec<i32> {
-        pack(self.work.iter().map(|w| [w.req, w.kv_begin, w.kv_end, w.partial]), self.work.len(), self.stride, self.work_slots(), &self.merge, self.merge_slots())
+        let mut v = pack(self.work.iter().map(|w| [w.req, w.kv_begin, w.kv_end, w.partial]), self.work.len(), self.stride, self.work_slots(), &self.merge, self.merge_slots());
+        if let Some(p) = &self.prefix {
+            // The prefix level's own packed plan, 16-byte aligned (its group table offset is
+            // relative to its own header).
+            v.resize(self.prefix_offset(), 0);
+            v.extend(p.packed());
+        }
+        v
     }
 
     /// Length of [`DecodePlan::packed`] in i32 words.
     pub fn packed_len(&self) -> usize {
+        match &self.prefix {
+            Some(p) => self.prefix_offset() + p.packed_len(),
+            None => self.own_len(),
+        }
+    }
+
+    fn own_len(&self) -> usize {
         packed_len(DECODE_WORK_INTS, self.work_slots(), self.merge_slots())
+    }
+
+    /// Word offset of the prefix level's packed plan in [`DecodePlan::packed`].
+    pub fn prefix_offset(&self) -> usize {
+        self.own_len().next_multiple_of(4)
     }
 
     /// Byte offset of the merge list in the packed buffer.
@@ -178,6 +202,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
             head_dim_vo: kv.head_dim_vo,
             kv_heads: kv.kv_heads,
             batch_fingerprint: batch.fingerprint(),
+            prefix: None,
         });
     }
     let chunk = match mode {
@@ -238,6 +263,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
         head_dim_vo: kv.head_dim_vo,
         kv_heads: kv.kv_heads,
         batch_fingerprint: batch.fingerprint(),
+        prefix: None,
     })
 }
 
@@ -338,6 +364,12 @@ fn balanced_decode(spans: &[(usize, usize, usize)], qo_indptr: &[i32], tile: usi
 }
 
 impl Plan for DecodePlan {
+    fn is_cascade(&self) -> bool {
+        self.prefix.is_some()
+    }
+    fn prefix(&self) -> Option<(&super::PrefillPlan, usize)> {
+        self.prefix.as_deref().map(|p| (p, self.prefix_offset()))
+    }
     fn packed(&self) -> Vec<i32> {
         DecodePlan::packed(self)
     }

@@ -22,7 +22,7 @@ mod decode;
 mod prefill;
 
 pub use self::decode::{plan_decode, wants_wide_tile, DecodePlan};
-pub use self::prefill::{plan_cascade, plan_prefill, PrefillPlan};
+pub use self::prefill::{plan_cascade, plan_decode_cascade, plan_prefill, PrefillPlan};
 
 use crate::abi::MergeWork;
 use crate::spec::eval::{eval, Env};
@@ -203,5 +203,10 @@ pub trait Plan {
     /// Whether it runs the batch through a cascade ([`plan_cascade`]).
     fn is_cascade(&self) -> bool {
         false
+    }
+    /// A decode cascade's shared levels: the prefill plan launched first (on the companion
+    /// prefill kernel) and its word offset in [`Plan::packed`].
+    fn prefix(&self) -> Option<(&PrefillPlan, usize)> {
+        None
     }
 }

@@ -233,6 +233,22 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &ValidBatch<
     })
 }
 
+/// The checks every cascade plan makes (parameters, mode, a tile of at least one token's rows);
+/// returns the member tokens a group item holds.
+fn cascade_tokens_per_item(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'_>, rows: usize, mode: PlanMode, what: &str) -> Result<usize> {
+    let group = batch.group();
+    params.fits(&variant.params, Dims { qo_heads: batch.qo_heads, kv_heads: batch.kv.kv_heads, batch: batch.batch_size() }).map_err(Error::Param)?;
+    check_mode(mode)?;
+    if matches!(mode, PlanMode::FixedGrid { .. }) {
+        return Err(Error::UnsupportedConfig(format!("{what} in CUDA-graph (fixed-grid) mode is not built: plan the batch without a cascade")));
+    }
+    let per_item = rows / group.max(1);
+    if per_item == 0 {
+        return Err(Error::UnsupportedConfig(format!("a cascade needs a tile of at least one token's rows: {rows} rows per block, a GQA group of {group}")));
+    }
+    Ok(per_item)
+}
+
 /// Plans a batch through its cascade (`crate::cascade`): every group of every level becomes
 /// group items — blocks of at most `rows / group` member tokens (all query tokens of its
 /// requests) over a chunk of the group's keys — each row writing a partial state, and one merge
@@ -245,16 +261,7 @@ pub fn plan_cascade(variant: &Variant, params: &ParamValues, batch: &ValidBatch<
     use crate::abi::PrefillWork;
     let kv = batch.kv;
     let b = batch.batch_size();
-    let group = batch.group();
-    params.fits(&variant.params, Dims { qo_heads: batch.qo_heads, kv_heads: kv.kv_heads, batch: b }).map_err(Error::Param)?;
-    check_mode(mode)?;
-    if matches!(mode, PlanMode::FixedGrid { .. }) {
-        return Err(Error::UnsupportedConfig("a cascade plan in CUDA-graph (fixed-grid) mode is not built: plan the batch without a cascade".into()));
-    }
-    let per_item = rows / group.max(1);
-    if per_item == 0 {
-        return Err(Error::UnsupportedConfig(format!("a cascade needs a tile of at least one token's rows: {rows} rows per block, a GQA group of {group}")));
-    }
+    let per_item = cascade_tokens_per_item(variant, params, batch, rows, mode, "a cascade plan")?;
     let tokens = |r: usize| batch.qo_indptr[r] as usize..batch.qo_indptr[r + 1] as usize;
     let groups: Vec<&crate::cascade::Group> = cascade.levels.iter().flat_map(|l| &l.groups).filter(|g| g.len > 0).collect();
     let n_tok = |g: &crate::cascade::Group| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>();
@@ -339,6 +346,190 @@ pub fn plan_cascade(variant: &Variant, params: &ParamValues, batch: &ValidBatch<
         qo_heads: batch.qo_heads,
         batch_fingerprint: batch.fingerprint(),
         groups: table,
+    })
+}
+
+/// Plans a decode batch (one query token per request, or none) through its cascade with the
+/// levels split by kind: every group that two or more requests' queries read (a shared prefix)
+/// becomes group items on the prefill kernel (`rows` per block, as [`plan_cascade`]), returned
+/// as the plan's [`DecodePlan::prefix`]; every group read by one request (its suffix) becomes
+/// decode work items over that request's own keys, split into equal chunks when the suffixes
+/// alone cannot fill `decode_target.ctas` (a suffix as one-token tiles on the prefill kernel
+/// left 97% of its MMAs as padding: BENCHMARKS.md, issue 15). Each token's partial states are
+/// contiguous slots — its shared groups' chunks, then its suffix's — and one merge item per
+/// token combines them (the sink added there, once); a request outside every shared group with
+/// one suffix piece writes its output directly. The prefix launch runs first, then the decode
+/// launch and the merge, over one workspace. Not in fixed-grid mode yet (a CUDA graph's buffers
+/// have no room for the prefix level).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_decode_cascade(
+    variant: &Variant,
+    params: &ParamValues,
+    batch: &ValidBatch<'_>,
+    cascade: &Cascade,
+    rows: usize,
+    prefill_target: PlanTarget,
+    decode_target: PlanTarget,
+    mode: PlanMode,
+) -> Result<DecodePlan> {
+    use crate::abi::{DecodeWork, PrefillWork};
+    let kv = batch.kv;
+    let b = batch.batch_size();
+    let per_item = cascade_tokens_per_item(variant, params, batch, rows, mode, "a decode cascade plan")?;
+    if let Some(r) = (0..b).find(|&r| batch.q_len(r) > 1) {
+        return Err(Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "query tokens of a decode request (use prefill)", expected: 1, got: batch.q_len(r) }));
+    }
+    let det = matches!(mode, PlanMode::Deterministic { .. });
+    // Shared groups (their members with a query token) and one-request spans.
+    let mut shared: Vec<(&crate::cascade::Group, Vec<usize>)> = Vec::new();
+    let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+    for g in cascade.levels.iter().flat_map(|l| &l.groups).filter(|g| g.len > 0) {
+        let members: Vec<usize> = g.requests.iter().copied().filter(|&r| batch.q_len(r) == 1).collect();
+        match members.len() {
+            0 => {}
+            1 => spans.push((members[0], g.kv_start, g.kv_start + g.len)),
+            _ => shared.push((g, members)),
+        }
+    }
+    // Splits of a suffix fall inside what its query sees (the kernel narrows each item again).
+    if variant.kv_range.is_some() {
+        let heads = range_heads(variant, kv.kv_heads);
+        for s in spans.iter_mut() {
+            let kv_len = batch.kv_len(s.0);
+            let (mut lo, mut hi) = (kv_len, 0);
+            for h in 0..heads {
+                let (l, r) = visible_span(variant, params, s.0, 1, kv_len, h);
+                if r > l {
+                    (lo, hi) = (lo.min(l), hi.max(r));
+                }
+            }
+            (s.1, s.2) = (s.1.max(lo), s.2.min(hi));
+        }
+        spans.retain(|s| s.2 > s.1);
+    }
+    let (tile_p, tile_d) = (prefill_target.kv_tile.max(1), decode_target.kv_tile.max(1));
+    let chunk_p = match mode {
+        PlanMode::Deterministic { chunk } => chunk,
+        _ => {
+            let total: usize = shared.iter().map(|(g, m)| m.len().div_ceil(per_item) * g.len).sum();
+            if total == 0 {
+                usize::MAX
+            } else {
+                wave_chunk(total, kv.kv_heads, prefill_target)
+            }
+        }
+    };
+    let suffix_total: usize = spans.iter().map(|s| s.2 - s.1).sum();
+    let chunk_d = match mode {
+        PlanMode::Deterministic { chunk } => chunk,
+        _ if spans.len() * kv.kv_heads >= decode_target.ctas || suffix_total == 0 => usize::MAX,
+        _ => wave_chunk(suffix_total, kv.kv_heads, decode_target),
+    };
+    let pieces = |len: usize, chunk: usize, tile: usize| len.div_ceil(split_piece(len, chunk, tile, det));
+    let mut count = vec![0usize; b];
+    let mut in_shared = vec![false; b];
+    for (g, m) in &shared {
+        for &r in m {
+            count[r] += pieces(g.len, chunk_p, tile_p);
+            in_shared[r] = true;
+        }
+    }
+    for s in &spans {
+        count[s.0] += pieces(s.2 - s.1, chunk_d, tile_d);
+    }
+    // Slots, token-major; a request outside the shared groups with one piece writes directly.
+    let direct = |r: usize| !in_shared[r] && count[r] == 1;
+    let mut base = vec![0usize; b];
+    let mut merge = Vec::new();
+    let mut slots = 0usize;
+    for r in (0..b).filter(|&r| batch.q_len(r) == 1) {
+        if direct(r) {
+            continue;
+        }
+        base[r] = slots;
+        merge.push(MergeWork { req: r as i32, first: slots as i32, count: count[r] as i32, token: batch.qo_indptr[r] });
+        slots += count[r];
+    }
+    if slots > i32::MAX as usize {
+        return Err(PlanError::Invalid(format!("the cascade needs {slots} partial states, more than the 2^31 - 1 the kernels index")).into());
+    }
+    let mut used = vec![0usize; b];
+    let mut work_p: Vec<(usize, PrefillWork)> = Vec::new();
+    let mut table: Vec<[i32; 4]> = Vec::new();
+    let mut used_chunk_p = 0;
+    for (g, m) in &shared {
+        let piece = split_piece(g.len, chunk_p, tile_p, det);
+        let n = g.len.div_ceil(piece);
+        if n > 1 {
+            used_chunk_p = used_chunk_p.max(piece);
+        }
+        for c in 0..n {
+            let (s, e) = (g.kv_start + c * piece, (g.kv_start + (c + 1) * piece).min(g.kv_start + g.len));
+            for block in m.chunks(per_item) {
+                let at = table.len();
+                table.extend(block.iter().map(|&r| [r as i32, batch.qo_indptr[r], (base[r] + used[r] + c) as i32, 0]));
+                work_p.push(((e - s) * block.len(), PrefillWork { req: m[0] as i32, row_start: at as i32, kv_begin: s as i32, kv_end: e as i32, partial: -1, stride: -(block.len() as i32) }));
+            }
+        }
+        for &r in m {
+            used[r] += n;
+        }
+    }
+    if table.len() > i32::MAX as usize {
+        return Err(PlanError::Invalid(format!("the cascade's group table has {} entries, more than the kernels index", table.len())).into());
+    }
+    let mut work_d = Vec::with_capacity(spans.len());
+    let mut used_chunk_d = 0;
+    for &(r, lo, hi) in &spans {
+        let piece = split_piece(hi - lo, chunk_d, tile_d, det);
+        let n = (hi - lo).div_ceil(piece);
+        if n > 1 {
+            used_chunk_d = used_chunk_d.max(piece);
+        }
+        for c in 0..n {
+            let s = lo + c * piece;
+            let partial = if direct(r) { -1 } else { (base[r] + used[r] + c) as i32 };
+            work_d.push(DecodeWork { req: r as i32, kv_begin: s as i32, kv_end: (s + piece).min(hi) as i32, partial });
+        }
+        used[r] += n;
+    }
+    work_p.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
+    work_d.sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_begin));
+    let workspace_bytes = DecodePlan::workspace_for(slots, batch.qo_heads, kv.head_dim_vo);
+    let work_p: Vec<PrefillWork> = work_p.into_iter().map(|(_, w)| w).collect();
+    let prefix = PrefillPlan {
+        mode,
+        merge: Vec::new(),
+        merge_grid: 0,
+        num_partials: slots,
+        workspace_bytes,
+        chunk: used_chunk_p,
+        grid: work_p.len(),
+        work: work_p,
+        rows,
+        batch_size: b,
+        qo_heads: batch.qo_heads,
+        batch_fingerprint: batch.fingerprint(),
+        groups: table,
+    };
+    let n_work = work_d.len();
+    Ok(DecodePlan {
+        mode,
+        work: work_d,
+        merge_grid: merge.len(),
+        merge,
+        num_partials: slots,
+        grid: n_work,
+        stride: n_work,
+        per_cta: 1,
+        chunk: used_chunk_d,
+        workspace_bytes,
+        batch_size: b,
+        qo_heads: batch.qo_heads,
+        head_dim_vo: kv.head_dim_vo,
+        kv_heads: kv.kv_heads,
+        batch_fingerprint: batch.fingerprint(),
+        prefix: Some(Box::new(prefix)),
     })
 }
 

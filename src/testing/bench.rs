@@ -575,8 +575,13 @@ pub struct CascadeResult {
     pub shape: CascadeShape,
     /// Plain decode, µs.
     pub plain_us: f64,
-    /// Through the cascade, µs.
+    /// Through the cascade on the prefill kernel alone (suffixes as one-token tiles), µs.
     pub cascade_us: f64,
+    /// Through the decode cascade: shared levels on the prefill kernel, suffixes on the decode
+    /// kernel, one merge ([`Engine::plan_decode_cascade`]), µs.
+    pub decode_cascade_us: f64,
+    /// Host time of the decode cascade's plan (detection not included), µs.
+    pub decode_plan_us: f64,
     /// Levels of the cascade.
     pub levels: usize,
     /// Group items of the cascade plan.
@@ -644,11 +649,23 @@ pub fn bench_cascade(e: &Engine, shape: &CascadeShape) -> Result<CascadeResult> 
     let mut o2 = e.alloc::<bf16>(n * QO_HEADS * HEAD_DIM)?;
     let mut lse2 = e.alloc::<f32>(n * QO_HEADS)?;
     let cascade_us = time(&mut || e.run_prefill(&pk, &plan, &cbufs, &dpp, &table, &dev, DeviceOutput { o: &mut o2, lse: &mut lse2 }, None))?;
-    // The two paths must agree (floating-point reassociation only).
-    let (a, b) = (e.download(&o)?, e.download(&o2)?);
-    let worst = a.iter().zip(&b).map(|(x, y)| (x.to_f32() - y.to_f32()).abs()).fold(0.0f32, f32::max);
-    if worst.is_nan() || worst >= 2e-2 {
-        return Err(Error::UnsupportedConfig(format!("{}: the cascade's output differs from plain decode by {worst}", shape.name)));
+    let t1 = Instant::now();
+    let dplan = e.plan_decode_cascade(&dk, &pk, &params, &batch, &c, PlanMode::Default)?;
+    let decode_plan_us = t1.elapsed().as_secs_f64() * 1e6;
+    let mut dbufs = None;
+    e.upload_plan(&dplan, &mut dbufs)?;
+    let dbufs = dbufs.ok_or(crate::error::PlanError::NotUploaded)?;
+    let mut o3 = e.alloc::<bf16>(n * QO_HEADS * HEAD_DIM)?;
+    let mut lse3 = e.alloc::<f32>(n * QO_HEADS)?;
+    let decode_cascade_us = time(&mut || e.run_decode_cascade(&dk, &pk, &dplan, &dbufs, &dpd, &table, &dev, DeviceOutput { o: &mut o3, lse: &mut lse3 }, None))?;
+    // The paths must agree (floating-point reassociation only).
+    let a = e.download(&o)?;
+    for (what, other) in [("cascade", &o2), ("decode cascade", &o3)] {
+        let b = e.download(other)?;
+        let worst = a.iter().zip(&b).map(|(x, y)| (x.to_f32() - y.to_f32()).abs()).fold(0.0f32, f32::max);
+        if worst.is_nan() || worst >= 2e-2 {
+            return Err(Error::UnsupportedConfig(format!("{}: the {what}'s output differs from plain decode by {worst}", shape.name)));
+        }
     }
-    Ok(CascadeResult { shape: shape.clone(), plain_us, cascade_us, levels: c.levels.len(), items: plan.work.len(), plan_us })
+    Ok(CascadeResult { shape: shape.clone(), plain_us, cascade_us, decode_cascade_us, decode_plan_us, levels: c.levels.len(), items: plan.work.len(), plan_us })
 }

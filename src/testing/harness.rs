@@ -6,7 +6,7 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
-use crate::engine::{DecodeKernel, DeviceBatch, DeviceOutput, DeviceTable, Engine, Family, Kernel, KvCache, PlanBuffers, PrefillKernel};
+use crate::engine::{DecodeKernel, DeviceBatch, DeviceOutput, DeviceParams, DeviceTable, Engine, Family, Kernel, KvCache, PlanBuffers, PrefillKernel};
 use crate::kv::{DType, Element, ValidBatch};
 use crate::plan::{DecodePlan, PlanMode, PrefillPlan};
 use crate::reference::AttnOutput;
@@ -89,6 +89,18 @@ fn run_once<F: Family, T: Element + DeviceRepr>(
     plan: impl FnOnce(&ValidBatch<'_>) -> Result<F::Plan>,
     sm_scale: Option<f32>,
 ) -> Result<(AttnOutput, F::Plan)> {
+    run_with(e, k, params, w, plan, |plan, bufs, dp, dev, out| e.launch(k, plan, bufs, dp, &dev.table, &dev.batch(), out, sm_scale))
+}
+
+/// [`run_once`] with the launch given.
+fn run_with<F: Family, T: Element + DeviceRepr>(
+    e: &Engine,
+    k: &Kernel<F>,
+    params: &ParamValues,
+    w: &Workload<T>,
+    plan: impl FnOnce(&ValidBatch<'_>) -> Result<F::Plan>,
+    launch: impl FnOnce(&F::Plan, &PlanBuffers, &DeviceParams, &DeviceWorkload<T>, DeviceOutput<'_, T>) -> Result<()>,
+) -> Result<(AttnOutput, F::Plan)> {
     let dev = DeviceWorkload::upload(e, w)?;
     let batch = dev.table.batch();
     let plan = plan(&batch)?;
@@ -97,7 +109,7 @@ fn run_once<F: Family, T: Element + DeviceRepr>(
     e.upload_plan(&plan, &mut bufs)?;
     let dp = e.upload_params(&k.layout, params)?;
     let bufs = bufs.ok_or(crate::error::PlanError::NotUploaded)?;
-    e.launch(k, &plan, &bufs, &dp, &dev.table, &dev.batch(), res.out(), sm_scale)?;
+    launch(&plan, &bufs, &dp, &dev, res.out())?;
     Ok((res.download(e)?, plan))
 }
 
@@ -121,6 +133,24 @@ pub fn cascade_once<T: Element + DeviceRepr>(
     let Some(c) = crate::cascade::detect(&w.batch().validated()?, policy) else { return Ok(None) };
     let (out, plan) = run_once(e, k, params, w, |b| e.plan_cascade(k, params, b, &c, mode), sm_scale)?;
     Ok(Some((out, plan, c)))
+}
+
+/// Plans `w` (a decode batch) through `cascade` with its shared levels on `pk` and its suffixes
+/// on `dk` ([`Engine::plan_decode_cascade`]), uploads and runs it; returns the output and the plan.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_cascade_once<T: Element + DeviceRepr>(
+    e: &Engine,
+    dk: &DecodeKernel,
+    pk: &PrefillKernel,
+    params: &ParamValues,
+    w: &Workload<T>,
+    cascade: &crate::cascade::Cascade,
+    mode: PlanMode,
+    sm_scale: Option<f32>,
+) -> Result<(AttnOutput, DecodePlan)> {
+    run_with(e, dk, params, w, |b| e.plan_decode_cascade(dk, pk, params, b, cascade, mode), |plan, bufs, dp, dev, out| {
+        e.run_decode_cascade(dk, pk, plan, bufs, dp, &dev.table, &dev.batch(), out, sm_scale)
+    })
 }
 
 /// Plans, uploads and runs one prefill/append batch; returns the output and the plan.

@@ -381,7 +381,7 @@ proptest! {
 }
 
 #[test]
-fn a_cascade_plan_refuses_a_fixed_grid_and_a_tile_smaller_than_a_token() {
+fn cascade_plans_refuse_a_fixed_grid_and_a_tile_smaller_than_a_token() {
     use attnforge::plan::{plan_cascade, PlanMode, PlanTarget};
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let c = case(&mut rng, 6, 1.0, &[1]);
@@ -395,6 +395,19 @@ fn a_cascade_plan_refuses_a_fixed_grid_and_a_tile_smaller_than_a_token() {
     assert!(err.to_string().contains("fixed-grid"), "{err}");
     let err = plan_cascade(&v, &p, &valid, &cascade, 1, target, PlanMode::Default).unwrap_err();
     assert!(err.to_string().contains("at least one token"), "{err}");
+    // The decode cascade refuses the same, and appends.
+    use attnforge::plan::plan_decode_cascade;
+    let err = plan_decode_cascade(&v, &p, &valid, &cascade, 64, target, target, PlanMode::FixedGrid { max_ctas: 1000 }).unwrap_err();
+    assert!(err.to_string().contains("fixed-grid"), "{err}");
+    let err = plan_decode_cascade(&v, &p, &valid, &cascade, 1, target, target, PlanMode::Default).unwrap_err();
+    assert!(err.to_string().contains("at least one token"), "{err}");
+    let c = case(&mut rng, 6, 1.0, &[3]);
+    let b = batch(&c);
+    let valid = b.validated().unwrap();
+    let cascade = Cascade::single(&b);
+    assert!((0..6).any(|r| b.kv_len(r) >= 2), "the case has a request of several query tokens");
+    let err = plan_decode_cascade(&v, &p, &valid, &cascade, 64, target, target, PlanMode::Default).unwrap_err();
+    assert!(err.to_string().contains("decode request"), "{err}");
 }
 
 #[test]
@@ -422,4 +435,86 @@ fn the_default_policy_weighs_the_partial_states_against_the_reads_saved() {
     let b = Batch { qo_indptr: &qo, pages: &pages, kv: kv(256 + 8 * 16), qo_heads: 32 };
     assert_eq!(detect(&b.validated().unwrap(), &Policy::default()), None, "8 appends of 2048 tokens");
     assert!(detect(&b.validated().unwrap(), &Policy { weigh_states: false, ..Policy::default() }).is_some());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// The decode cascade plan on random tries of decode batches (one query token or none): the
+    /// prefix level holds only groups of two or more requests, the decode items only one
+    /// request's keys; every partial slot is written exactly once (by a group-item row or a
+    /// decode item), a token's slots cover its request's keys exactly once, a request without
+    /// a merge item has one direct decode item over all its keys, and the packed buffer carries
+    /// the prefix level's own plan at the offset the plan names.
+    #[test]
+    fn the_decode_cascade_plan_covers_every_token_s_keys_once(seed in any::<u64>(), n in 1usize..16, share in 0.3f64..1.0, ctas in 1usize..300, rows in prop::sample::select(vec![2usize, 16, 64]), det in any::<bool>()) {
+        use attnforge::plan::{plan_decode_cascade, Plan, PlanMode, PlanTarget};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let c = case(&mut rng, n, share, &[1, 1, 0, 1]);
+        let b = batch(&c);
+        let valid = b.validated().unwrap();
+        let Some(cascade) = detect(&valid, &eager()) else { return Ok(()) };
+        let v = shipped::resolve("causal").unwrap();
+        let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: n }).unwrap();
+        let pt = PlanTarget { ctas, kv_tile: 4, resident: 0, always_balance: false };
+        let dt = PlanTarget { ctas: ctas / 2 + 1, kv_tile: 8, resident: 0, always_balance: false };
+        let mode = if det { PlanMode::Deterministic { chunk: 8 } } else { PlanMode::Default };
+        let plan = plan_decode_cascade(&v, &p, &valid, &cascade, rows, pt, dt, mode).unwrap();
+        let pre = plan.prefix.as_deref().expect("a decode cascade has a prefix level");
+        prop_assert_eq!(pre.num_partials, plan.num_partials);
+        prop_assert_eq!(pre.workspace_bytes, plan.workspace_bytes);
+        prop_assert!(pre.merge.is_empty());
+        let mut slot_range: Vec<Option<(i32, i32)>> = vec![None; plan.num_partials];
+        let merge_of = |r: usize| plan.merge.iter().find(|m| m.req as usize == r);
+        for w in &pre.work {
+            let entries = &pre.groups[w.row_start as usize..(w.row_start - w.stride) as usize];
+            prop_assert!(!entries.is_empty() && entries.len() <= rows / 2);
+            for &[r, t, slot, _] in entries {
+                let r = r as usize;
+                prop_assert_eq!(t, c.qo_indptr[r]);
+                prop_assert!(w.kv_begin < w.kv_end && w.kv_end as usize <= b.kv_len(r));
+                let m = merge_of(r).expect("a request in a shared group is merged");
+                prop_assert!(slot >= m.first && slot < m.first + m.count);
+                prop_assert!(slot_range[slot as usize].replace((w.kv_begin, w.kv_end)).is_none(), "slot {} written twice", slot);
+            }
+        }
+        for w in &plan.work {
+            let r = w.req as usize;
+            prop_assert!(w.kv_begin < w.kv_end && w.kv_end as usize <= b.kv_len(r));
+            match merge_of(r) {
+                Some(m) => {
+                    prop_assert!(w.partial >= m.first && w.partial < m.first + m.count, "{:?} outside {:?}", w, m);
+                    prop_assert!(slot_range[w.partial as usize].replace((w.kv_begin, w.kv_end)).is_none(), "slot {} written twice", w.partial);
+                }
+                None => {
+                    prop_assert_eq!(w.partial, -1);
+                    prop_assert_eq!((w.kv_begin, w.kv_end as usize), (0, b.kv_len(r)));
+                    prop_assert_eq!(plan.work.iter().filter(|x| x.req == w.req).count(), 1);
+                }
+            }
+        }
+        for r in 0..n {
+            let q = (c.qo_indptr[r + 1] - c.qo_indptr[r]) as usize;
+            let direct = plan.work.iter().any(|w| w.req as usize == r && w.partial == -1);
+            prop_assert_eq!(q == 1, direct || merge_of(r).is_some(), "request {} (q {}) is not written", r, q);
+        }
+        for m in &plan.merge {
+            prop_assert_eq!(m.token, c.qo_indptr[m.req as usize]);
+            let mut spans: Vec<(i32, i32)> = (m.first..m.first + m.count).map(|s| slot_range[s as usize].expect("every slot is written")).collect();
+            spans.sort();
+            let mut at = 0;
+            for (lo, hi) in spans {
+                prop_assert_eq!(lo, at, "token {}: a gap or an overlap", m.token);
+                at = hi;
+            }
+            prop_assert_eq!(at as usize, b.kv_len(m.req as usize));
+        }
+        let packed = plan.packed();
+        prop_assert_eq!(packed.len(), plan.packed_len());
+        let (pp, off) = plan.prefix().unwrap();
+        prop_assert_eq!(off % 4, 0);
+        prop_assert_eq!(&packed[off..], &pp.packed()[..]);
+        prop_assert_eq!(packed[1] as usize, plan.merge.len());
+        prop_assert_eq!(packed[0] as usize, plan.work.len());
+    }
 }

@@ -235,11 +235,28 @@ fn check_cascade<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: u
         plan.num_partials
     );
     assert!(cmp.ok(), "{line}");
+    let bits = |o: &attnforge::reference::AttnOutput| o.o.iter().chain(&o.lse).map(|x| x.to_bits()).collect::<Vec<u32>>();
     if deterministic {
         let (again, _, _) = cascade_once(e, &k, &p, &w, &policy, mode, None).unwrap().unwrap();
-        let bits = |o: &attnforge::reference::AttnOutput| o.o.iter().chain(&o.lse).map(|x| x.to_bits()).collect::<Vec<u32>>();
         assert!(bits(&again) == bits(&got), "{line}: a deterministic cascade differs between two runs");
     }
+    // A decode batch also runs as a decode cascade: shared levels on the prefill kernel,
+    // suffixes on the decode kernel.
+    let line = if lens.iter().all(|&(q, _)| q <= 1) {
+        let dk = e.decode_kernel(&v, &KernelConfig::decode(dims.0, dims.1, T::DTYPE, group).unwrap()).unwrap();
+        let (dgot, dplan) = attnforge::testing::harness::decode_cascade_once(e, &dk, &k, &p, &w, &cascade, mode, None).unwrap();
+        let dcmp = compare(&dgot, &want, T::DTYPE, dims.1);
+        let pre = dplan.prefix.as_ref().map_or(0, |x| x.work.len());
+        let line = format!("{line}; decode cascade: {pre} group items + {} decode items, {} merges → {dcmp}", dplan.work.len(), dplan.merge.len());
+        assert!(dcmp.ok(), "{line}");
+        if deterministic {
+            let (again, _) = attnforge::testing::harness::decode_cascade_once(e, &dk, &k, &p, &w, &cascade, mode, None).unwrap();
+            assert!(bits(&again) == bits(&dgot), "{line}: a deterministic decode cascade differs between two runs");
+        }
+        line
+    } else {
+        line
+    };
     line
 }
 
