@@ -331,15 +331,22 @@ impl Engine {
         if check {
             cascade.validate(batch.batch())?;
         }
+        let (rows, target) = self.cascade_tile(k, batch, cascade, 1);
+        crate::plan::plan_cascade(&k.variant, params, batch, cascade, rows, target, mode)
+    }
+
+    /// The tile a cascade's group items run on — the append tile when the rows of every group
+    /// of at least `min_members` requests fit it, else the prompt tile — as its rows per block
+    /// and the planner's target.
+    fn cascade_tile(&self, k: &PrefillKernel, batch: &ValidBatch<'_>, cascade: &crate::cascade::Cascade, min_members: usize) -> (usize, PlanTarget) {
         let rows_of = |g: &crate::cascade::Group| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>() * batch.group();
-        let most = cascade.levels.iter().flat_map(|l| &l.groups).map(rows_of).max().unwrap_or(0);
+        let most = cascade.levels.iter().flat_map(|l| &l.groups).filter(|g| g.requests.len() >= min_members).map(rows_of).max().unwrap_or(0);
         let f = match k.append() {
             Some(a) if most <= a.cfg.prefill_tile().rows() => a,
             _ => k.prompt(),
         };
         let t = f.cfg.prefill_tile();
-        let target = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false };
-        crate::plan::plan_cascade(&k.variant, params, batch, cascade, t.rows(), target, mode)
+        (t.rows(), PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false })
     }
 
     /// Plans a decode batch through `cascade` (checked against it first;
@@ -352,14 +359,8 @@ impl Engine {
             return Err(Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
         }
         cascade.validate(batch.batch())?;
-        let rows_of = |g: &crate::cascade::Group| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>() * batch.group();
-        let most = cascade.levels.iter().flat_map(|l| &l.groups).filter(|g| g.requests.len() > 1).map(rows_of).max().unwrap_or(0);
-        let f = match pk.append() {
-            Some(a) if most <= a.cfg.prefill_tile().rows() => a,
-            _ => pk.prompt(),
-        };
-        let t = f.cfg.prefill_tile();
-        let ptarget = PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false };
-        crate::plan::plan_decode_cascade(&k.variant, params, batch, cascade, t.rows(), ptarget, self.plan_target(k), mode)
+        // Only the shared groups (two or more requests) run on the prefill kernel.
+        let (rows, ptarget) = self.cascade_tile(pk, batch, cascade, 2);
+        crate::plan::plan_decode_cascade(&k.variant, params, batch, cascade, rows, ptarget, self.plan_target(k), mode)
     }
 }
