@@ -53,6 +53,9 @@ pub struct DecodePlan {
     /// partial states into the same workspace; packed after this plan's lists. `None` for a
     /// plain decode plan.
     pub prefix: Option<Box<super::PrefillPlan>>,
+    /// Partial-state slots a fixed-grid plan reserves for a decode cascade's prefix beyond its
+    /// `max_ctas` ([`super::with_cascade_capacity`]); 0 otherwise.
+    pub prefix_slots: usize,
 }
 
 impl DecodePlan {
@@ -203,6 +206,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
             kv_heads: kv.kv_heads,
             batch_fingerprint: batch.fingerprint(),
             prefix: None,
+            prefix_slots: 0,
         });
     }
     let chunk = match mode {
@@ -264,6 +268,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
         kv_heads: kv.kv_heads,
         batch_fingerprint: batch.fingerprint(),
         prefix: None,
+        prefix_slots: 0,
     })
 }
 
@@ -271,7 +276,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
 /// capacity (a captured graph replays this launch, so it depends on the capacity and the GPU
 /// only). Before, the launch was the capacity itself: at a graph bucket of 256 requests, about
 /// 2 100 CTAs per KV head of which most exited at once.
-fn fixed_launch(max_ctas: usize, per_head: usize) -> usize {
+pub(super) fn fixed_launch(max_ctas: usize, per_head: usize) -> usize {
     if per_head == 0 {
         max_ctas
     } else {
@@ -281,7 +286,7 @@ fn fixed_launch(max_ctas: usize, per_head: usize) -> usize {
 
 /// CTAs along x a fixed-grid merge launch has: about eight CTAs (of `qo_heads` along y) per SM,
 /// at most the capacity; `merge_states` walks the list by the grid's stride (merge.cuh).
-fn fixed_merge_launch(max_ctas: usize, target: PlanTarget, qo_heads: usize) -> usize {
+pub(super) fn fixed_merge_launch(max_ctas: usize, target: PlanTarget, qo_heads: usize) -> usize {
     max_ctas.min((8 * target.ctas.max(1)).div_ceil(qo_heads.max(1)).max(1))
 }
 
@@ -365,7 +370,8 @@ fn balanced_decode(spans: &[(usize, usize, usize)], qo_indptr: &[i32], tile: usi
 
 impl Plan for DecodePlan {
     fn is_cascade(&self) -> bool {
-        self.prefix.is_some()
+        // A fixed-grid plan's prefix section may be empty (`with_cascade_capacity`).
+        self.prefix.as_ref().is_some_and(|p| !p.work.is_empty())
     }
     fn prefix(&self) -> Option<(&super::PrefillPlan, usize)> {
         self.prefix.as_deref().map(|p| (p, self.prefix_offset()))
@@ -389,7 +395,7 @@ impl Plan for DecodePlan {
         // than it has CTAs: laying the workspace out for the grid put those partials' outputs
         // over the LSEs.
         match self.mode {
-            PlanMode::FixedGrid { max_ctas } => max_ctas,
+            PlanMode::FixedGrid { max_ctas } => max_ctas + self.prefix_slots,
             _ => self.num_partials,
         }
     }

@@ -45,6 +45,9 @@ pub struct PrefillPlan {
     /// A cascade plan's group table ([`plan_cascade`]): `[request, token, partial slot, 0]` per
     /// row entry of its group items; empty otherwise.
     pub groups: Vec<[i32; 4]>,
+    /// Entries the packed group table holds: a fixed-grid decode cascade's prefix pads its table
+    /// to this capacity, so its buffer never changes size; 0 otherwise (the table as it is).
+    pub group_slots: usize,
 }
 
 impl PrefillPlan {
@@ -52,12 +55,13 @@ impl PrefillPlan {
     pub fn packed(&self) -> Vec<i32> {
         let words = self.work.iter().map(|w| [w.req, w.row_start, w.kv_begin, w.kv_end, w.partial, w.stride]);
         let mut v = pack(words, self.work.len(), self.grid, self.grid, &self.merge, self.merge_grid);
-        if !self.groups.is_empty() {
+        if self.has_table() {
             // The group table after the lists, 16-byte aligned; header word 3 is its offset.
             let at = self.groups_offset();
             v.resize(at, 0);
             v[3] = at as i32;
             v.extend(self.groups.iter().flatten());
+            v.resize(self.packed_len(), 0);
         }
         v
     }
@@ -67,12 +71,17 @@ impl PrefillPlan {
         packed_len(PREFILL_WORK_INTS, self.grid, self.merge_grid).next_multiple_of(4)
     }
 
+    /// Whether the packed buffer holds a group table.
+    fn has_table(&self) -> bool {
+        !self.groups.is_empty() || self.group_slots > 0
+    }
+
     /// Length of [`PrefillPlan::packed`] in i32 words.
     pub fn packed_len(&self) -> usize {
-        if self.groups.is_empty() {
-            packed_len(PREFILL_WORK_INTS, self.grid, self.merge_grid)
+        if self.has_table() {
+            self.groups_offset() + 4 * self.groups.len().max(self.group_slots)
         } else {
-            self.groups_offset() + 4 * self.groups.len()
+            packed_len(PREFILL_WORK_INTS, self.grid, self.merge_grid)
         }
     }
 
@@ -230,16 +239,18 @@ pub fn plan_prefill(variant: &Variant, params: &ParamValues, batch: &ValidBatch<
         qo_heads: batch.qo_heads,
         batch_fingerprint: batch.fingerprint(),
         groups: Vec::new(),
+        group_slots: 0,
     })
 }
 
 /// The checks every cascade plan makes (parameters, mode, a tile of at least one token's rows);
 /// returns the member tokens a group item holds.
-fn cascade_tokens_per_item(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'_>, rows: usize, mode: PlanMode, what: &str) -> Result<usize> {
+/// `refuse_fixed`: the plan's name, when it has no fixed-grid form.
+fn cascade_tokens_per_item(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'_>, rows: usize, mode: PlanMode, refuse_fixed: Option<&str>) -> Result<usize> {
     let group = batch.group();
     params.fits(&variant.params, Dims { qo_heads: batch.qo_heads, kv_heads: batch.kv.kv_heads, batch: batch.batch_size() }).map_err(Error::Param)?;
     check_mode(mode)?;
-    if matches!(mode, PlanMode::FixedGrid { .. }) {
+    if let (PlanMode::FixedGrid { .. }, Some(what)) = (mode, refuse_fixed) {
         return Err(Error::UnsupportedConfig(format!("{what} in CUDA-graph (fixed-grid) mode is not built: plan the batch without a cascade")));
     }
     let per_item = rows / group.max(1);
@@ -261,7 +272,7 @@ pub fn plan_cascade(variant: &Variant, params: &ParamValues, batch: &ValidBatch<
     use crate::abi::PrefillWork;
     let kv = batch.kv;
     let b = batch.batch_size();
-    let per_item = cascade_tokens_per_item(variant, params, batch, rows, mode, "a cascade plan")?;
+    let per_item = cascade_tokens_per_item(variant, params, batch, rows, mode, Some("a prefill cascade plan"))?;
     let tokens = |r: usize| batch.qo_indptr[r] as usize..batch.qo_indptr[r + 1] as usize;
     let groups: Vec<&crate::cascade::Group> = cascade.levels.iter().flat_map(|l| &l.groups).filter(|g| g.len > 0).collect();
     let n_tok = |g: &crate::cascade::Group| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>();
@@ -346,21 +357,74 @@ pub fn plan_cascade(variant: &Variant, params: &ParamValues, batch: &ValidBatch<
         qo_heads: batch.qo_heads,
         batch_fingerprint: batch.fingerprint(),
         groups: table,
+        group_slots: 0,
     })
+}
+
+/// Prefill CTAs (per KV head) a fixed-grid decode cascade reserves for its shared levels: one
+/// wave of the prefill target. A captured graph launches this many whatever the step shares.
+pub fn decode_cascade_prefix_ctas(prefill_target: PlanTarget, kv_heads: usize) -> usize {
+    prefill_target.ctas.div_ceil(kv_heads.max(1)).max(1)
+}
+
+/// The empty prefix section of a fixed-grid decode plan that can host a cascade: `ctas` prefill
+/// CTAs (all exit: no work), a group table of `ctas × per_item` entries, and the workspace of
+/// `slots` partial states (the decode capacity plus the prefix's).
+fn fixed_prefix(batch: &ValidBatch<'_>, rows: usize, ctas: usize, per_item: usize, slots: usize, head_dim_vo: usize) -> PrefillPlan {
+    PrefillPlan {
+        mode: PlanMode::FixedGrid { max_ctas: ctas },
+        work: Vec::new(),
+        merge: Vec::new(),
+        num_partials: slots,
+        grid: ctas,
+        merge_grid: 0,
+        chunk: 0,
+        workspace_bytes: DecodePlan::workspace_for(slots, batch.qo_heads, head_dim_vo),
+        rows,
+        batch_size: batch.batch_size(),
+        qo_heads: batch.qo_heads,
+        batch_fingerprint: batch.fingerprint(),
+        groups: Vec::new(),
+        group_slots: ctas * per_item,
+    }
+}
+
+/// Gives a fixed-grid decode plan the (empty) prefix section of a decode cascade, so that a graph
+/// captured on it also replays steps planned by [`plan_decode_cascade`] in the same mode and
+/// with the same `rows` and `prefill_target`: the packed buffer, the launches and the workspace
+/// layout are those of every fixed-grid decode cascade of the batch's shape. Other plans are
+/// returned unchanged.
+pub fn with_cascade_capacity(mut plan: DecodePlan, batch: &ValidBatch<'_>, rows: usize, prefill_target: PlanTarget) -> DecodePlan {
+    let PlanMode::FixedGrid { max_ctas } = plan.mode else { return plan };
+    if plan.prefix.is_some() {
+        return plan;
+    }
+    let per_item = (rows / batch.group().max(1)).max(1);
+    let ctas = decode_cascade_prefix_ctas(prefill_target, batch.kv.kv_heads);
+    let slots = max_ctas + ctas * per_item;
+    plan.prefix_slots = ctas * per_item;
+    plan.workspace_bytes = DecodePlan::workspace_for(slots, batch.qo_heads, plan.head_dim_vo);
+    plan.prefix = Some(Box::new(fixed_prefix(batch, rows, ctas, per_item, slots, plan.head_dim_vo)));
+    plan
 }
 
 /// Plans a decode batch (one query token per request, or none) through its cascade with the
 /// levels split by kind: every group that two or more requests' queries read (a shared prefix)
 /// becomes group items on the prefill kernel (`rows` per block, as [`plan_cascade`]), returned
-/// as the plan's [`DecodePlan::prefix`]; every group read by one request (its suffix) becomes
-/// decode work items over that request's own keys, split into equal chunks when the suffixes
-/// alone cannot fill `decode_target.ctas` (a suffix as one-token tiles on the prefill kernel
-/// left 97% of its MMAs as padding: BENCHMARKS.md, issue 15). Each token's partial states are
-/// contiguous slots — its shared groups' chunks, then its suffix's — and one merge item per
-/// token combines them (the sink added there, once); a request outside every shared group with
-/// one suffix piece writes its output directly. The prefix launch runs first, then the decode
-/// launch and the merge, over one workspace. Not in fixed-grid mode yet (a CUDA graph's buffers
-/// have no room for the prefix level).
+/// as the plan's [`DecodePlan::prefix`]; the rest of each request's keys (its suffix, and the
+/// groups only it reads, coalesced where they touch) become decode work items, split into equal
+/// chunks when they alone cannot fill `decode_target.ctas` (a suffix as one-token tiles on the
+/// prefill kernel left 97% of its MMAs as padding: BENCHMARKS.md, issue 15). Each token's
+/// partial states are contiguous slots — its shared groups' chunks, then its own spans' — and
+/// one merge item per token combines them (the sink added there, once); a request outside every
+/// shared group with one piece writes its output directly. The prefix launch runs first, then
+/// the decode launch and the merge, over one workspace.
+///
+/// In fixed-grid (CUDA-graph) mode the plan has the layout of [`with_cascade_capacity`]: the
+/// prefix runs on [`decode_cascade_prefix_ctas`] CTAs per KV head, its chunk is the smallest
+/// that fits them, and the shared groups whose blocks do not fit (those saving the fewest reads
+/// last) are read by each member's decode items instead, with a warning. The decode items, the
+/// merges and the decode partial slots must fit `max_ctas`, as for a plain fixed-grid plan.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_decode_cascade(
     variant: &Variant,
@@ -375,57 +439,112 @@ pub fn plan_decode_cascade(
     use crate::abi::{DecodeWork, PrefillWork};
     let kv = batch.kv;
     let b = batch.batch_size();
-    let per_item = cascade_tokens_per_item(variant, params, batch, rows, mode, "a decode cascade plan")?;
+    let per_item = cascade_tokens_per_item(variant, params, batch, rows, mode, None)?;
     if let Some(r) = (0..b).find(|&r| batch.q_len(r) > 1) {
         return Err(Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "query tokens of a decode request (use prefill)", expected: 1, got: batch.q_len(r) }));
     }
     let det = matches!(mode, PlanMode::Deterministic { .. });
-    // Shared groups (their members with a query token) and one-request spans.
+    let fixed = match mode {
+        PlanMode::FixedGrid { max_ctas } => Some((max_ctas, decode_cascade_prefix_ctas(prefill_target, kv.kv_heads))),
+        _ => None,
+    };
+    // Shared groups (their members with a query token), and each request's own key ranges.
     let mut shared: Vec<(&crate::cascade::Group, Vec<usize>)> = Vec::new();
-    let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+    let mut own: Vec<Vec<(usize, usize)>> = vec![Vec::new(); b];
     for g in cascade.levels.iter().flat_map(|l| &l.groups).filter(|g| g.len > 0) {
         let members: Vec<usize> = g.requests.iter().copied().filter(|&r| batch.q_len(r) == 1).collect();
         match members.len() {
             0 => {}
-            1 => spans.push((members[0], g.kv_start, g.kv_start + g.len)),
+            1 => own[members[0]].push((g.kv_start, g.kv_start + g.len)),
             _ => shared.push((g, members)),
         }
     }
-    // Splits of a suffix fall inside what its query sees (the kernel narrows each item again).
-    if variant.kv_range.is_some() {
-        let heads = range_heads(variant, kv.kv_heads);
-        for s in spans.iter_mut() {
-            let kv_len = batch.kv_len(s.0);
-            let (mut lo, mut hi) = (kv_len, 0);
-            for h in 0..heads {
-                let (l, r) = visible_span(variant, params, s.0, 1, kv_len, h);
-                if r > l {
-                    (lo, hi) = (lo.min(l), hi.max(r));
+    let blocks = |m: &[usize]| m.len().div_ceil(per_item);
+    if let Some((_, wp)) = fixed {
+        // The prefix CTAs hold one block per item: admit the groups saving the most reads first.
+        shared.sort_by_key(|(g, m)| std::cmp::Reverse((m.len() - 1) * g.len));
+        let mut taken = 0;
+        let mut demoted = 0;
+        shared.retain(|(g, m)| {
+            let fits = taken + blocks(m) <= wp;
+            if fits {
+                taken += blocks(m);
+            } else {
+                demoted += 1;
+                for &r in m {
+                    own[r].push((g.kv_start, g.kv_start + g.len));
                 }
             }
-            (s.1, s.2) = (s.1.max(lo), s.2.min(hi));
+            fits
+        });
+        if demoted > 0 {
+            crate::diagnostics::warn(&format!("the fixed-grid decode cascade has {wp} prefill CTAs per KV head: {demoted} shared prefixes are read by each of their requests instead"));
         }
-        spans.retain(|s| s.2 > s.1);
+    }
+    // One span per run of touching own ranges; narrowed to what the query sees (the kernel
+    // narrows each item again).
+    let heads = range_heads(variant, kv.kv_heads);
+    let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+    for (r, ranges) in own.iter_mut().enumerate() {
+        ranges.sort_unstable();
+        let (mut vlo, mut vhi) = (0, usize::MAX);
+        if variant.kv_range.is_some() {
+            let kv_len = batch.kv_len(r);
+            (vlo, vhi) = (kv_len, 0);
+            for h in 0..heads {
+                let (l, hi) = visible_span(variant, params, r, 1, kv_len, h);
+                if hi > l {
+                    (vlo, vhi) = (vlo.min(l), vhi.max(hi));
+                }
+            }
+        }
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for &(s, e) in ranges.iter() {
+            match runs.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => runs.push((s, e)),
+            }
+        }
+        spans.extend(runs.into_iter().map(|(s, e)| (r, s.max(vlo), e.min(vhi))).filter(|s| s.2 > s.1));
     }
     let (tile_p, tile_d) = (prefill_target.kv_tile.max(1), decode_target.kv_tile.max(1));
+    let pieces = |len: usize, chunk: usize, tile: usize| len.div_ceil(split_piece(len, chunk, tile, det));
     let chunk_p = match mode {
         PlanMode::Deterministic { chunk } => chunk,
         _ => {
-            let total: usize = shared.iter().map(|(g, m)| m.len().div_ceil(per_item) * g.len).sum();
-            if total == 0 {
-                usize::MAX
-            } else {
-                wave_chunk(total, kv.kv_heads, prefill_target)
+            let total: usize = shared.iter().map(|(g, m)| blocks(m) * g.len).sum();
+            match fixed {
+                _ if total == 0 => usize::MAX,
+                None => wave_chunk(total, kv.kv_heads, prefill_target),
+                Some((_, wp)) => {
+                    // The smallest wave chunk whose items fit the prefix CTAs (one piece per
+                    // group always does: the groups were admitted so).
+                    let taken: usize = shared.iter().map(|(_, m)| blocks(m)).sum();
+                    let spare = PlanTarget { ctas: (wp - taken).max(1) * kv.kv_heads, ..prefill_target };
+                    let mut chunk = wave_chunk(total, kv.kv_heads, spare);
+                    while shared.iter().map(|(g, m)| blocks(m) * pieces(g.len, chunk, tile_p)).sum::<usize>() > wp {
+                        chunk = chunk.saturating_mul(2);
+                    }
+                    chunk
+                }
             }
         }
     };
     let suffix_total: usize = spans.iter().map(|s| s.2 - s.1).sum();
-    let chunk_d = match mode {
+    let mut chunk_d = match mode {
         PlanMode::Deterministic { chunk } => chunk,
         _ if spans.len() * kv.kv_heads >= decode_target.ctas || suffix_total == 0 => usize::MAX,
         _ => wave_chunk(suffix_total, kv.kv_heads, decode_target),
     };
-    let pieces = |len: usize, chunk: usize, tile: usize| len.div_ceil(split_piece(len, chunk, tile, det));
+    if let Some((max_ctas, _)) = fixed {
+        // A split that does not fit the grid is not made (the spans alone must fit).
+        if spans.iter().map(|s| pieces(s.2 - s.1, chunk_d, tile_d)).sum::<usize>() > max_ctas {
+            chunk_d = usize::MAX;
+        }
+        if spans.len() > max_ctas {
+            return Err(PlanError::FixedGridTooSmall { needed: spans.len(), max_ctas }.into());
+        }
+    }
     let mut count = vec![0usize; b];
     let mut in_shared = vec![false; b];
     for (g, m) in &shared {
@@ -480,6 +599,7 @@ pub fn plan_decode_cascade(
     }
     let mut work_d = Vec::with_capacity(spans.len());
     let mut used_chunk_d = 0;
+    let mut decode_partials = 0;
     for &(r, lo, hi) in &spans {
         let piece = split_piece(hi - lo, chunk_d, tile_d, det);
         let n = (hi - lo).div_ceil(piece);
@@ -489,47 +609,85 @@ pub fn plan_decode_cascade(
         for c in 0..n {
             let s = lo + c * piece;
             let partial = if direct(r) { -1 } else { (base[r] + used[r] + c) as i32 };
+            decode_partials += usize::from(partial >= 0);
             work_d.push(DecodeWork { req: r as i32, kv_begin: s as i32, kv_end: (s + piece).min(hi) as i32, partial });
         }
         used[r] += n;
     }
     work_p.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
     work_d.sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_begin));
-    let workspace_bytes = DecodePlan::workspace_for(slots, batch.qo_heads, kv.head_dim_vo);
     let work_p: Vec<PrefillWork> = work_p.into_iter().map(|(_, w)| w).collect();
-    let prefix = PrefillPlan {
-        mode,
-        merge: Vec::new(),
-        merge_grid: 0,
-        num_partials: slots,
-        workspace_bytes,
-        chunk: used_chunk_p,
-        grid: work_p.len(),
-        work: work_p,
-        rows,
-        batch_size: b,
-        qo_heads: batch.qo_heads,
-        batch_fingerprint: batch.fingerprint(),
-        groups: table,
-    };
     let n_work = work_d.len();
+    let Some((max_ctas, wp)) = fixed else {
+        let workspace_bytes = DecodePlan::workspace_for(slots, batch.qo_heads, kv.head_dim_vo);
+        let prefix = PrefillPlan {
+            mode,
+            merge: Vec::new(),
+            merge_grid: 0,
+            num_partials: slots,
+            workspace_bytes,
+            chunk: used_chunk_p,
+            grid: work_p.len(),
+            work: work_p,
+            rows,
+            batch_size: b,
+            qo_heads: batch.qo_heads,
+            batch_fingerprint: batch.fingerprint(),
+            groups: table,
+            group_slots: 0,
+        };
+        return Ok(DecodePlan {
+            mode,
+            work: work_d,
+            merge_grid: merge.len(),
+            merge,
+            num_partials: slots,
+            grid: n_work,
+            stride: n_work,
+            per_cta: 1,
+            chunk: used_chunk_d,
+            workspace_bytes,
+            batch_size: b,
+            qo_heads: batch.qo_heads,
+            head_dim_vo: kv.head_dim_vo,
+            kv_heads: kv.kv_heads,
+            batch_fingerprint: batch.fingerprint(),
+            prefix: Some(Box::new(prefix)),
+            prefix_slots: 0,
+        });
+    };
+    // Fixed grid: the layout of `with_cascade_capacity`, whatever this step shares.
+    // (Decode work items, merges, decode partial states.)
+    for needed in [n_work, merge.len(), decode_partials] {
+        if needed > max_ctas {
+            return Err(PlanError::FixedGridTooSmall { needed, max_ctas }.into());
+        }
+    }
+    let capacity = max_ctas + wp * per_item;
+    debug_assert!(work_p.len() <= wp && table.len() <= wp * per_item && slots <= capacity);
+    let mut prefix = fixed_prefix(batch, rows, wp, per_item, capacity, kv.head_dim_vo);
+    (prefix.work, prefix.groups, prefix.chunk) = (work_p, table, used_chunk_p);
+    let per_head = decode_target.resident / kv.kv_heads.max(1);
+    let grid = super::decode::fixed_launch(max_ctas, per_head);
+    let stride = n_work.min(grid);
     Ok(DecodePlan {
         mode,
         work: work_d,
-        merge_grid: merge.len(),
+        merge_grid: super::decode::fixed_merge_launch(max_ctas, decode_target, batch.qo_heads),
         merge,
         num_partials: slots,
-        grid: n_work,
-        stride: n_work,
-        per_cta: 1,
+        grid,
+        stride,
+        per_cta: if stride == 0 { 1 } else { n_work.div_ceil(stride).max(1) },
         chunk: used_chunk_d,
-        workspace_bytes,
+        workspace_bytes: DecodePlan::workspace_for(capacity, batch.qo_heads, kv.head_dim_vo),
         batch_size: b,
         qo_heads: batch.qo_heads,
         head_dim_vo: kv.head_dim_vo,
         kv_heads: kv.kv_heads,
         batch_fingerprint: batch.fingerprint(),
         prefix: Some(Box::new(prefix)),
+        prefix_slots: wp * per_item,
     })
 }
 

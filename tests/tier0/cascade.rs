@@ -395,10 +395,12 @@ fn cascade_plans_refuse_a_fixed_grid_and_a_tile_smaller_than_a_token() {
     assert!(err.to_string().contains("fixed-grid"), "{err}");
     let err = plan_cascade(&v, &p, &valid, &cascade, 1, target, PlanMode::Default).unwrap_err();
     assert!(err.to_string().contains("at least one token"), "{err}");
-    // The decode cascade refuses the same, and appends.
+    // The decode cascade has a fixed-grid form, which must fit its grid; it refuses a tile
+    // smaller than a token, and appends.
     use attnforge::plan::plan_decode_cascade;
-    let err = plan_decode_cascade(&v, &p, &valid, &cascade, 64, target, target, PlanMode::FixedGrid { max_ctas: 1000 }).unwrap_err();
-    assert!(err.to_string().contains("fixed-grid"), "{err}");
+    plan_decode_cascade(&v, &p, &valid, &cascade, 64, target, target, PlanMode::FixedGrid { max_ctas: 1000 }).unwrap();
+    let err = plan_decode_cascade(&v, &p, &valid, &cascade, 64, target, target, PlanMode::FixedGrid { max_ctas: 2 }).unwrap_err();
+    assert!(err.to_string().contains("fixed grid") || err.to_string().contains("CTAs"), "{err}");
     let err = plan_decode_cascade(&v, &p, &valid, &cascade, 1, target, target, PlanMode::Default).unwrap_err();
     assert!(err.to_string().contains("at least one token"), "{err}");
     let c = case(&mut rng, 6, 1.0, &[3]);
@@ -447,8 +449,8 @@ proptest! {
     /// a merge item has one direct decode item over all its keys, and the packed buffer carries
     /// the prefix level's own plan at the offset the plan names.
     #[test]
-    fn the_decode_cascade_plan_covers_every_token_s_keys_once(seed in any::<u64>(), n in 1usize..16, share in 0.3f64..1.0, ctas in 1usize..300, rows in prop::sample::select(vec![2usize, 16, 64]), det in any::<bool>()) {
-        use attnforge::plan::{plan_decode_cascade, Plan, PlanMode, PlanTarget};
+    fn the_decode_cascade_plan_covers_every_token_s_keys_once(seed in any::<u64>(), n in 1usize..16, share in 0.3f64..1.0, ctas in 1usize..300, rows in prop::sample::select(vec![2usize, 16, 64]), kind in 0usize..3) {
+        use attnforge::plan::{plan_decode, plan_decode_cascade, with_cascade_capacity, Plan, PlanMode, PlanTarget};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let c = case(&mut rng, n, share, &[1, 1, 0, 1]);
         let b = batch(&c);
@@ -458,12 +460,29 @@ proptest! {
         let p = v.bind(&HashMap::new(), Dims { qo_heads: 4, kv_heads: 2, batch: n }).unwrap();
         let pt = PlanTarget { ctas, kv_tile: 4, resident: 0, always_balance: false };
         let dt = PlanTarget { ctas: ctas / 2 + 1, kv_tile: 8, resident: 0, always_balance: false };
-        let mode = if det { PlanMode::Deterministic { chunk: 8 } } else { PlanMode::Default };
+        // Fixed grid: the capacity of a graph wrapper of 2n requests (a request's own keys are at
+        // most two runs, around a shared middle level), and a prefix of ctas / 2 CTAs per KV head,
+        // so that groups are demoted.
+        let bound = attnforge::plan::decode_fixed_grid_bound(&v, dt, 2, 2 * n);
+        let mode = [PlanMode::Default, PlanMode::Deterministic { chunk: 8 }, PlanMode::FixedGrid { max_ctas: bound }][kind];
         let plan = plan_decode_cascade(&v, &p, &valid, &cascade, rows, pt, dt, mode).unwrap();
         let pre = plan.prefix.as_deref().expect("a decode cascade has a prefix level");
-        prop_assert_eq!(pre.num_partials, plan.num_partials);
+        prop_assert_eq!(pre.num_partials, plan.partial_slots());
         prop_assert_eq!(pre.workspace_bytes, plan.workspace_bytes);
         prop_assert!(pre.merge.is_empty());
+        if let PlanMode::FixedGrid { max_ctas } = mode {
+            // The layout of every fixed-grid plan of the shape, sharing or not.
+            let wp = ctas.div_ceil(2);
+            prop_assert!(pre.work.len() <= wp && pre.grid == wp && pre.groups.len() <= wp * (rows / 2));
+            prop_assert!(plan.num_partials <= plan.partial_slots() && plan.work.len() <= max_ctas && plan.merge.len() <= max_ctas);
+            let plain = with_cascade_capacity(plan_decode(&v, &p, &valid, dt, mode).unwrap(), &valid, rows, pt);
+            prop_assert_eq!((plain.packed_len(), plain.prefix_offset(), plain.merge_offset()), (plan.packed_len(), plan.prefix_offset(), plan.merge_offset()));
+            prop_assert_eq!((plain.workspace_bytes, plain.partial_slots(), plain.grid, plain.merge_grid), (plan.workspace_bytes, plan.partial_slots(), plan.grid, plan.merge_grid));
+            let pp = plain.prefix.as_deref().unwrap();
+            prop_assert_eq!((pp.grid, pp.rows, pp.packed_len(), pp.num_partials), (pre.grid, pre.rows, pre.packed_len(), pre.num_partials));
+            prop_assert!(pp.work.is_empty() && !plain.is_cascade());
+            prop_assert_eq!(plan.is_cascade(), !pre.work.is_empty());
+        }
         let mut slot_range: Vec<Option<(i32, i32)>> = vec![None; plan.num_partials];
         let merge_of = |r: usize| plan.merge.iter().find(|m| m.req as usize == r);
         for w in &pre.work {
