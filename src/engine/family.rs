@@ -43,9 +43,10 @@ pub trait Family: Sized + Send + Sync + 'static {
     /// Plans a batch for `k` on `e`'s GPU.
     fn plan(e: &Engine, k: &Kernel<Self>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode) -> Result<Self::Plan>;
     /// [`Family::plan`], through a cascade when the family runs them and `policy` finds one
-    /// that pays (outside fixed-grid mode).
-    fn plan_detecting(e: &Engine, k: &Kernel<Self>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode, policy: &crate::cascade::Policy) -> Result<Self::Plan> {
-        let _ = policy;
+    /// that pays. `companion`: the prefill kernel a decode cascade's shared levels run on
+    /// (decode runs cascades only with one).
+    fn plan_detecting(e: &Engine, k: &Kernel<Self>, companion: Option<&Kernel<Prefill>>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode, policy: &crate::cascade::Policy) -> Result<Self::Plan> {
+        let _ = (policy, companion);
         Self::plan(e, k, params, batch, mode)
     }
 }
@@ -84,6 +85,27 @@ impl Family for Decode {
     fn plan(e: &Engine, k: &Kernel<Decode>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode) -> Result<DecodePlan> {
         e.plan_decode(k, params, batch, mode)
     }
+
+    /// With a companion prefill kernel: a decode cascade when `policy` finds shared prefixes
+    /// that pay (default and fixed-grid plans; a deterministic plan's bits must not depend on
+    /// the rest of the batch, which decides the levels), and in fixed-grid mode every plan with
+    /// the cascade's prefix section ([`crate::plan::with_cascade_capacity`]), so one captured
+    /// graph replays steps with and without sharing.
+    fn plan_detecting(e: &Engine, k: &Kernel<Decode>, companion: Option<&Kernel<Prefill>>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode, policy: &crate::cascade::Policy) -> Result<DecodePlan> {
+        let Some(pk) = companion else { return e.plan_decode(k, params, batch, mode) };
+        if !matches!(mode, PlanMode::Deterministic { .. }) {
+            if let Some(c) = crate::cascade::detect(batch, policy) {
+                // detect builds the levels from this batch's own pages: no second check.
+                match e.plan_decode_cascade_of(k, pk, params, batch, &c, mode, false) {
+                    Err(Error::UnsupportedConfig(why)) => crate::diagnostics::warn(&format!("the batch shares a prefix, but it is planned without a cascade: {why}")),
+                    r => return r,
+                }
+            }
+        }
+        let plan = e.plan_decode(k, params, batch, mode)?;
+        let (rows, target) = e.decode_prefix_tile(pk);
+        Ok(crate::plan::with_cascade_capacity(plan, batch, rows, target))
+    }
 }
 
 impl Family for Prefill {
@@ -114,7 +136,7 @@ impl Family for Prefill {
         e.plan_prefill(k, params, batch, mode)
     }
 
-    fn plan_detecting(e: &Engine, k: &Kernel<Prefill>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode, policy: &crate::cascade::Policy) -> Result<PrefillPlan> {
+    fn plan_detecting(e: &Engine, k: &Kernel<Prefill>, _companion: Option<&Kernel<Prefill>>, params: &ParamValues, batch: &ValidBatch<'_>, mode: PlanMode, policy: &crate::cascade::Policy) -> Result<PrefillPlan> {
         // Only default plans: a fixed grid has no room for a cascade, and a deterministic plan's
         // bits must not depend on the rest of the batch, which decides the levels.
         if matches!(mode, PlanMode::Default) {
@@ -331,22 +353,44 @@ impl Engine {
         if check {
             cascade.validate(batch.batch())?;
         }
-        let (rows, target) = self.cascade_tile(k, batch, cascade, 1);
+        let (rows, target) = self.cascade_tile(k, batch, cascade, 1, false);
         crate::plan::plan_cascade(&k.variant, params, batch, cascade, rows, target, mode)
     }
 
     /// The tile a cascade's group items run on — the append tile when the rows of every group
-    /// of at least `min_members` requests fit it, else the prompt tile — as its rows per block
-    /// and the planner's target.
-    fn cascade_tile(&self, k: &PrefillKernel, batch: &ValidBatch<'_>, cascade: &crate::cascade::Cascade, min_members: usize) -> (usize, PlanTarget) {
+    /// of at least `min_members` requests fit it, else (and always when `fixed`: a captured
+    /// graph holds one kernel) the prompt tile — as its rows per block and the planner's target.
+    fn cascade_tile(&self, k: &PrefillKernel, batch: &ValidBatch<'_>, cascade: &crate::cascade::Cascade, min_members: usize, fixed: bool) -> (usize, PlanTarget) {
         let rows_of = |g: &crate::cascade::Group| g.requests.iter().map(|&r| batch.q_len(r)).sum::<usize>() * batch.group();
         let most = cascade.levels.iter().flat_map(|l| &l.groups).filter(|g| g.requests.len() >= min_members).map(rows_of).max().unwrap_or(0);
         let f = match k.append() {
-            Some(a) if most <= a.cfg.prefill_tile().rows() => a,
+            Some(a) if !fixed && most <= a.cfg.prefill_tile().rows() => a,
             _ => k.prompt(),
         };
+        Self::tile_target(self.sm_count, f)
+    }
+
+    fn tile_target(sm_count: usize, f: &super::family::LoadedTile) -> (usize, PlanTarget) {
         let t = f.cfg.prefill_tile();
-        (t.rows(), PlanTarget { ctas: self.sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false })
+        (t.rows(), PlanTarget { ctas: sm_count * f.ctas_per_sm, kv_tile: t.kv_tile, resident: 0, always_balance: false })
+    }
+
+    /// The tile a fixed-grid decode cascade's prefix runs on (the prompt tile of `pk`), as its
+    /// rows per block and the planner's target: with the KV heads, it fixes the prefix section
+    /// ([`crate::plan::with_cascade_capacity`]).
+    pub fn decode_prefix_tile(&self, pk: &PrefillKernel) -> (usize, PlanTarget) {
+        Self::tile_target(self.sm_count, pk.prompt())
+    }
+
+    /// i32 words the packed plan of a fixed-grid decode cascade of `pk` may take beyond a plain
+    /// fixed-grid decode plan's, for any number of KV heads (a graph wrapper sizes its buffer
+    /// before it sees a batch).
+    pub(crate) fn decode_prefix_words(&self, pk: &PrefillKernel) -> usize {
+        let (rows, target) = self.decode_prefix_tile(pk);
+        let ctas = crate::plan::decode_cascade_prefix_ctas(target, 1);
+        let per_item = (rows / pk.cfg.group.max(1)).max(1);
+        // Alignment, the prefix's header, work list, and its group table.
+        4 + 4 + 6 * ctas + 4 + 4 * ctas * per_item
     }
 
     /// Plans a decode batch through `cascade` (checked against it first;
@@ -355,12 +399,21 @@ impl Engine {
     /// suffixes as decode items on `k`. Run it with [`Engine::run_decode_cascade`].
     pub fn plan_decode_cascade(&self, k: &DecodeKernel, pk: &PrefillKernel, params: &ParamValues, batch: &ValidBatch<'_>, cascade: &crate::cascade::Cascade, mode: PlanMode) -> Result<DecodePlan> {
         super::launch::check_companion(k, pk, true)?;
+        self.plan_decode_cascade_of(k, pk, params, batch, cascade, mode, true)
+    }
+
+    /// [`Engine::plan_decode_cascade`] without the companion check (the caller made it);
+    /// `check: false` only for a cascade [`crate::cascade::detect`] built from `batch` itself.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plan_decode_cascade_of(&self, k: &DecodeKernel, pk: &PrefillKernel, params: &ParamValues, batch: &ValidBatch<'_>, cascade: &crate::cascade::Cascade, mode: PlanMode, check: bool) -> Result<DecodePlan> {
         if batch.group() != k.cfg.group {
             return Err(Error::InvalidBatch(crate::kv::LayoutError::Mismatch { what: "GQA group (kernel vs qo_heads / kv_heads)", expected: k.cfg.group, got: batch.group() }));
         }
-        cascade.validate(batch.batch())?;
+        if check {
+            cascade.validate(batch.batch())?;
+        }
         // Only the shared groups (two or more requests) run on the prefill kernel.
-        let (rows, ptarget) = self.cascade_tile(pk, batch, cascade, 2);
+        let (rows, ptarget) = self.cascade_tile(pk, batch, cascade, 2, matches!(mode, PlanMode::FixedGrid { .. }));
         crate::plan::plan_decode_cascade(&k.variant, params, batch, cascade, rows, ptarget, self.plan_target(k), mode)
     }
 }

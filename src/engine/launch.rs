@@ -339,7 +339,7 @@ impl Engine {
 
 /// Checks that `pk` can run the prefix level of `k`'s decode cascades: the same variant (its
 /// name; with `hooks`, every hook and parameter too), dtypes, head dims and GQA group.
-pub(crate) fn check_companion(k: &super::DecodeKernel, pk: &super::PrefillKernel, hooks: bool) -> Result<()> {
+pub(crate) fn check_companion<F: Family>(k: &Kernel<F>, pk: &super::PrefillKernel, hooks: bool) -> Result<()> {
     let (a, b) = (&k.cfg, &pk.cfg);
     let meaning = |v: &crate::spec::Variant| format!("{:?}", (&v.params, &v.logits, &v.mask, &v.kv_range, &v.sink, &v.normalize));
     if k.variant.name != pk.variant.name || (hooks && meaning(&k.variant) != meaning(&pk.variant)) || a.dtype_q != b.dtype_q || a.dtype_kv != b.dtype_kv || a.dtype_o != b.dtype_o || a.head_dim_qk != b.head_dim_qk || a.head_dim_vo != b.head_dim_vo || a.group != b.group {

@@ -60,8 +60,9 @@ pub struct WrapperOptions {
     pub graph: Option<GraphCapacity>,
     /// The softmax scale (`None`: `1/sqrt(head_dim_qk)`).
     pub sm_scale: Option<f32>,
-    /// When a prefill wrapper plans a batch whose requests share leading pages as a cascade
-    /// ([`crate::cascade::detect`]; never in graph mode). Decode wrappers ignore it.
+    /// When a wrapper plans a batch whose requests share leading pages as a cascade
+    /// ([`crate::cascade::detect`]): a prefill wrapper outside graph mode, a decode wrapper made
+    /// with [`DecodeWrapper::with_cascade`] (graph mode included); other decode wrappers ignore it.
     pub cascade: crate::cascade::Policy,
 }
 
@@ -88,6 +89,9 @@ struct Planned<P> {
 pub struct Wrapper<'e, F: Family> {
     engine: &'e Engine,
     kernel: Arc<Kernel<F>>,
+    /// A decode wrapper's prefill kernel of the same variant, for decode cascades
+    /// ([`DecodeWrapper::with_cascade`]).
+    companion: Option<Arc<Kernel<Prefill>>>,
     options: WrapperOptions,
     params: Option<DeviceParams>,
     /// The plan and the index arrays, one buffer, one copy per `plan`.
@@ -119,19 +123,34 @@ impl<'e, F: Family> Wrapper<'e, F> {
 
     /// A wrapper of an already loaded kernel (several wrappers may share one).
     pub fn with_kernel(engine: &'e Engine, kernel: Arc<Kernel<F>>, options: WrapperOptions) -> Result<Self> {
+        Self::with_kernels(engine, kernel, None, options)
+    }
+
+    fn with_kernels(engine: &'e Engine, kernel: Arc<Kernel<F>>, companion: Option<Arc<Kernel<Prefill>>>, options: WrapperOptions) -> Result<Self> {
         if options.graph.is_none() && matches!(options.mode, PlanMode::FixedGrid { .. }) {
             return Err(PlanError::Invalid("FixedGrid is the graph mode's plan: give WrapperOptions::graph instead".into()).into());
         }
-        let mut w = Wrapper { engine, kernel, options, params: None, mem: None, workspace: None, planned: None, planned_on: None, pending: Default::default() };
+        let prefix_words = companion.as_deref().map_or(0, |pk| engine.decode_prefix_words(pk));
+        let mut w = Wrapper { engine, kernel, companion, options, params: None, mem: None, workspace: None, planned: None, planned_on: None, pending: Default::default() };
         if let Some(g) = options.graph {
             // The four index arrays at their capacities, then the plan: header, a fixed grid's
             // work list (at most 6 words an item) and merge list (at most one item per CTA or
-            // request).
-            let plan_words = 4 + 6 * g.max_ctas + 4 * g.max_ctas.max(g.max_batch);
+            // request), and a decode cascade's prefix section.
+            let plan_words = 4 + 6 * g.max_ctas + 4 * g.max_ctas.max(g.max_batch) + prefix_words;
             let table_words = aligned(2 * (g.max_batch + 1) + g.max_batch + g.max_pages.max(1));
             w.mem = Some(Staged::new(engine, table_words + plan_words, true)?);
         }
         Ok(w)
+    }
+
+    /// [`DecodeWrapper::with_cascade`], for code generic over the family: a prefill wrapper
+    /// refuses it (it plans cascades on its own kernel).
+    pub fn with_cascade_kernel(engine: &'e Engine, kernel: Arc<Kernel<F>>, prefill: Arc<Kernel<Prefill>>, options: WrapperOptions) -> Result<Self> {
+        if F::OP != crate::jit::Op::Decode {
+            return Err(Error::UnsupportedConfig("only a decode wrapper takes a cascade kernel: a prefill wrapper runs its cascades on its own kernel".into()));
+        }
+        super::launch::check_companion(&kernel, &prefill, true)?;
+        Self::with_kernels(engine, kernel, Some(prefill), options)
     }
 
     /// The kernel.
@@ -177,7 +196,7 @@ impl<'e, F: Family> Wrapper<'e, F> {
             Some(g) => PlanMode::FixedGrid { max_ctas: g.max_ctas },
             None => self.options.mode,
         };
-        let plan = F::plan_detecting(self.engine, &self.kernel, params, &valid, mode, &self.options.cascade)?;
+        let plan = F::plan_detecting(self.engine, &self.kernel, self.companion.as_deref(), params, &valid, mode, &self.options.cascade)?;
         let capacity = self.options.graph.map(|g| Capacity { max_batch: g.max_batch, max_tokens: g.max_tokens, max_pages: g.max_pages });
         let table = table_parts(batch, capacity)?;
         // The index arrays first, padded so the plan after them starts on a 256-byte boundary
@@ -291,10 +310,28 @@ impl<'e, F: Family> Wrapper<'e, F> {
             workspace_bytes: workspace.len() * 4,
             table: [at(1), at(2), at(3), at(4)],
             token_capacity: self.options.graph.map(|g| g.max_tokens),
-            companion: None,
+            companion: self.companion.as_deref(),
         };
         let dev = DeviceBatch { q, kv };
         self.engine.launch_step(stream, &self.kernel, &p.plan, &step, params, &dev, out, self.options.sm_scale)
+    }
+}
+
+impl<'e> DecodeWrapper<'e> {
+    /// A decode wrapper that runs batches sharing a prefix as decode cascades
+    /// ([`Engine::plan_decode_cascade`]; found by [`crate::cascade::detect`] under
+    /// [`WrapperOptions::cascade`]): the shared levels on `prefill`, the prefill kernel of the
+    /// same variant, the rest on `kernel`, one merge. In graph mode every plan carries the
+    /// cascade's prefix section (empty when the step shares nothing), so a captured graph
+    /// replays steps with and without sharing; that costs one prefill launch of idle CTAs per
+    /// step.
+    pub fn with_cascade(engine: &'e Engine, kernel: Arc<Kernel<Decode>>, prefill: Arc<Kernel<Prefill>>, options: WrapperOptions) -> Result<Self> {
+        Self::with_cascade_kernel(engine, kernel, prefill, options)
+    }
+
+    /// The prefill kernel of its decode cascades, if it runs them.
+    pub fn cascade_kernel(&self) -> Option<&Arc<Kernel<Prefill>>> {
+        self.companion.as_ref()
     }
 }
 

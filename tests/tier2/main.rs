@@ -70,6 +70,7 @@ fn main() {
         trial("prefill::a_fixed_grid_prefill_plan_replays_in_a_cuda_graph", prefill::a_fixed_grid_prefill_plan_replays_in_a_cuda_graph),
         trial("prefill::cascades_match_the_reference_on_random_shared_prefixes", prefill::cascades_match_the_reference_on_random_shared_prefixes),
         trial("prefill::a_prefill_wrapper_runs_a_shared_prefix_as_a_cascade", prefill::a_prefill_wrapper_runs_a_shared_prefix_as_a_cascade),
+        trial("prefill::a_decode_cascade_replays_in_a_cuda_graph_with_changing_suffix_lengths", prefill::a_decode_cascade_replays_in_a_cuda_graph_with_changing_suffix_lengths),
         trial("merge::the_state_merge_matches_the_reference", merge::the_state_merge_matches_the_reference),
         trial("nan_logits_make_their_rows_nan_as_in_the_reference", nan_logits_make_their_rows_nan_as_in_the_reference),
         trial("the_abi_structs_have_rusts_offsets_on_the_device", the_abi_structs_have_rusts_offsets_on_the_device),

@@ -252,6 +252,17 @@ fn check_cascade<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: u
         if deterministic {
             let (again, _) = attnforge::testing::harness::decode_cascade_once(e, &dk, &k, &p, &w, &cascade, mode, None).unwrap();
             assert!(bits(&again) == bits(&dgot), "{line}: a deterministic decode cascade differs between two runs");
+        } else {
+            // And in its fixed-grid (CUDA-graph) form, at a graph wrapper's capacity for twice
+            // the batch (idle prefill CTAs exit, groups that do not fit are read by decode items).
+            let target = e.plan_target(&dk);
+            let fixed = PlanMode::FixedGrid { max_ctas: attnforge::plan::decode_fixed_grid_bound(&v, target, kv_heads, 2 * lens.len()) };
+            let (fgot, fplan) = attnforge::testing::harness::decode_cascade_once(e, &dk, &k, &p, &w, &cascade, fixed, None).unwrap();
+            let fcmp = compare(&fgot, &want, T::DTYPE, dims.1);
+            let pre = fplan.prefix.as_ref().map_or(0, |x| x.work.len());
+            let line = format!("{line}; fixed grid: {pre} group items → {fcmp}");
+            assert!(fcmp.ok(), "{line}");
+            return line;
         }
         line
     } else {
@@ -321,4 +332,73 @@ pub(crate) fn a_prefill_wrapper_runs_a_shared_prefix_as_a_cascade() {
     // Turned off, the same batch plans without one.
     let mut off = PrefillWrapper::new(&e, &v, &cfg, WrapperOptions { cascade: attnforge::cascade::Policy { enabled: false, ..Default::default() }, ..Default::default() }).unwrap();
     assert!(off.plan(&batch, &p).unwrap().groups.is_empty());
+}
+
+/// A decode wrapper with a cascade kernel in CUDA-graph mode: one graph captured around `run`
+/// on the first step replays steps whose shared prefix, suffix lengths and batch change —
+/// sharing, not sharing, sharing again — against the f64 reference each time.
+pub(crate) fn a_decode_cascade_replays_in_a_cuda_graph_with_changing_suffix_lengths() {
+    use attnforge::engine::{DecodeWrapper, DeviceOutput, GraphCapacity, KvCache, WrapperOptions};
+    use attnforge::testing::harness::DeviceResult;
+    use std::sync::Arc;
+    let e = super::engine();
+    let v = shipped::resolve("sink").unwrap();
+    let dk = Arc::new(e.decode_kernel(&v, &KernelConfig::decode(128, 128, attnforge::kv::DType::Bf16, 4).unwrap()).unwrap());
+    let pk = Arc::new(e.prefill_kernel(&v, &KernelConfig::prefill(128, 128, attnforge::kv::DType::Bf16, 4).unwrap()).unwrap());
+    let (max_batch, max_pages) = (48usize, 6000usize);
+    let max_ctas = attnforge::plan::decode_fixed_grid_bound(&v, e.plan_target(&dk), 4, max_batch);
+    let graph = GraphCapacity { max_batch, max_tokens: max_batch, max_pages, max_ctas };
+    let policy = attnforge::cascade::Policy { min_saved_bytes: 0, weigh_states: false, ..Default::default() };
+    let mut w = DecodeWrapper::with_cascade(&e, dk, pk, WrapperOptions { graph: Some(graph), cascade: policy, ..Default::default() }).unwrap();
+    let spec = |lens: &[usize]| WorkloadSpec { lens: lens.iter().map(|&l| (1, l)).collect(), qo_heads: 16, kv_heads: 4, head_dim_qk: 128, head_dim_vo: 128, page_size: 16, layout: KvLayout::Nhd, interleaved: true, permute: true, spare_pages: 0 };
+    let mut rng = StdRng::seed_from_u64(15);
+    // (requests' lengths, tokens of request 0 the others share: 0 shares nothing)
+    let steps: Vec<(Vec<usize>, usize)> = vec![
+        ((0..32).map(|i| 8192 + 1 + 13 * i).collect(), 8192),
+        ((0..32).map(|i| 8192 + 40 + 97 * i).collect(), 8192),
+        (vec![3000, 40, 0, 777, 5000], 0),
+        ((0..48).map(|i| 2048 + 200 + (i * 7919) % 300).collect(), 2048),
+        ((0..5).map(|i| 20000 + 5 * i).collect(), 16384),
+        (vec![1, 17], 0),
+    ];
+    let first = Workload::<bf16>::random(&spec(&steps[0].0), &mut rng).unwrap();
+    let cache_len = max_pages * first.kv.page_stride(128);
+    let mut cache = e.alloc::<bf16>(cache_len).unwrap();
+    let mut q = e.alloc::<bf16>(max_batch * 16 * 128).unwrap();
+    let mut res = DeviceResult::<bf16>::poisoned(&e, max_batch * 16 * 128, max_batch * 16).unwrap();
+    let p = v.bind(&[("sinks".to_string(), attnforge::spec::params::ParamInput::Scalar(0.5))].into(), Dims { qo_heads: 16, kv_heads: 4, batch: max_batch }).unwrap();
+    let mut captured = None;
+    let mut cascades = 0;
+    for (i, (lens, shared)) in steps.iter().enumerate() {
+        let mut wl = Workload::<bf16>::random(&spec(lens), &mut rng).unwrap();
+        if *shared > 0 {
+            wl.share_prefix(*shared);
+        }
+        wl.kv.num_pages = max_pages;
+        wl.k.resize(cache_len, bf16::from_f32(0.25));
+        let batch = wl.batch();
+        let plan = w.plan(&batch, &p).unwrap().clone();
+        cascades += usize::from(w.plans_cascade());
+        assert_eq!(w.plans_cascade(), *shared > 0, "step {i}: a cascade iff the step shares a prefix");
+        e.copy_into(&wl.k, &mut cache).unwrap();
+        e.copy_into(&wl.q, &mut q).unwrap();
+        if captured.is_none() {
+            e.synchronize().unwrap();
+            e.stream().begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+            w.run(&q, KvCache::Interleaved(&cache), DeviceOutput { o: &mut res.o, lse: &mut res.lse }).unwrap();
+            captured = e.stream().end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap();
+        }
+        e.copy_into(&vec![bf16::from_f32(f32::NAN); max_batch * 16 * 128], &mut res.o).unwrap();
+        e.copy_into(&vec![f32::NAN; max_batch * 16], &mut res.lse).unwrap();
+        captured.as_ref().unwrap().launch().unwrap();
+        let all = res.download(&e).unwrap();
+        let total_q = batch.total_q();
+        let got = attnforge::reference::AttnOutput { o: all.o[..total_q * 16 * 128].to_vec(), lse: all.lse[..total_q * 16].to_vec() };
+        let want = attention(&v, &p, &batch, &wl.q, &wl.k, &wl.k, None).unwrap();
+        let cmp = compare(&got, &want, attnforge::kv::DType::Bf16, 128);
+        let pre = plan.prefix.as_ref().map_or(0, |x| x.work.len());
+        eprintln!("decode cascade graph step {i}: {} requests, shared {shared}: {pre} group items, {} decode items, {} merges: {cmp}", lens.len(), plan.work.len(), plan.merge.len());
+        assert!(cmp.ok(), "step {i}: {cmp}");
+    }
+    assert_eq!(cascades, 4);
 }
