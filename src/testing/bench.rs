@@ -542,6 +542,37 @@ fn event_median_us(e: &Engine, per_sample: usize, run: &mut dyn FnMut() -> Resul
     Ok(median(samples))
 }
 
+/// Device µs per call of `run` captured `calls` times into one CUDA graph: three warm-up
+/// replays, then the median of 7 samples of 5 replays.
+fn graph_median_us(e: &Engine, calls: usize, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
+    e.synchronize()?;
+    e.stream().begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cu)?;
+    let mut captured = Ok(());
+    for _ in 0..calls {
+        captured = captured.and_then(|_| run());
+    }
+    let graph = e.stream().end_capture(CUgraphInstantiate_flags(0)).map_err(cu)?;
+    captured?;
+    let graph = graph.ok_or_else(|| Error::Cuda { call: "end capture".into(), detail: "an empty graph".into() })?;
+    for _ in 0..3 {
+        graph.launch().map_err(cu)?;
+    }
+    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
+    let mut samples = Vec::new();
+    for _ in 0..7 {
+        start.record(e.stream()).map_err(cu)?;
+        for _ in 0..5 {
+            graph.launch().map_err(cu)?;
+        }
+        end.record(e.stream()).map_err(cu)?;
+        end.synchronize().map_err(cu)?;
+        samples.push(f64::from(start.elapsed_ms(&end).map_err(cu)?) * 1e3 / (5 * calls) as f64);
+    }
+    Ok(median(samples))
+}
+
 /// A cascade benchmark: decode requests that share one prompt (`prefix` tokens, the same pages)
 /// and then have `suffix[b]` tokens of their own.
 #[derive(Debug, Clone)]
@@ -582,6 +613,11 @@ pub struct CascadeResult {
     pub decode_cascade_us: f64,
     /// Host time of the decode cascade's plan (detection not included), µs.
     pub decode_plan_us: f64,
+    /// Plain decode in fixed-grid mode, as CUDA-graph replays, µs.
+    pub graph_plain_us: f64,
+    /// The decode cascade in fixed-grid mode (its prefix on one fixed wave of prefill CTAs), as
+    /// CUDA-graph replays, µs.
+    pub graph_decode_cascade_us: f64,
     /// Levels of the cascade.
     pub levels: usize,
     /// Group items of the cascade plan.
@@ -658,14 +694,28 @@ pub fn bench_cascade(e: &Engine, shape: &CascadeShape) -> Result<CascadeResult> 
     let mut o3 = e.alloc::<bf16>(n * QO_HEADS * HEAD_DIM)?;
     let mut lse3 = e.alloc::<f32>(n * QO_HEADS)?;
     let decode_cascade_us = time(&mut || e.run_decode_cascade(&dk, &pk, &dplan, &dbufs, &dpd, &table, &dev, DeviceOutput { o: &mut o3, lse: &mut lse3 }, None))?;
+    // CUDA graphs of fixed-grid plans, at a graph wrapper's capacity for this batch.
+    let fixed = PlanMode::FixedGrid { max_ctas: crate::plan::decode_fixed_grid_bound(&v, e.plan_target(&dk), KV_HEADS, n) };
+    let gplain = e.plan_decode(&dk, &params, &batch, fixed)?;
+    let mut gpbufs = None;
+    e.upload_plan(&gplain, &mut gpbufs)?;
+    let gpbufs = gpbufs.ok_or(crate::error::PlanError::NotUploaded)?;
+    let graph_plain_us = graph_median_us(e, 10, &mut || e.run_decode(&dk, &gplain, &gpbufs, &dpd, &table, &dev, DeviceOutput { o: &mut o, lse: &mut lse }, None))?;
+    let gplan = e.plan_decode_cascade(&dk, &pk, &params, &batch, &c, fixed)?;
+    let mut gbufs = None;
+    e.upload_plan(&gplan, &mut gbufs)?;
+    let gbufs = gbufs.ok_or(crate::error::PlanError::NotUploaded)?;
+    let mut o4 = e.alloc::<bf16>(n * QO_HEADS * HEAD_DIM)?;
+    let mut lse4 = e.alloc::<f32>(n * QO_HEADS)?;
+    let graph_decode_cascade_us = graph_median_us(e, 10, &mut || e.run_decode_cascade(&dk, &pk, &gplan, &gbufs, &dpd, &table, &dev, DeviceOutput { o: &mut o4, lse: &mut lse4 }, None))?;
     // The paths must agree (floating-point reassociation only).
     let a = e.download(&o)?;
-    for (what, other) in [("cascade", &o2), ("decode cascade", &o3)] {
+    for (what, other) in [("cascade", &o2), ("decode cascade", &o3), ("graph decode cascade", &o4)] {
         let b = e.download(other)?;
         let worst = a.iter().zip(&b).map(|(x, y)| (x.to_f32() - y.to_f32()).abs()).fold(0.0f32, f32::max);
         if worst.is_nan() || worst >= 2e-2 {
             return Err(Error::UnsupportedConfig(format!("{}: the {what}'s output differs from plain decode by {worst}", shape.name)));
         }
     }
-    Ok(CascadeResult { shape: shape.clone(), plain_us, cascade_us, decode_cascade_us, decode_plan_us, levels: c.levels.len(), items: plan.work.len(), plan_us })
+    Ok(CascadeResult { shape: shape.clone(), plain_us, cascade_us, decode_cascade_us, decode_plan_us, graph_plain_us, graph_decode_cascade_us, levels: c.levels.len(), items: plan.work.len(), plan_us })
 }

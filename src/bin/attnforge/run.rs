@@ -544,17 +544,24 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
     if suites.contains(&Suite::Cascade) {
         println!("\ncascade (causal decode over a shared prompt): bf16, 32/8 heads, d128, page 16; CUDA events, median of 7 × 10 launches of one step");
         println!("  (cascade: every level on the prefill kernel; decode cascade: shared levels on the prefill kernel, suffixes on the decode kernel)");
-        println!("  {:<30} {:>10} {:>12} {:>8} {:>12} {:>8} {:>7} {:>7} {:>9} {:>9}", "workload", "plain µs", "cascade µs", "speedup", "dec-casc µs", "speedup", "levels", "items", "plan µs", "dplan µs");
+        println!("  (graph: fixed-grid plans, 10 launches captured in one CUDA graph, median of 7 × 5 replays)");
+        println!(
+            "  {:<30} {:>10} {:>12} {:>8} {:>12} {:>8} {:>11} {:>13} {:>8} {:>7} {:>7} {:>9} {:>9}",
+            "workload", "plain µs", "cascade µs", "speedup", "dec-casc µs", "speedup", "g-plain µs", "g-dec-casc µs", "speedup", "levels", "items", "plan µs", "dplan µs"
+        );
         for s in attnforge::testing::bench::cascade_shapes() {
             let r = attnforge::testing::bench::bench_cascade(&e, &s)?;
             println!(
-                "  {:<30} {:>10.1} {:>12.1} {:>7.2}× {:>12.1} {:>7.2}× {:>7} {:>7} {:>9.1} {:>9.1}",
+                "  {:<30} {:>10.1} {:>12.1} {:>7.2}× {:>12.1} {:>7.2}× {:>11.1} {:>13.1} {:>7.2}× {:>7} {:>7} {:>9.1} {:>9.1}",
                 s.name,
                 r.plain_us,
                 r.cascade_us,
                 r.plain_us / r.cascade_us,
                 r.decode_cascade_us,
                 r.plain_us / r.decode_cascade_us,
+                r.graph_plain_us,
+                r.graph_decode_cascade_us,
+                r.graph_plain_us / r.graph_decode_cascade_us,
                 r.levels,
                 r.items,
                 r.plan_us,
@@ -563,6 +570,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
             records.push(serde_json::json!({
                 "suite": "cascade", "workload": s.name, "prefix": s.prefix, "suffix": s.suffix, "plain_us": r.plain_us, "cascade_us": r.cascade_us,
                 "decode_cascade_us": r.decode_cascade_us, "decode_plan_us": r.decode_plan_us,
+                "graph_plain_us": r.graph_plain_us, "graph_decode_cascade_us": r.graph_decode_cascade_us,
                 "levels": r.levels, "items": r.items, "plan_us": r.plan_us,
             }));
         }
