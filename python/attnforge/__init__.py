@@ -368,7 +368,9 @@ class _Wrapper:
         """Whether the planned step runs as a cascade: requests that share leading pages (a
         prefix cache's shared prompt) have those keys read once for all their queries, on the
         prefill kernel, and the states merged. Detected from the page table at ``plan`` when it
-        pays (``cascade=True``, the default; never in CUDA-graph mode)."""
+        pays (``cascade=True``). A prefill wrapper runs every level on its prefill kernel (never
+        in CUDA-graph mode); a decode wrapper runs the shared prefixes on the prefill kernel of
+        its variant and each request's own keys on the decode kernel, in CUDA-graph mode too."""
         return self._core.cascaded()
 
     def _stream(self, hint, stream):
@@ -405,15 +407,24 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     :class:`PlanError` (a captured eager plan would replay stale buffers). In graph mode ``q``,
     ``out`` and ``lse`` hold ``max_batch_size`` rows; rows beyond the planned batch are not
     written.
+
+    ``cascade``: run batches whose requests share leading pages as decode cascades (see
+    :attr:`is_cascade`). ``None`` (the default) means on in eager mode and off in CUDA-graph
+    mode, where it costs every step one launch of idle prefill CTAs even when nothing is shared;
+    ``True`` turns it on in graph mode as well (one captured graph then replays steps with and
+    without a shared prefix). The cascade kernel is compiled at the first step that shares a
+    prefix (in graph mode, at the first ``plan``).
     """
 
-    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=False, use_tensor_cores=False, paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None, backend="auto", *, device=None, max_batch_size=None, max_pages=None, max_ctas=None, deterministic=False, cascade=True):
+    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=False, use_tensor_cores=False, paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None, backend="auto", *, device=None, max_batch_size=None, max_pages=None, max_ctas=None, deterministic=False, cascade=None):
         self._device = _device_of(float_workspace_buffer, device)
         if paged_kv_indptr_buffer is not None and max_batch_size is None:
             max_batch_size = len(paged_kv_indptr_buffer) - 1
         if paged_kv_indices_buffer is not None and max_pages is None:
             max_pages = len(paged_kv_indices_buffer)
         self._layout = kv_layout
+        if cascade is None:
+            cascade = not use_cuda_graph
         self._core = _DecodeCore(self._device, kv_layout, bool(use_cuda_graph), max_batch_size, max_pages, max_ctas, bool(deterministic), bool(cascade))
         self.is_cuda_graph_enabled = bool(use_cuda_graph)
 

@@ -130,11 +130,10 @@ pub struct Core<F: Family> {
     current: Option<(Key, Wrapper<'static, F>)>,
     /// When a plan goes through a cascade (shared prefixes read once).
     policy: Policy,
-    /// A decode wrapper's cascade path: the prefill kernel of the same variant, which runs a
-    /// decode batch's cascade (its prefix groups as tiles of many query rows).
-    cascade: Option<(Key, Wrapper<'static, Prefill>)>,
-    /// Whether the last plan went through `cascade`.
-    cascaded: bool,
+    /// Whether a decode wrapper has tried to load its cascade kernel (the prefill kernel of the
+    /// same variant, on which a decode cascade's shared prefixes run): in graph mode when the
+    /// wrapper is made, in eager mode at the first step that shares a prefix.
+    cascade_tried: bool,
     step: Option<Step>,
     /// In graph mode, the fewest pages of the caches `run` has seen: a captured graph replays on
     /// them without a `run`, so `plan` checks the page table against this.
@@ -170,7 +169,7 @@ impl<F: Family> Core<F> {
             return Err(argument_error(py, "deterministic and use_cuda_graph: a graph's fixed-grid plan is its own schedule; choose one"));
         }
         let policy = Policy { enabled: cascade, ..Policy::default() };
-        Ok(Core { device, layout, graph, mode, interleaved: false, current: None, policy, cascade: None, cascaded: false, step: None, cache_pages: None })
+        Ok(Core { device, layout, graph, mode, interleaved: false, current: None, policy, cascade_tried: false, step: None, cache_pages: None })
     }
 
     /// The planned step's (total query tokens, query heads, value head dim).
@@ -233,50 +232,33 @@ impl<F: Family> Core<F> {
             let kernel = Arc::new(e.load::<F>(&step.variant, &cfg).or_raise(py)?);
             let graph = self.graph.map(|g| GraphCapacity { max_ctas: if g.max_ctas == 0 { fixed_grid_bound::<F>(e, &kernel, &g, &step) } else { g.max_ctas }, ..g });
             let options = WrapperOptions { mode: self.mode, graph, sm_scale: step.sm_scale, cascade: self.policy };
-            let w = Wrapper::<F>::with_kernel(e, kernel, options).or_raise(py)?;
+            // A graph's buffers are fixed now: a decode wrapper that may run cascades takes its
+            // cascade kernel at once (every step then carries the cascade's prefix section).
+            self.cascade_tried = false;
+            let w = if self.graph.is_some() && self.wants_cascade() {
+                self.cascade_tried = true;
+                self.with_cascade(py, e, &step, &cfg, kernel, options)?
+            } else {
+                Wrapper::<F>::with_kernel(e, kernel, options).or_raise(py)?
+            };
             self.current = Some((key, w));
         }
         let shape = step.shape(self.layout);
         let batch = Batch { qo_indptr: &step.qo_indptr, pages: &step.pages, kv: shape, qo_heads: step.qo_heads };
         let s = stream_of(e, stream);
         self.step = None;
-        self.cascaded = false;
-        // A decode batch whose requests share leading pages runs as a cascade on the prefill
-        // kernel (eager mode only: a graph's buffers have no room for it).
-        // Default plans only: a deterministic plan's bits must not depend on the rest of the
-        // batch, which decides the levels. Where the cascade cannot be planned (a config the
-        // prefill kernel lacks), the batch is planned as ordinary decode, and a warning says so.
-        if F::OP == attnforge::jit::Op::Decode && self.graph.is_none() && self.policy.enabled && matches!(self.mode, PlanMode::Default) {
+        // In eager mode a decode wrapper takes its cascade kernel at the first step whose
+        // requests share leading pages (most batches never do, and the kernel costs a compile).
+        if self.graph.is_none() && !self.cascade_tried && self.wants_cascade() {
             let valid = batch.validated().or_raise(py)?;
             if attnforge::cascade::detect(&valid, &self.policy).is_some() {
-                let (policy, mode) = (self.policy, self.mode);
-                let cascade = &mut self.cascade;
-                let mut try_cascade = || -> attnforge::Result<bool> {
-                    let pcfg = KernelConfig::prefill(step.head_dim_qk, step.head_dim_vo, step.dtype, cfg.group)?;
-                    let pkey = Key { variant: step.variant.clone(), cfg: pcfg.clone(), sm_scale: step.sm_scale.map(f32::to_bits) };
-                    if cascade.as_ref().is_none_or(|(k, _)| *k != pkey) {
-                        *cascade = None;
-                        let kernel = Arc::new(e.load::<Prefill>(&step.variant, &pcfg)?);
-                        let options = WrapperOptions { mode, graph: None, sm_scale: step.sm_scale, cascade: policy };
-                        *cascade = Some((pkey, Wrapper::<Prefill>::with_kernel(e, kernel, options)?));
-                    }
-                    let Some((_, pw)) = cascade.as_mut() else { return Ok(false) };
-                    pw.plan_on(&s, &batch, &step.params)?;
-                    Ok(pw.plans_cascade())
-                };
-                match try_cascade() {
-                    Ok(true) => {
-                        self.cascaded = true;
-                        self.step = Some(step);
-                        return Ok(());
-                    }
-                    Ok(false) => {}
-                    Err(attnforge::Error::UnsupportedConfig(why)) => {
-                        let msg = std::ffi::CString::new(format!("attnforge: the batch shares a prefix, but it is planned without a cascade: {why}").replace('\0', " ")).unwrap_or_default();
-                        PyErr::warn(py, &py.get_type::<pyo3::exceptions::PyRuntimeWarning>(), &msg, 1)?;
-                    }
-                    Err(e) => return Err(to_py(py, e)),
-                }
+                self.cascade_tried = true;
+                let (key, w) = self.current.take().ok_or_else(|| argument_error(py, "no kernel"))?;
+                let options = WrapperOptions { mode: self.mode, graph: None, sm_scale: step.sm_scale, cascade: self.policy };
+                let kernel = w.kernel().clone();
+                drop(w);
+                let w = self.with_cascade(py, e, &step, &cfg, kernel, options)?;
+                self.current = Some((key, w));
             }
         }
         let (_, w) = self.current.as_mut().ok_or_else(|| argument_error(py, "no kernel"))?;
@@ -285,9 +267,31 @@ impl<F: Family> Core<F> {
         Ok(())
     }
 
+    /// Whether this is a decode wrapper whose batches may run as decode cascades (default and
+    /// graph plans: a deterministic plan's bits must not depend on the rest of the batch, which
+    /// decides the levels).
+    fn wants_cascade(&self) -> bool {
+        F::OP == attnforge::jit::Op::Decode && self.policy.enabled && !matches!(self.mode, PlanMode::Deterministic { .. })
+    }
+
+    /// A decode wrapper of `kernel` with the prefill kernel of the same variant for its
+    /// cascades; without it (and a warning saying why) where that kernel has no config.
+    fn with_cascade(&self, py: Python<'_>, e: &'static Engine, step: &Step, cfg: &KernelConfig, kernel: Arc<attnforge::engine::Kernel<F>>, options: WrapperOptions) -> PyResult<Wrapper<'static, F>> {
+        let prefill = KernelConfig::prefill(step.head_dim_qk, step.head_dim_vo, step.dtype, cfg.group).and_then(|pcfg| e.load::<Prefill>(&step.variant, &pcfg));
+        match prefill {
+            Ok(pk) => Wrapper::<F>::with_cascade_kernel(e, kernel, Arc::new(pk), options).or_raise(py),
+            Err(attnforge::Error::UnsupportedConfig(why)) => {
+                let msg = std::ffi::CString::new(format!("attnforge: decode batches that share a prefix are planned without a cascade: {why}").replace('\0', " ")).unwrap_or_default();
+                PyErr::warn(py, &py.get_type::<pyo3::exceptions::PyRuntimeWarning>(), &msg, 1)?;
+                Wrapper::<F>::with_kernel(e, kernel, options).or_raise(py)
+            }
+            Err(err) => Err(to_py(py, err)),
+        }
+    }
+
     /// Whether the last plan runs as a cascade (shared prefixes read once).
     fn cascaded(&self) -> bool {
-        self.step.is_some() && (self.cascaded || self.current.as_ref().is_some_and(|(_, w)| w.plans_cascade()))
+        self.step.is_some() && self.current.as_ref().is_some_and(|(_, w)| w.plans_cascade())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -355,10 +359,8 @@ impl<F: Family> Core<F> {
         // the caller's cache holds), so the launch reads and writes inside the caller's tensors,
         // which stay alive (`qt`, `cache`, `ot`, `lt`) until the launch is queued.
         unsafe {
-            match (&self.cascade, self.cascaded, want) {
-                (Some((_, pw)), true, Dt::F16) => launch::<Prefill, f16>(pw, &s, step.interleaved, ptrs, lens),
-                (Some((_, pw)), true, _) => launch::<Prefill, bf16>(pw, &s, step.interleaved, ptrs, lens),
-                (_, _, Dt::F16) => launch::<F, f16>(w, &s, step.interleaved, ptrs, lens),
+            match want {
+                Dt::F16 => launch::<F, f16>(w, &s, step.interleaved, ptrs, lens),
                 _ => launch::<F, bf16>(w, &s, step.interleaved, ptrs, lens),
             }
         }

@@ -362,3 +362,51 @@ def test_a_device_merge_replays_in_a_cuda_graph():
         want_v, want_s = attnforge.merge_states(v[:, :2].double().cpu().numpy(), s[:, :2].double().cpu().numpy())
         np.testing.assert_allclose(out_v.double().cpu().numpy(), want_v, rtol=2e-3, atol=2e-3)
         np.testing.assert_allclose(out_s.double().cpu().numpy(), want_s, rtol=1e-5, atol=1e-4)
+
+
+def test_a_decode_cascade_replays_in_a_cuda_graph():
+    """cascade=True in CUDA-graph mode: one graph captured on a step that shares a prefix replays
+    steps that share one of another length, share nothing, and share again, each against SDPA."""
+    B, ps, d, qh, kvh = 12, 16, 128, 16, 4
+    max_pages = 2048
+    kc, vc = cache(max_pages, ps, kvh, d, torch.bfloat16)
+    w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=B, max_pages=max_pages, cascade=True)
+    rng = np.random.default_rng(8)
+    q = torch.randn((B, qh, d), dtype=torch.bfloat16, device=DEV)
+    out = torch.empty((B, qh, d), dtype=torch.bfloat16, device=DEV)
+    lse = torch.empty((B, qh), dtype=torch.float32, device=DEV)
+
+    def table(n, shared_pages):
+        # Request b: the shared pages (if any), then its own 1-40 pages with a partial last one.
+        pages = rng.permutation(max_pages).tolist()
+        shared, pages = pages[:shared_pages], pages[shared_pages:]
+        indptr, indices, last = [0], [], []
+        for _ in range(n):
+            own = int(rng.integers(1, 40))
+            indices += shared + pages[:own]
+            pages = pages[own:]
+            indptr.append(len(indices))
+            last.append(int(rng.integers(1, ps + 1)))
+        return indptr, indices, last
+
+    def plan(n, shared_pages):
+        indptr, indices, last = table(n, shared_pages)
+        w.plan(indptr, indices, last, qh, kvh, d, ps, q_data_type=torch.bfloat16)
+        return indptr, indices, last
+
+    plan(B, 256)
+    assert w.is_cascade
+    w.run(q, (kc, vc), out=out, lse=lse)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q, (kc, vc), out=out, lse=lse)
+    for step, (n, shared) in enumerate([(B, 256), (B, 64), (5, 0), (B, 500), (6, 256)]):
+        indptr, indices, last = plan(n, shared)
+        assert w.is_cascade == (shared > 0), f"step {step}"
+        q.copy_(torch.randn_like(q))
+        g.replay()
+        torch.cuda.synchronize()
+        for b in range(n):
+            k, v = rows_of(kc, vc, indptr, indices, last, b, ps, "NHD")
+            torch.testing.assert_close(out[b:b + 1].double(), sdpa(q[b:b + 1], k, v, None, d**-0.5), rtol=2e-2, atol=2e-2, msg=f"step {step}, request {b}")
