@@ -123,6 +123,16 @@ fn cascade(c: &mut Criterion) {
     c.bench_function("cascade/plan_cascade B=256 all share 32K", |bch| {
         bch.iter(|| attnforge::plan::plan_cascade(&v, &params, black_box(&valid), &cascade, 128, target, attnforge::plan::PlanMode::Default).unwrap())
     });
+    // The decode cascade of the same batch (the decode wrapper's path: detection, then the
+    // plan; the shared level on the 128-row prefill tile, the suffixes on the decode kernel).
+    let ptarget = attnforge::plan::PlanTarget { ctas: 132 * 2, kv_tile: 64, resident: 0, always_balance: false };
+    let dtarget = attnforge::plan::PlanTarget { ctas: 132, kv_tile: 64, resident: 132 * 2, always_balance: false };
+    c.bench_function("cascade/detect + plan_decode_cascade B=256 all share 32K", |bch| {
+        bch.iter(|| {
+            let cascade = detect(black_box(&valid), &Policy::default()).unwrap();
+            attnforge::plan::plan_decode_cascade(&v, &params, &valid, &cascade, 128, ptarget, dtarget, attnforge::plan::PlanMode::Default).unwrap()
+        })
+    });
 }
 
 criterion_group!(benches, spec, jit, plan, cascade);
