@@ -22,7 +22,7 @@ mod decode;
 mod prefill;
 
 pub use self::decode::{plan_decode, wants_wide_tile, DecodePlan};
-pub use self::prefill::{decode_cascade_prefix_ctas, plan_cascade, plan_decode_cascade, plan_prefill, with_cascade_capacity, PrefillPlan};
+pub use self::prefill::{decode_cascade_prefix_ctas, plan_cascade, FOLD_KEY_ROWS_PER_SM, plan_decode_cascade, plan_prefill, with_cascade_capacity, PrefillPlan};
 
 use crate::abi::MergeWork;
 use crate::spec::eval::{eval, Env};

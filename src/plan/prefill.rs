@@ -361,6 +361,14 @@ pub fn plan_cascade(variant: &Variant, params: &ParamValues, batch: &ValidBatch<
     })
 }
 
+/// When an eager decode cascade's suffixes run in its prefix launch instead of a decode launch
+/// of their own: their keys × KV heads × the prefill tile's rows (each one-token suffix item
+/// pays for a whole tile) at most this many per SM. A model from the H200's cascade sweep
+/// (`bench --suite cascade`): a launch and its merge gap cost about what 8192 key-rows of
+/// prefill tile per SM do; below it (n 4-8 sharing 4096) the all-prefill cascade was 3-7 µs
+/// faster, above it (B 128 × 256 own keys) the decode launch saved 86 µs of padding.
+pub const FOLD_KEY_ROWS_PER_SM: usize = 8192;
+
 /// Prefill CTAs (per KV head) a fixed-grid decode cascade reserves for its shared levels: one
 /// wave of the prefill target. A captured graph launches this many whatever the step shares.
 pub fn decode_cascade_prefix_ctas(prefill_target: PlanTarget, kv_heads: usize) -> usize {
@@ -419,6 +427,10 @@ pub fn with_cascade_capacity(mut plan: DecodePlan, batch: &ValidBatch<'_>, rows:
 /// one merge item per token combines them (the sink added there, once); a request outside every
 /// shared group with one piece writes its output directly. The prefix launch runs first, then
 /// the decode launch and the merge, over one workspace.
+///
+/// An eager ([`PlanMode::Default`]) plan whose suffixes all belong to shared requests and are
+/// small ([`FOLD_KEY_ROWS_PER_SM`]) runs them in the prefix launch as one-request items: no
+/// decode launch (the plan's grid is 0), one launch and one merge.
 ///
 /// In fixed-grid (CUDA-graph) mode the plan has the layout of [`with_cascade_capacity`]: the
 /// prefix runs on [`decode_cascade_prefix_ctas`] CTAs per KV head, its chunk is the smallest
@@ -507,12 +519,28 @@ pub fn plan_decode_cascade(
         }
         spans.extend(runs.into_iter().map(|(s, e)| (r, s.max(vlo), e.min(vhi))).filter(|s| s.2 > s.1));
     }
+    let mut in_shared = vec![false; b];
+    for (_, m) in &shared {
+        for &r in m {
+            in_shared[r] = true;
+        }
+    }
+    // Small suffixes of shared requests ride in the prefix launch as one-request items (their
+    // tile's other rows padding) instead of taking a decode launch of their own (eager plans
+    // only: a fixed grid keeps its layout, a deterministic plan must not depend on the batch).
+    let span_keys = |spans: &[(usize, usize, usize)]| spans.iter().map(|s| s.2 - s.1).sum::<usize>();
+    let fold = matches!(mode, PlanMode::Default)
+        && !shared.is_empty()
+        && !spans.is_empty()
+        && spans.iter().all(|s| in_shared[s.0])
+        && span_keys(&spans).saturating_mul(kv.kv_heads).saturating_mul(rows) <= FOLD_KEY_ROWS_PER_SM.saturating_mul(decode_target.ctas.max(1));
+    let folded: Vec<(usize, usize, usize)> = if fold { std::mem::take(&mut spans) } else { Vec::new() };
     let (tile_p, tile_d) = (prefill_target.kv_tile.max(1), decode_target.kv_tile.max(1));
     let pieces = |len: usize, chunk: usize, tile: usize| len.div_ceil(split_piece(len, chunk, tile, det));
     let chunk_p = match mode {
         PlanMode::Deterministic { chunk } => chunk,
         _ => {
-            let total: usize = shared.iter().map(|(g, m)| blocks(m) * g.len).sum();
+            let total: usize = shared.iter().map(|(g, m)| blocks(m) * g.len).sum::<usize>() + span_keys(&folded);
             match fixed {
                 _ if total == 0 => usize::MAX,
                 None => wave_chunk(total, kv.kv_heads, prefill_target),
@@ -530,7 +558,7 @@ pub fn plan_decode_cascade(
             }
         }
     };
-    let suffix_total: usize = spans.iter().map(|s| s.2 - s.1).sum();
+    let suffix_total = span_keys(&spans);
     let mut chunk_d = match mode {
         PlanMode::Deterministic { chunk } => chunk,
         _ if spans.len() * kv.kv_heads >= decode_target.ctas || suffix_total == 0 => usize::MAX,
@@ -546,12 +574,13 @@ pub fn plan_decode_cascade(
         }
     }
     let mut count = vec![0usize; b];
-    let mut in_shared = vec![false; b];
     for (g, m) in &shared {
         for &r in m {
             count[r] += pieces(g.len, chunk_p, tile_p);
-            in_shared[r] = true;
         }
+    }
+    for s in &folded {
+        count[s.0] += pieces(s.2 - s.1, chunk_p, tile_p);
     }
     for s in &spans {
         count[s.0] += pieces(s.2 - s.1, chunk_d, tile_d);
@@ -593,6 +622,20 @@ pub fn plan_decode_cascade(
         for &r in m {
             used[r] += n;
         }
+    }
+    for &(r, lo, hi) in &folded {
+        let piece = split_piece(hi - lo, chunk_p, tile_p, det);
+        let n = (hi - lo).div_ceil(piece);
+        if n > 1 {
+            used_chunk_p = used_chunk_p.max(piece);
+        }
+        for c in 0..n {
+            let (s, e) = (lo + c * piece, (lo + (c + 1) * piece).min(hi));
+            let at = table.len();
+            table.push([r as i32, batch.qo_indptr[r], (base[r] + used[r] + c) as i32, 0]);
+            work_p.push((e - s, PrefillWork { req: r as i32, row_start: at as i32, kv_begin: s as i32, kv_end: e as i32, partial: -1, stride: -1 }));
+        }
+        used[r] += n;
     }
     if table.len() > i32::MAX as usize {
         return Err(PlanError::Invalid(format!("the cascade's group table has {} entries, more than the kernels index", table.len())).into());

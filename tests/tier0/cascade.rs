@@ -443,8 +443,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     /// The decode cascade plan on random tries of decode batches (one query token or none): the
-    /// prefix level holds only groups of two or more requests, the decode items only one
-    /// request's keys; every partial slot is written exactly once (by a group-item row or a
+    /// prefix level holds groups of two or more requests (and, folded, small suffixes of their
+    /// members), the decode items only one request's keys; every partial slot is written exactly once (by a group-item row or a
     /// decode item), a token's slots cover its request's keys exactly once, a request without
     /// a merge item has one direct decode item over all its keys, and the packed buffer carries
     /// the prefix level's own plan at the offset the plan names.
@@ -535,5 +535,52 @@ proptest! {
         prop_assert_eq!(&packed[off..], &pp.packed()[..]);
         prop_assert_eq!(packed[1] as usize, plan.merge.len());
         prop_assert_eq!(packed[0] as usize, plan.work.len());
+    }
+}
+
+#[test]
+fn an_eager_decode_cascade_folds_small_suffixes_into_its_prefix_launch() {
+    use attnforge::plan::{plan_decode_cascade, Plan, PlanMode, PlanTarget, FOLD_KEY_ROWS_PER_SM};
+    // n requests share a 4096-token prefix (256 pages of 16), then `own` pages each; 32/8 heads.
+    let run = |n: usize, own: usize, rows: usize, mode: PlanMode| {
+        let mut indptr = vec![0i32];
+        let mut indices = Vec::new();
+        for r in 0..n as i32 {
+            indices.extend(0..256);
+            indices.extend((0..own as i32).map(|j| 256 + r * own as i32 + j));
+            indptr.push(indices.len() as i32);
+        }
+        let pages = PageTable { indptr, indices, last_page_len: vec![16; n] };
+        let qo: Vec<i32> = (0..=n as i32).collect();
+        let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: 256 + n * own, page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
+        let b = Batch { qo_indptr: &qo, pages: &pages, kv, qo_heads: 32 };
+        let valid = b.validated().unwrap();
+        let cascade = detect(&valid, &Policy::default()).expect("a shared 4096-token prefix pays");
+        let v = shipped::resolve("causal").unwrap();
+        let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: n }).unwrap();
+        let pt = PlanTarget { ctas: 132, kv_tile: 64, resident: 0, always_balance: false };
+        let dt = PlanTarget { ctas: 132, kv_tile: 64, resident: 264, always_balance: false };
+        let plan = plan_decode_cascade(&v, &p, &valid, &cascade, rows, pt, dt, mode).unwrap();
+        let pre = plan.prefix.as_deref().unwrap();
+        // Every own key is read once, by the prefix launch or by the decode items.
+        let own_keys = |w_begin: i32, w_end: i32| (w_end.min(4096 + 16 * own as i32) - w_begin.max(4096)).max(0) as usize;
+        let in_prefix: usize = pre.work.iter().map(|w| own_keys(w.kv_begin, w.kv_end) * (-w.stride) as usize).sum();
+        let in_decode: usize = plan.work.iter().map(|w| own_keys(w.kv_begin, w.kv_end)).sum();
+        assert_eq!(in_prefix + in_decode, n * own * 16);
+        (plan.work.len(), plan.grid(), in_prefix)
+    };
+    // n 8, 32 own keys each, on the 32-row tile: 8 × 32 × 8 heads × 32 rows = 65 536 key-rows,
+    // under the model's bound: one launch fewer.
+    const { assert!(8 * 32 * 8 * 32 <= FOLD_KEY_ROWS_PER_SM * 132) };
+    let (work, grid, in_prefix) = run(8, 2, 32, PlanMode::Default);
+    assert_eq!((work, grid, in_prefix), (0, 0, 8 * 32));
+    // B 128 × 256 own keys on the 128-row tile: 33.5 M key-rows, over it: decode items.
+    let (work, grid, in_prefix) = run(128, 16, 128, PlanMode::Default);
+    assert!(work >= 128 && grid > 0 && in_prefix == 0, "{work} {grid} {in_prefix}");
+    // Deterministic and fixed-grid plans never fold (the batch must not change a request's
+    // kernels; a graph's layout is fixed).
+    for mode in [PlanMode::Deterministic { chunk: 512 }, PlanMode::FixedGrid { max_ctas: 4096 }] {
+        let (work, _, in_prefix) = run(8, 2, 32, mode);
+        assert!(work >= 8 && in_prefix == 0, "{mode:?}");
     }
 }
