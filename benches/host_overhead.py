@@ -87,6 +87,17 @@ def main():
         ev[1].record()
         torch.cuda.synchronize()
         res["af gpu (32 launches, µs each)"] = ev[0].elapsed_time(ev[1]) * 1e3 / LAYERS
+        # A graph wrapper's plan (the serving loop's graph mode: capacity 16 requests, 2^17 pages).
+        gw = af.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=16, max_pages=1 << 17)
+        gplan = lambda: gw.plan(t_indptr, t_indices, t_last, QO, KV, D, PAGE, q_data_type=DT)  # noqa: E731
+        gplan()
+        gw.run(q, layer[0], out=o, lse=lse)
+        res["af graph plan (CPU tensors)"] = per_call(lambda i: gplan(), args.reps // 4)
+        gc = af.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=16, max_pages=1 << 17, cascade=True)
+        gcplan = lambda: gc.plan(t_indptr, t_indices, t_last, QO, KV, D, PAGE, q_data_type=DT)  # noqa: E731
+        gcplan()
+        gc.run(q, layer[0], out=o, lse=lse)
+        res["af graph plan, cascade=True (CPU tensors)"] = per_call(lambda i: gcplan(), args.reps // 4)
     if "flashinfer" in args.engines:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from flashinfer_decode import import_flashinfer
@@ -110,6 +121,11 @@ def main():
         ev[1].record()
         torch.cuda.synchronize()
         res["fi gpu (32 launches, µs each)"] = ev[0].elapsed_time(ev[1]) * 1e3 / LAYERS
+        i32 = lambda n: torch.empty(n, dtype=torch.int32, device=DEV)  # noqa: E731
+        gfw = fi.BatchDecodeWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=DEV), "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=i32(b + 1), paged_kv_indices_buffer=i32(1 << 17), paged_kv_last_page_len_buffer=i32(b))
+        gfplan = lambda: gfw.plan(t_indptr, t_indices, t_last, QO, KV, D, PAGE, q_data_type=DT, kv_data_type=DT)  # noqa: E731
+        gfplan()
+        res["fi graph plan (CPU tensors)"] = per_call(lambda i: gfplan(), args.reps // 4)
     print("| call | host µs per call |\n|---|---|")
     for k, v in res.items():
         if isinstance(v, float):
