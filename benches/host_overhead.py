@@ -91,12 +91,12 @@ def main():
         gw = af.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=16, max_pages=1 << 17)
         gplan = lambda: gw.plan(t_indptr, t_indices, t_last, QO, KV, D, PAGE, q_data_type=DT)  # noqa: E731
         gplan()
-        gw.run(q, layer[0], out=o, lse=lse)
+        gw.run(qbuf[:16], layer[0], out=obuf[:16], lse=lbuf[:16])  # graph mode: the capacity's rows
         res["af graph plan (CPU tensors)"] = per_call(lambda i: gplan(), args.reps // 4)
         gc = af.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=16, max_pages=1 << 17, cascade=True)
         gcplan = lambda: gc.plan(t_indptr, t_indices, t_last, QO, KV, D, PAGE, q_data_type=DT)  # noqa: E731
         gcplan()
-        gc.run(q, layer[0], out=o, lse=lse)
+        gc.run(qbuf[:16], layer[0], out=obuf[:16], lse=lbuf[:16])
         res["af graph plan, cascade=True (CPU tensors)"] = per_call(lambda i: gcplan(), args.reps // 4)
     if "flashinfer" in args.engines:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -370,7 +370,8 @@ def test_a_decode_cascade_replays_in_a_cuda_graph():
     B, ps, d, qh, kvh = 12, 16, 128, 16, 4
     max_pages = 2048
     kc, vc = cache(max_pages, ps, kvh, d, torch.bfloat16)
-    w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=B, max_pages=max_pages, cascade=True)
+    # The table holds every request's entries, shared pages once per request (B x (500 + 40)).
+    w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD", use_cuda_graph=True, max_batch_size=B, max_pages=8192, cascade=True)
     rng = np.random.default_rng(8)
     q = torch.randn((B, qh, d), dtype=torch.bfloat16, device=DEV)
     out = torch.empty((B, qh, d), dtype=torch.bfloat16, device=DEV)
