@@ -200,6 +200,29 @@ impl Nvrtc {
         out
     }
 
+    /// Compiles to PTX for `arch`'s virtual architecture (`sm_90a` → `compute_90a`), to check
+    /// which instructions a source emits (tests; the pipeline loads CUBIN only).
+    pub fn compile_ptx(&self, src: &KernelSource, arch: &Arch) -> Result<String> {
+        let mut options = self.options(arch);
+        let virt = format!("--gpu-architecture={}", arch.name().replacen("sm_", "compute_", 1));
+        options.iter_mut().filter(|o| o.starts_with("--gpu-architecture=")).for_each(|o| *o = virt.clone());
+        let code = CString::new(src.code.as_str()).map_err(|_| Error::Render("rendered source contains a NUL byte".into()))?;
+        let file = CString::new(format!("{}.cu", src.name)).map_err(|_| Error::Render("kernel name contains a NUL byte".into()))?;
+        let prog = result::create_program(&code, Some(&file)).map_err(|e| Error::Nvrtc { call: "nvrtcCreateProgram", detail: format!("{e:?}") })?;
+        // SAFETY: `prog` was created above and is destroyed exactly once, below, on every path.
+        let compiled = unsafe { result::compile_program(prog, &options) };
+        // SAFETY: `prog` is live until destroy_program.
+        let log = unsafe { result::get_program_log(prog) }.map(|l| cstr_log(&l)).unwrap_or_default();
+        let out = match compiled {
+            // SAFETY: `prog` compiled successfully and is live.
+            Ok(()) => unsafe { result::get_ptx(prog) }.map(|p| cstr_log(&p)).map_err(|e| Error::Nvrtc { call: "nvrtcGetPTX", detail: format!("{e:?}") }),
+            Err(e) => Err(self.failure(src, &log, &format!("{e:?}"), None)),
+        };
+        // SAFETY: destroys the program created above; nothing uses it afterwards.
+        let _ = unsafe { result::destroy_program(prog) };
+        out
+    }
+
     fn failure(&self, src: &KernelSource, log: &str, code: &str, save_dir: Option<&Path>) -> Error {
         let saved = save_source(src, save_dir).map_err(|e| e.to_string());
         let lines: Vec<&str> = src.code.lines().collect();

@@ -5,5 +5,6 @@
 
 pub mod bench;
 pub mod harness;
+pub mod hopper;
 pub mod npy;
 pub mod workload;

@@ -51,6 +51,7 @@ fn main() {
         trial("a_bits_parameter_beside_one_named_like_its_offsets_compiles", a_bits_parameter_beside_one_named_like_its_offsets_compiles),
         trial("the_abi_probe_compiles", the_abi_probe_compiles),
         trial("the_read_ceiling_probe_compiles", the_read_ceiling_probe_compiles),
+        trial("the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas", the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas),
         trial("the_state_merge_compiles_for_every_output_dtype_and_is_cached", the_state_merge_compiles_for_every_output_dtype_and_is_cached),
         trial("an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile", an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile),
     ];
@@ -313,6 +314,24 @@ fn the_read_ceiling_probe_compiles() {
         let cubin = n.compile(&src, &n.options(&arch), None).unwrap_or_else(|e| panic!("{e}"));
         assert!(!cubin.is_empty());
     }
+}
+
+/// The Hopper primitives (`templates/common/wgmma.cuh`, issue 14) compile for sm_90a, and the
+/// probe's code holds the warpgroup MMAs (four m64n64k16 per entry) with their fence, commit and
+/// wait; the header compiles to nothing elsewhere (sm_80 builds without the instructions).
+fn the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas() {
+    let n = nvrtc();
+    let src = attnforge::testing::hopper::wgmma_probe_source();
+    let sm90: Arch = "sm_90a".parse().unwrap();
+    let ptx = n.compile_ptx(&src, &sm90).unwrap_or_else(|e| panic!("{e}"));
+    for (what, count) in [("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", 4), ("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", 4), ("wgmma.fence.sync.aligned", 2), ("wgmma.commit_group.sync.aligned", 2), ("wgmma.wait_group.sync.aligned 0", 2), ("fence.proxy.async.shared::cta", 2)] {
+        assert_eq!(ptx.matches(what).count(), count, "{what} in the PTX");
+    }
+    let cubin = n.compile(&src, &n.options(&sm90), None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!cubin.is_empty());
+    let sm80: Arch = "sm_80".parse().unwrap();
+    let ptx80 = n.compile_ptx(&src, &sm80).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!ptx80.contains("wgmma.") && !ptx80.contains("fence.proxy.async"), "sm_80 has no warpgroup MMA");
 }
 
 fn the_abi_probe_compiles() {

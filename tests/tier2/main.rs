@@ -6,6 +6,7 @@
 //! Every check compares with the f64 CPU reference through `harness::compare` (its doc comment
 //! justifies the tolerance) on fresh random inputs with poisoned outputs.
 
+mod hopper;
 mod merge;
 mod prefill;
 
@@ -37,7 +38,9 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     // Probe once: without a GPU every test is ignored (and says why), unless one is required.
-    let missing = Engine::new(0).err().map(|e| e.to_string());
+    let probe = Engine::new(0);
+    let hopper = probe.as_ref().is_ok_and(|e| e.arch().name() == "sm_90a");
+    let missing = probe.err().map(|e| e.to_string());
     let required = std::env::var_os("ATTNFORGE_REQUIRE_GPU").is_some();
     if let Some(why) = &missing {
         eprintln!("tier 2: no GPU ({why}); {}", if required { "ATTNFORGE_REQUIRE_GPU is set, so every test fails" } else { "every GPU test is reported ignored" });
@@ -53,7 +56,13 @@ fn main() {
         })
         .with_ignored_flag(ignored)
     };
+    // Hopper-only primitives (issue 14): reported ignored, saying so, on another GPU.
+    if missing.is_none() && !hopper {
+        eprintln!("tier 2: not an sm_90a GPU; the Hopper probes are reported ignored");
+    }
+    let trial_sm90 = |name: &'static str, f: fn()| trial(name, f).with_ignored_flag(!(hopper || missing.is_some() && required));
     let tests = vec![
+        trial_sm90("hopper::the_wgmma_probe_matches_a_cpu_matmul", hopper::the_wgmma_probe_matches_a_cpu_matmul),
         trial("decode_matches_the_reference_on_random_batches", decode_matches_the_reference_on_random_batches),
         trial("merges_are_right_with_and_without_the_overlapped_launch", merges_are_right_with_and_without_the_overlapped_launch),
         trial("skewed_big_batches_are_balanced_across_ctas", skewed_big_batches_are_balanced_across_ctas),

@@ -1,0 +1,86 @@
+//! Probes of the Hopper primitives the sm90 prefill main loop is built from (issue 14,
+//! `templates/common/wgmma.cuh`), each checked on the device against the CPU before a kernel
+//! relies on it. Not a pipeline path: nothing here is chosen by the engine.
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::jit::KernelSource;
+use crate::kv::DType;
+
+/// The header under test.
+pub const WGMMA_CUH: &str = include_str!("../../templates/common/wgmma.cuh");
+
+/// A one-warpgroup kernel per operand type (`attnforge_wgmma_probe_bf16`, `…_f16`): copies
+/// A and B (64 × 64 each, row-major, K contiguous) into 128-byte-swizzled shared tiles, runs
+/// four `m64n64k16` steps (K = 64) from shared-memory descriptors, and writes C = A · Bᵀ
+/// (64 × 64 f32, row-major) from the accumulator fragment. Compiles for sm_90a only.
+pub fn wgmma_probe_source() -> KernelSource {
+    let kernel = r#"
+template <bool IS_BF16>
+__device__ __forceinline__ void af_wgmma_probe(const uint4* __restrict__ a, const uint4* __restrict__ b, float* __restrict__ c) {
+  __shared__ __align__(1024) unsigned char sa[64 * 128];
+  __shared__ __align__(1024) unsigned char sb[64 * 128];
+  for (unsigned i = threadIdx.x; i < 64 * 8; i += 128) {
+    const unsigned row = i / 8, chunk = i % 8;
+    *reinterpret_cast<uint4*>(sa + af_sw128_offset(row, chunk)) = a[i];
+    *reinterpret_cast<uint4*>(sb + af_sw128_offset(row, chunk)) = b[i];
+  }
+  af_fence_proxy_async();
+  __syncthreads();
+  float d[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+  af_wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < 4; ++k) af_wgmma_m64n64k16_ss<IS_BF16>(d, af_desc_sw128(sa + 32 * k), af_desc_sw128(sb + 32 * k), k > 0);
+  af_wgmma_commit();
+  af_wgmma_wait<0>();
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned row = 16 * warp + lane / 4;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const unsigned col = 8 * j + 2 * (lane % 4);
+    c[row * 64 + col] = d[4 * j];
+    c[row * 64 + col + 1] = d[4 * j + 1];
+    c[(row + 8) * 64 + col] = d[4 * j + 2];
+    c[(row + 8) * 64 + col + 1] = d[4 * j + 3];
+  }
+}
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_bf16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<true>(a, b, c); }
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_f16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<false>(a, b, c); }
+"#;
+    KernelSource { name: "wgmma_probe".into(), code: format!("{WGMMA_CUH}\n{kernel}"), hook_lines: Vec::new() }
+}
+
+/// Runs the probe on `e` (an sm_90a GPU): `a` and `b` are 64 × 64 row-major matrices as the
+/// raw 16-bit patterns of `dtype` (f16 or bf16); returns C = A · Bᵀ, 64 × 64 f32, row-major.
+pub fn run_wgmma_probe(e: &Engine, dtype: DType, a: &[u16], b: &[u16]) -> Result<Vec<f32>> {
+    if e.arch().name() != "sm_90a" {
+        return Err(Error::UnsupportedConfig(format!("the wgmma probe needs sm_90a, this GPU is {}", e.arch().name())));
+    }
+    let entry = match dtype {
+        DType::Bf16 => "attnforge_wgmma_probe_bf16",
+        DType::F16 => "attnforge_wgmma_probe_f16",
+        other => return Err(Error::UnsupportedConfig(format!("the wgmma probe multiplies f16 or bf16, not {}", other.name()))),
+    };
+    if a.len() != 64 * 64 || b.len() != 64 * 64 {
+        return Err(Error::UnsupportedConfig(format!("the wgmma probe takes two 64 x 64 matrices, got {} and {} elements", a.len(), b.len())));
+    }
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "wgmma probe".into(), detail: x.to_string() };
+    let nvrtc = e.jit().nvrtc();
+    let cubin = nvrtc.compile(&wgmma_probe_source(), &nvrtc.options(e.arch()), None)?;
+    let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu)?;
+    let f = module.load_function(entry).map_err(cu)?;
+    let da = e.stream().clone_htod(a).map_err(cu)?;
+    let db = e.stream().clone_htod(b).map_err(cu)?;
+    let mut dc = e.alloc::<f32>(64 * 64)?;
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    {
+        use cudarc::driver::PushKernelArg;
+        // SAFETY: the kernel reads 64 × 64 16-bit elements of each of `da` and `db` (as 512
+        // 16-byte vectors; cudarc's allocations are 256-byte aligned) and writes 64 × 64 f32 of
+        // `dc`; all three are that large and live until the stream is synchronised below.
+        unsafe { e.stream().launch_builder(&f).arg(&da).arg(&db).arg(&mut dc).launch(cfg) }.map_err(cu)?;
+    }
+    e.stream().clone_dtoh(&dc).map_err(cu)
+}

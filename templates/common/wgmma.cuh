@@ -1,0 +1,109 @@
+// wgmma.cuh — Hopper (sm_90a) warpgroup MMA primitives for the sm90 prefill main loop (issue 14).
+//
+// A warpgroup is four consecutive warps (128 threads) that issue one `wgmma.mma_async` together:
+// D[64 x N] (f32, in registers) += A[64 x 16] · B[N x 16]^T per instruction, both operands read
+// from shared memory through 64-bit matrix descriptors, asynchronously: `af_wgmma_fence` before
+// the first MMA that touches accumulators other instructions wrote, `af_wgmma_commit` after a
+// batch, `af_wgmma_wait<N>` until at most N batches are in flight. Shared memory written by
+// ordinary stores must be made visible to the async proxy first (`af_fence_proxy_async`, then a
+// barrier).
+//
+// Operand layout: K-major (a row's 16-element K slice contiguous), 128-byte swizzle. A tile of
+// R rows × 64 elements of a 2-byte type is R × 128 bytes, 1024-byte aligned; the 16-byte chunk c
+// of row r lives at r * 128 + ((c ^ (r % 8)) * 16) (`af_sw128_offset`). Its descriptor has the
+// stride between 8-row groups (1024 bytes) as the stride-dimension offset; the leading-dimension
+// offset is unused for swizzled K-major operands. The k-th 16-element K step of the tile starts
+// 32·k bytes in (the hardware applies the swizzle to the address it computes).
+//
+// Accumulator fragment of m64nNk16 (PTX ISA, "wgmma register fragments"): warp w of the
+// warpgroup holds rows 16w..16w+15; within it, as mma.sync's m16n8 C fragment per 8-column block
+// j: d[4j + 0..1] = row 16w + lane / 4, columns 8j + 2 (lane % 4) + {0, 1}; d[4j + 2..3] = the
+// same columns, row + 8.
+//
+// Only sm_90a has these instructions: everything here compiles to nothing elsewhere
+// (AF_HAS_WGMMA is 0), and a kernel that needs it must not be chosen there.
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define AF_HAS_WGMMA 1
+#else
+#define AF_HAS_WGMMA 0
+#endif
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a 128-byte-swizzled K-major tile.
+__device__ __forceinline__ unsigned af_sw128_offset(unsigned row, unsigned chunk) {
+  return row * 128u + (((chunk ^ (row & 7u)) & 7u) << 4);
+}
+
+// The descriptor of a 128-byte-swizzled K-major tile starting at `smem` (1024-byte aligned for
+// k = 0; `smem + 32 k` for the k-th 16-element step of a 2-byte type).
+__device__ __forceinline__ unsigned long long af_desc_sw128(const void* smem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  unsigned long long d = 0;
+  d |= static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4);  // start address, 16-byte units
+  d |= 1ull << 16;                                                 // leading-dimension offset (unused)
+  d |= static_cast<unsigned long long>(1024u >> 4) << 32;          // stride: 8 rows x 128 bytes
+  d |= 1ull << 62;                                                 // swizzle: 128 bytes
+  return d;
+}
+
+__device__ __forceinline__ void af_fence_proxy_async() {
+#if AF_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void af_wgmma_fence() {
+#if AF_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void af_wgmma_commit() {
+#if AF_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void af_wgmma_wait() {
+#if AF_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Keeps the compiler from moving accumulator reads or writes across an asynchronous MMA.
+__device__ __forceinline__ void af_wgmma_fence_operand(float& r) {
+#if AF_HAS_WGMMA
+  asm volatile("" : "+f"(r)::"memory");
+#endif
+}
+
+#define AF_WGMMA_D32                                                                                  \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define AF_WGMMA_OUT32(d)                                                                                           \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),     \
+      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),      \
+      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),     \
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+// D[64 x 64] (+)= A[64 x 16] · B[64 x 16]^T, both K-major in shared memory; `accumulate` 0
+// overwrites D. IS_BF16: bf16 operands, else f16.
+template <bool IS_BF16>
+__device__ __forceinline__ void af_wgmma_m64n64k16_ss(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b, int accumulate) {
+#if AF_HAS_WGMMA
+  if (IS_BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " AF_WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : AF_WGMMA_OUT32(d)
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " AF_WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : AF_WGMMA_OUT32(d)
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+  }
+#endif
+}
