@@ -10,10 +10,12 @@ use crate::kv::DType;
 /// The header under test.
 pub const WGMMA_CUH: &str = include_str!("../../templates/common/wgmma.cuh");
 
-/// A one-warpgroup kernel per operand type (`attnforge_wgmma_probe_bf16`, `…_f16`): copies
+/// One-warpgroup kernels per operand type. `attnforge_wgmma_probe_bf16` / `…_f16`: copies
 /// A and B (64 × 64 each, row-major, K contiguous) into 128-byte-swizzled shared tiles, runs
 /// four `m64n64k16` steps (K = 64) from shared-memory descriptors, and writes C = A · Bᵀ
-/// (64 × 64 f32, row-major) from the accumulator fragment. Compiles for sm_90a only.
+/// (64 × 64 f32, row-major) from the accumulator fragment. `attnforge_wgmma_pv_probe_bf16` /
+/// `…_f16`: C = A · V with A in registers and V MN-major in shared memory (the P · V form).
+/// Compiles for sm_90a only.
 pub fn wgmma_probe_source() -> KernelSource {
     let kernel = r#"
 template <bool IS_BF16>
@@ -46,21 +48,75 @@ __device__ __forceinline__ void af_wgmma_probe(const uint4* __restrict__ a, cons
     c[(row + 8) * 64 + col + 1] = d[4 * j + 3];
   }
 }
+// C = A · V: A (64 × 64, row-major) from registers in the A fragment, V (64 keys × 64,
+// row-major: N contiguous) in an MN-major swizzled tile, its descriptor's offsets `lbo`, `sbo`.
+template <bool IS_BF16>
+__device__ __forceinline__ void af_wgmma_pv_probe(const unsigned* __restrict__ a, const uint4* __restrict__ v, float* __restrict__ c, unsigned lbo, unsigned sbo) {
+  __shared__ __align__(1024) unsigned char sv[64 * 128];
+  for (unsigned i = threadIdx.x; i < 64 * 8; i += 128) *reinterpret_cast<uint4*>(sv + af_sw128_offset(i / 8, i % 8)) = v[i];
+  af_fence_proxy_async();
+  __syncthreads();
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned r0 = 16 * warp + lane / 4;
+  unsigned frag[4][4];
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const unsigned k = (16 * s + 2 * (lane % 4)) / 2;
+    frag[s][0] = a[r0 * 32 + k];
+    frag[s][1] = a[(r0 + 8) * 32 + k];
+    frag[s][2] = a[r0 * 32 + k + 4];
+    frag[s][3] = a[(r0 + 8) * 32 + k + 4];
+  }
+  float d[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+  af_wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < 4; ++s) af_wgmma_m64n64k16_rs<IS_BF16>(d, frag[s], af_desc_sw128_mn(sv + 2048 * s, lbo, sbo), s > 0);
+  af_wgmma_commit();
+  af_wgmma_wait<0>();
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const unsigned col = 8 * j + 2 * (lane % 4);
+    c[r0 * 64 + col] = d[4 * j];
+    c[r0 * 64 + col + 1] = d[4 * j + 1];
+    c[(r0 + 8) * 64 + col] = d[4 * j + 2];
+    c[(r0 + 8) * 64 + col + 1] = d[4 * j + 3];
+  }
+}
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_pv_probe_bf16(const unsigned* a, const uint4* v, float* c, unsigned lbo, unsigned sbo) { af_wgmma_pv_probe<true>(a, v, c, lbo, sbo); }
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_pv_probe_f16(const unsigned* a, const uint4* v, float* c, unsigned lbo, unsigned sbo) { af_wgmma_pv_probe<false>(a, v, c, lbo, sbo); }
 extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_bf16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<true>(a, b, c); }
 extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_f16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<false>(a, b, c); }
 "#;
     KernelSource { name: "wgmma_probe".into(), code: format!("{WGMMA_CUH}\n{kernel}"), hook_lines: Vec::new() }
 }
 
-/// Runs the probe on `e` (an sm_90a GPU): `a` and `b` are 64 × 64 row-major matrices as the
-/// raw 16-bit patterns of `dtype` (f16 or bf16); returns C = A · Bᵀ, 64 × 64 f32, row-major.
-pub fn run_wgmma_probe(e: &Engine, dtype: DType, a: &[u16], b: &[u16]) -> Result<Vec<f32>> {
+/// Which product a probe computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// C = A · Bᵀ, both operands K-major in shared memory (S = Q · Kᵀ).
+    QkT,
+    /// C = A · V, A from registers and V MN-major in shared memory with the descriptor offsets
+    /// (`lbo`, `sbo`, bytes) given (O = P · V).
+    Pv {
+        /// Bytes between 64-element N panels.
+        lbo: u32,
+        /// Bytes between 8-row K groups.
+        sbo: u32,
+    },
+}
+
+/// Runs a probe on `e` (an sm_90a GPU): `a` and `b` are 64 × 64 row-major matrices as the raw
+/// 16-bit patterns of `dtype` (f16 or bf16); returns C (64 × 64 f32, row-major): A · Bᵀ for
+/// [`Probe::QkT`], A · B for [`Probe::Pv`].
+pub fn run_wgmma_probe(e: &Engine, probe: Probe, dtype: DType, a: &[u16], b: &[u16]) -> Result<Vec<f32>> {
     if e.arch().name() != "sm_90a" {
         return Err(Error::UnsupportedConfig(format!("the wgmma probe needs sm_90a, this GPU is {}", e.arch().name())));
     }
-    let entry = match dtype {
-        DType::Bf16 => "attnforge_wgmma_probe_bf16",
-        DType::F16 => "attnforge_wgmma_probe_f16",
+    let ty = match dtype {
+        DType::Bf16 => "bf16",
+        DType::F16 => "f16",
         other => return Err(Error::UnsupportedConfig(format!("the wgmma probe multiplies f16 or bf16, not {}", other.name()))),
     };
     if a.len() != 64 * 64 || b.len() != 64 * 64 {
@@ -70,17 +126,31 @@ pub fn run_wgmma_probe(e: &Engine, dtype: DType, a: &[u16], b: &[u16]) -> Result
     let nvrtc = e.jit().nvrtc();
     let cubin = nvrtc.compile(&wgmma_probe_source(), &nvrtc.options(e.arch()), None)?;
     let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu)?;
-    let f = module.load_function(entry).map_err(cu)?;
+    let entry = match probe {
+        Probe::QkT => format!("attnforge_wgmma_probe_{ty}"),
+        Probe::Pv { .. } => format!("attnforge_wgmma_pv_probe_{ty}"),
+    };
+    let f = module.load_function(&entry).map_err(cu)?;
     let da = e.stream().clone_htod(a).map_err(cu)?;
     let db = e.stream().clone_htod(b).map_err(cu)?;
     let mut dc = e.alloc::<f32>(64 * 64)?;
     let cfg = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     {
         use cudarc::driver::PushKernelArg;
-        // SAFETY: the kernel reads 64 × 64 16-bit elements of each of `da` and `db` (as 512
-        // 16-byte vectors; cudarc's allocations are 256-byte aligned) and writes 64 × 64 f32 of
-        // `dc`; all three are that large and live until the stream is synchronised below.
-        unsafe { e.stream().launch_builder(&f).arg(&da).arg(&db).arg(&mut dc).launch(cfg) }.map_err(cu)?;
+        let mut launch = e.stream().launch_builder(&f);
+        launch.arg(&da).arg(&db).arg(&mut dc);
+        let offsets = match probe {
+            Probe::Pv { lbo, sbo } => Some((lbo, sbo)),
+            Probe::QkT => None,
+        };
+        if let Some((lbo, sbo)) = &offsets {
+            launch.arg(lbo).arg(sbo);
+        }
+        // SAFETY: either kernel reads 64 × 64 16-bit elements of each of `da` and `db` (as
+        // 16-byte vectors or 32-bit pairs; cudarc's allocations are 256-byte aligned) and
+        // writes 64 × 64 f32 of `dc`; all three are that large and live until the stream is
+        // synchronised below; the P · V kernel takes the two offsets, the other nothing more.
+        unsafe { launch.launch(cfg) }.map_err(cu)?;
     }
     e.stream().clone_dtoh(&dc).map_err(cu)
 }

@@ -46,6 +46,20 @@ __device__ __forceinline__ unsigned long long af_desc_sw128(const void* smem) {
   return d;
 }
 
+// The descriptor of an MN-major (N contiguous) 128-byte-swizzled tile of a 2-byte type, the B
+// operand of P · V (V stored keys × head dim, head dim contiguous): atoms of 64 N-elements × 8
+// K-rows (1024 bytes); `sbo` the byte stride between 8-row K groups, `lbo` between 64-element
+// N panels (unused when N is 64). A K step of 16 keys starts two atoms (2 sbo) further.
+__device__ __forceinline__ unsigned long long af_desc_sw128_mn(const void* smem, unsigned lbo, unsigned sbo) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  unsigned long long d = 0;
+  d |= static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4);
+  d |= static_cast<unsigned long long>((lbo >> 4) & 0x3FFFu) << 16;
+  d |= static_cast<unsigned long long>((sbo >> 4) & 0x3FFFu) << 32;
+  d |= 1ull << 62;
+  return d;
+}
+
 __device__ __forceinline__ void af_fence_proxy_async() {
 #if AF_HAS_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -104,6 +118,29 @@ __device__ __forceinline__ void af_wgmma_m64n64k16_ss(float (&d)[32], unsigned l
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " AF_WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
         : AF_WGMMA_OUT32(d)
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+  }
+#endif
+}
+
+// D[64 x 64] (+)= A[64 x 16] · B[16 x 64], A from registers (each warp its 16 rows, as
+// mma.sync's m16n8k16 A fragment: a[0] rows lane/4, k 2 (lane % 4) + {0, 1}; a[1] rows + 8;
+// a[2] k + 8; a[3] both), B MN-major in shared memory (transposed: TNSP_B 1). For P · V, where
+// P is the softmax of the S accumulator already in registers.
+template <bool IS_BF16>
+__device__ __forceinline__ void af_wgmma_m64n64k16_rs(float (&d)[32], const unsigned (&a)[4], unsigned long long desc_b, int accumulate) {
+#if AF_HAS_WGMMA
+  if (IS_BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " AF_WGMMA_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : AF_WGMMA_OUT32(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " AF_WGMMA_D32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : AF_WGMMA_OUT32(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
   }
 #endif
 }

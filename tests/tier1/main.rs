@@ -324,7 +324,8 @@ fn the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas() {
     let src = attnforge::testing::hopper::wgmma_probe_source();
     let sm90: Arch = "sm_90a".parse().unwrap();
     let ptx = n.compile_ptx(&src, &sm90).unwrap_or_else(|e| panic!("{e}"));
-    for (what, count) in [("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", 4), ("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", 4), ("wgmma.fence.sync.aligned", 2), ("wgmma.commit_group.sync.aligned", 2), ("wgmma.wait_group.sync.aligned 0", 2), ("fence.proxy.async.shared::cta", 2)] {
+    // Two probes (Q · Kᵀ from shared memory, P · V with A in registers) per type.
+    for (what, count) in [("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", 8), ("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", 8), ("wgmma.fence.sync.aligned", 4), ("wgmma.commit_group.sync.aligned", 4), ("wgmma.wait_group.sync.aligned 0", 4), ("fence.proxy.async.shared::cta", 4)] {
         assert_eq!(ptx.matches(what).count(), count, "{what} in the PTX");
     }
     let cubin = n.compile(&src, &n.options(&sm90), None).unwrap_or_else(|e| panic!("{e}"));

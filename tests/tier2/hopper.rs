@@ -1,15 +1,16 @@
 //! Hopper (sm_90a) primitives of the sm90 prefill main loop (issue 14), each against the CPU.
 
 use attnforge::kv::DType;
-use attnforge::testing::hopper::run_wgmma_probe;
+use attnforge::testing::hopper::{run_wgmma_probe, Probe};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// One warpgroup's four m64n64k16 MMAs from 128-byte-swizzled shared tiles
-/// (`templates/common/wgmma.cuh`): C = A · Bᵀ over K = 64 against an f64 product of the same
-/// rounded inputs, for f16 and bf16 — the descriptor encoding, the swizzle, the K-step advance
-/// and the accumulator fragment layout all have to be right for every element to match.
+/// One warpgroup's four m64n64k16 MMAs (`templates/common/wgmma.cuh`) against an f64 product
+/// of the same rounded inputs, for f16 and bf16: C = A · Bᵀ from two K-major swizzled shared
+/// tiles (Q · Kᵀ), and C = A · B with A from registers and B MN-major in shared memory (P · V)
+/// — the descriptor encodings, the swizzle, the K-step advance, the register fragments and the
+/// accumulator layout all have to be right for every element to match.
 pub(crate) fn the_wgmma_probe_matches_a_cpu_matmul() {
     let e = super::engine();
     let mut rng = StdRng::seed_from_u64(14);
@@ -33,19 +34,34 @@ pub(crate) fn the_wgmma_probe_matches_a_cpu_matmul() {
         };
         let (a, af) = draw(&mut rng);
         let (b, bf) = draw(&mut rng);
-        let c = run_wgmma_probe(&e, dtype, &a, &b).unwrap();
-        let mut worst = (0.0f64, 0usize);
-        for i in 0..64 {
-            for j in 0..64 {
-                let want: f64 = (0..64).map(|k| af[i * 64 + k] * bf[j * 64 + k]).sum();
-                let err = (f64::from(c[i * 64 + j]) - want).abs();
-                if err > worst.0 {
-                    worst = (err, i * 64 + j);
+        // The worst |Δ| of a probe's C against A · Bᵀ (`transposed`) or A · B, and where.
+        let worst = |c: &[f32], transposed: bool| {
+            let mut worst = (0.0f64, 0usize);
+            for i in 0..64 {
+                for j in 0..64 {
+                    let want: f64 = (0..64).map(|k| af[i * 64 + k] * if transposed { bf[j * 64 + k] } else { bf[k * 64 + j] }).sum();
+                    let err = (f64::from(c[i * 64 + j]) - want).abs();
+                    if err > worst.0 || err.is_nan() {
+                        worst = (if err.is_nan() { f64::INFINITY } else { err }, i * 64 + j);
+                    }
                 }
             }
-        }
-        eprintln!("wgmma probe {}: max |Δ| {:.2e} at row {} col {}", dtype.name(), worst.0, worst.1 / 64, worst.1 % 64);
+            worst
+        };
         // f32 accumulation of 64 products of magnitude <= 4: a wrong layout is off by O(1).
-        assert!(worst.0 < 1e-3, "{}: C[{}][{}] = {} off by {}", dtype.name(), worst.1 / 64, worst.1 % 64, c[worst.1], worst.0);
+        let c = run_wgmma_probe(&e, Probe::QkT, dtype, &a, &b).unwrap();
+        let (err, at) = worst(&c, true);
+        eprintln!("wgmma Q·Kᵀ probe {}: max |Δ| {err:.2e} at row {} col {}", dtype.name(), at / 64, at % 64);
+        assert!(err < 1e-3, "Q·Kᵀ {}: C[{}][{}] = {} off by {err}", dtype.name(), at / 64, at % 64, c[at]);
+        // P · V: V's tile is one 64-element panel, so its 8-row groups are 1024 bytes apart (the
+        // stride-dimension offset); on a mismatch, say whether the swapped encoding would do.
+        let pv = |lbo, sbo| run_wgmma_probe(&e, Probe::Pv { lbo, sbo }, dtype, &a, &b).unwrap();
+        let c = pv(8192, 1024);
+        let (err, at) = worst(&c, false);
+        eprintln!("wgmma P·V probe {}: max |Δ| {err:.2e} at row {} col {}", dtype.name(), at / 64, at % 64);
+        if err >= 1e-3 {
+            let swapped = worst(&pv(1024, 8192), false).0;
+            panic!("P·V {}: C[{}][{}] = {} off by {err} (with lbo and sbo swapped: max |Δ| {swapped:.2e})", dtype.name(), at / 64, at % 64, c[at]);
+        }
     }
 }
