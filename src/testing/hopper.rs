@@ -92,6 +92,86 @@ extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_f16(cons
     KernelSource { name: "wgmma_probe".into(), code: format!("{WGMMA_CUH}\n{kernel}"), hook_lines: Vec::new() }
 }
 
+/// The pipeline header under test.
+pub const PIPELINE_CUH: &str = include_str!("../../templates/common/pipeline.cuh");
+
+/// Bytes of one stage of [`pipeline_probe_source`]'s ring.
+pub const PIPE_CHUNK: usize = 4096;
+
+/// A warp-specialised ring (`attnforge_pipe_probe`, 384 threads): warpgroup 0 gives registers
+/// back (`setmaxnreg.dec` 40) and one of its threads streams `chunks` chunks of
+/// [`PIPE_CHUNK`] bytes from `src` into a 4-stage shared ring with bulk copies on `full`
+/// barriers; warpgroups 1 and 2 take registers (`setmaxnreg.inc` 232), take alternate chunks,
+/// wait on their stage's `full` barrier, copy it to `dst` and release it on `empty`. `dst ==
+/// src` only if every phase, parity and byte count is right; a wait that never completes traps
+/// (a launch error) instead of hanging.
+pub fn pipeline_probe_source() -> KernelSource {
+    let kernel = r#"
+extern "C" __global__ void __launch_bounds__(384, 1) attnforge_pipe_probe(const uint4* __restrict__ src, uint4* __restrict__ dst, unsigned chunks) {
+  enum : unsigned { STAGES = 4, CHUNK = 4096, VECS = CHUNK / 16 };
+  __shared__ __align__(128) uint4 ring[STAGES][VECS];
+  __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
+  if (threadIdx.x == 0) {
+    for (unsigned s = 0; s < STAGES; ++s) {
+      af_mbar_init(&full[s], 1);
+      af_mbar_init(&empty[s], 128);
+    }
+    af_mbar_init_fence();
+  }
+  __syncthreads();
+  const unsigned wg = threadIdx.x / 128, t = threadIdx.x % 128;
+  if (wg == 0) {
+    af_setmaxnreg_dec<40>();
+    if (t == 0) {
+      for (unsigned c = 0; c < chunks; ++c) {
+        const unsigned s = c % STAGES, round = c / STAGES;
+        if (round > 0) af_mbar_wait(&empty[s], (round - 1) & 1);
+        af_mbar_arrive_expect_tx(&full[s], CHUNK);
+        af_bulk_copy_g2s(ring[s], src + (size_t)c * VECS, CHUNK, &full[s]);
+      }
+    }
+  } else {
+    af_setmaxnreg_inc<232>();
+    for (unsigned c = wg - 1; c < chunks; c += 2) {
+      const unsigned s = c % STAGES, round = c / STAGES;
+      af_mbar_wait(&full[s], round & 1);
+      for (unsigned v = t; v < VECS; v += 128) dst[(size_t)c * VECS + v] = ring[s][v];
+      af_mbar_arrive(&empty[s]);
+    }
+  }
+}
+"#;
+    KernelSource { name: "pipe_probe".into(), code: format!("#define AF_MBAR_SPIN_LIMIT (1ull << 24)\n{PIPELINE_CUH}\n{kernel}"), hook_lines: Vec::new() }
+}
+
+/// Runs [`pipeline_probe_source`] on `e` (sm_90a) over `src` (a whole number of
+/// [`PIPE_CHUNK`]s) and returns what the consumers wrote.
+pub fn run_pipeline_probe(e: &Engine, src: &[u8]) -> Result<Vec<u8>> {
+    if e.arch().name() != "sm_90a" {
+        return Err(Error::UnsupportedConfig(format!("the pipeline probe needs sm_90a, this GPU is {}", e.arch().name())));
+    }
+    if src.is_empty() || src.len() % PIPE_CHUNK != 0 || src.len() / PIPE_CHUNK > u32::MAX as usize {
+        return Err(Error::UnsupportedConfig(format!("the pipeline probe streams whole {PIPE_CHUNK}-byte chunks, got {} bytes", src.len())));
+    }
+    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "pipeline probe".into(), detail: x.to_string() };
+    let nvrtc = e.jit().nvrtc();
+    let cubin = nvrtc.compile(&pipeline_probe_source(), &nvrtc.options(e.arch()), None)?;
+    let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu)?;
+    let f = module.load_function("attnforge_pipe_probe").map_err(cu)?;
+    let d_src = e.stream().clone_htod(src).map_err(cu)?;
+    let mut d_dst = e.alloc::<u8>(src.len())?;
+    let chunks = (src.len() / PIPE_CHUNK) as u32;
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (384, 1, 1), shared_mem_bytes: 0 };
+    {
+        use cudarc::driver::PushKernelArg;
+        // SAFETY: the kernel reads and writes `chunks` × PIPE_CHUNK bytes of `d_src` / `d_dst`
+        // (16-byte vectors; cudarc's allocations are 256-byte aligned), both that large and
+        // live until the stream is synchronised below.
+        unsafe { e.stream().launch_builder(&f).arg(&d_src).arg(&mut d_dst).arg(&chunks).launch(cfg) }.map_err(cu)?;
+    }
+    e.stream().clone_dtoh(&d_dst).map_err(cu)
+}
+
 /// Which product a probe computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Probe {

@@ -52,6 +52,7 @@ fn main() {
         trial("the_abi_probe_compiles", the_abi_probe_compiles),
         trial("the_read_ceiling_probe_compiles", the_read_ceiling_probe_compiles),
         trial("the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas", the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas),
+        trial("the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies", the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies),
         trial("the_state_merge_compiles_for_every_output_dtype_and_is_cached", the_state_merge_compiles_for_every_output_dtype_and_is_cached),
         trial("an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile", an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile),
     ];
@@ -333,6 +334,22 @@ fn the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas() {
     let sm80: Arch = "sm_80".parse().unwrap();
     let ptx80 = n.compile_ptx(&src, &sm80).unwrap_or_else(|e| panic!("{e}"));
     assert!(!ptx80.contains("wgmma.") && !ptx80.contains("fence.proxy.async"), "sm_80 has no warpgroup MMA");
+}
+
+/// The pipeline primitives (`templates/common/pipeline.cuh`: mbarriers with transaction
+/// counts, bulk copies, setmaxnreg) compile for sm_90a into the probe's instructions, and to
+/// none of them for sm_80.
+fn the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies() {
+    let n = nvrtc();
+    let src = attnforge::testing::hopper::pipeline_probe_source();
+    let sm90: Arch = "sm_90a".parse().unwrap();
+    let ptx = n.compile_ptx(&src, &sm90).unwrap_or_else(|e| panic!("{e}"));
+    for what in ["mbarrier.init.shared::cta.b64", "fence.mbarrier_init.release.cluster", "mbarrier.arrive.expect_tx.shared::cta.b64", "mbarrier.try_wait.parity.shared::cta.b64", "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes", "setmaxnreg.dec.sync.aligned.u32 40", "setmaxnreg.inc.sync.aligned.u32 232"] {
+        assert!(ptx.contains(what), "{what} in the PTX");
+    }
+    assert!(!n.compile(&src, &n.options(&sm90), None).unwrap_or_else(|e| panic!("{e}")).is_empty());
+    let ptx80 = n.compile_ptx(&src, &"sm_80".parse().unwrap()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!ptx80.contains("mbarrier.") && !ptx80.contains("setmaxnreg"), "sm_80 has none of them");
 }
 
 fn the_abi_probe_compiles() {

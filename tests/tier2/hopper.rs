@@ -65,3 +65,20 @@ pub(crate) fn the_wgmma_probe_matches_a_cpu_matmul() {
         }
     }
 }
+
+/// The warp-specialised ring of `templates/common/pipeline.cuh` (one producer thread's bulk
+/// copies on `full` barriers, two consumer warpgroups releasing `empty` ones, setmaxnreg on
+/// both sides) delivers every byte, in order, for chunk counts below, at and past the ring's
+/// depth, odd and even (the consumers alternate).
+pub(crate) fn the_bulk_copy_ring_delivers_every_chunk() {
+    use attnforge::testing::hopper::{run_pipeline_probe, PIPE_CHUNK};
+    let e = super::engine();
+    let mut rng = StdRng::seed_from_u64(91);
+    for chunks in [1usize, 3, 4, 5, 64, 257] {
+        let src: Vec<u8> = (0..chunks * PIPE_CHUNK).map(|_| rng.random()).collect();
+        let got = run_pipeline_probe(&e, &src).unwrap_or_else(|err| panic!("{chunks} chunks: {err}"));
+        let bad = (0..chunks).filter(|&c| got[c * PIPE_CHUNK..(c + 1) * PIPE_CHUNK] != src[c * PIPE_CHUNK..(c + 1) * PIPE_CHUNK]).collect::<Vec<_>>();
+        assert!(bad.is_empty(), "{chunks} chunks: chunks {bad:?} differ");
+    }
+    eprintln!("bulk-copy ring: 1-257 chunks of {PIPE_CHUNK} bytes delivered");
+}

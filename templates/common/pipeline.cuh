@@ -1,0 +1,94 @@
+// pipeline.cuh — Hopper (sm_90a) producer/consumer pipeline primitives for the sm90 prefill main
+// loop (issue 14): shared-memory mbarriers with transaction counts, bulk copies from global
+// memory that complete on them, and the register reallocation of warp specialisation.
+//
+// A ring of stages has two barriers per stage: `full` (one producer arrival plus the bytes of
+// its bulk copies: `af_mbar_arrive_expect_tx`, then `af_bulk_copy_g2s` signalling the same
+// barrier) and `empty` (one arrival per consumer thread when it is done with the stage). Round r
+// of stage s waits on `full[s]` with parity r & 1; the producer, before refilling in round
+// r >= 1, waits on `empty[s]` with parity (r - 1) & 1.
+//
+// `af_setmaxnreg_dec<N>` / `af_setmaxnreg_inc<N>`: a producer warpgroup gives registers back,
+// consumer warpgroups take them (N a multiple of 8 in 24..256; every warp of the warpgroup
+// executes it). Only sm_90a: all of it is empty elsewhere (AF_HAS_SM90_PIPE 0).
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define AF_HAS_SM90_PIPE 1
+#else
+#define AF_HAS_SM90_PIPE 0
+#endif
+
+__device__ __forceinline__ unsigned af_smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+// One thread initialises a barrier expecting `count` arrivals per phase; then
+// `af_mbar_init_fence` and a CTA barrier before anyone uses it.
+__device__ __forceinline__ void af_mbar_init(unsigned long long* bar, unsigned count) {
+#if AF_HAS_SM90_PIPE
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(af_smem_addr(bar)), "r"(count) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void af_mbar_init_fence() {
+#if AF_HAS_SM90_PIPE
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+// An arrival that also announces `bytes` of transactions the phase waits for.
+__device__ __forceinline__ void af_mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+#if AF_HAS_SM90_PIPE
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(af_smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void af_mbar_arrive(unsigned long long* bar) {
+#if AF_HAS_SM90_PIPE
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(af_smem_addr(bar)) : "memory");
+#endif
+}
+
+// Waits until the phase of parity `parity` has completed. With AF_MBAR_SPIN_LIMIT defined (the
+// probes), a wait that polls that many times traps instead of hanging the GPU.
+__device__ __forceinline__ void af_mbar_wait(unsigned long long* bar, unsigned parity) {
+#if AF_HAS_SM90_PIPE
+  const unsigned addr = af_smem_addr(bar);
+  unsigned done = 0;
+#ifdef AF_MBAR_SPIN_LIMIT
+  unsigned long long polls = 0;
+#endif
+  while (!done) {
+#ifdef AF_MBAR_SPIN_LIMIT
+    if (++polls > (AF_MBAR_SPIN_LIMIT)) __trap();
+#endif
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  }
+#endif
+}
+
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared
+// memory asynchronously; completion counts `bytes` of transactions on `bar`.
+__device__ __forceinline__ void af_bulk_copy_g2s(void* smem_dst, const void* gmem_src, unsigned bytes, unsigned long long* bar) {
+#if AF_HAS_SM90_PIPE
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(af_smem_addr(smem_dst)), "l"(gmem_src), "r"(bytes),
+               "r"(af_smem_addr(bar))
+               : "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void af_setmaxnreg_dec() {
+#if AF_HAS_SM90_PIPE
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void af_setmaxnreg_inc() {
+#if AF_HAS_SM90_PIPE
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
