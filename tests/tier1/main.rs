@@ -53,6 +53,7 @@ fn main() {
         trial("the_read_ceiling_probe_compiles", the_read_ceiling_probe_compiles),
         trial("the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas", the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas),
         trial("the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies", the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies),
+        trial("the_attention_tile_probe_compiles_for_sm90a", the_attention_tile_probe_compiles_for_sm90a),
         trial("the_state_merge_compiles_for_every_output_dtype_and_is_cached", the_state_merge_compiles_for_every_output_dtype_and_is_cached),
         trial("an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile", an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile),
     ];
@@ -350,6 +351,19 @@ fn the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies() {
     assert!(!n.compile(&src, &n.options(&sm90), None).unwrap_or_else(|e| panic!("{e}")).is_empty());
     let ptx80 = n.compile_ptx(&src, &"sm_80".parse().unwrap()).unwrap_or_else(|e| panic!("{e}"));
     assert!(!ptx80.contains("mbarrier.") && !ptx80.contains("setmaxnreg"), "sm_80 has none of them");
+}
+
+/// The one-tile attention probe (S = Q · Kᵀ, softmax on the fragments, P · V from registers)
+/// compiles for sm_90a to four MMAs of each form per type.
+fn the_attention_tile_probe_compiles_for_sm90a() {
+    let n = nvrtc();
+    let src = attnforge::testing::hopper::attention_tile_probe_source();
+    let ptx = n.compile_ptx(&src, &"sm_90a".parse().unwrap()).unwrap_or_else(|e| panic!("{e}"));
+    for ty in ["bf16", "f16"] {
+        assert_eq!(ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n64k16.f32.{ty}.{ty}")).count(), 8, "{ty}: 4 Q·Kᵀ + 4 P·V");
+        assert!(ptx.contains(&format!("cvt.rn.{ty}x2.f32")), "{ty}: P packed in registers");
+    }
+    assert!(!n.compile(&src, &n.options(&"sm_90a".parse().unwrap()), None).unwrap_or_else(|e| panic!("{e}")).is_empty());
 }
 
 fn the_abi_probe_compiles() {

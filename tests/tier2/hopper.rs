@@ -82,3 +82,49 @@ pub(crate) fn the_bulk_copy_ring_delivers_every_chunk() {
     }
     eprintln!("bulk-copy ring: 1-257 chunks of {PIPE_CHUNK} bytes delivered");
 }
+
+/// One 64 × 64 attention tile (d 64) on the warpgroup MMAs, softmax on the S fragment and P
+/// handed to P · V in registers, against an f64 softmax of the same rounded Q, K, V: the
+/// composition of both MMA forms the sm90 main loop's inner step is made of. P is rounded to
+/// the operand type before P · V, so the output's tolerance is that rounding's (≈ 2⁻⁸ relative
+/// for bf16, 2⁻¹¹ for f16, of values ≤ 1).
+pub(crate) fn the_attention_tile_probe_matches_an_f64_softmax() {
+    use attnforge::testing::hopper::run_attention_tile_probe;
+    let e = super::engine();
+    let mut rng = StdRng::seed_from_u64(1414);
+    let scale = 0.125f32;
+    for dtype in [DType::Bf16, DType::F16] {
+        let mut draw = |amp: f32| -> (Vec<u16>, Vec<f64>) {
+            (0..64 * 64)
+                .map(|_| {
+                    let x: f32 = rng.random_range(-amp..amp);
+                    match dtype {
+                        DType::Bf16 => (bf16::from_f32(x).to_bits(), f64::from(bf16::from_f32(x).to_f32())),
+                        _ => (f16::from_f32(x).to_bits(), f64::from(f16::from_f32(x).to_f32())),
+                    }
+                })
+                .unzip()
+        };
+        // Logits up to |s| ≈ 64 × 3 × 3 / 8: rows with a sharp maximum and flat ones.
+        let (q, qf) = draw(3.0);
+        let (k, kf) = draw(3.0);
+        let (v, vf) = draw(1.0);
+        let (o, lse) = run_attention_tile_probe(&e, dtype, &q, &k, &v, scale).unwrap();
+        let (mut worst_o, mut worst_l) = (0.0f64, 0.0f64);
+        for i in 0..64 {
+            let s: Vec<f64> = (0..64).map(|j| (0..64).map(|d| qf[i * 64 + d] * kf[j * 64 + d]).sum::<f64>() * f64::from(scale)).collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = p.iter().sum();
+            worst_l = worst_l.max((f64::from(lse[i]) - (m + z.ln())).abs());
+            for d in 0..64 {
+                let want: f64 = (0..64).map(|j| p[j] * vf[j * 64 + d]).sum::<f64>() / z;
+                let got = f64::from(o[i * 64 + d]);
+                worst_o = worst_o.max(if got.is_nan() { f64::INFINITY } else { (got - want).abs() });
+            }
+        }
+        eprintln!("attention tile probe {}: max |Δo| {worst_o:.2e}, max |Δlse| {worst_l:.2e}", dtype.name());
+        let tol_o = if dtype == DType::Bf16 { 1.5e-2 } else { 2e-3 };
+        assert!(worst_o < tol_o && worst_l < 1e-3, "{}: max |Δo| {worst_o} (tolerance {tol_o}), max |Δlse| {worst_l}", dtype.name());
+    }
+}
