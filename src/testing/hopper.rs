@@ -92,8 +92,9 @@ extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_f16(cons
     KernelSource { name: "wgmma_probe".into(), code: format!("{WGMMA_CUH}\n{kernel}"), hook_lines: Vec::new() }
 }
 
-/// One 64-query × 64-key attention tile, head dim 64, on one warpgroup
-/// (`attnforge_attn_tile_probe_bf16` / `…_f16`): S = Q · Kᵀ from swizzled shared tiles, the
+/// One 64-query × 64-key attention tile, head dim 64 or 128, on one warpgroup
+/// (`attnforge_attn_tile_probe_{bf16,f16}_d{64,128}`; d 128 takes Q and K in two swizzled
+/// panels and P · V as m64n128): S = Q · Kᵀ from swizzled shared tiles, the
 /// row softmax on the accumulator fragment (scale `scale`; quad shuffles for the row max and
 /// sum), P packed from the S accumulators straight into the A fragments of P · V (no shared
 /// memory), O = P · V / sum, and the row's natural-log LSE. The composition the sm90 main
@@ -106,13 +107,17 @@ __device__ __forceinline__ unsigned af_pack2(float lo, float hi, bool bf16) {
   else asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
-template <bool IS_BF16>
+// D 64 or 128: Q, K and V 64 × D row-major; each operand in D / 64 swizzled panels of 64
+// columns (8 KB each: 64 rows × 128 bytes).
+template <bool IS_BF16, int D>
 __device__ __forceinline__ void af_attn_tile_probe(const uint4* __restrict__ q, const uint4* __restrict__ k, const uint4* __restrict__ v, float* __restrict__ o, float* __restrict__ lse, float scale) {
-  __shared__ __align__(1024) unsigned char sq[64 * 128];
-  __shared__ __align__(1024) unsigned char sk[64 * 128];
-  __shared__ __align__(1024) unsigned char sv[64 * 128];
-  for (unsigned i = threadIdx.x; i < 64 * 8; i += 128) {
-    const unsigned off = af_sw128_offset(i / 8, i % 8);
+  enum : unsigned { PANELS = D / 64, PANEL = 64 * 128, CHUNKS = D / 8 };
+  __shared__ __align__(1024) unsigned char sq[PANELS * PANEL];
+  __shared__ __align__(1024) unsigned char sk[PANELS * PANEL];
+  __shared__ __align__(1024) unsigned char sv[PANELS * PANEL];
+  for (unsigned i = threadIdx.x; i < 64 * CHUNKS; i += 128) {
+    const unsigned row = i / CHUNKS, c = i % CHUNKS;
+    const unsigned off = (c / 8) * PANEL + af_sw128_offset(row, c % 8);
     *reinterpret_cast<uint4*>(sq + off) = q[i];
     *reinterpret_cast<uint4*>(sk + off) = k[i];
     *reinterpret_cast<uint4*>(sv + off) = v[i];
@@ -124,7 +129,10 @@ __device__ __forceinline__ void af_attn_tile_probe(const uint4* __restrict__ q, 
   for (int i = 0; i < 32; ++i) s[i] = 0.f;
   af_wgmma_fence();
 #pragma unroll
-  for (int t = 0; t < 4; ++t) af_wgmma_m64n64k16_ss<IS_BF16>(s, af_desc_sw128(sq + 32 * t), af_desc_sw128(sk + 32 * t), t > 0);
+  for (int t = 0; t < D / 16; ++t) {
+    const unsigned at = (t / 4) * PANEL + 32 * (t % 4);
+    af_wgmma_m64n64k16_ss<IS_BF16>(s, af_desc_sw128(sq + at), af_desc_sw128(sk + at), t > 0);
+  }
   af_wgmma_commit();
   af_wgmma_wait<0>();
   // Rows r0 (s[4j], s[4j + 1]) and r0 + 8 (s[4j + 2], s[4j + 3]); a row's 64 columns are spread
@@ -162,37 +170,47 @@ __device__ __forceinline__ void af_attn_tile_probe(const uint4* __restrict__ q, 
     p[t][2] = af_pack2(s[8 * t + 4], s[8 * t + 5], IS_BF16);
     p[t][3] = af_pack2(s[8 * t + 6], s[8 * t + 7], IS_BF16);
   }
-  float acc[32];
+  // V's 16-key step t starts 2 KB into every panel; the panels (N) are PANEL bytes apart.
+  float acc[D / 2];
 #pragma unroll
-  for (int i = 0; i < 32; ++i) acc[i] = 0.f;
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
   af_wgmma_fence();
 #pragma unroll
-  for (int t = 0; t < 4; ++t) af_wgmma_m64n64k16_rs<IS_BF16>(acc, p[t], af_desc_sw128_mn(sv + 2048 * t, 8192, 1024), t > 0);
+  for (int t = 0; t < 4; ++t) {
+    const unsigned long long dv = af_desc_sw128_mn(sv + 2048 * t, PANEL, 1024);
+    if constexpr (D == 64) af_wgmma_m64n64k16_rs<IS_BF16>(acc, p[t], dv, t > 0);
+    else af_wgmma_m64n128k16_rs<IS_BF16>(acc, p[t], dv, t > 0);
+  }
   af_wgmma_commit();
   af_wgmma_wait<0>();
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = 16 * warp + lane / 4;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < D / 8; ++j) {
     const unsigned col = 8 * j + 2 * (lane % 4);
-    o[r0 * 64 + col] = acc[4 * j] / sum[0];
-    o[r0 * 64 + col + 1] = acc[4 * j + 1] / sum[0];
-    o[(r0 + 8) * 64 + col] = acc[4 * j + 2] / sum[1];
-    o[(r0 + 8) * 64 + col + 1] = acc[4 * j + 3] / sum[1];
+    o[r0 * D + col] = acc[4 * j] / sum[0];
+    o[r0 * D + col + 1] = acc[4 * j + 1] / sum[0];
+    o[(r0 + 8) * D + col] = acc[4 * j + 2] / sum[1];
+    o[(r0 + 8) * D + col + 1] = acc[4 * j + 3] / sum[1];
   }
   if (lane % 4 == 0) {
     lse[r0] = m[0] * scale + logf(sum[0]);
     lse[r0 + 8] = m[1] * scale + logf(sum[1]);
   }
 }
-extern "C" __global__ void __launch_bounds__(128) attnforge_attn_tile_probe_bf16(const uint4* q, const uint4* k, const uint4* v, float* o, float* lse, float scale) { af_attn_tile_probe<true>(q, k, v, o, lse, scale); }
-extern "C" __global__ void __launch_bounds__(128) attnforge_attn_tile_probe_f16(const uint4* q, const uint4* k, const uint4* v, float* o, float* lse, float scale) { af_attn_tile_probe<false>(q, k, v, o, lse, scale); }
+#define AF_TILE_ENTRY(name, bf, d) \
+  extern "C" __global__ void __launch_bounds__(128) name(const uint4* q, const uint4* k, const uint4* v, float* o, float* lse, float scale) { af_attn_tile_probe<bf, d>(q, k, v, o, lse, scale); }
+AF_TILE_ENTRY(attnforge_attn_tile_probe_bf16_d64, true, 64)
+AF_TILE_ENTRY(attnforge_attn_tile_probe_f16_d64, false, 64)
+AF_TILE_ENTRY(attnforge_attn_tile_probe_bf16_d128, true, 128)
+AF_TILE_ENTRY(attnforge_attn_tile_probe_f16_d128, false, 128)
 "#;
     KernelSource { name: "attn_tile_probe".into(), code: format!("{WGMMA_CUH}\n{kernel}"), hook_lines: Vec::new() }
 }
 
 /// Runs [`attention_tile_probe_source`] on `e` (sm_90a): `q`, `k`, `v` 64 × 64 row-major raw
-/// 16-bit patterns of `dtype`; returns (O 64 × 64 f32 row-major, LSE per query row).
-pub fn run_attention_tile_probe(e: &Engine, dtype: DType, q: &[u16], k: &[u16], v: &[u16], scale: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+/// 16-bit patterns of `dtype`, 64 × `head_dim` (64 or 128) each (64 keys); returns (O
+/// 64 × head_dim f32 row-major, LSE per query row).
+pub fn run_attention_tile_probe(e: &Engine, dtype: DType, head_dim: usize, q: &[u16], k: &[u16], v: &[u16], scale: f32) -> Result<(Vec<f32>, Vec<f32>)> {
     if e.arch().name() != "sm_90a" {
         return Err(Error::UnsupportedConfig(format!("the attention tile probe needs sm_90a, this GPU is {}", e.arch().name())));
     }
@@ -201,23 +219,26 @@ pub fn run_attention_tile_probe(e: &Engine, dtype: DType, q: &[u16], k: &[u16], 
         DType::F16 => "f16",
         other => return Err(Error::UnsupportedConfig(format!("the attention tile probe takes f16 or bf16, not {}", other.name()))),
     };
-    if [q.len(), k.len(), v.len()].iter().any(|&n| n != 64 * 64) {
-        return Err(Error::UnsupportedConfig("the attention tile probe takes three 64 x 64 matrices".into()));
+    if head_dim != 64 && head_dim != 128 {
+        return Err(Error::UnsupportedConfig(format!("the attention tile probe has head dims 64 and 128, not {head_dim}")));
+    }
+    if [q.len(), k.len(), v.len()].iter().any(|&n| n != 64 * head_dim) {
+        return Err(Error::UnsupportedConfig(format!("the attention tile probe takes three 64 x {head_dim} matrices")));
     }
     let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "attention tile probe".into(), detail: x.to_string() };
     let nvrtc = e.jit().nvrtc();
     let cubin = nvrtc.compile(&attention_tile_probe_source(), &nvrtc.options(e.arch()), None)?;
     let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu)?;
-    let f = module.load_function(&format!("attnforge_attn_tile_probe_{ty}")).map_err(cu)?;
+    let f = module.load_function(&format!("attnforge_attn_tile_probe_{ty}_d{head_dim}")).map_err(cu)?;
     let (dq, dk, dv) = (e.stream().clone_htod(q).map_err(cu)?, e.stream().clone_htod(k).map_err(cu)?, e.stream().clone_htod(v).map_err(cu)?);
-    let mut o = e.alloc::<f32>(64 * 64)?;
+    let mut o = e.alloc::<f32>(64 * head_dim)?;
     let mut lse = e.alloc::<f32>(64)?;
     let cfg = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     {
         use cudarc::driver::PushKernelArg;
-        // SAFETY: the kernel reads 64 × 64 16-bit elements of `dq`, `dk`, `dv` (16-byte
-        // vectors; 256-byte aligned allocations) and writes 64 × 64 f32 of `o` and 64 of `lse`;
-        // all live and that large until the stream is synchronised below.
+        // SAFETY: the kernel reads 64 × head_dim 16-bit elements of `dq`, `dk`, `dv` (16-byte
+        // vectors; 256-byte aligned allocations) and writes 64 × head_dim f32 of `o` and 64 of
+        // `lse`; all live and that large until the stream is synchronised below.
         unsafe { e.stream().launch_builder(&f).arg(&dq).arg(&dk).arg(&dv).arg(&mut o).arg(&mut lse).arg(&scale).launch(cfg) }.map_err(cu)?;
     }
     Ok((e.stream().clone_dtoh(&o).map_err(cu)?, e.stream().clone_dtoh(&lse).map_err(cu)?))

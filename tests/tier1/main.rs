@@ -360,7 +360,9 @@ fn the_attention_tile_probe_compiles_for_sm90a() {
     let src = attnforge::testing::hopper::attention_tile_probe_source();
     let ptx = n.compile_ptx(&src, &"sm_90a".parse().unwrap()).unwrap_or_else(|e| panic!("{e}"));
     for ty in ["bf16", "f16"] {
-        assert_eq!(ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n64k16.f32.{ty}.{ty}")).count(), 8, "{ty}: 4 Q·Kᵀ + 4 P·V");
+        // d 64: 4 Q·Kᵀ + 4 P·V (n64); d 128: 8 Q·Kᵀ (n64, two panels) + 4 P·V (n128).
+        assert_eq!(ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n64k16.f32.{ty}.{ty}")).count(), 16, "{ty}: m64n64");
+        assert_eq!(ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n128k16.f32.{ty}.{ty}")).count(), 4, "{ty}: m64n128");
         assert!(ptx.contains(&format!("cvt.rn.{ty}x2.f32")), "{ty}: P packed in registers");
     }
     assert!(!n.compile(&src, &n.options(&"sm_90a".parse().unwrap()), None).unwrap_or_else(|e| panic!("{e}")).is_empty());

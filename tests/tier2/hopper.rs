@@ -83,7 +83,7 @@ pub(crate) fn the_bulk_copy_ring_delivers_every_chunk() {
     eprintln!("bulk-copy ring: 1-257 chunks of {PIPE_CHUNK} bytes delivered");
 }
 
-/// One 64 × 64 attention tile (d 64) on the warpgroup MMAs, softmax on the S fragment and P
+/// One 64-query × 64-key attention tile (d 64 and 128) on the warpgroup MMAs, softmax on the S fragment and P
 /// handed to P · V in registers, against an f64 softmax of the same rounded Q, K, V: the
 /// composition of both MMA forms the sm90 main loop's inner step is made of. P is rounded to
 /// the operand type before P · V, so the output's tolerance is that rounding's (≈ 2⁻⁸ relative
@@ -93,9 +93,9 @@ pub(crate) fn the_attention_tile_probe_matches_an_f64_softmax() {
     let e = super::engine();
     let mut rng = StdRng::seed_from_u64(1414);
     let scale = 0.125f32;
-    for dtype in [DType::Bf16, DType::F16] {
+    for (dtype, hd) in [(DType::Bf16, 64usize), (DType::F16, 64), (DType::Bf16, 128), (DType::F16, 128)] {
         let mut draw = |amp: f32| -> (Vec<u16>, Vec<f64>) {
-            (0..64 * 64)
+            (0..64 * hd)
                 .map(|_| {
                     let x: f32 = rng.random_range(-amp..amp);
                     match dtype {
@@ -105,26 +105,27 @@ pub(crate) fn the_attention_tile_probe_matches_an_f64_softmax() {
                 })
                 .unzip()
         };
-        // Logits up to |s| ≈ 64 × 3 × 3 / 8: rows with a sharp maximum and flat ones.
-        let (q, qf) = draw(3.0);
-        let (k, kf) = draw(3.0);
+        // Logits up to |s| ≈ d × 3 × 3 / 8 (a typical |s| of a few units): rows with a sharp
+        // maximum and flat ones.
+        let (q, qf) = draw(if hd == 64 { 3.0 } else { 2.0 });
+        let (k, kf) = draw(if hd == 64 { 3.0 } else { 2.0 });
         let (v, vf) = draw(1.0);
-        let (o, lse) = run_attention_tile_probe(&e, dtype, &q, &k, &v, scale).unwrap();
+        let (o, lse) = run_attention_tile_probe(&e, dtype, hd, &q, &k, &v, scale).unwrap();
         let (mut worst_o, mut worst_l) = (0.0f64, 0.0f64);
         for i in 0..64 {
-            let s: Vec<f64> = (0..64).map(|j| (0..64).map(|d| qf[i * 64 + d] * kf[j * 64 + d]).sum::<f64>() * f64::from(scale)).collect();
+            let s: Vec<f64> = (0..64).map(|j| (0..hd).map(|d| qf[i * hd + d] * kf[j * hd + d]).sum::<f64>() * f64::from(scale)).collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
             let z: f64 = p.iter().sum();
             worst_l = worst_l.max((f64::from(lse[i]) - (m + z.ln())).abs());
-            for d in 0..64 {
-                let want: f64 = (0..64).map(|j| p[j] * vf[j * 64 + d]).sum::<f64>() / z;
-                let got = f64::from(o[i * 64 + d]);
+            for d in 0..hd {
+                let want: f64 = (0..64).map(|j| p[j] * vf[j * hd + d]).sum::<f64>() / z;
+                let got = f64::from(o[i * hd + d]);
                 worst_o = worst_o.max(if got.is_nan() { f64::INFINITY } else { (got - want).abs() });
             }
         }
-        eprintln!("attention tile probe {}: max |Δo| {worst_o:.2e}, max |Δlse| {worst_l:.2e}", dtype.name());
+        eprintln!("attention tile probe {} d{hd}: max |Δo| {worst_o:.2e}, max |Δlse| {worst_l:.2e}", dtype.name());
         let tol_o = if dtype == DType::Bf16 { 1.5e-2 } else { 2e-3 };
-        assert!(worst_o < tol_o && worst_l < 1e-3, "{}: max |Δo| {worst_o} (tolerance {tol_o}), max |Δlse| {worst_l}", dtype.name());
+        assert!(worst_o < tol_o && worst_l < 1e-3, "{} d{hd}: max |Δo| {worst_o} (tolerance {tol_o}), max |Δlse| {worst_l}", dtype.name());
     }
 }
