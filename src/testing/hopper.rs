@@ -48,6 +48,37 @@ __device__ __forceinline__ void af_wgmma_probe(const uint4* __restrict__ a, cons
     c[(row + 8) * 64 + col + 1] = d[4 * j + 3];
   }
 }
+// C (64 × 128) = A (64 × 64) · Bᵀ, B 128 × 64: the m64n128 form of the same step (a 128-key S).
+template <bool IS_BF16>
+__device__ __forceinline__ void af_wgmma_probe_n128(const uint4* __restrict__ a, const uint4* __restrict__ b, float* __restrict__ c) {
+  __shared__ __align__(1024) unsigned char sa[64 * 128];
+  __shared__ __align__(1024) unsigned char sb[128 * 128];
+  for (unsigned i = threadIdx.x; i < 128 * 8; i += 128) {
+    if (i < 64 * 8) *reinterpret_cast<uint4*>(sa + af_sw128_offset(i / 8, i % 8)) = a[i];
+    *reinterpret_cast<uint4*>(sb + af_sw128_offset(i / 8, i % 8)) = b[i];
+  }
+  af_fence_proxy_async();
+  __syncthreads();
+  float d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[i] = 0.f;
+  af_wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < 4; ++k) af_wgmma_m64n128k16_ss<IS_BF16>(d, af_desc_sw128(sa + 32 * k), af_desc_sw128(sb + 32 * k), k > 0);
+  af_wgmma_commit();
+  af_wgmma_wait<0>();
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = 16 * warp + lane / 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const unsigned col = 8 * j + 2 * (lane % 4);
+    c[row * 128 + col] = d[4 * j];
+    c[row * 128 + col + 1] = d[4 * j + 1];
+    c[(row + 8) * 128 + col] = d[4 * j + 2];
+    c[(row + 8) * 128 + col + 1] = d[4 * j + 3];
+  }
+}
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_n128_bf16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe_n128<true>(a, b, c); }
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_n128_f16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe_n128<false>(a, b, c); }
 // C = A · V: A (64 × 64, row-major) from registers in the A fragment, V (64 keys × 64,
 // row-major: N contiguous) in an MN-major swizzled tile, its descriptor's offsets `lbo`, `sbo`.
 template <bool IS_BF16>
@@ -329,6 +360,8 @@ pub fn run_pipeline_probe(e: &Engine, src: &[u8]) -> Result<Vec<u8>> {
 pub enum Probe {
     /// C = A · Bᵀ, both operands K-major in shared memory (S = Q · Kᵀ).
     QkT,
+    /// C = A · Bᵀ with B 128 × 64 (C 64 × 128): the m64n128 form.
+    QkT128,
     /// C = A · V, A from registers and V MN-major in shared memory with the descriptor offsets
     /// (`lbo`, `sbo`, bytes) given (O = P · V).
     Pv {
@@ -339,9 +372,9 @@ pub enum Probe {
     },
 }
 
-/// Runs a probe on `e` (an sm_90a GPU): `a` and `b` are 64 × 64 row-major matrices as the raw
-/// 16-bit patterns of `dtype` (f16 or bf16); returns C (64 × 64 f32, row-major): A · Bᵀ for
-/// [`Probe::QkT`], A · B for [`Probe::Pv`].
+/// Runs a probe on `e` (an sm_90a GPU): `a` (64 × 64) and `b` (64 × 64; 128 × 64 for
+/// [`Probe::QkT128`]) are row-major matrices as the raw 16-bit patterns of `dtype` (f16 or
+/// bf16); returns C (f32, row-major): A · Bᵀ for the Q · Kᵀ forms, A · B for [`Probe::Pv`].
 pub fn run_wgmma_probe(e: &Engine, probe: Probe, dtype: DType, a: &[u16], b: &[u16]) -> Result<Vec<f32>> {
     if e.arch().name() != "sm_90a" {
         return Err(Error::UnsupportedConfig(format!("the wgmma probe needs sm_90a, this GPU is {}", e.arch().name())));
@@ -351,8 +384,9 @@ pub fn run_wgmma_probe(e: &Engine, probe: Probe, dtype: DType, a: &[u16], b: &[u
         DType::F16 => "f16",
         other => return Err(Error::UnsupportedConfig(format!("the wgmma probe multiplies f16 or bf16, not {}", other.name()))),
     };
-    if a.len() != 64 * 64 || b.len() != 64 * 64 {
-        return Err(Error::UnsupportedConfig(format!("the wgmma probe takes two 64 x 64 matrices, got {} and {} elements", a.len(), b.len())));
+    let b_rows = if probe == Probe::QkT128 { 128 } else { 64 };
+    if a.len() != 64 * 64 || b.len() != b_rows * 64 {
+        return Err(Error::UnsupportedConfig(format!("the wgmma probe takes a 64 x 64 and a {b_rows} x 64 matrix, got {} and {} elements", a.len(), b.len())));
     }
     let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "wgmma probe".into(), detail: x.to_string() };
     let nvrtc = e.jit().nvrtc();
@@ -360,12 +394,13 @@ pub fn run_wgmma_probe(e: &Engine, probe: Probe, dtype: DType, a: &[u16], b: &[u
     let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu)?;
     let entry = match probe {
         Probe::QkT => format!("attnforge_wgmma_probe_{ty}"),
+        Probe::QkT128 => format!("attnforge_wgmma_probe_n128_{ty}"),
         Probe::Pv { .. } => format!("attnforge_wgmma_pv_probe_{ty}"),
     };
     let f = module.load_function(&entry).map_err(cu)?;
     let da = e.stream().clone_htod(a).map_err(cu)?;
     let db = e.stream().clone_htod(b).map_err(cu)?;
-    let mut dc = e.alloc::<f32>(64 * 64)?;
+    let mut dc = e.alloc::<f32>(64 * b_rows)?;
     let cfg = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     {
         use cudarc::driver::PushKernelArg;
@@ -373,7 +408,7 @@ pub fn run_wgmma_probe(e: &Engine, probe: Probe, dtype: DType, a: &[u16], b: &[u
         launch.arg(&da).arg(&db).arg(&mut dc);
         let offsets = match probe {
             Probe::Pv { lbo, sbo } => Some((lbo, sbo)),
-            Probe::QkT => None,
+            Probe::QkT | Probe::QkT128 => None,
         };
         if let Some((lbo, sbo)) = &offsets {
             launch.arg(lbo).arg(sbo);

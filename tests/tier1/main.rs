@@ -326,9 +326,12 @@ fn the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas() {
     let src = attnforge::testing::hopper::wgmma_probe_source();
     let sm90: Arch = "sm_90a".parse().unwrap();
     let ptx = n.compile_ptx(&src, &sm90).unwrap_or_else(|e| panic!("{e}"));
-    // Two probes (Q · Kᵀ from shared memory, P · V with A in registers) per type.
-    for (what, count) in [("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", 8), ("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", 8), ("wgmma.fence.sync.aligned", 4), ("wgmma.commit_group.sync.aligned", 4), ("wgmma.wait_group.sync.aligned 0", 4), ("fence.proxy.async.shared::cta", 4)] {
+    // Three probes per type: Q · Kᵀ (n64 and n128) from shared memory, P · V with A in registers.
+    for (what, count) in [("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", 8), ("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16", 8), ("wgmma.fence.sync.aligned", 6), ("wgmma.commit_group.sync.aligned", 6), ("wgmma.wait_group.sync.aligned 0", 6), ("fence.proxy.async.shared::cta", 6)] {
         assert_eq!(ptx.matches(what).count(), count, "{what} in the PTX");
+    }
+    for ty in ["bf16", "f16"] {
+        assert_eq!(ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n128k16.f32.{ty}.{ty}")).count(), 4, "{ty}: the n128 probe");
     }
     let cubin = n.compile(&src, &n.options(&sm90), None).unwrap_or_else(|e| panic!("{e}"));
     assert!(!cubin.is_empty());

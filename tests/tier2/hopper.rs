@@ -53,6 +53,27 @@ pub(crate) fn the_wgmma_probe_matches_a_cpu_matmul() {
         let (err, at) = worst(&c, true);
         eprintln!("wgmma Q·Kᵀ probe {}: max |Δ| {err:.2e} at row {} col {}", dtype.name(), at / 64, at % 64);
         assert!(err < 1e-3, "Q·Kᵀ {}: C[{}][{}] = {} off by {err}", dtype.name(), at / 64, at % 64, c[at]);
+        let (b128, bf128) = {
+            let (x, y): (Vec<u16>, Vec<f64>) = (0..2).map(|_| draw(&mut rng)).fold((Vec::new(), Vec::new()), |(mut x, mut y), (a, b)| {
+                x.extend(a);
+                y.extend(b);
+                (x, y)
+            });
+            (x, y)
+        };
+        let c = run_wgmma_probe(&e, Probe::QkT128, dtype, &a, &b128).unwrap();
+        let mut worst128 = (0.0f64, 0usize);
+        for i in 0..64 {
+            for j in 0..128 {
+                let want: f64 = (0..64).map(|k| af[i * 64 + k] * bf128[j * 64 + k]).sum();
+                let err = (f64::from(c[i * 128 + j]) - want).abs();
+                if err > worst128.0 || err.is_nan() {
+                    worst128 = (if err.is_nan() { f64::INFINITY } else { err }, i * 128 + j);
+                }
+            }
+        }
+        eprintln!("wgmma Q·Kᵀ n128 probe {}: max |Δ| {:.2e}", dtype.name(), worst128.0);
+        assert!(worst128.0 < 1e-3, "Q·Kᵀ n128 {}: C[{}][{}] off by {}", dtype.name(), worst128.1 / 128, worst128.1 % 128, worst128.0);
         // P · V: V's tile is one 64-element panel, so its 8-row groups are 1024 bytes apart (the
         // stride-dimension offset); on a mismatch, say whether the swapped encoding would do.
         let pv = |lbo, sbo| run_wgmma_probe(&e, Probe::Pv { lbo, sbo }, dtype, &a, &b).unwrap();
