@@ -98,6 +98,11 @@ impl Family for Decode {
                 // detect builds the levels from this batch's own pages: no second check.
                 match e.plan_decode_cascade_of(k, pk, params, batch, &c, mode, false) {
                     Err(Error::UnsupportedConfig(why)) => crate::diagnostics::warn(&format!("the batch shares a prefix, but it is planned without a cascade: {why}")),
+                    // A fixed grid's cascade may need more spans than a plain plan (a demoted
+                    // outer level splits each member's own keys in two): plan it plainly.
+                    Err(err @ Error::Plan(crate::error::PlanError::FixedGridTooSmall { .. })) => {
+                        crate::diagnostics::warn(&format!("the batch shares a prefix, but its decode cascade does not fit the fixed grid ({err}): planned without a cascade"))
+                    }
                     r => return r,
                 }
             }
@@ -145,6 +150,11 @@ impl Family for Prefill {
                 // B = 256 sharing 32K, validation costs more than detection; criterion).
                 match e.plan_cascade_of(k, params, batch, &c, mode, false) {
                     Err(Error::UnsupportedConfig(why)) => crate::diagnostics::warn(&format!("the batch shares a prefix, but it is planned without a cascade: {why}")),
+                    // A fixed grid's cascade may need more spans than a plain plan (a demoted
+                    // outer level splits each member's own keys in two): plan it plainly.
+                    Err(err @ Error::Plan(crate::error::PlanError::FixedGridTooSmall { .. })) => {
+                        crate::diagnostics::warn(&format!("the batch shares a prefix, but its decode cascade does not fit the fixed grid ({err}): planned without a cascade"))
+                    }
                     r => return r,
                 }
             }

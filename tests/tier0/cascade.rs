@@ -584,3 +584,38 @@ fn an_eager_decode_cascade_folds_small_suffixes_into_its_prefix_launch() {
         assert!(work >= 8 && in_prefix == 0, "{mode:?}");
     }
 }
+
+/// Review finding: a fixed-grid decode cascade that demotes an outer shared level (it does not
+/// fit the prefix wave) while admitting the inner ones leaves each member two own spans, which
+/// can outgrow a grid a plain plan of the same batch fits; the plan says so (FixedGridTooSmall,
+/// which the decode wrappers answer with a plain plan and a warning) instead of planning wrong.
+#[test]
+fn a_fixed_grid_decode_cascade_that_outgrows_its_grid_is_an_error_a_plain_plan_avoids() {
+    use attnforge::plan::{decode_fixed_grid_bound, plan_decode, plan_decode_cascade, PlanMode, PlanTarget};
+    // 256 requests share 256 tokens (16 pages); 16 sets of 16 share 8192 more; then 1 own page.
+    let b = 256usize;
+    let mut indptr = vec![0i32];
+    let mut indices = Vec::new();
+    for r in 0..b as i32 {
+        indices.extend(0..16);
+        indices.extend((0..512).map(|j| 16 + (r / 16) * 512 + j));
+        indices.push(16 + 16 * 512 + r);
+        indptr.push(indices.len() as i32);
+    }
+    let pages = PageTable { indptr, indices, last_page_len: vec![5; b] };
+    let qo: Vec<i32> = (0..=b as i32).collect();
+    let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: 16 + 16 * 512 + b, page_size: 16, kv_heads: 8, head_dim_qk: 128, head_dim_vo: 128 };
+    let batch = Batch { qo_indptr: &qo, pages: &pages, kv, qo_heads: 32 };
+    let valid = batch.validated().unwrap();
+    let cascade = detect(&valid, &Policy::default()).expect("the batch shares two levels");
+    let v = shipped::resolve("causal").unwrap();
+    let p = v.bind(&HashMap::new(), Dims { qo_heads: 32, kv_heads: 8, batch: b }).unwrap();
+    let pt = PlanTarget { ctas: 132, kv_tile: 64, resident: 0, always_balance: false };
+    let dt = PlanTarget { ctas: 132, kv_tile: 64, resident: 264, always_balance: false };
+    let mode = PlanMode::FixedGrid { max_ctas: decode_fixed_grid_bound(&v, dt, 8, b) };
+    plan_decode(&v, &p, &valid, dt, mode).expect("a plain fixed-grid plan fits");
+    match plan_decode_cascade(&v, &p, &valid, &cascade, 128, pt, dt, mode) {
+        Err(attnforge::Error::Plan(attnforge::error::PlanError::FixedGridTooSmall { .. })) => {}
+        other => panic!("expected FixedGridTooSmall, got {:?}", other.map(|pl| (pl.work.len(), pl.prefix.map(|x| x.work.len())))),
+    }
+}
