@@ -473,12 +473,20 @@ pub fn plan_decode_cascade(
     }
     let blocks = |m: &[usize]| m.len().div_ceil(per_item);
     if let Some((_, wp)) = fixed {
-        // The prefix CTAs hold one block per item: admit the groups saving the most reads first.
-        shared.sort_by_key(|(g, m)| std::cmp::Reverse((m.len() - 1) * g.len));
+        // The prefix CTAs hold one block per item. Groups are decided outer level first (by
+        // position), those saving the most reads first within it; once a request's group is
+        // demoted, every later group of that request is too, so its own keys stay one span (a
+        // demoted outer level under admitted inner ones would split them in two and could
+        // outgrow the grid).
+        shared.sort_by_key(|(g, m)| (g.kv_start, std::cmp::Reverse((m.len() - 1) * g.len)));
         let mut taken = 0;
         let mut demoted = 0;
+        let mut blocked = vec![false; b];
         shared.retain(|(g, m)| {
-            let fits = taken + blocks(m) <= wp;
+            let fits = taken + blocks(m) <= wp && !m.iter().any(|&r| blocked[r]);
+            if !fits {
+                m.iter().for_each(|&r| blocked[r] = true);
+            }
             if fits {
                 taken += blocks(m);
             } else {

@@ -585,12 +585,13 @@ fn an_eager_decode_cascade_folds_small_suffixes_into_its_prefix_launch() {
     }
 }
 
-/// Review finding: a fixed-grid decode cascade that demotes an outer shared level (it does not
-/// fit the prefix wave) while admitting the inner ones leaves each member two own spans, which
-/// can outgrow a grid a plain plan of the same batch fits; the plan says so (FixedGridTooSmall,
-/// which the decode wrappers answer with a plain plan and a warning) instead of planning wrong.
+/// Review finding: a fixed-grid decode cascade that demoted an outer shared level (it did not
+/// fit the prefix wave) while admitting the inner ones left each member two own spans, which
+/// outgrew a grid a plain plan of the same batch fits (FixedGridTooSmall). Groups are now decided
+/// outer level first and a request's later groups follow its demoted one, so each request's own
+/// keys stay one span and the plan fits.
 #[test]
-fn a_fixed_grid_decode_cascade_that_outgrows_its_grid_is_an_error_a_plain_plan_avoids() {
+fn a_fixed_grid_decode_cascade_keeps_each_request_s_own_keys_one_span_when_it_demotes() {
     use attnforge::plan::{decode_fixed_grid_bound, plan_decode, plan_decode_cascade, PlanMode, PlanTarget};
     // 256 requests share 256 tokens (16 pages); 16 sets of 16 share 8192 more; then 1 own page.
     let b = 256usize;
@@ -614,8 +615,14 @@ fn a_fixed_grid_decode_cascade_that_outgrows_its_grid_is_an_error_a_plain_plan_a
     let dt = PlanTarget { ctas: 132, kv_tile: 64, resident: 264, always_balance: false };
     let mode = PlanMode::FixedGrid { max_ctas: decode_fixed_grid_bound(&v, dt, 8, b) };
     plan_decode(&v, &p, &valid, dt, mode).expect("a plain fixed-grid plan fits");
-    match plan_decode_cascade(&v, &p, &valid, &cascade, 128, pt, dt, mode) {
-        Err(attnforge::Error::Plan(attnforge::error::PlanError::FixedGridTooSmall { .. })) => {}
-        other => panic!("expected FixedGridTooSmall, got {:?}", other.map(|pl| (pl.work.len(), pl.prefix.map(|x| x.work.len())))),
+    let plan = plan_decode_cascade(&v, &p, &valid, &cascade, 128, pt, dt, mode).expect("the cascade fits the grid");
+    let pre = plan.prefix.as_deref().unwrap();
+    // The root (8 blocks of 32 rows) is admitted first; 9 of the 16 inner groups fit beside it.
+    assert_eq!(pre.work.iter().filter(|w| w.kv_begin == 0).map(|w| -w.stride as usize).sum::<usize>(), b, "the root's blocks cover every request");
+    for r in 0..b {
+        let mut own: Vec<(i32, i32)> = plan.work.iter().filter(|w| w.req as usize == r).map(|w| (w.kv_begin, w.kv_end)).collect();
+        own.sort();
+        assert!(!own.is_empty() && own.windows(2).all(|x| x[0].1 == x[1].0), "request {r}: own keys {own:?} are not one span");
+        assert_eq!(own.last().unwrap().1 as usize, valid.kv_len(r));
     }
 }
