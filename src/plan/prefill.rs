@@ -581,14 +581,14 @@ pub fn plan_decode_cascade(
             return Err(PlanError::FixedGridTooSmall { needed: spans.len(), max_ctas }.into());
         }
     }
+    // What the prefix launch reads, as (first key, keys, readers): the shared groups, then the
+    // folded suffixes (one reader each).
+    let prefix_items: Vec<(usize, usize, &[usize])> = shared.iter().map(|(g, m)| (g.kv_start, g.len, m.as_slice())).chain(folded.iter().map(|s| (s.1, s.2 - s.1, std::slice::from_ref(&s.0)))).collect();
     let mut count = vec![0usize; b];
-    for (g, m) in &shared {
+    for &(_, len, m) in &prefix_items {
         for &r in m {
-            count[r] += pieces(g.len, chunk_p, tile_p);
+            count[r] += pieces(len, chunk_p, tile_p);
         }
-    }
-    for s in &folded {
-        count[s.0] += pieces(s.2 - s.1, chunk_p, tile_p);
     }
     for s in &spans {
         count[s.0] += pieces(s.2 - s.1, chunk_d, tile_d);
@@ -613,14 +613,14 @@ pub fn plan_decode_cascade(
     let mut work_p: Vec<(usize, PrefillWork)> = Vec::new();
     let mut table: Vec<[i32; 4]> = Vec::new();
     let mut used_chunk_p = 0;
-    for (g, m) in &shared {
-        let piece = split_piece(g.len, chunk_p, tile_p, det);
-        let n = g.len.div_ceil(piece);
+    for &(start, len, m) in &prefix_items {
+        let piece = split_piece(len, chunk_p, tile_p, det);
+        let n = len.div_ceil(piece);
         if n > 1 {
             used_chunk_p = used_chunk_p.max(piece);
         }
         for c in 0..n {
-            let (s, e) = (g.kv_start + c * piece, (g.kv_start + (c + 1) * piece).min(g.kv_start + g.len));
+            let (s, e) = (start + c * piece, (start + (c + 1) * piece).min(start + len));
             for block in m.chunks(per_item) {
                 let at = table.len();
                 table.extend(block.iter().map(|&r| [r as i32, batch.qo_indptr[r], (base[r] + used[r] + c) as i32, 0]));
@@ -630,20 +630,6 @@ pub fn plan_decode_cascade(
         for &r in m {
             used[r] += n;
         }
-    }
-    for &(r, lo, hi) in &folded {
-        let piece = split_piece(hi - lo, chunk_p, tile_p, det);
-        let n = (hi - lo).div_ceil(piece);
-        if n > 1 {
-            used_chunk_p = used_chunk_p.max(piece);
-        }
-        for c in 0..n {
-            let (s, e) = (lo + c * piece, (lo + (c + 1) * piece).min(hi));
-            let at = table.len();
-            table.push([r as i32, batch.qo_indptr[r], (base[r] + used[r] + c) as i32, 0]);
-            work_p.push((e - s, PrefillWork { req: r as i32, row_start: at as i32, kv_begin: s as i32, kv_end: e as i32, partial: -1, stride: -1 }));
-        }
-        used[r] += n;
     }
     if table.len() > i32::MAX as usize {
         return Err(PlanError::Invalid(format!("the cascade's group table has {} entries, more than the kernels index", table.len())).into());
