@@ -7,6 +7,35 @@ use crate::error::{Error, Result};
 use crate::jit::KernelSource;
 use crate::kv::DType;
 
+/// A CUDA error of probe `what`.
+fn cu(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error + Copy {
+    move |x| Error::Cuda { call: what.into(), detail: x.to_string() }
+}
+
+/// The probes' instructions exist on sm_90a only.
+fn require_sm90(e: &Engine, what: &str) -> Result<()> {
+    if e.arch().name() != "sm_90a" {
+        return Err(Error::UnsupportedConfig(format!("the {what} needs sm_90a, this GPU is {}", e.arch().name())));
+    }
+    Ok(())
+}
+
+/// The entry-name suffix of a probe's operand type (f16 or bf16).
+fn operand_type(what: &str, dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::Bf16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => Err(Error::UnsupportedConfig(format!("the {what} takes f16 or bf16, not {}", other.name()))),
+    }
+}
+
+/// Compiles `src` for `e`'s arch and loads it.
+fn load(e: &Engine, what: &'static str, src: &KernelSource) -> Result<std::sync::Arc<cudarc::driver::CudaModule>> {
+    let nvrtc = e.jit().nvrtc();
+    let cubin = nvrtc.compile(src, &nvrtc.options(e.arch()), None)?;
+    e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu(what))
+}
+
 /// The header under test.
 pub const WGMMA_CUH: &str = include_str!("../../templates/common/wgmma.cuh");
 
@@ -242,24 +271,17 @@ AF_TILE_ENTRY(attnforge_attn_tile_probe_f16_d128, false, 128)
 /// 16-bit patterns of `dtype`, 64 × `head_dim` (64 or 128) each (64 keys); returns (O
 /// 64 × head_dim f32 row-major, LSE per query row).
 pub fn run_attention_tile_probe(e: &Engine, dtype: DType, head_dim: usize, q: &[u16], k: &[u16], v: &[u16], scale: f32) -> Result<(Vec<f32>, Vec<f32>)> {
-    if e.arch().name() != "sm_90a" {
-        return Err(Error::UnsupportedConfig(format!("the attention tile probe needs sm_90a, this GPU is {}", e.arch().name())));
-    }
-    let ty = match dtype {
-        DType::Bf16 => "bf16",
-        DType::F16 => "f16",
-        other => return Err(Error::UnsupportedConfig(format!("the attention tile probe takes f16 or bf16, not {}", other.name()))),
-    };
+    const WHAT: &str = "attention tile probe";
+    require_sm90(e, WHAT)?;
+    let ty = operand_type(WHAT, dtype)?;
     if head_dim != 64 && head_dim != 128 {
         return Err(Error::UnsupportedConfig(format!("the attention tile probe has head dims 64 and 128, not {head_dim}")));
     }
     if [q.len(), k.len(), v.len()].iter().any(|&n| n != 64 * head_dim) {
         return Err(Error::UnsupportedConfig(format!("the attention tile probe takes three 64 x {head_dim} matrices")));
     }
-    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "attention tile probe".into(), detail: x.to_string() };
-    let nvrtc = e.jit().nvrtc();
-    let cubin = nvrtc.compile(&attention_tile_probe_source(), &nvrtc.options(e.arch()), None)?;
-    let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu)?;
+    let cu = cu(WHAT);
+    let module = load(e, WHAT, &attention_tile_probe_source())?;
     let f = module.load_function(&format!("attnforge_attn_tile_probe_{ty}_d{head_dim}")).map_err(cu)?;
     let (dq, dk, dv) = (e.stream().clone_htod(q).map_err(cu)?, e.stream().clone_htod(k).map_err(cu)?, e.stream().clone_htod(v).map_err(cu)?);
     let mut o = e.alloc::<f32>(64 * head_dim)?;
@@ -330,16 +352,13 @@ extern "C" __global__ void __launch_bounds__(384, 1) attnforge_pipe_probe(const 
 /// Runs [`pipeline_probe_source`] on `e` (sm_90a) over `src` (a whole number of
 /// [`PIPE_CHUNK`]s) and returns what the consumers wrote.
 pub fn run_pipeline_probe(e: &Engine, src: &[u8]) -> Result<Vec<u8>> {
-    if e.arch().name() != "sm_90a" {
-        return Err(Error::UnsupportedConfig(format!("the pipeline probe needs sm_90a, this GPU is {}", e.arch().name())));
-    }
+    const WHAT: &str = "pipeline probe";
+    require_sm90(e, WHAT)?;
     if src.is_empty() || src.len() % PIPE_CHUNK != 0 || src.len() / PIPE_CHUNK > u32::MAX as usize {
         return Err(Error::UnsupportedConfig(format!("the pipeline probe streams whole {PIPE_CHUNK}-byte chunks, got {} bytes", src.len())));
     }
-    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "pipeline probe".into(), detail: x.to_string() };
-    let nvrtc = e.jit().nvrtc();
-    let cubin = nvrtc.compile(&pipeline_probe_source(), &nvrtc.options(e.arch()), None)?;
-    let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu)?;
+    let cu = cu(WHAT);
+    let module = load(e, WHAT, &pipeline_probe_source())?;
     let f = module.load_function("attnforge_pipe_probe").map_err(cu)?;
     let d_src = e.stream().clone_htod(src).map_err(cu)?;
     let mut d_dst = e.alloc::<u8>(src.len())?;
@@ -376,22 +395,15 @@ pub enum Probe {
 /// [`Probe::QkT128`]) are row-major matrices as the raw 16-bit patterns of `dtype` (f16 or
 /// bf16); returns C (f32, row-major): A · Bᵀ for the Q · Kᵀ forms, A · B for [`Probe::Pv`].
 pub fn run_wgmma_probe(e: &Engine, probe: Probe, dtype: DType, a: &[u16], b: &[u16]) -> Result<Vec<f32>> {
-    if e.arch().name() != "sm_90a" {
-        return Err(Error::UnsupportedConfig(format!("the wgmma probe needs sm_90a, this GPU is {}", e.arch().name())));
-    }
-    let ty = match dtype {
-        DType::Bf16 => "bf16",
-        DType::F16 => "f16",
-        other => return Err(Error::UnsupportedConfig(format!("the wgmma probe multiplies f16 or bf16, not {}", other.name()))),
-    };
+    const WHAT: &str = "wgmma probe";
+    require_sm90(e, WHAT)?;
+    let ty = operand_type(WHAT, dtype)?;
     let b_rows = if probe == Probe::QkT128 { 128 } else { 64 };
     if a.len() != 64 * 64 || b.len() != b_rows * 64 {
         return Err(Error::UnsupportedConfig(format!("the wgmma probe takes a 64 x 64 and a {b_rows} x 64 matrix, got {} and {} elements", a.len(), b.len())));
     }
-    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "wgmma probe".into(), detail: x.to_string() };
-    let nvrtc = e.jit().nvrtc();
-    let cubin = nvrtc.compile(&wgmma_probe_source(), &nvrtc.options(e.arch()), None)?;
-    let module = e.context().load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cu)?;
+    let cu = cu(WHAT);
+    let module = load(e, WHAT, &wgmma_probe_source())?;
     let entry = match probe {
         Probe::QkT => format!("attnforge_wgmma_probe_{ty}"),
         Probe::QkT128 => format!("attnforge_wgmma_probe_n128_{ty}"),
