@@ -348,33 +348,12 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
         e.upload_plan(&plan, &mut c.bufs)?;
         fixed_plans.push(plan);
     }
-    e.synchronize()?;
-    let cu = |x: cudarc::driver::DriverError| Error::Cuda { call: "bench".into(), detail: x.to_string() };
-    e.stream().begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cu)?;
-    let mut captured = Ok(());
-    for i in 0..GRAPH_CALLS {
+    let mut i = 0;
+    let graph_us = graph_median_us(e, GRAPH_CALLS, &mut || {
         let c = i % copies;
-        captured = captured.and_then(|_| launch(&tables[c], &fixed_plans[c], &mut o, &mut lse));
-    }
-    let graph = e.stream().end_capture(CUgraphInstantiate_flags(0)).map_err(cu)?;
-    captured?;
-    let graph = graph.ok_or_else(|| Error::Cuda { call: "end capture".into(), detail: "an empty graph".into() })?;
-    let start = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
-    let end = e.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cu)?;
-    for _ in 0..3 {
-        graph.launch().map_err(cu)?;
-    }
-    let mut samples = Vec::new();
-    for _ in 0..7 {
-        start.record(e.stream()).map_err(cu)?;
-        for _ in 0..5 {
-            graph.launch().map_err(cu)?;
-        }
-        end.record(e.stream()).map_err(cu)?;
-        end.synchronize().map_err(cu)?;
-        samples.push(f64::from(start.elapsed_ms(&end).map_err(cu)?) * 1e3 / (5 * GRAPH_CALLS) as f64);
-    }
-    let graph_us = median(samples);
+        i += 1;
+        launch(&tables[c], &fixed_plans[c], &mut o, &mut lse)
+    })?;
 
     // Eager: plan + upload + launch from the host for every call (default plans).
     for c in tables.iter_mut() {
