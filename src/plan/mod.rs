@@ -75,12 +75,16 @@ pub struct PlanTarget {
 /// head when the variant's `kv_range` reads `kv_head`. Split into wave chunks (only when the spans
 /// do not fill `target.ctas`), pieces of at least `total × kv_heads / ctas` positions give at
 /// most `ctas / kv_heads` items plus one per span. A balanced list (a column per resident CTA)
-/// is used only when it fits, else the batch is planned unbalanced; the resident CTAs are in the
-/// bound so that balanced lists of even spans still fit. Tier 0 checks the bound on random
-/// batches.
+/// is used only when it fits, else the batch is planned unbalanced, each CTA of one wave running
+/// its items in turn. A balanced list of W columns holds at most W × (⌈spans / W⌉ + 2) items
+/// (the spans a column's share covers whole, and a cut one at each end) when no column gathers
+/// many more short spans than its share: three waves of resident CTAs beyond the spans keep
+/// such batches balanced (H200, B 40 of 150..1200 tokens at capacity 40: the unbalanced
+/// fallback ran 1396 µs per 32-layer step against 1277 eager, `benches/graph_gap.py`). Tier 0
+/// checks the bound on random batches.
 pub fn decode_fixed_grid_bound(variant: &Variant, target: PlanTarget, kv_heads: usize, max_batch: usize) -> usize {
     let kv_heads = kv_heads.max(1);
-    target.resident.div_ceil(kv_heads) + target.ctas.div_ceil(kv_heads) + 1 + max_batch.saturating_mul(range_heads(variant, kv_heads))
+    3 * target.resident.div_ceil(kv_heads) + target.ctas.div_ceil(kv_heads) + 1 + max_batch.saturating_mul(range_heads(variant, kv_heads))
 }
 
 /// Splits shorter than this cost more in merging than they gain in parallelism.
