@@ -66,16 +66,7 @@ __device__ __forceinline__ void af_wgmma_probe(const uint4* __restrict__ a, cons
   for (int k = 0; k < 4; ++k) af_wgmma_m64n64k16_ss<IS_BF16>(d, af_desc_sw128(sa + 32 * k), af_desc_sw128(sb + 32 * k), k > 0);
   af_wgmma_commit();
   af_wgmma_wait<0>();
-  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const unsigned row = 16 * warp + lane / 4;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const unsigned col = 8 * j + 2 * (lane % 4);
-    c[row * 64 + col] = d[4 * j];
-    c[row * 64 + col + 1] = d[4 * j + 1];
-    c[(row + 8) * 64 + col] = d[4 * j + 2];
-    c[(row + 8) * 64 + col + 1] = d[4 * j + 3];
-  }
+  af_wgmma_store_f32<64>(d, c, 64);
 }
 // C (64 × 128) = A (64 × 64) · Bᵀ, B 128 × 64: the m64n128 form of the same step (a 128-key S).
 template <bool IS_BF16>
@@ -96,15 +87,7 @@ __device__ __forceinline__ void af_wgmma_probe_n128(const uint4* __restrict__ a,
   for (int k = 0; k < 4; ++k) af_wgmma_m64n128k16_ss<IS_BF16>(d, af_desc_sw128(sa + 32 * k), af_desc_sw128(sb + 32 * k), k > 0);
   af_wgmma_commit();
   af_wgmma_wait<0>();
-  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = 16 * warp + lane / 4;
-#pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const unsigned col = 8 * j + 2 * (lane % 4);
-    c[row * 128 + col] = d[4 * j];
-    c[row * 128 + col + 1] = d[4 * j + 1];
-    c[(row + 8) * 128 + col] = d[4 * j + 2];
-    c[(row + 8) * 128 + col + 1] = d[4 * j + 3];
-  }
+  af_wgmma_store_f32<128>(d, c, 128);
 }
 extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_n128_bf16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe_n128<true>(a, b, c); }
 extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_n128_f16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe_n128<false>(a, b, c); }
@@ -316,13 +299,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) attnforge_pipe_probe(const 
   enum : unsigned { STAGES = 4, CHUNK = 4096, VECS = CHUNK / 16 };
   __shared__ __align__(128) uint4 ring[STAGES][VECS];
   __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
-  if (threadIdx.x == 0) {
-    for (unsigned s = 0; s < STAGES; ++s) {
-      af_mbar_init(&full[s], 1);
-      af_mbar_init(&empty[s], 128);
-    }
-    af_mbar_init_fence();
-  }
+  af_ring_init(full, empty, 1, 128);
   __syncthreads();
   const unsigned wg = threadIdx.x / 128, t = threadIdx.x % 128;
   if (wg == 0) {
@@ -432,4 +409,109 @@ pub fn run_wgmma_probe(e: &Engine, probe: Probe, dtype: DType, a: &[u16], b: &[u
         unsafe { launch.launch(cfg) }.map_err(cu)?;
     }
     e.stream().clone_dtoh(&dc).map_err(cu)
+}
+
+/// Keys per tile of [`gather_probe_source`]'s ring.
+pub const GATHER_TILE: usize = 64;
+
+/// The producer side of the sm90 main loop over a paged cache (`attnforge_gather_probe_{bf16,f16}`,
+/// 384 threads): warpgroup 0 (`setmaxnreg.dec` 40) gathers the K rows (head dim 64) of 64-key
+/// tiles from pages of any size, through a page table, with 16-byte `cp.async` copies into a
+/// 2-stage ring of 128-byte-swizzled tiles (keys past `kv_len` zero-filled), each thread
+/// announcing its copies on the stage's `full` barrier (`cp.async.mbarrier.arrive.noinc`);
+/// warpgroups 1 and 2 take alternate tiles, wait, fence the async proxy and compute S = Q · Kᵀ
+/// (Q 64 × 64, staged once) on the warpgroup MMA, write it (64 × 64 f32 per tile) and release
+/// the stage on `empty`. A wait that never completes traps.
+pub fn gather_probe_source() -> KernelSource {
+    let kernel = r#"
+template <bool IS_BF16>
+__device__ __forceinline__ void af_gather_probe(const uint4* __restrict__ q, const unsigned short* __restrict__ k_cache, const int* __restrict__ pages, int page_size, int kv_len, float* __restrict__ s_out) {
+  enum : unsigned { STAGES = 2, TILE = 64, PANEL = TILE * 128 };
+  __shared__ __align__(1024) unsigned char sq[PANEL];
+  __shared__ __align__(1024) unsigned char ring[STAGES][PANEL];
+  __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
+  const int tiles = (kv_len + TILE - 1) / TILE;
+  for (unsigned i = threadIdx.x; i < 64 * 8; i += blockDim.x) *reinterpret_cast<uint4*>(sq + af_sw128_offset(i / 8, i % 8)) = q[i];
+  af_ring_init(full, empty, 128, 128);
+  af_fence_proxy_async();
+  __syncthreads();
+  const unsigned wg = threadIdx.x / 128, t = threadIdx.x % 128;
+  if (wg == 0) {
+    af_setmaxnreg_dec<40>();
+    // Thread t copies chunk t % 8 of keys t / 8, t / 8 + 16, ...: one page lookup per key.
+    const unsigned chunk = t % 8;
+    for (int c = 0; c < tiles; ++c) {
+      const unsigned s = c % STAGES, round = c / STAGES;
+      if (round > 0) af_mbar_wait(&empty[s], (round - 1) & 1);
+      const unsigned base = af_smem_addr(ring[s]);
+#pragma unroll
+      for (unsigned j = t / 8; j < TILE; j += 16) {
+        const int pos = c * TILE + (int)j;
+        const bool ok = pos < kv_len;
+        const unsigned short* src = ok ? k_cache + ((long long)pages[pos / page_size] * page_size + pos % page_size) * 64 + chunk * 8 : k_cache;
+        af_cp_async16_to(base + af_sw128_offset(j, chunk), src, ok);
+      }
+      af_cp_async_mbar_arrive(&full[s]);
+    }
+  } else {
+    af_setmaxnreg_inc<232>();
+    for (int c = wg - 1; c < tiles; c += 2) {
+      const unsigned s = c % STAGES, round = c / STAGES;
+      af_mbar_wait(&full[s], round & 1);
+      af_fence_proxy_async();
+      float d[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) d[i] = 0.f;
+      af_wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 4; ++k) af_wgmma_m64n64k16_ss<IS_BF16>(d, af_desc_sw128(sq + 32 * k), af_desc_sw128(ring[s] + 32 * k), k > 0);
+      af_wgmma_commit();
+      af_wgmma_wait<0>();
+      af_mbar_arrive(&empty[s]);
+      af_wgmma_store_f32<64>(d, s_out + (size_t)c * 64 * 64, 64);
+    }
+  }
+}
+extern "C" __global__ void __launch_bounds__(384, 1) attnforge_gather_probe_bf16(const uint4* q, const unsigned short* k, const int* pages, int page_size, int kv_len, float* s) { af_gather_probe<true>(q, k, pages, page_size, kv_len, s); }
+extern "C" __global__ void __launch_bounds__(384, 1) attnforge_gather_probe_f16(const uint4* q, const unsigned short* k, const int* pages, int page_size, int kv_len, float* s) { af_gather_probe<false>(q, k, pages, page_size, kv_len, s); }
+"#;
+    KernelSource { name: "gather_probe".into(), code: format!("#define AF_MBAR_SPIN_LIMIT (1ull << 24)\n{PIPELINE_CUH}\n{WGMMA_CUH}\n{kernel}"), hook_lines: Vec::new() }
+}
+
+/// Runs [`gather_probe_source`] on `e` (sm_90a): `q` 64 × 64 and `k_cache` (pages × `page_size`
+/// keys × 64, one KV head) raw 16-bit patterns of `dtype`; `pages` the request's page table
+/// (its `kv_len` keys on pages `pages[pos / page_size]`). Returns S, one 64 × 64 f32 block per
+/// 64-key tile (row-major: query, key in the tile), zero past `kv_len`.
+pub fn run_gather_probe(e: &Engine, dtype: DType, q: &[u16], k_cache: &[u16], page_size: usize, pages: &[i32], kv_len: usize) -> Result<Vec<f32>> {
+    const WHAT: &str = "gather probe";
+    require_sm90(e, WHAT)?;
+    let ty = operand_type(WHAT, dtype)?;
+    let bad = |why: String| Err(Error::UnsupportedConfig(format!("the gather probe: {why}")));
+    if page_size == 0 || page_size > i32::MAX as usize {
+        return bad(format!("page size {page_size}"));
+    }
+    let num_pages = k_cache.len() / (64 * page_size);
+    if q.len() != 64 * 64 || k_cache.len() != num_pages * page_size * 64 || num_pages > i32::MAX as usize {
+        return bad(format!("takes a 64 x 64 Q and whole pages of 64-element keys, got {} and {} elements (page size {page_size})", q.len(), k_cache.len()));
+    }
+    if kv_len == 0 || kv_len > i32::MAX as usize || pages.len() < kv_len.div_ceil(page_size) || pages.iter().any(|&p| p < 0 || p as usize >= num_pages) {
+        return bad(format!("{kv_len} keys need {} pages, each below {num_pages}", kv_len.div_ceil(page_size)));
+    }
+    let tiles = kv_len.div_ceil(GATHER_TILE);
+    let cu = cu(WHAT);
+    let module = load(e, WHAT, &gather_probe_source())?;
+    let f = module.load_function(&format!("attnforge_gather_probe_{ty}")).map_err(cu)?;
+    let (dq, dk, dp) = (e.stream().clone_htod(q).map_err(cu)?, e.stream().clone_htod(k_cache).map_err(cu)?, e.stream().clone_htod(pages).map_err(cu)?);
+    let mut ds = e.alloc::<f32>(tiles * 64 * 64)?;
+    let (ps, kl) = (page_size as i32, kv_len as i32);
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (384, 1, 1), shared_mem_bytes: 0 };
+    {
+        use cudarc::driver::PushKernelArg;
+        // SAFETY: the kernel reads 64 × 64 elements of `dq` (16-byte vectors; cudarc's
+        // allocations are 256-byte aligned), the keys of the pages in the first ⌈kv_len /
+        // page_size⌉ entries of `dp` (each checked above to be below `num_pages`, so inside
+        // `dk`), and writes `tiles` × 64 × 64 f32 of `ds`; all live until the stream syncs below.
+        unsafe { e.stream().launch_builder(&f).arg(&dq).arg(&dk).arg(&dp).arg(&ps).arg(&kl).arg(&mut ds).launch(cfg) }.map_err(cu)?;
+    }
+    e.stream().clone_dtoh(&ds).map_err(cu)
 }

@@ -6,7 +6,8 @@
 // its bulk copies: `af_mbar_arrive_expect_tx`, then `af_bulk_copy_g2s` signalling the same
 // barrier) and `empty` (one arrival per consumer thread when it is done with the stage). Round r
 // of stage s waits on `full[s]` with parity r & 1; the producer, before refilling in round
-// r >= 1, waits on `empty[s]` with parity (r - 1) & 1.
+// r >= 1, waits on `empty[s]` with parity (r - 1) & 1. A stage filled by gathers (a paged KV
+// cache) instead takes one arrival per producer thread through af_cp_async_mbar_arrive.
 //
 // `af_setmaxnreg_dec<N>` / `af_setmaxnreg_inc<N>`: a producer warpgroup gives registers back,
 // consumer warpgroups take them (N a multiple of 8 in 24..256; every warp of the warpgroup
@@ -32,6 +33,21 @@ __device__ __forceinline__ void af_mbar_init_fence() {
 #if AF_HAS_SM90_PIPE
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #endif
+}
+
+// A ring's barriers: thread 0 initialises STAGES `full` barriers expecting `full_count`
+// arrivals and STAGES `empty` ones expecting `empty_count`, and fences them; the caller's next
+// CTA barrier publishes them.
+template <int STAGES>
+__device__ __forceinline__ void af_ring_init(unsigned long long (&full)[STAGES], unsigned long long (&empty)[STAGES], unsigned full_count, unsigned empty_count) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      af_mbar_init(&full[s], full_count);
+      af_mbar_init(&empty[s], empty_count);
+    }
+    af_mbar_init_fence();
+  }
 }
 
 // An arrival that also announces `bytes` of transactions the phase waits for.
@@ -76,6 +92,25 @@ __device__ __forceinline__ void af_bulk_copy_g2s(void* smem_dst, const void* gme
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(af_smem_addr(smem_dst)), "l"(gmem_src), "r"(bytes),
                "r"(af_smem_addr(bar))
                : "memory");
+#endif
+}
+
+// A 16-byte cp.async from global to the shared address `smem_dst`; `ok` false zero-fills it
+// (nothing is read from `gmem_src`, which must still be a valid address).
+__device__ __forceinline__ void af_cp_async16_to(unsigned smem_dst, const void* gmem_src, bool ok) {
+#if AF_HAS_SM90_PIPE
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src), "r"(ok ? 16 : 0) : "memory");
+#endif
+}
+
+// The producer side of a cp.async-filled stage: the barrier receives this thread's arrival once
+// all of its earlier cp.async copies have landed. `noinc`: the arrival counts against the
+// barrier's expected count (init it with the number of producer threads). Consumers that read
+// the stage through the async proxy (wgmma) fence it after their wait (af_fence_proxy_async):
+// cp.async writes through the generic proxy.
+__device__ __forceinline__ void af_cp_async_mbar_arrive(unsigned long long* bar) {
+#if AF_HAS_SM90_PIPE
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(af_smem_addr(bar)) : "memory");
 #endif
 }
 

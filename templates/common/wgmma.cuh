@@ -92,6 +92,21 @@ __device__ __forceinline__ void af_wgmma_fence_operand(float& r) {
 #endif
 }
 
+// Writes the m64nNk16 accumulator fragment `d` (N / 2 floats per thread) of this warpgroup as a
+// row-major 64 x N f32 matrix at `c` with row stride `ld` (the fragment layout above).
+template <int N>
+__device__ __forceinline__ void af_wgmma_store_f32(const float (&d)[N / 2], float* c, unsigned ld) {
+  const unsigned warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, row = 16 * warp + lane / 4;
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+    const unsigned col = 8 * j + 2 * (lane % 4);
+    c[row * ld + col] = d[4 * j];
+    c[row * ld + col + 1] = d[4 * j + 1];
+    c[(row + 8) * ld + col] = d[4 * j + 2];
+    c[(row + 8) * ld + col + 1] = d[4 * j + 3];
+  }
+}
+
 #define AF_WGMMA_D32                                                                                  \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"

@@ -54,6 +54,7 @@ fn main() {
         trial("the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas", the_wgmma_probe_compiles_for_sm90a_to_warpgroup_mmas),
         trial("the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies", the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies),
         trial("the_attention_tile_probe_compiles_for_sm90a", the_attention_tile_probe_compiles_for_sm90a),
+        trial("the_gather_probe_compiles_for_sm90a", the_gather_probe_compiles_for_sm90a),
         trial("the_state_merge_compiles_for_every_output_dtype_and_is_cached", the_state_merge_compiles_for_every_output_dtype_and_is_cached),
         trial("an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile", an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile),
     ];
@@ -399,4 +400,20 @@ fn the_state_merge_compiles_for_every_output_dtype_and_is_cached() {
     }
     let j2 = jit(dir.path());
     assert_eq!(j2.get_merge_states(DType::Bf16, &"sm_90a".parse().unwrap()).unwrap().origin, Origin::Disk);
+}
+
+/// The paged gather ring probe (cp.async gathers announced on mbarriers, consumed by the
+/// warpgroup MMA) compiles for sm_90a to its gathers, noinc arrivals and four MMAs per type.
+fn the_gather_probe_compiles_for_sm90a() {
+    let n = nvrtc();
+    let src = attnforge::testing::hopper::gather_probe_source();
+    let sm90: Arch = "sm_90a".parse().unwrap();
+    let ptx = n.compile_ptx(&src, &sm90).unwrap_or_else(|e| panic!("{e}"));
+    for what in ["cp.async.cg.shared.global", "cp.async.mbarrier.arrive.noinc.shared::cta.b64", "fence.proxy.async.shared::cta", "setmaxnreg.dec.sync.aligned.u32 40"] {
+        assert!(ptx.contains(what), "{what} in the PTX");
+    }
+    for ty in ["bf16", "f16"] {
+        assert_eq!(ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n64k16.f32.{ty}.{ty}")).count(), 4, "{ty}");
+    }
+    assert!(!n.compile(&src, &n.options(&sm90), None).unwrap_or_else(|e| panic!("{e}")).is_empty());
 }

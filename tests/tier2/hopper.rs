@@ -150,3 +150,55 @@ pub(crate) fn the_attention_tile_probe_matches_an_f64_softmax() {
         assert!(worst_o < tol_o && worst_l < 1e-3, "{} d{hd}: max |Δo| {worst_o} (tolerance {tol_o}), max |Δlse| {worst_l}", dtype.name());
     }
 }
+
+/// The producer of the sm90 main loop over a paged cache: 16-byte `cp.async` gathers of K rows
+/// through a permuted page table into a 2-stage ring of swizzled tiles, completing on `full`
+/// barriers by `cp.async.mbarrier.arrive.noinc`, consumed by two warpgroups that fence the async
+/// proxy and run S = Q · Kᵀ on the warpgroup MMA — against an f64 product of the same rounded
+/// values, for page sizes 1, 5 (not a power of two) and 16, lengths inside one tile, at tile
+/// boundaries and over many ring rounds (odd and even tile counts, so both consumers wrap), keys
+/// past the length zero.
+pub(crate) fn the_paged_gather_ring_feeds_the_warpgroup_mma() {
+    use attnforge::testing::hopper::{run_gather_probe, GATHER_TILE};
+    let e = super::engine();
+    let mut rng = StdRng::seed_from_u64(1490);
+    for dtype in [DType::Bf16, DType::F16] {
+        for (page_size, kv_len) in [(16usize, 1usize), (1, 63), (5, 64), (16, 65), (1, 300), (5, 1000), (16, 1031)] {
+            let draw = |rng: &mut StdRng, n: usize| -> (Vec<u16>, Vec<f64>) {
+                (0..n)
+                    .map(|_| {
+                        let x: f32 = rng.random_range(-2.0..2.0);
+                        match dtype {
+                            DType::Bf16 => (bf16::from_f32(x).to_bits(), f64::from(bf16::from_f32(x).to_f32())),
+                            _ => (f16::from_f32(x).to_bits(), f64::from(f16::from_f32(x).to_f32())),
+                        }
+                    })
+                    .unzip()
+            };
+            let used = kv_len.div_ceil(page_size);
+            let num_pages = used + 3;
+            let (q, qf) = draw(&mut rng, 64 * 64);
+            let (k, kf) = draw(&mut rng, num_pages * page_size * 64);
+            // A permutation of the cache's pages; the request uses the first `used`.
+            let mut pages: Vec<i32> = (0..num_pages as i32).collect();
+            for i in (1..pages.len()).rev() {
+                pages.swap(i, rng.random_range(0..=i));
+            }
+            let s = run_gather_probe(&e, dtype, &q, &k, page_size, &pages[..used], kv_len).unwrap_or_else(|err| panic!("page {page_size} len {kv_len}: {err}"));
+            let tiles = kv_len.div_ceil(GATHER_TILE);
+            assert_eq!(s.len(), tiles * 64 * 64);
+            let mut worst = 0.0f64;
+            for pos in 0..tiles * GATHER_TILE {
+                let (t, j) = (pos / GATHER_TILE, pos % GATHER_TILE);
+                let row = (pos < kv_len).then(|| (pages[pos / page_size] as usize * page_size + pos % page_size) * 64);
+                for i in 0..64 {
+                    let want = row.map_or(0.0, |r| (0..64).map(|d| qf[i * 64 + d] * kf[r + d]).sum::<f64>());
+                    let got = f64::from(s[(t * 64 + i) * 64 + j]);
+                    worst = worst.max(if got.is_nan() { f64::INFINITY } else { (got - want).abs() });
+                }
+            }
+            eprintln!("paged gather ring {} page {page_size} len {kv_len}: max |Δs| {worst:.2e}", dtype.name());
+            assert!(worst < 1e-3, "{} page {page_size} len {kv_len}: max |Δs| {worst}", dtype.name());
+        }
+    }
+}
