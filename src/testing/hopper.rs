@@ -47,50 +47,33 @@ pub const WGMMA_CUH: &str = include_str!("../../templates/common/wgmma.cuh");
 /// Compiles for sm_90a only.
 pub fn wgmma_probe_source() -> KernelSource {
     let kernel = r#"
-template <bool IS_BF16>
+// C (64 × N) = A (64 × 64) · Bᵀ, B N × 64 (N 64 or 128: the m64n64 and m64n128 forms, the
+// latter a 128-key S).
+template <bool IS_BF16, int N>
 __device__ __forceinline__ void af_wgmma_probe(const uint4* __restrict__ a, const uint4* __restrict__ b, float* __restrict__ c) {
   __shared__ __align__(1024) unsigned char sa[64 * 128];
-  __shared__ __align__(1024) unsigned char sb[64 * 128];
-  for (unsigned i = threadIdx.x; i < 64 * 8; i += 128) {
-    const unsigned row = i / 8, chunk = i % 8;
-    *reinterpret_cast<uint4*>(sa + af_sw128_offset(row, chunk)) = a[i];
-    *reinterpret_cast<uint4*>(sb + af_sw128_offset(row, chunk)) = b[i];
-  }
-  af_fence_proxy_async();
-  __syncthreads();
-  float d[32];
-#pragma unroll
-  for (int i = 0; i < 32; ++i) d[i] = 0.f;
-  af_wgmma_fence();
-#pragma unroll
-  for (int k = 0; k < 4; ++k) af_wgmma_m64n64k16_ss<IS_BF16>(d, af_desc_sw128(sa + 32 * k), af_desc_sw128(sb + 32 * k), k > 0);
-  af_wgmma_commit();
-  af_wgmma_wait<0>();
-  af_wgmma_store_f32<64>(d, c, 64);
-}
-// C (64 × 128) = A (64 × 64) · Bᵀ, B 128 × 64: the m64n128 form of the same step (a 128-key S).
-template <bool IS_BF16>
-__device__ __forceinline__ void af_wgmma_probe_n128(const uint4* __restrict__ a, const uint4* __restrict__ b, float* __restrict__ c) {
-  __shared__ __align__(1024) unsigned char sa[64 * 128];
-  __shared__ __align__(1024) unsigned char sb[128 * 128];
-  for (unsigned i = threadIdx.x; i < 128 * 8; i += 128) {
+  __shared__ __align__(1024) unsigned char sb[N * 128];
+  for (unsigned i = threadIdx.x; i < N * 8; i += 128) {
     if (i < 64 * 8) *reinterpret_cast<uint4*>(sa + af_sw128_offset(i / 8, i % 8)) = a[i];
     *reinterpret_cast<uint4*>(sb + af_sw128_offset(i / 8, i % 8)) = b[i];
   }
   af_fence_proxy_async();
   __syncthreads();
-  float d[64];
+  float d[N / 2];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) d[i] = 0.f;
+  for (int i = 0; i < N / 2; ++i) d[i] = 0.f;
   af_wgmma_fence();
 #pragma unroll
-  for (int k = 0; k < 4; ++k) af_wgmma_m64n128k16_ss<IS_BF16>(d, af_desc_sw128(sa + 32 * k), af_desc_sw128(sb + 32 * k), k > 0);
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (N == 64) af_wgmma_m64n64k16_ss<IS_BF16>(d, af_desc_sw128(sa + 32 * k), af_desc_sw128(sb + 32 * k), k > 0);
+    else af_wgmma_m64n128k16_ss<IS_BF16>(d, af_desc_sw128(sa + 32 * k), af_desc_sw128(sb + 32 * k), k > 0);
+  }
   af_wgmma_commit();
   af_wgmma_wait<0>();
-  af_wgmma_store_f32<128>(d, c, 128);
+  af_wgmma_store_f32<N>(d, c, N);
 }
-extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_n128_bf16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe_n128<true>(a, b, c); }
-extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_n128_f16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe_n128<false>(a, b, c); }
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_n128_bf16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<true, 128>(a, b, c); }
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_n128_f16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<false, 128>(a, b, c); }
 // C = A · V: A (64 × 64, row-major) from registers in the A fragment, V (64 keys × 64,
 // row-major: N contiguous) in an MN-major swizzled tile, its descriptor's offsets `lbo`, `sbo`.
 template <bool IS_BF16>
@@ -129,8 +112,8 @@ __device__ __forceinline__ void af_wgmma_pv_probe(const unsigned* __restrict__ a
 }
 extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_pv_probe_bf16(const unsigned* a, const uint4* v, float* c, unsigned lbo, unsigned sbo) { af_wgmma_pv_probe<true>(a, v, c, lbo, sbo); }
 extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_pv_probe_f16(const unsigned* a, const uint4* v, float* c, unsigned lbo, unsigned sbo) { af_wgmma_pv_probe<false>(a, v, c, lbo, sbo); }
-extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_bf16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<true>(a, b, c); }
-extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_f16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<false>(a, b, c); }
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_bf16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<true, 64>(a, b, c); }
+extern "C" __global__ void __launch_bounds__(128) attnforge_wgmma_probe_f16(const uint4* a, const uint4* b, float* c) { af_wgmma_probe<false, 64>(a, b, c); }
 "#;
     KernelSource { name: "wgmma_probe".into(), code: format!("{WGMMA_CUH}\n{kernel}"), hook_lines: Vec::new() }
 }
