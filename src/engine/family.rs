@@ -118,8 +118,12 @@ impl Family for Prefill {
     const ENTRY: &'static str = "attnforge_prefill";
     type Plan = PrefillPlan;
 
-    fn tiles(cfg: &KernelConfig, _arch: &Arch) -> Vec<KernelConfig> {
-        std::iter::once(cfg.clone()).chain(cfg.append_prefill()).collect()
+    /// On sm_90a the prompt tile is the Hopper main loop's ([`KernelConfig::sm90_prefill`])
+    /// where the config fits it; elsewhere, and for a config with an explicit tile, the
+    /// config's own. Short appends keep the portable append tile on every arch.
+    fn tiles(cfg: &KernelConfig, arch: &Arch) -> Vec<KernelConfig> {
+        let prompt = if arch.has_wgmma() { cfg.sm90_prefill() } else { None };
+        std::iter::once(prompt.unwrap_or_else(|| cfg.clone())).chain(cfg.append_prefill()).collect()
     }
 
     fn threads(cfg: &KernelConfig) -> usize {

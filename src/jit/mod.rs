@@ -71,6 +71,12 @@ impl Arch {
         Arch { major, minor, specific: major >= 9 }
     }
 
+    /// Whether the Hopper-only instructions of the sm90 main loops are there: sm_90a (the
+    /// arch-specific target; later archs' own specific targets do not carry sm_90a's wgmma).
+    pub fn has_wgmma(&self) -> bool {
+        self.major == 9 && self.specific
+    }
+
     /// "sm_90a", "sm_80", …
     pub fn name(&self) -> String {
         format!("sm_{}{}{}", self.major, self.minor, if self.specific { "a" } else { "" })
@@ -202,24 +208,56 @@ pub struct PrefillTile {
     pub stages: usize,
     /// Minimum resident CTAs per SM asked of the register allocator (`__launch_bounds__`).
     pub min_ctas: usize,
+    /// The Hopper main loop (`templates/common/prefill_sm90.cuh`, sm_90a only): 12 warps — a
+    /// producer warpgroup and two consumer warpgroups of 64 rows — `kv_tile` 64 or 128 keys on
+    /// wgmma, a `stages`-deep mbarrier ring; `mtiles` 1, `min_ctas` 1.
+    pub sm90: bool,
 }
 
 impl std::str::FromStr for PrefillTile {
     type Err = String;
-    /// `WARPS,MTILES,KV_TILE,STAGES,MIN_CTAS`, e.g. `4,2,64,2,1`.
+    /// `WARPS,MTILES,KV_TILE,STAGES,MIN_CTAS` for the portable loop, e.g. `4,2,64,2,1`, or
+    /// `sm90,KV_TILE,STAGES` for the Hopper one, e.g. `sm90,128,2`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if let Some(rest) = s.trim().strip_prefix("sm90") {
+            let n: Vec<usize> = rest.trim_start_matches(',').split(',').map(|x| x.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|e| format!("prefill tile `{s}`: {e}"))?;
+            let [kv_tile, stages] = n[..] else {
+                return Err(format!("prefill tile `{s}`: expected sm90,KV_TILE,STAGES"));
+            };
+            return Ok(PrefillTile::sm90(kv_tile, stages));
+        }
         let n: Vec<usize> = s.split(',').map(|x| x.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|e| format!("prefill tile `{s}`: {e}"))?;
         let [warps, mtiles, kv_tile, stages, min_ctas] = n[..] else {
             return Err(format!("prefill tile `{s}`: expected WARPS,MTILES,KV_TILE,STAGES,MIN_CTAS"));
         };
-        Ok(PrefillTile { warps, mtiles, kv_tile, stages, min_ctas })
+        Ok(PrefillTile { warps, mtiles, kv_tile, stages, min_ctas, sm90: false })
     }
 }
 
 impl PrefillTile {
-    /// Query rows ((token, head) pairs) per CTA.
+    /// The Hopper tile: a producer and two consumer warpgroups (128 query rows), `kv_tile` keys
+    /// per tile, a `stages`-deep ring.
+    pub fn sm90(kv_tile: usize, stages: usize) -> PrefillTile {
+        PrefillTile { warps: 12, mtiles: 1, kv_tile, stages, min_ctas: 1, sm90: true }
+    }
+
+    /// A short name for tables: "sm90 128k 2s" (the Hopper loop: keys per tile, stages) or
+    /// "4w×2 64k 2s 1c" (the portable one: warps × row blocks, keys, stages, min CTAs).
+    pub fn label(&self) -> String {
+        if self.sm90 {
+            format!("sm90 {}k {}s", self.kv_tile, self.stages)
+        } else {
+            format!("{}w×{} {}k {}s {}c", self.warps, self.mtiles, self.kv_tile, self.stages, self.min_ctas)
+        }
+    }
+
+    /// Query rows ((token, head) pairs) per CTA: the Hopper tile's producer warpgroup has none.
     pub fn rows(&self) -> usize {
-        16 * self.mtiles * self.warps
+        if self.sm90 {
+            16 * self.mtiles * (self.warps - 4)
+        } else {
+            16 * self.mtiles * self.warps
+        }
     }
 }
 
@@ -242,10 +280,26 @@ impl KernelConfig {
             return t;
         }
         if self.head_dim_qk.max(self.head_dim_vo) > 128 {
-            PrefillTile { warps: 4, mtiles: 1, kv_tile: 32, stages: 2, min_ctas: 1 }
+            PrefillTile { warps: 4, mtiles: 1, kv_tile: 32, stages: 2, min_ctas: 1, sm90: false }
         } else {
-            PrefillTile { warps: 4, mtiles: 2, kv_tile: 64, stages: 2, min_ctas: 1 }
+            PrefillTile { warps: 4, mtiles: 2, kv_tile: 64, stages: 2, min_ctas: 1, sm90: false }
         }
+    }
+
+    /// The Hopper prompt tile of a prefill config (`prefill_sm90.cuh`), which the engine loads
+    /// instead of the portable one on sm_90a: `None` when a tile was chosen explicitly (forcing
+    /// the portable loop on Hopper is an override of the portable tile) or the config does not
+    /// fit it (head dims not multiples of 64). 128-key tiles up to d 128 (S is m64n128 per
+    /// consumer), 64-key tiles above (the ring of 2 × 64 keys × d 256 and Q take 192 KB); a
+    /// 2-deep ring.
+    pub fn sm90_prefill(&self) -> Option<KernelConfig> {
+        if self.op != Op::Prefill || self.prefill_override.is_some() || self.head_dim_qk % 64 != 0 || self.head_dim_vo % 64 != 0 || self.dtype_q != self.dtype_kv {
+            return None;
+        }
+        let kv_tile = if self.head_dim_qk.max(self.head_dim_vo) <= 128 { 128 } else { 64 };
+        let mut cfg = self.clone();
+        cfg.prefill_override = Some(PrefillTile::sm90(kv_tile, 2));
+        Some(cfg)
     }
 
     /// The append companion of a prefill config (the prompt tile is the config's own): 2 warps (32 query rows), which on the H100
@@ -257,7 +311,7 @@ impl KernelConfig {
         }
         let min_ctas = if self.head_dim_qk.max(self.head_dim_vo) > 128 { 1 } else { 6 };
         let mut cfg = self.clone();
-        cfg.prefill_override = Some(PrefillTile { warps: 2, mtiles: 1, kv_tile: 32, stages: 2, min_ctas });
+        cfg.prefill_override = Some(PrefillTile { warps: 2, mtiles: 1, kv_tile: 32, stages: 2, min_ctas, sm90: false });
         Some(cfg)
     }
 
@@ -285,7 +339,14 @@ impl KernelConfig {
         }
         if self.op == Op::Prefill {
             let t = self.prefill_tile();
-            if t.warps == 0 || t.warps > 16 || !(1..=4).contains(&t.mtiles) || t.kv_tile == 0 || t.kv_tile % 16 != 0 || t.stages < 2 || t.min_ctas == 0 {
+            if t.sm90 {
+                if t.warps != 12 || t.mtiles != 1 || t.min_ctas != 1 || !matches!(t.kv_tile, 64 | 128) || !(2..=4).contains(&t.stages) {
+                    return Err(Error::UnsupportedConfig(format!("sm90 prefill tile {t:?}: kv_tile 64 or 128, stages 2–4")));
+                }
+                if self.head_dim_qk % 64 != 0 || self.head_dim_vo % 64 != 0 {
+                    return Err(Error::UnsupportedConfig(format!("the sm90 prefill tile takes head dims that are multiples of 64, not {}/{}", self.head_dim_qk, self.head_dim_vo)));
+                }
+            } else if t.warps == 0 || t.warps > 16 || !(1..=4).contains(&t.mtiles) || t.kv_tile == 0 || t.kv_tile % 16 != 0 || t.stages < 2 || t.min_ctas == 0 {
                 return Err(Error::UnsupportedConfig(format!("prefill tile {t:?}: warps 1–16, mtiles 1–4, kv_tile a multiple of 16, stages ≥ 2")));
             }
             if self.dtype_q != self.dtype_kv {
@@ -384,6 +445,13 @@ impl KernelConfig {
         let row = self.head_dim_qk + self.head_dim_vo + 2 * self.kv_row_pad();
         if self.op == Op::Prefill {
             let t = self.prefill_tile();
+            if t.sm90 {
+                // Q's 128 rows and the ring's K and V slots, unpadded (swizzled), plus the
+                // slack that aligns them to 1024 bytes.
+                let q = t.rows() * self.head_dim_qk * self.dtype_q.size();
+                let ring = t.stages * t.kv_tile * (self.head_dim_qk + self.head_dim_vo) * self.dtype_kv.size();
+                return 1024 + q + ring;
+            }
             let ring = t.stages * t.kv_tile * row * self.dtype_kv.size();
             let q = t.rows() * (self.head_dim_qk + 8) * self.dtype_q.size();
             return ring + q;
@@ -413,6 +481,7 @@ impl KernelConfig {
             format!("{}-{}-{}", self.dtype_q.name(), self.dtype_kv.name(), self.dtype_o.name())
         };
         let tile = match (self.op, self.prefill_override, self.tile_override) {
+            (Op::Prefill, Some(t), _) if t.sm90 => format!(".sm90k{}s{}", t.kv_tile, t.stages),
             (Op::Prefill, Some(t), _) => format!(".w{}m{}k{}s{}", t.warps, t.mtiles, t.kv_tile, t.stages),
             (Op::Decode, _, Some(t)) if t.mma => format!(".mma{}w{}s", t.warps, t.stages),
             _ => String::new(),
@@ -521,6 +590,9 @@ impl Jit {
     pub fn get(&self, variant: &Variant, cfg: &KernelConfig, arch: &Arch) -> Result<CompiledKernel> {
         let t0 = Instant::now();
         cfg.validate()?;
+        if cfg.op == Op::Prefill && cfg.prefill_tile().sm90 && !arch.has_wgmma() {
+            return Err(Error::UnsupportedConfig(format!("the sm90 prefill tile needs sm_90a (wgmma, mbarrier transactions, setmaxnreg), not {}", arch.name())));
+        }
         let src = render::render(variant, cfg)?;
         let meta = format!("variant={} op={} arch={}", variant.name, cfg.op.name(), arch.name());
         self.cached(src, arch, &meta, t0)

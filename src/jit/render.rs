@@ -16,7 +16,7 @@ use crate::abi::{self, param_layout, PARAM_WORDS};
 use crate::spec::{cuda::emit, HookExpr, Normalize, Variant};
 use crate::{Error, Result};
 
-const TEMPLATES: [(&str, &str); 18] = [
+const TEMPLATES: [(&str, &str); 22] = [
     ("abi_probe.cu.tera", include_str!("../../templates/abi_probe.cu.tera")),
     ("common/prelude.cuh", include_str!("../../templates/common/prelude.cuh")),
     ("abi_sizes.cu.tera", include_str!("../../templates/abi_sizes.cu.tera")),
@@ -28,7 +28,11 @@ const TEMPLATES: [(&str, &str); 18] = [
     ("common/mma.cuh", include_str!("../../templates/common/mma.cuh")),
     ("common/decode_simt.cuh", include_str!("../../templates/common/decode_simt.cuh")),
     ("common/decode_mma.cuh", include_str!("../../templates/common/decode_mma.cuh")),
+    ("common/prefill_rows.cuh", include_str!("../../templates/common/prefill_rows.cuh")),
     ("common/prefill_sm80.cuh", include_str!("../../templates/common/prefill_sm80.cuh")),
+    ("common/prefill_sm90.cuh", include_str!("../../templates/common/prefill_sm90.cuh")),
+    ("common/wgmma.cuh", include_str!("../../templates/common/wgmma.cuh")),
+    ("common/pipeline.cuh", include_str!("../../templates/common/pipeline.cuh")),
     ("common/merge.cuh", include_str!("../../templates/common/merge.cuh")),
     ("variant.cuh.tera", include_str!("../../templates/variant.cuh.tera")),
     ("abi.cu.tera", include_str!("../../templates/abi.cu.tera")),
@@ -186,6 +190,7 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
             ctx.insert("kv_tile", &t.kv_tile);
             ctx.insert("stages", &t.stages);
             ctx.insert("min_ctas", &t.min_ctas);
+            ctx.insert("sm90", &t.sm90);
             "prefill.cu.tera"
         }
     };

@@ -386,11 +386,16 @@ pub fn bench_decode(e: &Engine, shape: &DecodeShape, tuning: DecodeTuning) -> Re
     Ok(DecodeResult { shape: shape.clone(), graph_us, eager_us: median(eager), bytes, work_items: default_plan.work.len(), splits: default_plan.merge.len(), copies, tile })
 }
 
-/// One prefill benchmark: causal attention of requests `(q_len, kv_len)` over a paged cache.
+/// One prefill benchmark: attention of requests `(q_len, kv_len)` over a paged cache, causal
+/// unless the variant says otherwise.
 #[derive(Debug, Clone)]
 pub struct PrefillShape {
     /// The workload's name.
     pub name: &'static str,
+    /// The shipped variant: `causal`, `default` (no mask) or `soft_cap` (causal, cap 30).
+    pub variant: &'static str,
+    /// Head dim (QK and VO).
+    pub head_dim: usize,
     /// `(q_len, kv_len)` per request.
     pub lens: Vec<(usize, usize)>,
     /// Query heads.
@@ -403,9 +408,11 @@ pub struct PrefillShape {
     pub anchor_us: Option<f64>,
 }
 
-/// The ANCHORS.md prefill workloads, bf16, d128, page 16, causal, plus the short append.
+/// The ANCHORS.md prefill workloads, bf16, page 16: causal d128, plus the short append,
+/// non-causal and soft-capped 16K, and d 64 / d 256 at 16K (issue 14's list; the same names as
+/// `benches/flashinfer_prefill.py`, which times FlashInfer's fa3 on them).
 pub fn anchor_prefill_shapes() -> Vec<PrefillShape> {
-    let s = |name, lens, qo_heads, kv_heads, tf, us| PrefillShape { name, lens, qo_heads, kv_heads, anchor_tflops: tf, anchor_us: us };
+    let s = |name, lens, qo_heads, kv_heads, tf, us| PrefillShape { name, variant: "causal", head_dim: HEAD_DIM, lens, qo_heads, kv_heads, anchor_tflops: tf, anchor_us: us };
     let mut skewed = vec![(16384, 16384)];
     skewed.extend(vec![(512, 512); 32]);
     vec![
@@ -414,6 +421,10 @@ pub fn anchor_prefill_shapes() -> Vec<PrefillShape> {
         s("batch 16 x 2048, 32/8", vec![(2048, 2048); 16], 32, 8, Some(439.0), None),
         s("skewed 16384 + 32 x 512, 32/8", skewed, 32, 8, Some(536.0), None),
         s("append q8 kv4096 B64, 32/8", vec![(8, 4096); 64], 32, 8, None, Some(1289.8)),
+        PrefillShape { variant: "default", ..s("non-causal 16384, MHA 32", vec![(16384, 16384)], 32, 32, Some(637.0), None) },
+        PrefillShape { variant: "soft_cap", ..s("soft cap 30, causal 16384", vec![(16384, 16384)], 32, 32, Some(530.0), None) },
+        PrefillShape { head_dim: 64, ..s("single 16384 d64, 32/8", vec![(16384, 16384)], 32, 8, None, None) },
+        PrefillShape { head_dim: 256, ..s("single 16384 d256, 32/8", vec![(16384, 16384)], 32, 8, None, None) },
     ]
 }
 
@@ -424,7 +435,7 @@ pub struct PrefillResult {
     pub shape: PrefillShape,
     /// µs per launch (median).
     pub us: f64,
-    /// FLOPs of the causal triangle: Σ 4 · q · kv_visible · heads · d (for q = kv: len² / 2).
+    /// FLOPs of the visible pairs: Σ 4 · q · kv_visible · heads · d (causal, q = kv: len² / 2).
     pub flops: f64,
     /// K and V bytes of the visible positions, read once.
     pub kv_bytes: f64,
@@ -449,9 +460,10 @@ impl PrefillResult {
 
 /// Times one prefill shape with CUDA events (median of 7 timings of 3 launches).
 pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::PrefillTile>) -> Result<PrefillResult> {
-    let v = shipped::resolve("causal")?;
+    let v = shipped::resolve(shape.variant)?;
     let group = shape.qo_heads / shape.kv_heads;
-    let mut cfg = KernelConfig::prefill(HEAD_DIM, HEAD_DIM, DType::Bf16, group)?;
+    let d = shape.head_dim;
+    let mut cfg = KernelConfig::prefill(d, d, DType::Bf16, group)?;
     cfg.prefill_override = tile;
     cfg.validate()?;
     let k = e.prefill_kernel(&v, &cfg)?;
@@ -459,7 +471,7 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
     let dp = e.upload_params(&k.layout, &params)?;
     let kv_lens: Vec<usize> = shape.lens.iter().map(|l| l.1).collect();
     let pages_needed: usize = kv_lens.iter().map(|l| l.div_ceil(PAGE)).sum();
-    let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages_needed, page_size: PAGE, kv_heads: shape.kv_heads, head_dim_qk: HEAD_DIM, head_dim_vo: HEAD_DIM };
+    let kv = KvShape { layout: KvLayout::Nhd, interleaved: true, num_pages: pages_needed, page_size: PAGE, kv_heads: shape.kv_heads, head_dim_qk: d, head_dim_vo: d };
     let mut rng = StdRng::seed_from_u64(2);
     let mut order: Vec<usize> = (0..pages_needed).collect();
     order.shuffle(&mut rng);
@@ -482,10 +494,11 @@ pub fn bench_prefill(e: &Engine, shape: &PrefillShape, tile: Option<crate::jit::
     let bufs = bufs.ok_or(crate::error::PlanError::NotUploaded)?;
     let dev = DeviceBatch { q: &q, kv: KvCache::Interleaved(&cache) };
     let us = event_median_us(e, 3, &mut || e.run_prefill(&k, &plan, &bufs, &dp, &dev_table, &dev, DeviceOutput { o: &mut o, lse: &mut lse }, None))?;
-    // Causal: query i of a request sees kv_len - q_len + i + 1 keys.
-    let visible: f64 = shape.lens.iter().map(|&(q, kv)| (0..q).map(|i| (kv - q + i + 1) as f64).sum::<f64>()).sum();
-    let flops = 4.0 * visible * shape.qo_heads as f64 * HEAD_DIM as f64;
-    let kv_bytes = kv_lens.iter().sum::<usize>() as f64 * (shape.kv_heads * HEAD_DIM * 2 * 2) as f64;
+    // Causal: query i of a request sees kv_len - q_len + i + 1 keys; without a mask, all.
+    let causal = shape.variant != "default";
+    let visible: f64 = shape.lens.iter().map(|&(q, kv)| if causal { (0..q).map(|i| (kv - q + i + 1) as f64).sum::<f64>() } else { (q * kv) as f64 }).sum();
+    let flops = 4.0 * visible * shape.qo_heads as f64 * d as f64;
+    let kv_bytes = kv_lens.iter().sum::<usize>() as f64 * (shape.kv_heads * d * 2 * 2) as f64;
     let f = k.tile_for(&plan)?;
     Ok(PrefillResult {
         shape: shape.clone(),

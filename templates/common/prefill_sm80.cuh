@@ -18,35 +18,17 @@
 // A work item of a split block (partial >= 0) covers one KV chunk and writes f32 partial states
 // that merge_states combines.
 //
-// A cascade group item (stride < 0, src/cascade.rs) takes its rows from -stride entries of the
-// plan's group table (at header word 3), from entry row_start: (request, token, partial slot),
-// GROUP rows an entry, the tokens of several requests that share the keys [kv_begin, kv_end) —
-// logical positions, read through the first member's (item.req's) page table, whose pages there
-// are every member's. Each row sees the hooks with its own request, position and lengths, and
-// always writes its partial state to its entry's slot; merge_states adds the sink once.
+// A cascade group item (stride < 0, src/cascade.rs) reads the keys [kv_begin, kv_end) — logical
+// positions — through the first member's (item.req's) page table, whose pages there are every
+// member's. Each row sees the hooks with its own request, position and lengths, and always
+// writes its partial state to its entry's slot; merge_states adds the sink once.
 //
-// Online softmax with a lazily raised max (softmax.cuh); the sink joins at the end, once.
+// Who the rows are, their ranges, the hooks, the lazily raised online softmax and the epilogue
+// are prefill_rows.cuh's, shared with the sm90 loop; this file is the mma.sync MMAs and the
+// cp.async ring.
 //
-// Needs: traits (PrefillSm80Traits, Q and KV of one type), the parts, mma.cuh, and the
-// variant's hooks.
-
-// Pairwise reductions: a balanced tree instead of a serial chain of dependent instructions.
-template <int N>
-__device__ __forceinline__ float af_tree_max(float (&t)[N]) {
-#pragma unroll
-  for (int w = 1; w < N; w *= 2)
-#pragma unroll
-    for (int i = 0; i + w < N; i += 2 * w) t[i] = fmaxf(t[i], t[i + w]);
-  return t[0];
-}
-template <int N>
-__device__ __forceinline__ float af_tree_sum(float (&t)[N]) {
-#pragma unroll
-  for (int w = 1; w < N; w *= 2)
-#pragma unroll
-    for (int i = 0; i + w < N; i += 2 * w) t[i] += t[i + w];
-  return t[0];
-}
+// Needs: traits (PrefillSm80Traits, Q and KV of one type), the parts, mma.cuh, prefill_rows.cuh,
+// and the variant's hooks.
 
 template <class Tr>
 struct PrefillSm80 {
@@ -62,114 +44,20 @@ struct PrefillSm80 {
     static __device__ __forceinline__ void body(const Args& a, const Params& p) {
     const int w = blockIdx.x;
     if (w >= *a.num_work) return;  // fixed-grid mode: spare CTAs exit
-    const PrefillWork item = a.work[w];
     const int kv_head = blockIdx.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t4 = lane % 4, mi = lane / 8;
-    const int req = item.req;
-    const int tok0 = a.qo_indptr[req];
-    const int q_len = a.qo_indptr[req + 1] - tok0;
-    const int page_begin = a.kv_indptr[req];
-    const int n_pages = a.kv_indptr[req + 1] - page_begin;
-    const int kv_len = n_pages == 0 ? 0 : (n_pages - 1) * a.page_size + a.last_page_len[req];
-    const bool grouped = item.stride < 0;
-    const int n_rows = grouped ? -item.stride * GROUP : q_len * GROUP;
-    const int rbase = grouped ? 0 : item.row_start;  // the item's first row in its request's rows
-    const float sm_scale = a.sm_scale;
-  #if LOGITS_SCALED_SCORE
-    const float exp_scale = sm_scale * AF_LOG2E;  // sm_scale > 0, checked on the host
-    const float m_unit = sm_scale;                // the logit of a raw score s is s * m_unit
-  #else
-    const float exp_scale = AF_LOG2E;
-    const float m_unit = 1.f;
-  #endif
+    __shared__ PrefillTables<ROWS, GROUP> tables;
+    const PrefillRows<Tr> rows(a, p, tables, a.work[w], kv_head, tid, NUM_THREADS);
+    const PrefillWork& item = rows.item;
+    const int page_begin = rows.page_begin;
+    const float exp_scale = rows.exp_scale;
     (void)exp_scale;
-    (void)m_unit;
     const int warp_row0 = warp * 16 * MTILES;
-
-    // Row r of the block: its token (clamped to 0 past the request's rows, so hooks never index
-    // outside it), query head and position.
-    auto row_token = [&](int r) { return rbase + r < n_rows ? (rbase + r) / GROUP : 0; };
-    auto row_head = [&](int r) { return kv_head * GROUP + (rbase + r) % GROUP; };
-    // A group item's entries, staged once: each row's token, request, position, lengths and slot
-    // (rows past the item's take entry 0's, so hooks never index outside a request).
-    constexpr int GMAX = ROWS / GROUP > 0 ? ROWS / GROUP : 1;
-    __shared__ int g_tok[GMAX], g_req[GMAX], g_qpos[GMAX], g_qlen[GMAX], g_kvlen[GMAX], g_slot[GMAX];
-    if (grouped) {
-      const int4* table = reinterpret_cast<const int4*>(a.num_work + a.num_work[3]);
-      for (int e = tid; e < -item.stride; e += NUM_THREADS) {
-        const int4 en = table[item.row_start + e];
-        const int rq = en.x, t0 = a.qo_indptr[rq];
-        const int ql = a.qo_indptr[rq + 1] - t0, np = a.kv_indptr[rq + 1] - a.kv_indptr[rq];
-        const int kl = np == 0 ? 0 : (np - 1) * a.page_size + a.last_page_len[rq];
-        g_tok[e] = en.y;
-        g_req[e] = rq;
-        g_qlen[e] = ql;
-        g_kvlen[e] = kl;
-        g_qpos[e] = kl - ql + (en.y - t0);
-        g_slot[e] = en.z;
-      }
-      __syncthreads();
-    }
-    // A row's hook context: the item's request, or in a group item its entry's.
-    auto row_entry = [&](int r) { return r < n_rows ? r / GROUP : 0; };
-    auto row_qpos = [&](int r) { return grouped ? g_qpos[row_entry(r)] : kv_len - q_len + row_token(r); };
-    auto row_req = [&](int r) { return grouped ? g_req[row_entry(r)] : req; };
-    auto row_qlen = [&](int r) { return grouped ? g_qlen[row_entry(r)] : q_len; };
-    auto row_kvlen = [&](int r) { return grouped ? g_kvlen[row_entry(r)] : kv_len; };
-    (void)row_req;
-    (void)row_qlen;
-    // Each row's visible range [lo, hi] in shared memory (empty for rows past the request): read
-    // only by boundary tiles. The warp keeps four bounds: the union of its rows' ranges (tiles
-    // outside it are skipped) and their intersection (tiles inside it skip the range tests).
-    __shared__ int row_lo[ROWS], row_hi[ROWS];
-    __shared__ int span_lo, span_hi;
-    if (tid == 0) {
-      span_lo = 0x7fffffff;
-      span_hi = -1;
-    }
-    int see_lo = 0x7fffffff, see_hi = -1, in_lo = -1, in_hi = 0x7fffffff;
-  #pragma unroll
-    for (int mt = 0; mt < MTILES; ++mt) {
-  #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = warp_row0 + mt * 16 + g + 8 * h;
-        const int qpos = row_qpos(r);
-        int rlo = max(item.kv_begin, 0);
-        int rhi = min(item.kv_end, row_kvlen(r)) - 1;
-  #if HAS_KV_LO
-        rlo = max(rlo, af_kv_lo(0.f, sm_scale, qpos, 0, row_head(r), kv_head, row_req(r), row_qlen(r), row_kvlen(r), p));
-  #endif
-  #if HAS_KV_HI
-        rhi = min(rhi, af_kv_hi(0.f, sm_scale, qpos, 0, row_head(r), kv_head, row_req(r), row_qlen(r), row_kvlen(r), p));
-  #endif
-        (void)qpos;
-        if (rbase + r < n_rows) {
-          in_lo = max(in_lo, rlo);
-          in_hi = min(in_hi, rhi);
-        } else {
-          rlo = 0x7fffffff;
-          rhi = -1;
-        }
-        see_lo = min(see_lo, rlo);
-        see_hi = max(see_hi, rhi);
-        if (t4 == 0) {
-          row_lo[r] = rlo;
-          row_hi[r] = rhi;
-        }
-      }
-    }
-    see_lo = __reduce_min_sync(0xffffffffu, see_lo);
-    see_hi = __reduce_max_sync(0xffffffffu, see_hi);
-    in_lo = __reduce_max_sync(0xffffffffu, in_lo);
-    in_hi = __reduce_min_sync(0xffffffffu, in_hi);
-    __syncthreads();
-    if (lane == 0) {
-      atomicMin(&span_lo, see_lo);
-      atomicMax(&span_hi, see_hi);
-    }
-    __syncthreads();
-    const int lo = span_lo, hi = span_hi;
+    int see_lo, see_hi, in_lo, in_hi;
+    rows.template bounds<MTILES>(warp_row0, g, t4, see_lo, see_hi, in_lo, in_hi);
+    int lo, hi;
+    rows.span(see_lo, see_hi, lane, lo, hi);
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
@@ -184,10 +72,8 @@ struct PrefillSm80 {
   #pragma unroll 4
       for (int c = tid; c < ROWS * KCH; c += NUM_THREADS) {
         const int r = c / KCH, ch = c % KCH;
-        const int row = rbase + r;
-        const bool ok = row < n_rows;
-        const int tok = grouped ? g_tok[row_entry(r)] : tok0 + row / GROUP;
-        const DTypeQ* src = ok ? a.q + ((long long)tok * a.num_qo_heads + kv_head * GROUP + row % GROUP) * HEAD_DIM_QK + ch * VEC : a.q;
+        const bool ok = rows.valid(r);
+        const DTypeQ* src = ok ? a.q + ((long long)rows.global_token(r) * a.num_qo_heads + rows.head(r)) * HEAD_DIM_QK + ch * VEC : a.q;
         af_cp_async16(q_smem + r * ROW_QK + ch * VEC, src, ok);
       }
     }
@@ -203,20 +89,8 @@ struct PrefillSm80 {
     constexpr int NT = KV_TILE / 8;
     float oacc[MTILES][DN][4];
     af_zero_frags(oacc);
-    float m[MTILES][2], d[MTILES][2];
-  #if !NORMALIZE_SOFTMAX
-    bool any[MTILES][2];  // whether each row saw a visible key (its LSE is -inf otherwise)
-  #endif
-  #pragma unroll
-    for (int mt = 0; mt < MTILES; ++mt)
-  #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        m[mt][h] = -AF_INF;
-        d[mt][h] = 0.f;
-  #if !NORMALIZE_SOFTMAX
-        any[mt][h] = false;
-  #endif
-      }
+    PrefillSoftmax<MTILES> sm;
+    sm.init();
 
     kv_stream<Tr>(a, k_smem, v_smem, key_rows, lo, hi, page_begin, kv_head, tid, [&](int stage, int t) {
       const int t0 = lo + t * KV_TILE;
@@ -245,112 +119,12 @@ struct PrefillSm80 {
         }
       }
 
-      // Scores to logits; invisible positions become -inf (0 without softmax normalisation).
-      // Called with a literal, so each call inlines to its own loop.
-      auto score = [&](const bool check) {
-  #pragma unroll
-        for (int mt = 0; mt < MTILES; ++mt)
-  #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = warp_row0 + mt * 16 + g + 8 * h;
-            const int qpos = row_qpos(r), head = row_head(r);
-            const int rreq = row_req(r), rql = row_qlen(r), rkl = row_kvlen(r);
-            (void)rreq;
-            (void)rql;
-            (void)rkl;
-            const int rlo = check ? row_lo[r] : 0, rhi = check ? row_hi[r] : 0;
-            (void)qpos;
-            (void)head;
-  #pragma unroll
-            for (int n = 0; n < NT; ++n)
-  #pragma unroll
-              for (int j = 2 * h; j < 2 * h + 2; ++j) {
-                const int pos = t0 + n * 8 + 2 * t4 + (j & 1);
-                bool vis = !check || (pos >= rlo && pos <= rhi);
-  #if HAS_MASK
-                vis = vis && af_mask(0.f, sm_scale, qpos, pos, head, kv_head, rreq, rql, rkl, p);
-  #endif
-  #if NORMALIZE_SOFTMAX && LOGITS_SCALED_SCORE
-                s[mt][n][j] = vis ? s[mt][n][j] : -AF_INF;  // raw: the scale is folded into exp2
-  #elif NORMALIZE_SOFTMAX
-                s[mt][n][j] = vis ? af_logits(s[mt][n][j], sm_scale, qpos, pos, head, kv_head, rreq, rql, rkl, p) : -AF_INF;
-  #else
-                s[mt][n][j] = vis ? af_logits(s[mt][n][j], sm_scale, qpos, pos, head, kv_head, rreq, rql, rkl, p) : 0.f;
-                any[mt][h] = any[mt][h] || vis;
-  #endif
-              }
-          }
-      };
       if (warp_inside) {
-        score(false);
+        rows.score(s, t0, false, warp_row0, g, t4, sm.any);
       } else {
-        score(true);
+        rows.score(s, t0, true, warp_row0, g, t4, sm.any);
       }
-
-  #if NORMALIZE_SOFTMAX
-      // Online softmax with a lazily raised max. A row's running max m only moves when one of the
-      // tile's scores exceeds it by more than AF_MAX_SLACK (log2 units), so p = exp2((s - m) *
-      // exp_scale) stays below 2^AF_MAX_SLACK (exact in f32 and in the bf16/f16 P operand); the LSE
-      // uses the same m, so the result is unchanged. Each lane tests its own scores, and the warp
-      // decides with one vote: the common case needs no shuffle and no rescale, and the branch is
-      // uniform. When it is taken, every row moves to the max of its quad's scores and its O and d
-      // are rescaled. A row with nothing visible yet keeps m = -inf and exponentiates against 0,
-      // giving p = 0 and d = 0. m is in the units of s: raw scores when the scale is folded
-      // (exp_scale = sm_scale log2 e).
-      float mx[MTILES][2];
-      bool raise = false;
-  #pragma unroll
-      for (int mt = 0; mt < MTILES; ++mt)
-  #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float t[NT];
-  #pragma unroll
-          for (int n = 0; n < NT; ++n) t[n] = fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]);
-          mx[mt][h] = af_tree_max<NT>(t);
-          raise = raise || (mx[mt][h] - m[mt][h]) * exp_scale > AF_MAX_SLACK;  // NaN (both -inf): false
-        }
-      float sc[MTILES][2];
-  #pragma unroll
-      for (int mt = 0; mt < MTILES; ++mt)
-  #pragma unroll
-        for (int h = 0; h < 2; ++h) sc[mt][h] = 1.f;
-      if (__any_sync(0xffffffffu, raise)) {
-  #pragma unroll
-        for (int x = 1; x <= 2; x *= 2)
-  #pragma unroll
-          for (int mt = 0; mt < MTILES; ++mt)
-  #pragma unroll
-            for (int h = 0; h < 2; ++h) mx[mt][h] = fmaxf(mx[mt][h], __shfl_xor_sync(0xffffffffu, mx[mt][h], x));
-  #pragma unroll
-        for (int mt = 0; mt < MTILES; ++mt)
-  #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float mn = fmaxf(m[mt][h], mx[mt][h]);
-            sc[mt][h] = exp2f(fmaf(m[mt][h], exp_scale, -af_lazy_base(mn, exp_scale)));
-            m[mt][h] = mn;
-  #pragma unroll
-            for (int dn = 0; dn < DN; ++dn) {
-              oacc[mt][dn][2 * h] *= sc[mt][h];
-              oacc[mt][dn][2 * h + 1] *= sc[mt][h];
-            }
-          }
-      }
-  #pragma unroll
-      for (int mt = 0; mt < MTILES; ++mt) {
-  #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float base = af_lazy_base(m[mt][h], exp_scale);
-          float t[NT];
-  #pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            s[mt][n][2 * h] = exp2f(fmaf(s[mt][n][2 * h], exp_scale, -base));
-            s[mt][n][2 * h + 1] = exp2f(fmaf(s[mt][n][2 * h + 1], exp_scale, -base));
-            t[n] = s[mt][n][2 * h] + s[mt][n][2 * h + 1];
-          }
-          d[mt][h] = fmaf(d[mt][h], sc[mt][h], af_tree_sum<NT>(t));
-        }
-      }
-  #endif
+      sm.update(s, oacc, exp_scale);
       const unsigned vs = v_lds + stage * (KV_TILE * ROW_VO * EB);
   #pragma unroll
       for (int k2 = 0; k2 < KV_TILE / 16; ++k2) {
@@ -375,65 +149,6 @@ struct PrefillSm80 {
       }
     });
 
-    // Epilogue: each lane holds, for row (mt, h), dims dn * 8 + 2t and + 1 in oacc[mt][dn][2h], [2h + 1].
-  #pragma unroll
-    for (int mt = 0; mt < MTILES; ++mt) {
-  #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = warp_row0 + mt * 16 + g + 8 * h;
-        const int tq = row_token(r), head = row_head(r);
-        const int qpos = kv_len - q_len + tq;
-        (void)qpos;
-  #if NORMALIZE_SOFTMAX
-        float dd = d[mt][h];
-        dd += __shfl_xor_sync(0xffffffffu, dd, 1);
-        dd += __shfl_xor_sync(0xffffffffu, dd, 2);
-        // A row whose visible logits were all NaN keeps m = -inf (the lazy max never raises on a
-        // NaN) but its d is NaN: it is visible, and its output and LSE come out NaN, as in the
-        // reference.
-        const bool visible = m[mt][h] != -AF_INF || dd != dd;
-  #else
-        const bool seen = (__shfl_xor_sync(0xffffffffu, (int)any[mt][h], 1) | __shfl_xor_sync(0xffffffffu, (int)any[mt][h], 2) | (int)any[mt][h]) != 0;
-  #endif
-        if (item.partial >= 0 || grouped) {
-          // One KV chunk of a split block, or a group item's rows: the f32 partial (o
-          // normalised, lse without the sink) that merge_states combines.
-          if (rbase + r >= n_rows) continue;
-  #if NORMALIZE_SOFTMAX
-          const SoftmaxPartial part = af_softmax_partial(visible, m[mt][h], m_unit, dd);
-          const float inv = part.inv, part_lse = part.lse;
-  #else
-          const float inv = 1.f;
-          const float part_lse = seen ? 0.f : -AF_INF;
-  #endif
-          const long long slot = grouped ? (long long)g_slot[row_entry(r)] : item.partial + (long long)(tq - item.row_start / GROUP) * item.stride;
-          const long long prow = slot * a.num_qo_heads + head;
-          float* po = a.part_o + prow * HEAD_DIM_VO + 2 * t4;
-  #pragma unroll
-          for (int dn = 0; dn < DN; ++dn) *reinterpret_cast<float2*>(po + dn * 8) = make_float2(oacc[mt][dn][2 * h] * inv, oacc[mt][dn][2 * h + 1] * inv);
-          if (t4 == 0) a.part_lse[prow] = part_lse;
-          continue;
-        }
-  #if NORMALIZE_SOFTMAX
-        float scale = 0.f, lse_out = -AF_INF;
-        if (visible) {
-          // The row max as a logit, and the sink once (softmax.cuh).
-          const SoftmaxFinal f = af_softmax_final(m[mt][h] * m_unit, dd, sm_scale, qpos, head, kv_head, req, q_len, kv_len, p);
-          scale = f.scale;
-          lse_out = f.lse;
-        }
-  #else
-        const float scale = 1.f, lse_out = seen ? 0.f : -AF_INF;
-  #endif
-        if (rbase + r >= n_rows) continue;
-        const long long row = (long long)(tok0 + tq) * a.num_qo_heads + head;
-        DTypeO* out = a.o + row * HEAD_DIM_VO + 2 * t4;
-  #pragma unroll
-        for (int dn = 0; dn < DN; ++dn) {
-          *reinterpret_cast<unsigned*>(out + dn * 8) = af_pack2<DTypeO>(oacc[mt][dn][2 * h] * scale, oacc[mt][dn][2 * h + 1] * scale);
-        }
-        if (t4 == 0) a.lse[row] = lse_out;
-      }
-    }
+    sm.template write<Tr>(rows, oacc, warp_row0, g, t4);
   }
 };

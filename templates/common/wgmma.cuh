@@ -215,3 +215,34 @@ __device__ __forceinline__ void af_wgmma_m64n128k16_rs(float (&d)[64], const uns
   }
 #endif
 }
+
+// The descriptors above from a 32-bit shared-memory address (a loop's ring slot plus constant
+// offsets), so that the offsets fold into the descriptor's address field.
+__device__ __forceinline__ unsigned long long af_desc_sw128_at(unsigned addr) {
+  return static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (static_cast<unsigned long long>(1024u >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ unsigned long long af_desc_sw128_mn_at(unsigned addr, unsigned lbo, unsigned sbo) {
+  return static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4) | (static_cast<unsigned long long>((lbo >> 4) & 0x3FFFu) << 16) |
+         (static_cast<unsigned long long>((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+
+// The MMAs above by N (64 or 128), for loops whose tile width is a template parameter.
+template <bool IS_BF16, int N>
+__device__ __forceinline__ void af_wgmma_ss(float (&d)[N / 2], unsigned long long desc_a, unsigned long long desc_b, int accumulate) {
+  static_assert(N == 64 || N == 128, "wgmma N: 64 or 128");
+  if constexpr (N == 64) af_wgmma_m64n64k16_ss<IS_BF16>(d, desc_a, desc_b, accumulate);
+  else af_wgmma_m64n128k16_ss<IS_BF16>(d, desc_a, desc_b, accumulate);
+}
+template <bool IS_BF16, int N>
+__device__ __forceinline__ void af_wgmma_rs(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc_b, int accumulate) {
+  static_assert(N == 64 || N == 128, "wgmma N: 64 or 128");
+  if constexpr (N == 64) af_wgmma_m64n64k16_rs<IS_BF16>(d, a, desc_b, accumulate);
+  else af_wgmma_m64n128k16_rs<IS_BF16>(d, a, desc_b, accumulate);
+}
+
+// af_wgmma_fence_operand over every float of an accumulator array.
+template <int N>
+__device__ __forceinline__ void af_wgmma_fence_all(float* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) af_wgmma_fence_operand(r[i]);
+}

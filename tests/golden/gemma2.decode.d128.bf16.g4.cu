@@ -360,6 +360,16 @@ struct PrefillSm80Traits : RingTraits<S, STAGES_, KV_TILE_, 32 * WARPS_, false> 
   static_assert(KV_TILE_ % 16 == 0, "KV_TILE must be a multiple of 16");
 };
 
+// Prefill on Hopper (prefill_sm90.cuh): a producer warpgroup and two consumer warpgroups of 64
+// query rows, KV_TILE keys per tile (a wgmma N: 64 or 128), a STAGES-deep mbarrier ring.
+template <class S, int KV_TILE_, int STAGES_>
+struct PrefillSm90Traits : S {
+  using Work = PrefillWork;
+  using Args = AttnArgs<typename S::DTypeQ, typename S::DTypeKV, typename S::DTypeO, PrefillWork>;
+  enum : int { KV_TILE = KV_TILE_, STAGES = STAGES_, NUM_THREADS = 384, ROWS = 128, MIN_CTAS = 1 };
+  static_assert(STAGES_ >= 2, "the ring needs two slots");
+};
+
 
 // ---- the variant: params struct and hooks, emitted from its typed tree
 // Declared from Rust's layout (src/spec/params.rs `param_layout`): fields, types and order are

@@ -298,3 +298,46 @@ fn the_state_merge_renders_per_output_dtype() {
     }
     assert!(codes[0] != codes[1] && codes[1] != codes[2]);
 }
+
+/// The Hopper prefill tile: which configs have it, its shape and shared memory (within the
+/// H100/H200's 227 KB per block beside its static tables), its parsing and name, the portable
+/// tile's rendering unchanged by it, and configs that do not fit it refused.
+#[test]
+fn the_sm90_prefill_tile_fits_its_configs_and_refuses_the_rest() {
+    for (dqk, dvo) in [(64, 64), (128, 128), (256, 256), (192, 128), (128, 64)] {
+        for g in [1, 4, 7, 8] {
+            let cfg = KernelConfig::prefill(dqk, dvo, DType::Bf16, g).unwrap();
+            let s = cfg.sm90_prefill().unwrap_or_else(|| panic!("d{dqk}x{dvo} g{g} has the sm90 tile"));
+            let t = s.prefill_tile();
+            assert!(t.sm90 && t.rows() == 128 && t.warps == 12, "{t:?}");
+            assert_eq!(t.kv_tile, if dqk.max(dvo) <= 128 { 128 } else { 64 });
+            s.validate().unwrap();
+            // 227 KB per block, less the static tables (at most 4.2 KB at GQA 1).
+            assert!(s.smem_bytes() + 4400 <= 227 * 1024, "d{dqk}x{dvo} g{g}: {} bytes", s.smem_bytes());
+            assert!(s.config_name().ends_with(".sm90k128s2") || s.config_name().ends_with(".sm90k64s2"), "{}", s.config_name());
+            let text = render(&shipped::resolve("soft_cap").unwrap(), &s).unwrap().code;
+            assert!(text.contains("using MainLoop = PrefillSm90<Tr>;") && text.contains("PrefillSm90Traits<Shape, "), "the sm90 tile renders the sm90 loop");
+            let portable = render(&shipped::resolve("soft_cap").unwrap(), &cfg).unwrap().code;
+            assert!(portable.contains("using MainLoop = PrefillSm80<Tr>;") && !portable.contains("wgmma.mma_async"));
+        }
+    }
+    // Head dims that are not whole 64-column panels, explicit tiles and decode have none.
+    assert!(KernelConfig::prefill(96, 96, DType::F16, 4).unwrap().sm90_prefill().is_none());
+    assert!(KernelConfig::prefill(128, 80, DType::F16, 4).unwrap().sm90_prefill().is_none());
+    assert!(KernelConfig::decode(128, 128, DType::F16, 4).unwrap().sm90_prefill().is_none());
+    let mut forced = KernelConfig::prefill(128, 128, DType::F16, 4).unwrap();
+    forced.prefill_override = Some(forced.prefill_tile());
+    assert!(forced.sm90_prefill().is_none() && !forced.prefill_tile().sm90);
+    // Parsing, and tiles that do not fit.
+    let t: attnforge::jit::PrefillTile = "sm90,64,3".parse().unwrap();
+    assert!(t.sm90 && t.kv_tile == 64 && t.stages == 3 && t.rows() == 128);
+    assert!("sm90,64".parse::<attnforge::jit::PrefillTile>().unwrap_err().contains("sm90,KV_TILE,STAGES"));
+    for (tile, d, phrase) in [("sm90,96,2", 128, "kv_tile 64 or 128"), ("sm90,128,1", 128, "stages 2–4"), ("sm90,128,2", 96, "multiples of 64")] {
+        let mut c = KernelConfig::prefill(d, d, DType::Bf16, 4).unwrap();
+        c.prefill_override = Some(tile.parse().unwrap());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains(phrase), "{tile} d{d}: {err}");
+    }
+    assert!("sm_90a".parse::<Arch>().unwrap().has_wgmma());
+    assert!(!"sm_90".parse::<Arch>().unwrap().has_wgmma() && !"sm_80".parse::<Arch>().unwrap().has_wgmma() && !"sm_100a".parse::<Arch>().unwrap().has_wgmma());
+}

@@ -55,6 +55,7 @@ fn main() {
         trial("the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies", the_pipeline_probe_compiles_for_sm90a_to_barriers_and_bulk_copies),
         trial("the_attention_tile_probe_compiles_for_sm90a", the_attention_tile_probe_compiles_for_sm90a),
         trial("the_gather_probe_compiles_for_sm90a", the_gather_probe_compiles_for_sm90a),
+        trial("the_sm90_prefill_loop_is_refused_for_other_archs", the_sm90_prefill_loop_is_refused_for_other_archs),
         trial("the_state_merge_compiles_for_every_output_dtype_and_is_cached", the_state_merge_compiles_for_every_output_dtype_and_is_cached),
         trial("an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile", an_abi_table_that_disagrees_with_the_cpp_types_fails_to_compile),
     ];
@@ -76,21 +77,24 @@ fn every_shipped_variant_and_op_compiles_for_sm80_and_sm90a() {
                     for arch in ["sm_80", "sm_90a"] {
                         jobs.push((v.clone(), prefill, d, t, arch, false));
                     }
-                    if !prefill {
-                        // The wide decode tile (twice the warps) the engine loads beside it on
-                        // GPUs whose shared memory holds its ring (Hopper).
-                        jobs.push((v.clone(), prefill, d, t, "sm_90a", true));
-                    }
+                    // The wide decode tile (twice the warps) the engine loads beside it on GPUs
+                    // whose shared memory holds its ring, and the Hopper prefill main loop (the
+                    // prompt tile the engine loads on sm_90a).
+                    jobs.push((v.clone(), prefill, d, t, "sm_90a", true));
                 }
             }
         }
     }
-    assert_eq!(jobs.len(), 264 + 66);
+    assert_eq!(jobs.len(), 264 + 66 + 66);
     let slowest = jobs
         .par_iter()
         .map(|(v, prefill, d, t, arch, wide)| {
             let cfg = if *prefill { KernelConfig::prefill(*d, *d, *t, 4) } else { KernelConfig::decode(*d, *d, *t, 4) }.unwrap();
-            let cfg = if *wide { cfg.wide_decode().expect("GQA 4 decode has a wide tile") } else { cfg };
+            let cfg = match (*wide, *prefill) {
+                (false, _) => cfg,
+                (true, false) => cfg.wide_decode().expect("GQA 4 decode has a wide tile"),
+                (true, true) => cfg.sm90_prefill().expect("head dims of 64-column panels have the sm90 tile"),
+            };
             let k = jit.get(v, &cfg, &arch.parse::<Arch>().unwrap()).unwrap_or_else(|e| panic!("{} d{d} {t:?} {arch}: {e}", v.name));
             assert_eq!(k.origin, Origin::Compiled);
             assert!(k.cubin.len() > 1000 && k.cubin.starts_with(b"\x7fELF"), "{}: not a CUBIN", k.name);
@@ -99,7 +103,7 @@ fn every_shipped_variant_and_op_compiles_for_sm80_and_sm90a() {
         })
         .reduce(|| 0.0, f64::max);
     eprintln!("slowest compile: {slowest:.2} s");
-    assert_eq!(jit.store().unwrap().list().unwrap().len(), 264 + 66);
+    assert_eq!(jit.store().unwrap().list().unwrap().len(), 264 + 66 + 66);
 }
 
 fn second_lookups_hit_memory_then_disk_and_damage_is_rebuilt() {
@@ -416,4 +420,18 @@ fn the_gather_probe_compiles_for_sm90a() {
         assert_eq!(ptx.matches(&format!("wgmma.mma_async.sync.aligned.m64n64k16.f32.{ty}.{ty}")).count(), 4, "{ty}");
     }
     assert!(!n.compile(&src, &n.options(&sm90), None).unwrap_or_else(|e| panic!("{e}")).is_empty());
+}
+
+/// The Hopper prefill tile compiles only for sm_90a: for any other arch `Jit::get` refuses it
+/// with an error naming the arch, before NVRTC sees it.
+fn the_sm90_prefill_loop_is_refused_for_other_archs() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = jit(dir.path());
+    let v = shipped::resolve("causal").unwrap();
+    let cfg = KernelConfig::prefill(128, 128, DType::Bf16, 4).unwrap().sm90_prefill().unwrap();
+    for arch in ["sm_80", "sm_89", "sm_90", "sm_100a"] {
+        let err = j.get(&v, &cfg, &arch.parse().unwrap()).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("needs sm_90a") && err.contains(arch), "{arch}: {err}");
+    }
+    assert!(j.get(&v, &cfg, &"sm_90a".parse().unwrap()).is_ok());
 }

@@ -76,6 +76,7 @@ fn main() {
         trial("a_fixed_table_replays_in_a_cuda_graph_through_the_low_level_calls", a_fixed_table_replays_in_a_cuda_graph_through_the_low_level_calls),
         trial("capturing_a_default_plan_and_bad_shapes_are_errors", capturing_a_default_plan_and_bad_shapes_are_errors),
         trial("prefill::prefill_matches_the_reference_on_random_ragged_batches", prefill::prefill_matches_the_reference_on_random_ragged_batches),
+        trial("prefill::both_main_loops_match_the_reference", prefill::both_main_loops_match_the_reference),
         trial("prefill::a_long_causal_prompt_and_short_appends", prefill::a_long_causal_prompt_and_short_appends),
         trial("prefill::long_caches_split_across_ctas_and_merge", prefill::long_caches_split_across_ctas_and_merge),
         trial("prefill::prefill_is_bit_identical_across_batch_compositions", prefill::prefill_is_bit_identical_across_batch_compositions),

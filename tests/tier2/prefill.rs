@@ -17,6 +17,13 @@ use rand::{Rng, SeedableRng};
 
 #[allow(clippy::too_many_arguments)]
 fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
+    check_on::<T>(e, false, variant, lens, kv_heads, group, dims, page_size, layout, seed)
+}
+
+/// [`check`]; `portable`: on the portable main loop even where the engine would pick the Hopper
+/// one (its default tile, given explicitly). Checks which loop the prompt tile runs on.
+#[allow(clippy::too_many_arguments)]
+fn check_on<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, portable: bool, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
     let v = shipped::all().unwrap().swap_remove(variant);
     let mut rng = StdRng::seed_from_u64(seed);
     let spec = WorkloadSpec {
@@ -33,12 +40,19 @@ fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, le
     };
     let w = Workload::<T>::random(&spec, &mut rng).unwrap();
     let p = sample(&v.params, Dims { qo_heads: spec.qo_heads, kv_heads, batch: lens.len() }, &lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
-    let k = e.prefill_kernel(&v, &KernelConfig::prefill(dims.0, dims.1, T::DTYPE, group).unwrap()).unwrap();
+    let mut cfg = KernelConfig::prefill(dims.0, dims.1, T::DTYPE, group).unwrap();
+    if portable {
+        cfg.prefill_override = Some(cfg.prefill_tile());
+    }
+    let k = e.prefill_kernel(&v, &cfg).unwrap();
+    let sm90 = k.prompt().cfg.prefill_tile().sm90;
+    assert_eq!(sm90, !portable && e.arch().has_wgmma() && dims.0 % 64 == 0 && dims.1 % 64 == 0, "the prompt tile's main loop");
     let (got, plan) = prefill_once(e, &k, &p, &w, PlanMode::Default, None).unwrap();
     let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
     let cmp = compare(&got, &want, T::DTYPE, dims.1);
+    let tile = if plan.rows == k.prompt().cfg.prefill_tile().rows() { if sm90 { "sm90" } else { "sm80" } } else { "append" };
     let line = format!(
-        "{:<15} lens {:?} g{group} d{dims:?} p{page_size} {layout:?} {}: {} items, {} merged rows → {cmp}",
+        "{:<15} {tile:<6} lens {:?} g{group} d{dims:?} p{page_size} {layout:?} {}: {} items, {} merged rows → {cmp}",
         v.name,
         &lens[..lens.len().min(4)],
         T::DTYPE.name(),
@@ -74,6 +88,40 @@ pub(crate) fn prefill_matches_the_reference_on_random_ragged_batches() {
             check::<f16>(&e, i % shipped::SHIPPED.len(), lens, kv_heads, group, dims, page, layout, seed)
         };
         eprintln!("prefill case {i:>3}: {line}");
+    }
+}
+
+/// Both prefill main loops on the same card (the Hopper one where the GPU has it, and the
+/// portable one forced by its explicit tile), on the same random batches: long enough prompts
+/// that the prompt tile runs, every variant, head dims 64 / 128 / 256 / 192×128, GQA 1/4/7/8,
+/// page sizes 1/16/64.
+pub(crate) fn both_main_loops_match_the_reference() {
+    let e = super::engine();
+    let mut rng = StdRng::seed_from_u64(super::env_or("ATTNFORGE_SEED", 314));
+    let cases: usize = super::env_or("ATTNFORGE_GPU_CASES", 40);
+    for i in 0..cases {
+        let n = rng.random_range(1..=5);
+        let lens: Vec<(usize, usize)> = (0..n)
+            .map(|_| {
+                let kv = rng.random_range(0..=1300);
+                let q = if rng.random_bool(0.15) { rng.random_range(0..=kv.min(4)) } else { rng.random_range(kv / 2..=kv) };
+                (q, kv)
+            })
+            .collect();
+        let dims = [(64, 64), (128, 128), (256, 256), (192, 128)][rng.random_range(0..4)];
+        let group = [1, 4, 7, 8][rng.random_range(0..4)];
+        let page = [1, 16, 64][rng.random_range(0..3)];
+        let layout = if rng.random_bool(0.5) { KvLayout::Nhd } else { KvLayout::Hnd };
+        let seed = rng.random();
+        let kv_heads = rng.random_range(1..=2);
+        for portable in [false, true] {
+            let line = if i % 2 == 0 {
+                check_on::<bf16>(&e, portable, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
+            } else {
+                check_on::<f16>(&e, portable, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
+            };
+            eprintln!("loops case {i:>3}: {line}");
+        }
     }
 }
 

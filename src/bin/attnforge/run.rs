@@ -520,7 +520,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
         }
     }
     if suites.contains(&Suite::Prefill) {
-        println!("\nprefill (causal): bf16, d128, page 16, NHD, permuted pages; CUDA events, median of 7 × 3 launches; FLOPs on the causal triangle");
+        println!("\nprefill: bf16, d128 unless named, page 16, NHD, permuted pages, causal unless named; CUDA events, median of 7 × 3 launches; FLOPs on the visible pairs");
         println!("  {:<34} {:>10} {:>9} {:>12} {:>10} {:>8}  kernel", "workload", "µs", "TFLOP/s", "FI TFLOP/s", "FI µs", "blocks");
         // `p,WARPS,MTILES,KV_TILE,STAGES,MIN_CTAS` adds a prefill tile to compare.
         let mut ptiles: Vec<Option<attnforge::jit::PrefillTile>> = vec![None];
@@ -530,9 +530,9 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
         for (s, tile) in attnforge::testing::bench::anchor_prefill_shapes().into_iter().flat_map(|s| ptiles.iter().map(move |t| (s.clone(), *t))) {
             let r = attnforge::testing::bench::bench_prefill(&e, &s, tile)?;
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
-            let name = format!("{}{}", s.name, tile.map_or(String::new(), |t| format!(" [{}w×{} {}k {}s {}c]", t.warps, t.mtiles, t.kv_tile, t.stages, t.min_ctas)));
+            let name = format!("{}{}", s.name, tile.map_or(String::new(), |t| format!(" [{}]", t.label())));
             let t = r.tile;
-            let kernel = format!("{}w×{} {}k {}s, {} regs, {} B spilled, {} CTA/SM", t.warps, t.mtiles, t.kv_tile, t.stages, r.regs, r.local_bytes, r.ctas_per_sm);
+            let kernel = format!("{}, {} regs, {} B spilled, {} CTA/SM", t.label(), r.regs, r.local_bytes, r.ctas_per_sm);
             println!("  {:<34} {:>10.1} {:>9.1} {:>12} {:>10} {:>8}  {kernel}", name, r.us, r.tflops(), fmt(s.anchor_tflops), fmt(s.anchor_us), r.blocks);
             records.push(serde_json::json!({
                 "suite": "prefill", "workload": s.name, "us": r.us, "tflops": r.tflops(), "kv_gbps": r.kv_bytes / (r.us * 1e-6) / 1e9,

@@ -1,0 +1,220 @@
+// prefill_sm90.cuh — batch prefill / append on Hopper (sm_90a): warpgroup MMAs (wgmma.cuh) fed
+// by a producer warpgroup through an mbarrier ring (pipeline.cuh), over the paged KV cache.
+//
+// The same work items as prefill_sm80.cuh — one CTA per (request, block of ROWS = 128 query
+// rows) and KV head, split KV chunks writing partial states, cascade group items — and the same
+// rows, hooks, softmax and epilogue (prefill_rows.cuh); what differs is how the tiles get to the
+// tensor cores. The CTA is three warpgroups:
+//   - warpgroup 0, the producer (setmaxnreg.dec): walks the K/V tiles of the CTA's span [lo,
+//     hi] through the page table (pages of any size, in any order) and gathers each key's K and
+//     V rows with 16-byte cp.async copies into a STAGES-deep ring of 128-byte-swizzled
+//     64-column panels (keys past hi zero-filled); each thread's copies of a tile arrive on the
+//     slot's `full` barrier (cp.async.mbarrier.arrive.noinc, 128 arrivals), and a slot is
+//     refilled once both consumers have released it on `empty` (256 arrivals).
+//   - warpgroups 1 and 2, the consumers (setmaxnreg.inc): 64 query rows each (Q staged once in
+//     swizzled panels). Per tile: wait `full`, fence the async proxy (the copies wrote through
+//     the generic one), S[64 x KV_TILE] = Q · Kᵀ on wgmma from shared descriptors, the hooks
+//     and the lazy softmax on the S fragment (warp by warp it is mma.sync's C layout, so
+//     prefill_rows.cuh's code applies as is), P packed in registers as the A operand of
+//     O[64 x DVO] += P · V (V MN-major from the same panels), then release `empty`. A tile no
+//     row of a warpgroup can see is skipped by the whole warpgroup (wgmma is collective); a tile
+//     inside every row of a warp runs without range tests. Within a consumer, tile t's S is
+//     issued before tile t - 1's P · V, and only S is waited for before tile t's softmax: the
+//     P · V runs under the softmax, and O is rescaled (when a max moved) once it lands.
+// The two consumers run the same tiles out of step, so one's softmax also overlaps the other's
+// MMAs.
+//
+// Shared memory (dynamic, aligned up to 1024 bytes here): Q [2][QK panels][64 rows][128 B],
+// then the ring's K slots [STAGES][QK panels][KV_TILE][128 B] and V slots [STAGES][VO
+// panels][KV_TILE][128 B]; 16-byte chunk c of row r of a panel at r * 128 + (c ^ r % 8) * 16.
+//
+// Needs: traits (PrefillSm90Traits), wgmma.cuh, pipeline.cuh, kv_ring.cuh (the page walk),
+// mma.cuh (af_pack2), prefill_rows.cuh, and the variant's hooks. Compiles only for sm_90a.
+
+#if defined(__CUDA_ARCH__) && !AF_HAS_WGMMA
+#error "the sm90 prefill main loop needs sm_90a (wgmma, mbarrier transactions, setmaxnreg)"
+#endif
+
+template <class Tr>
+struct PrefillSm90 {
+  using Args = typename Tr::Args;
+  using DTypeQ = typename Tr::DTypeQ;
+  using DTypeKV = typename Tr::DTypeKV;
+  enum : int { HEAD_DIM_QK = Tr::HEAD_DIM_QK, HEAD_DIM_VO = Tr::HEAD_DIM_VO, GROUP = Tr::GROUP };
+  enum : int { ROWS = Tr::ROWS, KV_TILE = Tr::KV_TILE, STAGES = Tr::STAGES, NUM_THREADS = Tr::NUM_THREADS };
+  enum : int { QK_PANELS = HEAD_DIM_QK / 64, VO_PANELS = HEAD_DIM_VO / 64 };
+  enum : int { Q_PANEL = 64 * 128, Q_WG = QK_PANELS * Q_PANEL, KV_PANEL = KV_TILE * 128, K_SLOT = QK_PANELS * KV_PANEL, V_SLOT = VO_PANELS * KV_PANEL };
+  // P · V in N chunks of 128 output dims where they divide the head dim, else of 64.
+  enum : int { O_CHUNK = HEAD_DIM_VO % 128 == 0 ? 128 : 64, O_CHUNKS = HEAD_DIM_VO / O_CHUNK };
+  enum : int { KSTEPS = HEAD_DIM_QK / 16, NT = KV_TILE / 8, DN = HEAD_DIM_VO / 8 };
+  // Registers per thread after the split: the producer's few, the consumers' S, O and P.
+  enum : int { PRODUCER_REGS = 56, CONSUMER_REGS = 224 };
+  static constexpr bool IS_BF16 = af_same<DTypeKV, __nv_bfloat16>::value;
+  static_assert(af_same<DTypeQ, DTypeKV>::value, "the MMA main loop multiplies Q and K of one type");
+  static_assert(HEAD_DIM_QK % 64 == 0 && HEAD_DIM_VO % 64 == 0, "the sm90 loop takes head dims of whole 64-column panels");
+  static_assert(KV_TILE == 64 || KV_TILE == 128, "KV_TILE is a wgmma N: 64 or 128");
+  static_assert(NUM_THREADS == 384 && ROWS == 128, "one producer and two consumer warpgroups of 64 rows");
+  static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 256 <= 65536, "the register split must fit the register file");
+
+  static __device__ __forceinline__ void body(const Args& a, const Params& p) {
+    const int w = blockIdx.x;
+    if (w >= *a.num_work) return;  // fixed-grid mode: spare CTAs exit
+    const int kv_head = blockIdx.y;
+    const int tid = threadIdx.x, wg = tid / 128, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    __shared__ PrefillTables<ROWS, GROUP> tables;
+    __shared__ int wg_lo[2], wg_hi[2];
+    __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
+    const PrefillRows<Tr> rows(a, p, tables, a.work[w], kv_head, tid, NUM_THREADS);
+    const bool consumer = wg > 0;
+    const int row0 = consumer ? (wg - 1) * 64 + 16 * (warp % 4) : 0;
+    if (tid < 2) {
+      wg_lo[tid] = 0x7fffffff;
+      wg_hi[tid] = -1;
+    }
+    int see_lo = 0x7fffffff, see_hi = -1, in_lo = -1, in_hi = 0x7fffffff;
+    if (consumer) rows.template bounds<1>(row0, g, t4, see_lo, see_hi, in_lo, in_hi);
+    int lo, hi;
+    rows.span(see_lo, see_hi, lane, lo, hi, consumer ? &wg_lo[wg - 1] : nullptr, consumer ? &wg_hi[wg - 1] : nullptr);
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const unsigned base = (af_smem_addr(smem_raw) + 1023u) & ~1023u;
+    unsigned char* const base_ptr = smem_raw + (base - af_smem_addr(smem_raw));
+    const unsigned q_base = base, k_base = base + 2 * Q_WG, v_base = k_base + STAGES * K_SLOT;
+
+    // Q, once: the block's rows into each consumer's swizzled panels (zeros past the item's rows).
+    {
+      constexpr int QCH = HEAD_DIM_QK / 8;
+      for (int c = tid; c < ROWS * QCH; c += NUM_THREADS) {
+        const int r = c / QCH, ch = c % QCH;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (rows.valid(r)) v = *reinterpret_cast<const uint4*>(a.q + ((long long)rows.global_token(r) * a.num_qo_heads + rows.head(r)) * HEAD_DIM_QK + ch * 8);
+        *reinterpret_cast<uint4*>(base_ptr + (r / 64) * Q_WG + (ch / 8) * Q_PANEL + af_sw128_offset(r % 64, ch % 8)) = v;
+      }
+    }
+    af_ring_init(full, empty, 128, 256);
+    af_fence_proxy_async();  // Q was written by ordinary stores; wgmma reads it through the async proxy
+    __syncthreads();
+    const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
+
+    if (!consumer) {
+      af_setmaxnreg_dec<PRODUCER_REGS>();
+      // Thread t copies 16-byte chunk t % 8 of every 64-column panel of keys t / 8 + 16 i: eight
+      // threads fill one 128-byte line, and one page lookup serves a key's K and V panels.
+      const int chunk = tid % 8, key0 = tid / 8;
+      for (int t = 0; t < num_tiles; ++t) {
+        const int s = t % STAGES, round = t / STAGES;
+        if (round > 0) af_mbar_wait(&empty[s], (round - 1) & 1);
+        const unsigned kb = k_base + s * K_SLOT, vb = v_base + s * V_SLOT;
+        const int t0 = lo + t * KV_TILE;
+#pragma unroll 2
+        for (int i = 0; i < KV_TILE / 16; ++i) {
+          const int j = key0 + 16 * i, pos = t0 + j;
+          const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, pos, kv_page(a, pos, hi, rows.page_begin), kv_head);
+          const bool ok = kr.k != nullptr;
+          const unsigned off = af_sw128_offset(j, chunk);
+#pragma unroll
+          for (int pp = 0; pp < QK_PANELS; ++pp) af_cp_async16_to(kb + pp * KV_PANEL + off, ok ? kr.k + pp * 64 + chunk * 8 : a.k, ok);
+#pragma unroll
+          for (int pp = 0; pp < VO_PANELS; ++pp) af_cp_async16_to(vb + pp * KV_PANEL + off, ok ? kr.v + pp * 64 + chunk * 8 : a.v, ok);
+        }
+        af_cp_async_mbar_arrive(&full[s]);
+      }
+      return;
+    }
+
+    af_setmaxnreg_inc<CONSUMER_REGS>();
+    const int grp_lo = wg_lo[wg - 1], grp_hi = wg_hi[wg - 1];
+    const unsigned qb = q_base + (wg - 1) * Q_WG;
+    const float exp_scale = rows.exp_scale;
+    (void)exp_scale;
+    float o[1][DN][4];
+    af_zero_frags(o);
+    PrefillSoftmax<1> sm;
+    sm.init();
+    // P · V of the previous visible tile (its weights packed in pa, its slot held) is issued
+    // after this tile's S = Q · Kᵀ and runs while this tile's softmax does: only S is waited
+    // for before the softmax, and O (still accumulating) is rescaled after.
+    unsigned pa[KV_TILE / 16][4];
+    int held = -1;  // the slot whose V the pending P · V reads
+    auto issue_pv = [&](int slot) {
+      const unsigned vb = v_base + slot * V_SLOT;
+#pragma unroll
+      for (int k2 = 0; k2 < KV_TILE / 16; ++k2)
+#pragma unroll
+        for (int c = 0; c < O_CHUNKS; ++c) {
+          float(&oc)[O_CHUNK / 2] = *reinterpret_cast<float(*)[O_CHUNK / 2]>(&o[0][c * (O_CHUNK / 8)][0]);
+          // V's 16-key step k2 starts 2 KB into each panel; a chunk's panels are KV_PANEL apart.
+          af_wgmma_rs<IS_BF16, O_CHUNK>(oc, pa[k2], af_desc_sw128_mn_at(vb + c * (O_CHUNK / 64) * KV_PANEL + 2048 * k2, KV_PANEL, 1024), 1);
+        }
+      af_wgmma_commit();
+    };
+    // Runs the pending P · V to completion and releases its slot.
+    auto flush = [&]() {
+      af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
+      af_wgmma_fence();
+      issue_pv(held);
+      af_wgmma_wait<0>();
+      af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
+      af_mbar_arrive(&empty[held]);
+      held = -1;
+    };
+    for (int t = 0; t < num_tiles; ++t) {
+      const int s = t % STAGES;
+      // A tile in the held slot (after tiles this warpgroup skips: past its rows' ranges) is only
+      // refilled once that slot is released.
+      if (held == s) flush();
+      af_mbar_wait(&full[s], (t / STAGES) & 1);
+      const int t0 = lo + t * KV_TILE;
+      if (t0 > grp_hi || t0 + KV_TILE - 1 < grp_lo) {
+        af_mbar_arrive(&empty[s]);  // no row of this warpgroup sees the tile
+        continue;
+      }
+      af_fence_proxy_async();
+      const unsigned kb = k_base + s * K_SLOT;
+      float sacc[1][NT][4];
+      float(&sflat)[KV_TILE / 2] = *reinterpret_cast<float(*)[KV_TILE / 2]>(&sacc[0][0][0]);
+      af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
+      af_wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < KSTEPS; ++k) {
+        const unsigned at = (k / 4) * Q_PANEL + 32 * (k % 4), bt = (k / 4) * KV_PANEL + 32 * (k % 4);
+        af_wgmma_ss<IS_BF16, KV_TILE>(sflat, af_desc_sw128_at(qb + at), af_desc_sw128_at(kb + bt), k > 0);
+      }
+      af_wgmma_commit();
+      if (held >= 0) {
+        issue_pv(held);
+        af_wgmma_wait<1>();  // S is done; the P · V behind it may still run
+      } else {
+        af_wgmma_wait<0>();
+      }
+      af_wgmma_fence_all<KV_TILE / 2>(sflat);
+      // A tile inside every row's range of this warp (the bulk of a long causal prompt) needs
+      // no range test.
+      if (t0 >= in_lo && t0 + KV_TILE - 1 <= in_hi) {
+        rows.score(sacc, t0, false, row0, g, t4, sm.any);
+      } else {
+        rows.score(sacc, t0, true, row0, g, t4, sm.any);
+      }
+      float sc[1][2];
+      const bool moved = sm.weigh(sacc, sc, exp_scale);
+      if (held >= 0) {
+        af_wgmma_wait<0>();
+        af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
+        af_mbar_arrive(&empty[held]);
+      }
+      if (moved) sm.rescale(o, sc);
+      // P's A fragment for keys 16 k2 .. 16 k2 + 15: S blocks 2 k2 (k 0..7) and 2 k2 + 1 (k 8..15).
+#pragma unroll
+      for (int k2 = 0; k2 < KV_TILE / 16; ++k2) {
+        pa[k2][0] = af_pack2<DTypeKV>(sacc[0][2 * k2][0], sacc[0][2 * k2][1]);
+        pa[k2][1] = af_pack2<DTypeKV>(sacc[0][2 * k2][2], sacc[0][2 * k2][3]);
+        pa[k2][2] = af_pack2<DTypeKV>(sacc[0][2 * k2 + 1][0], sacc[0][2 * k2 + 1][1]);
+        pa[k2][3] = af_pack2<DTypeKV>(sacc[0][2 * k2 + 1][2], sacc[0][2 * k2 + 1][3]);
+      }
+      held = s;
+    }
+    if (held >= 0) flush();
+    sm.template write<Tr>(rows, o, row0, g, t4);
+  }
+};
