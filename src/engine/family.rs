@@ -30,9 +30,8 @@ pub trait Family: Sized + Send + Sync + 'static {
     const ENTRY: &'static str;
     /// The plan its launches run.
     type Plan: Plan;
-    /// The configs compiled for `cfg` on `arch`: `cfg` itself first, then companion tiles. The
-    /// arch decides the main loop: today every arch from sm_80 runs the portable `mma.sync`
-    /// loops; an sm_90a main loop is a branch here.
+    /// The configs compiled for `cfg` on `arch`: the main tile first (`cfg` itself, or the
+    /// arch's own main loop for it: prefill on sm_90a above d 128), then companion tiles.
     fn tiles(cfg: &KernelConfig, arch: &Arch) -> Vec<KernelConfig>;
     /// Threads per CTA of a tile.
     fn threads(cfg: &KernelConfig) -> usize;
@@ -119,10 +118,11 @@ impl Family for Prefill {
     type Plan = PrefillPlan;
 
     /// On sm_90a the prompt tile is the Hopper main loop's ([`KernelConfig::sm90_prefill`])
-    /// where the config fits it; elsewhere, and for a config with an explicit tile, the
-    /// config's own. Short appends keep the portable append tile on every arch.
+    /// where it was measured faster than the portable one ([`KernelConfig::prefers_sm90_prefill`]);
+    /// elsewhere, and for a config with an explicit tile, the config's own. Short appends keep
+    /// the portable append tile on every arch.
     fn tiles(cfg: &KernelConfig, arch: &Arch) -> Vec<KernelConfig> {
-        let prompt = if arch.has_wgmma() { cfg.sm90_prefill() } else { None };
+        let prompt = if arch.has_wgmma() && cfg.prefers_sm90_prefill() { cfg.sm90_prefill() } else { None };
         std::iter::once(prompt.unwrap_or_else(|| cfg.clone())).chain(cfg.append_prefill()).collect()
     }
 

@@ -286,10 +286,21 @@ impl KernelConfig {
         }
     }
 
+    /// Whether the engine runs prompts on the Hopper loop on sm_90a (where [`Self::sm90_prefill`]
+    /// has a tile): above d 128 only. Measured on the H200 (2026-12-03, bf16, causal unless
+    /// named, TFLOP/s, sm90 / portable, BENCHMARKS.md): d 256 16K 500 / 107 (the portable
+    /// loop's 16 × 256 accumulators spill); d 128 single 4096 267 / 267, 16K 350 / 344, batch
+    /// 16 × 2048 GQA 4 258 / 312, skewed 337 / 353, non-causal 16K 352 / 356; d 64 16K 197 / 306.
+    /// At d ≤ 128 the sm90 loop is not ahead yet, so the portable loop stays the default there.
+    pub fn prefers_sm90_prefill(&self) -> bool {
+        self.head_dim_qk.max(self.head_dim_vo) > 128
+    }
+
     /// The Hopper prompt tile of a prefill config (`prefill_sm90.cuh`), which the engine loads
-    /// instead of the portable one on sm_90a: `None` when a tile was chosen explicitly (forcing
-    /// the portable loop on Hopper is an override of the portable tile) or the config does not
-    /// fit it (head dims not multiples of 64). 128-key tiles up to d 128 (S is m64n128 per
+    /// instead of the portable one on sm_90a where [`Self::prefers_sm90_prefill`]: `None` when a
+    /// tile was chosen explicitly (forcing the portable loop on Hopper is an override of the
+    /// portable tile; forcing this one, an override with this tile) or the config does not fit
+    /// it (head dims not multiples of 64). 128-key tiles up to d 128 (S is m64n128 per
     /// consumer), 64-key tiles above (the ring of 2 × 64 keys × d 256 and Q take 192 KB); a
     /// 2-deep ring.
     pub fn sm90_prefill(&self) -> Option<KernelConfig> {

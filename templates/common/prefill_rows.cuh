@@ -155,6 +155,12 @@ struct PrefillRows {
     see_hi = __reduce_max_sync(0xffffffffu, see_hi);
     in_lo = __reduce_max_sync(0xffffffffu, in_lo);
     in_hi = __reduce_min_sync(0xffffffffu, in_hi);
+    // A warp with no valid row has an empty intersection too, so every tile it computes (a
+    // loop whose warps share their tiles) is range-tested rather than taken as inside.
+    if (see_hi < see_lo) {
+      in_lo = 0x7fffffff;
+      in_hi = -1;
+    }
   }
 
   // The CTA's span: the union of every warp's (see_lo, see_hi). Every thread calls it; lane 0

@@ -60,11 +60,15 @@ struct PrefillSm90 {
     const int w = blockIdx.x;
     if (w >= *a.num_work) return;  // fixed-grid mode: spare CTAs exit
     const int kv_head = blockIdx.y;
-    const int tid = threadIdx.x, wg = tid / 128, warp = tid / 32, lane = tid % 32;
+    // The warpgroup index as a warp-uniform value (a shuffle from lane 0): ptxas serialises
+    // every wgmma of a kernel whose role branch it cannot prove warpgroup-uniform (C7520).
+    const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0), warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t4 = lane % 4;
     __shared__ PrefillTables<ROWS, GROUP> tables;
     __shared__ int wg_lo[2], wg_hi[2];
-    __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
+    // K and V slots fill and drain apart: a K slot is free once S is computed, a V slot once the
+    // P · V after it has run.
+    __shared__ __align__(8) unsigned long long k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
     const PrefillRows<Tr> rows(a, p, tables, a.work[w], kv_head, tid, NUM_THREADS);
     const bool consumer = wg > 0;
     const int row0 = consumer ? (wg - 1) * 64 + 16 * (warp % 4) : 0;
@@ -92,7 +96,8 @@ struct PrefillSm90 {
         *reinterpret_cast<uint4*>(base_ptr + (r / 64) * Q_WG + (ch / 8) * Q_PANEL + af_sw128_offset(r % 64, ch % 8)) = v;
       }
     }
-    af_ring_init(full, empty, 128, 256);
+    af_ring_init(k_full, k_empty, 128, 256);
+    af_ring_init(v_full, v_empty, 128, 256);
     af_fence_proxy_async();  // Q was written by ordinary stores; wgmma reads it through the async proxy
     __syncthreads();
     const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
@@ -102,23 +107,43 @@ struct PrefillSm90 {
       // Thread t copies 16-byte chunk t % 8 of every 64-column panel of keys t / 8 + 16 i: eight
       // threads fill one 128-byte line, and one page lookup serves a key's K and V panels.
       const int chunk = tid % 8, key0 = tid / 8;
+      constexpr int NK = KV_TILE / 16;
+      // The page of each of this thread's keys of tile t (-1 past hi): a tile's lookups are
+      // issued a tile ahead, before the waits, so their latency is off the copies' path.
+      auto lookup = [&](int t, int (&pg)[NK]) {
+#pragma unroll
+        for (int i = 0; i < NK; ++i) pg[i] = kv_page(a, lo + t * KV_TILE + key0 + 16 * i, t < num_tiles ? hi : -1, rows.page_begin);
+      };
+      int pg[NK];
+      lookup(0, pg);
       for (int t = 0; t < num_tiles; ++t) {
         const int s = t % STAGES, round = t / STAGES;
-        if (round > 0) af_mbar_wait(&empty[s], (round - 1) & 1);
-        const unsigned kb = k_base + s * K_SLOT, vb = v_base + s * V_SLOT;
+        int next[NK];
+        lookup(t + 1, next);
         const int t0 = lo + t * KV_TILE;
-#pragma unroll 2
-        for (int i = 0; i < KV_TILE / 16; ++i) {
-          const int j = key0 + 16 * i, pos = t0 + j;
-          const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, pos, kv_page(a, pos, hi, rows.page_begin), kv_head);
-          const bool ok = kr.k != nullptr;
+        if (round > 0) af_mbar_wait(&k_empty[s], (round - 1) & 1);
+        const unsigned kb = k_base + s * K_SLOT, vb = v_base + s * V_SLOT;
+#pragma unroll
+        for (int i = 0; i < NK; ++i) {
+          const int j = key0 + 16 * i;
+          const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, t0 + j, pg[i], kv_head);
           const unsigned off = af_sw128_offset(j, chunk);
 #pragma unroll
-          for (int pp = 0; pp < QK_PANELS; ++pp) af_cp_async16_to(kb + pp * KV_PANEL + off, ok ? kr.k + pp * 64 + chunk * 8 : a.k, ok);
-#pragma unroll
-          for (int pp = 0; pp < VO_PANELS; ++pp) af_cp_async16_to(vb + pp * KV_PANEL + off, ok ? kr.v + pp * 64 + chunk * 8 : a.v, ok);
+          for (int pp = 0; pp < QK_PANELS; ++pp) af_cp_async16_to(kb + pp * KV_PANEL + off, pg[i] >= 0 ? kr.k + pp * 64 + chunk * 8 : a.k, pg[i] >= 0);
         }
-        af_cp_async_mbar_arrive(&full[s]);
+        af_cp_async_mbar_arrive(&k_full[s]);
+        if (round > 0) af_mbar_wait(&v_empty[s], (round - 1) & 1);
+#pragma unroll
+        for (int i = 0; i < NK; ++i) {
+          const int j = key0 + 16 * i;
+          const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, t0 + j, pg[i], kv_head);
+          const unsigned off = af_sw128_offset(j, chunk);
+#pragma unroll
+          for (int pp = 0; pp < VO_PANELS; ++pp) af_cp_async16_to(vb + pp * KV_PANEL + off, pg[i] >= 0 ? kr.v + pp * 64 + chunk * 8 : a.v, pg[i] >= 0);
+        }
+        af_cp_async_mbar_arrive(&v_full[s]);
+#pragma unroll
+        for (int i = 0; i < NK; ++i) pg[i] = next[i];
       }
       return;
     }
@@ -132,12 +157,44 @@ struct PrefillSm90 {
     af_zero_frags(o);
     PrefillSoftmax<1> sm;
     sm.init();
-    // P · V of the previous visible tile (its weights packed in pa, its slot held) is issued
-    // after this tile's S = Q · Kᵀ and runs while this tile's softmax does: only S is waited
-    // for before the softmax, and O (still accumulating) is rescaled after.
+    // The warpgroup's visible tiles are one run [first, last] (the union of its rows' ranges);
+    // the tiles before and after it are waited for and released only. Inside the run, P · V
+    // of tile t - 1 is issued after tile t's S = Q · Kᵀ and runs while tile t's softmax does:
+    // only S is waited for before the softmax, and O (still accumulating) is rescaled after.
+    // The run's loop is branch-free around the MMAs (ptxas serialises wgmma under conditional
+    // waits, C7515): the first tile is peeled, the last P · V drained after it.
+    const int first = grp_hi < grp_lo ? num_tiles : max(0, (grp_lo - lo) / KV_TILE);
+    const int last = grp_hi < grp_lo ? num_tiles - 1 : min(num_tiles - 1, (grp_hi - lo) / KV_TILE);
+    auto pass = [&](int t) {  // a tile no row of this warpgroup sees: its V copies must land before
+                              // the slot is released, so a later round's copies cannot race them
+      const int slot = t % STAGES, parity = (t / STAGES) & 1;
+      af_mbar_wait(&k_full[slot], parity);
+      af_mbar_wait(&v_full[slot], parity);
+      af_mbar_arrive(&k_empty[slot]);
+      af_mbar_arrive(&v_empty[slot]);
+    };
+    for (int t = 0; t < first && t < num_tiles; ++t) pass(t);
     unsigned pa[KV_TILE / 16][4];
-    int held = -1;  // the slot whose V the pending P · V reads
-    auto issue_pv = [&](int slot) {
+    float sacc[1][NT][4];
+    float(&sflat)[KV_TILE / 2] = *reinterpret_cast<float(*)[KV_TILE / 2]>(&sacc[0][0][0]);
+    auto issue_s = [&](int t) {
+      const int slot = t % STAGES;
+      af_mbar_wait(&k_full[slot], (t / STAGES) & 1);
+      af_fence_proxy_async();
+      const unsigned kb = k_base + slot * K_SLOT;
+      af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
+      af_wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < KSTEPS; ++k) {
+        const unsigned at = (k / 4) * Q_PANEL + 32 * (k % 4), bt = (k / 4) * KV_PANEL + 32 * (k % 4);
+        af_wgmma_ss<IS_BF16, KV_TILE>(sflat, af_desc_sw128_at(qb + at), af_desc_sw128_at(kb + bt), k > 0);
+      }
+      af_wgmma_commit();
+    };
+    auto issue_pv = [&](int t) {
+      const int slot = t % STAGES;
+      af_mbar_wait(&v_full[slot], (t / STAGES) & 1);
+      af_fence_proxy_async();
       const unsigned vb = v_base + slot * V_SLOT;
 #pragma unroll
       for (int k2 = 0; k2 < KV_TILE / 16; ++k2)
@@ -149,46 +206,12 @@ struct PrefillSm90 {
         }
       af_wgmma_commit();
     };
-    // Runs the pending P · V to completion and releases its slot.
-    auto flush = [&]() {
-      af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
-      af_wgmma_fence();
-      issue_pv(held);
-      af_wgmma_wait<0>();
-      af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
-      af_mbar_arrive(&empty[held]);
-      held = -1;
-    };
-    for (int t = 0; t < num_tiles; ++t) {
-      const int s = t % STAGES;
-      // A tile in the held slot (after tiles this warpgroup skips: past its rows' ranges) is only
-      // refilled once that slot is released.
-      if (held == s) flush();
-      af_mbar_wait(&full[s], (t / STAGES) & 1);
-      const int t0 = lo + t * KV_TILE;
-      if (t0 > grp_hi || t0 + KV_TILE - 1 < grp_lo) {
-        af_mbar_arrive(&empty[s]);  // no row of this warpgroup sees the tile
-        continue;
-      }
-      af_fence_proxy_async();
-      const unsigned kb = k_base + s * K_SLOT;
-      float sacc[1][NT][4];
-      float(&sflat)[KV_TILE / 2] = *reinterpret_cast<float(*)[KV_TILE / 2]>(&sacc[0][0][0]);
-      af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
-      af_wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < KSTEPS; ++k) {
-        const unsigned at = (k / 4) * Q_PANEL + 32 * (k % 4), bt = (k / 4) * KV_PANEL + 32 * (k % 4);
-        af_wgmma_ss<IS_BF16, KV_TILE>(sflat, af_desc_sw128_at(qb + at), af_desc_sw128_at(kb + bt), k > 0);
-      }
-      af_wgmma_commit();
-      if (held >= 0) {
-        issue_pv(held);
-        af_wgmma_wait<1>();  // S is done; the P · V behind it may still run
-      } else {
-        af_wgmma_wait<0>();
-      }
+    // Scores, weights and the P operand of tile t, once its S has landed; returns whether O
+    // must be rescaled (after the pending P · V).
+    float sc[1][2];
+    auto softmax = [&](int t) {
       af_wgmma_fence_all<KV_TILE / 2>(sflat);
+      const int t0 = lo + t * KV_TILE;
       // A tile inside every row's range of this warp (the bulk of a long causal prompt) needs
       // no range test.
       if (t0 >= in_lo && t0 + KV_TILE - 1 <= in_hi) {
@@ -196,14 +219,9 @@ struct PrefillSm90 {
       } else {
         rows.score(sacc, t0, true, row0, g, t4, sm.any);
       }
-      float sc[1][2];
-      const bool moved = sm.weigh(sacc, sc, exp_scale);
-      if (held >= 0) {
-        af_wgmma_wait<0>();
-        af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
-        af_mbar_arrive(&empty[held]);
-      }
-      if (moved) sm.rescale(o, sc);
+      return sm.weigh(sacc, sc, exp_scale);
+    };
+    auto pack = [&]() {
       // P's A fragment for keys 16 k2 .. 16 k2 + 15: S blocks 2 k2 (k 0..7) and 2 k2 + 1 (k 8..15).
 #pragma unroll
       for (int k2 = 0; k2 < KV_TILE / 16; ++k2) {
@@ -212,9 +230,33 @@ struct PrefillSm90 {
         pa[k2][2] = af_pack2<DTypeKV>(sacc[0][2 * k2 + 1][0], sacc[0][2 * k2 + 1][1]);
         pa[k2][3] = af_pack2<DTypeKV>(sacc[0][2 * k2 + 1][2], sacc[0][2 * k2 + 1][3]);
       }
-      held = s;
+    };
+    if (first <= last) {
+      issue_s(first);
+      af_wgmma_wait<0>();
+      af_mbar_arrive(&k_empty[first % STAGES]);
+      if (softmax(first)) sm.rescale(o, sc);  // O is still zero; kept for the same arithmetic
+      pack();
+      for (int t = first + 1; t <= last; ++t) {
+        issue_s(t);
+        issue_pv(t - 1);
+        af_wgmma_wait<1>();  // S is done; the P · V behind it may still run
+        af_mbar_arrive(&k_empty[t % STAGES]);
+        const bool moved = softmax(t);
+        af_wgmma_wait<0>();
+        af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
+        af_mbar_arrive(&v_empty[(t - 1) % STAGES]);
+        if (moved) sm.rescale(o, sc);
+        pack();
+      }
+      af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
+      af_wgmma_fence();
+      issue_pv(last);
+      af_wgmma_wait<0>();
+      af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
+      af_mbar_arrive(&v_empty[last % STAGES]);
     }
-    if (held >= 0) flush();
+    for (int t = max(last + 1, first); t < num_tiles; ++t) pass(t);
     sm.template write<Tr>(rows, o, row0, g, t4);
   }
 };

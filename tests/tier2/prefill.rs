@@ -17,13 +17,15 @@ use rand::{Rng, SeedableRng};
 
 #[allow(clippy::too_many_arguments)]
 fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
-    check_on::<T>(e, false, variant, lens, kv_heads, group, dims, page_size, layout, seed)
+    check_on::<T>(e, None, variant, lens, kv_heads, group, dims, page_size, layout, seed)
 }
 
-/// [`check`]; `portable`: on the portable main loop even where the engine would pick the Hopper
-/// one (its default tile, given explicitly). Checks which loop the prompt tile runs on.
+/// [`check`] on a chosen main loop: `force` `None` the engine's choice (the Hopper loop on
+/// sm_90a above d 128, else the portable one), `Some(false)` the portable loop (its default
+/// tile given explicitly), `Some(true)` the Hopper loop (its tile given explicitly; the caller
+/// checks the GPU has it). Checks which loop the prompt tile runs on.
 #[allow(clippy::too_many_arguments)]
-fn check_on<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, portable: bool, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
+fn check_on<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, force: Option<bool>, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
     let v = shipped::all().unwrap().swap_remove(variant);
     let mut rng = StdRng::seed_from_u64(seed);
     let spec = WorkloadSpec {
@@ -40,13 +42,16 @@ fn check_on<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, portable: bool,
     };
     let w = Workload::<T>::random(&spec, &mut rng).unwrap();
     let p = sample(&v.params, Dims { qo_heads: spec.qo_heads, kv_heads, batch: lens.len() }, &lens, |lo, hi| if lo == hi { lo } else { rng.random_range(lo..=hi) });
-    let mut cfg = KernelConfig::prefill(dims.0, dims.1, T::DTYPE, group).unwrap();
-    if portable {
-        cfg.prefill_override = Some(cfg.prefill_tile());
-    }
+    let plain = KernelConfig::prefill(dims.0, dims.1, T::DTYPE, group).unwrap();
+    let cfg = match force {
+        None => plain.clone(),
+        Some(false) => KernelConfig { prefill_override: Some(plain.prefill_tile()), ..plain.clone() },
+        Some(true) => plain.sm90_prefill().expect("head dims of 64-column panels"),
+    };
     let k = e.prefill_kernel(&v, &cfg).unwrap();
     let sm90 = k.prompt().cfg.prefill_tile().sm90;
-    assert_eq!(sm90, !portable && e.arch().has_wgmma() && dims.0 % 64 == 0 && dims.1 % 64 == 0, "the prompt tile's main loop");
+    let want = force.unwrap_or(e.arch().has_wgmma() && plain.prefers_sm90_prefill() && plain.sm90_prefill().is_some());
+    assert_eq!(sm90, want, "the prompt tile's main loop");
     let (got, plan) = prefill_once(e, &k, &p, &w, PlanMode::Default, None).unwrap();
     let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
     let cmp = compare(&got, &want, T::DTYPE, dims.1);
@@ -91,8 +96,9 @@ pub(crate) fn prefill_matches_the_reference_on_random_ragged_batches() {
     }
 }
 
-/// Both prefill main loops on the same card (the Hopper one where the GPU has it, and the
-/// portable one forced by its explicit tile), on the same random batches: long enough prompts
+/// Both prefill main loops on the same card (the Hopper one where the GPU has it and the
+/// portable one, each forced by its explicit tile, and the engine's own choice), on the same
+/// random batches: long enough prompts
 /// that the prompt tile runs, every variant, head dims 64 / 128 / 256 / 192×128, GQA 1/4/7/8,
 /// page sizes 1/16/64.
 pub(crate) fn both_main_loops_match_the_reference() {
@@ -114,11 +120,15 @@ pub(crate) fn both_main_loops_match_the_reference() {
         let layout = if rng.random_bool(0.5) { KvLayout::Nhd } else { KvLayout::Hnd };
         let seed = rng.random();
         let kv_heads = rng.random_range(1..=2);
-        for portable in [false, true] {
+        for force in [Some(true), Some(false), None] {
+            if force == Some(true) && !e.arch().has_wgmma() {
+                eprintln!("loops case {i:>3}: the sm90 loop skipped: {} has no wgmma", e.arch().name());
+                continue;
+            }
             let line = if i % 2 == 0 {
-                check_on::<bf16>(&e, portable, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
+                check_on::<bf16>(&e, force, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
             } else {
-                check_on::<f16>(&e, portable, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
+                check_on::<f16>(&e, force, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
             };
             eprintln!("loops case {i:>3}: {line}");
         }
