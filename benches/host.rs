@@ -66,6 +66,13 @@ fn plan(c: &mut Criterion) {
         assert_eq!(plan_decode(&v, &p, &batch.validated().unwrap(), target, PlanMode::Default).unwrap().per_cta > 1, skew);
         // A step's host work: validating the batch once, then planning it.
         c.bench_function(&name, |bch| bch.iter(|| plan_decode(&v, &p, &black_box(&batch).validated().unwrap(), target, PlanMode::Default).unwrap()));
+        if b > 1 && variant == "default" {
+            // The two halves of a step's host work apart: validation, and the plan of a batch
+            // validated before.
+            c.bench_function(&format!("{name} (validation only)"), |bch| bch.iter(|| black_box(&batch).validated().unwrap()));
+            let valid = batch.validated().unwrap();
+            c.bench_function(&format!("{name} (plan only)"), |bch| bch.iter(|| plan_decode(&v, &p, black_box(&valid), target, PlanMode::Default).unwrap()));
+        }
     }
     // Prefill: ANCHORS.md's plan() workloads (FlashInfer: 951 µs for B 64 × q 8, 4326 µs for
     // B 1024 × q 4), plus a case that splits (B 2 × q 8 over 20 000 keys) and one whose

@@ -222,3 +222,32 @@ fn a_validated_batch_checks_buffers_and_tells_batches_apart() {
     assert_ne!(Batch { qo_indptr: &more_q, pages: &t, kv: shape(), qo_heads: 4 }.validated().unwrap().fingerprint(), v.fingerprint());
     assert_ne!(Batch { qo_indptr: &QO, pages: &t, kv: shape(), qo_heads: 2 }.validated().unwrap().fingerprint(), v.fingerprint());
 }
+
+/// The one-pass index check (8-lane blocks of 64 indices with a scalar tail) finds a bad index
+/// wherever it sits — in a block, in the tail, first or last — whether it is negative, just past
+/// the cache or far past it, and names its request and position.
+#[test]
+fn a_bad_page_index_is_found_at_every_position_of_long_tables() {
+    for total in [1usize, 63, 64, 65, 130, 1000] {
+        let pages = 2000usize;
+        // One request per 7 pages (the last one shorter).
+        let mut indptr = vec![0i32];
+        while (*indptr.last().unwrap() as usize) < total {
+            indptr.push((*indptr.last().unwrap() as usize + 7).min(total) as i32);
+        }
+        let batch = indptr.len() - 1;
+        let kv = KvShape { num_pages: pages, ..shape() };
+        let qo: Vec<i32> = (0..=batch as i32).collect();
+        for pos in [0, total / 2, total.saturating_sub(2), total - 1] {
+            for bad in [-1, i32::MIN, pages as i32, i32::MAX] {
+                let mut indices: Vec<i32> = (0..total as i32).map(|i| (i * 13) % pages as i32).collect();
+                indices[pos] = bad;
+                let t = PageTable { indptr: indptr.clone(), indices, last_page_len: vec![4; batch] };
+                let req = indptr.iter().rposition(|&p| p as usize <= pos).unwrap();
+                assert_eq!(run(&t, &qo, kv, 4), Err(LayoutError::PageIndex { req, pos, index: bad, num_pages: pages }), "total {total} pos {pos} bad {bad}");
+            }
+        }
+        let good = PageTable { indptr: indptr.clone(), indices: (0..total as i32).map(|i| (i * 13) % pages as i32).collect(), last_page_len: vec![4; batch] };
+        run(&good, &qo, kv, 4).unwrap();
+    }
+}
