@@ -2,7 +2,8 @@
 # compute-sanitizer memcheck over a representative set of decode and prefill runs (device only:
 # needs a GPU and compute-sanitizer). Each `attnforge run` also checks against the CPU reference.
 # Covers the wide decode tile (B16, B1 split, d256), merges with a sink, windows, normalize none,
-# page sizes 1/64, HND, deterministic plans and a split prefill. Usage: bash tests/memcheck.sh
+# page sizes 1/64, HND, deterministic plans, a split prefill, and the Hopper prefill loop (memcheck
+# and racecheck; on sm_90a). Usage: bash tests/memcheck.sh
 set -u
 cd "$(dirname "$0")/.."
 B=${ATTNFORGE_BIN:-./.device/bin/attnforge}
@@ -18,4 +19,12 @@ run sigmoid --batch 16 --kv-len 2000 --layout hnd --page-size 1
 run tree_mask --batch 16 --kv-len 3000 --page-size 64
 run default --batch 16 --kv-len 4096 --deterministic
 run causal --op prefill --batch 2 --kv-len 3000 --q-len 1000
+# The Hopper prefill loop (sm_90a only: the engine's choice above d 128, forced by --tile below):
+# ragged split prompts, a soft cap, page size 1, and a cascade's group items.
+run causal --op prefill --batch 2 --kv-len 3000 --q-len 1000 --head-dim 256
+run soft_cap --op prefill --batch 3 --kv-len 2000 --q-len 700 --tile sm90,128,2 --page-size 1
+run gemma2 --op prefill --batch 4 --kv-len 1500 --q-len 40 --tile sm90,128,2 --shared-prefix 1024 --param window=700
+# Shared-memory races in the sm90 loop's mbarrier ring (producer gathers vs consumers' wgmma).
+CS="timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9"
+run causal --op prefill --batch 1 --kv-len 2000 --q-len 600 --tile sm90,128,2
 exit $status

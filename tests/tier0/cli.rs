@@ -210,3 +210,20 @@ fn run_cpu_shared_prefix_compares_both_formulations() {
     let (ok, out) = attnforge(&["run", "causal", "--cpu", "--shared-prefix", "16", "--batch", "0"]);
     assert!(ok && out.contains("no shared whole page"), "{out}");
 }
+
+/// `run --tile` picks the prefill tile and is checked before any work: a tile that does not
+/// fit, a malformed one, and a tile given to a plain decode run are clear errors; a fitting
+/// one passes to the reference with `--cpu`.
+#[test]
+fn run_takes_a_prefill_tile_and_refuses_one_that_does_not_fit() {
+    let (ok, text) = attnforge(&["run", "causal", "--op", "prefill", "--tile", "sm90,96,2", "--cpu", "--batch", "1", "--kv-len", "64"]);
+    assert!(!ok && text.contains("kv_tile 64 or 128") && !text.contains("CPU reference"), "{text}");
+    let (ok, text) = attnforge(&["run", "causal", "--op", "prefill", "--tile", "sm90,128,2", "--head-dim", "96", "--cpu", "--batch", "1", "--kv-len", "64"]);
+    assert!(!ok && text.contains("multiples of 64"), "{text}");
+    let (ok, text) = attnforge(&["run", "causal", "--op", "prefill", "--tile", "4,x", "--cpu"]);
+    assert!(!ok && text.contains("--tile") && !text.contains("panicked"), "{text}");
+    let (ok, text) = attnforge(&["run", "causal", "--tile", "sm90,128,2", "--cpu"]);
+    assert!(!ok && text.contains("applies to --op prefill"), "{text}");
+    let (ok, text) = attnforge(&["run", "soft_cap", "--op", "prefill", "--tile", "sm90,128,2", "--cpu", "--batch", "1", "--kv-len", "64"]);
+    assert!(ok && text.contains("CPU reference"), "{text}");
+}

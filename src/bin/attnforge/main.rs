@@ -175,6 +175,11 @@ pub(crate) struct RunArgs {
     /// its cascade on the GPU's prefill kernel (decode batches too) against the reference.
     #[arg(long, value_name = "N")]
     pub(crate) shared_prefix: Option<usize>,
+    /// Prefill (and cascades): the prompt tile instead of the engine's choice — `sm90,KV_TILE,STAGES`
+    /// for the Hopper main loop (sm_90a only), `WARPS,MTILES,KV_TILE,STAGES,MIN_CTAS` for the
+    /// portable one (e.g. `4,2,64,2,1`, to force it on Hopper).
+    #[arg(long, value_name = "TILE")]
+    pub(crate) tile: Option<attnforge::jit::PrefillTile>,
 }
 
 fn main() -> ExitCode {
