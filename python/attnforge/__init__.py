@@ -448,7 +448,10 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
 class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
     """Batch prefill / append over a paged KV cache (ragged queries), FlashInfer's shape. A
     request's queries are the last ``q_len`` positions of its ``kv_len`` keys. Graph mode as
-    for decode, with ``max_tokens`` (query tokens) as well."""
+    for decode, with ``max_tokens`` (query tokens) as well. ``backend``: ``"auto"`` (the
+    engine's choice: the Hopper main loop on sm_90a above head dim 128, else the portable one),
+    ``"fa3"`` (the Hopper loop; sm_90a and head dims that are multiples of 64, else an error at
+    ``plan``) or ``"fa2"`` (the portable loop); short appends run the append tile either way."""
 
     _ragged = False
 
@@ -459,7 +462,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         if paged_kv_indices_buf is not None and max_pages is None:
             max_pages = len(paged_kv_indices_buf)
         self._layout = kv_layout
-        self._core = _PrefillCore(self._device, kv_layout, bool(use_cuda_graph), max_batch_size, max_tokens, max_pages, max_ctas, bool(deterministic), bool(cascade))
+        self._core = _PrefillCore(self._device, kv_layout, bool(use_cuda_graph), max_batch_size, max_tokens, max_pages, max_ctas, bool(deterministic), bool(cascade), backend)
         self.is_cuda_graph_enabled = bool(use_cuda_graph)
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1, logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None, non_blocking=True, *, variant=None, params=None, stream=None):
@@ -490,7 +493,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
     def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=False, backend="auto", *, device=None, max_batch_size=None, max_tokens=None, max_kv_tokens=None, max_ctas=None, deterministic=False, cascade=True):
         if kv_layout != "NHD":
             raise UnsupportedError("the ragged wrapper takes NHD K/V (tokens, heads, dim)")
-        super().__init__(float_workspace_buffer, "NHD", use_cuda_graph, device=device, max_batch_size=max_batch_size, max_tokens=max_tokens, max_pages=max_kv_tokens, max_ctas=max_ctas, deterministic=deterministic, cascade=cascade)
+        super().__init__(float_workspace_buffer, "NHD", use_cuda_graph, backend=backend, device=device, max_batch_size=max_batch_size, max_tokens=max_tokens, max_pages=max_kv_tokens, max_ctas=max_ctas, deterministic=deterministic, cascade=cascade)
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None, custom_mask=None, packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1, logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None, non_blocking=True, *, variant=None, params=None, stream=None):
         """Plans one step: request ``b``'s queries ``qo_indptr[b]..qo_indptr[b+1]`` over its keys

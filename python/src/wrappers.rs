@@ -138,6 +138,9 @@ pub struct Core<F: Family> {
     /// In graph mode, the fewest pages of the caches `run` has seen: a captured graph replays on
     /// them without a `run`, so `plan` checks the page table against this.
     cache_pages: Option<usize>,
+    /// The prefill main loop FlashInfer's `backend` asked for: `None` ("auto") the engine's
+    /// choice, `Some(true)` ("fa3") the Hopper loop, `Some(false)` ("fa2") the portable one.
+    prefill_loop: Option<bool>,
 }
 
 /// Host-side inputs of one plan call.
@@ -169,7 +172,7 @@ impl<F: Family> Core<F> {
             return Err(argument_error(py, "deterministic and use_cuda_graph: a graph's fixed-grid plan is its own schedule; choose one"));
         }
         let policy = Policy { enabled: cascade, ..Policy::default() };
-        Ok(Core { device, layout, graph, mode, interleaved: false, current: None, policy, cascade_tried: false, step: None, cache_pages: None })
+        Ok(Core { device, layout, graph, mode, interleaved: false, current: None, policy, cascade_tried: false, step: None, cache_pages: None, prefill_loop: None })
     }
 
     /// The planned step's (total query tokens, query heads, value head dim).
@@ -213,6 +216,13 @@ impl<F: Family> Core<F> {
             _ => KernelConfig::prefill(step.head_dim_qk, step.head_dim_vo, step.dtype, group),
         }
         .or_raise(py)?;
+        let cfg = match self.prefill_loop {
+            Some(true) => cfg.sm90_prefill().ok_or_else(|| {
+                to_py(py, attnforge::Error::UnsupportedConfig(format!("backend='fa3' (the Hopper main loop) takes head dims that are multiples of 64, not {}/{}", step.head_dim_qk, step.head_dim_vo)))
+            })?,
+            Some(false) => KernelConfig { prefill_override: Some(cfg.prefill_tile()), ..cfg },
+            None => cfg,
+        };
         let step = Step { params, ..step };
         self.plan_step(py, step, cfg, stream)
     }
@@ -551,7 +561,7 @@ impl DecodeCore {
 #[pymethods]
 impl PrefillCore {
     #[new]
-    #[pyo3(signature = (device, kv_layout, use_cuda_graph, max_batch_size, max_tokens, max_pages, max_ctas, deterministic, cascade = true))]
+    #[pyo3(signature = (device, kv_layout, use_cuda_graph, max_batch_size, max_tokens, max_pages, max_ctas, deterministic, cascade = true, backend = "auto"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -564,10 +574,18 @@ impl PrefillCore {
         max_ctas: Option<usize>,
         deterministic: bool,
         cascade: bool,
+        backend: &str,
     ) -> PyResult<Self> {
         guard(py, || {
             let g = capacity(py, use_cuda_graph, max_batch_size, max_tokens, max_pages, max_ctas, false)?;
-            Ok(PrefillCore(Mutex::new(Core::new(py, device, kv_layout, g, deterministic, cascade)?)))
+            let mut core = Core::new(py, device, kv_layout, g, deterministic, cascade)?;
+            core.prefill_loop = match backend {
+                "auto" => None,
+                "fa3" => Some(true),
+                "fa2" => Some(false),
+                other => return Err(argument_error(py, &format!("backend {other:?}: expected 'auto' (the engine's choice), 'fa3' (the Hopper main loop, sm_90a) or 'fa2' (the portable one)"))),
+            };
+            Ok(PrefillCore(Mutex::new(core)))
         })
     }
 

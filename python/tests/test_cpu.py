@@ -255,6 +255,21 @@ def test_wrappers_check_host_arrays_and_flags_before_the_gpu():
         p.plan([0, 1], [0, 1], [0], [4], 8, 2, 64, 16, logits_soft_cap=30.0)
 
 
+def test_the_prefill_backend_picks_a_main_loop_and_refuses_what_it_cannot_run():
+    # FlashInfer's backend names: "auto", "fa2" (portable loop), "fa3" (Hopper loop); others
+    # are an ArgumentError naming the choices, on any machine.
+    for cls in (attnforge.BatchPrefillWithPagedKVCacheWrapper, attnforge.BatchPrefillWithRaggedKVCacheWrapper):
+        for b in ("auto", "fa2", "fa3"):
+            cls(None, "NHD", backend=b)
+        with pytest.raises(attnforge.ArgumentError, match="'fa3'.*'fa2'"):
+            cls(None, "NHD", backend="cudnn")
+    # The Hopper loop takes head dims of whole 64-column panels: d 96 is refused at plan, before
+    # any GPU is needed.
+    p = attnforge.BatchPrefillWithPagedKVCacheWrapper(None, "NHD", backend="fa3")
+    with pytest.raises(attnforge.UnsupportedError, match="multiples of 64"):
+        p.plan([0, 1], [0, 1], [0], [4], 8, 2, 96, 16, causal=True)
+
+
 @pytest.mark.skipif(attnforge.gpu_available(), reason="this machine has a GPU (test_gpu.py covers it)")
 def test_without_a_gpu_planning_says_so():
     w = attnforge.BatchDecodeWithPagedKVCacheWrapper(None, "NHD")

@@ -111,6 +111,30 @@ def test_prefill_matches_sdpa(dtype, d, form):
         torch.testing.assert_close(out[qo[b]:qo[b + 1]].double(), want, **tol(dtype))
 
 
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_prefill_on_either_main_loop_matches_sdpa(backend):
+    # backend="fa3" is the Hopper loop: sm_90a only (elsewhere plan says it needs sm_90a).
+    if backend == "fa3" and torch.cuda.get_device_capability() != (9, 0):
+        with pytest.raises(attnforge.UnsupportedError, match="sm_90a"):
+            w = attnforge.BatchPrefillWithPagedKVCacheWrapper(None, "NHD", backend=backend)
+            w.plan(np.array([0, 4], np.int32), np.array([0, 1], np.int32), np.array([0], np.int32), np.array([4], np.int32), 8, 4, 128, 16, causal=True, q_data_type=torch.bfloat16)
+        return
+    rng = np.random.default_rng(7)
+    kv_lens, q_lens, ps, d = [700, 130, 5], [300, 130, 5], 16, 128
+    total, indptr, indices, last = table(rng, kv_lens, ps)
+    kc, vc = cache(total, ps, 4, d, torch.bfloat16)
+    qo = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    q = torch.randn((int(qo[-1]), 8, d), dtype=torch.bfloat16, device=DEV)
+    w = attnforge.BatchPrefillWithPagedKVCacheWrapper(None, "NHD", backend=backend)
+    w.plan(qo, indptr, indices, last, 8, 4, d, ps, causal=True, q_data_type=torch.bfloat16)
+    out = w.run(q, (kc, vc))
+    torch.cuda.synchronize()
+    for b in range(len(kv_lens)):
+        k, v = rows_of(kc, vc, indptr, indices, last, b, ps, "NHD")
+        want = sdpa(q[qo[b]:qo[b + 1]], k, v, 0, 1 / d**0.5)
+        torch.testing.assert_close(out[qo[b]:qo[b + 1]].double(), want, **tol(torch.bfloat16))
+
+
 def test_ragged_prefill_matches_sdpa():
     kv_lens, q_lens = [100, 7, 64], [100, 7, 10]
     kvi = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
