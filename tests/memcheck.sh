@@ -21,6 +21,10 @@ run default --batch 16 --kv-len 4096 --deterministic
 run causal --op prefill --batch 2 --kv-len 3000 --q-len 1000
 # The Hopper prefill loop (sm_90a only: the engine's choice above d 128, forced by --tile below):
 # ragged split prompts, a soft cap, page size 1, and a cascade's group items.
+if [[ $(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1) != 9.0 ]]; then
+  echo "=== the sm90 prefill runs skipped: not an sm_90 GPU"
+  exit $status
+fi
 run causal --op prefill --batch 2 --kv-len 3000 --q-len 1000 --head-dim 256
 run soft_cap --op prefill --batch 3 --kv-len 2000 --q-len 700 --tile sm90,128,2 --page-size 1
 run gemma2 --op prefill --batch 4 --kv-len 1500 --q-len 40 --tile sm90,128,2 --shared-prefix 1024 --param window=700

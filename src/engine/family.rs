@@ -195,7 +195,8 @@ pub struct Kernel<F: Family> {
     pub cfg: KernelConfig,
     /// The params struct's layout.
     pub layout: Vec<ParamField>,
-    /// The loaded tiles: `tiles[0]` is the config's own; companions follow where they fit the GPU.
+    /// The loaded tiles: `tiles[0]` is the main tile (the config's own, or the arch's main loop
+    /// for it: [`Family::tiles`]); companions follow where they fit the GPU.
     pub tiles: Vec<LoadedTile>,
     pub(crate) merge: CudaFunction,
     pub(crate) sm_count: usize,
@@ -249,7 +250,7 @@ impl DecodeKernel {
 }
 
 impl PrefillKernel {
-    /// The prompt tile (the config's own).
+    /// The prompt tile (the config's own, or on sm_90a above d 128 the Hopper loop's).
     pub fn prompt(&self) -> &LoadedTile {
         &self.tiles[0]
     }

@@ -254,7 +254,7 @@ impl PrefillTile {
     /// Query rows ((token, head) pairs) per CTA: the Hopper tile's producer warpgroup has none.
     pub fn rows(&self) -> usize {
         if self.sm90 {
-            16 * self.mtiles * (self.warps - 4)
+            16 * self.mtiles * self.warps.saturating_sub(4)
         } else {
             16 * self.mtiles * self.warps
         }
@@ -288,8 +288,9 @@ impl KernelConfig {
 
     /// Whether the engine runs prompts on the Hopper loop on sm_90a (where [`Self::sm90_prefill`]
     /// has a tile): above d 128 only. Measured on the H200 (2026-12-03, bf16, causal unless
-    /// named, TFLOP/s, sm90 / portable, BENCHMARKS.md): d 256 16K 500 / 107 (the portable
-    /// loop's 16 × 256 accumulators spill); d 128 single 4096 267 / 267, 16K 350 / 344, batch
+    /// named, TFLOP/s, sm90 / portable, BENCHMARKS.md): d 256 16K 500 / 107 (against a forced
+    /// 4w×2 portable tile that spills; the portable default above d 128, 4w×1 32k, was not
+    /// timed — 500 is above anything the portable loop reached at any head dim, ≤ 356); d 128 single 4096 267 / 267, 16K 350 / 344, batch
     /// 16 × 2048 GQA 4 258 / 312, skewed 337 / 353, non-causal 16K 352 / 356; d 64 16K 197 / 306.
     /// At d ≤ 128 the sm90 loop is not ahead yet, so the portable loop stays the default there.
     pub fn prefers_sm90_prefill(&self) -> bool {
@@ -315,10 +316,19 @@ impl KernelConfig {
 
     /// The append companion of a prefill config (the prompt tile is the config's own): 2 warps (32 query rows), which on the H100
     /// ran a q=8, kv=4096, B=64 append in 392 µs against 647 µs with the 128-row tile (the plan
-    /// picks it when every request fits in 32 rows). `None` when a tile was chosen explicitly.
+    /// picks it when every request fits in 32 rows). `None` when a tuning tile was chosen
+    /// explicitly; an explicit tile that only picks a main loop (the portable default, or
+    /// [`Self::sm90_prefill`]'s) keeps the companion, so forcing a loop never slows appends.
     pub fn append_prefill(&self) -> Option<KernelConfig> {
-        if self.op != Op::Prefill || self.prefill_override.is_some() {
+        if self.op != Op::Prefill {
             return None;
+        }
+        if let Some(t) = self.prefill_override {
+            let base = KernelConfig { prefill_override: None, ..self.clone() };
+            let picks_a_loop = t == base.prefill_tile() || base.sm90_prefill().is_some_and(|c| c.prefill_override == Some(t));
+            if !picks_a_loop {
+                return None;
+            }
         }
         let min_ctas = if self.head_dim_qk.max(self.head_dim_vo) > 128 { 1 } else { 6 };
         let mut cfg = self.clone();
@@ -356,6 +366,18 @@ impl KernelConfig {
                 }
                 if self.head_dim_qk % 64 != 0 || self.head_dim_vo % 64 != 0 {
                     return Err(Error::UnsupportedConfig(format!("the sm90 prefill tile takes head dims that are multiples of 64, not {}/{}", self.head_dim_qk, self.head_dim_vo)));
+                }
+                // Hopper's 227 KB per block, less the loop's static tables (at most 4.4 KB).
+                const SM90_DYNAMIC_SMEM: usize = 227 * 1024 - 4400;
+                if self.smem_bytes() > SM90_DYNAMIC_SMEM {
+                    return Err(Error::UnsupportedConfig(format!(
+                        "sm90 prefill tile {}k {}s at head dims {}/{} needs {} bytes of shared memory, more than the {SM90_DYNAMIC_SMEM} an sm_90a block has beside its tables",
+                        t.kv_tile,
+                        t.stages,
+                        self.head_dim_qk,
+                        self.head_dim_vo,
+                        self.smem_bytes()
+                    )));
                 }
             } else if t.warps == 0 || t.warps > 16 || !(1..=4).contains(&t.mtiles) || t.kv_tile == 0 || t.kv_tile % 16 != 0 || t.stages < 2 || t.min_ctas == 0 {
                 return Err(Error::UnsupportedConfig(format!("prefill tile {t:?}: warps 1–16, mtiles 1–4, kv_tile a multiple of 16, stages ≥ 2")));

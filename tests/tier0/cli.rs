@@ -226,4 +226,7 @@ fn run_takes_a_prefill_tile_and_refuses_one_that_does_not_fit() {
     assert!(!ok && text.contains("applies to --op prefill"), "{text}");
     let (ok, text) = attnforge(&["run", "soft_cap", "--op", "prefill", "--tile", "sm90,128,2", "--cpu", "--batch", "1", "--kv-len", "64"]);
     assert!(ok && text.contains("CPU reference"), "{text}");
+    // Without --tile, a reference-only run takes head dims no kernel does.
+    let (ok, text) = attnforge(&["run", "causal", "--cpu", "--head-dim", "40", "--batch", "1", "--kv-len", "16"]);
+    assert!(ok && text.contains("CPU reference"), "{text}");
 }

@@ -330,11 +330,20 @@ fn the_sm90_prefill_tile_fits_its_configs_and_refuses_the_rest() {
     let mut forced = KernelConfig::prefill(128, 128, DType::F16, 4).unwrap();
     forced.prefill_override = Some(forced.prefill_tile());
     assert!(forced.sm90_prefill().is_none() && !forced.prefill_tile().sm90);
+    // A tile that only picks a main loop keeps the append companion; a tuning tile does not.
+    let plain = KernelConfig::prefill(128, 128, DType::Bf16, 4).unwrap();
+    let portable = KernelConfig { prefill_override: Some(plain.prefill_tile()), ..plain.clone() };
+    let hopper = plain.sm90_prefill().unwrap();
+    for c in [&plain, &portable, &hopper] {
+        assert_eq!(c.append_prefill().map(|a| a.prefill_tile().rows()), Some(32), "{c:?}");
+    }
+    let tuning = KernelConfig { prefill_override: Some("4,1,32,2,1".parse().unwrap()), ..plain.clone() };
+    assert!(tuning.append_prefill().is_none());
     // Parsing, and tiles that do not fit.
     let t: attnforge::jit::PrefillTile = "sm90,64,3".parse().unwrap();
     assert!(t.sm90 && t.kv_tile == 64 && t.stages == 3 && t.rows() == 128);
     assert!("sm90,64".parse::<attnforge::jit::PrefillTile>().unwrap_err().contains("sm90,KV_TILE,STAGES"));
-    for (tile, d, phrase) in [("sm90,96,2", 128, "kv_tile 64 or 128"), ("sm90,128,1", 128, "stages 2–4"), ("sm90,128,2", 96, "multiples of 64")] {
+    for (tile, d, phrase) in [("sm90,96,2", 128, "kv_tile 64 or 128"), ("sm90,128,1", 128, "stages 2–4"), ("sm90,128,2", 96, "multiples of 64"), ("sm90,128,2", 256, "bytes of shared memory"), ("sm90,128,3", 128, "bytes of shared memory")] {
         let mut c = KernelConfig::prefill(d, d, DType::Bf16, 4).unwrap();
         c.prefill_override = Some(tile.parse().unwrap());
         let err = c.validate().unwrap_err().to_string();

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 
 #[allow(clippy::too_many_arguments)]
 fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
-    check_on::<T>(e, None, variant, lens, kv_heads, group, dims, page_size, layout, seed)
+    check_on::<T>(e, None, PlanMode::Default, variant, lens, kv_heads, group, dims, page_size, layout, seed)
 }
 
 /// [`check`] on a chosen main loop: `force` `None` the engine's choice (the Hopper loop on
@@ -25,7 +25,7 @@ fn check<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, variant: usize, le
 /// tile given explicitly), `Some(true)` the Hopper loop (its tile given explicitly; the caller
 /// checks the GPU has it). Checks which loop the prompt tile runs on.
 #[allow(clippy::too_many_arguments)]
-fn check_on<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, force: Option<bool>, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
+fn check_on<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, force: Option<bool>, mode: PlanMode, variant: usize, lens: Vec<(usize, usize)>, kv_heads: usize, group: usize, dims: (usize, usize), page_size: usize, layout: KvLayout, seed: u64) -> String {
     let v = shipped::all().unwrap().swap_remove(variant);
     let mut rng = StdRng::seed_from_u64(seed);
     let spec = WorkloadSpec {
@@ -52,7 +52,7 @@ fn check_on<T: Element + cudarc::driver::DeviceRepr>(e: &Engine, force: Option<b
     let sm90 = k.prompt().cfg.prefill_tile().sm90;
     let want = force.unwrap_or(e.arch().has_wgmma() && plain.prefers_sm90_prefill() && plain.sm90_prefill().is_some());
     assert_eq!(sm90, want, "the prompt tile's main loop");
-    let (got, plan) = prefill_once(e, &k, &p, &w, PlanMode::Default, None).unwrap();
+    let (got, plan) = prefill_once(e, &k, &p, &w, mode, None).unwrap();
     let want = attention(&v, &p, &w.batch(), &w.q, &w.k, w.v(), None).unwrap();
     let cmp = compare(&got, &want, T::DTYPE, dims.1);
     let tile = if plan.rows == k.prompt().cfg.prefill_tile().rows() { if sm90 { "sm90" } else { "sm80" } } else { "append" };
@@ -98,7 +98,7 @@ pub(crate) fn prefill_matches_the_reference_on_random_ragged_batches() {
 
 /// Both prefill main loops on the same card (the Hopper one where the GPU has it and the
 /// portable one, each forced by its explicit tile, and the engine's own choice), on the same
-/// random batches: long enough prompts
+/// random batches (a third in deterministic mode): long enough prompts
 /// that the prompt tile runs, every variant, head dims 64 / 128 / 256 / 192×128, GQA 1/4/7/8,
 /// page sizes 1/16/64.
 pub(crate) fn both_main_loops_match_the_reference() {
@@ -120,15 +120,17 @@ pub(crate) fn both_main_loops_match_the_reference() {
         let layout = if rng.random_bool(0.5) { KvLayout::Nhd } else { KvLayout::Hnd };
         let seed = rng.random();
         let kv_heads = rng.random_range(1..=2);
+        // Every third case in deterministic mode (fixed 512-key chunks, split and merged).
+        let mode = if i % 3 == 2 { PlanMode::Deterministic { chunk: 512 } } else { PlanMode::Default };
         for force in [Some(true), Some(false), None] {
             if force == Some(true) && !e.arch().has_wgmma() {
                 eprintln!("loops case {i:>3}: the sm90 loop skipped: {} has no wgmma", e.arch().name());
                 continue;
             }
             let line = if i % 2 == 0 {
-                check_on::<bf16>(&e, force, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
+                check_on::<bf16>(&e, force, mode, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
             } else {
-                check_on::<f16>(&e, force, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
+                check_on::<f16>(&e, force, mode, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
             };
             eprintln!("loops case {i:>3}: {line}");
         }

@@ -129,11 +129,18 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
 fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, p: &ParamValues, spec: &WorkloadSpec, rng: &mut StdRng) -> Result<()> {
     // The prefill kernel's config (prefill, and the cascades of --shared-prefix), with --tile
     // checked before any work.
-    let mut prefill_cfg = KernelConfig::prefill(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, spec.qo_heads / spec.kv_heads)?;
-    prefill_cfg.prefill_override = a.tile;
-    prefill_cfg.validate()?;
-    if a.tile.is_some() && a.op == Op::Decode && a.shared_prefix.is_none() {
-        bail!("--tile picks a prefill tile: it applies to --op prefill and to --shared-prefix cascades");
+    // (Only with --tile: a reference-only run takes head dims no kernel does.)
+    let prefill_cfg = || -> Result<KernelConfig> {
+        let mut c = KernelConfig::prefill(spec.head_dim_qk, spec.head_dim_vo, T::DTYPE, spec.qo_heads / spec.kv_heads)?;
+        c.prefill_override = a.tile;
+        c.validate()?;
+        Ok(c)
+    };
+    if a.tile.is_some() {
+        if a.op == Op::Decode && a.shared_prefix.is_none() {
+            bail!("--tile picks a prefill tile: it applies to --op prefill and to --shared-prefix cascades");
+        }
+        prefill_cfg()?;
     }
     let mut w = Workload::<T>::random(spec, rng)?;
     if let Some(n) = a.shared_prefix {
@@ -157,7 +164,7 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
         let mode = if a.deterministic { PlanMode::Deterministic { chunk: 1024 } } else { PlanMode::Default };
         let out = if a.shared_prefix.is_some() {
             // The cascade runs on the prefill kernel, decode batches too (one-token appends).
-            let k = e.prefill_kernel(v, &prefill_cfg)?;
+            let k = e.prefill_kernel(v, &prefill_cfg()?)?;
             let policy = attnforge::cascade::Policy { min_saved_bytes: 0, weigh_states: false, ..Default::default() };
             let Some((out, plan, c)) = attnforge::testing::harness::cascade_once(&e, &k, p, &w, &policy, mode, a.sm_scale)? else {
                 bail!("no shared whole page to read once (the prefix is shorter than a page, or there is one request): no cascade to run");
@@ -181,7 +188,7 @@ fn run_typed<T: Element + cudarc::driver::DeviceRepr>(a: &RunArgs, v: &Variant, 
             println!("  plan: {} work items, {} split requests (chunk {}), workspace {} KB; tile {}{wide}", plan.work.len(), plan.merge.len(), plan.chunk, plan.workspace_bytes / 1024, k.decode_tile_for(&plan).label());
             out
         } else {
-            let k = e.prefill_kernel(v, &prefill_cfg)?;
+            let k = e.prefill_kernel(v, &prefill_cfg()?)?;
             for f in &k.tiles {
                 let t = f.cfg.prefill_tile();
                 println!("  prefill on {}: kernel {} ({} rows, {}; {}, {:.1} ms)", e.describe(), f.compiled.name, t.rows(), t.label(), origin(f.compiled.origin), f.compiled.elapsed.as_secs_f64() * 1e3);
