@@ -34,30 +34,27 @@ __device__ __forceinline__ unsigned af_sw128_offset(unsigned row, unsigned chunk
   return row * 128u + (((chunk ^ (row & 7u)) & 7u) << 4);
 }
 
-// The descriptor of a 128-byte-swizzled K-major tile starting at `smem` (1024-byte aligned for
-// k = 0; `smem + 32 k` for the k-th 16-element step of a 2-byte type).
-__device__ __forceinline__ unsigned long long af_desc_sw128(const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  unsigned long long d = 0;
-  d |= static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4);  // start address, 16-byte units
-  d |= 1ull << 16;                                                 // leading-dimension offset (unused)
-  d |= static_cast<unsigned long long>(1024u >> 4) << 32;          // stride: 8 rows x 128 bytes
-  d |= 1ull << 62;                                                 // swizzle: 128 bytes
-  return d;
+// The descriptor of a 128-byte-swizzled K-major tile starting at shared address `addr` (1024-byte
+// aligned for k = 0; `addr + 32 k` for the k-th 16-element step of a 2-byte type): start address
+// in 16-byte units, the leading-dimension offset (unused for swizzled K-major operands: 1), the
+// stride between 8-row groups (8 rows x 128 bytes), 128-byte swizzle. A loop passes its ring
+// slot's address plus constant offsets, which fold into the address field; the probes pass
+// pointers.
+__device__ __forceinline__ unsigned long long af_desc_sw128_at(unsigned addr) {
+  return static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (static_cast<unsigned long long>(1024u >> 4) << 32) | (1ull << 62);
 }
+__device__ __forceinline__ unsigned long long af_desc_sw128(const void* smem) { return af_desc_sw128_at(static_cast<unsigned>(__cvta_generic_to_shared(smem))); }
 
 // The descriptor of an MN-major (N contiguous) 128-byte-swizzled tile of a 2-byte type, the B
 // operand of P · V (V stored keys × head dim, head dim contiguous): atoms of 64 N-elements × 8
 // K-rows (1024 bytes); `sbo` the byte stride between 8-row K groups, `lbo` between 64-element
 // N panels (unused when N is 64). A K step of 16 keys starts two atoms (2 sbo) further.
+__device__ __forceinline__ unsigned long long af_desc_sw128_mn_at(unsigned addr, unsigned lbo, unsigned sbo) {
+  return static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4) | (static_cast<unsigned long long>((lbo >> 4) & 0x3FFFu) << 16) |
+         (static_cast<unsigned long long>((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
 __device__ __forceinline__ unsigned long long af_desc_sw128_mn(const void* smem, unsigned lbo, unsigned sbo) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  unsigned long long d = 0;
-  d |= static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4);
-  d |= static_cast<unsigned long long>((lbo >> 4) & 0x3FFFu) << 16;
-  d |= static_cast<unsigned long long>((sbo >> 4) & 0x3FFFu) << 32;
-  d |= 1ull << 62;
-  return d;
+  return af_desc_sw128_mn_at(static_cast<unsigned>(__cvta_generic_to_shared(smem)), lbo, sbo);
 }
 
 __device__ __forceinline__ void af_fence_proxy_async() {
@@ -214,16 +211,6 @@ __device__ __forceinline__ void af_wgmma_m64n128k16_rs(float (&d)[64], const uns
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
   }
 #endif
-}
-
-// The descriptors above from a 32-bit shared-memory address (a loop's ring slot plus constant
-// offsets), so that the offsets fold into the descriptor's address field.
-__device__ __forceinline__ unsigned long long af_desc_sw128_at(unsigned addr) {
-  return static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (static_cast<unsigned long long>(1024u >> 4) << 32) | (1ull << 62);
-}
-__device__ __forceinline__ unsigned long long af_desc_sw128_mn_at(unsigned addr, unsigned lbo, unsigned sbo) {
-  return static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4) | (static_cast<unsigned long long>((lbo >> 4) & 0x3FFFu) << 16) |
-         (static_cast<unsigned long long>((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
 }
 
 // The MMAs above by N (64 or 128), for loops whose tile width is a template parameter.
