@@ -5,10 +5,16 @@
 #           and setmaxnreg, one attention tile at d 64 and 128, the paged cp.async gather ring)
 #   tests:  tier 2 `both_main_loops` (the same random batches on the sm90 loop, the portable loop
 #           and the engine's choice) and the random cascades (group items on the sm90 loop)
-#   bench:  `attnforge bench --suite prefill`, the engine's choice and the portable loop forced
+#   bench:  `attnforge bench --suite prefill`: the engine's choice, the sm90 loop forced
+#           (128-key tiles; d 256 cannot take them and is reported untimed) and the portable
+#           default tile above d 128 forced (4w x 1, 32-key tiles)
+#   ab:     the sm90 rows again without the softmax ordered before the P · V wait
+#           (-DAF_ORDER_WAIT=0), then without the consumers' ping-pong (-DAF_PINGPONG=0)
+#   diag:   (tuning) the sm90 loop's ring shapes at d 128, then timing-only builds without the
+#           K/V copies and without the proxy fences (wrong results), to see what bounds it
 #   fi:     FlashInfer 0.7.2 fa3 on the same shapes (benches/flashinfer_prefill.py; the first
 #           use of each kernel JIT-compiles for 80+ s; FI_ONLY="MHA 32|batch 16" limits it)
-# Usage: bash benches/device/issue14.sh [probes|tests|bench|fi|all] (default all); logs in $OUT.
+# Usage: bash benches/device/issue14.sh [probes|tests|bench|ab|diag|fi|all] (default all); logs in $OUT.
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-/tmp}
@@ -20,14 +26,31 @@ if [[ $what == probes || $what == all ]]; then
   $t2 hopper 2>&1 | tail -n 30 || status=1
 fi
 if [[ $what == tests || $what == all ]]; then
-  ATTNFORGE_NVRTC_FLAGS="-DAF_MBAR_SPIN_LIMIT=67108864" timeout 200 $t2 both_main_loops > "$out/loops.log" 2>&1 || status=1
+  ATTNFORGE_NVRTC_FLAGS="-DAF_MBAR_SPIN_LIMIT=67108864" timeout ${LOOPS_TIMEOUT:-400} $t2 both_main_loops > "$out/loops.log" 2>&1 || status=1
   grep -E "test result|panicked|FAIL" "$out/loops.log"
   timeout 120 $t2 cascades_match > "$out/cascades.log" 2>&1 || status=1
   grep -E "test result|panicked|FAIL" "$out/cascades.log"
 fi
 if [[ $what == bench || $what == all ]]; then
-  timeout 200 ./.device/bin/attnforge bench --suite prefill --tile p,4,2,64,2,1 --json "$out/prefill.json" > "$out/prefill.log" 2>&1 || status=1
-  grep -v "^note" "$out/prefill.log" | tail -n 22
+  timeout 200 ./.device/bin/attnforge bench --suite prefill --tile p,sm90,128,2 --tile p,4,1,32,2,1 --json "$out/prefill.json" > "$out/prefill.log" 2>&1 || status=1
+  grep -v "^note" "$out/prefill.log" | tail -n 30
+fi
+if [[ $what == ab || $what == all ]]; then
+  ATTNFORGE_NVRTC_FLAGS="-DAF_ORDER_WAIT=0" timeout 200 ./.device/bin/attnforge bench --suite prefill --tile p,sm90,128,2 --json "$out/prefill_noorder.json" > "$out/prefill_noorder.log" 2>&1 || status=1
+  grep -v "^note" "$out/prefill_noorder.log" | grep "sm90"
+  ATTNFORGE_NVRTC_FLAGS="-DAF_PINGPONG=0" timeout 200 ./.device/bin/attnforge bench --suite prefill --tile p,sm90,128,2 --json "$out/prefill_nopp.json" > "$out/prefill_nopp.log" 2>&1 || status=1
+  grep -v "^note" "$out/prefill_nopp.log" | grep "sm90"
+fi
+if [[ $what == diag ]]; then
+  b=./.device/bin/attnforge
+  only=(--only "single 16384, MHA" --only "batch 16")
+  timeout 150 $b bench --suite prefill "${only[@]}" --tile p,sm90,128,2 --tile p,sm90,64,2 --tile p,sm90,64,3 --tile p,sm90,64,4 > "$out/diag_tiles.log" 2>&1
+  grep sm90 "$out/diag_tiles.log"
+  for f in "-DAF_DIAG_NOCOPY=1" "-DAF_DIAG_NOFENCE=1"; do
+    echo "== $f"
+    ATTNFORGE_NVRTC_FLAGS="$f" timeout 100 $b bench --suite prefill "${only[@]}" --tile p,sm90,128,2 --tile p,sm90,64,4 > "$out/diag.log" 2>&1
+    grep sm90 "$out/diag.log" | grep "\["
+  done
 fi
 if [[ $what == fi || $what == all ]]; then
   rm -rf /tmp/site && mkdir -p /tmp/site

@@ -64,6 +64,10 @@ enum Cmd {
         /// skewed or not (tuning).
         #[arg(long)]
         balance: bool,
+        /// Prefill: time only the workloads whose name contains one of these (repeatable;
+        /// tuning), e.g. `--only "single 16384, MHA"`.
+        #[arg(long = "only", value_name = "NAME")]
+        only: Vec<String>,
     },
 }
 
@@ -189,7 +193,7 @@ fn main() -> ExitCode {
         None => run::demo(),
         Some(Cmd::Check { specs }) => check(&specs),
         Some(Cmd::Run(args)) => run::run(&args),
-        Some(Cmd::Bench { suite, json, tiles, no_overlap_merge, split_ctas, balance }) => run::bench(&suite, json.as_deref(), &tiles, &split_ctas, balance, !no_overlap_merge),
+        Some(Cmd::Bench { suite, json, tiles, no_overlap_merge, split_ctas, balance, only }) => run::bench(&suite, json.as_deref(), &tiles, &split_ctas, balance, !no_overlap_merge, &only),
         Some(Cmd::Compile(args)) => compile(&args),
         Some(Cmd::Cache { cmd }) => cache(cmd),
     };
