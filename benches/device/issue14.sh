@@ -8,10 +8,11 @@
 #   bench:  `attnforge bench --suite prefill`: the engine's choice, the sm90 loop forced
 #           (128-key tiles; d 256 cannot take them and is reported untimed) and the portable
 #           default tile above d 128 forced (4w x 1, 32-key tiles)
-#   ab:     the sm90 rows again without the softmax ordered before the P · V wait
-#           (-DAF_ORDER_WAIT=0), then without the consumers' ping-pong (-DAF_PINGPONG=0)
-#   diag:   (tuning) the sm90 loop's ring shapes at d 128, then timing-only builds without the
-#           K/V copies and without the proxy fences (wrong results), to see what bounds it
+#   ab:     the sm90 rows under each developer flag of prefill_sm90.cuh: the tensor-copy pages
+#           looked up a tile ahead, the consumers' K wait before their turn (both not yet
+#           measured, off by default), without the ordered P · V wait, without ping-pong
+#   diag:   (tuning) the sm90 loop's ring shapes at d 128, then a timing-only build whose
+#           gathers copy nothing (wrong results), to see what bounds it
 #   fi:     FlashInfer 0.7.2 fa3 on the same shapes (benches/flashinfer_prefill.py; the first
 #           use of each kernel JIT-compiles for 80+ s; FI_ONLY="MHA 32|batch 16" limits it)
 # Usage: bash benches/device/issue14.sh [probes|tests|bench|ab|diag|fi|all] (default all); logs in $OUT.
@@ -36,19 +37,21 @@ if [[ $what == bench || $what == all ]]; then
   grep -v "^note" "$out/prefill.log" | tail -n 30
 fi
 if [[ $what == ab || $what == all ]]; then
-  ATTNFORGE_NVRTC_FLAGS="-DAF_ORDER_WAIT=0" timeout 200 ./.device/bin/attnforge bench --suite prefill --tile p,sm90,128,2 --json "$out/prefill_noorder.json" > "$out/prefill_noorder.log" 2>&1 || status=1
-  grep -v "^note" "$out/prefill_noorder.log" | grep "sm90"
-  ATTNFORGE_NVRTC_FLAGS="-DAF_PINGPONG=0" timeout 200 ./.device/bin/attnforge bench --suite prefill --tile p,sm90,128,2 --json "$out/prefill_nopp.json" > "$out/prefill_nopp.log" 2>&1 || status=1
-  grep -v "^note" "$out/prefill_nopp.log" | grep "sm90"
+  # The sm90 rows under each developer flag of prefill_sm90.cuh (one build each), same call.
+  for f in "-DAF_TMA_LOOKAHEAD=1" "-DAF_WAIT_BEFORE_TURN=1" "-DAF_TMA_LOOKAHEAD=1 -DAF_WAIT_BEFORE_TURN=1" "-DAF_ORDER_WAIT=0" "-DAF_PINGPONG=0"; do
+    echo "== $f"
+    ATTNFORGE_NVRTC_FLAGS="$f" timeout 120 ./.device/bin/attnforge bench --suite prefill --only 16384 --only "4096, MHA" --only "batch 16" --tile p,sm90,128,2 > "$out/prefill_ab.log" 2>&1 || status=1
+    grep "sm90" "$out/prefill_ab.log" | grep -v "not timed"
+  done
 fi
 if [[ $what == diag ]]; then
   b=./.device/bin/attnforge
   only=(--only "single 16384, MHA" --only "batch 16")
   timeout 150 $b bench --suite prefill "${only[@]}" --tile p,sm90,128,2 --tile p,sm90,64,2 --tile p,sm90,64,3 --tile p,sm90,64,4 > "$out/diag_tiles.log" 2>&1
   grep sm90 "$out/diag_tiles.log"
-  for f in "-DAF_DIAG_NOCOPY=1" "-DAF_DIAG_NOFENCE=1"; do
+  for f in "-DAF_DIAG_NOCOPY=1"; do
     echo "== $f"
-    ATTNFORGE_NVRTC_FLAGS="$f" timeout 100 $b bench --suite prefill "${only[@]}" --tile p,sm90,128,2 --tile p,sm90,64,4 > "$out/diag.log" 2>&1
+    ATTNFORGE_SM90_KV_COPY=gather ATTNFORGE_NVRTC_FLAGS="$f" timeout 100 $b bench --suite prefill "${only[@]}" --tile p,sm90,128,2 --tile p,sm90,64,4 > "$out/diag.log" 2>&1
     grep sm90 "$out/diag.log" | grep "\["
   done
 fi

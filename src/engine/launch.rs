@@ -20,6 +20,108 @@ use crate::kv::{Element, LayoutError, ValidBatch};
 use crate::plan::{Plan, PLAN_HEADER_INTS};
 use crate::{Error, Result};
 
+/// The sm90 prefill loop's K/V tensor maps (pipeline.cuh's `AfKvMaps`, the kernel's third
+/// parameter): with them its producer loads each run of 8 keys of a page with one tensor copy
+/// per 64-column panel instead of 16-byte gathers. They are made when the engine's
+/// [`super::Sm90KvCopy`] asks for them (by default up to head dim 128, which the engine runs on
+/// this loop only when a tile forces it) and the cache's pages hold a multiple of 8 slots, with
+/// 16-byte aligned buffers and strides; otherwise (page size 1, say) `mode` is 0 and the
+/// producer gathers, as ARCHITECTURE.md says.
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+pub(crate) struct KvMaps {
+    k: cudarc::driver::sys::CUtensorMap,
+    v: cudarc::driver::sys::CUtensorMap,
+    mode: i32,
+    slot_first: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<KvMaps>() == 384 && std::mem::align_of::<KvMaps>() == 128, "KvMaps is pipeline.cuh's AfKvMaps");
+
+// SAFETY: plain bytes, passed by value as a kernel parameter of the same layout (128-aligned,
+// two 128-byte maps then two ints; pipeline.cuh).
+unsafe impl DeviceRepr for KvMaps {}
+
+impl KvMaps {
+    /// Tensor maps over `args`' K and V buffers, when `mode` asks for them at these head dims
+    /// ([`super::Sm90KvCopy`]) and the cache takes them.
+    pub(crate) fn new<T: Element>(args: &AttnArgs, batch: &ValidBatch<'_>, mode: super::Sm90KvCopy) -> KvMaps {
+        let kv = batch.kv;
+        let zero = cudarc::driver::sys::CUtensorMap { opaque: [0; 16] };
+        let gather = KvMaps { k: zero, v: zero, mode: 0, slot_first: 0 };
+        let wanted = match mode {
+            super::Sm90KvCopy::Tma => true,
+            super::Sm90KvCopy::Gather => false,
+            super::Sm90KvCopy::Auto => kv.head_dim_qk.max(kv.head_dim_vo) <= 128,
+        };
+        if !wanted {
+            return gather;
+        }
+        let (k_slot, k_head) = (args.k_slot_stride as u64, args.k_head_stride as u64);
+        let (v_slot, v_head) = (args.v_slot_stride as u64, args.v_head_stride as u64);
+        let slot_first = k_slot < k_head;
+        let k = encode_kv_map::<T>(args.k, kv.head_dim_qk, kv.page_size, kv.kv_heads, kv.num_pages, k_slot, k_head, args.k_page_stride as u64, slot_first);
+        let v = encode_kv_map::<T>(args.v, kv.head_dim_vo, kv.page_size, kv.kv_heads, kv.num_pages, v_slot, v_head, args.v_page_stride as u64, slot_first);
+        match (k, v) {
+            (Some(k), Some(v)) if (v_slot < v_head) == slot_first => KvMaps { k, v, mode: 1, slot_first: slot_first as i32 },
+            _ => gather,
+        }
+    }
+}
+
+/// One side's map, as (dims, byte strides of dims 1..3, box): dims (innermost first) head dim,
+/// then slot and head in stride order, then page; a box of 64 columns of 8 slots of one head of
+/// one page. `None` when the cache does not take it (pages not of a multiple of 8 slots, head
+/// dims not of whole 64-column panels, unaligned buffer or strides, extents past the maps').
+#[allow(clippy::too_many_arguments)]
+fn kv_map_shape(elem: u64, ptr: u64, head_dim: usize, page_size: usize, heads: usize, pages: usize, slot_stride: u64, head_stride: u64, page_stride: u64, slot_first: bool) -> Option<([u64; 4], [u64; 3], [u32; 4])> {
+    let strides_ok = [slot_stride, head_stride, page_stride].iter().all(|&s| s.checked_mul(elem).is_some_and(|b| b % 16 == 0 && b < (1 << 40)));
+    if page_size == 0 || page_size % 8 != 0 || head_dim == 0 || head_dim % 64 != 0 || ptr % 16 != 0 || !strides_ok || pages == 0 || [page_size, heads, pages].iter().any(|&d| d as u64 > u32::MAX as u64) {
+        return None;
+    }
+    let (d1, s1, d2, s2) = if slot_first { (page_size, slot_stride, heads, head_stride) } else { (heads, head_stride, page_size, slot_stride) };
+    Some((
+        [head_dim as u64, d1 as u64, d2 as u64, pages as u64],
+        [s1 * elem, s2 * elem, page_stride * elem],
+        [64, if slot_first { 8 } else { 1 }, if slot_first { 1 } else { 8 }, 1],
+    ))
+}
+
+/// One side's map ([`kv_map_shape`]), 128-byte swizzled (the sm90 loop's panels). `None` when
+/// the cache does not take it or the driver refuses it.
+#[allow(clippy::too_many_arguments)]
+fn encode_kv_map<T: Element>(ptr: u64, head_dim: usize, page_size: usize, heads: usize, pages: usize, slot_stride: u64, head_stride: u64, page_stride: u64, slot_first: bool) -> Option<cudarc::driver::sys::CUtensorMap> {
+    use cudarc::driver::sys;
+    let elem = std::mem::size_of::<T>() as u64;
+    let dtype = match T::DTYPE {
+        crate::kv::DType::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        crate::kv::DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        crate::kv::DType::F32 => return None,
+    };
+    let (dims, strides, boxd) = kv_map_shape(elem, ptr, head_dim, page_size, heads, pages, slot_stride, head_stride, page_stride, slot_first)?;
+    let estr: [u32; 4] = [1; 4];
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    // SAFETY: every array has the rank's length (strides one less), `map` is writable, and the
+    // pointer is the device address of the validated buffer (the driver only records it).
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            dtype,
+            4,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            estr.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(map)
+}
+
 /// Where one launch's plan, workspace and index arrays are on the device.
 pub(crate) struct Step<'a> {
     pub batch: ValidBatch<'a>,
@@ -259,7 +361,16 @@ impl Engine {
             // them; the argument structs' layouts are static_asserted in the compiled source.
             // Every tile takes any plan of its family: the ring covers each item's span whatever
             // its key count.
-            unsafe { stream.launch_builder(&tile.func).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch"))?;
+            if tile.cfg.op == crate::jit::Op::Prefill && tile.cfg.prefill_tile().sm90 {
+                // The Hopper prefill loop also takes the K/V tensor maps (by value).
+                let maps = KvMaps::new::<T>(&args, &step.batch, self.sm90_kv_copy);
+                // SAFETY: as below; the maps describe the same K/V buffers as `args` (their
+                // extents are the validated cache's), and the kernel takes them as its third
+                // parameter (prefill.cu.tera, sm90).
+                unsafe { stream.launch_builder(&tile.func).arg(&args).arg(&params.blob).arg(&maps).launch(launch) }.map_err(cuda("launch"))?;
+            } else {
+                unsafe { stream.launch_builder(&tile.func).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch"))?;
+            }
         }
         // The packed plan holds the merge list after the work list.
         self.launch_merge(stream, &k.merge, &args, plan.merge_offset() as u64, plan.merge_grid(), k.cfg.group, step.batch.qo_heads, kv.head_dim_vo, &params.blob)
@@ -393,5 +504,39 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kv_map_shape;
+
+    #[test]
+    fn kv_maps_take_whole_runs_of_8_slots_in_either_layout() {
+        // NHD [pages][16 slots][8 heads][128]: heads before slots (stride order), a box of 8 slots.
+        let (d, h, p) = (128u64, 8u64, 16u64);
+        let nhd = kv_map_shape(2, 0x1000, 128, 16, 8, 100, h * d, d, p * h * d, false).unwrap();
+        assert_eq!(nhd, ([128, 8, 16, 100], [d * 2, h * d * 2, p * h * d * 2], [64, 1, 8, 1]));
+        // HND [pages][8 heads][16 slots][128]: slots first.
+        let hnd = kv_map_shape(2, 0x1000, 128, 16, 8, 100, d, p * d, p * h * d, true).unwrap();
+        assert_eq!(hnd, ([128, 16, 8, 100], [d * 2, p * d * 2, p * h * d * 2], [64, 8, 1, 1]));
+        // K and V interleaved in one buffer: twice the page stride.
+        let kv = kv_map_shape(2, 0x1000, 192, 64, 4, 7, 4 * 192, 192, 2 * 64 * 4 * 192, false).unwrap();
+        assert_eq!(kv.0, [192, 4, 64, 7]);
+        assert_eq!(kv.1[2], 2 * 64 * 4 * 192 * 2);
+    }
+
+    #[test]
+    fn kv_maps_refuse_what_tensor_copies_cannot_move() {
+        let ok = |page: usize, dim: usize, ptr: u64, slot: u64| kv_map_shape(2, ptr, dim, page, 8, 10, slot, dim as u64, page as u64 * slot, false).is_some();
+        assert!(ok(16, 128, 0, 8 * 128));
+        for page in [1, 2, 4, 12, 0] {
+            assert!(!ok(page, 128, 0, 8 * 128), "page size {page}");
+        }
+        assert!(!ok(16, 96, 0, 8 * 96), "head dim 96 is not whole panels");
+        assert!(!ok(16, 128, 8, 8 * 128), "a buffer 8 bytes off 16");
+        assert!(!ok(16, 128, 0, 8 * 128 + 4), "a slot stride of 8 bytes past 16");
+        assert!(kv_map_shape(2, 0, 128, 16, 8, 0, 1024, 128, 16 * 1024, false).is_none(), "no pages");
+        assert!(kv_map_shape(2, 0, 128, 16, 8, 10, 1024, 128, u64::MAX / 2, false).is_none(), "a stride past 2^40 bytes");
     }
 }

@@ -86,6 +86,39 @@ pub struct Engine {
     /// Whether merge launches overlap the tail of the launch before them (programmatic
     /// dependent launch, sm_90+).
     programmatic_merge: bool,
+    /// How the sm90 prefill loop's producer moves K/V.
+    sm90_kv_copy: Sm90KvCopy,
+}
+
+/// How the Hopper prefill loop's producer warpgroup moves K/V into shared memory
+/// ([`Engine::set_sm90_kv_copy`]; `ATTNFORGE_SM90_KV_COPY=auto|tma|gather` sets it for a new
+/// engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sm90KvCopy {
+    /// Tensor copies up to head dim 128, gathers above (measured on the H200, BENCHMARKS.md:
+    /// causal 16K, d 64 295 against 190 TFLOP/s, d 128 364 against 332, d 256 368 against 509).
+    #[default]
+    Auto,
+    /// TMA tensor copies of 8-key runs of a page wherever the cache takes them (pages of a
+    /// multiple of 8 slots, 16-byte aligned buffers and strides); gathers elsewhere.
+    Tma,
+    /// 16-byte `cp.async` gathers always.
+    Gather,
+}
+
+impl Sm90KvCopy {
+    /// `ATTNFORGE_SM90_KV_COPY`'s value; unset is `Auto`, anything else a warning and `Auto`.
+    fn from_env() -> Sm90KvCopy {
+        match std::env::var("ATTNFORGE_SM90_KV_COPY").as_deref() {
+            Err(_) | Ok("auto") => Sm90KvCopy::Auto,
+            Ok("tma") => Sm90KvCopy::Tma,
+            Ok("gather") => Sm90KvCopy::Gather,
+            Ok(other) => {
+                eprintln!("attnforge: warning: ATTNFORGE_SM90_KV_COPY={other:?} is not auto, tma or gather; using auto");
+                Sm90KvCopy::Auto
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -100,7 +133,7 @@ impl Engine {
         let (major, minor) = ctx.compute_capability().map_err(cuda("compute capability"))?;
         let sm_count = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(cuda("SM count"))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new(), merge_fns: DashMap::new(), programmatic_merge: major >= 9 })
+        Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new(), merge_fns: DashMap::new(), programmatic_merge: major >= 9, sm90_kv_copy: Sm90KvCopy::from_env() })
     }
 
     /// The CUDA context (the primary context of its device).
@@ -149,6 +182,16 @@ impl Engine {
     /// sm_90 it stays off.
     pub fn set_programmatic_merge(&mut self, on: bool) {
         self.programmatic_merge = on && self.arch.major >= 9;
+    }
+
+    /// How the Hopper prefill loop moves K/V ([`Sm90KvCopy`]).
+    pub fn sm90_kv_copy(&self) -> Sm90KvCopy {
+        self.sm90_kv_copy
+    }
+
+    /// Picks how the Hopper prefill loop moves K/V (tuning and tests; the results are the same).
+    pub fn set_sm90_kv_copy(&mut self, mode: Sm90KvCopy) {
+        self.sm90_kv_copy = mode;
     }
 
     /// The JIT (compiler and cache).

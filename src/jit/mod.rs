@@ -287,12 +287,14 @@ impl KernelConfig {
     }
 
     /// Whether the engine runs prompts on the Hopper loop on sm_90a (where [`Self::sm90_prefill`]
-    /// has a tile): above d 128 only. Measured on the H200 (2026-12-03, bf16, causal unless
-    /// named, TFLOP/s, sm90 / portable, BENCHMARKS.md): d 256 16K 500 / 107 (against a forced
-    /// 4w×2 portable tile that spills; the portable default above d 128, 4w×1 32k, was not
-    /// timed — 500 is above anything the portable loop reached at any head dim, ≤ 356); d 128 single 4096 267 / 267, 16K 350 / 344, batch
-    /// 16 × 2048 GQA 4 258 / 312, skewed 337 / 353, non-causal 16K 352 / 356; d 64 16K 197 / 306.
-    /// At d ≤ 128 the sm90 loop is not ahead yet, so the portable loop stays the default there.
+    /// has a tile): above d 128 only. Measured on the H200 (2026-12-03, tenth session, one call,
+    /// bf16, causal unless named, TFLOP/s, sm90 loop (tensor-copy producer up to d 128) /
+    /// portable default, BENCHMARKS.md): d 128 single 4096 279 / 267, 16K 364 / 351, skewed
+    /// 342 / 361, non-causal 16K 369 / 360, soft cap 16K 338 / 309, batch 16 × 2048 GQA 4
+    /// 259 / 312 (another call); d 64 16K 295 / 304; d 256 16K 509 (gathers) against 279 for the
+    /// portable default 4w×1 32k (the session's first call, BENCHMARKS.md). At d ≤ 128 the sm90 loop
+    /// is ahead on some shapes and behind on others (short requests: no persistent scheduler
+    /// yet), so the portable loop stays the default there.
     pub fn prefers_sm90_prefill(&self) -> bool {
         self.head_dim_qk.max(self.head_dim_vo) > 128
     }

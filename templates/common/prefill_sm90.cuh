@@ -6,13 +6,20 @@
 // rows, hooks, softmax and epilogue (prefill_rows.cuh); what differs is how the tiles get to the
 // tensor cores. The CTA is three warpgroups:
 //   - warpgroup 0, the producer (setmaxnreg.dec): walks the K/V tiles of the CTA's span [lo,
-//     hi] through the page table (pages of any size, in any order) and gathers each key's K and
-//     V rows with 16-byte cp.async copies into a STAGES-deep ring of 128-byte-swizzled
-//     64-column panels (keys past hi zero-filled); each thread's copies of a tile arrive on the
-//     slot's `full` barrier (cp.async.mbarrier.arrive.noinc, 128 arrivals), and a slot is
-//     refilled once both consumers have released it on `empty` (256 arrivals).
+//     hi] through the page table (pages in any order) into a STAGES-deep ring of
+//     128-byte-swizzled 64-column panels (keys past hi zero-filled), K and V on their own
+//     barriers, in one of two ways the host picks per launch (AfKvMaps, launch.rs):
+//       * tensor copies (mode 1; pages of a multiple of 8 slots): one warp, lane c moving keys
+//         8c .. 8c + 7 of a tile — 8 slots of one page — with one TMA box per panel (1 KB, the
+//         copy swizzles it as the panels are); the tiles then start on a multiple of 8. A run
+//         reaching past hi is gathered instead. Lanes arrive on `full` (32 arrivals) after
+//         adding their boxes' bytes to its transactions.
+//       * gathers (mode 0; any page size): every thread copies 16-byte chunks of its keys' rows
+//         with cp.async; each thread's copies arrive on `full` (cp.async.mbarrier.arrive.noinc,
+//         128 arrivals).
+//     A slot is refilled once both consumers have released it on `empty` (256 arrivals).
 //   - warpgroups 1 and 2, the consumers (setmaxnreg.inc): 64 query rows each (Q staged once in
-//     swizzled panels). Per tile: wait `full`, fence the async proxy (the copies wrote through
+//     swizzled panels). Per tile: wait `full`, fence the async proxy (gathers write through
 //     the generic one), S[64 x KV_TILE] = Q · Kᵀ on wgmma from shared descriptors, the hooks
 //     and the lazy softmax on the S fragment (warp by warp it is mma.sync's C layout, so
 //     prefill_rows.cuh's code applies as is), P packed in registers as the A operand of
@@ -21,8 +28,11 @@
 //     inside every row of a warp runs without range tests. Within a consumer, tile t's S is
 //     issued before tile t - 1's P · V, and only S is waited for before tile t's softmax: the
 //     P · V runs under the softmax, and O is rescaled (when a max moved) once it lands.
-// The two consumers run the same tiles out of step, so one's softmax also overlaps the other's
-// MMAs.
+// When both have tiles to compute, the two consumers take turns issuing their MMAs (AfPingPong,
+// pipeline.cuh: FlashAttention 3's warp scheduler barrier), so one's softmax overlaps the
+// other's MMAs on the tensor cores.
+// AF_PINGPONG=0 and AF_ORDER_WAIT=0 (developers' NVRTC flags, for measurements) turn the turns
+// and the ordering of the softmax before the P · V wait (below) off.
 //
 // Shared memory (dynamic, aligned up to 1024 bytes here): Q [2][QK panels][64 rows][128 B],
 // then the ring's K slots [STAGES][QK panels][KV_TILE][128 B] and V slots [STAGES][VO
@@ -33,6 +43,28 @@
 
 #if defined(__CUDA_ARCH__) && !AF_HAS_WGMMA
 #error "the sm90 prefill main loop needs sm_90a (wgmma, mbarrier transactions, setmaxnreg)"
+#endif
+
+#ifndef AF_PINGPONG
+#define AF_PINGPONG 1
+#endif
+// AF_DIAG_NOCOPY=1 (a developer's NVRTC flag; timing only, the results are wrong): the gather
+// producer issues no copies, which bounds what a faster K/V supply could give (BENCHMARKS.md).
+#ifndef AF_DIAG_NOCOPY
+#define AF_DIAG_NOCOPY 0
+#endif
+// Not yet measured, off (developers' NVRTC flags, for the next A/B): AF_TMA_LOOKAHEAD=1 looks
+// the tensor-copy runs' pages up a tile ahead, as the gathers do; AF_WAIT_BEFORE_TURN=1 makes a
+// consumer wait for its K tile before taking its ping-pong turn, so it never holds the turn
+// while stalled on data (FlashAttention 3's order).
+#ifndef AF_TMA_LOOKAHEAD
+#define AF_TMA_LOOKAHEAD 0
+#endif
+#ifndef AF_WAIT_BEFORE_TURN
+#define AF_WAIT_BEFORE_TURN 0
+#endif
+#ifndef AF_ORDER_WAIT
+#define AF_ORDER_WAIT 1
 #endif
 
 template <class Tr>
@@ -56,7 +88,7 @@ struct PrefillSm90 {
   static_assert(NUM_THREADS == 384 && ROWS == 128, "one producer and two consumer warpgroups of 64 rows");
   static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 256 <= 65536, "the register split must fit the register file");
 
-  static __device__ __forceinline__ void body(const Args& a, const Params& p) {
+  static __device__ __forceinline__ void body(const Args& a, const Params& p, const AfKvMaps& maps) {
     const int w = blockIdx.x;
     if (w >= *a.num_work) return;  // fixed-grid mode: spare CTAs exit
     const int kv_head = blockIdx.y;
@@ -80,6 +112,13 @@ struct PrefillSm90 {
     if (consumer) rows.template bounds<1>(row0, g, t4, see_lo, see_hi, in_lo, in_hi);
     int lo, hi;
     rows.span(see_lo, see_hi, lane, lo, hi, consumer ? &wg_lo[wg - 1] : nullptr, consumer ? &wg_hi[wg - 1] : nullptr);
+    // Tensor copies move runs of 8 keys of one page (the host picks them only for pages of a
+    // multiple of 8 slots): the tiles start on a multiple of 8. The keys before the span in
+    // the first run are zero-filled, never read (span_lo), so only keys of the span reach the
+    // MMAs, as with gathers.
+    const bool tma = maps.mode != 0;
+    const int span_lo = lo;
+    if (tma) lo &= ~7;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const unsigned base = (af_smem_addr(smem_raw) + 1023u) & ~1023u;
@@ -96,12 +135,74 @@ struct PrefillSm90 {
         *reinterpret_cast<uint4*>(base_ptr + (r / 64) * Q_WG + (ch / 8) * Q_PANEL + af_sw128_offset(r % 64, ch % 8)) = v;
       }
     }
-    af_ring_init(k_full, k_empty, 128, 256);
-    af_ring_init(v_full, v_empty, 128, 256);
+    // A slot is full once each producer thread's copies have landed (128 arrivals; 32, the
+    // first warp's, with tensor copies) and its tensor copies' bytes with them.
+    af_ring_init(k_full, k_empty, tma ? 32 : 128, 256);
+    af_ring_init(v_full, v_empty, tma ? 32 : 128, 256);
     af_fence_proxy_async();  // Q was written by ordinary stores; wgmma reads it through the async proxy
     __syncthreads();
     const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
 
+    if (!consumer && tma) {
+      af_setmaxnreg_dec<PRODUCER_REGS>();
+      if (warp > 0) return;
+      // Lane c loads keys 8c .. 8c + 7 of each tile: one box of 8 slots x 64 columns per panel
+      // (1 KB, swizzled by the copy as the panels are), landing in the tile's rows 8c .. 8c + 7.
+      // A run reaching outside [span_lo, hi] (the span's first or last) is gathered instead,
+      // its keys outside zero-filled, so no garbage past a request's last key (nor a key before
+      // the span) reaches the MMAs.
+      constexpr int RUNS = KV_TILE / 8;
+      // `looked`: the run's page when it was looked up ahead (AF_TMA_LOOKAHEAD), else -2.
+      auto load = [&](unsigned slot, const AfTensorMap* map, int panels, unsigned long long* bar, int t0, bool is_k, int looked) {
+        if (lane < RUNS) {
+          const int k0 = t0 + 8 * lane;
+          if (k0 >= span_lo && k0 + 7 <= hi) {
+            const int page = looked == -2 ? kv_page(a, k0, hi, rows.page_begin) : looked;
+            const int in_page = a.page_shift >= 0 ? k0 & (a.page_size - 1) : k0 % a.page_size;
+            af_mbar_expect_tx(bar, panels * 1024u);
+#pragma unroll
+            for (int pp = 0; pp < panels; ++pp) {
+              const unsigned dst = slot + pp * KV_PANEL + 8 * lane * 128;
+              if (maps.slot_first) af_tma_load_4d(dst, map, pp * 64, in_page, kv_head, page, bar);
+              else af_tma_load_4d(dst, map, pp * 64, kv_head, in_page, page, bar);
+            }
+          } else {
+            for (int r = 0; r < 8; ++r) {
+              const int j = 8 * lane + r, pg = t0 + j < span_lo ? -1 : kv_page(a, t0 + j, hi, rows.page_begin);
+              const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, t0 + j, pg, kv_head);
+              const DTypeKV* src = is_k ? kr.k : kr.v;
+              for (int pp = 0; pp < panels; ++pp)
+#pragma unroll
+                for (int ch = 0; ch < 8; ++ch) af_cp_async16_to(slot + pp * KV_PANEL + af_sw128_offset(j, ch), pg >= 0 ? src + pp * 64 + ch * 8 : a.k, pg >= 0);
+            }
+          }
+        }
+        af_cp_async_mbar_arrive(bar);
+      };
+      // The page of this lane's run of tile t when the run is a whole one of the span (-1 else).
+      auto run_page = [&](int t) {
+        const int k0 = lo + t * KV_TILE + 8 * lane;
+        return lane < RUNS && t < num_tiles && k0 >= span_lo && k0 + 7 <= hi ? kv_page(a, k0, hi, rows.page_begin) : -1;
+      };
+      (void)run_page;
+#if AF_TMA_LOOKAHEAD
+      int page_next = run_page(0);
+#endif
+      for (int t = 0; t < num_tiles; ++t) {
+        const int s = t % STAGES, round = t / STAGES, t0 = lo + t * KV_TILE;
+#if AF_TMA_LOOKAHEAD
+        const int looked = page_next;
+        page_next = run_page(t + 1);  // issued before the waits: its latency is off the copies' path
+#else
+        const int looked = -2;
+#endif
+        if (round > 0) af_mbar_wait(&k_empty[s], (round - 1) & 1);
+        load(k_base + s * K_SLOT, &maps.k, QK_PANELS, &k_full[s], t0, true, looked);
+        if (round > 0) af_mbar_wait(&v_empty[s], (round - 1) & 1);
+        load(v_base + s * V_SLOT, &maps.v, VO_PANELS, &v_full[s], t0, false, looked);
+      }
+      return;
+    }
     if (!consumer) {
       af_setmaxnreg_dec<PRODUCER_REGS>();
       // Thread t copies 16-byte chunk t % 8 of every 64-column panel of keys t / 8 + 16 i: eight
@@ -114,6 +215,20 @@ struct PrefillSm90 {
 #pragma unroll
         for (int i = 0; i < NK; ++i) pg[i] = kv_page(a, lo + t * KV_TILE + key0 + 16 * i, t < num_tiles ? hi : -1, rows.page_begin);
       };
+      // This thread's chunks of the K (or V) rows of the tile's keys into a slot of `panels`
+      // 64-column panels (zeros for keys past hi).
+      auto gather = [&](unsigned slot, int panels, int t0, const int(&pg)[NK], bool is_k) {
+#pragma unroll
+        for (int i = 0; i < NK; ++i) {
+          const int j = key0 + 16 * i;
+          const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, t0 + j, pg[i], kv_head);
+          const DTypeKV* src = is_k ? kr.k : kr.v;
+          const unsigned off = af_sw128_offset(j, chunk);
+#pragma unroll
+          for (int pp = 0; pp < panels; ++pp)
+            if (!AF_DIAG_NOCOPY) af_cp_async16_to(slot + pp * KV_PANEL + off, pg[i] >= 0 ? src + pp * 64 + chunk * 8 : a.k, pg[i] >= 0);
+        }
+      };
       int pg[NK];
       lookup(0, pg);
       for (int t = 0; t < num_tiles; ++t) {
@@ -122,25 +237,10 @@ struct PrefillSm90 {
         lookup(t + 1, next);
         const int t0 = lo + t * KV_TILE;
         if (round > 0) af_mbar_wait(&k_empty[s], (round - 1) & 1);
-        const unsigned kb = k_base + s * K_SLOT, vb = v_base + s * V_SLOT;
-#pragma unroll
-        for (int i = 0; i < NK; ++i) {
-          const int j = key0 + 16 * i;
-          const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, t0 + j, pg[i], kv_head);
-          const unsigned off = af_sw128_offset(j, chunk);
-#pragma unroll
-          for (int pp = 0; pp < QK_PANELS; ++pp) af_cp_async16_to(kb + pp * KV_PANEL + off, pg[i] >= 0 ? kr.k + pp * 64 + chunk * 8 : a.k, pg[i] >= 0);
-        }
+        gather(k_base + s * K_SLOT, QK_PANELS, t0, pg, true);
         af_cp_async_mbar_arrive(&k_full[s]);
         if (round > 0) af_mbar_wait(&v_empty[s], (round - 1) & 1);
-#pragma unroll
-        for (int i = 0; i < NK; ++i) {
-          const int j = key0 + 16 * i;
-          const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, t0 + j, pg[i], kv_head);
-          const unsigned off = af_sw128_offset(j, chunk);
-#pragma unroll
-          for (int pp = 0; pp < VO_PANELS; ++pp) af_cp_async16_to(vb + pp * KV_PANEL + off, pg[i] >= 0 ? kr.v + pp * 64 + chunk * 8 : a.v, pg[i] >= 0);
-        }
+        gather(v_base + s * V_SLOT, VO_PANELS, t0, pg, false);
         af_cp_async_mbar_arrive(&v_full[s]);
 #pragma unroll
         for (int i = 0; i < NK; ++i) pg[i] = next[i];
@@ -165,6 +265,11 @@ struct PrefillSm90 {
     // waits, C7515): the first tile is peeled, the last P · V drained after it.
     const int first = grp_hi < grp_lo ? num_tiles : max(0, (grp_lo - lo) / KV_TILE);
     const int last = grp_hi < grp_lo ? num_tiles - 1 : min(num_tiles - 1, (grp_hi - lo) / KV_TILE);
+    // When both consumers have tiles to compute, their MMA issues take turns (pipeline.cuh's
+    // AfPingPong) over steps 0..num_tiles: step t issues tile t's S and tile t - 1's P · V,
+    // step last + 1 the run's last P · V; a tile a warpgroup skips still takes its step (after
+    // its run: step t + 1), so both take steps 0..num_tiles.
+    const AfPingPong turn{AF_PINGPONG && wg_hi[0] >= wg_lo[0] && wg_hi[1] >= wg_lo[1], wg, num_tiles};
     auto pass = [&](int t) {  // a tile no row of this warpgroup sees: its V copies must land before
                               // the slot is released, so a later round's copies cannot race them
       const int slot = t % STAGES, parity = (t / STAGES) & 1;
@@ -173,7 +278,11 @@ struct PrefillSm90 {
       af_mbar_arrive(&k_empty[slot]);
       af_mbar_arrive(&v_empty[slot]);
     };
-    for (int t = 0; t < first && t < num_tiles; ++t) pass(t);
+    for (int t = 0; t < first && t < num_tiles; ++t) {
+      turn.begin(t);
+      turn.end(t);
+      pass(t);
+    }
     unsigned pa[KV_TILE / 16][4];
     float sacc[1][NT][4];
     float(&sflat)[KV_TILE / 2] = *reinterpret_cast<float(*)[KV_TILE / 2]>(&sacc[0][0][0]);
@@ -232,17 +341,29 @@ struct PrefillSm90 {
       }
     };
     if (first <= last) {
+      if (AF_WAIT_BEFORE_TURN) af_mbar_wait(&k_full[first % STAGES], (first / STAGES) & 1);
+      turn.begin(first);
       issue_s(first);
+      turn.end(first);
       af_wgmma_wait<0>();
       af_mbar_arrive(&k_empty[first % STAGES]);
       if (softmax(first)) sm.rescale(o, sc);  // O is still zero; kept for the same arithmetic
       pack();
       for (int t = first + 1; t <= last; ++t) {
+        // (A second wait on the same phase returns at once: the slot cannot be refilled before
+        // this warpgroup releases it.)
+        if (AF_WAIT_BEFORE_TURN) af_mbar_wait(&k_full[t % STAGES], (t / STAGES) & 1);
+        turn.begin(t);
         issue_s(t);
         issue_pv(t - 1);
+        turn.end(t);
         af_wgmma_wait<1>();  // S is done; the P · V behind it may still run
         af_mbar_arrive(&k_empty[t % STAGES]);
         const bool moved = softmax(t);
+        // A use of the weights' sums that ptxas keeps in order with the wait below (a
+        // predicated no-op, taken only for a NaN sum): without it ptxas hoists the wait for the
+        // pending P · V above the exponentials, and the softmax no longer runs under it.
+        if (AF_ORDER_WAIT && !(sm.d[0][0] + sm.d[0][1] >= 0.f)) asm volatile("nanosleep.u32 0;");
         af_wgmma_wait<0>();
         af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
         af_mbar_arrive(&v_empty[(t - 1) % STAGES]);
@@ -251,12 +372,18 @@ struct PrefillSm90 {
       }
       af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
       af_wgmma_fence();
+      turn.begin(last + 1);
       issue_pv(last);
+      turn.end(last + 1);
       af_wgmma_wait<0>();
       af_wgmma_fence_all<DN * 4>(&o[0][0][0]);
       af_mbar_arrive(&v_empty[last % STAGES]);
     }
-    for (int t = max(last + 1, first); t < num_tiles; ++t) pass(t);
+    for (int t = max(last + 1, first); t < num_tiles; ++t) {
+      turn.begin(t + 1);
+      turn.end(t + 1);
+      pass(t);
+    }
     sm.template write<Tr>(rows, o, row0, g, t4);
   }
 };

@@ -1,7 +1,7 @@
 //! Prefill / append on the GPU against the f64 reference: random ragged batches over every
 //! shipped variant, page sizes, GQA ratios, head dims and dtypes.
 
-use attnforge::engine::Engine;
+use attnforge::engine::{Engine, Sm90KvCopy};
 use attnforge::testing::harness::{compare, prefill_once};
 use attnforge::jit::KernelConfig;
 use attnforge::kv::{Element, KvLayout};
@@ -100,9 +100,11 @@ pub(crate) fn prefill_matches_the_reference_on_random_ragged_batches() {
 /// portable one, each forced by its explicit tile, and the engine's own choice), on the same
 /// random batches (a third in deterministic mode): long enough prompts
 /// that the prompt tile runs, every variant, head dims 64 / 128 / 256 / 192×128, GQA 1/4/7/8,
-/// page sizes 1/16/64.
+/// page sizes 1/16/64. The Hopper loop's producer takes its three ways of moving K/V in turn
+/// (auto, tensor copies wherever the cache takes them, gathers), so each meets every head dim
+/// and page size.
 pub(crate) fn both_main_loops_match_the_reference() {
-    let e = super::engine();
+    let mut e = super::engine();
     let mut rng = StdRng::seed_from_u64(super::env_or("ATTNFORGE_SEED", 314));
     let cases: usize = super::env_or("ATTNFORGE_GPU_CASES", 40);
     for i in 0..cases {
@@ -127,12 +129,15 @@ pub(crate) fn both_main_loops_match_the_reference() {
                 eprintln!("loops case {i:>3}: the sm90 loop skipped: {} has no wgmma", e.arch().name());
                 continue;
             }
+            let copy = if force == Some(true) { [Sm90KvCopy::Auto, Sm90KvCopy::Tma, Sm90KvCopy::Gather][i / 3 % 3] } else { Sm90KvCopy::Auto };
+            e.set_sm90_kv_copy(copy);
             let line = if i % 2 == 0 {
                 check_on::<bf16>(&e, force, mode, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
             } else {
                 check_on::<f16>(&e, force, mode, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
             };
-            eprintln!("loops case {i:>3}: {line}");
+            e.set_sm90_kv_copy(Sm90KvCopy::Auto);
+            eprintln!("loops case {i:>3}: {line} [{copy:?}]");
         }
     }
 }
