@@ -13,9 +13,10 @@
 #           measured, off by default), without the ordered P · V wait, without ping-pong
 #   diag:   (tuning) the sm90 loop's ring shapes at d 128, then a timing-only build whose
 #           gathers copy nothing (wrong results), to see what bounds it
+#   ncu:    Nsight Compute on one sm90 launch (causal 16K d 128), tensor copies and gathers
 #   fi:     FlashInfer 0.7.2 fa3 on the same shapes (benches/flashinfer_prefill.py; the first
 #           use of each kernel JIT-compiles for 80+ s; FI_ONLY="MHA 32|batch 16" limits it)
-# Usage: bash benches/device/issue14.sh [probes|tests|bench|ab|diag|fi|all] (default all); logs in $OUT.
+# Usage: bash benches/device/issue14.sh [probes|tests|bench|ab|diag|ncu|fi|all] (default all); logs in $OUT.
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-/tmp}
@@ -53,6 +54,17 @@ if [[ $what == diag ]]; then
     echo "== $f"
     ATTNFORGE_SM90_KV_COPY=gather ATTNFORGE_NVRTC_FLAGS="$f" timeout 100 $b bench --suite prefill "${only[@]}" --tile p,sm90,128,2 --tile p,sm90,64,4 > "$out/diag.log" 2>&1
     grep sm90 "$out/diag.log" | grep "\["
+  done
+fi
+if [[ $what == ncu ]]; then
+  # One sm90 launch (causal 16K d128, after 3 warm-up launches) under Nsight Compute, with the
+  # tensor-copy producer and with gathers: L2 throughput and hit rate, the warps' stall reasons.
+  for copy in tma gather; do
+    ATTNFORGE_SM90_KV_COPY=$copy timeout 240 ncu --clock-control none -k regex:attnforge_prefill -s 3 -c 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
+      -f -o "$out/sm90_$copy" ./.device/bin/attnforge bench --suite prefill --only "single 16384, MHA" --tile p,sm90,128,2 --tile-only > "$out/ncu_$copy.log" 2>&1 || status=1
+    ncu -i "$out/sm90_$copy.ncu-rep" --page details > "$out/sm90_$copy.txt" 2>&1
+    grep -E "Duration|Throughput|Hit Rate|Stall|Warp Cycles|Issued" "$out/sm90_$copy.txt" | head -40
   done
 fi
 if [[ $what == fi || $what == all ]]; then

@@ -230,3 +230,14 @@ fn run_takes_a_prefill_tile_and_refuses_one_that_does_not_fit() {
     let (ok, text) = attnforge(&["run", "causal", "--cpu", "--head-dim", "40", "--batch", "1", "--kv-len", "16"]);
     assert!(ok && text.contains("CPU reference"), "{text}");
 }
+
+#[test]
+fn bench_refuses_tile_only_without_a_prefill_tile_before_looking_for_a_gpu() {
+    let (ok, text) = attnforge(&["bench", "--suite", "prefill", "--tile-only"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("--tile-only times only the prefill tiles given with --tile p,"), "{text}");
+    // A decode tile is no prefill tile.
+    let (ok, text) = attnforge(&["bench", "--suite", "prefill", "--tile-only", "--tile", "mma,4,2"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("--tile-only"), "{text}");
+}

@@ -68,6 +68,10 @@ enum Cmd {
         /// tuning), e.g. `--only "single 16384, MHA"`.
         #[arg(long = "only", value_name = "NAME")]
         only: Vec<String>,
+        /// Prefill: time only the `--tile`s, not the engine's own choice (tuning; one kernel
+        /// per workload, for a profiler).
+        #[arg(long)]
+        tile_only: bool,
     },
 }
 
@@ -193,7 +197,7 @@ fn main() -> ExitCode {
         None => run::demo(),
         Some(Cmd::Check { specs }) => check(&specs),
         Some(Cmd::Run(args)) => run::run(&args),
-        Some(Cmd::Bench { suite, json, tiles, no_overlap_merge, split_ctas, balance, only }) => run::bench(&suite, json.as_deref(), &tiles, &split_ctas, balance, !no_overlap_merge, &only),
+        Some(Cmd::Bench { suite, json, tiles, no_overlap_merge, split_ctas, balance, only, tile_only }) => run::bench(&suite, json.as_deref(), &tiles, &split_ctas, balance, !no_overlap_merge, &only, tile_only),
         Some(Cmd::Compile(args)) => compile(&args),
         Some(Cmd::Cache { cmd }) => cache(cmd),
     };

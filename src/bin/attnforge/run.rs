@@ -427,7 +427,12 @@ fn time_decode(e: &Engine, k: &attnforge::engine::DecodeKernel, p: &ParamValues,
     Ok((us, bytes / (us * 1e-6) / 1e9))
 }
 
-pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], split_ctas: &[usize], balance: bool, overlap_merge: bool, only: &[String]) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], split_ctas: &[usize], balance: bool, overlap_merge: bool, only: &[String], tile_only: bool) -> Result<()> {
+    // Arguments first: a bad one is an error with or without a GPU.
+    if tile_only && !tiles.iter().any(|t| t.starts_with("p,")) {
+        anyhow::bail!("--tile-only times only the prefill tiles given with --tile p,…, and none was given");
+    }
     let mut e = Engine::new(0).context("`attnforge bench` times GPU kernels and needs a GPU")?;
     e.set_programmatic_merge(overlap_merge);
     let date = std::process::Command::new("date").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
@@ -539,7 +544,7 @@ pub(crate) fn bench(suites: &[Suite], json: Option<&Path>, tiles: &[String], spl
         println!("\nprefill: bf16, d128 unless named, page 16, NHD, permuted pages, causal unless named; CUDA events, median of 7 × 3 launches; FLOPs on the visible pairs");
         println!("  {:<34} {:>10} {:>9} {:>12} {:>10} {:>8}  kernel", "workload", "µs", "TFLOP/s", "FI TFLOP/s", "FI µs", "blocks");
         // `p,WARPS,MTILES,KV_TILE,STAGES,MIN_CTAS` adds a prefill tile to compare.
-        let mut ptiles: Vec<Option<attnforge::jit::PrefillTile>> = vec![None];
+        let mut ptiles: Vec<Option<attnforge::jit::PrefillTile>> = if tile_only { vec![] } else { vec![None] };
         for t in tiles.iter().filter_map(|t| t.strip_prefix("p,")) {
             ptiles.push(Some(t.parse::<attnforge::jit::PrefillTile>().map_err(|e| anyhow::anyhow!("--tile p,{t}: {e}"))?));
         }
