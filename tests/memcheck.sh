@@ -3,7 +3,7 @@
 # needs a GPU and compute-sanitizer). Each `attnforge run` also checks against the CPU reference.
 # Covers the wide decode tile (B16, B1 split, d256), merges with a sink, windows, normalize none,
 # page sizes 1/64, HND, deterministic plans, a split prefill, and the Hopper prefill loop (memcheck
-# and racecheck; on sm_90a). Usage: bash tests/memcheck.sh
+# and racecheck, with tensor copies and with gathers; on sm_90a). Usage: bash tests/memcheck.sh
 set -u
 cd "$(dirname "$0")/.."
 B=${ATTNFORGE_BIN:-./.device/bin/attnforge}
@@ -28,7 +28,11 @@ fi
 run causal --op prefill --batch 2 --kv-len 3000 --q-len 1000 --head-dim 256
 run soft_cap --op prefill --batch 3 --kv-len 2000 --q-len 700 --tile sm90,128,2 --page-size 1
 run gemma2 --op prefill --batch 4 --kv-len 1500 --q-len 40 --tile sm90,128,2 --shared-prefix 1024 --param window=700
-# Shared-memory races in the sm90 loop's mbarrier ring (producer gathers vs consumers' wgmma).
+# Both producers at every head dim (auto takes tensor copies up to d 128, gathers above).
+ATTNFORGE_SM90_KV_COPY=tma run causal --op prefill --batch 2 --kv-len 1700 --q-len 900 --head-dim 256 --layout hnd
+ATTNFORGE_SM90_KV_COPY=gather run prefix_lm --op prefill --batch 2 --kv-len 1700 --q-len 900 --tile sm90,128,2 --page-size 64 --param prefix_len=1200,300
+# Shared-memory races in the sm90 loop's mbarrier ring (producer copies vs consumers' wgmma).
 CS="timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9"
 run causal --op prefill --batch 1 --kv-len 2000 --q-len 600 --tile sm90,128,2
+ATTNFORGE_SM90_KV_COPY=gather run causal --op prefill --batch 1 --kv-len 2000 --q-len 600 --tile sm90,128,2
 exit $status
