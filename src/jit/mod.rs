@@ -291,8 +291,8 @@ impl KernelConfig {
     /// bf16, causal unless named, TFLOP/s, sm90 loop (tensor-copy producer up to d 128) /
     /// portable default, BENCHMARKS.md): d 128 single 4096 279 / 267, 16K 364 / 351, skewed
     /// 342 / 361, non-causal 16K 369 / 360, soft cap 16K 338 / 309, batch 16 × 2048 GQA 4
-    /// 259 / 312 (another call); d 64 16K 295 / 304; d 256 16K 509 (gathers) against 279 for the
-    /// portable default 4w×1 32k (the session's first call, BENCHMARKS.md). At d ≤ 128 the sm90 loop
+    /// 259 / 312 (another call); d 64 16K 295 / 304; d 256 16K 518 (gathers) against 279 for the
+    /// portable default 4w×1 32k (both in the session's first call, BENCHMARKS.md). At d ≤ 128 the sm90 loop
     /// is ahead on some shapes and behind on others (short requests: no persistent scheduler
     /// yet), so the portable loop stays the default there.
     pub fn prefers_sm90_prefill(&self) -> bool {
