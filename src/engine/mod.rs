@@ -96,7 +96,8 @@ pub struct Engine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Sm90KvCopy {
     /// Tensor copies up to head dim 128, gathers above (measured on the H200, BENCHMARKS.md:
-    /// causal 16K, d 64 295 against 190 TFLOP/s, d 128 364 against 332, d 256 368 against 509).
+    /// causal 16K, tensor copies against gathers, d 64 295 against 190 TFLOP/s, d 128 364 against
+    /// 332 in one call; d 256 368 against 509 in two).
     #[default]
     Auto,
     /// TMA tensor copies of 8-key runs of a page wherever the cache takes them (pages of a
