@@ -9,8 +9,9 @@
 #           (128-key tiles; d 256 cannot take them and is reported untimed) and the portable
 #           default tile above d 128 forced (4w x 1, 32-key tiles)
 #   ab:     the sm90 rows under each developer flag of prefill_sm90.cuh: the tensor-copy pages
-#           looked up a tile ahead, the consumers' K wait before their turn (both not yet
-#           measured, off by default), without the ordered P · V wait, without ping-pong
+#           looked up a tile ahead, the copies spread over 4 producer warps, the consumers' K
+#           wait before their turn (not yet measured, off by default), without the ordered
+#           P · V wait, without ping-pong
 #   diag:   (tuning) the sm90 loop's ring shapes at d 128, then a timing-only build whose
 #           gathers copy nothing (wrong results), to see what bounds it
 #   ncu:    Nsight Compute on one sm90 launch (causal 16K d 128), tensor copies and gathers
@@ -39,7 +40,7 @@ if [[ $what == bench || $what == all ]]; then
 fi
 if [[ $what == ab || $what == all ]]; then
   # The sm90 rows under each developer flag of prefill_sm90.cuh (one build each), same call.
-  for f in "-DAF_TMA_LOOKAHEAD=1" "-DAF_WAIT_BEFORE_TURN=1" "-DAF_TMA_LOOKAHEAD=1 -DAF_WAIT_BEFORE_TURN=1" "-DAF_ORDER_WAIT=0" "-DAF_PINGPONG=0"; do
+  for f in "-DAF_TMA_LOOKAHEAD=1" "-DAF_TMA_WARPS=4" "-DAF_TMA_WARPS=4 -DAF_TMA_LOOKAHEAD=1" "-DAF_WAIT_BEFORE_TURN=1" "-DAF_ORDER_WAIT=0" "-DAF_PINGPONG=0"; do
     echo "== $f"
     ATTNFORGE_NVRTC_FLAGS="$f" timeout 120 ./.device/bin/attnforge bench --suite prefill --only 16384 --only "4096, MHA" --only "batch 16" --tile p,sm90,128,2 > "$out/prefill_ab.log" 2>&1 || status=1
     grep "sm90" "$out/prefill_ab.log" | grep -v "not timed"

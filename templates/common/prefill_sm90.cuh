@@ -57,6 +57,11 @@
 // the tensor-copy runs' pages up a tile ahead, as the gathers do; AF_WAIT_BEFORE_TURN=1 makes a
 // consumer wait for its K tile before taking its ping-pong turn, so it never holds the turn
 // while stalled on data (FlashAttention 3's order).
+// AF_TMA_WARPS=2 or 4 (not yet measured; 1 by default) spreads the tensor copies' runs over
+// that many producer warps, so fewer of them queue in one warp.
+#ifndef AF_TMA_WARPS
+#define AF_TMA_WARPS 1
+#endif
 #ifndef AF_TMA_LOOKAHEAD
 #define AF_TMA_LOOKAHEAD 0
 #endif
@@ -135,40 +140,45 @@ struct PrefillSm90 {
         *reinterpret_cast<uint4*>(base_ptr + (r / 64) * Q_WG + (ch / 8) * Q_PANEL + af_sw128_offset(r % 64, ch % 8)) = v;
       }
     }
-    // A slot is full once each producer thread's copies have landed (128 arrivals; 32, the
-    // first warp's, with tensor copies) and its tensor copies' bytes with them.
-    af_ring_init(k_full, k_empty, tma ? 32 : 128, 256);
-    af_ring_init(v_full, v_empty, tma ? 32 : 128, 256);
+    // A slot is full once each producer thread's copies have landed (128 arrivals; with tensor
+    // copies, 32 per issuing warp) and its tensor copies' bytes with them.
+    af_ring_init(k_full, k_empty, tma ? 32 * AF_TMA_WARPS : 128, 256);
+    af_ring_init(v_full, v_empty, tma ? 32 * AF_TMA_WARPS : 128, 256);
     af_fence_proxy_async();  // Q was written by ordinary stores; wgmma reads it through the async proxy
     __syncthreads();
     const int num_tiles = hi >= lo ? (hi - lo + KV_TILE) / KV_TILE : 0;
 
     if (!consumer && tma) {
       af_setmaxnreg_dec<PRODUCER_REGS>();
-      if (warp > 0) return;
-      // Lane c loads keys 8c .. 8c + 7 of each tile: one box of 8 slots x 64 columns per panel
-      // (1 KB, swizzled by the copy as the panels are), landing in the tile's rows 8c .. 8c + 7.
+      if (warp >= AF_TMA_WARPS) return;
+      // Run c (lane c of the first warp; with AF_TMA_WARPS warps, lane c % RPW of warp c / RPW)
+      // loads keys 8c .. 8c + 7 of each tile: one box of 8 slots x 64 columns per panel (1 KB,
+      // swizzled by the copy as the panels are), landing in the tile's rows 8c .. 8c + 7. (A
+      // tensor copy takes warp-uniform operands: ptxas issues a warp's copies one lane after the
+      // other.)
       // A run reaching outside [span_lo, hi] (the span's first or last) is gathered instead,
       // its keys outside zero-filled, so no garbage past a request's last key (nor a key before
       // the span) reaches the MMAs.
-      constexpr int RUNS = KV_TILE / 8;
+      constexpr int RUNS = KV_TILE / 8, RPW = (RUNS + AF_TMA_WARPS - 1) / AF_TMA_WARPS;
+      const int run = warp * RPW + lane;
+      const bool runs = lane < RPW && run < RUNS;
       // `looked`: the run's page when it was looked up ahead (AF_TMA_LOOKAHEAD), else -2.
       auto load = [&](unsigned slot, const AfTensorMap* map, int panels, unsigned long long* bar, int t0, bool is_k, int looked) {
-        if (lane < RUNS) {
-          const int k0 = t0 + 8 * lane;
+        if (runs) {
+          const int k0 = t0 + 8 * run;
           if (k0 >= span_lo && k0 + 7 <= hi) {
             const int page = looked == -2 ? kv_page(a, k0, hi, rows.page_begin) : looked;
             const int in_page = a.page_shift >= 0 ? k0 & (a.page_size - 1) : k0 % a.page_size;
             af_mbar_expect_tx(bar, panels * 1024u);
 #pragma unroll
             for (int pp = 0; pp < panels; ++pp) {
-              const unsigned dst = slot + pp * KV_PANEL + 8 * lane * 128;
+              const unsigned dst = slot + pp * KV_PANEL + 8 * run * 128;
               if (maps.slot_first) af_tma_load_4d(dst, map, pp * 64, in_page, kv_head, page, bar);
               else af_tma_load_4d(dst, map, pp * 64, kv_head, in_page, page, bar);
             }
           } else {
             for (int r = 0; r < 8; ++r) {
-              const int j = 8 * lane + r, pg = t0 + j < span_lo ? -1 : kv_page(a, t0 + j, hi, rows.page_begin);
+              const int j = 8 * run + r, pg = t0 + j < span_lo ? -1 : kv_page(a, t0 + j, hi, rows.page_begin);
               const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, t0 + j, pg, kv_head);
               const DTypeKV* src = is_k ? kr.k : kr.v;
               for (int pp = 0; pp < panels; ++pp)
@@ -181,8 +191,8 @@ struct PrefillSm90 {
       };
       // The page of this lane's run of tile t when the run is a whole one of the span (-1 else).
       auto run_page = [&](int t) {
-        const int k0 = lo + t * KV_TILE + 8 * lane;
-        return lane < RUNS && t < num_tiles && k0 >= span_lo && k0 + 7 <= hi ? kv_page(a, k0, hi, rows.page_begin) : -1;
+        const int k0 = lo + t * KV_TILE + 8 * run;
+        return runs && t < num_tiles && k0 >= span_lo && k0 + 7 <= hi ? kv_page(a, k0, hi, rows.page_begin) : -1;
       };
       (void)run_page;
 #if AF_TMA_LOOKAHEAD
