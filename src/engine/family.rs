@@ -277,12 +277,17 @@ impl Engine {
         let max_smem = self.max_smem_per_block()?;
         let mut tiles = Vec::new();
         let mut merge = None;
-        for (i, c) in F::tiles(cfg, &self.arch).into_iter().enumerate() {
+        // The tiles compile side by side (NVRTC compiles are independent; a first use waits for
+        // the slowest tile, not the sum), then load in order.
+        let wanted: Vec<(usize, KernelConfig)> = F::tiles(cfg, &self.arch).into_iter().enumerate().filter(|(i, c)| *i == 0 || c.smem_bytes() <= max_smem).collect();
+        let (jit, arch) = (&self.jit, &self.arch);
+        let compiled_all: Vec<Result<CompiledKernel>> = std::thread::scope(|s| {
+            let handles: Vec<_> = wanted.iter().map(|(_, c)| s.spawn(move || jit.get(variant, c, arch))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::UnsupportedConfig(format!("compiling a tile of {} panicked", cfg.entry_name(&variant.name)))))).collect()
+        });
+        for ((i, c), compiled) in wanted.into_iter().zip(compiled_all) {
             let smem = c.smem_bytes();
-            if i > 0 && smem > max_smem {
-                continue;
-            }
-            let compiled = self.jit.get(variant, &c, &self.arch)?;
+            let compiled = compiled?;
             for w in &compiled.warnings {
                 crate::diagnostics::warn(w);
             }
