@@ -354,23 +354,24 @@ impl Engine {
                 block_dim: F::block(&tile.cfg),
                 shared_mem_bytes: tile.smem_bytes as u32,
             };
+            let maps;
+            let mut builder = stream.launch_builder(&tile.func);
+            builder.arg(&args).arg(&params.blob);
+            if tile.cfg.op == crate::jit::Op::Prefill && tile.cfg.prefill_tile().sm90 {
+                // The Hopper prefill loop also takes the K/V tensor maps (by value), describing
+                // the same K/V buffers as `args` (their extents are the validated cache's); the
+                // kernel takes them as its third parameter (prefill.cu.tera, sm90).
+                maps = KvMaps::new::<T>(&args, &step.batch, self.sm90_kv_copy);
+                builder.arg(&maps);
+            }
             // SAFETY: every pointer comes from a live CudaSlice whose length `checked_args`
             // checked against the validated batch; the index arrays are the engine's own upload
             // of that batch (a DeviceTable or a wrapper's buffer), and the plan was made for it
             // (its fingerprint) and uploaded as it is (its id), so every work item indexes inside
             // them; the argument structs' layouts are static_asserted in the compiled source.
             // Every tile takes any plan of its family: the ring covers each item's span whatever
-            // its key count.
-            if tile.cfg.op == crate::jit::Op::Prefill && tile.cfg.prefill_tile().sm90 {
-                // The Hopper prefill loop also takes the K/V tensor maps (by value).
-                let maps = KvMaps::new::<T>(&args, &step.batch, self.sm90_kv_copy);
-                // SAFETY: as below; the maps describe the same K/V buffers as `args` (their
-                // extents are the validated cache's), and the kernel takes them as its third
-                // parameter (prefill.cu.tera, sm90).
-                unsafe { stream.launch_builder(&tile.func).arg(&args).arg(&params.blob).arg(&maps).launch(launch) }.map_err(cuda("launch"))?;
-            } else {
-                unsafe { stream.launch_builder(&tile.func).arg(&args).arg(&params.blob).launch(launch) }.map_err(cuda("launch"))?;
-            }
+            // its key count. The tensor maps (sm90) outlive the launch, as `args` does.
+            unsafe { builder.launch(launch) }.map_err(cuda("launch"))?;
         }
         // The packed plan holds the merge list after the work list.
         self.launch_merge(stream, &k.merge, &args, plan.merge_offset() as u64, plan.merge_grid(), k.cfg.group, step.batch.qo_heads, kv.head_dim_vo, &params.blob)

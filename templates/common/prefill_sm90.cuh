@@ -168,7 +168,7 @@ struct PrefillSm90 {
           const int k0 = t0 + 8 * run;
           if (k0 >= span_lo && k0 + 7 <= hi) {
             const int page = looked == -2 ? kv_page(a, k0, hi, rows.page_begin) : looked;
-            const int in_page = a.page_shift >= 0 ? k0 & (a.page_size - 1) : k0 % a.page_size;
+            const int in_page = kv_slot(a, k0);
             af_mbar_expect_tx(bar, panels * 1024u);
 #pragma unroll
             for (int pp = 0; pp < panels; ++pp) {

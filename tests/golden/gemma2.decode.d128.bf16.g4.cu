@@ -542,12 +542,18 @@ __device__ __forceinline__ int kv_page(const A& a, int pos, int hi, int page_beg
   return a.kv_indices[page_begin + pi];
 }
 
+// The slot of KV position `pos` in its page.
+template <class A>
+__device__ __forceinline__ int kv_slot(const A& a, int pos) {
+  return a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
+}
+
 // The K and V rows of position `pos` on `page` (nullptr when page < 0).
 template <typename KV, class A>
 __device__ __forceinline__ KeyRows<KV> kv_rows(const A& a, int pos, int page, int kv_head) {
   KeyRows<KV> r = {nullptr, nullptr};
   if (page >= 0) {
-    const int slot = a.page_shift >= 0 ? pos & (a.page_size - 1) : pos % a.page_size;
+    const int slot = kv_slot(a, pos);
     r.k = a.k + (long long)kv_head * a.k_head_stride + page * a.k_page_stride + (long long)slot * a.k_slot_stride;
     r.v = a.v + (long long)kv_head * a.v_head_stride + page * a.v_page_stride + (long long)slot * a.v_slot_stride;
   }
