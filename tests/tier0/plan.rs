@@ -89,6 +89,32 @@ fn cta_loads(plan: &DecodePlan) -> Vec<usize> {
 
 proptest! {
     #[test]
+    fn fixed_grids_deal_a_longer_list_out_evenly(lens in prop::collection::vec(0usize..1000, 66..200)) {
+        // Where no length is past a share of 33 CTAs (no balancing): one item per request on
+        // 33 CTAs.
+        let cap = 2 * lens.len() + 40;
+        let (f, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: cap }).unwrap();
+        let spans: Vec<(usize, usize)> = lens.iter().map(|&l| (0, l)).collect();
+        check_cover(&f, &spans);
+        prop_assert!(f.work.len() <= cap && f.stride <= 33);
+        let total: usize = lens.iter().sum();
+        let skewed = lens.iter().any(|&l| l > total.div_ceil(33));
+        if !skewed && f.per_cta > 1 {
+            prop_assert!(f.merge.is_empty());
+            // Longest first to the least loaded, a cost of keys + one tile (32): no CTA more than
+            // one item above the average.
+            let cost = |w: &attnforge::abi::DecodeWork| if w.req < 0 { 0 } else { (w.kv_end - w.kv_begin) as usize + 32 };
+            let mut loads = vec![0usize; f.stride];
+            for (i, w) in f.work.iter().enumerate() {
+                loads[i % f.stride] += cost(w);
+            }
+            let avg = loads.iter().sum::<usize>() / f.stride;
+            let most = f.work.iter().map(cost).max().unwrap();
+            prop_assert!(*loads.iter().max().unwrap() <= avg + most, "{:?}", loads);
+        }
+    }
+
+    #[test]
     fn balanced_plans_cover_once_and_even_out_the_ctas(lens in prop::collection::vec(0usize..20000, 1..300), resident in 8usize..600) {
         let (p, _, _) = plan_resident("default", &[], &lens, 132, resident, PlanMode::Default).unwrap();
         let spans: Vec<(usize, usize)> = lens.iter().map(|&l| (0, l)).collect();
@@ -194,10 +220,17 @@ fn big_batches_balance_into_one_wave() {
     }
     check_merge_offset(&f.packed(), f.merge_offset(), &f.merge);
     // A fixed grid the balanced list does not fit runs the batch unbalanced, one item per
-    // request (128, walked by its 33 CTAs: 4 each), when that fits; smaller still is an error.
+    // request, dealt to its 33 CTAs longest first to the least loaded: the 32K request alone on
+    // one CTA, the 127 others 3 or 4 to each of the other 32 (columns padded to 4 × 33), when
+    // that fits; smaller still is an error.
     let (n, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: p.work.len() - 1 }).unwrap();
-    assert_eq!((n.per_cta, n.stride, n.merge.len(), n.work.len()), (4, 33, 0, lens.len()));
-    assert!(n.work.iter().zip(&lens).all(|(w, _)| w.kv_begin == 0 && w.kv_end as usize == lens[w.req as usize]));
+    assert_eq!((n.per_cta, n.stride, n.merge.len(), n.work.len()), (4, 33, 0, 132));
+    let real: Vec<_> = n.work.iter().filter(|w| w.req >= 0).collect();
+    assert_eq!(real.len(), lens.len());
+    assert!(real.iter().all(|w| w.kv_begin == 0 && w.kv_end as usize == lens[w.req as usize]));
+    let long_cta = n.work.iter().position(|w| w.req == 0).unwrap() % 33;
+    assert_eq!(n.work.iter().enumerate().filter(|(i, w)| i % 33 == long_cta && w.req >= 0).count(), 1, "the 32K request runs alone");
+    check_cover(&n, &spans);
     let err = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: lens.len() - 1 }).unwrap_err();
     assert!(err.to_string().contains("but the fixed grid holds"), "{err}");
     // Deterministic plans keep one item per CTA.
@@ -216,13 +249,25 @@ fn big_batches_balance_into_one_wave() {
 #[test]
 fn a_fixed_grid_launches_one_resident_wave_that_walks_a_longer_list() {
     // 128 similar requests, 33 resident CTAs per head: unbalanced, one item per request, walked
-    // by 33 CTAs (CTA x runs items x, x + 33, …), longest first; the capacity only pads the lists.
+    // by 33 CTAs (CTA x runs items x, x + 33, …), dealt longest first to the least loaded CTA
+    // and padded to whole columns; the capacity only pads the lists.
     let lens: Vec<usize> = (0..128).map(|i| 1000 + 8 * i).collect();
     let (f, _, _) = plan_resident("default", &[], &lens, 132, 264, PlanMode::FixedGrid { max_ctas: 500 }).unwrap();
-    assert_eq!((f.grid, f.stride, f.per_cta, f.work.len(), f.merge.len()), (33, 33, 4, 128, 0));
-    assert_eq!(f.packed()[..4], [128, 0, 33, 0]);
+    assert_eq!((f.grid, f.stride, f.merge.len()), (33, 33, 0));
+    assert_eq!(f.work.len(), f.per_cta * 33);
+    assert_eq!(f.work.iter().filter(|w| w.req >= 0).count(), 128);
+    assert_eq!(f.packed()[..4], [f.work.len() as i32, 0, 33, 0]);
     assert_eq!(f.packed().len(), f.packed_len());
-    assert!(f.work.windows(2).all(|w| w[0].kv_end - w[0].kv_begin >= w[1].kv_end - w[1].kv_begin));
+    // Each column runs its items longest first.
+    for c in 0..33 {
+        let col: Vec<i32> = f.work.iter().skip(c).step_by(33).filter(|w| w.req >= 0).map(|w| w.kv_end - w.kv_begin).collect();
+        assert!(col.windows(2).all(|w| w[0] >= w[1]), "column {c}: {col:?}");
+    }
+    // No CTA has more than the fair share plus one item (the walk by stride over the sorted
+    // list gave CTA 0 a fourth item: 2016 + 1752 + 1488 + 1224 keys).
+    let loads = cta_loads(&f);
+    let total: usize = lens.iter().sum();
+    assert!(*loads.iter().max().unwrap() <= total / 33 + 2016, "{loads:?}");
     let spans: Vec<(usize, usize)> = lens.iter().map(|&l| (0, l)).collect();
     check_cover(&f, &spans);
     // A batch that needs fewer CTAs than the wave uses only those.
