@@ -2,8 +2,9 @@
 # Issue 16 on the device: the Python package's GPU tests, then the serving loop for attnforge and
 # FlashInfer 0.7.2 in the same call. Carry [".device", ".whl"]: the attnforge wheel in
 # .device/wheels (maturin build), FlashInfer trimmed (benches/fetch-flashinfer.sh) and pytest's
-# wheels in .whl/py. Usage: bash benches/device/issue16.sh [tests|host|loop|all] [serving_loop args…]
-# (host: benches/host_overhead.py, each call of an eager decode step timed alone)
+# wheels in .whl/py. Usage: bash benches/device/issue16.sh [tests|host|loop|gap|all] [serving_loop args…]
+# (host: benches/host_overhead.py, each call of an eager decode step timed alone; gap:
+# benches/graph_gap.py, graph against eager decode steps at B 40 / 100 / 24, buckets 64 / 128 / 32)
 set -uo pipefail
 what=${1:-all}; shift || true
 export CUDA_HOME=/usr/local/cuda MAX_JOBS=16 FLASHINFER_CUDA_ARCH_LIST=9.0a
@@ -23,5 +24,11 @@ if [[ $what == host || $what == all ]]; then
 fi
 if [[ $what == loop || $what == all ]]; then
   PYTHONPATH=/tmp/afpy:/tmp/site python3 benches/serving_loop.py --json "${OUT:-/tmp}/serving.json" "$@" || status=1
+fi
+if [[ $what == gap ]]; then
+  for bb in "40 64" "100 128" "24 32"; do
+    read -r b c <<< "$bb"
+    PYTHONPATH=/tmp/afpy:/tmp/site timeout 150 python3 benches/graph_gap.py --batch $b --bucket $c 2>&1 | grep -v INFO | tail -n 12 || status=1
+  done
 fi
 exit $status
