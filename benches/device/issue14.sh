@@ -8,10 +8,10 @@
 #   bench:  `attnforge bench --suite prefill`: the engine's choice, the sm90 loop forced
 #           (128-key tiles; d 256 cannot take them and is reported untimed) and the portable
 #           default tile above d 128 forced (4w x 1, 32-key tiles)
-#   ab:     the sm90 rows under each developer flag of prefill_sm90.cuh: the tensor-copy pages
-#           looked up a tile ahead, the copies spread over 4 producer warps, the consumers' K
-#           wait before their turn (not yet measured, off by default), without the ordered
-#           P · V wait, without ping-pong
+#   ab:     the sm90 rows with tensor copies of 8 and 16 keys (ATTNFORGE_SM90_TMA_RUN) and with
+#           gathers, under developer flags of prefill_sm90.cuh: K issued a tile ahead of V, the
+#           tensor-copy pages looked up a tile ahead, the copies spread over 4 producer warps,
+#           the consumers' K wait before their turn
 #   diag:   (tuning) the sm90 loop's ring shapes at d 128, then a timing-only build whose
 #           gathers copy nothing (wrong results), to see what bounds it
 #   ncu:    Nsight Compute on one sm90 launch (causal 16K d 128), tensor copies and gathers
@@ -40,9 +40,13 @@ if [[ $what == bench || $what == all ]]; then
 fi
 if [[ $what == ab || $what == all ]]; then
   # The sm90 rows under each developer flag of prefill_sm90.cuh (one build each), same call.
-  for f in "-DAF_TMA_LOOKAHEAD=1" "-DAF_TMA_WARPS=4" "-DAF_TMA_WARPS=4 -DAF_TMA_LOOKAHEAD=1" "-DAF_WAIT_BEFORE_TURN=1" "-DAF_ORDER_WAIT=0" "-DAF_PINGPONG=0"; do
-    echo "== $f"
-    ATTNFORGE_NVRTC_FLAGS="$f" timeout 120 ./.device/bin/attnforge bench --suite prefill --only 16384 --only "4096, MHA" --only "batch 16" --tile p,sm90,128,2 > "$out/prefill_ab.log" 2>&1 || status=1
+  # Each entry: "RUN COPY FLAGS": ATTNFORGE_SM90_TMA_RUN (keys per tensor copy),
+  # ATTNFORGE_SM90_KV_COPY and NVRTC flags (AF_PLAIN is no flag: the default code).
+  for e in "8 tma -DAF_PLAIN=1" "16 tma -DAF_PLAIN=1" "16 tma -DAF_K_AHEAD=1" "16 tma -DAF_K_AHEAD=1 -DAF_TMA_LOOKAHEAD=1" "8 tma -DAF_TMA_LOOKAHEAD=1" \
+           "16 tma -DAF_K_AHEAD=1 -DAF_TMA_LOOKAHEAD=1 -DAF_TMA_WARPS=4" "16 tma -DAF_K_AHEAD=1 -DAF_WAIT_BEFORE_TURN=1" "8 gather -DAF_PLAIN=1" "8 gather -DAF_K_AHEAD=1"; do
+    read -r run copy f <<< "$e"
+    echo "== run $run $copy $f"
+    ATTNFORGE_SM90_TMA_RUN=$run ATTNFORGE_SM90_KV_COPY=$copy ATTNFORGE_NVRTC_FLAGS="$f" timeout 120 ./.device/bin/attnforge bench --suite prefill ${AB_ONLY:---only 16384 --only "4096, MHA" --only "batch 16"} --tile p,sm90,128,2 > "$out/prefill_ab.log" 2>&1 || status=1
     grep "sm90" "$out/prefill_ab.log" | grep -v "not timed"
   done
 fi

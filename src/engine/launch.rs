@@ -34,6 +34,8 @@ pub(crate) struct KvMaps {
     v: cudarc::driver::sys::CUtensorMap,
     mode: i32,
     slot_first: i32,
+    /// Keys per tensor copy: 8, 16, 32 or 64, dividing the page size.
+    run: i32,
 }
 
 const _: () = assert!(std::mem::size_of::<KvMaps>() == 384 && std::mem::align_of::<KvMaps>() == 128, "KvMaps is pipeline.cuh's AfKvMaps");
@@ -45,10 +47,12 @@ unsafe impl DeviceRepr for KvMaps {}
 impl KvMaps {
     /// Tensor maps over `args`' K and V buffers, when `mode` asks for them at these head dims
     /// ([`super::Sm90KvCopy`]) and the cache takes them.
-    pub(crate) fn new<T: Element>(args: &AttnArgs, batch: &ValidBatch<'_>, mode: super::Sm90KvCopy) -> KvMaps {
+    /// A tensor copy moves a run of the largest of 8, 16, 32 and 64 keys that divides the page
+    /// size and is at most `max_run`.
+    pub(crate) fn new<T: Element>(args: &AttnArgs, batch: &ValidBatch<'_>, mode: super::Sm90KvCopy, max_run: usize) -> KvMaps {
         let kv = batch.kv;
         let zero = cudarc::driver::sys::CUtensorMap { opaque: [0; 16] };
-        let gather = KvMaps { k: zero, v: zero, mode: 0, slot_first: 0 };
+        let gather = KvMaps { k: zero, v: zero, mode: 0, slot_first: 0, run: 8 };
         let wanted = match mode {
             super::Sm90KvCopy::Tma => true,
             super::Sm90KvCopy::Gather => false,
@@ -60,37 +64,46 @@ impl KvMaps {
         let (k_slot, k_head) = (args.k_slot_stride as u64, args.k_head_stride as u64);
         let (v_slot, v_head) = (args.v_slot_stride as u64, args.v_head_stride as u64);
         let slot_first = k_slot < k_head;
-        let k = encode_kv_map::<T>(args.k, kv.head_dim_qk, kv.page_size, kv.kv_heads, kv.num_pages, k_slot, k_head, args.k_page_stride as u64, slot_first);
-        let v = encode_kv_map::<T>(args.v, kv.head_dim_vo, kv.page_size, kv.kv_heads, kv.num_pages, v_slot, v_head, args.v_page_stride as u64, slot_first);
+        let run = tma_run(kv.page_size, max_run);
+        let k = encode_kv_map::<T>(args.k, kv.head_dim_qk, kv.page_size, kv.kv_heads, kv.num_pages, k_slot, k_head, args.k_page_stride as u64, slot_first, run);
+        let v = encode_kv_map::<T>(args.v, kv.head_dim_vo, kv.page_size, kv.kv_heads, kv.num_pages, v_slot, v_head, args.v_page_stride as u64, slot_first, run);
         match (k, v) {
-            (Some(k), Some(v)) if (v_slot < v_head) == slot_first => KvMaps { k, v, mode: 1, slot_first: slot_first as i32 },
+            (Some(k), Some(v)) if (v_slot < v_head) == slot_first => KvMaps { k, v, mode: 1, slot_first: slot_first as i32, run: run as i32 },
             _ => gather,
         }
     }
 }
 
+/// The keys of one tensor copy for pages of `page_size` slots: the largest of 8, 16, 32 and 64
+/// that divides it and is at most `max_run` (at least 8; a page size not a multiple of 8 takes
+/// no tensor copies, [`kv_map_shape`]).
+fn tma_run(page_size: usize, max_run: usize) -> usize {
+    [64, 32, 16].into_iter().find(|&r| r <= max_run && page_size % r == 0).unwrap_or(8)
+}
+
 /// One side's map, as (dims, byte strides of dims 1..3, box): dims (innermost first) head dim,
-/// then slot and head in stride order, then page; a box of 64 columns of 8 slots of one head of
-/// one page. `None` when the cache does not take it (pages not of a multiple of 8 slots, head
-/// dims not of whole 64-column panels, unaligned buffer or strides, extents past the maps').
+/// then slot and head in stride order, then page; a box of 64 columns of `run` slots of one
+/// head of one page. `None` when the cache does not take it (pages not of a multiple of `run`
+/// (and 8) slots, head dims not of whole 64-column panels, unaligned buffer or strides, extents
+/// past the maps').
 #[allow(clippy::too_many_arguments)]
-fn kv_map_shape(elem: u64, ptr: u64, head_dim: usize, page_size: usize, heads: usize, pages: usize, slot_stride: u64, head_stride: u64, page_stride: u64, slot_first: bool) -> Option<([u64; 4], [u64; 3], [u32; 4])> {
+fn kv_map_shape(elem: u64, ptr: u64, head_dim: usize, page_size: usize, heads: usize, pages: usize, slot_stride: u64, head_stride: u64, page_stride: u64, slot_first: bool, run: usize) -> Option<([u64; 4], [u64; 3], [u32; 4])> {
     let strides_ok = [slot_stride, head_stride, page_stride].iter().all(|&s| s.checked_mul(elem).is_some_and(|b| b % 16 == 0 && b < (1 << 40)));
-    if page_size == 0 || page_size % 8 != 0 || head_dim == 0 || head_dim % 64 != 0 || ptr % 16 != 0 || !strides_ok || pages == 0 || [page_size, heads, pages].iter().any(|&d| d as u64 > u32::MAX as u64) {
+    if !matches!(run, 8 | 16 | 32 | 64) || page_size == 0 || page_size % run != 0 || page_size % 8 != 0 || head_dim == 0 || head_dim % 64 != 0 || ptr % 16 != 0 || !strides_ok || pages == 0 || [page_size, heads, pages].iter().any(|&d| d as u64 > u32::MAX as u64) {
         return None;
     }
     let (d1, s1, d2, s2) = if slot_first { (page_size, slot_stride, heads, head_stride) } else { (heads, head_stride, page_size, slot_stride) };
     Some((
         [head_dim as u64, d1 as u64, d2 as u64, pages as u64],
         [s1 * elem, s2 * elem, page_stride * elem],
-        [64, if slot_first { 8 } else { 1 }, if slot_first { 1 } else { 8 }, 1],
+        [64, if slot_first { run as u32 } else { 1 }, if slot_first { 1 } else { run as u32 }, 1],
     ))
 }
 
 /// One side's map ([`kv_map_shape`]), 128-byte swizzled (the sm90 loop's panels). `None` when
 /// the cache does not take it or the driver refuses it.
 #[allow(clippy::too_many_arguments)]
-fn encode_kv_map<T: Element>(ptr: u64, head_dim: usize, page_size: usize, heads: usize, pages: usize, slot_stride: u64, head_stride: u64, page_stride: u64, slot_first: bool) -> Option<cudarc::driver::sys::CUtensorMap> {
+fn encode_kv_map<T: Element>(ptr: u64, head_dim: usize, page_size: usize, heads: usize, pages: usize, slot_stride: u64, head_stride: u64, page_stride: u64, slot_first: bool, run: usize) -> Option<cudarc::driver::sys::CUtensorMap> {
     use cudarc::driver::sys;
     let elem = std::mem::size_of::<T>() as u64;
     let dtype = match T::DTYPE {
@@ -98,7 +111,7 @@ fn encode_kv_map<T: Element>(ptr: u64, head_dim: usize, page_size: usize, heads:
         crate::kv::DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
         crate::kv::DType::F32 => return None,
     };
-    let (dims, strides, boxd) = kv_map_shape(elem, ptr, head_dim, page_size, heads, pages, slot_stride, head_stride, page_stride, slot_first)?;
+    let (dims, strides, boxd) = kv_map_shape(elem, ptr, head_dim, page_size, heads, pages, slot_stride, head_stride, page_stride, slot_first, run)?;
     let estr: [u32; 4] = [1; 4];
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
     // SAFETY: every array has the rank's length (strides one less), `map` is writable, and the
@@ -361,7 +374,7 @@ impl Engine {
                 // The Hopper prefill loop also takes the K/V tensor maps (by value), describing
                 // the same K/V buffers as `args` (their extents are the validated cache's); the
                 // kernel takes them as its third parameter (prefill.cu.tera, sm90).
-                maps = KvMaps::new::<T>(&args, &step.batch, self.sm90_kv_copy);
+                maps = KvMaps::new::<T>(&args, &step.batch, self.sm90_kv_copy, self.sm90_tma_run);
                 builder.arg(&maps);
             }
             // SAFETY: every pointer comes from a live CudaSlice whose length `checked_args`
@@ -510,26 +523,26 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::kv_map_shape;
+    use super::{kv_map_shape, tma_run};
 
     #[test]
     fn kv_maps_take_whole_runs_of_8_slots_in_either_layout() {
         // NHD [pages][16 slots][8 heads][128]: heads before slots (stride order), a box of 8 slots.
         let (d, h, p) = (128u64, 8u64, 16u64);
-        let nhd = kv_map_shape(2, 0x1000, 128, 16, 8, 100, h * d, d, p * h * d, false).unwrap();
+        let nhd = kv_map_shape(2, 0x1000, 128, 16, 8, 100, h * d, d, p * h * d, false, 8).unwrap();
         assert_eq!(nhd, ([128, 8, 16, 100], [d * 2, h * d * 2, p * h * d * 2], [64, 1, 8, 1]));
         // HND [pages][8 heads][16 slots][128]: slots first.
-        let hnd = kv_map_shape(2, 0x1000, 128, 16, 8, 100, d, p * d, p * h * d, true).unwrap();
+        let hnd = kv_map_shape(2, 0x1000, 128, 16, 8, 100, d, p * d, p * h * d, true, 8).unwrap();
         assert_eq!(hnd, ([128, 16, 8, 100], [d * 2, p * d * 2, p * h * d * 2], [64, 8, 1, 1]));
         // K and V interleaved in one buffer: twice the page stride.
-        let kv = kv_map_shape(2, 0x1000, 192, 64, 4, 7, 4 * 192, 192, 2 * 64 * 4 * 192, false).unwrap();
+        let kv = kv_map_shape(2, 0x1000, 192, 64, 4, 7, 4 * 192, 192, 2 * 64 * 4 * 192, false, 8).unwrap();
         assert_eq!(kv.0, [192, 4, 64, 7]);
         assert_eq!(kv.1[2], 2 * 64 * 4 * 192 * 2);
     }
 
     #[test]
     fn kv_maps_refuse_what_tensor_copies_cannot_move() {
-        let ok = |page: usize, dim: usize, ptr: u64, slot: u64| kv_map_shape(2, ptr, dim, page, 8, 10, slot, dim as u64, page as u64 * slot, false).is_some();
+        let ok = |page: usize, dim: usize, ptr: u64, slot: u64| kv_map_shape(2, ptr, dim, page, 8, 10, slot, dim as u64, page as u64 * slot, false, 8).is_some();
         assert!(ok(16, 128, 0, 8 * 128));
         for page in [1, 2, 4, 12, 0] {
             assert!(!ok(page, 128, 0, 8 * 128), "page size {page}");
@@ -537,7 +550,21 @@ mod tests {
         assert!(!ok(16, 96, 0, 8 * 96), "head dim 96 is not whole panels");
         assert!(!ok(16, 128, 8, 8 * 128), "a buffer 8 bytes off 16");
         assert!(!ok(16, 128, 0, 8 * 128 + 4), "a slot stride of 8 bytes past 16");
-        assert!(kv_map_shape(2, 0, 128, 16, 8, 0, 1024, 128, 16 * 1024, false).is_none(), "no pages");
-        assert!(kv_map_shape(2, 0, 128, 16, 8, 10, 1024, 128, u64::MAX / 2, false).is_none(), "a stride past 2^40 bytes");
+        assert!(kv_map_shape(2, 0, 128, 16, 8, 0, 1024, 128, 16 * 1024, false, 8).is_none(), "no pages");
+        assert!(kv_map_shape(2, 0, 128, 16, 8, 10, 1024, 128, u64::MAX / 2, false, 8).is_none(), "a stride past 2^40 bytes");
+    }
+
+    #[test]
+    fn kv_maps_take_longer_runs_that_divide_the_page() {
+        assert_eq!([tma_run(16, 8), tma_run(16, 16), tma_run(16, 64), tma_run(64, 64), tma_run(48, 64), tma_run(24, 64), tma_run(128, 32)], [8, 16, 16, 64, 16, 8, 32]);
+        let (d, h) = (128u64, 8u64);
+        // NHD pages of 64 slots, runs of 32: the box spans 32 slots of one head.
+        let nhd = kv_map_shape(2, 0x1000, 128, 64, 8, 100, h * d, d, 64 * h * d, false, 32).unwrap();
+        assert_eq!(nhd.2, [64, 1, 32, 1]);
+        let hnd = kv_map_shape(2, 0x1000, 128, 16, 8, 100, d, 16 * d, 16 * h * d, true, 16).unwrap();
+        assert_eq!(hnd.2, [64, 16, 1, 1]);
+        assert!(kv_map_shape(2, 0x1000, 128, 16, 8, 100, h * d, d, 16 * h * d, false, 32).is_none(), "a run longer than the page");
+        assert!(kv_map_shape(2, 0x1000, 128, 48, 8, 100, h * d, d, 48 * h * d, false, 32).is_none(), "a run not dividing the page");
+        assert!(kv_map_shape(2, 0x1000, 128, 16, 8, 100, h * d, d, 16 * h * d, false, 12).is_none(), "not a run the kernel takes");
     }
 }

@@ -88,6 +88,24 @@ pub struct Engine {
     programmatic_merge: bool,
     /// How the sm90 prefill loop's producer moves K/V.
     sm90_kv_copy: Sm90KvCopy,
+    /// The most keys one tensor copy of the sm90 loop moves (8, 16, 32 or 64; the run is the
+    /// largest of these dividing the page size). 8 unless `ATTNFORGE_SM90_TMA_RUN` (a developer
+    /// knob for measurements) says otherwise.
+    sm90_tma_run: usize,
+}
+
+/// `ATTNFORGE_SM90_TMA_RUN`'s value (8, 16, 32 or 64; unset 8, anything else a warning and 8).
+fn sm90_tma_run_from_env() -> usize {
+    match std::env::var("ATTNFORGE_SM90_TMA_RUN").as_deref() {
+        Err(_) => 8,
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n @ (8 | 16 | 32 | 64)) => n,
+            _ => {
+                eprintln!("attnforge: warning: ATTNFORGE_SM90_TMA_RUN={v:?} is not 8, 16, 32 or 64; using 8");
+                8
+            }
+        },
+    }
 }
 
 /// How the Hopper prefill loop's producer warpgroup moves K/V into shared memory
@@ -134,7 +152,7 @@ impl Engine {
         let (major, minor) = ctx.compute_capability().map_err(cuda("compute capability"))?;
         let sm_count = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(cuda("SM count"))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new(), merge_fns: DashMap::new(), programmatic_merge: major >= 9, sm90_kv_copy: Sm90KvCopy::from_env() })
+        Ok(Engine { ctx, stream, arch: Arch::for_device(major as u32, minor as u32), name, sm_count, jit: Jit::new()?, modules: DashMap::new(), merge_fns: DashMap::new(), programmatic_merge: major >= 9, sm90_kv_copy: Sm90KvCopy::from_env(), sm90_tma_run: sm90_tma_run_from_env() })
     }
 
     /// The CUDA context (the primary context of its device).
@@ -193,6 +211,22 @@ impl Engine {
     /// Picks how the Hopper prefill loop moves K/V (tuning and tests; the results are the same).
     pub fn set_sm90_kv_copy(&mut self, mode: Sm90KvCopy) {
         self.sm90_kv_copy = mode;
+    }
+
+    /// The most keys one tensor copy of the Hopper prefill loop moves ([`Engine::set_sm90_tma_run`]).
+    pub fn sm90_tma_run(&self) -> usize {
+        self.sm90_tma_run
+    }
+
+    /// Sets the most keys one tensor copy of the Hopper prefill loop moves: 8, 16, 32 or 64 (a
+    /// launch takes the largest of these at most `max_run` that divides its page size; tuning
+    /// and tests, the results are the same). `ATTNFORGE_SM90_TMA_RUN` sets it for a new engine.
+    pub fn set_sm90_tma_run(&mut self, max_run: usize) -> Result<()> {
+        if !matches!(max_run, 8 | 16 | 32 | 64) {
+            return Err(Error::UnsupportedConfig(format!("sm90 tensor-copy run of {max_run} keys: 8, 16, 32 or 64")));
+        }
+        self.sm90_tma_run = max_run;
+        Ok(())
     }
 
     /// The JIT (compiler and cache).

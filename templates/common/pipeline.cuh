@@ -179,7 +179,7 @@ struct alignas(128) AfTensorMap {
 };
 struct AfKvMaps {
   AfTensorMap k, v;
-  int mode, slot_first;
+  int mode, slot_first, run;
 };
 static_assert(sizeof(AfKvMaps) == 384 && alignof(AfKvMaps) == 128, "AfKvMaps is launch.rs's KvMaps");
 

@@ -65,6 +65,11 @@
 #ifndef AF_TMA_LOOKAHEAD
 #define AF_TMA_LOOKAHEAD 0
 #endif
+// AF_K_AHEAD=1 (not yet measured, off) issues K one tile ahead of V (K(t + 1) before V(t), as
+// FlashInfer's paged producer does): the consumers need K(t + 1) before V(t) is released.
+#ifndef AF_K_AHEAD
+#define AF_K_AHEAD 0
+#endif
 #ifndef AF_WAIT_BEFORE_TURN
 #define AF_WAIT_BEFORE_TURN 0
 #endif
@@ -117,13 +122,13 @@ struct PrefillSm90 {
     if (consumer) rows.template bounds<1>(row0, g, t4, see_lo, see_hi, in_lo, in_hi);
     int lo, hi;
     rows.span(see_lo, see_hi, lane, lo, hi, consumer ? &wg_lo[wg - 1] : nullptr, consumer ? &wg_hi[wg - 1] : nullptr);
-    // Tensor copies move runs of 8 keys of one page (the host picks them only for pages of a
-    // multiple of 8 slots): the tiles start on a multiple of 8. The keys before the span in
-    // the first run are zero-filled, never read (span_lo), so only keys of the span reach the
-    // MMAs, as with gathers.
+    // Tensor copies move runs of maps.run keys of one page (the host picks them only for pages
+    // of a multiple of 8 slots, and a run that divides the page): the tiles start on a multiple
+    // of the run. The keys before the span in the first run are zero-filled, never read
+    // (span_lo), so only keys of the span reach the MMAs, as with gathers.
     const bool tma = maps.mode != 0;
     const int span_lo = lo;
-    if (tma) lo &= ~7;
+    if (tma) lo &= ~(maps.run - 1);
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const unsigned base = (af_smem_addr(smem_raw) + 1023u) & ~1023u;
@@ -152,65 +157,89 @@ struct PrefillSm90 {
       af_setmaxnreg_dec<PRODUCER_REGS>();
       if (warp >= AF_TMA_WARPS) return;
       // Run c (lane c of the first warp; with AF_TMA_WARPS warps, lane c % RPW of warp c / RPW)
-      // loads keys 8c .. 8c + 7 of each tile: one box of 8 slots x 64 columns per panel (1 KB,
-      // swizzled by the copy as the panels are), landing in the tile's rows 8c .. 8c + 7. (A
-      // tensor copy takes warp-uniform operands: ptxas issues a warp's copies one lane after the
-      // other.)
-      // A run reaching outside [span_lo, hi] (the span's first or last) is gathered instead,
-      // its keys outside zero-filled, so no garbage past a request's last key (nor a key before
-      // the span) reaches the MMAs.
-      constexpr int RUNS = KV_TILE / 8, RPW = (RUNS + AF_TMA_WARPS - 1) / AF_TMA_WARPS;
-      const int run = warp * RPW + lane;
-      const bool runs = lane < RPW && run < RUNS;
+      // loads keys RUN c .. RUN c + RUN - 1 of each tile, RUN = maps.run (8, 16, 32 or 64; it
+      // divides the page size, so a run is slots of one page): one box of RUN slots x 64
+      // columns per panel (swizzled by the copy as the panels are), landing in the tile's rows
+      // RUN c .. RUN (c + 1) - 1. (A tensor copy takes warp-uniform operands: ptxas issues a
+      // warp's copies one lane after the other, so fewer, larger boxes issue faster.)
+      // A run reaching outside [span_lo, hi] (the span's first or last) is gathered instead, by
+      // the whole of warp 0, its keys outside zero-filled, so no garbage past a request's last
+      // key (nor a key before the span) reaches the MMAs.
+      const int run_len = maps.run, runs_per_tile = KV_TILE / run_len;
+      const int rpw = (runs_per_tile + AF_TMA_WARPS - 1) / AF_TMA_WARPS;
+      const int run = warp * rpw + lane;
+      const bool runs = lane < rpw && run < runs_per_tile;
+      const unsigned run_bytes = run_len * 128u;
       // `looked`: the run's page when it was looked up ahead (AF_TMA_LOOKAHEAD), else -2.
       auto load = [&](unsigned slot, const AfTensorMap* map, int panels, unsigned long long* bar, int t0, bool is_k, int looked) {
+        // The tile's keys [0, head) and [tail, KV_TILE) are in runs not wholly inside the span.
+        const int head = t0 < span_lo ? run_len : 0;
+        const int tail = max(head, min(KV_TILE, (hi - t0 + 1) / run_len * run_len));
         if (runs) {
-          const int k0 = t0 + 8 * run;
-          if (k0 >= span_lo && k0 + 7 <= hi) {
+          const int k0 = t0 + run_len * run;
+          if (run_len * run >= head && run_len * run < tail) {
             const int page = looked == -2 ? kv_page(a, k0, hi, rows.page_begin) : looked;
             const int in_page = kv_slot(a, k0);
-            af_mbar_expect_tx(bar, panels * 1024u);
+            af_mbar_expect_tx(bar, panels * run_bytes);
 #pragma unroll
             for (int pp = 0; pp < panels; ++pp) {
-              const unsigned dst = slot + pp * KV_PANEL + 8 * run * 128;
+              const unsigned dst = slot + pp * KV_PANEL + run * run_bytes;
               if (maps.slot_first) af_tma_load_4d(dst, map, pp * 64, in_page, kv_head, page, bar);
               else af_tma_load_4d(dst, map, pp * 64, kv_head, in_page, page, bar);
             }
-          } else {
-            for (int r = 0; r < 8; ++r) {
-              const int j = 8 * run + r, pg = t0 + j < span_lo ? -1 : kv_page(a, t0 + j, hi, rows.page_begin);
-              const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, t0 + j, pg, kv_head);
-              const DTypeKV* src = is_k ? kr.k : kr.v;
-              for (int pp = 0; pp < panels; ++pp)
-#pragma unroll
-                for (int ch = 0; ch < 8; ++ch) af_cp_async16_to(slot + pp * KV_PANEL + af_sw128_offset(j, ch), pg >= 0 ? src + pp * 64 + ch * 8 : a.k, pg >= 0);
-            }
+          }
+        }
+        if (warp == 0 && (head > 0 || tail < KV_TILE)) {
+          // 16-byte chunks (key, panel, chunk) of the edge keys, spread over the warp's lanes.
+          const int n_head = head * panels * 8, n = n_head + (KV_TILE - tail) * panels * 8;
+          for (int i = lane; i < n; i += 32) {
+            const int e = i < n_head ? i : i - n_head, j = (i < n_head ? 0 : tail) + e / (panels * 8);
+            const int pp = e / 8 % panels, ch = e % 8;
+            const int pg = t0 + j < span_lo ? -1 : kv_page(a, t0 + j, hi, rows.page_begin);
+            const KeyRows<DTypeKV> kr = kv_rows<DTypeKV>(a, t0 + j, pg, kv_head);
+            const DTypeKV* src = is_k ? kr.k : kr.v;
+            af_cp_async16_to(slot + pp * KV_PANEL + af_sw128_offset(j, ch), pg >= 0 ? src + pp * 64 + ch * 8 : a.k, pg >= 0);
           }
         }
         af_cp_async_mbar_arrive(bar);
       };
       // The page of this lane's run of tile t when the run is a whole one of the span (-1 else).
       auto run_page = [&](int t) {
-        const int k0 = lo + t * KV_TILE + 8 * run;
-        return runs && t < num_tiles && k0 >= span_lo && k0 + 7 <= hi ? kv_page(a, k0, hi, rows.page_begin) : -1;
+        const int k0 = lo + t * KV_TILE + run_len * run;
+        return runs && t < num_tiles && k0 >= span_lo && k0 + run_len - 1 <= hi ? kv_page(a, k0, hi, rows.page_begin) : -1;
       };
-      (void)run_page;
-#if AF_TMA_LOOKAHEAD
-      int page_next = run_page(0);
-#endif
-      for (int t = 0; t < num_tiles; ++t) {
-        const int s = t % STAGES, round = t / STAGES, t0 = lo + t * KV_TILE;
-#if AF_TMA_LOOKAHEAD
-        const int looked = page_next;
-        page_next = run_page(t + 1);  // issued before the waits: its latency is off the copies' path
-#else
-        const int looked = -2;
-#endif
+      auto load_k = [&](int t, int looked) {
+        const int s = t % STAGES, round = t / STAGES;
         if (round > 0) af_mbar_wait(&k_empty[s], (round - 1) & 1);
-        load(k_base + s * K_SLOT, &maps.k, QK_PANELS, &k_full[s], t0, true, looked);
+        load(k_base + s * K_SLOT, &maps.k, QK_PANELS, &k_full[s], lo + t * KV_TILE, true, looked);
+      };
+      auto load_v = [&](int t, int looked) {
+        const int s = t % STAGES, round = t / STAGES;
         if (round > 0) af_mbar_wait(&v_empty[s], (round - 1) & 1);
-        load(v_base + s * V_SLOT, &maps.v, VO_PANELS, &v_full[s], t0, false, looked);
+        load(v_base + s * V_SLOT, &maps.v, VO_PANELS, &v_full[s], lo + t * KV_TILE, false, looked);
+      };
+      // With AF_TMA_LOOKAHEAD, the pages of the next tiles' runs are looked up before the waits,
+      // so their latency is off the copies' path; -2 = look up at the copy.
+#if AF_K_AHEAD
+      // K one tile ahead of V: K(t + 1) is issued before V(t), as the consumers need them.
+      int page_v = AF_TMA_LOOKAHEAD ? run_page(0) : -2, page_k = AF_TMA_LOOKAHEAD ? run_page(1) : -2;
+      if (num_tiles > 0) load_k(0, page_v);
+      for (int t = 0; t < num_tiles; ++t) {
+        const int page_next = AF_TMA_LOOKAHEAD ? run_page(t + 2) : -2;
+        if (t + 1 < num_tiles) load_k(t + 1, page_k);
+        load_v(t, page_v);
+        page_v = page_k;
+        page_k = page_next;
       }
+#else
+      int page_next = AF_TMA_LOOKAHEAD ? run_page(0) : -2;
+      for (int t = 0; t < num_tiles; ++t) {
+        const int looked = page_next;
+        page_next = AF_TMA_LOOKAHEAD ? run_page(t + 1) : -2;
+        load_k(t, looked);
+        load_v(t, looked);
+      }
+#endif
       return;
     }
     if (!consumer) {
@@ -239,22 +268,40 @@ struct PrefillSm90 {
             if (!AF_DIAG_NOCOPY) af_cp_async16_to(slot + pp * KV_PANEL + off, pg[i] >= 0 ? src + pp * 64 + chunk * 8 : a.k, pg[i] >= 0);
         }
       };
-      int pg[NK];
-      lookup(0, pg);
-      for (int t = 0; t < num_tiles; ++t) {
+      auto gather_k = [&](int t, const int(&pages)[NK]) {
         const int s = t % STAGES, round = t / STAGES;
-        int next[NK];
-        lookup(t + 1, next);
-        const int t0 = lo + t * KV_TILE;
         if (round > 0) af_mbar_wait(&k_empty[s], (round - 1) & 1);
-        gather(k_base + s * K_SLOT, QK_PANELS, t0, pg, true);
+        gather(k_base + s * K_SLOT, QK_PANELS, lo + t * KV_TILE, pages, true);
         af_cp_async_mbar_arrive(&k_full[s]);
+      };
+      auto gather_v = [&](int t, const int(&pages)[NK]) {
+        const int s = t % STAGES, round = t / STAGES;
         if (round > 0) af_mbar_wait(&v_empty[s], (round - 1) & 1);
-        gather(v_base + s * V_SLOT, VO_PANELS, t0, pg, false);
+        gather(v_base + s * V_SLOT, VO_PANELS, lo + t * KV_TILE, pages, false);
         af_cp_async_mbar_arrive(&v_full[s]);
+      };
+      int pg[NK], next[NK];
+      lookup(0, pg);
+#if AF_K_AHEAD
+      // K one tile ahead of V (as the consumers need them): K(t + 1) before V(t).
+      lookup(1, next);
+      if (num_tiles > 0) gather_k(0, pg);
+      for (int t = 0; t < num_tiles; ++t) {
+        if (t + 1 < num_tiles) gather_k(t + 1, next);
+        gather_v(t, pg);
+#pragma unroll
+        for (int i = 0; i < NK; ++i) pg[i] = next[i];
+        lookup(t + 2, next);
+      }
+#else
+      for (int t = 0; t < num_tiles; ++t) {
+        lookup(t + 1, next);
+        gather_k(t, pg);
+        gather_v(t, pg);
 #pragma unroll
         for (int i = 0; i < NK; ++i) pg[i] = next[i];
       }
+#endif
       return;
     }
 
