@@ -5,13 +5,13 @@
 #           and setmaxnreg, one attention tile at d 64 and 128, the paged cp.async gather ring)
 #   tests:  tier 2 `both_main_loops` (the same random batches on the sm90 loop, the portable loop
 #           and the engine's choice) and the random cascades (group items on the sm90 loop)
-#   bench:  `attnforge bench --suite prefill`: the engine's choice, the sm90 loop forced
-#           (128-key tiles; d 256 cannot take them and is reported untimed) and the portable
-#           default tile above d 128 forced (4w x 1, 32-key tiles)
+#   bench:  `attnforge bench --suite prefill`: the engine's choice (the sm90 loop on Hopper) and
+#           the portable default tile up to d 128 forced (4w x 2, 64-key tiles; BENCH_TILES
+#           replaces the forced tiles)
 #   ab:     the sm90 rows with tensor copies of 8 and 16 keys (ATTNFORGE_SM90_TMA_RUN) and with
-#           gathers, under developer flags of prefill_sm90.cuh: K issued a tile ahead of V, the
-#           tensor-copy pages looked up a tile ahead, the copies spread over 4 producer warps,
-#           the consumers' K wait before their turn
+#           gathers, and with each of the producer's developer flags of prefill_sm90.cuh turned
+#           back off (K issued a tile ahead of V, the pages looked up a tile ahead, the copies
+#           over 4 producer warps: 2 instead)
 #   diag:   (tuning) the sm90 loop's ring shapes at d 128, then a timing-only build whose
 #           gathers copy nothing (wrong results), to see what bounds it
 #   ncu:    Nsight Compute on one sm90 launch (causal 16K d 128), tensor copies and gathers
@@ -28,25 +28,24 @@ status=0
 if [[ $what == probes || $what == all ]]; then
   $t2 hopper 2>&1 | tail -n 30 || status=1
 fi
-if [[ $what == tests || $what == all ]]; then
-  ATTNFORGE_NVRTC_FLAGS="-DAF_MBAR_SPIN_LIMIT=67108864" timeout ${LOOPS_TIMEOUT:-400} $t2 both_main_loops > "$out/loops.log" 2>&1 || status=1
+if [[ $what == tests || $what == all || $what == cascades ]]; then
+  [[ $what == cascades ]] || ATTNFORGE_NVRTC_FLAGS="-DAF_MBAR_SPIN_LIMIT=67108864" timeout ${LOOPS_TIMEOUT:-400} $t2 both_main_loops > "$out/loops.log" 2>&1 || status=1
   grep -E "test result|panicked|FAIL" "$out/loops.log"
-  timeout 120 $t2 cascades_match > "$out/cascades.log" 2>&1 || status=1
+  timeout ${CASCADES_TIMEOUT:-240} $t2 cascades_match > "$out/cascades.log" 2>&1 || status=1
   grep -E "test result|panicked|FAIL" "$out/cascades.log"
 fi
 if [[ $what == bench || $what == all ]]; then
-  timeout 200 ./.device/bin/attnforge bench --suite prefill --tile p,sm90,128,2 --tile p,4,1,32,2,1 --json "$out/prefill.json" > "$out/prefill.log" 2>&1 || status=1
+  timeout ${BENCH_TIMEOUT:-200} ./.device/bin/attnforge bench --suite prefill ${BENCH_TILES:---tile p,4,2,64,2,1} --json "$out/prefill.json" > "$out/prefill.log" 2>&1 || status=1
   grep -v "^note" "$out/prefill.log" | tail -n 30
 fi
 if [[ $what == ab || $what == all ]]; then
   # The sm90 rows under each developer flag of prefill_sm90.cuh (one build each), same call.
   # Each entry: "RUN COPY FLAGS": ATTNFORGE_SM90_TMA_RUN (keys per tensor copy),
   # ATTNFORGE_SM90_KV_COPY and NVRTC flags (AF_PLAIN is no flag: the default code).
-  for e in "8 tma -DAF_PLAIN=1" "16 tma -DAF_PLAIN=1" "16 tma -DAF_K_AHEAD=1" "16 tma -DAF_K_AHEAD=1 -DAF_TMA_LOOKAHEAD=1" "8 tma -DAF_TMA_LOOKAHEAD=1" \
-           "16 tma -DAF_K_AHEAD=1 -DAF_TMA_LOOKAHEAD=1 -DAF_TMA_WARPS=4" "16 tma -DAF_K_AHEAD=1 -DAF_WAIT_BEFORE_TURN=1" "8 gather -DAF_PLAIN=1" "8 gather -DAF_K_AHEAD=1"; do
+  for e in "16 tma -DAF_PLAIN=1" "16 tma -DAF_K_AHEAD=0" "16 tma -DAF_TMA_LOOKAHEAD=0" "16 tma -DAF_TMA_WARPS=2" "8 tma -DAF_PLAIN=1" "16 gather -DAF_PLAIN=1"; do
     read -r run copy f <<< "$e"
     echo "== run $run $copy $f"
-    ATTNFORGE_SM90_TMA_RUN=$run ATTNFORGE_SM90_KV_COPY=$copy ATTNFORGE_NVRTC_FLAGS="$f" timeout 120 ./.device/bin/attnforge bench --suite prefill ${AB_ONLY:---only 16384 --only "4096, MHA" --only "batch 16"} --tile p,sm90,128,2 > "$out/prefill_ab.log" 2>&1 || status=1
+    ATTNFORGE_SM90_TMA_RUN=$run ATTNFORGE_SM90_KV_COPY=$copy ATTNFORGE_NVRTC_FLAGS="$f" timeout 120 ./.device/bin/attnforge bench --suite prefill ${AB_ONLY:---only "single 16384, MHA" --only "batch 16" --only "single 4096" --only d256} --tile p,sm90,128,2 > "$out/prefill_ab.log" 2>&1 || status=1
     grep "sm90" "$out/prefill_ab.log" | grep -v "not timed"
   done
 fi

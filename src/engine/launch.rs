@@ -21,12 +21,11 @@ use crate::plan::{Plan, PLAN_HEADER_INTS};
 use crate::{Error, Result};
 
 /// The sm90 prefill loop's K/V tensor maps (pipeline.cuh's `AfKvMaps`, the kernel's third
-/// parameter): with them its producer loads each run of 8 keys of a page with one tensor copy
-/// per 64-column panel instead of 16-byte gathers. They are made when the engine's
-/// [`super::Sm90KvCopy`] asks for them (by default up to head dim 128, which the engine runs on
-/// this loop only when a tile forces it) and the cache's pages hold a multiple of 8 slots, with
-/// 16-byte aligned buffers and strides; otherwise (page size 1, say) `mode` is 0 and the
-/// producer gathers, as ARCHITECTURE.md says.
+/// parameter): with them its producer loads each run of 8 to 64 keys of a page with one tensor
+/// copy per 64-column panel instead of 16-byte gathers. They are made when the engine's
+/// [`super::Sm90KvCopy`] asks for them (by default always) and the cache's pages hold a multiple
+/// of 8 slots, with 16-byte aligned buffers and strides; otherwise (page size 1, say) `mode` is
+/// 0 and the producer gathers, as ARCHITECTURE.md says.
 #[repr(C, align(128))]
 #[derive(Clone, Copy)]
 pub(crate) struct KvMaps {
@@ -56,7 +55,7 @@ impl KvMaps {
         let wanted = match mode {
             super::Sm90KvCopy::Tma => true,
             super::Sm90KvCopy::Gather => false,
-            super::Sm90KvCopy::Auto => kv.head_dim_qk.max(kv.head_dim_vo) <= 128,
+            super::Sm90KvCopy::Auto => true,
         };
         if !wanted {
             return gather;

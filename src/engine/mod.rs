@@ -89,20 +89,22 @@ pub struct Engine {
     /// How the sm90 prefill loop's producer moves K/V.
     sm90_kv_copy: Sm90KvCopy,
     /// The most keys one tensor copy of the sm90 loop moves (8, 16, 32 or 64; the run is the
-    /// largest of these dividing the page size). 8 unless `ATTNFORGE_SM90_TMA_RUN` (a developer
+    /// largest of these dividing the page size). 64 unless `ATTNFORGE_SM90_TMA_RUN` (a developer
     /// knob for measurements) says otherwise.
     sm90_tma_run: usize,
 }
 
-/// `ATTNFORGE_SM90_TMA_RUN`'s value (8, 16, 32 or 64; unset 8, anything else a warning and 8).
+/// `ATTNFORGE_SM90_TMA_RUN`'s value (8, 16, 32 or 64; unset 64, anything else a warning and
+/// 64). At page 16 (runs of 16 keys) causal 16K d 128 ran 642 TFLOP/s against 354 with runs of
+/// 8 (H200, BENCHMARKS.md eleventh session); longer runs for larger pages are not yet timed.
 fn sm90_tma_run_from_env() -> usize {
     match std::env::var("ATTNFORGE_SM90_TMA_RUN").as_deref() {
-        Err(_) => 8,
+        Err(_) => 64,
         Ok(v) => match v.parse::<usize>() {
             Ok(n @ (8 | 16 | 32 | 64)) => n,
             _ => {
-                eprintln!("attnforge: warning: ATTNFORGE_SM90_TMA_RUN={v:?} is not 8, 16, 32 or 64; using 8");
-                8
+                eprintln!("attnforge: warning: ATTNFORGE_SM90_TMA_RUN={v:?} is not 8, 16, 32 or 64; using 64");
+                64
             }
         },
     }
@@ -113,13 +115,14 @@ fn sm90_tma_run_from_env() -> usize {
 /// engine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Sm90KvCopy {
-    /// Tensor copies up to head dim 128, gathers above (measured on the H200, BENCHMARKS.md:
-    /// causal 16K, tensor copies against gathers, d 64 295 against 190 TFLOP/s, d 128 364 against
-    /// 332 in one call; d 256 368 against 509 in two).
+    /// Tensor copies wherever the cache takes them, gathers elsewhere (as `Tma`): measured
+    /// faster at every head dim once the copies were spread over the producer warps (H200,
+    /// causal 16K, BENCHMARKS.md eleventh session: d 64 389 against 191 TFLOP/s, d 128 642
+    /// against 331, d 256 584 against 485-492, one call).
     #[default]
     Auto,
-    /// TMA tensor copies of 8-key runs of a page wherever the cache takes them (pages of a
-    /// multiple of 8 slots, 16-byte aligned buffers and strides); gathers elsewhere.
+    /// TMA tensor copies of 8- to 64-key runs of a page wherever the cache takes them (pages of
+    /// a multiple of 8 slots, 16-byte aligned buffers and strides); gathers elsewhere.
     Tma,
     /// 16-byte `cp.async` gathers always.
     Gather,

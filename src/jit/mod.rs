@@ -287,16 +287,15 @@ impl KernelConfig {
     }
 
     /// Whether the engine runs prompts on the Hopper loop on sm_90a (where [`Self::sm90_prefill`]
-    /// has a tile): above d 128 only. Measured on the H200 (2026-12-03, tenth session, one call,
-    /// bf16, causal unless named, TFLOP/s, sm90 loop (tensor-copy producer up to d 128) /
-    /// portable default, BENCHMARKS.md): d 128 single 4096 279 / 267, 16K 364 / 351, skewed
-    /// 342 / 361, non-causal 16K 369 / 360, soft cap 16K 338 / 309, batch 16 × 2048 GQA 4
-    /// 259 / 312 (another call); d 64 16K 295 / 304; d 256 16K 518 (gathers) against 279 for the
-    /// portable default 4w×1 32k (both in the session's first call, BENCHMARKS.md). At d ≤ 128 the sm90 loop
-    /// is ahead on some shapes and behind on others (short requests: no persistent scheduler
-    /// yet), so the portable loop stays the default there.
+    /// has a tile): at every head dim. Measured on the H200 (2026-12-03, eleventh session, one
+    /// call, bf16, causal unless named, TFLOP/s, sm90 loop with its tensor copies spread over
+    /// the producer warps / portable default, BENCHMARKS.md): d 128 single 4096 448 / 267, 16K
+    /// 642 / 348, skewed 527 / 351, non-causal 16K 578 / 351, soft cap 16K 472 / 309, batch
+    /// 16 × 2048 GQA 4 341 / 311; d 64 16K 389 / 303; d 256 16K 584 against 279 for the
+    /// portable 4w×1 32k (tenth session). Appends keep the portable companion tile
+    /// ([`Self::append_prefill`]).
     pub fn prefers_sm90_prefill(&self) -> bool {
-        self.head_dim_qk.max(self.head_dim_vo) > 128
+        true
     }
 
     /// The Hopper prompt tile of a prefill config (`prefill_sm90.cuh`), which the engine loads

@@ -9,11 +9,12 @@
 //     hi] through the page table (pages in any order) into a STAGES-deep ring of
 //     128-byte-swizzled 64-column panels (keys past hi zero-filled), K and V on their own
 //     barriers, in one of two ways the host picks per launch (AfKvMaps, launch.rs):
-//       * tensor copies (mode 1; pages of a multiple of 8 slots): one warp, lane c moving keys
-//         8c .. 8c + 7 of a tile — 8 slots of one page — with one TMA box per panel (1 KB, the
-//         copy swizzles it as the panels are); the tiles then start on a multiple of 8. A run
-//         reaching past hi is gathered instead. Lanes arrive on `full` (32 arrivals) after
-//         adding their boxes' bytes to its transactions.
+//       * tensor copies (mode 1; pages of a multiple of 8 slots): the tile's runs of RUN keys
+//         (8 to 64 slots of one page, the host's maps.run) dealt over the four producer warps,
+//         each run one TMA box per panel (RUN x 128 bytes, the copy swizzles it as the panels
+//         are); the tiles then start on a multiple of RUN. A run reaching outside the span is
+//         gathered instead, by warp 0. The four warps' lanes arrive on `full` (128 arrivals)
+//         after adding their boxes' bytes to its transactions.
 //       * gathers (mode 0; any page size): every thread copies 16-byte chunks of its keys' rows
 //         with cp.async; each thread's copies arrive on `full` (cp.async.mbarrier.arrive.noinc,
 //         128 arrivals).
@@ -53,22 +54,24 @@
 #ifndef AF_DIAG_NOCOPY
 #define AF_DIAG_NOCOPY 0
 #endif
-// Not yet measured, off (developers' NVRTC flags, for the next A/B): AF_TMA_LOOKAHEAD=1 looks
-// the tensor-copy runs' pages up a tile ahead, as the gathers do; AF_WAIT_BEFORE_TURN=1 makes a
-// consumer wait for its K tile before taking its ping-pong turn, so it never holds the turn
-// while stalled on data (FlashAttention 3's order).
-// AF_TMA_WARPS=2 or 4 (not yet measured; 1 by default) spreads the tensor copies' runs over
-// that many producer warps, so fewer of them queue in one warp.
+// The tensor-copy producer's shape (developers' NVRTC flags, for A/B runs; the defaults are the
+// measured best, H200 2026-12-03, eleventh session, BENCHMARKS.md: with runs of 16 keys, causal
+// 16K d 128 642 TFLOP/s against 480 with none of the three): AF_TMA_WARPS=4 spreads the runs of
+// a tile over the four producer warps (a tensor copy takes warp-uniform operands, so ptxas
+// issues a warp's per-lane copies one lane after another: one warp issuing all of them was the
+// bottleneck), AF_TMA_LOOKAHEAD=1 looks each run's page up before the slot waits (its latency
+// off the copies' path), AF_K_AHEAD=1 issues K one tile ahead of V (K(t + 1) before V(t), in
+// the order the consumers need them; also for gathers, where it measured level).
+// AF_WAIT_BEFORE_TURN=1 makes a consumer wait for its K tile before taking its ping-pong turn
+// (FlashAttention 3's order; measured no faster, off).
 #ifndef AF_TMA_WARPS
-#define AF_TMA_WARPS 1
+#define AF_TMA_WARPS 4
 #endif
 #ifndef AF_TMA_LOOKAHEAD
-#define AF_TMA_LOOKAHEAD 0
+#define AF_TMA_LOOKAHEAD 1
 #endif
-// AF_K_AHEAD=1 (not yet measured, off) issues K one tile ahead of V (K(t + 1) before V(t), as
-// FlashInfer's paged producer does): the consumers need K(t + 1) before V(t) is released.
 #ifndef AF_K_AHEAD
-#define AF_K_AHEAD 0
+#define AF_K_AHEAD 1
 #endif
 #ifndef AF_WAIT_BEFORE_TURN
 #define AF_WAIT_BEFORE_TURN 0

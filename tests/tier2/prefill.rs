@@ -132,7 +132,8 @@ pub(crate) fn both_main_loops_match_the_reference() {
             let copy = if force == Some(true) { [Sm90KvCopy::Auto, Sm90KvCopy::Tma, Sm90KvCopy::Gather][i / 3 % 3] } else { Sm90KvCopy::Auto };
             e.set_sm90_kv_copy(copy);
             // Tensor copies of 8 to 64 keys (as many as divide the page).
-            let run = if force == Some(true) { [8, 16, 32, 64][i / 2 % 4] } else { 8 };
+            let default_run = e.sm90_tma_run();
+            let run = if force == Some(true) { [8, 16, 32, 64][i / 2 % 4] } else { default_run };
             e.set_sm90_tma_run(run).unwrap();
             let line = if i % 2 == 0 {
                 check_on::<bf16>(&e, force, mode, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
@@ -140,7 +141,7 @@ pub(crate) fn both_main_loops_match_the_reference() {
                 check_on::<f16>(&e, force, mode, i % shipped::SHIPPED.len(), lens.clone(), kv_heads, group, dims, page, layout, seed)
             };
             e.set_sm90_kv_copy(Sm90KvCopy::Auto);
-            e.set_sm90_tma_run(8).unwrap();
+            e.set_sm90_tma_run(default_run).unwrap();
             eprintln!("loops case {i:>3}: {line} [{copy:?}, runs of up to {run} keys]");
         }
     }
