@@ -449,7 +449,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
     """Batch prefill / append over a paged KV cache (ragged queries), FlashInfer's shape. A
     request's queries are the last ``q_len`` positions of its ``kv_len`` keys. Graph mode as
     for decode, with ``max_tokens`` (query tokens) as well. ``backend``: ``"auto"`` (the
-    engine's choice: the Hopper main loop on sm_90a above head dim 128, else the portable one),
+    engine's choice: the Hopper main loop on sm_90a, else the portable one),
     ``"fa3"`` (the Hopper loop; sm_90a and head dims that are multiples of 64, else an error at
     ``plan``) or ``"fa2"`` (the portable loop); short appends run the append tile either way."""
 
