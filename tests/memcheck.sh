@@ -19,7 +19,7 @@ run sigmoid --batch 16 --kv-len 2000 --layout hnd --page-size 1
 run tree_mask --batch 16 --kv-len 3000 --page-size 64
 run default --batch 16 --kv-len 4096 --deterministic
 run causal --op prefill --batch 2 --kv-len 3000 --q-len 1000
-# The Hopper prefill loop (sm_90a only: the engine's choice above d 128, forced by --tile below):
+# The Hopper prefill loop (sm_90a only: the engine's choice there, also forced by --tile below):
 # ragged split prompts, a soft cap, page size 1, and a cascade's group items.
 if [[ $(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1) != 9.0 ]]; then
   echo "=== the sm90 prefill runs skipped: not an sm_90 GPU"
@@ -28,9 +28,12 @@ fi
 run causal --op prefill --batch 2 --kv-len 3000 --q-len 1000 --head-dim 256
 run soft_cap --op prefill --batch 3 --kv-len 2000 --q-len 700 --tile sm90,128,2 --page-size 1
 run gemma2 --op prefill --batch 4 --kv-len 1500 --q-len 40 --tile sm90,128,2 --shared-prefix 1024 --param window=700
-# Both producers at every head dim (auto takes tensor copies up to d 128, gathers above).
+# Both producers (auto takes tensor copies wherever the cache does), and tensor-copy runs of 64
+# keys (pages of 64) and of 8.
 ATTNFORGE_SM90_KV_COPY=tma run causal --op prefill --batch 2 --kv-len 1700 --q-len 900 --head-dim 256 --layout hnd
 ATTNFORGE_SM90_KV_COPY=gather run prefix_lm --op prefill --batch 2 --kv-len 1700 --q-len 900 --tile sm90,128,2 --page-size 64 --param prefix_len=1200,300
+run sliding_window --op prefill --batch 3 --kv-len 1900 --q-len 500 --page-size 64 --param window=333
+ATTNFORGE_SM90_TMA_RUN=8 run causal --op prefill --batch 2 --kv-len 1100 --q-len 1100 --head-dim 64
 # Shared-memory races in the sm90 loop's mbarrier ring (producer copies vs consumers' wgmma).
 CS="timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9"
 run causal --op prefill --batch 1 --kv-len 2000 --q-len 600 --tile sm90,128,2

@@ -15,9 +15,11 @@
 #   diag:   (tuning) the sm90 loop's ring shapes at d 128, then a timing-only build whose
 #           gathers copy nothing (wrong results), to see what bounds it
 #   ncu:    Nsight Compute on one sm90 launch (causal 16K d 128), tensor copies and gathers
+#   owed:   what the eleventh session could not run: the Python package's prefill GPU tests (the
+#           wheel in .device/wheels), tests/memcheck.sh, `bench --suite compile`
 #   fi:     FlashInfer 0.7.2 fa3 on the same shapes (benches/flashinfer_prefill.py; the first
 #           use of each kernel JIT-compiles for 80+ s; FI_ONLY="MHA 32|batch 16" limits it)
-# Usage: bash benches/device/issue14.sh [probes|tests|bench|ab|diag|ncu|fi|all] (default all); logs in $OUT.
+# Usage: bash benches/device/issue14.sh [probes|tests|cascades|bench|ab|diag|ncu|owed|fi|all] (default all); logs in $OUT.
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-/tmp}
@@ -70,6 +72,14 @@ if [[ $what == ncu ]]; then
     ncu -i "$out/sm90_$copy.ncu-rep" --page details > "$out/sm90_$copy.txt" 2>&1
     grep -E "Duration|Throughput|Hit Rate|Stall|Warp Cycles|Issued" "$out/sm90_$copy.txt" | head -40
   done
+fi
+if [[ $what == owed ]]; then
+  rm -rf /tmp/afpy && mkdir -p /tmp/afpy && python3 -m zipfile -e .device/wheels/attnforge-*.whl /tmp/afpy
+  python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/afpy .whl/py/*.whl
+  CUDA_HOME=/usr/local/cuda PYTHONPATH=/tmp/afpy timeout 200 python3 -m pytest -q -p no:cacheprovider python/tests/test_gpu.py -k prefill 2>&1 | tail -8 || status=1
+  timeout 400 bash tests/memcheck.sh > "$out/memcheck.log" 2>&1 || status=1
+  grep -E "^===|ERROR SUMMARY|rc=" "$out/memcheck.log" | tail -48
+  timeout 120 ./.device/bin/attnforge bench --suite compile 2>&1 | grep -v "^note" | tail -12 || status=1
 fi
 if [[ $what == fi || $what == all ]]; then
   rm -rf /tmp/site && mkdir -p /tmp/site
