@@ -32,7 +32,7 @@ run gemma2 --op prefill --batch 4 --kv-len 1500 --q-len 40 --tile sm90,128,2 --s
 # keys (pages of 64) and of 8.
 ATTNFORGE_SM90_KV_COPY=tma run causal --op prefill --batch 2 --kv-len 1700 --q-len 900 --head-dim 256 --layout hnd
 ATTNFORGE_SM90_KV_COPY=gather run prefix_lm --op prefill --batch 2 --kv-len 1700 --q-len 900 --tile sm90,128,2 --page-size 64 --param prefix_len=1200,300
-run sliding_window --op prefill --batch 3 --kv-len 1900 --q-len 500 --page-size 64 --param window=333
+ATTNFORGE_SM90_TMA_RUN=64 run sliding_window --op prefill --batch 3 --kv-len 1900 --q-len 500 --page-size 64 --param window=333
 ATTNFORGE_SM90_TMA_RUN=8 run causal --op prefill --batch 2 --kv-len 1100 --q-len 1100 --head-dim 64
 # Shared-memory races in the sm90 loop's mbarrier ring (producer copies vs consumers' wgmma).
 CS="timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9"

@@ -89,22 +89,23 @@ pub struct Engine {
     /// How the sm90 prefill loop's producer moves K/V.
     sm90_kv_copy: Sm90KvCopy,
     /// The most keys one tensor copy of the sm90 loop moves (8, 16, 32 or 64; the run is the
-    /// largest of these dividing the page size). 64 unless `ATTNFORGE_SM90_TMA_RUN` (a developer
+    /// largest of these dividing the page size). 16 unless `ATTNFORGE_SM90_TMA_RUN` (a developer
     /// knob for measurements) says otherwise.
     sm90_tma_run: usize,
 }
 
-/// `ATTNFORGE_SM90_TMA_RUN`'s value (8, 16, 32 or 64; unset 64, anything else a warning and
-/// 64). At page 16 (runs of 16 keys) causal 16K d 128 ran 642 TFLOP/s against 354 with runs of
-/// 8 (H200, BENCHMARKS.md eleventh session); longer runs for larger pages are not yet timed.
+/// `ATTNFORGE_SM90_TMA_RUN`'s value (8, 16, 32 or 64; unset 16, anything else a warning and
+/// 16). At page 16, runs of 16 keys ran causal 16K d 128 at 642 TFLOP/s against 546–561 with
+/// runs of 8 (H200, BENCHMARKS.md eleventh session); longer runs, which pages of 32 or 64 slots
+/// could take, are tested (tier 2) but not yet timed, so the default stays at the measured 16.
 fn sm90_tma_run_from_env() -> usize {
     match std::env::var("ATTNFORGE_SM90_TMA_RUN").as_deref() {
-        Err(_) => 64,
+        Err(_) => 16,
         Ok(v) => match v.parse::<usize>() {
             Ok(n @ (8 | 16 | 32 | 64)) => n,
             _ => {
-                eprintln!("attnforge: warning: ATTNFORGE_SM90_TMA_RUN={v:?} is not 8, 16, 32 or 64; using 64");
-                64
+                eprintln!("attnforge: warning: ATTNFORGE_SM90_TMA_RUN={v:?} is not 8, 16, 32 or 64; using 16");
+                16
             }
         },
     }

@@ -18,7 +18,8 @@ const DECODE_WORK_INTS: usize = 4;
 pub struct DecodePlan {
     /// The mode it was planned in.
     pub mode: PlanMode,
-    /// The work list (balanced plans: column-major over CTAs, padded with `req == -1`).
+    /// The work list (balanced plans, and fixed grids dealing out a list longer than their
+    /// wave: column-major over CTAs, padded with `req == -1`).
     pub work: Vec<DecodeWork>,
     /// One item per split request: its partial states to merge.
     pub merge: Vec<MergeWork>,
@@ -30,7 +31,8 @@ pub struct DecodePlan {
     /// CTAs that take work: CTA x < stride runs items x, x + stride, … of the work list (the
     /// kernel reads it from the packed header, so a captured fixed grid can run either kind).
     pub stride: usize,
-    /// Work items per CTA: 1, or more in a balanced plan (padding items have `req == -1`).
+    /// Work items per CTA: 1, or more in a balanced plan or a fixed grid's walk (padding items
+    /// have `req == -1`).
     pub per_cta: usize,
     /// CTAs along x for the merge launch.
     pub merge_grid: usize,
@@ -291,7 +293,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
 /// x-th longest item of every band of `ctas`: on the H200, B 100 (151..1172 tokens) on 33 CTAs
 /// per KV head, one CTA ran a fourth item after the others were done, and the graph step was
 /// 2730 µs against 2556 eager (`benches/graph_gap.py`).
-fn lpt_columns(work: &[DecodeWork], ctas: usize, tile: usize, capacity: usize) -> Option<Vec<DecodeWork>> {
+pub(super) fn lpt_columns(work: &[DecodeWork], ctas: usize, tile: usize, capacity: usize) -> Option<Vec<DecodeWork>> {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     let mut heap: BinaryHeap<Reverse<(usize, usize)>> = (0..ctas).map(|c| Reverse((0, c))).collect();

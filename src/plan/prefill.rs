@@ -707,6 +707,13 @@ pub fn plan_decode_cascade(
     let per_head = decode_target.resident / kv.kv_heads.max(1);
     let grid = super::decode::fixed_launch(max_ctas, per_head);
     let stride = n_work.min(grid);
+    // A list longer than the wave is dealt out as a plain fixed-grid plan's is.
+    if n_work > stride && stride > 0 {
+        if let Some(columns) = super::decode::lpt_columns(&work_d, stride, decode_target.kv_tile.max(1), max_ctas) {
+            work_d = columns;
+        }
+    }
+    let per_cta = if stride == 0 { 1 } else { work_d.len().div_ceil(stride).max(1) };
     Ok(DecodePlan {
         mode,
         work: work_d,
@@ -715,7 +722,7 @@ pub fn plan_decode_cascade(
         num_partials: slots,
         grid,
         stride,
-        per_cta: if stride == 0 { 1 } else { n_work.div_ceil(stride).max(1) },
+        per_cta,
         chunk: used_chunk_d,
         workspace_bytes: DecodePlan::workspace_for(capacity, batch.qo_heads, kv.head_dim_vo),
         batch_size: b,

@@ -171,9 +171,9 @@ struct AfPingPong {
 // A TMA tensor map (CUtensorMap: 128 opaque bytes, encoded on the host by
 // cuTensorMapEncodeTiled) and the pair the sm90 prefill loop takes as a __grid_constant__
 // kernel parameter: K's and V's maps over the paged cache, `mode` 1 when they are valid (the
-// producer then loads whole 8-key runs of a page with tensor copies; 0: cp.async gathers), and
-// `slot_first` 1 when a page's slots are the map's second dimension (HND: [page][head][slot][d]),
-// 0 when heads are (NHD: [page][slot][head][d]). Matches src/engine/launch.rs's KvMaps.
+// producer then loads whole runs of `run` keys (8 to 64) of a page with tensor copies; 0:
+// cp.async gathers), `slot_first` 1 when a page's slots are the map's second dimension (HND: [page][head][slot][d]),
+// 0 when heads are (NHD: [page][slot][head][d]), and `run`. Matches src/engine/launch.rs's KvMaps.
 struct alignas(128) AfTensorMap {
   unsigned long long opaque[16];
 };

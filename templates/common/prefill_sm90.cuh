@@ -211,6 +211,7 @@ struct PrefillSm90 {
         const int k0 = lo + t * KV_TILE + run_len * run;
         return runs && t < num_tiles && k0 >= span_lo && k0 + run_len - 1 <= hi ? kv_page(a, k0, hi, rows.page_begin) : -1;
       };
+      (void)run_page;  // unused without AF_TMA_LOOKAHEAD
       auto load_k = [&](int t, int looked) {
         const int s = t % STAGES, round = t / STAGES;
         if (round > 0) af_mbar_wait(&k_empty[s], (round - 1) & 1);
