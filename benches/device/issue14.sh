@@ -46,10 +46,16 @@ if [[ $what == ab || $what == all ]]; then
   # The sm90 rows under each developer flag of prefill_sm90.cuh (one build each), same call.
   # Each entry: "RUN COPY FLAGS": ATTNFORGE_SM90_TMA_RUN (keys per tensor copy),
   # ATTNFORGE_SM90_KV_COPY and NVRTC flags (AF_PLAIN is no flag: the default code).
-  for e in "16 tma -DAF_PLAIN=1" "16 tma -DAF_K_AHEAD=0" "16 tma -DAF_TMA_LOOKAHEAD=0" "16 tma -DAF_TMA_WARPS=2" "8 tma -DAF_PLAIN=1" "16 gather -DAF_PLAIN=1"; do
+  # AB_ONLY names the shapes ('|' between names; default four), AB_ENTRIES the entries.
+  ab_only=()
+  IFS='|' read -ra parts <<< "${AB_ONLY:-single 16384, MHA|batch 16|single 4096|d256}"
+  for p in "${parts[@]}"; do ab_only+=(--only "$p"); done
+  # AB_ENTRIES overrides the list ('|' between entries).
+  IFS='|' read -ra entries <<< "${AB_ENTRIES:-16 tma -DAF_PLAIN=1|16 tma -DAF_K_AHEAD=0|16 tma -DAF_TMA_LOOKAHEAD=0|16 tma -DAF_TMA_WARPS=2|8 tma -DAF_PLAIN=1|16 gather -DAF_PLAIN=1}"
+  for e in "${entries[@]}"; do
     read -r run copy f <<< "$e"
     echo "== run $run $copy $f"
-    ATTNFORGE_SM90_TMA_RUN=$run ATTNFORGE_SM90_KV_COPY=$copy ATTNFORGE_NVRTC_FLAGS="$f" timeout 120 ./.device/bin/attnforge bench --suite prefill ${AB_ONLY:---only "single 16384, MHA" --only "batch 16" --only "single 4096" --only d256} --tile p,sm90,128,2 > "$out/prefill_ab.log" 2>&1 || status=1
+    ATTNFORGE_SM90_TMA_RUN=$run ATTNFORGE_SM90_KV_COPY=$copy ATTNFORGE_NVRTC_FLAGS="$f" timeout 120 ./.device/bin/attnforge bench --suite prefill "${ab_only[@]}" --tile p,sm90,128,2 > "$out/prefill_ab.log" 2>&1 || status=1
     grep "sm90" "$out/prefill_ab.log" | grep -v "not timed"
   done
 fi

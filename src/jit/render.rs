@@ -13,7 +13,7 @@ use tera::{Context, Tera};
 
 use super::{KernelConfig, KernelSource, Op};
 use crate::abi::{self, param_layout, PARAM_WORDS};
-use crate::spec::{cuda::emit, HookExpr, Normalize, Variant};
+use crate::spec::{cuda::emit, factor::factor_logits, HookExpr, Normalize, Variant};
 use crate::{Error, Result};
 
 const TEMPLATES: [(&str, &str); 22] = [
@@ -56,20 +56,6 @@ fn tera() -> Result<&'static Tera> {
     })
     .as_ref()
     .map_err(|e| Error::Render(format!("templates do not parse: {e}")))
-}
-
-/// Whether a logits hook is exactly `score * sm_scale` (either order): kernels may then keep raw
-/// scores and fold the (positive, host-checked) scale into the exponent.
-fn logits_scaled_score(e: &crate::spec::typed::TExpr) -> bool {
-    use crate::spec::ast::BinOp;
-    use crate::spec::typed::{Builtin, TKind};
-    match &e.kind {
-        TKind::Binary(BinOp::Mul, a, b) => matches!(
-            (&a.kind, &b.kind),
-            (TKind::Builtin(Builtin::Score), TKind::Builtin(Builtin::SmScale)) | (TKind::Builtin(Builtin::SmScale), TKind::Builtin(Builtin::Score))
-        ),
-        _ => false,
-    }
 }
 
 /// The names that reach the rendered source (parameter fields) or file names (the variant's
@@ -160,7 +146,13 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     ctx.insert("params_size", &abi::params_size(&layout));
     ctx.insert("hooks", &hooks);
     ctx.insert("mask_implied", &crate::spec::implied::mask_implied_by_range(variant));
-    ctx.insert("logits_scaled_score", &logits_scaled_score(&variant.logits.typed));
+    // The prefill loops fold a factored logits hook's unit into the exponent (softmax only:
+    // without normalisation the logits themselves are the weights). Decode evaluates it whole.
+    let factored = (variant.normalize == Normalize::Softmax && cfg.op == Op::Prefill)
+        .then(|| factor_logits(&variant.logits.typed, &variant.params))
+        .flatten()
+        .map(|f| json!({ "unit": emit(&f.unit, &variant.params), "raw": emit(&f.raw, &variant.params) }));
+    ctx.insert("factored", &factored);
     ctx.insert("normalize_softmax", &(variant.normalize == Normalize::Softmax));
     ctx.insert("dtype_q", cfg.dtype_q.cuda_type());
     ctx.insert("dtype_kv", cfg.dtype_kv.cuda_type());

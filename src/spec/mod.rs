@@ -8,6 +8,7 @@
 pub mod ast;
 pub mod cuda;
 pub mod eval;
+pub mod factor;
 mod lexer;
 pub mod params;
 pub mod parser;

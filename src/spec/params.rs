@@ -84,15 +84,20 @@ pub fn param_layout(decls: &[ParamDecl]) -> Result<Vec<ParamField>, String> {
     Ok(out)
 }
 
-/// The softmax scale of a launch: the given one, else `1/sqrt(head_dim_qk)`. It must be positive
-/// and finite — kernels fold it into the exponent, so the row max of raw scores is the max of
-/// the logits — and every entry point (the reference, every launch) refuses anything else.
+/// The bounds of a softmax scale, inclusive: 2^-100 and 2^100 (any real scale, 1/sqrt(d) or a
+/// model's own, lies far inside; `sm_scale · log2 e` stays a normal f32).
+pub const SM_SCALE_RANGE: (f32, f32) = (7.888609e-31, 1.2676506e30);
+
+/// The softmax scale of a launch: the given one, else `1/sqrt(head_dim_qk)`. It must lie in
+/// [`SM_SCALE_RANGE`] — kernels fold it into the exponent, so the row max of raw scores is the
+/// max of the logits, and the logits hook's factoring (`spec::factor`) proves its bounds from
+/// these — and every entry point (the reference, every launch) refuses anything else.
 pub fn resolve_sm_scale(given: Option<f32>, head_dim_qk: usize) -> Result<f32, String> {
     let s = given.unwrap_or_else(|| 1.0 / (head_dim_qk as f32).sqrt());
-    if s.is_finite() && s > 0.0 {
+    if (SM_SCALE_RANGE.0..=SM_SCALE_RANGE.1).contains(&s) {
         Ok(s)
     } else {
-        Err(format!("sm_scale {s}: it must be positive and finite"))
+        Err(format!("sm_scale {s}: it must be positive and finite, between 2^-100 and 2^100"))
     }
 }
 

@@ -498,3 +498,48 @@ pub fn run_gather_probe(e: &Engine, dtype: DType, q: &[u16], k_cache: &[u16], pa
     }
     e.stream().clone_dtoh(&ds).map_err(cu)
 }
+
+/// The softmax header, whose `af_exp2_fma` the exp2 probe runs.
+pub const SOFTMAX_CUH: &str = include_str!("../../templates/common/softmax.cuh");
+
+/// `attnforge_exp2_probe`: `y[i] = af_exp2_fma(x[i])` and `z[i] = exp2f(x[i])` (the MUFU form the
+/// loops use otherwise), compiled with the kernels' options. The function is cut out of
+/// `softmax.cuh` (the rest needs a variant); any arch.
+pub fn exp2_probe_source() -> Result<KernelSource> {
+    const START: &str = "__device__ __forceinline__ float af_exp2_fma(float x) {";
+    let missing = || Error::Render("templates/common/softmax.cuh no longer defines af_exp2_fma as the exp2 probe expects".into());
+    let at = SOFTMAX_CUH.find(START).ok_or_else(missing)?;
+    let len = SOFTMAX_CUH[at..].find("\n}\n").ok_or_else(missing)? + 3;
+    let kernel = r#"
+extern "C" __global__ void attnforge_exp2_probe(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ z, unsigned n) {
+  const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    y[i] = af_exp2_fma(x[i]);
+    z[i] = exp2f(x[i]);
+  }
+}
+"#;
+    Ok(KernelSource { name: "exp2_probe".into(), code: format!("{}\n{kernel}", &SOFTMAX_CUH[at..at + len]), hook_lines: Vec::new() })
+}
+
+/// Runs [`exp2_probe_source`] on `e` over `x`: (`af_exp2_fma(x)`, `exp2f(x)`).
+pub fn run_exp2_probe(e: &Engine, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    const WHAT: &str = "exp2 probe";
+    let n = u32::try_from(x.len()).map_err(|_| Error::UnsupportedConfig(format!("the exp2 probe takes at most {} values", u32::MAX)))?;
+    if n == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let cu = cu(WHAT);
+    let module = load(e, WHAT, &exp2_probe_source()?)?;
+    let f = module.load_function("attnforge_exp2_probe").map_err(cu)?;
+    let d_x = e.stream().clone_htod(x).map_err(cu)?;
+    let (mut d_y, mut d_z) = (e.alloc::<f32>(x.len())?, e.alloc::<f32>(x.len())?);
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: (n.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    {
+        use cudarc::driver::PushKernelArg;
+        // SAFETY: thread i < n reads x[i] and writes y[i], z[i]; all three buffers hold n f32s
+        // and live until the stream is synchronised below.
+        unsafe { e.stream().launch_builder(&f).arg(&d_x).arg(&mut d_y).arg(&mut d_z).arg(&n).launch(cfg) }.map_err(cu)?;
+    }
+    Ok((e.stream().clone_dtoh(&d_y).map_err(cu)?, e.stream().clone_dtoh(&d_z).map_err(cu)?))
+}

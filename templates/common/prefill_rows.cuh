@@ -72,9 +72,9 @@ struct PrefillRows {
     n_rows = grouped ? -item.stride * GROUP : q_len * GROUP;
     rbase = grouped ? 0 : item.row_start;  // the item's first row in its request's rows
     sm_scale = a.sm_scale;
-#if LOGITS_SCALED_SCORE
-    exp_scale = sm_scale * AF_LOG2E;  // sm_scale > 0, checked on the host
-    m_unit = sm_scale;                // the logit of a raw score s is s * m_unit
+#if LOGITS_FACTORED
+    m_unit = af_logits_unit(sm_scale, p);  // > 0, proven (src/spec/factor.rs): a logit is raw * m_unit
+    exp_scale = m_unit * AF_LOG2E;
 #else
     exp_scale = AF_LOG2E;
     m_unit = 1.f;
@@ -211,8 +211,9 @@ struct PrefillRows {
 #if HAS_MASK
             vis = vis && af_mask(0.f, sm_scale, qp, pos, hd, kv_head, rreq, rql, rkl, p);
 #endif
-#if NORMALIZE_SOFTMAX && LOGITS_SCALED_SCORE
-            s[mt][n][j] = vis ? s[mt][n][j] : -AF_INF;  // raw: the scale is folded into exp2
+#if NORMALIZE_SOFTMAX && LOGITS_FACTORED
+            // raw: the unit is folded into exp2
+            s[mt][n][j] = vis ? af_logits_raw(s[mt][n][j], sm_scale, qp, pos, hd, kv_head, rreq, rql, rkl, p) : -AF_INF;
 #elif NORMALIZE_SOFTMAX
             s[mt][n][j] = vis ? af_logits(s[mt][n][j], sm_scale, qp, pos, hd, kv_head, rreq, rql, rkl, p) : -AF_INF;
 #else
@@ -304,8 +305,8 @@ struct PrefillSoftmax {
         float t[NT];
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          s[mt][n][2 * h] = exp2f(fmaf(s[mt][n][2 * h], exp_scale, -base));
-          s[mt][n][2 * h + 1] = exp2f(fmaf(s[mt][n][2 * h + 1], exp_scale, -base));
+          s[mt][n][2 * h] = af_exp2_col(fmaf(s[mt][n][2 * h], exp_scale, -base), n);
+          s[mt][n][2 * h + 1] = af_exp2_col(fmaf(s[mt][n][2 * h + 1], exp_scale, -base), n);
           t[n] = s[mt][n][2 * h] + s[mt][n][2 * h + 1];
         }
         d[mt][h] = fmaf(d[mt][h], sc[mt][h], af_tree_sum<NT>(t));

@@ -396,8 +396,15 @@ static_assert(sizeof(Params) == 8, "Params layout differs from Rust (src/spec/pa
 #define HAS_KV_LO 1
 #define HAS_KV_HI 1
 #define HAS_SINK 0
-// The logits hook is `score * sm_scale`: kernels may work on raw scores and fold the scale into exp2.
-#define LOGITS_SCALED_SCORE 0
+// The logits hook factored as unit * raw (src/spec/factor.rs: the unit is the same for every
+// score of a launch and proven positive and finite): the prefill loops keep raw scores and fold
+// the unit into exp2. 0 when it has no such factor (or without softmax normalisation).
+// (ATTNFORGE_NVRTC_FLAGS=-DAF_UNFACTORED: the hook whole, for measurements.)
+#ifdef AF_UNFACTORED
+#define LOGITS_FACTORED 0
+#else
+#define LOGITS_FACTORED 0
+#endif
 #define NORMALIZE_SOFTMAX 1
 #define AF_HOOK_ARGS float score, float sm_scale, int q_pos, int kv_pos, int qo_head, int kv_head, int req, int q_len, int kv_len, const Params& p
 
@@ -445,6 +452,31 @@ __device__ __forceinline__ float af_weight(float l, float m) { return m == -AF_I
 #endif
 // The exponent base of a row whose max (in the loop's units) is m: 0 while nothing is visible.
 __device__ __forceinline__ float af_lazy_base(float m, float exp_scale) { return m == -AF_INF ? 0.f : m * exp_scale; }
+
+// 2^x on the FMA pipe instead of the MUFU (x < 2^7; x < -127 and -inf give 0, NaN stays NaN):
+// floor(x) by a round-down add of 1.5 * 2^23 (it lands in the sum's low mantissa bits), 2^frac by
+// a degree-3 polynomial (relative error 8.6e-5, our own weighted least-squares fit, far below the
+// bf16/f16 rounding of P), and 2^floor(x) built as float bits: ten FMA/ALU instructions against
+// one MUFU.EX2 (tier 2 `hopper::the_fma_exp2_…` holds it to f64 and to exp2f).
+__device__ __forceinline__ float af_exp2_fma(float x) {
+  const float t = __fadd_rd(x, 12582912.f);
+  const float f = x - (t - 12582912.f);
+  const float q = fmaf(fmaf(fmaf(0.0770652145f, f, 0.227646992f), f, 0.695116341f), f, 1.f);
+  const float r = q * __int_as_float((__float_as_int(t) << 23) + 0x3f800000);
+  return x < -127.f ? 0.f : r;
+}
+// Of every 4 column tiles of 8 keys, how many a lazy softmax update exponentiates with
+// af_exp2_fma (a developer flag, ATTNFORGE_NVRTC_FLAGS=-DAF_EXP2_POLY=n; 0, the default: none).
+// Measured on the H200 (sm90 loop, 16K d 128, one call, TFLOP/s for n = 0 / 1 / 2 / 3 / 4): soft
+// cap 482 / 469 / 431 / 419 / 387, causal 623 / 578 / — / 460 / 433, non-causal 580 / 544 / — /
+// 445 / 424 (BENCHMARKS.md, twelfth session). The soft cap's 23% is not the
+// MUFU's 16 ops per clock (one tanh and one exp2 per score): the extra FMA-pipe instructions
+// slowed every variant, so the loop is bound by instruction issue, not by the MUFU.
+#ifndef AF_EXP2_POLY
+#define AF_EXP2_POLY 0
+#endif
+// The lazy update's exponential of column tile n.
+__device__ __forceinline__ float af_exp2_col(float x, int n) { return AF_EXP2_POLY > 0 && (n & 3) < AF_EXP2_POLY ? af_exp2_fma(x) : exp2f(x); }
 
 // What a split work item stores (no sink: merge_states adds it once): its o normalised (times
 // `inv`) and its LSE, M · unit + log D (M in the loop's units, `unit` its logit per unit); a

@@ -2,6 +2,7 @@
 
 mod cascade;
 mod cli;
+mod factor;
 mod fuzz;
 mod implied;
 mod kv;

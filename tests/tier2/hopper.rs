@@ -202,3 +202,50 @@ pub(crate) fn the_paged_gather_ring_feeds_the_warpgroup_mma() {
         }
     }
 }
+
+/// `af_exp2_fma` (softmax.cuh: 2^x on the FMA pipe, which the sm90 loop uses for half the
+/// exponentials of a MUFU-heavy logits hook) against f64 over the range the lazy softmax feeds
+/// it (x ≤ AF_MAX_SLACK; every f32 step near the integers, where the floor changes) and its edges:
+/// relative error ≤ 1.2e-4 where 2^x is a normal f32, 0 below 2^-126 (as MUFU.EX2 flushes), 0 for
+/// -inf, NaN for NaN — and the MUFU's exp2f alongside, so the two forms agree on every edge.
+pub(crate) fn the_fma_exp2_matches_f64_and_the_mufu_on_every_edge() {
+    use attnforge::testing::hopper::run_exp2_probe;
+    let e = super::engine();
+    let mut rng = StdRng::seed_from_u64(2);
+    let mut x: Vec<f32> = (0..200_000).map(|_| rng.random_range(-140.0f32..9.0)).collect();
+    for k in -130i32..=9 {
+        let c = k as f32;
+        let mut lo = c;
+        let mut hi = c;
+        for _ in 0..8 {
+            x.push(lo);
+            x.push(hi);
+            lo = f32::from_bits(if lo == 0.0 { 0x8000_0001 } else if lo > 0.0 { lo.to_bits() - 1 } else { lo.to_bits() + 1 });
+            hi = f32::from_bits(if hi == 0.0 { 1 } else if hi > 0.0 { hi.to_bits() + 1 } else { hi.to_bits() - 1 });
+        }
+    }
+    x.extend([f32::NEG_INFINITY, f32::NAN, -0.0, 0.0, -126.0, -126.5, -127.0, -127.5, 8.0, 8.5, f32::MIN]);
+    let (y, z) = run_exp2_probe(&e, &x).unwrap_or_else(|err| panic!("{err}"));
+    let mut worst = (0.0f64, 0.0f32);
+    for (i, &xi) in x.iter().enumerate() {
+        let (got, mufu) = (y[i], z[i]);
+        if xi.is_nan() {
+            assert!(got.is_nan(), "af_exp2_fma(NaN) = {got}, want NaN");
+            continue;
+        }
+        let want = f64::from(xi).exp2();
+        if want < 2f64.powi(-126) {
+            assert!(got == 0.0 || (f64::from(got) - want).abs() <= 2f64.powi(-126), "af_exp2_fma({xi}) = {got:e}, want 0 or {want:e}");
+            assert!(xi >= -127.0 || got == 0.0, "af_exp2_fma({xi}) = {got:e}, want 0");
+            continue;
+        }
+        let rel = (f64::from(got) - want).abs() / want;
+        if rel > worst.0 {
+            worst = (rel, xi);
+        }
+        // The MUFU form is no reference (≈ 2 ulp); it only has to agree with the polynomial.
+        assert!((f64::from(mufu) - want).abs() / want < 1e-5, "exp2f({xi}) = {mufu:e}, want {want:e}");
+    }
+    assert!(worst.0 <= 1.2e-4, "af_exp2_fma: worst relative error {:.3e} at x = {}", worst.0, worst.1);
+    eprintln!("af_exp2_fma: worst relative error {:.3e} (at {}) over {} values", worst.0, worst.1, x.len());
+}

@@ -66,6 +66,7 @@ fn main() {
         trial_sm90("hopper::the_bulk_copy_ring_delivers_every_chunk", hopper::the_bulk_copy_ring_delivers_every_chunk),
         trial_sm90("hopper::the_attention_tile_probe_matches_an_f64_softmax", hopper::the_attention_tile_probe_matches_an_f64_softmax),
         trial_sm90("hopper::the_paged_gather_ring_feeds_the_warpgroup_mma", hopper::the_paged_gather_ring_feeds_the_warpgroup_mma),
+        trial("hopper::the_fma_exp2_matches_f64_and_the_mufu_on_every_edge", hopper::the_fma_exp2_matches_f64_and_the_mufu_on_every_edge),
         trial("decode_matches_the_reference_on_random_batches", decode_matches_the_reference_on_random_batches),
         trial("merges_are_right_with_and_without_the_overlapped_launch", merges_are_right_with_and_without_the_overlapped_launch),
         trial("skewed_big_batches_are_balanced_across_ctas", skewed_big_batches_are_balanced_across_ctas),

@@ -1,0 +1,179 @@
+//! Factoring a logits hook for the prefill loops: `logits = unit · raw`, with `unit` the same for
+//! every score of a launch and provably positive and finite.
+//!
+//! The prefill loops keep a row's running max in the units of what they compute per score and
+//! fold the rest into the exponent: `p = exp2(raw · unit · log2 e − base)`, one FFMA. For the
+//! default `score * sm_scale` that saves the multiply per score; for a soft cap,
+//! `cap * tanh(score * sm_scale / cap)`, it saves the outer multiply, and the argument's
+//! `score * sm_scale / cap` becomes `score * (sm_scale / cap)` (the uniform part computed once),
+//! saving another: four instructions per score (FMUL, MUFU.TANH, FFMA, MUFU.EX2) instead of six.
+//!
+//! Soundness: the max of `unit · raw` over a row is `unit · max raw` only when `unit > 0`; the
+//! proof is interval arithmetic over the factors (`sm_scale`, which the host checks is positive
+//! and finite; positive literals; scalar `f32` parameters whose declared `range`, which every
+//! bind enforces, is positive). Any other hook is left whole (`None`): the kernels then evaluate
+//! it per score as written. The rewrite reassociates floating-point products and nothing else.
+
+use super::ast::{BinOp, Lit};
+use super::params::ParamDecl;
+use super::typed::{Builtin, TExpr, TKind, Ty};
+
+/// A factored logits hook: `logits = unit · raw`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Factored {
+    /// The uniform factor, proven in [1e-35, 1e35].
+    pub unit: TExpr,
+    /// What the loops compute per score (with uniform sub-products regrouped).
+    pub raw: TExpr,
+}
+
+/// Bounds a unit must provably lie in: far from 0 (the exponent scale is `unit · log2 e`) and
+/// from the f32 overflow; the same bound on the magnitude of a regrouped uniform product.
+const UNIT_MIN: f64 = 1e-35;
+const UNIT_MAX: f64 = 1e35;
+/// The bounds every entry point enforces on `sm_scale` (`params::resolve_sm_scale`).
+const SM_SCALE: (f64, f64) = (super::params::SM_SCALE_RANGE.0 as f64, super::params::SM_SCALE_RANGE.1 as f64);
+
+/// Factors `logits` (the variant's typed hook) when its top-level product has a provably positive
+/// uniform part; `None` when it has none (the loops use the hook whole).
+pub fn factor_logits(logits: &TExpr, params: &[ParamDecl]) -> Option<Factored> {
+    if logits.ty != Ty::F32 {
+        return None;
+    }
+    let mut factors = Vec::new();
+    flatten(logits, false, &mut factors);
+    let (uniform, rest): (Vec<_>, Vec<_>) = factors.into_iter().partition(|(f, _)| positive_bounds(f, params).is_some());
+    if uniform.is_empty() {
+        return None;
+    }
+    let (mut lo, mut hi) = (1.0f64, 1.0f64);
+    for (f, inv) in &uniform {
+        let (a, b) = positive_bounds(f, params)?;
+        let (a, b) = if *inv { (1.0 / b, 1.0 / a) } else { (a, b) };
+        lo *= a;
+        hi *= b;
+    }
+    if !(lo >= UNIT_MIN && hi <= UNIT_MAX) {
+        return None;
+    }
+    let rest: Vec<(TExpr, bool)> = rest.into_iter().map(|(f, inv)| (regroup(f, params), inv)).collect();
+    Some(Factored { unit: product(uniform.into_iter().map(|(f, inv)| (f.clone(), inv)).collect()), raw: product(rest) })
+}
+
+/// `e`'s factors under `*` and `/` (a factor under an odd number of divisors is inverted), in
+/// order; only `f32` products are taken apart.
+fn flatten<'a>(e: &'a TExpr, inv: bool, out: &mut Vec<(&'a TExpr, bool)>) {
+    match &e.kind {
+        TKind::Binary(BinOp::Mul, a, b) if e.ty == Ty::F32 => {
+            flatten(a, inv, out);
+            flatten(b, inv, out);
+        }
+        TKind::Binary(BinOp::Div, a, b) if e.ty == Ty::F32 => {
+            flatten(a, inv, out);
+            flatten(b, !inv, out);
+        }
+        _ => out.push((e, inv)),
+    }
+}
+
+/// The product of `factors` (`x / y` for an inverted one; `1` for none), left to right.
+fn product(factors: Vec<(TExpr, bool)>) -> TExpr {
+    let f32 = |kind| TExpr { ty: Ty::F32, kind };
+    let mut acc: Option<TExpr> = None;
+    for (f, inv) in factors {
+        acc = Some(match acc {
+            None if inv => f32(TKind::Binary(BinOp::Div, Box::new(f32(TKind::Lit(Lit::Float(1.0)))), Box::new(f))),
+            None => f,
+            Some(a) => f32(TKind::Binary(if inv { BinOp::Div } else { BinOp::Mul }, Box::new(a), Box::new(f))),
+        });
+    }
+    acc.unwrap_or_else(|| f32(TKind::Lit(Lit::Float(1.0))))
+}
+
+/// Bounds of a uniform factor proven positive (and finite): `sm_scale`, a positive finite `f32`
+/// literal, a scalar `f32` parameter whose declared range is positive and finite, or a product
+/// or quotient of those.
+fn positive_bounds(e: &TExpr, params: &[ParamDecl]) -> Option<(f64, f64)> {
+    let ok = |lo: f64, hi: f64| (lo > 0.0 && hi.is_finite() && lo <= hi).then_some((lo, hi));
+    match &e.kind {
+        TKind::Builtin(Builtin::SmScale) => Some(SM_SCALE),
+        TKind::Lit(Lit::Float(x)) => ok(f64::from(*x), f64::from(*x)),
+        TKind::Param(i) => {
+            let p = params.get(*i)?;
+            if p.ty.dim.is_some() || p.ty.elem != Ty::F32 {
+                return None;
+            }
+            let (lo, hi) = p.range?;
+            ok(lo, hi)
+        }
+        TKind::Binary(op @ (BinOp::Mul | BinOp::Div), a, b) if e.ty == Ty::F32 => {
+            let (x, y) = (positive_bounds(a, params)?, positive_bounds(b, params)?);
+            match op {
+                BinOp::Mul => ok(x.0 * y.0, x.1 * y.1),
+                _ => ok(x.0 / y.1, x.1 / y.0),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Bounds of a factor that is the same for every score of a launch and finite (a literal,
+/// `sm_scale`, a ranged scalar `f32` parameter, or products and quotients of those, a divisor
+/// kept away from 0).
+fn uniform_bounds(e: &TExpr, params: &[ParamDecl]) -> Option<(f64, f64)> {
+    let finite = |lo: f64, hi: f64| (lo.is_finite() && hi.is_finite() && lo <= hi).then_some((lo, hi));
+    match &e.kind {
+        TKind::Builtin(Builtin::SmScale) => Some(SM_SCALE),
+        TKind::Lit(Lit::Float(x)) => finite(f64::from(*x), f64::from(*x)),
+        TKind::Param(i) => {
+            let p = params.get(*i)?;
+            if p.ty.dim.is_some() || p.ty.elem != Ty::F32 {
+                return None;
+            }
+            let (lo, hi) = p.range?;
+            finite(lo, hi)
+        }
+        TKind::Binary(op @ (BinOp::Mul | BinOp::Div), a, b) if e.ty == Ty::F32 => {
+            let (x, y) = (uniform_bounds(a, params)?, uniform_bounds(b, params)?);
+            let y = match op {
+                BinOp::Mul => y,
+                // A divisor must keep away from 0.
+                _ if y.0 > 0.0 || y.1 < 0.0 => (1.0 / y.1, 1.0 / y.0),
+                _ => return None,
+            };
+            let c = [x.0 * y.0, x.0 * y.1, x.1 * y.0, x.1 * y.1];
+            finite(c.iter().copied().fold(f64::INFINITY, f64::min), c.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+        }
+        _ => None,
+    }
+}
+
+/// `e` with every `f32` product regrouped as `(its per-score factors) * (its uniform factors)`,
+/// so the uniform part is one value the compiler computes once (`score * sm_scale / cap` becomes
+/// `score * (sm_scale / cap)`), where the uniform part is bounded in magnitude by [`UNIT_MAX`]
+/// and, where it is a divisor's reciprocal, away from 0. Everything else is rebuilt as it was.
+fn regroup(e: &TExpr, params: &[ParamDecl]) -> TExpr {
+    let rebuilt = |kind| TExpr { ty: e.ty, kind };
+    match &e.kind {
+        TKind::Binary(op @ (BinOp::Mul | BinOp::Div), a, b) if e.ty == Ty::F32 => {
+            let mut factors = Vec::new();
+            flatten(e, false, &mut factors);
+            let (uniform, rest): (Vec<_>, Vec<_>) = factors.into_iter().partition(|(f, _)| uniform_bounds(f, params).is_some());
+            let grouped = product(uniform.iter().map(|(f, inv)| ((*f).clone(), *inv)).collect());
+            let fits = uniform_bounds(&grouped, params).is_some_and(|(lo, hi)| lo.abs().max(hi.abs()) <= UNIT_MAX);
+            if uniform.len() < 2 || rest.is_empty() || !fits {
+                // Nothing to gain (or no proof the regrouped product stays finite): only the
+                // operands are regrouped.
+                return rebuilt(TKind::Binary(*op, Box::new(regroup(a, params)), Box::new(regroup(b, params))));
+            }
+            let mut all: Vec<(TExpr, bool)> = rest.into_iter().map(|(f, inv)| (regroup(f, params), inv)).collect();
+            all.push((grouped, false));
+            product(all)
+        }
+        TKind::Unary(op, a) => rebuilt(TKind::Unary(*op, Box::new(regroup(a, params)))),
+        TKind::Binary(op, a, b) => rebuilt(TKind::Binary(*op, Box::new(regroup(a, params)), Box::new(regroup(b, params)))),
+        TKind::Call(f, args) => rebuilt(TKind::Call(*f, args.iter().map(|a| regroup(a, params)).collect())),
+        TKind::ToF32(a) => rebuilt(TKind::ToF32(Box::new(regroup(a, params)))),
+        TKind::Lit(_) | TKind::Builtin(_) | TKind::Param(_) => e.clone(),
+    }
+}
