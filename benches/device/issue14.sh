@@ -15,8 +15,10 @@
 #   diag:   (tuning) the sm90 loop's ring shapes at d 128, then a timing-only build whose
 #           gathers copy nothing (wrong results), to see what bounds it
 #   ncu:    Nsight Compute on one sm90 launch (causal 16K d 128), tensor copies and gathers
-#   owed:   what the eleventh session could not run: the Python package's prefill GPU tests (the
-#           wheel in .device/wheels), tests/memcheck.sh, `bench --suite compile`
+#   owed:   the Python package's prefill GPU tests (the wheel in .device/wheels),
+#           tests/memcheck.sh, `bench --suite compile` (owed by the eleventh session; all run
+#           and passed in the twelfth)
+#   (ab takes AB_ONLY="shape|shape…" and AB_ENTRIES="RUN COPY FLAGS|…")
 #   fi:     FlashInfer 0.7.2 fa3 on the same shapes (benches/flashinfer_prefill.py; the first
 #           use of each kernel JIT-compiles for 80+ s; FI_ONLY="MHA 32|batch 16" limits it)
 # Usage: bash benches/device/issue14.sh [probes|tests|cascades|bench|ab|diag|ncu|owed|fi|all] (default all); logs in $OUT.
