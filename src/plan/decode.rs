@@ -250,16 +250,12 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
             }
             let grid = fixed_launch(max_ctas, per_head);
             let stride = work.len().min(grid);
-            if work.len() > stride && stride > 0 {
-                if let Some(columns) = lpt_columns(&work, stride, tile, max_ctas) {
-                    work = columns;
-                }
-            }
+            deal_to_wave(&mut work, stride, tile, max_ctas);
             (grid, stride, fixed_merge_launch(max_ctas, target, batch.qo_heads))
         }
         _ => (work.len(), work.len(), merge.len()),
     };
-    let per_cta = if stride == 0 { 1 } else { work.len().div_ceil(stride).max(1) };
+    let per_cta = items_per_cta(work.len(), stride);
     let ws_partials = if let PlanMode::FixedGrid { max_ctas } = mode { max_ctas } else { partials };
     Ok(DecodePlan {
         mode,
@@ -282,6 +278,21 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
     })
 }
 
+/// A fixed grid's list longer than its wave of `stride` CTAs, dealt out in columns
+/// ([`lpt_columns`]; left as it is when the padded columns outgrow `capacity`).
+pub(super) fn deal_to_wave(work: &mut Vec<DecodeWork>, stride: usize, tile: usize, capacity: usize) {
+    if work.len() > stride && stride > 0 {
+        if let Some(columns) = lpt_columns(work, stride, tile, capacity) {
+            *work = columns;
+        }
+    }
+}
+
+/// Work items per CTA of a list of `len` walked by `stride` CTAs (1 for an empty grid).
+pub(super) fn items_per_cta(len: usize, stride: usize) -> usize {
+    if stride == 0 { 1 } else { len.div_ceil(stride).max(1) }
+}
+
 /// Deals a work list (longest first) out to `ctas` CTAs, each item to the CTA with the least
 /// work so far (longest processing time first: the largest load is at most 4/3 of the best
 /// possible), an item costing its keys plus one tile (its prologue and epilogue). Returns the
@@ -293,7 +304,7 @@ pub fn plan_decode(variant: &Variant, params: &ParamValues, batch: &ValidBatch<'
 /// x-th longest item of every band of `ctas`: on the H200, B 100 (151..1172 tokens) on 33 CTAs
 /// per KV head, one CTA ran a fourth item after the others were done, and the graph step was
 /// 2730 µs against 2556 eager (`benches/graph_gap.py`).
-pub(super) fn lpt_columns(work: &[DecodeWork], ctas: usize, tile: usize, capacity: usize) -> Option<Vec<DecodeWork>> {
+fn lpt_columns(work: &[DecodeWork], ctas: usize, tile: usize, capacity: usize) -> Option<Vec<DecodeWork>> {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     let mut heap: BinaryHeap<Reverse<(usize, usize)>> = (0..ctas).map(|c| Reverse((0, c))).collect();

@@ -708,12 +708,8 @@ pub fn plan_decode_cascade(
     let grid = super::decode::fixed_launch(max_ctas, per_head);
     let stride = n_work.min(grid);
     // A list longer than the wave is dealt out as a plain fixed-grid plan's is.
-    if n_work > stride && stride > 0 {
-        if let Some(columns) = super::decode::lpt_columns(&work_d, stride, decode_target.kv_tile.max(1), max_ctas) {
-            work_d = columns;
-        }
-    }
-    let per_cta = if stride == 0 { 1 } else { work_d.len().div_ceil(stride).max(1) };
+    super::decode::deal_to_wave(&mut work_d, stride, decode_target.kv_tile.max(1), max_ctas);
+    let per_cta = super::decode::items_per_cta(work_d.len(), stride);
     Ok(DecodePlan {
         mode,
         work: work_d,

@@ -42,22 +42,17 @@ pub fn factor_logits(logits: &TExpr, params: &[ParamDecl]) -> Option<Factored> {
     }
     let mut factors = Vec::new();
     flatten(logits, false, &mut factors);
-    let (uniform, rest): (Vec<_>, Vec<_>) = factors.into_iter().partition(|(f, _)| positive_bounds(f, params).is_some());
+    let (uniform, rest): (Vec<_>, Vec<_>) = factors.into_iter().partition(|(f, _)| uniform_bounds(f, params, true).is_some());
     if uniform.is_empty() {
         return None;
     }
-    let (mut lo, mut hi) = (1.0f64, 1.0f64);
-    for (f, inv) in &uniform {
-        let (a, b) = positive_bounds(f, params)?;
-        let (a, b) = if *inv { (1.0 / b, 1.0 / a) } else { (a, b) };
-        lo *= a;
-        hi *= b;
-    }
+    let unit = product(uniform.into_iter().map(|(f, inv)| (f.clone(), inv)).collect());
+    let (lo, hi) = uniform_bounds(&unit, params, true)?;
     if !(lo >= UNIT_MIN && hi <= UNIT_MAX) {
         return None;
     }
     let rest: Vec<(TExpr, bool)> = rest.into_iter().map(|(f, inv)| (regroup(f, params), inv)).collect();
-    Some(Factored { unit: product(uniform.into_iter().map(|(f, inv)| (f.clone(), inv)).collect()), raw: product(rest) })
+    Some(Factored { unit, raw: product(rest) })
 }
 
 /// `e`'s factors under `*` and `/` (a factor under an odd number of divisors is inverted), in
@@ -90,11 +85,12 @@ fn product(factors: Vec<(TExpr, bool)>) -> TExpr {
     acc.unwrap_or_else(|| f32(TKind::Lit(Lit::Float(1.0))))
 }
 
-/// Bounds of a uniform factor proven positive (and finite): `sm_scale`, a positive finite `f32`
-/// literal, a scalar `f32` parameter whose declared range is positive and finite, or a product
-/// or quotient of those.
-fn positive_bounds(e: &TExpr, params: &[ParamDecl]) -> Option<(f64, f64)> {
-    let ok = |lo: f64, hi: f64| (lo > 0.0 && hi.is_finite() && lo <= hi).then_some((lo, hi));
+/// Bounds of a factor that is the same for every score of a launch and finite: `sm_scale`, a
+/// finite `f32` literal, a scalar `f32` parameter with a finite declared range, or products and
+/// quotients of those (a divisor kept away from 0). With `positive`, every factor and every
+/// partial product must be provably positive.
+fn uniform_bounds(e: &TExpr, params: &[ParamDecl], positive: bool) -> Option<(f64, f64)> {
+    let ok = |lo: f64, hi: f64| (lo.is_finite() && hi.is_finite() && lo <= hi && (!positive || lo > 0.0)).then_some((lo, hi));
     match &e.kind {
         TKind::Builtin(Builtin::SmScale) => Some(SM_SCALE),
         TKind::Lit(Lit::Float(x)) => ok(f64::from(*x), f64::from(*x)),
@@ -107,42 +103,14 @@ fn positive_bounds(e: &TExpr, params: &[ParamDecl]) -> Option<(f64, f64)> {
             ok(lo, hi)
         }
         TKind::Binary(op @ (BinOp::Mul | BinOp::Div), a, b) if e.ty == Ty::F32 => {
-            let (x, y) = (positive_bounds(a, params)?, positive_bounds(b, params)?);
-            match op {
-                BinOp::Mul => ok(x.0 * y.0, x.1 * y.1),
-                _ => ok(x.0 / y.1, x.1 / y.0),
-            }
-        }
-        _ => None,
-    }
-}
-
-/// Bounds of a factor that is the same for every score of a launch and finite (a literal,
-/// `sm_scale`, a ranged scalar `f32` parameter, or products and quotients of those, a divisor
-/// kept away from 0).
-fn uniform_bounds(e: &TExpr, params: &[ParamDecl]) -> Option<(f64, f64)> {
-    let finite = |lo: f64, hi: f64| (lo.is_finite() && hi.is_finite() && lo <= hi).then_some((lo, hi));
-    match &e.kind {
-        TKind::Builtin(Builtin::SmScale) => Some(SM_SCALE),
-        TKind::Lit(Lit::Float(x)) => finite(f64::from(*x), f64::from(*x)),
-        TKind::Param(i) => {
-            let p = params.get(*i)?;
-            if p.ty.dim.is_some() || p.ty.elem != Ty::F32 {
-                return None;
-            }
-            let (lo, hi) = p.range?;
-            finite(lo, hi)
-        }
-        TKind::Binary(op @ (BinOp::Mul | BinOp::Div), a, b) if e.ty == Ty::F32 => {
-            let (x, y) = (uniform_bounds(a, params)?, uniform_bounds(b, params)?);
-            let y = match op {
-                BinOp::Mul => y,
+            let (x, y) = (uniform_bounds(a, params, positive)?, uniform_bounds(b, params, positive)?);
+            let c = match op {
+                BinOp::Mul => [x.0 * y.0, x.0 * y.1, x.1 * y.0, x.1 * y.1],
                 // A divisor must keep away from 0.
-                _ if y.0 > 0.0 || y.1 < 0.0 => (1.0 / y.1, 1.0 / y.0),
+                _ if y.0 > 0.0 || y.1 < 0.0 => [x.0 / y.0, x.0 / y.1, x.1 / y.0, x.1 / y.1],
                 _ => return None,
             };
-            let c = [x.0 * y.0, x.0 * y.1, x.1 * y.0, x.1 * y.1];
-            finite(c.iter().copied().fold(f64::INFINITY, f64::min), c.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+            ok(c.iter().copied().fold(f64::INFINITY, f64::min), c.iter().copied().fold(f64::NEG_INFINITY, f64::max))
         }
         _ => None,
     }
@@ -158,9 +126,9 @@ fn regroup(e: &TExpr, params: &[ParamDecl]) -> TExpr {
         TKind::Binary(op @ (BinOp::Mul | BinOp::Div), a, b) if e.ty == Ty::F32 => {
             let mut factors = Vec::new();
             flatten(e, false, &mut factors);
-            let (uniform, rest): (Vec<_>, Vec<_>) = factors.into_iter().partition(|(f, _)| uniform_bounds(f, params).is_some());
+            let (uniform, rest): (Vec<_>, Vec<_>) = factors.into_iter().partition(|(f, _)| uniform_bounds(f, params, false).is_some());
             let grouped = product(uniform.iter().map(|(f, inv)| ((*f).clone(), *inv)).collect());
-            let fits = uniform_bounds(&grouped, params).is_some_and(|(lo, hi)| lo.abs().max(hi.abs()) <= UNIT_MAX);
+            let fits = uniform_bounds(&grouped, params, false).is_some_and(|(lo, hi)| lo.abs().max(hi.abs()) <= UNIT_MAX);
             if uniform.len() < 2 || rest.is_empty() || !fits {
                 // Nothing to gain (or no proof the regrouped product stays finite): only the
                 // operands are regrouped.
