@@ -79,13 +79,12 @@ fn check_cover(plan: &DecodePlan, spans: &[(usize, usize)]) {
     assert_eq!(plan.workspace_bytes, DecodePlan::workspace_for(slots, 32, 128));
 }
 
-/// Positions each CTA of a balanced plan reads.
 /// The property of dealing a list longest first to the least loaded CTA (each item costing its
 /// keys plus one tile): the CTA with the most work took its last (smallest) item when it had the
 /// least, so without that item it has no more than the least loaded CTA has now. The walk by
 /// stride over a sorted list breaks it whenever a CTA runs one item more than another.
 fn check_lpt(plan: &DecodePlan, tile: usize) {
-    let cost = |w: &attnforge::abi::DecodeWork| if w.req < 0 { 0 } else { (w.kv_end - w.kv_begin) as usize + tile };
+    let cost = |w: &attnforge::abi::DecodeWork| (w.kv_end - w.kv_begin) as usize + tile;
     let mut loads = vec![0usize; plan.stride];
     let mut smallest = vec![usize::MAX; plan.stride];
     for (i, w) in plan.work.iter().enumerate().filter(|(_, w)| w.req >= 0) {
@@ -97,6 +96,7 @@ fn check_lpt(plan: &DecodePlan, tile: usize) {
     assert!(max - smallest[most] <= min, "CTA {most}: {max} - {} > {min}: {loads:?}", smallest[most]);
 }
 
+/// Positions each CTA of a balanced plan reads.
 fn cta_loads(plan: &DecodePlan) -> Vec<usize> {
     let mut load = vec![0usize; plan.stride];
     for (i, w) in plan.work.iter().enumerate() {
