@@ -15,13 +15,16 @@
 #   diag:   (tuning) the sm90 loop's ring shapes at d 128, then a timing-only build whose
 #           gathers copy nothing (wrong results), to see what bounds it
 #   ncu:    Nsight Compute on one sm90 launch (causal 16K d 128), tensor copies and gathers
+#   prof:   Nsight Compute's full set on one sm90 launch of each PROF_ONLY shape (default causal
+#           16K and soft cap 16K): pipe utilisation, issue slots, stall reasons, and the SASS with
+#           its stall samples (prof_<n>_source.csv)
 #   owed:   the Python package's prefill GPU tests (the wheel in .device/wheels),
 #           tests/memcheck.sh, `bench --suite compile` (owed by the eleventh session; all run
 #           and passed in the twelfth)
 #   (ab takes AB_ONLY="shape|shape…" and AB_ENTRIES="RUN COPY FLAGS|…")
 #   fi:     FlashInfer 0.7.2 fa3 on the same shapes (benches/flashinfer_prefill.py; the first
 #           use of each kernel JIT-compiles for 80+ s; FI_ONLY="MHA 32|batch 16" limits it)
-# Usage: bash benches/device/issue14.sh [probes|tests|cascades|bench|ab|diag|ncu|owed|fi|all] (default all); logs in $OUT.
+# Usage: bash benches/device/issue14.sh [probes|tests|cascades|bench|ab|diag|ncu|prof|owed|fi|all] (default all); logs in $OUT.
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-/tmp}
@@ -81,6 +84,21 @@ if [[ $what == ncu ]]; then
       -f -o "$out/sm90_$copy" ./.device/bin/attnforge bench --suite prefill --only "single 16384, MHA" --tile p,sm90,128,2 --tile-only > "$out/ncu_$copy.log" 2>&1 || status=1
     ncu -i "$out/sm90_$copy.ncu-rep" --page details > "$out/sm90_$copy.txt" 2>&1
     grep -E "Duration|Throughput|Hit Rate|Stall|Warp Cycles|Issued" "$out/sm90_$copy.txt" | head -40
+  done
+fi
+if [[ $what == prof ]]; then
+  IFS='|' read -ra parts <<< "${PROF_ONLY:-single 16384, MHA|soft cap}"
+  n=0
+  for shape in "${parts[@]}"; do
+    n=$((n + 1))
+    echo "== prof $n: $shape"
+    timeout 300 ncu --clock-control none --set full --import-source no -k regex:attnforge_prefill -s 2 -c 1 \
+      -f -o "$out/prof_$n" ./.device/bin/attnforge bench --suite prefill --only "$shape" --tile p,sm90,128,2 --tile-only > "$out/prof_$n.log" 2>&1 || status=1
+    ncu -i "$out/prof_$n.ncu-rep" --page details > "$out/prof_${n}_details.txt" 2>&1
+    ncu -i "$out/prof_$n.ncu-rep" --page raw --csv > "$out/prof_${n}_raw.csv" 2>&1
+    ncu -i "$out/prof_$n.ncu-rep" --page source --csv --print-source sass > "$out/prof_${n}_source.csv" 2>&1
+    grep -E "Duration|Issue Slots Busy|Issued Ipc|Executed Ipc|Pipe|Warp Cycles Per Issued|No Eligible|Registers" "$out/prof_${n}_details.txt" | head -30
+    rm -f "$out/prof_$n.ncu-rep"
   done
 fi
 if [[ $what == owed ]]; then
