@@ -151,7 +151,13 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
     let factored = (variant.normalize == Normalize::Softmax && cfg.op == Op::Prefill)
         .then(|| factor_logits(&variant.logits.typed, &variant.params))
         .flatten()
-        .map(|f| json!({ "unit": emit(&f.unit, &variant.params), "raw": emit(&f.raw, &variant.params) }));
+        .map(|f| {
+            // The bounds as f32 literals (outward-rounded: the kernels compare against them only
+            // to keep weights in range, src/spec/factor.rs).
+            let lit = |x: f64| format!("{:e}f", x as f32);
+            let (lo, hi) = f.raw_bounds.map_or((None, None), |(lo, hi)| (Some(lit(lo)), Some(lit(hi))));
+            json!({ "unit": emit(&f.unit, &variant.params), "raw": emit(&f.raw, &variant.params), "raw_lo": lo, "raw_hi": hi })
+        });
     ctx.insert("factored", &factored);
     ctx.insert("normalize_softmax", &(variant.normalize == Normalize::Softmax));
     ctx.insert("dtype_q", cfg.dtype_q.cuda_type());

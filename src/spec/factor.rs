@@ -13,10 +13,17 @@
 //! and finite; positive literals; scalar `f32` parameters whose declared `range`, which every
 //! bind enforces, is positive). Any other hook is left whole (`None`): the kernels then evaluate
 //! it per score as written. The rewrite reassociates floating-point products and nothing else.
+//!
+//! A factored hook's `raw` may also be proven bounded ([`raw_bounds`]: a soft cap's `tanh` lies
+//! in [-1, 1] whatever the score). The prefill loops then exponentiate every row against a fixed
+//! max instead of a running one — no per-tile max, vote or rescale — where the bounds' width,
+//! times the unit in log2 units, keeps every weight a normal number of the P operand's type
+//! (`prefill_rows.cuh`). The output does not depend on the max, only its rounding does; a bound
+//! not proven (`None`) keeps the running max.
 
-use super::ast::{BinOp, Lit};
+use super::ast::{BinOp, Lit, UnOp};
 use super::params::ParamDecl;
-use super::typed::{Builtin, TExpr, TKind, Ty};
+use super::typed::{Builtin, Func, TExpr, TKind, Ty};
 
 /// A factored logits hook: `logits = unit · raw`.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +32,9 @@ pub struct Factored {
     pub unit: TExpr,
     /// What the loops compute per score (with uniform sub-products regrouped).
     pub raw: TExpr,
+    /// Bounds `raw` provably stays in for every score (finite or not) and every bound parameter
+    /// value, widened for the kernels' f32 evaluation (see [`raw_bounds`]); `None`: not proven.
+    pub raw_bounds: Option<(f64, f64)>,
 }
 
 /// Bounds a unit must provably lie in: far from 0 (the exponent scale is `unit · log2 e`) and
@@ -52,7 +62,85 @@ pub fn factor_logits(logits: &TExpr, params: &[ParamDecl]) -> Option<Factored> {
         return None;
     }
     let rest: Vec<(TExpr, bool)> = rest.into_iter().map(|(f, inv)| (regroup(f, params), inv)).collect();
-    Some(Factored { unit, raw: product(rest) })
+    let raw = product(rest);
+    let raw_bounds = raw_bounds(&raw, params);
+    Some(Factored { unit, raw, raw_bounds })
+}
+
+/// Relative widening of an interval per operation, for the kernels' f32 arithmetic (a few ulps)
+/// and for their approximate functions (`tanh.approx` and the MUFU's exp2 are good to about
+/// 2^-11 relative).
+const ROUNDING: f64 = 1e-6;
+const APPROX: f64 = 1e-3;
+
+/// Bounds of a hook expression over every score (finite or ±inf; a NaN score gives a NaN, which
+/// no bound constrains and which makes its row NaN anyway), every position and every parameter
+/// value the binds allow: interval arithmetic where each operand is bounded — literals,
+/// `sm_scale`, scalar `f32` parameters with a declared range, and the functions whose values are
+/// bounded whatever their argument (`tanh` in [-1, 1], `sigmoid` in [0, 1]) — each result
+/// widened for f32 evaluation. `None` where any part is unbounded or not understood (the score
+/// itself, positions, per-head arrays, `exp` of an unbounded argument, …).
+///
+/// The prefill loops use the bounds of a factored hook's `raw` to exponentiate against a fixed
+/// row max (no running max, no rescale) where the bounds keep every weight within a safe range
+/// of exponents: the result does not depend on the max (only its rounding does), so the bound
+/// must hold to within a few log2 units, not exactly.
+pub fn raw_bounds(e: &TExpr, params: &[ParamDecl]) -> Option<(f64, f64)> {
+    let widen = |(lo, hi): (f64, f64), rel: f64| {
+        let w = rel * lo.abs().max(hi.abs());
+        let (lo, hi) = (lo - w, hi + w);
+        (lo.is_finite() && hi.is_finite() && lo <= hi).then_some((lo, hi))
+    };
+    if e.ty != Ty::F32 {
+        return None;
+    }
+    if let Some(b) = uniform_bounds(e, params, false) {
+        return widen(b, ROUNDING);
+    }
+    match &e.kind {
+        TKind::Unary(UnOp::Neg, a) => raw_bounds(a, params).map(|(lo, hi)| (-hi, -lo)),
+        TKind::Binary(op @ (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div), a, b) => {
+            let (x, y) = (raw_bounds(a, params)?, raw_bounds(b, params)?);
+            let c = match op {
+                BinOp::Add => [x.0 + y.0, x.1 + y.1, x.0 + y.0, x.1 + y.1],
+                BinOp::Sub => [x.0 - y.1, x.1 - y.0, x.0 - y.1, x.1 - y.0],
+                BinOp::Mul => [x.0 * y.0, x.0 * y.1, x.1 * y.0, x.1 * y.1],
+                // A divisor must keep away from 0.
+                _ if y.0 > 0.0 || y.1 < 0.0 => [x.0 / y.0, x.0 / y.1, x.1 / y.0, x.1 / y.1],
+                _ => return None,
+            };
+            widen((c.iter().copied().fold(f64::INFINITY, f64::min), c.iter().copied().fold(f64::NEG_INFINITY, f64::max)), ROUNDING)
+        }
+        TKind::Call(f, args) => {
+            let arg = |i: usize| args.get(i).and_then(|a| raw_bounds(a, params));
+            match f {
+                Func::Tanh => widen(arg(0).map_or((-1.0, 1.0), |(lo, hi)| (lo.tanh(), hi.tanh())), APPROX),
+                Func::Sigmoid => {
+                    let s = |x: f64| 1.0 / (1.0 + (-x).exp());
+                    widen(arg(0).map_or((0.0, 1.0), |(lo, hi)| (s(lo), s(hi))), APPROX)
+                }
+                Func::Exp => arg(0).and_then(|(lo, hi)| widen((lo.exp(), hi.exp()), APPROX)),
+                Func::Exp2 => arg(0).and_then(|(lo, hi)| widen((lo.exp2(), hi.exp2()), APPROX)),
+                Func::Abs => arg(0).map(|(lo, hi)| if lo >= 0.0 { (lo, hi) } else if hi <= 0.0 { (-hi, -lo) } else { (0.0, hi.max(-lo)) }),
+                Func::Floor => arg(0).map(|(lo, hi)| (lo.floor(), hi.floor())),
+                // fminf / fmaxf return the other operand for one NaN: within both bounds.
+                Func::Min => {
+                    let (x, y) = (arg(0)?, arg(1)?);
+                    Some((x.0.min(y.0), x.1.min(y.1)))
+                }
+                Func::Max => {
+                    let (x, y) = (arg(0)?, arg(1)?);
+                    Some((x.0.max(y.0), x.1.max(y.1)))
+                }
+                Func::Select => {
+                    let (x, y) = (arg(1)?, arg(2)?);
+                    Some((x.0.min(y.0), x.1.max(y.1)))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 /// `e`'s factors under `*` and `/` (a factor under an odd number of divisors is inverted), in

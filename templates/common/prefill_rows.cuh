@@ -58,6 +58,9 @@ struct PrefillRows {
   int kv_head, req, tok0, q_len, page_begin, kv_len, n_rows, rbase;
   bool grouped;
   float sm_scale, exp_scale, m_unit;
+  // A fixed row max (bounded logits, below): whether this launch uses one, and its value.
+  bool fixed_max;
+  float m_fixed;
 
   // Reads the item's request and, for a group item, stages its entries (every thread of the CTA
   // calls it: it ends on a CTA barrier then). Thread 0 resets the span.
@@ -78,6 +81,22 @@ struct PrefillRows {
 #else
     exp_scale = AF_LOG2E;
     m_unit = 1.f;
+#endif
+    fixed_max = false;
+    m_fixed = 0.f;
+#if NORMALIZE_SOFTMAX && LOGITS_FACTORED && LOGITS_RAW_BOUNDED && AF_FIXED_MAX
+    {
+      // raw is proven within [LO, HI] (src/spec/factor.rs, widened for f32): against a row max
+      // fixed at HI - AF_MAX_SLACK / exp_scale every weight is within [2^(slack - span),
+      // 2^slack], span the bounds' width in log2 units, so no row needs a running max where the
+      // span leaves the weights normal numbers of the P operand's type with room to spare (bf16:
+      // down to 2^-92 of 2^-126; f16: to 2^-8, its subnormals below 2^-14 kept out). The
+      // result does not depend on the max, only its rounding does.
+      const float span = (LOGITS_RAW_HI - LOGITS_RAW_LO) * exp_scale;
+      constexpr bool bf16 = af_same<typename Tr::DTypeKV, __nv_bfloat16>::value;
+      fixed_max = span <= (bf16 ? 100.f : 16.f);
+      m_fixed = LOGITS_RAW_HI - AF_MAX_SLACK / exp_scale;
+    }
 #endif
     if (tid == 0) {
       tb.span_lo = 0x7fffffff;
@@ -231,6 +250,7 @@ template <int MTILES>
 struct PrefillSoftmax {
   float m[MTILES][2], d[MTILES][2];
   bool any[MTILES][2];
+  bool fixed;  // the max is fixed (fix): no running max, no rescale
   __device__ __forceinline__ void init() {
 #pragma unroll
     for (int mt = 0; mt < MTILES; ++mt)
@@ -240,6 +260,17 @@ struct PrefillSoftmax {
         d[mt][h] = 0.f;
         any[mt][h] = false;
       }
+    fixed = false;
+  }
+  // A fixed max m0 for every row (PrefillRows::fixed_max: the logits are bounded): weigh then
+  // exponentiates against it and never moves it (a uniform branch skips the max, the vote and
+  // the rescale). A row is visible when its denominator is not 0 (or is NaN).
+  __device__ __forceinline__ void fix(float m0) {
+#pragma unroll
+    for (int mt = 0; mt < MTILES; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) m[mt][h] = m0;
+    fixed = true;
   }
 
   // Online softmax with a lazily raised max over one tile's logits s, turning them into the
@@ -251,7 +282,8 @@ struct PrefillSoftmax {
   // uniform. When it is taken, every row moves to the max of its quad's scores and its O and d
   // are rescaled. A row with nothing visible yet keeps m = -inf and exponentiates against 0,
   // giving p = 0 and d = 0. m is in the units of s: raw scores when the scale is folded
-  // (exp_scale = sm_scale log2 e). Without normalisation, s already holds the weights.
+  // (exp_scale = sm_scale log2 e). With a fixed max (fix) there is no max, vote or rescale: the
+  // weights exponentiate against it. Without normalisation, s already holds the weights.
   template <int NT, int DN>
   __device__ __forceinline__ void update(float (&s)[MTILES][NT][4], float (&o)[MTILES][DN][4], float exp_scale) {
     float sc[MTILES][2];
@@ -269,18 +301,21 @@ struct PrefillSoftmax {
       for (int h = 0; h < 2; ++h) sc[mt][h] = 1.f;
 #if NORMALIZE_SOFTMAX
     float mx[MTILES][2];
-    bool raise = false;
+    bool moved = false;
+    if (!fixed) {
+      bool raise = false;
 #pragma unroll
-    for (int mt = 0; mt < MTILES; ++mt)
+      for (int mt = 0; mt < MTILES; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float t[NT];
+        for (int h = 0; h < 2; ++h) {
+          float t[NT];
 #pragma unroll
-        for (int n = 0; n < NT; ++n) t[n] = fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]);
-        mx[mt][h] = af_tree_max<NT>(t);
-        raise = raise || (mx[mt][h] - m[mt][h]) * exp_scale > AF_MAX_SLACK;  // NaN (both -inf): false
-      }
-    const bool moved = __any_sync(0xffffffffu, raise);
+          for (int n = 0; n < NT; ++n) t[n] = fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]);
+          mx[mt][h] = af_tree_max<NT>(t);
+          raise = raise || (mx[mt][h] - m[mt][h]) * exp_scale > AF_MAX_SLACK;  // NaN (both -inf): false
+        }
+      moved = __any_sync(0xffffffffu, raise);
+    }
     if (moved) {
 #pragma unroll
       for (int x = 1; x <= 2; x *= 2)
@@ -358,7 +393,7 @@ struct PrefillSoftmax {
         // A row whose visible logits were all NaN keeps m = -inf (the lazy max never raises on a
         // NaN) but its d is NaN: it is visible, and its output and LSE come out NaN, as in the
         // reference.
-        const bool visible = m[mt][h] != -AF_INF || dd != dd;
+        const bool visible = fixed ? dd != 0.f : m[mt][h] != -AF_INF || dd != dd;
 #else
         const bool seen = (__shfl_xor_sync(0xffffffffu, (int)any[mt][h], 1) | __shfl_xor_sync(0xffffffffu, (int)any[mt][h], 2) | (int)any[mt][h]) != 0;
 #endif

@@ -23,6 +23,11 @@ __device__ __forceinline__ float af_weight(float l, float m) { return m == -AF_I
 #ifndef AF_MAX_SLACK
 #define AF_MAX_SLACK 8.f
 #endif
+// AF_FIXED_MAX=0 (a developer's NVRTC flag, for A/B runs): no fixed max for bounded logits
+// (prefill_rows.cuh); every row keeps the lazy running max.
+#ifndef AF_FIXED_MAX
+#define AF_FIXED_MAX 1
+#endif
 // The exponent base of a row whose max (in the loop's units) is m: 0 while nothing is visible.
 __device__ __forceinline__ float af_lazy_base(float m, float exp_scale) { return m == -AF_INF ? 0.f : m * exp_scale; }
 

@@ -405,6 +405,9 @@ static_assert(sizeof(Params) == 8, "Params layout differs from Rust (src/spec/pa
 #else
 #define LOGITS_FACTORED 0
 #endif
+// The factored hook's raw values proven within [LO, HI] for every score (src/spec/factor.rs
+// `raw_bounds`, widened for f32): the prefill loops may then fix the row max (prefill_rows.cuh).
+#define LOGITS_RAW_BOUNDED 0
 #define NORMALIZE_SOFTMAX 1
 #define AF_HOOK_ARGS float score, float sm_scale, int q_pos, int kv_pos, int qo_head, int kv_head, int req, int q_len, int kv_len, const Params& p
 
@@ -449,6 +452,11 @@ __device__ __forceinline__ float af_weight(float l, float m) { return m == -AF_I
 // unchanged. A tunable (ATTNFORGE_NVRTC_FLAGS=-DAF_MAX_SLACK=…).
 #ifndef AF_MAX_SLACK
 #define AF_MAX_SLACK 8.f
+#endif
+// AF_FIXED_MAX=0 (a developer's NVRTC flag, for A/B runs): no fixed max for bounded logits
+// (prefill_rows.cuh); every row keeps the lazy running max.
+#ifndef AF_FIXED_MAX
+#define AF_FIXED_MAX 1
 #endif
 // The exponent base of a row whose max (in the loop's units) is m: 0 while nothing is visible.
 __device__ __forceinline__ float af_lazy_base(float m, float exp_scale) { return m == -AF_INF ? 0.f : m * exp_scale; }

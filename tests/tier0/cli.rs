@@ -34,6 +34,8 @@ fn check_accepts_every_shipped_spec_file() {
     // Seven shipped masks are proven implied by their kv_range, three are evaluated per key.
     assert_eq!(text.lines().filter(|l| l.contains("mask follows from kv_range")).count(), 7, "{text}");
     assert_eq!(text.lines().filter(|l| l.contains("mask evaluated per key")).count(), 3, "{text}");
+    // The two soft caps (soft_cap, gemma2) have bounded logits: prefill may fix the row max.
+    assert_eq!(text.lines().filter(|l| l.contains("raw proven in [-1.0010, 1.0010]: prefill exponentiates against a fixed row max")).count(), 2, "{text}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use attnforge::spec::cuda::emit;
 use attnforge::spec::eval::{eval, Env};
-use attnforge::spec::factor::factor_logits;
+use attnforge::spec::factor::{factor_logits, raw_bounds};
 use attnforge::spec::params::{Dims, ParamInput, SM_SCALE_RANGE};
 use attnforge::spec::{shipped, Variant};
 use proptest::prelude::{any, prop_assert, proptest, ProptestConfig};
@@ -74,6 +74,44 @@ fn the_unit_is_only_taken_where_it_is_proven_positive_and_finite() {
     assert_eq!(unit("t * score"), Some("p.u_t".into()));
 }
 
+/// The raw part's bounds (the prefill loops' fixed max): proven for the soft caps (tanh, widened
+/// for its approximation), for sigmoids and bounded arithmetic on ranged parameters; refused
+/// wherever a score, a position, an unranged or array parameter, or a divisor that may be 0
+/// reaches the value unbounded. Rendered into the prefill source as LOGITS_RAW_BOUNDED.
+#[test]
+fn raw_bounds_are_proven_only_for_bounded_hooks() {
+    let bounds = |name: &str| factor_logits(&shipped::resolve(name).unwrap().logits.typed, &shipped::resolve(name).unwrap().params).and_then(|f| f.raw_bounds);
+    for name in ["soft_cap", "gemma2"] {
+        let (lo, hi) = bounds(name).unwrap_or_else(|| panic!("{name}: no bounds"));
+        assert!((-1.01..=-1.0).contains(&lo) && (1.0..=1.01).contains(&hi), "{name}: [{lo}, {hi}]");
+    }
+    for name in ["default", "causal", "sliding_window", "chunked", "prefix_lm", "tree_mask"] {
+        assert_eq!(bounds(name), None, "{name}: the score is unbounded");
+    }
+    let p = r#""a": {"type": "f32", "range": [0.5, 4.0]}, "b": {"type": "f32", "range": [-2.0, 3.0]}, "u": {"type": "f32"}, "h": {"type": "f32[qo_heads]", "range": [1.0, 2.0]}"#;
+    let of = |logits: &str| {
+        let v = spec(logits, p);
+        raw_bounds(&v.logits.typed, &v.params)
+    };
+    let near = |got: Option<(f64, f64)>, lo: f64, hi: f64| got.is_some_and(|(l, h)| l <= lo && h >= hi && l > lo - 0.01 && h < hi + 0.01);
+    assert!(near(of("tanh(score)"), -1.0, 1.0));
+    assert!(near(of("sigmoid(score * sm_scale)"), 0.0, 1.0));
+    assert!(near(of("a * tanh(score / a) + b"), -6.0, 7.0), "{:?}", of("a * tanh(score / a) + b"));
+    assert!(near(of("max(tanh(score), -0.5)"), -0.5, 1.0));
+    assert!(near(of("select(kv_pos < q_pos, tanh(score), 2.0)"), -1.0, 2.0));
+    assert!(near(of("-sigmoid(score)"), -1.0, 0.0));
+    for refused in ["score", "tanh(score) * score", "u * tanh(score)", "h * tanh(score)", "tanh(score) / b", "float(q_pos) * tanh(score)", "exp(score)", "min(score, 1.0)"] {
+        assert_eq!(of(refused), None, "{refused}");
+    }
+    use attnforge::jit::{render::render, KernelConfig};
+    use attnforge::kv::DType;
+    let prefill = KernelConfig::prefill(128, 128, DType::Bf16, 4).unwrap().sm90_prefill().unwrap();
+    let code = |name: &str| render(&shipped::resolve(name).unwrap(), &prefill).unwrap().code;
+    let sc = code("soft_cap");
+    assert!(sc.contains("#define LOGITS_RAW_BOUNDED 1") && sc.contains("#define LOGITS_RAW_HI 1.001e0f"), "soft cap: bounds rendered");
+    assert!(code("causal").contains("#define LOGITS_RAW_BOUNDED 0"));
+}
+
 /// Binds every parameter of `v` to a value of its range (`pick` in [0, 1] along it).
 fn bind(v: &Variant, pick: &mut dyn FnMut() -> f64) -> attnforge::spec::params::ParamValues {
     let mut given = HashMap::new();
@@ -123,6 +161,7 @@ proptest! {
             }
         }
         // unit · raw = logits at random points.
+        let _ = &fac.raw_bounds;
         for _ in 0..16 {
             let pv = bind(&v, &mut || rng.random_range(0.0..=1.0));
             let (kv_len, q_len) = (rng.random_range(1..100), 1);
@@ -131,6 +170,35 @@ proptest! {
             if want.is_finite() {
                 prop_assert!((got - want).abs() <= 1e-9 * want.abs().max(1e-3), "{logits}: unit · raw {got}, logits {want}");
             }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    /// Random hooks over scores, positions and ranged or unranged parameters: wherever bounds are
+    /// proven, the hook's value (the f64 reference evaluator) lies inside them at random points —
+    /// scores finite, huge and infinite, parameters anywhere in their ranges — or is NaN.
+    #[test]
+    fn proven_raw_bounds_hold_at_every_point(seed in any::<u64>()) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let params = r#""a": {"type": "f32", "range": [0.25, 8.0]}, "b": {"type": "f32", "range": [-2.0, 3.0]}, "w": {"type": "i32", "range": [1, 64]}"#;
+        let body = gen::gen(&mut rng, 'f', 3, &["q_pos", "kv_pos", "w"], &["score", "a", "b", "sm_scale"]);
+        let logits = if rng.random_bool(0.5) { format!("tanh({body})") } else { body };
+        let v = spec(&logits, params);
+        let Some((lo, hi)) = raw_bounds(&v.logits.typed, &v.params) else { return Ok(()) };
+        for _ in 0..32 {
+            let pv = bind(&v, &mut || rng.random_range(0.0..=1.0));
+            let score = match rng.random_range(0..5) {
+                0 => f64::INFINITY,
+                1 => f64::NEG_INFINITY,
+                2 => rng.random_range(-1e30..1e30),
+                _ => rng.random_range(-50.0..50.0),
+            };
+            let kv_len = rng.random_range(1..100);
+            let env = Env { score, sm_scale: rng.random_range(f64::from(SM_SCALE_RANGE.0)..=f64::from(SM_SCALE_RANGE.1)), q_pos: kv_len - 1, kv_pos: rng.random_range(0..kv_len), qo_head: 0, kv_head: 0, req: 0, q_len: 1, kv_len, params: &pv };
+            let x = eval(&v.logits.typed, &env).as_f();
+            prop_assert!(x.is_nan() || (lo..=hi).contains(&x), "{logits}: {x} outside [{lo}, {hi}] at score {score}");
         }
     }
 }

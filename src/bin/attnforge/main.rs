@@ -233,6 +233,16 @@ fn check(specs: &[String]) -> Result<()> {
                     (Some(_), _) => "   mask evaluated per key (not implied by kv_range)".into(),
                 };
                 println!("{}", format!("ok    {:<16} {:<16}{mask}", v.name, s).trim_end());
+                // What prefill does with the logits: the proofs live in spec::factor.
+                if v.normalize == attnforge::spec::Normalize::Softmax {
+                    if let Some(f) = attnforge::spec::factor::factor_logits(&v.logits.typed, &v.params) {
+                        if let Some((lo, hi)) = f.raw_bounds {
+                            println!(
+                                "      logits = unit × raw, raw proven in [{lo:.4}, {hi:.4}]: prefill exponentiates against a fixed row max where the bounds' width × unit × log2 e is at most 100 (bf16) or 16 (f16), else keeps a running max"
+                            );
+                        }
+                    }
+                }
                 if coverage.cut_short() {
                     println!(
                         "      note: kv_range was checked against the mask on {} of {} sampled shapes only: the hooks are too large to sample further within the check's budget",
