@@ -152,8 +152,9 @@ pub fn render(variant: &Variant, cfg: &KernelConfig) -> Result<KernelSource> {
         .then(|| factor_logits(&variant.logits.typed, &variant.params))
         .flatten()
         .map(|f| {
-            // The bounds as f32 literals (outward-rounded: the kernels compare against them only
-            // to keep weights in range, src/spec/factor.rs).
+            // The bounds as f32 literals (finite: raw_bounds keeps them within 2^64; rounded to
+            // nearest, which their widening covers; the kernels use them only to keep weights in
+            // range, src/spec/factor.rs).
             let lit = |x: f64| format!("{:e}f", x as f32);
             let (lo, hi) = f.raw_bounds.map_or((None, None), |(lo, hi)| (Some(lit(lo)), Some(lit(hi))));
             json!({ "unit": emit(&f.unit, &variant.params), "raw": emit(&f.raw, &variant.params), "raw_lo": lo, "raw_hi": hi })

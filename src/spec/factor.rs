@@ -72,6 +72,10 @@ pub fn factor_logits(logits: &TExpr, params: &[ParamDecl]) -> Option<Factored> {
 /// 2^-11 relative).
 const ROUNDING: f64 = 1e-6;
 const APPROX: f64 = 1e-3;
+/// The largest magnitude a bound may have: far inside f32's range, so the kernels' f32
+/// evaluation of every part of the hook stays finite where its bounds are proven, and the bounds
+/// render as finite f32 literals.
+pub const BOUND_MAX: f64 = 18446744073709551616.0; // 2^64
 
 /// Bounds of a hook expression over every score (finite or ±inf; a NaN score gives a NaN, which
 /// no bound constrains and which makes its row NaN anyway), every position and every parameter
@@ -89,7 +93,7 @@ pub fn raw_bounds(e: &TExpr, params: &[ParamDecl]) -> Option<(f64, f64)> {
     let widen = |(lo, hi): (f64, f64), rel: f64| {
         let w = rel * lo.abs().max(hi.abs());
         let (lo, hi) = (lo - w, hi + w);
-        (lo.is_finite() && hi.is_finite() && lo <= hi).then_some((lo, hi))
+        (lo >= -BOUND_MAX && hi <= BOUND_MAX && lo <= hi).then_some((lo, hi))
     };
     if e.ty != Ty::F32 {
         return None;
@@ -123,17 +127,12 @@ pub fn raw_bounds(e: &TExpr, params: &[ParamDecl]) -> Option<(f64, f64)> {
                 Func::Exp2 => arg(0).and_then(|(lo, hi)| widen((lo.exp2(), hi.exp2()), APPROX)),
                 Func::Abs => arg(0).map(|(lo, hi)| if lo >= 0.0 { (lo, hi) } else if hi <= 0.0 { (-hi, -lo) } else { (0.0, hi.max(-lo)) }),
                 Func::Floor => arg(0).map(|(lo, hi)| (lo.floor(), hi.floor())),
-                // fminf / fmaxf return the other operand for one NaN: within both bounds.
-                Func::Min => {
-                    let (x, y) = (arg(0)?, arg(1)?);
-                    Some((x.0.min(y.0), x.1.min(y.1)))
-                }
-                Func::Max => {
-                    let (x, y) = (arg(0)?, arg(1)?);
-                    Some((x.0.max(y.0), x.1.max(y.1)))
-                }
-                Func::Select => {
-                    let (x, y) = (arg(1)?, arg(2)?);
+                // fminf / fmaxf (and the reference's f64 min / max) return the other operand when
+                // one is NaN (a NaN score), so the result is either operand: the hull of both,
+                // not the tighter [min, min] / [max, max].
+                Func::Min | Func::Max | Func::Select => {
+                    let (i, j) = if *f == Func::Select { (1, 2) } else { (0, 1) };
+                    let (x, y) = (arg(i)?, arg(j)?);
                     Some((x.0.min(y.0), x.1.max(y.1)))
                 }
                 _ => None,

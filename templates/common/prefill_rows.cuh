@@ -90,11 +90,12 @@ struct PrefillRows {
       // fixed at HI - AF_MAX_SLACK / exp_scale every weight is within [2^(slack - span),
       // 2^slack], span the bounds' width in log2 units, so no row needs a running max where the
       // span leaves the weights normal numbers of the P operand's type with room to spare (bf16:
-      // down to 2^-92 of 2^-126; f16: to 2^-8, its subnormals below 2^-14 kept out). The
+      // down to 2^-92 of 2^-126; f16: to 2^-8, its subnormals below 2^-14 kept out; with the
+      // default slack of 8, spans up to 100 and 16). The
       // result does not depend on the max, only its rounding does.
       const float span = (LOGITS_RAW_HI - LOGITS_RAW_LO) * exp_scale;
       constexpr bool bf16 = af_same<typename Tr::DTypeKV, __nv_bfloat16>::value;
-      fixed_max = span <= (bf16 ? 100.f : 16.f);
+      fixed_max = span <= AF_MAX_SLACK + (bf16 ? 92.f : 8.f);
       m_fixed = LOGITS_RAW_HI - AF_MAX_SLACK / exp_scale;
     }
 #endif

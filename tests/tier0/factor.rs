@@ -97,9 +97,14 @@ fn raw_bounds_are_proven_only_for_bounded_hooks() {
     assert!(near(of("tanh(score)"), -1.0, 1.0));
     assert!(near(of("sigmoid(score * sm_scale)"), 0.0, 1.0));
     assert!(near(of("a * tanh(score / a) + b"), -6.0, 7.0), "{:?}", of("a * tanh(score / a) + b"));
-    assert!(near(of("max(tanh(score), -0.5)"), -0.5, 1.0));
+    // A NaN score makes fmaxf / fminf return the other operand: the hull, not [max, max].
+    assert!(near(of("max(tanh(score), -0.5)"), -1.0, 1.0));
+    assert!(near(of("min(tanh(score), 5.0)"), -1.0, 5.0));
     assert!(near(of("select(kv_pos < q_pos, tanh(score), 2.0)"), -1.0, 2.0));
     assert!(near(of("-sigmoid(score)"), -1.0, 0.0));
+    // Bounds past 2^64 (here from a declared range of ±1e30) are refused: the kernels evaluate in f32.
+    let wide = spec("tanh(score) + c", r#""c": {"type": "f32", "range": [-1e30, 1e30]}"#);
+    assert_eq!(raw_bounds(&wide.logits.typed, &wide.params), None);
     for refused in ["score", "tanh(score) * score", "u * tanh(score)", "h * tanh(score)", "tanh(score) / b", "float(q_pos) * tanh(score)", "exp(score)", "min(score, 1.0)"] {
         assert_eq!(of(refused), None, "{refused}");
     }
@@ -161,7 +166,6 @@ proptest! {
             }
         }
         // unit · raw = logits at random points.
-        let _ = &fac.raw_bounds;
         for _ in 0..16 {
             let pv = bind(&v, &mut || rng.random_range(0.0..=1.0));
             let (kv_len, q_len) = (rng.random_range(1..100), 1);
@@ -174,6 +178,38 @@ proptest! {
     }
 }
 
+const BOUND_PARAMS: &str = r#""a": {"type": "f32", "range": [0.25, 8.0]}, "b": {"type": "f32", "range": [-2.0, 3.0]}, "w": {"type": "i32", "range": [1, 64]}"#;
+
+/// A random hook for the bounds' property: random expressions (gen.rs) alone, under `tanh`,
+/// negated, and in differences, `min` / `max` and `select`s with bounded or unbounded sides.
+fn random_hook(rng: &mut StdRng) -> String {
+    let mut body = || gen::gen(rng, 'f', 3, &["q_pos", "kv_pos", "w"], &["score", "a", "b", "sm_scale"]);
+    let (x, y) = (body(), body());
+    match rng.random_range(0..7) {
+        0 => x,
+        1 => format!("tanh({x})"),
+        2 => format!("-(sigmoid({x}) * {y})"),
+        3 => format!("(tanh({x}) - {y})"),
+        4 => format!("min(tanh({x}), {y})"),
+        5 => format!("max(a * tanh({x}), {y})"),
+        _ => format!("select(kv_pos < q_pos, tanh({x}), {y})"),
+    }
+}
+
+/// The property below is not vacuous: a good share of the random hooks get bounds, and a good
+/// share are refused.
+#[test]
+fn random_hooks_are_often_bounded_and_often_not() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let bounded = (0..400)
+        .filter(|_| {
+            let v = spec(&random_hook(&mut rng), BOUND_PARAMS);
+            raw_bounds(&v.logits.typed, &v.params).is_some()
+        })
+        .count();
+    assert!((80..=320).contains(&bounded), "{bounded} of 400 random hooks bounded");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
     /// Random hooks over scores, positions and ranged or unranged parameters: wherever bounds are
@@ -182,23 +218,24 @@ proptest! {
     #[test]
     fn proven_raw_bounds_hold_at_every_point(seed in any::<u64>()) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let params = r#""a": {"type": "f32", "range": [0.25, 8.0]}, "b": {"type": "f32", "range": [-2.0, 3.0]}, "w": {"type": "i32", "range": [1, 64]}"#;
-        let body = gen::gen(&mut rng, 'f', 3, &["q_pos", "kv_pos", "w"], &["score", "a", "b", "sm_scale"]);
-        let logits = if rng.random_bool(0.5) { format!("tanh({body})") } else { body };
-        let v = spec(&logits, params);
+        let logits = random_hook(&mut rng);
+        let v = spec(&logits, BOUND_PARAMS);
         let Some((lo, hi)) = raw_bounds(&v.logits.typed, &v.params) else { return Ok(()) };
         for _ in 0..32 {
             let pv = bind(&v, &mut || rng.random_range(0.0..=1.0));
-            let score = match rng.random_range(0..5) {
+            let score = match rng.random_range(0..6) {
                 0 => f64::INFINITY,
                 1 => f64::NEG_INFINITY,
-                2 => rng.random_range(-1e30..1e30),
+                2 => f64::NAN,
+                3 => rng.random_range(-1e30..1e30),
                 _ => rng.random_range(-50.0..50.0),
             };
             let kv_len = rng.random_range(1..100);
-            let env = Env { score, sm_scale: rng.random_range(f64::from(SM_SCALE_RANGE.0)..=f64::from(SM_SCALE_RANGE.1)), q_pos: kv_len - 1, kv_pos: rng.random_range(0..kv_len), qo_head: 0, kv_head: 0, req: 0, q_len: 1, kv_len, params: &pv };
+            // sm_scale log-uniform over its range.
+            let sm_scale = f64::from(SM_SCALE_RANGE.0) * (f64::from(SM_SCALE_RANGE.1) / f64::from(SM_SCALE_RANGE.0)).powf(rng.random_range(0.0..=1.0));
+            let env = Env { score, sm_scale, q_pos: kv_len - 1, kv_pos: rng.random_range(0..kv_len), qo_head: 0, kv_head: 0, req: 0, q_len: 1, kv_len, params: &pv };
             let x = eval(&v.logits.typed, &env).as_f();
-            prop_assert!(x.is_nan() || (lo..=hi).contains(&x), "{logits}: {x} outside [{lo}, {hi}] at score {score}");
+            prop_assert!(x.is_nan() || (lo..=hi).contains(&x), "{logits}: {x} outside [{lo}, {hi}] at score {score}, sm_scale {sm_scale}");
         }
     }
 }
