@@ -103,18 +103,7 @@ pub fn raw_bounds(e: &TExpr, params: &[ParamDecl]) -> Option<(f64, f64)> {
     }
     match &e.kind {
         TKind::Unary(UnOp::Neg, a) => raw_bounds(a, params).map(|(lo, hi)| (-hi, -lo)),
-        TKind::Binary(op @ (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div), a, b) => {
-            let (x, y) = (raw_bounds(a, params)?, raw_bounds(b, params)?);
-            let c = match op {
-                BinOp::Add => [x.0 + y.0, x.1 + y.1, x.0 + y.0, x.1 + y.1],
-                BinOp::Sub => [x.0 - y.1, x.1 - y.0, x.0 - y.1, x.1 - y.0],
-                BinOp::Mul => [x.0 * y.0, x.0 * y.1, x.1 * y.0, x.1 * y.1],
-                // A divisor must keep away from 0.
-                _ if y.0 > 0.0 || y.1 < 0.0 => [x.0 / y.0, x.0 / y.1, x.1 / y.0, x.1 / y.1],
-                _ => return None,
-            };
-            widen((c.iter().copied().fold(f64::INFINITY, f64::min), c.iter().copied().fold(f64::NEG_INFINITY, f64::max)), ROUNDING)
-        }
+        TKind::Binary(op, a, b) => widen(interval(*op, raw_bounds(a, params)?, raw_bounds(b, params)?)?, ROUNDING),
         TKind::Call(f, args) => {
             let arg = |i: usize| args.get(i).and_then(|a| raw_bounds(a, params));
             match f {
@@ -172,6 +161,19 @@ fn product(factors: Vec<(TExpr, bool)>) -> TExpr {
     acc.unwrap_or_else(|| f32(TKind::Lit(Lit::Float(1.0))))
 }
 
+/// `x op y` over intervals (+, -, *, /; a divisor must keep away from 0), from the corners; `None`
+/// for any other operator or a divisor whose interval reaches 0.
+fn interval(op: BinOp, x: (f64, f64), y: (f64, f64)) -> Option<(f64, f64)> {
+    let c = match op {
+        BinOp::Add => [x.0 + y.0, x.1 + y.1, x.0 + y.0, x.1 + y.1],
+        BinOp::Sub => [x.0 - y.1, x.1 - y.0, x.0 - y.1, x.1 - y.0],
+        BinOp::Mul => [x.0 * y.0, x.0 * y.1, x.1 * y.0, x.1 * y.1],
+        BinOp::Div if y.0 > 0.0 || y.1 < 0.0 => [x.0 / y.0, x.0 / y.1, x.1 / y.0, x.1 / y.1],
+        _ => return None,
+    };
+    Some((c.iter().copied().fold(f64::INFINITY, f64::min), c.iter().copied().fold(f64::NEG_INFINITY, f64::max)))
+}
+
 /// Bounds of a factor that is the same for every score of a launch and finite: `sm_scale`, a
 /// finite `f32` literal, a scalar `f32` parameter with a finite declared range, or products and
 /// quotients of those (a divisor kept away from 0). With `positive`, every factor and every
@@ -190,14 +192,8 @@ fn uniform_bounds(e: &TExpr, params: &[ParamDecl], positive: bool) -> Option<(f6
             ok(lo, hi)
         }
         TKind::Binary(op @ (BinOp::Mul | BinOp::Div), a, b) if e.ty == Ty::F32 => {
-            let (x, y) = (uniform_bounds(a, params, positive)?, uniform_bounds(b, params, positive)?);
-            let c = match op {
-                BinOp::Mul => [x.0 * y.0, x.0 * y.1, x.1 * y.0, x.1 * y.1],
-                // A divisor must keep away from 0.
-                _ if y.0 > 0.0 || y.1 < 0.0 => [x.0 / y.0, x.0 / y.1, x.1 / y.0, x.1 / y.1],
-                _ => return None,
-            };
-            ok(c.iter().copied().fold(f64::INFINITY, f64::min), c.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+            let (lo, hi) = interval(*op, uniform_bounds(a, params, positive)?, uniform_bounds(b, params, positive)?)?;
+            ok(lo, hi)
         }
         _ => None,
     }

@@ -91,8 +91,8 @@ struct PrefillRows {
       // 2^slack], span the bounds' width in log2 units, so no row needs a running max where the
       // span leaves the weights normal numbers of the P operand's type with room to spare (bf16:
       // down to 2^-92 of 2^-126; f16: to 2^-8, its subnormals below 2^-14 kept out; with the
-      // default slack of 8, spans up to 100 and 16). The
-      // result does not depend on the max, only its rounding does.
+      // default slack of 8, spans up to 100 and 16). The result does not depend on the max,
+      // only its rounding does.
       const float span = (LOGITS_RAW_HI - LOGITS_RAW_LO) * exp_scale;
       constexpr bool bf16 = af_same<typename Tr::DTypeKV, __nv_bfloat16>::value;
       fixed_max = span <= AF_MAX_SLACK + (bf16 ? 92.f : 8.f);
@@ -251,27 +251,22 @@ template <int MTILES>
 struct PrefillSoftmax {
   float m[MTILES][2], d[MTILES][2];
   bool any[MTILES][2];
-  bool fixed;  // the max is fixed (fix): no running max, no rescale
-  __device__ __forceinline__ void init() {
+  bool fixed;  // the max is fixed (init): no running max, no rescale
+  // The empty state of the item's rows. With a fixed max (`rows.fixed_max`: the logits are
+  // bounded) every row's m is `rows.m_fixed` from the start and weigh never moves it (a uniform
+  // branch skips the max, the vote and the rescale); a row is then visible when its denominator
+  // is not 0 (or is NaN).
+  template <class Rows>
+  __device__ __forceinline__ void init(const Rows& rows) {
+    fixed = rows.fixed_max;
 #pragma unroll
     for (int mt = 0; mt < MTILES; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        m[mt][h] = -AF_INF;
+        m[mt][h] = fixed ? rows.m_fixed : -AF_INF;
         d[mt][h] = 0.f;
         any[mt][h] = false;
       }
-    fixed = false;
-  }
-  // A fixed max m0 for every row (PrefillRows::fixed_max: the logits are bounded): weigh then
-  // exponentiates against it and never moves it (a uniform branch skips the max, the vote and
-  // the rescale). A row is visible when its denominator is not 0 (or is NaN).
-  __device__ __forceinline__ void fix(float m0) {
-#pragma unroll
-    for (int mt = 0; mt < MTILES; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) m[mt][h] = m0;
-    fixed = true;
   }
 
   // Online softmax with a lazily raised max over one tile's logits s, turning them into the
@@ -283,7 +278,7 @@ struct PrefillSoftmax {
   // uniform. When it is taken, every row moves to the max of its quad's scores and its O and d
   // are rescaled. A row with nothing visible yet keeps m = -inf and exponentiates against 0,
   // giving p = 0 and d = 0. m is in the units of s: raw scores when the scale is folded
-  // (exp_scale = sm_scale log2 e). With a fixed max (fix) there is no max, vote or rescale: the
+  // (exp_scale = sm_scale log2 e). With a fixed max (init) there is no max, vote or rescale: the
   // weights exponentiate against it. Without normalisation, s already holds the weights.
   template <int NT, int DN>
   __device__ __forceinline__ void update(float (&s)[MTILES][NT][4], float (&o)[MTILES][DN][4], float exp_scale) {

@@ -90,8 +90,7 @@ struct PrefillSm80 {
     float oacc[MTILES][DN][4];
     af_zero_frags(oacc);
     PrefillSoftmax<MTILES> sm;
-    sm.init();
-    if (rows.fixed_max) sm.fix(rows.m_fixed);
+    sm.init(rows);
 
     kv_stream<Tr>(a, k_smem, v_smem, key_rows, lo, hi, page_begin, kv_head, tid, [&](int stage, int t) {
       const int t0 = lo + t * KV_TILE;

@@ -317,8 +317,7 @@ struct PrefillSm90 {
     float o[1][DN][4];
     af_zero_frags(o);
     PrefillSoftmax<1> sm;
-    sm.init();
-    if (rows.fixed_max) sm.fix(rows.m_fixed);
+    sm.init(rows);
     // The warpgroup's visible tiles are one run [first, last] (the union of its rows' ranges);
     // the tiles before and after it are waited for and released only. Inside the run, P · V
     // of tile t - 1 is issued after tile t's S = Q · Kᵀ and runs while tile t's softmax does:
